@@ -1,0 +1,80 @@
+// Mixout and dropout from one counter-based RNG (Philox4x32-10).
+// Semantics: src/ops/mixout.rs (the CPU reference) and DESIGN.md.
+//
+// Element i uses word i % 4 of the Philox block for counter offset + i / 4,
+// so each thread owns a group of 4 consecutive elements and makes one Philox
+// call. It is kept when (word >> 8) >= threshold, threshold = ceil(p * 2^24),
+// i.e. with probability 1 - p. The arithmetic uses explicit round-to-nearest
+// intrinsics (no fma contraction) so the results equal the CPU's bit for bit.
+#include "common.cuh"
+
+namespace {
+
+// One group of up to 4 elements starting at element 4 * g.
+template <typename T, bool MIXOUT>
+__device__ __forceinline__ void group(const T* __restrict__ x, const T* __restrict__ u, T* __restrict__ y,
+                                      int64_t n, int64_t g, uint64_t seed, uint64_t offset,
+                                      uint32_t threshold, float scale) {
+    const tf::U4 r = tf::philox_group(seed, offset, (uint64_t)g);
+    const int64_t base = g * 4;
+    float xv[4], uv[4], out[4];
+    const bool full = base + 4 <= n;
+    const bool aligned = full && (reinterpret_cast<uintptr_t>(x + base) % (4 * sizeof(T)) == 0) &&
+                         (reinterpret_cast<uintptr_t>(y + base) % (4 * sizeof(T)) == 0) &&
+                         (!MIXOUT || reinterpret_cast<uintptr_t>(u + base) % (4 * sizeof(T)) == 0);
+    if (aligned) {
+        tf::load_f32<T, 4>(x + base, xv);
+        if (MIXOUT) tf::load_f32<T, 4>(u + base, uv);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            xv[i] = base + i < n ? tf::to_f32(x[base + i]) : 0.f;
+            uv[i] = MIXOUT && base + i < n ? tf::to_f32(u[base + i]) : 0.f;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const bool keep = (tf::word(r, i) >> 8) >= threshold;
+        if (MIXOUT) {
+            // u + M * (w - u) / (1 - p)
+            out[i] = keep ? __fadd_rn(uv[i], __fmul_rn(__fsub_rn(xv[i], uv[i]), scale)) : uv[i];
+        } else {
+            out[i] = keep ? __fmul_rn(xv[i], scale) : 0.f;
+        }
+    }
+    if (aligned) {
+        tf::store_f32<T, 4>(y + base, out);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (base + i < n) y[base + i] = tf::from_f32<T>(out[i]);
+    }
+}
+
+template <typename T, bool MIXOUT>
+__device__ void run(const T* x, const T* u, T* y, int64_t n, uint64_t seed, uint64_t offset,
+                    uint32_t threshold, float scale) {
+    const int64_t groups = (n + 3) / 4;
+    for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
+         g += (int64_t)gridDim.x * blockDim.x) {
+        group<T, MIXOUT>(x, u, y, n, g, seed, offset, threshold, scale);
+    }
+}
+
+}  // namespace
+
+// mixout: y = u + M * (w - u) * scale. Its gradient w.r.t. w is dropout of the
+// incoming gradient with the same seed/offset, so backward is `dropout`.
+#define MIXOUT_ENTRIES(SUF, T)                                                                    \
+    extern "C" __global__ void mixout_##SUF(const T* w, const T* u, T* y, int64_t n, uint64_t seed, \
+                                            uint64_t offset, uint32_t threshold, float scale) {   \
+        run<T, true>(w, u, y, n, seed, offset, threshold, scale);                                  \
+    }                                                                                             \
+    extern "C" __global__ void dropout_##SUF(const T* x, T* y, int64_t n, uint64_t seed,           \
+                                             uint64_t offset, uint32_t threshold, float scale) {  \
+        run<T, false>(x, nullptr, y, n, seed, offset, threshold, scale);                           \
+    }
+
+MIXOUT_ENTRIES(f32, float)
+MIXOUT_ENTRIES(f16, __half)
+MIXOUT_ENTRIES(bf16, __nv_bfloat16)

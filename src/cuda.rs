@@ -1,0 +1,120 @@
+//! The one place that loads our PTX, picks launch shapes and adapts cudarc
+//! errors (compiled only with the `cuda` feature).
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
+use candle_core::{CudaStorage, DType, Layout, Result};
+
+/// PTX of every `kernels/*.cu`, embedded by build.rs.
+pub mod ptx {
+    include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+}
+
+/// A kernel of one of our modules, bound to the device's stream.
+pub(crate) struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    pub(crate) fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+type ModuleCache = Mutex<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>;
+
+/// Loads kernel `name` of module `module` (PTX text `ptx`), loading each
+/// module once per device.
+pub(crate) fn func(dev: &CudaDevice, module: &'static str, ptx: &'static str, name: &str) -> Result<Kernel> {
+    static MODULES: OnceLock<ModuleCache> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let mdl = {
+        let mut cache = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        match cache.get(&(dev.id(), module)) {
+            Some(m) => m.clone(),
+            None => {
+                let m = stream.context().load_module(ptx.into()).w()?;
+                cache.insert((dev.id(), module), m.clone());
+                m
+            }
+        }
+    };
+    Ok(Kernel { func: mdl.load_function(name).w()?, stream })
+}
+
+/// Kernel-name suffix of a dtype; errors for dtypes our kernels lack.
+pub(crate) fn suffix(op: &str, dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("f32"),
+        DType::F16 => Ok("f16"),
+        DType::BF16 => Ok("bf16"),
+        other => candle_core::bail!("{op}: no CUDA kernel for dtype {other:?} (f32, bf16, f16 are supported)"),
+    }
+}
+
+/// A contiguous view of a storage from its layout's start offset.
+pub(crate) fn view<'a, T: CudaDType>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+    if !l.is_contiguous() {
+        candle_core::bail!("{op}: input must be contiguous, got strides {:?} for shape {:?}", l.stride(), l.dims());
+    }
+    Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+}
+
+/// Pushes an optional device pointer: the view's address or a null pointer.
+pub(crate) fn arg_opt<'a, 'b: 'a, 'c: 'b, T>(b: &mut LaunchArgs<'a>, v: Option<&'b CudaView<'c, T>>) {
+    const NULL: u64 = 0;
+    match v {
+        Some(v) => {
+            b.arg(v);
+        }
+        None => {
+            b.arg(&NULL);
+        }
+    }
+}
+
+/// Same as [`arg_opt`] for an output view.
+pub(crate) fn arg_opt_mut<'a, 'b: 'a, 'c: 'b, T>(b: &mut LaunchArgs<'a>, v: Option<&'b mut CudaViewMut<'c, T>>) {
+    const NULL: u64 = 0;
+    match v {
+        Some(v) => {
+            b.arg(v);
+        }
+        None => {
+            b.arg(&NULL);
+        }
+    }
+}
+
+/// Allocates `n` elements that the next kernel fully writes.
+pub(crate) fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    // SAFETY: every caller launches a kernel that writes all `n` elements
+    // before the buffer is read.
+    unsafe { dev.alloc::<T>(n.max(1)) }
+}
+
+/// Launch a built argument list.
+pub(crate) fn launch(b: &mut LaunchArgs<'_>, grid: u32, block: u32) -> Result<()> {
+    let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (grid.max(1), 1, 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: argument lists are built next to the kernel signatures they
+    // match (same order, sizes and pointer element types), and every buffer
+    // passed outlives the launch on candle's stream.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
+/// A grid covering `n` work items with `block` threads, capped for
+/// grid-stride loops at a few waves of the device.
+pub(crate) fn grid_for(n: usize, block: u32) -> u32 {
+    let blocks = n.div_ceil(block as usize).max(1);
+    blocks.min(132 * 32) as u32
+}

@@ -1,0 +1,73 @@
+//! The crate's error type. Every check on user input returns one of these,
+//! naming the offending values; nothing in the public API panics on bad input.
+use candle_core::DType;
+
+/// Errors returned by tunefuse.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Tensor shapes that do not fit together.
+    #[error("{op}: {msg}")]
+    Shape { op: &'static str, msg: String },
+    /// A dtype the op does not support, or two inputs with different dtypes.
+    #[error("{op}: {msg}")]
+    DType { op: &'static str, msg: String },
+    /// A parameter outside its range.
+    #[error("{op}: {msg}")]
+    Param { op: &'static str, msg: String },
+    /// Tensors on different devices.
+    #[error("{op}: {msg}")]
+    Device { op: &'static str, msg: String },
+    /// An error from candle (allocation, CUDA launch, …).
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result with the crate's error.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl From<Error> for candle_core::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Candle(c) => c,
+            other => candle_core::Error::wrap(other),
+        }
+    }
+}
+
+pub(crate) fn shape_err(op: &'static str, msg: impl Into<String>) -> Error {
+    Error::Shape { op, msg: msg.into() }
+}
+
+pub(crate) fn param_err(op: &'static str, msg: impl Into<String>) -> Error {
+    Error::Param { op, msg: msg.into() }
+}
+
+/// The floating dtypes every fused op supports on every device.
+pub(crate) fn check_float_dtype(op: &'static str, what: &str, dtype: DType) -> Result<()> {
+    match dtype {
+        DType::F32 | DType::BF16 | DType::F16 | DType::F64 => Ok(()),
+        other => Err(Error::DType {
+            op,
+            msg: format!("{what} has dtype {other:?}; expected f32, bf16 or f16 (f64 on CPU)"),
+        }),
+    }
+}
+
+pub(crate) fn check_same(op: &'static str, a: &candle_core::Tensor, b: &candle_core::Tensor, names: (&str, &str)) -> Result<()> {
+    if a.dims() != b.dims() {
+        return Err(shape_err(op, format!("{} has shape {:?} but {} has shape {:?}", names.0, a.dims(), names.1, b.dims())));
+    }
+    if a.dtype() != b.dtype() {
+        return Err(Error::DType {
+            op,
+            msg: format!("{} is {:?} but {} is {:?}", names.0, a.dtype(), names.1, b.dtype()),
+        });
+    }
+    if !a.device().same_device(b.device()) {
+        return Err(Error::Device {
+            op,
+            msg: format!("{} is on {:?} but {} is on {:?}", names.0, a.device().location(), names.1, b.device().location()),
+        });
+    }
+    Ok(())
+}

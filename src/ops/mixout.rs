@@ -1,0 +1,234 @@
+//! Mixout (Lee et al., ICLR 2020) and dropout from one counter-based RNG.
+//!
+//! Mixout of a weight `w` towards its pretrained value `u` with probability
+//! `p`: `w̃ = u + M ⊙ (w − u) / (1 − p)`, `M ~ Bernoulli(1 − p)` per element,
+//! equal to the paper's `(M⊙w + (1−M)⊙u − p·u)/(1−p)`. The gradient is the
+//! analytic `∂w̃/∂w = M/(1 − p)` (the reference implementation
+//! bloodwass/mixout omits the `1/(1 − p)`), and `∂w̃/∂u = 1 − M/(1 − p)`.
+//! Dropout: `y = M ⊙ x / (1 − p)`.
+//!
+//! `M` is drawn from Philox4x32-10 keyed by `seed`, with counters starting at
+//! `offset` (see [`crate::philox`] for the exact mapping): nothing is stored,
+//! backward regenerates the mask, and the CPU reference here draws the same
+//! bits as the CUDA kernel, whose arithmetic avoids fused multiply-adds so the
+//! outputs are bit-identical too. Eval mode (`train = false`) returns the
+//! input unchanged.
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+
+use crate::error::{check_float_dtype, check_same, param_err, Result};
+use crate::philox;
+
+/// The random stream of one call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rng {
+    pub seed: u64,
+    /// First Philox counter of the call; advance it by
+    /// [`philox::counters_for`]`(n)` between calls that share a seed.
+    pub offset: u64,
+}
+
+/// Parameters checked once: probability and its derived constants.
+#[derive(Clone, Copy, Debug)]
+struct DropParams {
+    threshold: u32,
+    scale: f32,
+    rng: Rng,
+}
+
+fn drop_params(op: &'static str, p: f64, rng: Rng) -> Result<DropParams> {
+    if p.is_nan() {
+        return Err(param_err(op, "p is NaN; it must be in [0, 1)"));
+    }
+    if !(0.0..1.0).contains(&p) {
+        return Err(param_err(op, format!("p must be in [0, 1), got {p}")));
+    }
+    Ok(DropParams { threshold: philox::keep_threshold(p), scale: (1.0 / (1.0 - p)) as f32, rng })
+}
+
+/// Mixout of `w` (the trained weight) towards `u` (its pretrained value).
+/// `w` and `u` must have the same shape, dtype and device.
+pub fn mixout(w: &Tensor, u: &Tensor, p: f64, rng: Rng, train: bool) -> Result<Tensor> {
+    check_same("mixout", w, u, ("w", "u"))?;
+    check_half_or_f32("mixout", w.dtype())?;
+    let d = drop_params("mixout", p, rng)?;
+    if !train || w.elem_count() == 0 {
+        return Ok(w.clone());
+    }
+    Ok(w.contiguous()?.apply_op2(&u.contiguous()?, MixoutOp(d))?)
+}
+
+/// Dropout of `x` with probability `p`, scaled by `1/(1 − p)`.
+pub fn dropout(x: &Tensor, p: f64, rng: Rng, train: bool) -> Result<Tensor> {
+    check_half_or_f32("dropout", x.dtype())?;
+    let d = drop_params("dropout", p, rng)?;
+    if !train || p == 0.0 || x.elem_count() == 0 {
+        return Ok(x.clone());
+    }
+    Ok(x.contiguous()?.apply_op1(DropoutOp(d))?)
+}
+
+/// The keep mask (1 = kept) the ops draw for `n` elements, on the CPU: what
+/// tests compare kernels against.
+pub fn keep_mask(n: usize, p: f64, rng: Rng) -> Result<Vec<bool>> {
+    let d = drop_params("keep_mask", p, rng)?;
+    Ok((0..n as u64).map(|i| philox::keep(rng.seed, rng.offset, i, d.threshold)).collect())
+}
+
+/// The ops compute in f32 (bit-identical on CPU and GPU), so f64 is refused
+/// rather than silently rounded.
+fn check_half_or_f32(op: &'static str, dtype: candle_core::DType) -> Result<()> {
+    check_float_dtype(op, "input", dtype)?;
+    if dtype == candle_core::DType::F64 {
+        return Err(crate::Error::DType { op, msg: "input is f64; mixout and dropout take f32, bf16 or f16".into() });
+    }
+    Ok(())
+}
+
+struct MixoutOp(DropParams);
+struct DropoutOp(DropParams);
+
+/// Applies `f(i, x_i, u_i)` in f32 over contiguous inputs of one dtype.
+fn map_cpu(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: Option<(&CpuStorage, &Layout)>,
+    f: impl Fn(u64, f32, f32) -> f32,
+) -> candle_core::Result<CpuStorage> {
+    fn slice<'a, T: WithDType>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+        match l.contiguous_offsets() {
+            Some((a, b)) => Ok(&v[a..b]),
+            None => candle_core::bail!("input must be contiguous, got strides {:?}", l.stride()),
+        }
+    }
+    macro_rules! go {
+        ($v:expr, $variant:ident, $t:ty) => {{
+            let x = slice($v, l1)?;
+            let u = match s2 {
+                Some((CpuStorage::$variant(u), l2)) => Some(slice(u, l2)?),
+                Some(_) => candle_core::bail!("inputs have different dtypes"),
+                None => None,
+            };
+            CpuStorage::$variant(
+                x.iter()
+                    .enumerate()
+                    .map(|(i, &xi)| {
+                        let ui = u.map_or(0.0, |u| u[i].to_f64() as f32);
+                        <$t>::from_f64(f(i as u64, xi.to_f64() as f32, ui) as f64)
+                    })
+                    .collect(),
+            )
+        }};
+    }
+    Ok(match s1 {
+        CpuStorage::F32(v) => go!(v, F32, f32),
+        CpuStorage::BF16(v) => go!(v, BF16, half::bf16),
+        CpuStorage::F16(v) => go!(v, F16, half::f16),
+        other => candle_core::bail!("unsupported dtype {:?}", other.dtype()),
+    })
+}
+
+impl DropParams {
+    fn keep(&self, i: u64) -> bool {
+        philox::keep(self.rng.seed, self.rng.offset, i, self.threshold)
+    }
+}
+
+impl CustomOp2 for MixoutOp {
+    fn name(&self) -> &'static str {
+        "tunefuse-mixout"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.0;
+        let out = map_cpu(s1, l1, Some((s2, l2)), |i, w, u| if d.keep(i) { u + (w - u) * d.scale } else { u })?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::launch(&self.0, s1, l1, Some((s2, l2)))?, l1.shape().clone()))
+    }
+
+    fn bwd(&self, _w: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // ∂w̃/∂w = M/(1 − p): dropout of the incoming gradient, same bits.
+        let gw = grad.contiguous()?.apply_op1_no_bwd(&DropoutOp(self.0))?;
+        let gu = if u.track_op() { Some((grad - &gw)?) } else { None };
+        Ok((Some(gw), gu))
+    }
+}
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "tunefuse-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.0;
+        let out = map_cpu(s, l, None, |i, x, _| if d.keep(i) { x * d.scale } else { 0.0 })?;
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::launch(&self.0, s, l, None)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(DropoutOp(self.0))?))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::DropParams;
+    use crate::cuda::{self as k, ptx};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{CudaStorage, DType, Layout, Result};
+
+    const MODULE: &str = "tunefuse_mixout";
+    const BLOCK: u32 = 256;
+
+    /// `mixout_<dtype>` when `u` is given, else `dropout_<dtype>`.
+    pub(super) fn launch(d: &DropParams, s: &CudaStorage, l: &Layout, u: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
+        let dev = s.device.clone();
+        let n = l.shape().elem_count();
+        let op = if u.is_some() { "mixout" } else { "dropout" };
+        let f = k::func(&dev, MODULE, ptx::MIXOUT, &format!("{op}_{}", k::suffix(op, s.dtype())?))?;
+        fn go<T: CudaDType + DeviceRepr>(
+            d: &DropParams,
+            f: &k::Kernel,
+            dev: &candle_core::cuda_backend::CudaDevice,
+            s: &CudaStorage,
+            l: &Layout,
+            u: Option<(&CudaStorage, &Layout)>,
+            n: usize,
+        ) -> Result<CudaStorage> {
+            let x = k::view::<T>("mixout", s, l)?;
+            let uv = u.map(|(s, l)| k::view::<T>("mixout", s, l)).transpose()?;
+            let mut y = k::alloc::<T>(dev, n)?;
+            let (n64, seed, offset) = (n as i64, d.rng.seed, d.rng.offset);
+            let mut b = f.builder();
+            b.arg(&x);
+            if let Some(uv) = uv.as_ref() {
+                b.arg(uv);
+            }
+            b.arg(&mut y).arg(&n64).arg(&seed).arg(&offset).arg(&d.threshold).arg(&d.scale);
+            k::launch(&mut b, k::grid_for(n.div_ceil(4), BLOCK), BLOCK)?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        }
+        match s.dtype() {
+            DType::F32 => go::<f32>(d, &f, &dev, s, l, u, n),
+            DType::F16 => go::<half::f16>(d, &f, &dev, s, l, u, n),
+            _ => go::<half::bf16>(d, &f, &dev, s, l, u, n),
+        }
+    }
+}

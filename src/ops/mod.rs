@@ -1,0 +1,7 @@
+//! Fused ops: one module per op, each with a public function, a candle
+//! custom op whose `cpu_fwd` is the reference, the CUDA launch and backward.
+pub mod mixout;
+pub mod sym_kl;
+
+pub use mixout::{dropout, mixout, Rng};
+pub use sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
