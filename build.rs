@@ -72,7 +72,9 @@ fn build_kernels() -> Result<(), String> {
             stem.to_uppercase()
         ));
     }
-    consts.push_str(&format!("/// The compute capability the PTX was built for.\npub const COMPUTE_CAP: u32 = {cap};\n"));
+    consts.push_str(&format!(
+        "/// The compute capability the PTX was built for.\npub const COMPUTE_CAP: u32 = {cap};\n"
+    ));
     std::fs::write(out.join("ptx.rs"), consts).map_err(|e| e.to_string())
 }
 
@@ -103,11 +105,11 @@ fn find_nvcc() -> Result<PathBuf, String> {
 
 fn compute_cap() -> Result<u32, String> {
     if let Ok(v) = env::var("CUDA_COMPUTE_CAP") {
-        return v
-            .trim()
-            .replace('.', "")
-            .parse()
-            .map_err(|_| format!("tunefuse build: CUDA_COMPUTE_CAP={v:?} is not a compute capability like 90 or 8.0"));
+        return v.trim().replace('.', "").parse().map_err(|_| {
+            format!(
+                "tunefuse build: CUDA_COMPUTE_CAP={v:?} is not a compute capability like 90 or 8.0"
+            )
+        });
     }
     let smi = Command::new("nvidia-smi")
         .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
@@ -128,7 +130,9 @@ fn compute_cap() -> Result<u32, String> {
 }
 
 fn link_stubs() {
-    let Some(dir) = env::var_os("TUNEFUSE_CUDA_STUBS") else { return };
+    let Some(dir) = env::var_os("TUNEFUSE_CUDA_STUBS") else {
+        return;
+    };
     let dir = PathBuf::from(dir);
     println!("cargo::rustc-link-search=native={}", dir.display());
     println!("cargo::rustc-link-arg=-Wl,--unresolved-symbols=ignore-in-object-files");

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchArgs, PushKernelArg,
+    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchArgs,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Layout, Result};
@@ -30,11 +31,19 @@ type ModuleCache = Mutex<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>;
 
 /// Loads kernel `name` of module `module` (PTX text `ptx`), loading each
 /// module once per device.
-pub(crate) fn func(dev: &CudaDevice, module: &'static str, ptx: &'static str, name: &str) -> Result<Kernel> {
+pub(crate) fn func(
+    dev: &CudaDevice,
+    module: &'static str,
+    ptx: &'static str,
+    name: &str,
+) -> Result<Kernel> {
     static MODULES: OnceLock<ModuleCache> = OnceLock::new();
     let stream = dev.cuda_stream();
     let mdl = {
-        let mut cache = MODULES.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = MODULES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         match cache.get(&(dev.id(), module)) {
             Some(m) => m.clone(),
             None => {
@@ -44,7 +53,10 @@ pub(crate) fn func(dev: &CudaDevice, module: &'static str, ptx: &'static str, na
             }
         }
     };
-    Ok(Kernel { func: mdl.load_function(name).w()?, stream })
+    Ok(Kernel {
+        func: mdl.load_function(name).w()?,
+        stream,
+    })
 }
 
 /// Kernel-name suffix of a dtype; errors for dtypes our kernels lack.
@@ -53,20 +65,33 @@ pub(crate) fn suffix(op: &str, dtype: DType) -> Result<&'static str> {
         DType::F32 => Ok("f32"),
         DType::F16 => Ok("f16"),
         DType::BF16 => Ok("bf16"),
-        other => candle_core::bail!("{op}: no CUDA kernel for dtype {other:?} (f32, bf16, f16 are supported)"),
+        other => candle_core::bail!(
+            "{op}: no CUDA kernel for dtype {other:?} (f32, bf16, f16 are supported)"
+        ),
     }
 }
 
 /// A contiguous view of a storage from its layout's start offset.
-pub(crate) fn view<'a, T: CudaDType>(op: &str, s: &'a CudaStorage, l: &Layout) -> Result<CudaView<'a, T>> {
+pub(crate) fn view<'a, T: CudaDType>(
+    op: &str,
+    s: &'a CudaStorage,
+    l: &Layout,
+) -> Result<CudaView<'a, T>> {
     if !l.is_contiguous() {
-        candle_core::bail!("{op}: input must be contiguous, got strides {:?} for shape {:?}", l.stride(), l.dims());
+        candle_core::bail!(
+            "{op}: input must be contiguous, got strides {:?} for shape {:?}",
+            l.stride(),
+            l.dims()
+        );
     }
     Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
 }
 
 /// Pushes an optional device pointer: the view's address or a null pointer.
-pub(crate) fn arg_opt<'a, 'b: 'a, 'c: 'b, T>(b: &mut LaunchArgs<'a>, v: Option<&'b CudaView<'c, T>>) {
+pub(crate) fn arg_opt<'a, 'b: 'a, 'c: 'b, T>(
+    b: &mut LaunchArgs<'a>,
+    v: Option<&'b CudaView<'c, T>>,
+) {
     const NULL: u64 = 0;
     match v {
         Some(v) => {
@@ -79,7 +104,10 @@ pub(crate) fn arg_opt<'a, 'b: 'a, 'c: 'b, T>(b: &mut LaunchArgs<'a>, v: Option<&
 }
 
 /// Same as [`arg_opt`] for an output view.
-pub(crate) fn arg_opt_mut<'a, 'b: 'a, 'c: 'b, T>(b: &mut LaunchArgs<'a>, v: Option<&'b mut CudaViewMut<'c, T>>) {
+pub(crate) fn arg_opt_mut<'a, 'b: 'a, 'c: 'b, T>(
+    b: &mut LaunchArgs<'a>,
+    v: Option<&'b mut CudaViewMut<'c, T>>,
+) {
     const NULL: u64 = 0;
     match v {
         Some(v) => {

@@ -35,11 +35,17 @@ impl From<Error> for candle_core::Error {
 }
 
 pub(crate) fn shape_err(op: &'static str, msg: impl Into<String>) -> Error {
-    Error::Shape { op, msg: msg.into() }
+    Error::Shape {
+        op,
+        msg: msg.into(),
+    }
 }
 
 pub(crate) fn param_err(op: &'static str, msg: impl Into<String>) -> Error {
-    Error::Param { op, msg: msg.into() }
+    Error::Param {
+        op,
+        msg: msg.into(),
+    }
 }
 
 /// The floating dtypes every fused op supports on every device.
@@ -53,20 +59,46 @@ pub(crate) fn check_float_dtype(op: &'static str, what: &str, dtype: DType) -> R
     }
 }
 
-pub(crate) fn check_same(op: &'static str, a: &candle_core::Tensor, b: &candle_core::Tensor, names: (&str, &str)) -> Result<()> {
+pub(crate) fn check_same(
+    op: &'static str,
+    a: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    names: (&str, &str),
+) -> Result<()> {
     if a.dims() != b.dims() {
-        return Err(shape_err(op, format!("{} has shape {:?} but {} has shape {:?}", names.0, a.dims(), names.1, b.dims())));
+        return Err(shape_err(
+            op,
+            format!(
+                "{} has shape {:?} but {} has shape {:?}",
+                names.0,
+                a.dims(),
+                names.1,
+                b.dims()
+            ),
+        ));
     }
     if a.dtype() != b.dtype() {
         return Err(Error::DType {
             op,
-            msg: format!("{} is {:?} but {} is {:?}", names.0, a.dtype(), names.1, b.dtype()),
+            msg: format!(
+                "{} is {:?} but {} is {:?}",
+                names.0,
+                a.dtype(),
+                names.1,
+                b.dtype()
+            ),
         });
     }
     if !a.device().same_device(b.device()) {
         return Err(Error::Device {
             op,
-            msg: format!("{} is on {:?} but {} is on {:?}", names.0, a.device().location(), names.1, b.device().location()),
+            msg: format!(
+                "{} is on {:?} but {} is on {:?}",
+                names.0,
+                a.device().location(),
+                names.1,
+                b.device().location()
+            ),
         });
     }
     Ok(())

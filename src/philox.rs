@@ -31,7 +31,10 @@ pub fn philox4x32_10(mut c: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// The four words for group `g` (elements `4g..4g+3`) of a call.
 pub fn group(seed: u64, offset: u64, g: u64) -> [u32; 4] {
     let c = offset.wrapping_add(g);
-    philox4x32_10([c as u32, (c >> 32) as u32, 0, 0], [seed as u32, (seed >> 32) as u32])
+    philox4x32_10(
+        [c as u32, (c >> 32) as u32, 0, 0],
+        [seed as u32, (seed >> 32) as u32],
+    )
 }
 
 /// The random word of element `i`.

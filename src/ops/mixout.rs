@@ -43,7 +43,11 @@ fn drop_params(op: &'static str, p: f64, rng: Rng) -> Result<DropParams> {
     if !(0.0..1.0).contains(&p) {
         return Err(param_err(op, format!("p must be in [0, 1), got {p}")));
     }
-    Ok(DropParams { threshold: philox::keep_threshold(p), scale: (1.0 / (1.0 - p)) as f32, rng })
+    Ok(DropParams {
+        threshold: philox::keep_threshold(p),
+        scale: (1.0 / (1.0 - p)) as f32,
+        rng,
+    })
 }
 
 /// Mixout of `w` (the trained weight) towards `u` (its pretrained value).
@@ -72,7 +76,9 @@ pub fn dropout(x: &Tensor, p: f64, rng: Rng, train: bool) -> Result<Tensor> {
 /// tests compare kernels against.
 pub fn keep_mask(n: usize, p: f64, rng: Rng) -> Result<Vec<bool>> {
     let d = drop_params("keep_mask", p, rng)?;
-    Ok((0..n as u64).map(|i| philox::keep(rng.seed, rng.offset, i, d.threshold)).collect())
+    Ok((0..n as u64)
+        .map(|i| philox::keep(rng.seed, rng.offset, i, d.threshold))
+        .collect())
 }
 
 /// The ops compute in f32 (bit-identical on CPU and GPU), so f64 is refused
@@ -80,7 +86,10 @@ pub fn keep_mask(n: usize, p: f64, rng: Rng) -> Result<Vec<bool>> {
 fn check_half_or_f32(op: &'static str, dtype: candle_core::DType) -> Result<()> {
     check_float_dtype(op, "input", dtype)?;
     if dtype == candle_core::DType::F64 {
-        return Err(crate::Error::DType { op, msg: "input is f64; mixout and dropout take f32, bf16 or f16".into() });
+        return Err(crate::Error::DType {
+            op,
+            msg: "input is f64; mixout and dropout take f32, bf16 or f16".into(),
+        });
     }
     Ok(())
 }
@@ -139,9 +148,21 @@ impl CustomOp2 for MixoutOp {
         "tunefuse-mixout"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.0;
-        let out = map_cpu(s1, l1, Some((s2, l2)), |i, w, u| if d.keep(i) { u + (w - u) * d.scale } else { u })?;
+        let out = map_cpu(s1, l1, Some((s2, l2)), |i, w, u| {
+            if d.keep(i) {
+                u + (w - u) * d.scale
+            } else {
+                u
+            }
+        })?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -153,13 +174,26 @@ impl CustomOp2 for MixoutOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::launch(&self.0, s1, l1, Some((s2, l2)))?, l1.shape().clone()))
+        Ok((
+            cuda::launch(&self.0, s1, l1, Some((s2, l2)))?,
+            l1.shape().clone(),
+        ))
     }
 
-    fn bwd(&self, _w: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _w: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         // ∂w̃/∂w = M/(1 − p): dropout of the incoming gradient, same bits.
         let gw = grad.contiguous()?.apply_op1_no_bwd(&DropoutOp(self.0))?;
-        let gu = if u.track_op() { Some((grad - &gw)?) } else { None };
+        let gu = if u.track_op() {
+            Some((grad - &gw)?)
+        } else {
+            None
+        };
         Ok((Some(gw), gu))
     }
 }
@@ -171,16 +205,30 @@ impl CustomOp1 for DropoutOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.0;
-        let out = map_cpu(s, l, None, |i, x, _| if d.keep(i) { x * d.scale } else { 0.0 })?;
+        let out = map_cpu(
+            s,
+            l,
+            None,
+            |i, x, _| if d.keep(i) { x * d.scale } else { 0.0 },
+        )?;
         Ok((out, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         Ok((cuda::launch(&self.0, s, l, None)?, l.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(DropoutOp(self.0))?))
     }
 }
@@ -189,8 +237,8 @@ impl CustomOp1 for DropoutOp {
 mod cuda {
     use super::DropParams;
     use crate::cuda::{self as k, ptx};
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, DType, Layout, Result};
 
@@ -198,11 +246,21 @@ mod cuda {
     const BLOCK: u32 = 256;
 
     /// `mixout_<dtype>` when `u` is given, else `dropout_<dtype>`.
-    pub(super) fn launch(d: &DropParams, s: &CudaStorage, l: &Layout, u: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
+    pub(super) fn launch(
+        d: &DropParams,
+        s: &CudaStorage,
+        l: &Layout,
+        u: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<CudaStorage> {
         let dev = s.device.clone();
         let n = l.shape().elem_count();
         let op = if u.is_some() { "mixout" } else { "dropout" };
-        let f = k::func(&dev, MODULE, ptx::MIXOUT, &format!("{op}_{}", k::suffix(op, s.dtype())?))?;
+        let f = k::func(
+            &dev,
+            MODULE,
+            ptx::MIXOUT,
+            &format!("{op}_{}", k::suffix(op, s.dtype())?),
+        )?;
         fn go<T: CudaDType + DeviceRepr>(
             d: &DropParams,
             f: &k::Kernel,
@@ -221,7 +279,12 @@ mod cuda {
             if let Some(uv) = uv.as_ref() {
                 b.arg(uv);
             }
-            b.arg(&mut y).arg(&n64).arg(&seed).arg(&offset).arg(&d.threshold).arg(&d.scale);
+            b.arg(&mut y)
+                .arg(&n64)
+                .arg(&seed)
+                .arg(&offset)
+                .arg(&d.threshold)
+                .arg(&d.scale);
             k::launch(&mut b, k::grid_for(n.div_ceil(4), BLOCK), BLOCK)?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }

@@ -73,7 +73,12 @@ pub struct SymKlOptions {
 
 impl Default for SymKlOptions {
     fn default() -> Self {
-        Self { grad: SymKlGrad::Full, reduction: Reduction::BatchMean, row_mask: None, expected_grad: 1.0 }
+        Self {
+            grad: SymKlGrad::Full,
+            reduction: Reduction::BatchMean,
+            row_mask: None,
+            expected_grad: 1.0,
+        }
     }
 }
 
@@ -101,13 +106,34 @@ pub fn sym_kl(a: &Tensor, b: &Tensor, opts: &SymKlOptions) -> Result<Tensor> {
         SymKlGrad::Full => Mode::SymFull,
         SymKlGrad::Detached => Mode::SymDetached,
     };
-    run("sym_kl", mode, a, b, opts.reduction, opts.row_mask.as_ref(), opts.expected_grad)
+    run(
+        "sym_kl",
+        mode,
+        a,
+        b,
+        opts.reduction,
+        opts.row_mask.as_ref(),
+        opts.expected_grad,
+    )
 }
 
 /// `KL(softmax(target) ‖ softmax(input))` with a gradient to `input` only
 /// (PyTorch's `kl_div(log_softmax(input), softmax(target))`).
-pub fn kl(input: &Tensor, target: &Tensor, reduction: Reduction, row_mask: Option<&Tensor>) -> Result<Tensor> {
-    run("kl", Mode::Kl, input, &target.detach(), reduction, row_mask, 1.0)
+pub fn kl(
+    input: &Tensor,
+    target: &Tensor,
+    reduction: Reduction,
+    row_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    run(
+        "kl",
+        Mode::Kl,
+        input,
+        &target.detach(),
+        reduction,
+        row_mask,
+        1.0,
+    )
 }
 
 fn run(
@@ -123,14 +149,23 @@ fn run(
     check_float_dtype(name, "a", a.dtype())?;
     let dims = a.dims();
     let Some((&v, lead)) = dims.split_last() else {
-        return Err(shape_err(name, "logits must have at least one dimension [.., V], got a scalar"));
+        return Err(shape_err(
+            name,
+            "logits must have at least one dimension [.., V], got a scalar",
+        ));
     };
     if v == 0 {
-        return Err(shape_err(name, format!("V = 0: logits of shape {dims:?} have an empty last dimension")));
+        return Err(shape_err(
+            name,
+            format!("V = 0: logits of shape {dims:?} have an empty last dimension"),
+        ));
     }
     let rows: usize = lead.iter().product();
     if !expected_grad.is_finite() || expected_grad == 0.0 {
-        return Err(param_err(name, format!("expected_grad must be finite and non-zero, got {expected_grad}")));
+        return Err(param_err(
+            name,
+            format!("expected_grad must be finite and non-zero, got {expected_grad}"),
+        ));
     }
     let mask = match row_mask {
         None => None,
@@ -142,14 +177,38 @@ fn run(
                 ));
             }
             if !m.device().same_device(a.device()) {
-                return Err(crate::Error::Device { op: name, msg: "row mask is not on the logits' device".into() });
+                return Err(crate::Error::Device {
+                    op: name,
+                    msg: "row mask is not on the logits' device".into(),
+                });
             }
-            Some(m.detach().flatten_all()?.to_dtype(DType::F32)?.contiguous()?)
+            Some(
+                m.detach()
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?,
+            )
         }
     };
-    let out_shape: Vec<usize> = if reduction == Reduction::None { lead.to_vec() } else { vec![] };
+    let out_shape: Vec<usize> = if reduction == Reduction::None {
+        lead.to_vec()
+    } else {
+        vec![]
+    };
     let fuse = a.device().is_cuda() && (a.track_op() || (mode != Mode::Kl && b.track_op()));
-    let op = KlOp { cfg: Cfg { mode, reduction, rows, v, mask, expected_grad }, out_shape, fuse, cache: Mutex::new(None) };
+    let op = KlOp {
+        cfg: Cfg {
+            mode,
+            reduction,
+            rows,
+            v,
+            mask,
+            expected_grad,
+        },
+        out_shape,
+        fuse,
+        cache: Mutex::new(None),
+    };
     Ok(a.contiguous()?.apply_op2(&b.contiguous()?, op)?)
 }
 
@@ -246,7 +305,10 @@ fn row_grad(mode: Mode, a: &[f64], b: &[f64], f: f64, ga: &mut [f64], gb: &mut [
     let eq: f64 = q.iter().zip(&d).map(|(&w, &x)| wterm(w, x)).sum();
     for i in 0..a.len() {
         let (g_a, g_b) = match mode {
-            Mode::SymFull => (wterm(p[i], d[i] - ep) + (p[i] - q[i]), wterm(q[i], eq - d[i]) + (q[i] - p[i])),
+            Mode::SymFull => (
+                wterm(p[i], d[i] - ep) + (p[i] - q[i]),
+                wterm(q[i], eq - d[i]) + (q[i] - p[i]),
+            ),
             Mode::SymDetached | Mode::Kl => (p[i] - q[i], q[i] - p[i]),
         };
         ga[i] = f * g_a;
@@ -294,14 +356,24 @@ impl CustomOp2 for KlOp {
         "tunefuse-sym-kl"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let c = &self.cfg;
         let (a, b) = (to_f64(s1, l1)?, to_f64(s2, l2)?);
         let mask = c.mask_host()?;
         let per_row: Vec<f64> = (0..c.rows)
             .map(|r| {
                 if c.counted(&mask, r) {
-                    row_loss(c.mode, &a[r * c.v..(r + 1) * c.v], &b[r * c.v..(r + 1) * c.v])
+                    row_loss(
+                        c.mode,
+                        &a[r * c.v..(r + 1) * c.v],
+                        &b[r * c.v..(r + 1) * c.v],
+                    )
                 } else {
                     0.0
                 }
@@ -312,7 +384,10 @@ impl CustomOp2 for KlOp {
         } else {
             vec![per_row.iter().sum::<f64>() * c.row_weight(&mask)]
         };
-        Ok((from_f64(out, loss_dtype(s1.dtype())), Shape::from(self.out_shape.clone())))
+        Ok((
+            from_f64(out, loss_dtype(s1.dtype())),
+            Shape::from(self.out_shape.clone()),
+        ))
     }
 
     #[cfg(feature = "cuda")]
@@ -330,7 +405,13 @@ impl CustomOp2 for KlOp {
         Ok((loss, Shape::from(self.out_shape.clone())))
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let c = &self.cfg;
         #[cfg(feature = "cuda")]
         {
@@ -343,7 +424,11 @@ impl CustomOp2 for KlOp {
         }
         let g = a.apply_op3_no_bwd(b, &grad_res.contiguous()?, &KlGradOp { cfg: c.clone() })?;
         let ga = g.get(0)?;
-        let gb = if c.mode.grads() == 2 { Some(g.get(1)?) } else { None };
+        let gb = if c.mode.grads() == 2 {
+            Some(g.get(1)?)
+        } else {
+            None
+        };
         Ok((Some(ga), gb))
     }
 }
@@ -382,9 +467,17 @@ impl CustomOp3 for KlGradOp {
             if !c.counted(&mask, r) {
                 continue;
             }
-            let f = w * if c.reduction == Reduction::None { g[r] } else { g[0] };
+            let f = w * if c.reduction == Reduction::None {
+                g[r]
+            } else {
+                g[0]
+            };
             let rg = r * c.v..(r + 1) * c.v;
-            let gb = if k == 2 { &mut ob[rg.clone()] } else { &mut scratch[..] };
+            let gb = if k == 2 {
+                &mut ob[rg.clone()]
+            } else {
+                &mut scratch[..]
+            };
             row_grad(c.mode, &a[rg.clone()], &b[rg.clone()], f, &mut oa[rg], gb);
         }
         let mut shape = vec![k];
@@ -413,8 +506,10 @@ impl CustomOp3 for KlGradOp {
 mod cuda {
     use super::{Cfg, Reduction};
     use crate::cuda::{self as k, ptx};
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, PushKernelArg};
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, CudaViewMut, DeviceRepr, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaDType, CudaDevice};
     use candle_core::{CudaStorage, DType, Layout, Result, Storage, Tensor};
 
@@ -437,8 +532,14 @@ mod cuda {
         }
     }
 
-    fn inv_count(dev: &CudaDevice, c: &Cfg, mask: Option<&CudaView<'_, f32>>) -> Result<Option<CudaSlice<f32>>> {
-        let Some(mask) = mask.filter(|_| weights(c).1) else { return Ok(None) };
+    fn inv_count(
+        dev: &CudaDevice,
+        c: &Cfg,
+        mask: Option<&CudaView<'_, f32>>,
+    ) -> Result<Option<CudaSlice<f32>>> {
+        let Some(mask) = mask.filter(|_| weights(c).1) else {
+            return Ok(None);
+        };
         let mut out = k::alloc::<f32>(dev, 1)?;
         let f = k::func(dev, MODULE, ptx::SYM_KL, "sym_kl_inv_count")?;
         let rows = c.rows as i64;
@@ -490,12 +591,18 @@ mod cuda {
         k::arg_opt_mut(&mut bld, ga);
         k::arg_opt_mut(&mut bld, gb);
         // Warp mode: 8 rows per 256-thread block; block mode: a row per block.
-        let (grid, block) = if warp { (c.rows.div_ceil(8), 256) } else { (c.rows, 1024) };
+        let (grid, block) = if warp {
+            (c.rows.div_ceil(8), 256)
+        } else {
+            (c.rows, 1024)
+        };
         k::launch(&mut bld, grid as u32, block)
     }
 
     fn aligned<T>(offsets: &[usize]) -> bool {
-        offsets.iter().all(|o| (o * std::mem::size_of::<T>()) % 16 == 0)
+        offsets
+            .iter()
+            .all(|o| (o * std::mem::size_of::<T>()) % 16 == 0)
     }
 
     /// Per-row or reduced loss; with `fuse`, also the gradients for an
@@ -510,7 +617,10 @@ mod cuda {
     ) -> Result<(CudaStorage, Option<Vec<CudaStorage>>)> {
         let dev = s1.device.clone();
         let guard = c.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = guard.as_ref().map(|g| cuda_view("row mask", &g.0, g.1)).transpose()?;
+        let mask = guard
+            .as_ref()
+            .map(|g| cuda_view("row mask", &g.0, g.1))
+            .transpose()?;
         let inv = inv_count(&dev, c, mask.as_ref())?;
         let (w, _) = weights(c);
         let mut per_row = k::alloc::<f32>(&dev, c.rows)?;
@@ -526,8 +636,16 @@ mod cuda {
                     inv: inv.as_ref().map(|s| s.slice(..)),
                     gmul: c.expected_grad * w,
                 };
-                let mut ga = if fuse { Some(k::alloc::<$t>(&dev, n)?) } else { None };
-                let mut gb = if fuse && c.mode.grads() == 2 { Some(k::alloc::<$t>(&dev, n)?) } else { None };
+                let mut ga = if fuse {
+                    Some(k::alloc::<$t>(&dev, n)?)
+                } else {
+                    None
+                };
+                let mut gb = if fuse && c.mode.grads() == 2 {
+                    Some(k::alloc::<$t>(&dev, n)?)
+                } else {
+                    None
+                };
                 launch_main(
                     &dev,
                     c,
@@ -536,8 +654,11 @@ mod cuda {
                     ga.as_mut().map(|g| g.slice_mut(..)).as_mut(),
                     gb.as_mut().map(|g| g.slice_mut(..)).as_mut(),
                 )?;
-                let grads: Vec<CudaStorage> =
-                    ga.into_iter().chain(gb).map(|g| CudaStorage::wrap_cuda_slice(g, dev.clone())).collect();
+                let grads: Vec<CudaStorage> = ga
+                    .into_iter()
+                    .chain(gb)
+                    .map(|g| CudaStorage::wrap_cuda_slice(g, dev.clone()))
+                    .collect();
                 (!grads.is_empty()).then_some(grads)
             }};
         }
@@ -545,7 +666,9 @@ mod cuda {
             DType::F32 => go!(f32),
             DType::F16 => go!(half::f16),
             DType::BF16 => go!(half::bf16),
-            other => candle_core::bail!("sym_kl: no CUDA kernel for dtype {other:?} (f32, bf16, f16 are supported)"),
+            other => candle_core::bail!(
+                "sym_kl: no CUDA kernel for dtype {other:?} (f32, bf16, f16 are supported)"
+            ),
         };
         let loss = if c.reduction == Reduction::None {
             per_row
@@ -566,7 +689,12 @@ mod cuda {
 
     /// Backward from gradients cached by the forward: rows whose incoming
     /// gradient differs from `expected_grad` are rescaled in place.
-    pub(super) fn rescale(c: &Cfg, grads: Vec<CudaStorage>, grad_res: &Tensor, dims: &[usize]) -> Result<Vec<Tensor>> {
+    pub(super) fn rescale(
+        c: &Cfg,
+        grads: Vec<CudaStorage>,
+        grad_res: &Tensor,
+        dims: &[usize],
+    ) -> Result<Vec<Tensor>> {
         let grad_res = grad_res.to_dtype(DType::F32)?.contiguous()?;
         let guard = grad_res.storage_and_layout();
         let gview = cuda_view("incoming gradient", &guard.0, guard.1)?;
@@ -581,7 +709,12 @@ mod cuda {
                 ($t:ty) => {{
                     let s = g.as_cuda_slice_mut::<$t>()?;
                     let mut b = f.builder();
-                    b.arg(s).arg(&rows).arg(&v).arg(&gview).arg(&stride).arg(&c.expected_grad);
+                    b.arg(s)
+                        .arg(&rows)
+                        .arg(&v)
+                        .arg(&gview)
+                        .arg(&stride)
+                        .arg(&c.expected_grad);
                     k::launch(&mut b, k::grid_for(c.rows, 1), 256)?;
                 }};
             }
@@ -590,7 +723,12 @@ mod cuda {
                 DType::F16 => go!(half::f16),
                 _ => go!(half::bf16),
             }
-            out.push(Tensor::from_storage(Storage::Cuda(g), dims, candle_core::op::BackpropOp::none(), false));
+            out.push(Tensor::from_storage(
+                Storage::Cuda(g),
+                dims,
+                candle_core::op::BackpropOp::none(),
+                false,
+            ));
         }
         Ok(out)
     }
@@ -607,7 +745,10 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let dev = s1.device.clone();
         let guard = c.mask.as_ref().map(|m| m.storage_and_layout());
-        let mask = guard.as_ref().map(|g| cuda_view("row mask", &g.0, g.1)).transpose()?;
+        let mask = guard
+            .as_ref()
+            .map(|g| cuda_view("row mask", &g.0, g.1))
+            .transpose()?;
         let inv = inv_count(&dev, c, mask.as_ref())?;
         let stride: i64 = if c.reduction == Reduction::None { 1 } else { 0 };
         let n = c.rows * c.v;
@@ -626,7 +767,11 @@ mod cuda {
                 let mut out = k::alloc::<$t>(&dev, c.mode.grads() * n)?;
                 {
                     let (mut ga, mut gb) = out.split_at_mut(n);
-                    let gb = if c.mode.grads() == 2 { Some(&mut gb) } else { None };
+                    let gb = if c.mode.grads() == 2 {
+                        Some(&mut gb)
+                    } else {
+                        None
+                    };
                     launch_main(&dev, c, &x, None, Some(&mut ga), gb)?;
                 }
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
@@ -636,7 +781,9 @@ mod cuda {
             DType::F32 => go!(f32),
             DType::F16 => go!(half::f16),
             DType::BF16 => go!(half::bf16),
-            other => candle_core::bail!("sym_kl: no CUDA kernel for dtype {other:?} (f32, bf16, f16 are supported)"),
+            other => candle_core::bail!(
+                "sym_kl: no CUDA kernel for dtype {other:?} (f32, bf16, f16 are supported)"
+            ),
         })
     }
 }

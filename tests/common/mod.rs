@@ -1,0 +1,119 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use tunefuse::philox;
+
+/// `../shared/golden` beside the checkout, or `TUNEFUSE_GOLDEN`.
+pub fn golden(name: &str) -> serde_json::Value {
+    let dir = std::env::var_os("TUNEFUSE_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"));
+    let path = dir.join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "golden file {} unreadable ({e}); set TUNEFUSE_GOLDEN",
+            path.display()
+        )
+    });
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn json_matrix(v: &serde_json::Value) -> Vec<Vec<f64>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+pub fn json_vec(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+/// Deterministic standard-normal-ish values (Box–Muller on Philox words).
+pub fn randn(n: usize, seed: u64, scale: f64) -> Vec<f64> {
+    (0..n)
+        .map(|i| {
+            let g = philox::group(seed, 0, i as u64);
+            let u1 = (f64::from(g[0]) + 1.0) / 4294967297.0;
+            let u2 = f64::from(g[1]) / 4294967296.0;
+            scale * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+        })
+        .collect()
+}
+
+pub fn tensor(vals: &[f64], shape: &[usize], dtype: DType, dev: &Device) -> Tensor {
+    Tensor::from_vec(vals.to_vec(), shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+        .to_device(dev)
+        .unwrap()
+}
+
+pub fn to_f64(t: &Tensor) -> Vec<f64> {
+    t.to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Fails with the worst offending index unless |x − y| ≤ atol + rtol·|y|.
+pub fn assert_close(what: &str, x: &[f64], y: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(x.len(), y.len(), "{what}: lengths differ");
+    let mut worst = (0usize, 0.0f64);
+    for (i, (&a, &b)) in x.iter().zip(y).enumerate() {
+        if a.is_nan() && b.is_nan() {
+            continue;
+        }
+        let excess = (a - b).abs() - (atol + rtol * b.abs());
+        if !(excess <= 0.0) && (excess > worst.1 || worst.1 == 0.0) {
+            worst = (
+                i,
+                if excess.is_nan() {
+                    f64::INFINITY
+                } else {
+                    excess
+                },
+            );
+        }
+    }
+    assert!(
+        worst.1 == 0.0,
+        "{what}: element {} is {} but expected {} (atol {atol}, rtol {rtol})",
+        worst.0,
+        x[worst.0],
+        y[worst.0]
+    );
+}
+
+/// The CUDA device, or None with the reason printed (tests then skip).
+pub fn cuda_device() -> Option<Device> {
+    if !cfg!(feature = "cuda") {
+        eprintln!("skipped: built without the `cuda` feature");
+        return None;
+    }
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
