@@ -1,1 +1,262 @@
-//! bench placeholder
+//! Op benchmarks shared by `tunefuse bench`, `benches/ops.rs` and the GPU
+//! script: the fused ops at the target shapes, the same math
+//! composed from candle ops (the baseline, also checked against the
+//! reference in the tests), the measured copy bandwidth that is the floor,
+//! and the one results table (with the PyTorch peers when given).
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::ops::mixout::{dropout, mixout, Rng};
+use crate::ops::sym_kl::{sym_kl, SymKlGrad, SymKlOptions};
+use crate::Result;
+
+/// The symmetric KL composed from candle ops (batchmean, full gradients
+/// through autograd): the baseline the fused op is measured against.
+pub fn sym_kl_composed(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (la, lb) = (
+        candle_nn::ops::log_softmax(a, candle_core::D::Minus1)?,
+        candle_nn::ops::log_softmax(b, candle_core::D::Minus1)?,
+    );
+    let (p, q) = (la.exp()?, lb.exp()?);
+    let rows = (a.elem_count() / a.dim(candle_core::D::Minus1)?) as f64;
+    Ok((((p - q)? * (la - lb)?)?.sum_all()? / rows)?)
+}
+
+/// Mixout composed from candle ops: a Bernoulli mask from `rand`, then
+/// `u + M ⊙ (w − u) / (1 − p)`.
+pub fn mixout_composed(w: &Tensor, u: &Tensor, p: f64) -> Result<Tensor> {
+    let r = Tensor::rand(0f32, 1f32, w.shape(), w.device())?.to_dtype(w.dtype())?;
+    let m = r.ge(p)?.to_dtype(w.dtype())?;
+    Ok((u + ((m * (w - u)?)? * (1.0 / (1.0 - p)))?)?)
+}
+
+/// One benchmark: a closure running the op once, and the minimum bytes it
+/// must move (what the GB/s figures are computed from).
+pub struct Case {
+    pub op: &'static str,
+    pub shape: String,
+    pub dtype: DType,
+    pub bytes: usize,
+    pub run: Box<dyn FnMut() -> Result<()>>,
+}
+
+fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}
+
+/// The shapes of the targets on CUDA; smaller ones on CPU so the
+/// command finishes in seconds.
+pub fn cases(dev: &Device) -> Result<Vec<Case>> {
+    let gpu = dev.is_cuda();
+    let mut out = Vec::new();
+    let (rows, v) = if gpu { (16384, 30522) } else { (64, 30522) };
+    for dtype in [DType::BF16, DType::F32] {
+        let a = Var::from_tensor(&Tensor::randn(0f32, 3.0, (rows, v), dev)?.to_dtype(dtype)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 3.0, (rows, v), dev)?.to_dtype(dtype)?)?;
+        out.push(Case {
+            op: "sym_kl fwd+bwd",
+            shape: format!("{rows}x{v}"),
+            dtype,
+            bytes: 4 * rows * v * dtype.size_in_bytes(),
+            run: Box::new(move || {
+                let o = SymKlOptions {
+                    grad: SymKlGrad::Full,
+                    ..Default::default()
+                };
+                let loss = sym_kl(a.as_tensor(), b.as_tensor(), &o)?;
+                loss.backward()?;
+                Ok(())
+            }),
+        });
+    }
+    let n = if gpu { 110_000_000 } else { 4_000_000 };
+    let w = Tensor::randn(0f32, 0.02, n, dev)?;
+    let u = Tensor::randn(0f32, 0.02, n, dev)?;
+    let g = Tensor::randn(0f32, 1.0, n, dev)?;
+    out.push(Case {
+        op: "mixout fwd+bwd",
+        shape: format!("{n}"),
+        dtype: DType::F32,
+        bytes: 5 * n * 4,
+        run: Box::new(move || {
+            // Forward, then exactly what backward runs for ∂w (dropout of
+            // the incoming gradient with the same bits).
+            let rng = Rng { seed: 1, offset: 0 };
+            mixout(&w, &u, 0.1, rng, true)?;
+            dropout(&g, 0.1, rng, true)?;
+            Ok(())
+        }),
+    });
+    let shape = (32, 128, 768);
+    let x = Tensor::randn(0f32, 1.0, shape, dev)?.to_dtype(DType::BF16)?;
+    out.push(Case {
+        op: "dropout fwd",
+        shape: "32x128x768".into(),
+        dtype: DType::BF16,
+        bytes: 2 * x.elem_count() * 2,
+        run: Box::new(move || {
+            dropout(&x, 0.1, Rng { seed: 2, offset: 0 }, true)?;
+            Ok(())
+        }),
+    });
+    Ok(out)
+}
+
+/// Median milliseconds of one run, over `reps` timings of `iters` runs each
+/// (after warm-up), synchronising the device around each timing.
+pub fn time_ms(
+    dev: &Device,
+    f: &mut dyn FnMut() -> Result<()>,
+    iters: usize,
+    reps: usize,
+) -> Result<f64> {
+    for _ in 0..2 {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        for _ in 0..iters {
+            f()?;
+        }
+        dev.synchronize()?;
+        t.push(start.elapsed().as_secs_f64() * 1e3 / iters as f64);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+/// Device-to-device copy bandwidth in GB/s (bytes read + written), the floor
+/// every memory-bound op is compared with.
+pub fn copy_bandwidth(dev: &Device) -> Result<f64> {
+    let n = if dev.is_cuda() { 256 << 20 } else { 32 << 20 };
+    let x = Tensor::zeros(n, DType::F32, dev)?;
+    let ms = time_ms(dev, &mut || Ok(x.copy().map(|_| ())?), 10, 5)?;
+    Ok(2.0 * (n * 4) as f64 / (ms * 1e-3) / 1e9)
+}
+
+/// The name of the device, for the table.
+pub fn device_name(dev: &Device) -> String {
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => d
+            .cuda_stream()
+            .context()
+            .name()
+            .unwrap_or_else(|_| "CUDA device".into()),
+        _ => format!(
+            "CPU ({} threads)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
+    }
+}
+
+/// One measured row of the table.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Row {
+    pub op: String,
+    pub shape: String,
+    pub dtype: String,
+    pub ms: f64,
+    pub gbps: f64,
+}
+
+/// Runs every case and returns its row.
+pub fn run_all(dev: &Device, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    for mut c in cases(dev)? {
+        progress(&format!("{} {} {}", c.op, c.shape, dtype_name(c.dtype)));
+        let iters = if dev.is_cuda() { 20 } else { 3 };
+        let ms = time_ms(dev, &mut c.run, iters, 5)?;
+        rows.push(Row {
+            op: c.op.into(),
+            shape: c.shape,
+            dtype: dtype_name(c.dtype).into(),
+            ms,
+            gbps: c.bytes as f64 / (ms * 1e-3) / 1e9,
+        });
+    }
+    Ok(rows)
+}
+
+/// PyTorch timings by (op, shape, dtype): (eager ms, torch.compile ms), as
+/// written by `bench/torch_peers.py`.
+pub type Peers = HashMap<(String, String, String), (Option<f64>, Option<f64>)>;
+
+/// Reads the peers file; entries are `{op, shape, dtype, eager_ms, compile_ms}`.
+pub fn load_peers(path: &std::path::Path) -> std::result::Result<Peers, String> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        op: String,
+        shape: String,
+        dtype: String,
+        eager_ms: Option<f64>,
+        compile_ms: Option<f64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct File {
+        results: Vec<Entry>,
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read peers file {}: {e}", path.display()))?;
+    let f: File = serde_json::from_str(&text)
+        .map_err(|e| format!("peers file {} is malformed: {e}", path.display()))?;
+    Ok(f.results
+        .into_iter()
+        .map(|e| ((e.op, e.shape, e.dtype), (e.eager_ms, e.compile_ms)))
+        .collect())
+}
+
+/// Reads what `tunefuse bench --json` wrote: (device, copy GB/s, rows).
+pub fn load_ours(path: &std::path::Path) -> std::result::Result<(String, f64, Vec<Row>), String> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        device: String,
+        copy_gbps: f64,
+        results: Vec<Row>,
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read results file {}: {e}", path.display()))?;
+    let f: File = serde_json::from_str(&text)
+        .map_err(|e| format!("results file {} is malformed: {e}", path.display()))?;
+    Ok((f.device, f.copy_gbps, f.results))
+}
+
+/// The one table: op, shape, dtype, ours, GB/s, % of copy bandwidth, the
+/// PyTorch peers and our speed-up over them.
+pub fn table(device: &str, copy_gbps: f64, rows: &[Row], peers: &Peers) -> String {
+    let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
+    let mut s = format!("device: {device}; measured copy bandwidth {copy_gbps:.0} GB/s\n");
+    s.push_str("| op | shape | dtype | ours ms | GB/s | % of copy | eager ms | compile ms | vs eager | vs compile |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        let (eager, compile) = peers
+            .get(&(r.op.clone(), r.shape.clone(), r.dtype.clone()))
+            .cloned()
+            .unwrap_or((None, None));
+        let speed = |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{:.2}x", p / r.ms));
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.3} | {:.1} | {:.0}% | {} | {} | {} | {} |\n",
+            r.op,
+            r.shape,
+            r.dtype,
+            r.ms,
+            r.gbps,
+            100.0 * r.gbps / copy_gbps,
+            fmt(eager),
+            fmt(compile),
+            speed(eager),
+            speed(compile)
+        ));
+    }
+    s
+}

@@ -602,7 +602,7 @@ mod cuda {
     fn aligned<T>(offsets: &[usize]) -> bool {
         offsets
             .iter()
-            .all(|o| (o * std::mem::size_of::<T>()) % 16 == 0)
+            .all(|o| (o * std::mem::size_of::<T>()).is_multiple_of(16))
     }
 
     /// Per-row or reduced loss; with `fuse`, also the gradients for an

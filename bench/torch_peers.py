@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""PyTorch peers of tunefuse's fused ops, at the shapes of `tunefuse bench`.
+
+Times PyTorch eager and torch.compile for each op (forward + backward where
+the fused op has one) with CUDA events, and writes JSON that
+`tunefuse table --peers` merges into the results table:
+    {"device": ..., "torch": ..., "results": [{op, shape, dtype, eager_ms, compile_ms}]}
+The math matches src/bench.rs's candle-composed baselines.
+"""
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def time_ms(fn, iters=20, reps=5):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def sym_kl(a, b):
+    """Symmetric KL, batchmean, computed in f32 (as the fused op accumulates)."""
+    la = F.log_softmax(a.float(), dim=-1)
+    lb = F.log_softmax(b.float(), dim=-1)
+    return ((la.exp() - lb.exp()) * (la - lb)).sum() / a.shape[0]
+
+
+def mixout(w, u, p):
+    m = (torch.rand_like(w) >= p).to(w.dtype)
+    return u + m * (w - u) / (1.0 - p)
+
+
+def dropout(x):
+    return F.dropout(x, 0.1, training=True)
+
+
+def both(name, make_step):
+    """(eager ms, compile ms) for a step built from an op function."""
+    out = []
+    for compiled in (False, True):
+        try:
+            step = make_step(compiled)
+            out.append(time_ms(step))
+        except Exception as e:  # report and go on: one failed compile must not lose the rest
+            print(f"{name} ({'compile' if compiled else 'eager'}) failed: {e}", file=sys.stderr)
+            out.append(None)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("torch_peers: no CUDA device", file=sys.stderr)
+        return 1
+    dev = "cuda"
+    results = []
+
+    def record(op, shape, dtype, times):
+        eager, comp = times
+        results.append(dict(op=op, shape=shape, dtype=dtype, eager_ms=eager, compile_ms=comp))
+        print(f"{op} {shape} {dtype}: eager {eager} ms, compile {comp} ms", flush=True)
+
+    rows, v = 16384, 30522
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "f32")):
+        a = (3 * torch.randn(rows, v, device=dev)).to(dtype).requires_grad_()
+        b = (3 * torch.randn(rows, v, device=dev)).to(dtype).requires_grad_()
+
+        def make(compiled, a=a, b=b):
+            f = torch.compile(sym_kl) if compiled else sym_kl
+
+            def step():
+                a.grad = None
+                b.grad = None
+                f(a, b).backward()
+
+            return step
+
+        record("sym_kl fwd+bwd", f"{rows}x{v}", name, both("sym_kl", make))
+        del a, b
+        torch.cuda.empty_cache()
+
+    n = 110_000_000
+    w = (0.02 * torch.randn(n, device=dev)).requires_grad_()
+    u = 0.02 * torch.randn(n, device=dev)
+    g = torch.randn(n, device=dev)
+
+    def make_mix(compiled):
+        f = torch.compile(mixout) if compiled else mixout
+
+        def step():
+            w.grad = None
+            f(w, u, 0.1).backward(g)
+
+        return step
+
+    record("mixout fwd+bwd", f"{n}", "f32", both("mixout", make_mix))
+    del w, u, g
+    torch.cuda.empty_cache()
+
+    x = torch.randn(32, 128, 768, device=dev).to(torch.bfloat16)
+
+    def make_drop(compiled):
+        f = torch.compile(dropout) if compiled else dropout
+        return lambda: f(x)
+
+    record("dropout fwd", "32x128x768", "bf16", both("dropout", make_drop))
+
+    doc = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, results=results)
+    with open(args.out, "w") as fh:
+        json.dump(doc, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs here (no GPU needed): builds the release CUDA binaries for sm_90
+# (H100/H200), strips and packs them with what the device run reads into
+# .gpu/ (git-ignored), and prints the device call to make.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source "$(scripts/cuda-toolchain.sh --env-file)"
+export CUDA_COMPUTE_CAP=90
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tunefuse/target}"
+
+# Binaries: the CLI (bench table), the CUDA tests, the criterion benches.
+targets=(--bin tunefuse --test cuda_ops --bench ops)
+cargo build --release --features cuda "${targets[@]}" >&2
+mapfile -t exes < <(cargo build --release --features cuda "${targets[@]}" --message-format=json 2>/dev/null |
+  python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])')
+[ "${#exes[@]}" -eq 3 ] || { echo "gpu-pack: expected 3 executables, got: ${exes[*]}" >&2; exit 1; }
+
+rm -rf .gpu && mkdir -p .gpu/stage
+for exe in "${exes[@]}"; do
+  name=$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')
+  strip -o ".gpu/stage/$name" "$exe"
+done
+tar -C .gpu/stage -cJf .gpu/bundle.tar.xz .
+rm -rf .gpu/stage
+size=$(du -sm .gpu | cut -f1)
+echo "gpu-pack: .gpu/ holds $(ls .gpu) (${size} MiB)" >&2
+[ "$size" -lt 60 ] || { echo "gpu-pack: .gpu is ${size} MiB, over what travels (64 MiB)" >&2; exit 1; }
+
+cat <<CALL
+Device call (one run; the script stays under 6 minutes):
+  command: bash scripts/gpu-run.sh
+  carry:   [".gpu"]
+  timeout_s: 480
+Then copy the table printed at the end (and \$OUT/table.md) into bench/RESULTS.md with the card's name.
+CALL
