@@ -79,12 +79,17 @@ if [ "$have_real" = 0 ]; then
   stub_line="export TUNEFUSE_CUDA_STUBS=\"$stubs\""
 fi
 
+# Without a GPU to ask, build for Hopper (the lent H100/H200 machines); with
+# one, build.rs and candle's build ask nvidia-smi.
+cap_line=""
+command -v nvidia-smi >/dev/null 2>&1 || cap_line='export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"'
+
 cat > "$env_file" <<ENV
 # written by scripts/cuda-toolchain.sh
 export NVCC="$nvcc_bin"
 export CUDA_ROOT="$cuda_root"
 export PATH="$cuda_root/bin:\$PATH"
-export CUDA_COMPUTE_CAP="\${CUDA_COMPUTE_CAP:-90}"
+$cap_line
 $stub_line
 ENV
 

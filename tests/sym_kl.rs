@@ -421,3 +421,33 @@ fn empty_batch_gives_zero_loss() {
     let rows = sym_kl(&z, &z, &opts(SymKlGrad::Full, Reduction::None)).unwrap();
     assert_eq!(rows.dims(), &[0]);
 }
+
+#[test]
+fn composed_baseline_matches_reference() {
+    // The candle-composed version the benches compare against computes the
+    // same loss and gradients.
+    let (xa, xb) = (randn(3 * 50, 21, 2.0), randn(3 * 50, 22, 2.0));
+    let (a, b) = (
+        tensor(&xa, &[3, 50], DType::F64, &CPU),
+        tensor(&xb, &[3, 50], DType::F64, &CPU),
+    );
+    let (loss, ga, gb) = loss_and_grads(&a, &b, &SymKlOptions::default());
+    let (va, vb) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
+    let c = tunefuse::bench::sym_kl_composed(va.as_tensor(), vb.as_tensor()).unwrap();
+    let g = c.backward().unwrap();
+    assert_close("composed loss", &to_f64(&c), &loss, 1e-12, 1e-10);
+    assert_close(
+        "composed ∂a",
+        &to_f64(g.get(va.as_tensor()).unwrap()),
+        &ga,
+        1e-12,
+        1e-10,
+    );
+    assert_close(
+        "composed ∂b",
+        &to_f64(g.get(vb.as_tensor()).unwrap()),
+        &gb,
+        1e-12,
+        1e-10,
+    );
+}

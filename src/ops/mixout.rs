@@ -13,6 +13,25 @@
 //! bits as the CUDA kernel, whose arithmetic avoids fused multiply-adds so the
 //! outputs are bit-identical too. Eval mode (`train = false`) returns the
 //! input unchanged.
+//!
+//! # Example
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use tunefuse::ops::mixout::{mixout, Rng};
+//! use tunefuse::philox;
+//!
+//! # fn main() -> tunefuse::Result<()> {
+//! let pretrained = Tensor::randn(0f32, 0.02, (16, 16), &Device::Cpu)?;
+//! let w = Var::from_tensor(&pretrained)?;
+//! let mut rng = Rng { seed: 42, offset: 0 };
+//! let w_tilde = mixout(w.as_tensor(), &pretrained, 0.1, rng, true)?;
+//! // The next call with this seed continues the stream.
+//! rng.offset += philox::counters_for(w_tilde.elem_count());
+//! let grads = w_tilde.sum_all()?.backward()?;
+//! assert!(grads.get(w.as_tensor()).is_some());
+//! # Ok(())
+//! # }
+//! ```
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 

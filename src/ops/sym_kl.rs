@@ -29,6 +29,24 @@
 //! so pass `expected_grad = λ` when the loss enters the objective as `λ·loss`.
 //! On CPU, `cpu_fwd` and the gradient op's CPU code below are the reference
 //! that defines these semantics.
+//!
+//! # Example: an R3F-style penalty `λ·sym_kl(clean, noisy)`
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use tunefuse::ops::sym_kl::{sym_kl, SymKlGrad, SymKlOptions};
+//!
+//! # fn main() -> tunefuse::Result<()> {
+//! let dev = Device::Cpu;
+//! let clean = Var::from_tensor(&Tensor::randn(0f32, 1.0, (8, 2), &dev)?)?;
+//! let noisy = Var::from_tensor(&Tensor::randn(0f32, 1.0, (8, 2), &dev)?)?;
+//! let lambda = 0.5f32;
+//! let opts = SymKlOptions { grad: SymKlGrad::Full, expected_grad: lambda, ..Default::default() };
+//! let penalty = (sym_kl(clean.as_tensor(), noisy.as_tensor(), &opts)? * lambda as f64)?;
+//! let grads = penalty.backward()?;
+//! assert_eq!(grads.get(clean.as_tensor()).unwrap().dims(), &[8, 2]);
+//! # Ok(())
+//! # }
+//! ```
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;

@@ -85,13 +85,20 @@ pub fn assert_close(what: &str, x: &[f64], y: &[f64], atol: f64, rtol: f64) {
             continue;
         }
         let excess = (a - b).abs() - (atol + rtol * b.abs());
-        let excess = if excess.is_nan() { f64::INFINITY } else { excess };
+        let excess = if excess.is_nan() {
+            f64::INFINITY
+        } else {
+            excess
+        };
         if excess > 0.0 && worst.is_none_or(|(_, w)| excess > w) {
             worst = Some((i, excess));
         }
     }
     if let Some((i, _)) = worst {
-        panic!("{what}: element {i} is {} but expected {} (atol {atol}, rtol {rtol})", x[i], y[i]);
+        panic!(
+            "{what}: element {i} is {} but expected {} (atol {atol}, rtol {rtol})",
+            x[i], y[i]
+        );
     }
 }
 

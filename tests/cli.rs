@@ -1,0 +1,68 @@
+//! The `tunefuse` binary: bad input gets a clear error and a failing exit.
+use std::process::Command;
+
+fn tunefuse(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tunefuse"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn table_reports_missing_and_malformed_files() {
+    let (ok, _, err) = tunefuse(&["table", "--ours", "/nonexistent/ours.json"]);
+    assert!(
+        !ok && err.contains("cannot read results file") && err.contains("ours.json"),
+        "{err}"
+    );
+    let dir = std::env::temp_dir().join(format!("tunefuse-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, "{\"device\": 3").unwrap();
+    let (ok, _, err) = tunefuse(&["table", "--ours", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("malformed"), "{err}");
+}
+
+#[test]
+fn table_merges_peers() {
+    let dir = std::env::temp_dir().join(format!("tunefuse-cli-peers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ours = dir.join("ours.json");
+    let peers = dir.join("peers.json");
+    std::fs::write(
+        &ours,
+        r#"{"device": "Test GPU", "copy_gbps": 1000.0,
+            "results": [{"op": "dropout fwd", "shape": "4", "dtype": "bf16", "ms": 0.5, "gbps": 800.0}]}"#,
+    )
+    .unwrap();
+    std::fs::write(&peers, r#"{"results": [{"op": "dropout fwd", "shape": "4", "dtype": "bf16", "eager_ms": 1.0, "compile_ms": 2.0}]}"#).unwrap();
+    let (ok, out, err) = tunefuse(&[
+        "table",
+        "--ours",
+        ours.to_str().unwrap(),
+        "--peers",
+        peers.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Test GPU")
+            && out.contains(
+                "| dropout fwd | 4 | bf16 | 0.500 | 800.0 | 80% | 1.000 | 2.000 | 2.00x | 4.00x |"
+            ),
+        "{out}"
+    );
+}
+
+#[test]
+fn cuda_request_without_cuda_is_an_error() {
+    if cfg!(feature = "cuda") {
+        return; // with a GPU present this would run the benchmark
+    }
+    let (ok, _, err) = tunefuse(&["bench", "--device", "cuda"]);
+    assert!(!ok && err.contains("no CUDA device"), "{err}");
+}
