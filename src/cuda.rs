@@ -59,6 +59,33 @@ pub(crate) fn func(
     })
 }
 
+/// Evaluates `$body` with the type alias `$t` bound to the Rust type of a
+/// float dtype our kernels take (f32, f16, bf16); other dtypes are an error
+/// naming `$op`.
+macro_rules! with_float_type {
+    ($op:expr, $dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => candle_core::bail!(
+                "{}: no CUDA kernel for dtype {other:?} (f32, bf16, f16 are supported)",
+                $op
+            ),
+        }
+    };
+}
+pub(crate) use with_float_type;
+
 /// Kernel-name suffix of a dtype; errors for dtypes our kernels lack.
 pub(crate) fn suffix(op: &str, dtype: DType) -> Result<&'static str> {
     match dtype {

@@ -35,6 +35,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 
+use super::cpu::contiguous;
 use crate::error::{check_float_dtype, check_same, param_err, Result};
 use crate::philox;
 
@@ -123,17 +124,11 @@ fn map_cpu(
     s2: Option<(&CpuStorage, &Layout)>,
     f: impl Fn(u64, f32, f32) -> f32,
 ) -> candle_core::Result<CpuStorage> {
-    fn slice<'a, T: WithDType>(v: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
-        match l.contiguous_offsets() {
-            Some((a, b)) => Ok(&v[a..b]),
-            None => candle_core::bail!("input must be contiguous, got strides {:?}", l.stride()),
-        }
-    }
     macro_rules! go {
         ($v:expr, $variant:ident, $t:ty) => {{
-            let x = slice($v, l1)?;
+            let x = contiguous($v, l1)?;
             let u = match s2 {
-                Some((CpuStorage::$variant(u), l2)) => Some(slice(u, l2)?),
+                Some((CpuStorage::$variant(u), l2)) => Some(contiguous(u, l2)?),
                 Some(_) => candle_core::bail!("inputs have different dtypes"),
                 None => None,
             };
@@ -257,9 +252,8 @@ mod cuda {
     use super::DropParams;
     use crate::cuda::{self as k, ptx};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
-    use candle_core::cuda_backend::CudaDType;
-    use candle_core::{CudaStorage, DType, Layout, Result};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{CudaStorage, Layout, Result};
 
     const MODULE: &str = "tunefuse_mixout";
     const BLOCK: u32 = 256;
@@ -280,37 +274,19 @@ mod cuda {
             ptx::MIXOUT,
             &format!("{op}_{}", k::suffix(op, s.dtype())?),
         )?;
-        fn go<T: CudaDType + DeviceRepr>(
-            d: &DropParams,
-            f: &k::Kernel,
-            dev: &candle_core::cuda_backend::CudaDevice,
-            s: &CudaStorage,
-            l: &Layout,
-            u: Option<(&CudaStorage, &Layout)>,
-            n: usize,
-        ) -> Result<CudaStorage> {
-            let x = k::view::<T>("mixout", s, l)?;
-            let uv = u.map(|(s, l)| k::view::<T>("mixout", s, l)).transpose()?;
-            let mut y = k::alloc::<T>(dev, n)?;
+        k::with_float_type!(op, s.dtype(), T => {
+            let x = k::view::<T>(op, s, l)?;
+            let uv = u.map(|(s, l)| k::view::<T>(op, s, l)).transpose()?;
+            let mut y = k::alloc::<T>(&dev, n)?;
             let (n64, seed, offset) = (n as i64, d.rng.seed, d.rng.offset);
             let mut b = f.builder();
             b.arg(&x);
             if let Some(uv) = uv.as_ref() {
                 b.arg(uv);
             }
-            b.arg(&mut y)
-                .arg(&n64)
-                .arg(&seed)
-                .arg(&offset)
-                .arg(&d.threshold)
-                .arg(&d.scale);
+            b.arg(&mut y).arg(&n64).arg(&seed).arg(&offset).arg(&d.threshold).arg(&d.scale);
             k::launch(&mut b, k::grid_for(n.div_ceil(4), BLOCK), BLOCK)?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
-        }
-        match s.dtype() {
-            DType::F32 => go::<f32>(d, &f, &dev, s, l, u, n),
-            DType::F16 => go::<half::f16>(d, &f, &dev, s, l, u, n),
-            _ => go::<half::bf16>(d, &f, &dev, s, l, u, n),
-        }
+        })
     }
 }

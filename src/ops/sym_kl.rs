@@ -50,8 +50,9 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
+use super::cpu::{from_f64, to_f64};
 use crate::error::{check_float_dtype, check_same, param_err, shape_err, Result};
 
 /// Gradient convention of [`sym_kl`].
@@ -331,33 +332,6 @@ fn row_grad(mode: Mode, a: &[f64], b: &[f64], f: f64, ga: &mut [f64], gb: &mut [
         };
         ga[i] = f * g_a;
         gb[i] = f * g_b;
-    }
-}
-
-fn to_f64(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f64>> {
-    fn conv<T: WithDType>(v: &[T], l: &Layout) -> candle_core::Result<Vec<f64>> {
-        match l.contiguous_offsets() {
-            Some((o1, o2)) => Ok(v[o1..o2].iter().map(|x| x.to_f64()).collect()),
-            None => candle_core::bail!("input must be contiguous, got strides {:?}", l.stride()),
-        }
-    }
-    match s {
-        CpuStorage::F32(v) => conv(v, l),
-        CpuStorage::F64(v) => conv(v, l),
-        CpuStorage::BF16(v) => conv(v, l),
-        CpuStorage::F16(v) => conv(v, l),
-        other => candle_core::bail!("unsupported dtype {:?}", other.dtype()),
-    }
-}
-
-/// A CPU storage of `dtype` (f32 for the half types' losses) from f64 values.
-fn from_f64(vals: Vec<f64>, dtype: DType) -> CpuStorage {
-    match dtype {
-        DType::F64 => CpuStorage::F64(vals),
-        DType::F32 => CpuStorage::F32(vals.into_iter().map(|v| v as f32).collect()),
-        DType::BF16 => CpuStorage::BF16(vals.into_iter().map(half::bf16::from_f64).collect()),
-        DType::F16 => CpuStorage::F16(vals.into_iter().map(half::f16::from_f64).collect()),
-        _ => unreachable!("dtypes are checked by the public functions"),
     }
 }
 
@@ -643,27 +617,18 @@ mod cuda {
         let (w, _) = weights(c);
         let mut per_row = k::alloc::<f32>(&dev, c.rows)?;
         let n = c.rows * c.v;
-        macro_rules! go {
-            ($t:ty) => {{
-                let x = Args::<$t> {
+        let grads = k::with_float_type!("sym_kl", s1.dtype(), T => {
+                let x = Args::<T> {
                     a: k::view("sym_kl", s1, l1)?,
                     b: k::view("sym_kl", s2, l2)?,
-                    aligned: aligned::<$t>(&[l1.start_offset(), l2.start_offset()]),
+                    aligned: aligned::<T>(&[l1.start_offset(), l2.start_offset()]),
                     mask: mask.as_ref(),
                     gscale: None,
                     inv: inv.as_ref().map(|s| s.slice(..)),
                     gmul: c.expected_grad * w,
                 };
-                let mut ga = if fuse {
-                    Some(k::alloc::<$t>(&dev, n)?)
-                } else {
-                    None
-                };
-                let mut gb = if fuse && c.mode.grads() == 2 {
-                    Some(k::alloc::<$t>(&dev, n)?)
-                } else {
-                    None
-                };
+                let mut ga = if fuse { Some(k::alloc::<T>(&dev, n)?) } else { None };
+                let mut gb = if fuse && c.mode.grads() == 2 { Some(k::alloc::<T>(&dev, n)?) } else { None };
                 launch_main(
                     &dev,
                     c,
@@ -678,16 +643,7 @@ mod cuda {
                     .map(|g| CudaStorage::wrap_cuda_slice(g, dev.clone()))
                     .collect();
                 (!grads.is_empty()).then_some(grads)
-            }};
-        }
-        let grads = match s1.dtype() {
-            DType::F32 => go!(f32),
-            DType::F16 => go!(half::f16),
-            DType::BF16 => go!(half::bf16),
-            other => candle_core::bail!(
-                "sym_kl: no CUDA kernel for dtype {other:?} (f32, bf16, f16 are supported)"
-            ),
-        };
+        });
         let loss = if c.reduction == Reduction::None {
             per_row
         } else {
@@ -723,24 +679,12 @@ mod cuda {
             let dev = g.device.clone();
             let name = format!("sym_kl_rescale_{}", k::suffix("sym_kl", g.dtype())?);
             let f = k::func(&dev, MODULE, ptx::SYM_KL, &name)?;
-            macro_rules! go {
-                ($t:ty) => {{
-                    let s = g.as_cuda_slice_mut::<$t>()?;
-                    let mut b = f.builder();
-                    b.arg(s)
-                        .arg(&rows)
-                        .arg(&v)
-                        .arg(&gview)
-                        .arg(&stride)
-                        .arg(&c.expected_grad);
-                    k::launch(&mut b, k::grid_for(c.rows, 1), 256)?;
-                }};
-            }
-            match g.dtype() {
-                DType::F32 => go!(f32),
-                DType::F16 => go!(half::f16),
-                _ => go!(half::bf16),
-            }
+            k::with_float_type!("sym_kl", g.dtype(), T => {
+                let s = g.as_cuda_slice_mut::<T>()?;
+                let mut b = f.builder();
+                b.arg(s).arg(&rows).arg(&v).arg(&gview).arg(&stride).arg(&c.expected_grad);
+                k::launch(&mut b, k::grid_for(c.rows, 1), 256)?;
+            });
             out.push(Tensor::from_storage(
                 Storage::Cuda(g),
                 dims,
@@ -770,19 +714,18 @@ mod cuda {
         let inv = inv_count(&dev, c, mask.as_ref())?;
         let stride: i64 = if c.reduction == Reduction::None { 1 } else { 0 };
         let n = c.rows * c.v;
-        macro_rules! go {
-            ($t:ty) => {{
-                let x = Args::<$t> {
+        Ok(k::with_float_type!("sym_kl", s1.dtype(), T => {
+                let x = Args::<T> {
                     a: k::view("sym_kl", s1, l1)?,
                     b: k::view("sym_kl", s2, l2)?,
                     // ∂b starts n elements into the output buffer.
-                    aligned: aligned::<$t>(&[l1.start_offset(), l2.start_offset(), n]),
+                    aligned: aligned::<T>(&[l1.start_offset(), l2.start_offset(), n]),
                     mask: mask.as_ref(),
                     gscale: Some((k::view("sym_kl backward", s3, l3)?, stride)),
                     inv: inv.as_ref().map(|s| s.slice(..)),
                     gmul: weights(c).0,
                 };
-                let mut out = k::alloc::<$t>(&dev, c.mode.grads() * n)?;
+                let mut out = k::alloc::<T>(&dev, c.mode.grads() * n)?;
                 {
                     let (mut ga, mut gb) = out.split_at_mut(n);
                     let gb = if c.mode.grads() == 2 {
@@ -793,15 +736,6 @@ mod cuda {
                     launch_main(&dev, c, &x, None, Some(&mut ga), gb)?;
                 }
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        Ok(match s1.dtype() {
-            DType::F32 => go!(f32),
-            DType::F16 => go!(half::f16),
-            DType::BF16 => go!(half::bf16),
-            other => candle_core::bail!(
-                "sym_kl: no CUDA kernel for dtype {other:?} (f32, bf16, f16 are supported)"
-            ),
-        })
+        }))
     }
 }
