@@ -25,6 +25,8 @@ fn build_kernels() -> Result<(), String> {
         println!("cargo::rerun-if-env-changed={var}");
     }
     let kernels = Path::new("kernels");
+    // The directory too, so that a new kernel file triggers a rebuild.
+    println!("cargo::rerun-if-changed=kernels");
     let mut sources = Vec::new();
     let entries = std::fs::read_dir(kernels).map_err(|e| format!("cannot read kernels/: {e}"))?;
     for entry in entries {

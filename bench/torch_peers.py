@@ -44,6 +44,17 @@ def mixout(w, u, p):
     return u + m * (w - u) / (1.0 - p)
 
 
+def ascent_step(delta, grad, mask, eta=1e-3, eps=1e-2):
+    """pgd / l2 / token: delta + eta g/|g|, projected onto the eps-ball, padding zeroed."""
+    x = delta.float() + eta * grad.float() / grad.float().norm(dim=-1, keepdim=True)
+    k = (eps / x.norm(dim=-1, keepdim=True)).clamp(max=1.0)
+    return (x * k * mask[..., None]).to(delta.dtype)
+
+
+def noise_init(mask, shape, sigma=1e-5):
+    return torch.randn(shape, device=mask.device) * sigma * mask[..., None]
+
+
 def dropout(x):
     return F.dropout(x, 0.1, training=True)
 
@@ -112,6 +123,24 @@ def main():
     record("mixout fwd+bwd", f"{n}", "f32", both("mixout", make_mix))
     del w, u, g
     torch.cuda.empty_cache()
+
+    b, l, h = 32, 512, 768
+    mask = torch.ones(b, l, device=dev)
+    for dtype, name in ((torch.float32, "f32"), (torch.bfloat16, "bf16")):
+        delta = (0.01 * torch.randn(b, l, h, device=dev)).to(dtype)
+        grad = torch.randn(b, l, h, device=dev).to(dtype)
+
+        def make_step(compiled, delta=delta, grad=grad):
+            f = torch.compile(ascent_step) if compiled else ascent_step
+            return lambda: f(delta, grad, mask)
+
+        record("ascent step pgd l2 token", f"{b}x{l}x{h}", name, both("ascent_step", make_step))
+
+    def make_noise(compiled):
+        f = torch.compile(noise_init, dynamic=False) if compiled else noise_init
+        return lambda: f(mask, (b, l, h))
+
+    record("noise init normal", f"{b}x{l}x{h}", "f32", both("noise_init", make_noise))
 
     x = torch.randn(32, 128, 768, device=dev).to(torch.bfloat16)
 

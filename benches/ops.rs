@@ -3,8 +3,11 @@
 //! present. Throughput is the minimum bytes the op must move.
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use tunefuse::bench::{mixout_composed, sym_kl_composed};
+use tunefuse::bench::{ascent_step_composed, mixout_composed, sym_kl_composed};
 use tunefuse::ops::mixout::{dropout, mixout, Rng};
+use tunefuse::ops::perturb::{
+    ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode,
+};
 use tunefuse::ops::sym_kl::{sym_kl, SymKlOptions};
 
 fn devices() -> Vec<(&'static str, Device)> {
@@ -125,9 +128,86 @@ fn bench_mixout(c: &mut Criterion) {
     }
 }
 
+fn bench_perturb(c: &mut Criterion) {
+    for (name, dev) in devices() {
+        let (b, l, h) = if dev.is_cuda() {
+            (32, 512, 768)
+        } else {
+            (4, 128, 768)
+        };
+        let id = format!("{b}x{l}x{h}");
+        let mask = Tensor::ones((b, l), DType::F32, &dev).unwrap();
+        let mut g = c.benchmark_group(format!("ascent step pgd l2 token/{name}"));
+        for dtype in [DType::F32, DType::BF16] {
+            let delta = Tensor::randn(0f32, 0.01, (b, l, h), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let grad = Tensor::randn(0f32, 1.0, (b, l, h), &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            g.throughput(Throughput::Bytes(
+                (3 * b * l * h * dtype.size_in_bytes()) as u64,
+            ));
+            let s = AscentStep {
+                eta: 1e-3,
+                norm: Norm::L2,
+                granularity: Granularity::Token,
+                mode: StepMode::Pgd { eps: Some(1e-2) },
+            };
+            g.bench_function(
+                BenchmarkId::new("fused", format!("{id}/{dtype:?}")),
+                |bch| {
+                    bch.iter(|| {
+                        ascent_step(&delta, &grad, &mask, &s).unwrap();
+                        sync(&dev);
+                    })
+                },
+            );
+            let maskd = mask.to_dtype(dtype).unwrap();
+            g.bench_function(
+                BenchmarkId::new("candle composed", format!("{id}/{dtype:?}")),
+                |bch| {
+                    bch.iter(|| {
+                        ascent_step_composed(&delta, &grad, &maskd, 1e-3, 1e-2).unwrap();
+                        sync(&dev);
+                    })
+                },
+            );
+        }
+        g.finish();
+        let mut g = c.benchmark_group(format!("noise init normal/{name}"));
+        g.throughput(Throughput::Bytes((b * l * h * 4) as u64));
+        g.bench_function(BenchmarkId::new("fused", &id), |bch| {
+            bch.iter(|| {
+                noise_init(
+                    &[b, l, h],
+                    &mask,
+                    Noise::Normal { sigma: 1e-5 },
+                    DType::F32,
+                    Rng { seed: 1, offset: 0 },
+                )
+                .unwrap();
+                sync(&dev);
+            })
+        });
+        g.bench_function(BenchmarkId::new("candle composed", &id), |bch| {
+            bch.iter(|| {
+                (Tensor::randn(0f32, 1e-5, (b, l, h), &dev)
+                    .unwrap()
+                    .broadcast_mul(&mask.unsqueeze(2).unwrap()))
+                .unwrap();
+                sync(&dev);
+            })
+        });
+        g.finish();
+    }
+}
+
 criterion_group! {
     name = ops;
     config = Criterion::default().sample_size(10);
-    targets = bench_sym_kl, bench_mixout
+    targets = bench_sym_kl, bench_mixout, bench_perturb
 }
 criterion_main!(ops);

@@ -54,7 +54,7 @@ fi
 
 step "criterion benches (short)"
 timeout 75 "$bin/ops" --bench --warm-up-time 0.3 --measurement-time 1 2>&1 |
-  grep -E "^(sym_kl|mixout|dropout)|time:|thrpt:" | tee "$out/criterion.log"
+  grep -E "^(sym_kl|mixout|dropout|ascent|noise)|time:|thrpt:" | tee "$out/criterion.log"
 
 step "results table"
 peers=()

@@ -9,6 +9,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::ops::mixout::{dropout, mixout, Rng};
+use crate::ops::perturb::{
+    ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode,
+};
 use crate::ops::sym_kl::{sym_kl, SymKlGrad, SymKlOptions};
 use crate::Result;
 
@@ -30,6 +33,23 @@ pub fn mixout_composed(w: &Tensor, u: &Tensor, p: f64) -> Result<Tensor> {
     let r = Tensor::rand(0f32, 1f32, w.shape(), w.device())?.to_dtype(w.dtype())?;
     let m = r.ge(p)?.to_dtype(w.dtype())?;
     Ok((u + ((m * (w - u)?)? * (1.0 / (1.0 - p)))?)?)
+}
+
+/// A pgd/l2/token ascent step composed from candle ops (ε-ball projection,
+/// padding zeroed): the baseline of the fused step. `mask` is `[B, L]` f32.
+pub fn ascent_step_composed(
+    delta: &Tensor,
+    grad: &Tensor,
+    mask: &Tensor,
+    eta: f64,
+    eps: f64,
+) -> Result<Tensor> {
+    let m = mask.unsqueeze(2)?;
+    let gn = grad.sqr()?.sum_keepdim(2)?.sqrt()?;
+    let x = (delta + (grad.broadcast_div(&gn)? * eta)?)?;
+    let xn = x.sqr()?.sum_keepdim(2)?.sqrt()?;
+    let k = (xn.recip()? * eps)?.clamp(0.0, 1.0)?;
+    Ok(x.broadcast_mul(&k)?.broadcast_mul(&m)?)
 }
 
 /// One benchmark: a closure running the op once, and the minimum bytes it
@@ -92,6 +112,45 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
             let rng = Rng { seed: 1, offset: 0 };
             mixout(&w, &u, 0.1, rng, true)?;
             dropout(&g, 0.1, rng, true)?;
+            Ok(())
+        }),
+    });
+    let (b, l, h) = if gpu { (32, 512, 768) } else { (4, 128, 768) };
+    let mask = Tensor::ones((b, l), DType::F32, dev)?;
+    for dtype in [DType::F32, DType::BF16] {
+        let delta = Tensor::randn(0f32, 0.01, (b, l, h), dev)?.to_dtype(dtype)?;
+        let grad = Tensor::randn(0f32, 1.0, (b, l, h), dev)?.to_dtype(dtype)?;
+        let mask = mask.clone();
+        out.push(Case {
+            op: "ascent step pgd l2 token",
+            shape: format!("{b}x{l}x{h}"),
+            dtype,
+            bytes: 3 * b * l * h * dtype.size_in_bytes() + b * l * 4,
+            run: Box::new(move || {
+                let s = AscentStep {
+                    eta: 1e-3,
+                    norm: Norm::L2,
+                    granularity: Granularity::Token,
+                    mode: StepMode::Pgd { eps: Some(1e-2) },
+                };
+                ascent_step(&delta, &grad, &mask, &s)?;
+                Ok(())
+            }),
+        });
+    }
+    out.push(Case {
+        op: "noise init normal",
+        shape: format!("{b}x{l}x{h}"),
+        dtype: DType::F32,
+        bytes: b * l * h * 4 + b * l * 4,
+        run: Box::new(move || {
+            noise_init(
+                &[b, l, h],
+                &mask,
+                Noise::Normal { sigma: 1e-5 },
+                DType::F32,
+                Rng { seed: 3, offset: 0 },
+            )?;
             Ok(())
         }),
     });

@@ -167,6 +167,21 @@ pub(crate) fn launch(b: &mut LaunchArgs<'_>, grid: u32, block: u32) -> Result<()
     Ok(())
 }
 
+/// Launch on a 2-D grid (x, y).
+pub(crate) fn launch_2d(b: &mut LaunchArgs<'_>, grid: (u32, u32), block: u32) -> Result<()> {
+    if grid.1 > 65535 {
+        candle_core::bail!("grid y dimension {} exceeds 65535", grid.1);
+    }
+    let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: as for `launch`.
+    unsafe { b.launch(cfg) }.w()?;
+    Ok(())
+}
+
 /// A grid covering `n` work items with `block` threads, capped for
 /// grid-stride loops at a few waves of the device.
 pub(crate) fn grid_for(n: usize, block: u32) -> u32 {

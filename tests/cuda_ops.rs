@@ -12,6 +12,9 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use common::*;
 use tunefuse::ops::mixout::{dropout, keep_mask, mixout, Rng};
+use tunefuse::ops::perturb::{
+    ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode,
+};
 use tunefuse::ops::sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
 
 const ROWS: [usize; 5] = [1, 7, 123, 1025, 16384];
@@ -418,6 +421,172 @@ fn mixout_and_dropout_bit_identical_to_cpu() {
                     "{dtype:?} n={n}: backward mask"
                 );
             }
+        }
+    }
+}
+
+// ------------------------------------------------------------ perturbation
+
+/// Examples compared with the reference: all of a small batch, three of 32.
+fn sample_examples(b: usize) -> Vec<usize> {
+    if b <= 3 {
+        (0..b).collect()
+    } else {
+        vec![0, b / 2 + 1, b - 1]
+    }
+}
+
+#[test]
+fn ascent_step_kernels_match_reference() {
+    let Some(dev) = cuda_device() else { return };
+    let (bs, ls, hs): (&[usize], &[usize], &[usize]) = if quick() {
+        (&[1, 3], &[1, 7], &[1, 7, 384])
+    } else {
+        (&[1, 3, 32], &[1, 7, 128, 512], &[1, 7, 384, 768, 1024])
+    };
+    let modes = [
+        StepMode::Pgd { eps: Some(0.05) },
+        StepMode::Pgd { eps: None },
+        StepMode::Direction { eps0: 1e-6 },
+        StepMode::NormalizedStep { eps0: 1e-6 },
+    ];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for &b in bs {
+            for &l in ls {
+                for &h in hs {
+                    let delta = (Tensor::randn(0f32, 0.02, (b, l, h), &dev).unwrap())
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let grad = Tensor::randn(0f32, 1.0, (b, l, h), &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    // Every example keeps its first token; others are padding at random.
+                    let keep = Tensor::rand(0f32, 1.0, (b, l), &dev)
+                        .unwrap()
+                        .ge(0.3)
+                        .unwrap();
+                    let first = Tensor::ones((b, 1), DType::U8, &dev).unwrap();
+                    let mask = if l > 1 {
+                        Tensor::cat(&[&first, &keep.narrow(1, 1, l - 1).unwrap()], 1).unwrap()
+                    } else {
+                        first
+                    };
+                    let idx = sample_examples(b);
+                    let (cd, cg, cm) = (
+                        rows_of(&delta, &idx),
+                        rows_of(&grad, &idx),
+                        rows_of(&mask, &idx),
+                    );
+                    for norm in [Norm::L2, Norm::Linf] {
+                        for granularity in [Granularity::Token, Granularity::Example] {
+                            for mode in modes {
+                                let s = AscentStep {
+                                    eta: 0.01,
+                                    norm,
+                                    granularity,
+                                    mode,
+                                };
+                                let tag = format!("{s:?} {dtype:?} {b}x{l}x{h}");
+                                let (out, flags) = ascent_step(&delta, &grad, &mask, &s).unwrap();
+                                let (want, wflags) = ascent_step(&cd, &cg, &cm, &s).unwrap();
+                                let want = to_f64(&want);
+                                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                                // f32 statistics (pgd's projection radius comes
+                                // from an expansion of |delta + beta g|^2) and
+                                // rounding of the output to the dtype.
+                                assert_close(
+                                    &tag,
+                                    &to_f64(&rows_of(&out, &idx)),
+                                    &want,
+                                    1e-5 * scale + abs_floor(dtype),
+                                    2.0 * unit_roundoff(dtype),
+                                );
+                                assert_eq!(
+                                    to_f64(&rows_of(&flags.unsqueeze(1).unwrap(), &idx)),
+                                    to_f64(&wflags),
+                                    "{tag}: flags"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ascent_step_flags_nonfinite_on_device() {
+    let Some(dev) = cuda_device() else { return };
+    let (b, l, h) = (3, 4, 33);
+    let mut g = randn(b * l * h, 1, 1.0);
+    g[l * h + 5] = f64::INFINITY;
+    g[2 * l * h + 2 * h] = f64::NAN;
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let grad = tensor(&g, &[b, l, h], dtype, &dev);
+        let delta = Tensor::zeros((b, l, h), dtype, &dev).unwrap();
+        let mask = Tensor::ones((b, l), DType::F32, &dev).unwrap();
+        for granularity in [Granularity::Token, Granularity::Example] {
+            let s = AscentStep {
+                eta: 0.1,
+                norm: Norm::L2,
+                granularity,
+                mode: StepMode::Direction { eps0: 1e-6 },
+            };
+            let (_, flags) = ascent_step(&delta, &grad, &mask, &s).unwrap();
+            assert_eq!(
+                to_f64(&flags),
+                vec![0.0, 1.0, 1.0],
+                "{dtype:?} {granularity:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn noise_kernels_match_reference() {
+    let Some(dev) = cuda_device() else { return };
+    let shapes: &[(usize, usize, usize)] = if quick() {
+        &[(1, 7, 5), (3, 7, 384)]
+    } else {
+        &[(1, 1, 1), (1, 7, 5), (3, 7, 384), (32, 512, 768)]
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for &(b, l, h) in shapes {
+            let mask_cpu = Tensor::rand(0f32, 1.0, (b, l), &Device::Cpu)
+                .unwrap()
+                .ge(0.2)
+                .unwrap();
+            let mask = mask_cpu.to_device(&dev).unwrap();
+            let rng = Rng {
+                seed: 0x5eed ^ (b * l * h) as u64,
+                offset: 3,
+            };
+            let sigma = 0.7;
+            let tag = format!("{dtype:?} {b}x{l}x{h}");
+            // Uniform: the same bits.
+            let got = to_f64(
+                &noise_init(&[b, l, h], &mask, Noise::Uniform { sigma }, dtype, rng).unwrap(),
+            );
+            let want = to_f64(
+                &noise_init(&[b, l, h], &mask_cpu, Noise::Uniform { sigma }, dtype, rng).unwrap(),
+            );
+            assert!(got == want, "{tag}: uniform noise differs from the CPU's");
+            // Normal: f32 log / sincospi against f64 (|z| < 6), then rounding.
+            let got = to_f64(
+                &noise_init(&[b, l, h], &mask, Noise::Normal { sigma }, dtype, rng).unwrap(),
+            );
+            let want = to_f64(
+                &noise_init(&[b, l, h], &mask_cpu, Noise::Normal { sigma }, dtype, rng).unwrap(),
+            );
+            assert_close(
+                &format!("{tag}: normal noise"),
+                &got,
+                &want,
+                6.0 * sigma * 4e-6 + abs_floor(dtype),
+                2.0 * unit_roundoff(dtype),
+            );
         }
     }
 }

@@ -2,7 +2,11 @@
 //! custom op whose `cpu_fwd` is the reference, the CUDA launch and backward.
 mod cpu;
 pub mod mixout;
+pub mod perturb;
 pub mod sym_kl;
 
 pub use mixout::{dropout, mixout, Rng};
+pub use perturb::{
+    ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, Perturbation, StepMode,
+};
 pub use sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
