@@ -10,6 +10,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/.gpu/out}"
 mkdir -p "$out"
+# Everything printed also goes to run.log; with the JSON, the table and the
+# test and sanitizer logs that is 7 files (the device tool returns 8 at most).
+exec > >(tee "$out/run.log") 2>&1
 bin=.gpu/bin
 rm -rf "$bin" && mkdir -p "$bin"
 tar -xJf .gpu/bundle.tar.xz -C "$bin" || { echo "gpu-run: no .gpu/bundle.tar.xz: run scripts/gpu-pack.sh and carry .gpu" >&2; exit 2; }
@@ -18,27 +21,41 @@ nv=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 
 export LD_LIBRARY_PATH="${nv:+$nv/nvidia/cu13/lib:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
 status=0
-step() { echo; echo "=== $* ($(date +%T))"; }
+start=$(date +%s)
+deadline=345 # seconds: the whole run stays under 6 minutes
+step() { echo; echo "=== $* ($(( $(date +%s) - start )) s in)"; }
+# budget WANT: prints the seconds a step may take (WANT, or what is left
+# before the deadline); prints 0 when too little is left to start it.
+budget() {
+  local left=$(( deadline - ($(date +%s) - start) ))
+  if [ "$left" -lt 10 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
+skip() { echo "skipped: the 6-minute budget is spent"; }
 
 step "GPU"
-nvidia-smi -L | tee "$out/gpu.txt"
-uname -r | tee -a "$out/gpu.txt"
+nvidia-smi -L
+uname -r
 
 step "CUDA tests vs CPU reference"
-if ! timeout 150 "$bin/cuda_ops" --test-threads=1 2>&1 | tee "$out/tests.log"; then
-  echo "gpu-run: CUDA TESTS FAILED (see tests.log)"; status=1
+if ! timeout "$(budget 110)" "$bin/cuda_ops" --test-threads=1 2>&1 | tee "$out/tests.log"; then
+  echo "gpu-run: CUDA TESTS FAILED or timed out (see tests.log)"; status=1
 fi
 
 step "our benchmarks"
-timeout 60 "$bin/tunefuse" bench --device cuda --json "$out/ours.json" 2>&1 | tee "$out/bench.log"
+t=$(budget 45); if [ "$t" -gt 0 ]; then
+  timeout "$t" "$bin/tunefuse" bench --device cuda --json "$out/ours.json"
+else skip; fi
 
 step "PyTorch peers (eager, torch.compile)"
-timeout 150 python3 bench/torch_peers.py --out "$out/peers.json" 2>&1 | tee "$out/peers.log"
+t=$(budget 130); if [ "$t" -gt 0 ]; then
+  timeout "$t" python3 bench/torch_peers.py --out "$out/peers.json"
+else skip; fi
 
 step "compute-sanitizer (reduced test set)"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
-    if TUNEFUSE_TEST_QUICK=1 timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 99 \
+    t=$(budget 40); [ "$t" -gt 0 ] || { skip; continue; }
+    if TUNEFUSE_TEST_QUICK=1 timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 99 \
         "$bin/cuda_ops" --test-threads=1 >"$out/sanitizer-$tool.log" 2>&1; then
       echo "$tool: clean ($(grep -c '^test .* ok$' "$out/sanitizer-$tool.log") tests)"
     else
@@ -53,11 +70,18 @@ else
 fi
 
 step "criterion benches (short)"
-timeout 75 "$bin/ops" --bench --warm-up-time 0.3 --measurement-time 1 2>&1 |
-  grep -E "^(sym_kl|mixout|dropout|ascent|noise)|time:|thrpt:" | tee "$out/criterion.log"
+t=$(budget 60); if [ "$t" -gt 0 ]; then
+  timeout "$t" "$bin/ops" --bench --warm-up-time 0.2 --measurement-time 0.5 2>&1 |
+    grep -E "^(sym_kl|mixout|dropout|ascent|noise)|time:|thrpt:"
+else skip; fi
 
 step "results table"
 peers=()
 [ -s "$out/peers.json" ] && peers=(--peers "$out/peers.json")
-"$bin/tunefuse" table --ours "$out/ours.json" "${peers[@]}" | tee "$out/table.md"
+if [ -s "$out/ours.json" ]; then
+  "$bin/tunefuse" table --ours "$out/ours.json" "${peers[@]}" | tee "$out/table.md"
+else
+  echo "no results table: our benchmark step did not finish"
+fi
+echo "gpu-run: done in $(( $(date +%s) - start )) s, status $status"
 exit $status
