@@ -17,6 +17,13 @@ pub enum Error {
     /// Tensors on different devices.
     #[error("{op}: {msg}")]
     Device { op: &'static str, msg: String },
+    /// A file that cannot be read or written.
+    #[error("cannot access {path}: {msg}")]
+    Io { path: String, msg: String },
+    /// A file whose content is malformed (the message names the line or
+    /// tensor).
+    #[error("{path}: {msg}")]
+    Format { path: String, msg: String },
     /// An error from candle (allocation, CUDA launch, …).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -102,4 +109,20 @@ pub(crate) fn check_same(
         });
     }
     Ok(())
+}
+
+/// Converts an I/O error on `path`.
+pub(crate) fn io_err(path: &std::path::Path, e: impl std::fmt::Display) -> Error {
+    Error::Io {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    }
+}
+
+/// A malformed-content error on `path`.
+pub(crate) fn format_err(path: &std::path::Path, msg: impl Into<String>) -> Error {
+    Error::Format {
+        path: path.display().to_string(),
+        msg: msg.into(),
+    }
 }

@@ -9,6 +9,7 @@ pub mod bench;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod model;
 pub mod ops;
 pub mod philox;
 

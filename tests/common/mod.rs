@@ -116,3 +116,22 @@ pub fn cuda_device() -> Option<Device> {
         }
     }
 }
+
+/// The all-MiniLM-L6-v2 directory: `TUNEFUSE_MODEL_DIR`, or fetched (once,
+/// then cached) by `scripts/fetch-model.sh`.
+pub fn minilm_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TUNEFUSE_MODEL_DIR") {
+        return PathBuf::from(d);
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/fetch-model.sh"))
+        .output()
+        .expect("cannot run scripts/fetch-model.sh");
+    assert!(
+        out.status.success(),
+        "fetch-model.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}

@@ -1,0 +1,589 @@
+//! The BERT encoder (Hugging Face layout and tensor names) with the hooks of
+//! robust and parameter-efficient fine-tuning: input-embedding access for
+//! perturbations, adapter and LoRA insertion, mixout and freezing of every
+//! named dense layer, fused dropout, and optional attention probabilities
+//! and per-layer hidden states for analysis.
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{Init, VarBuilder, VarMap};
+
+use super::config::{Activation, BertConfig};
+use super::layers::{activation, Adapter, AdapterPlacement, Dense, LayerNorm, Lora, Stream};
+use crate::error::{format_err, io_err, shape_err, Result};
+
+/// Embeddings: word + position + token type, LayerNorm, dropout.
+#[derive(Debug)]
+pub struct Embeddings {
+    pub word: Tensor,
+    pub position: Tensor,
+    pub token_type: Tensor,
+    pub norm: LayerNorm,
+    pub frozen: bool,
+}
+
+/// One encoder layer.
+#[derive(Debug)]
+pub struct Layer {
+    pub query: Dense,
+    pub key: Dense,
+    pub value: Dense,
+    pub attn_out: Dense,
+    pub attn_norm: LayerNorm,
+    pub intermediate: Dense,
+    pub output: Dense,
+    pub out_norm: LayerNorm,
+    /// Houlsby adapter after the attention output projection.
+    pub attn_adapter: Option<Adapter>,
+    /// Adapter after the feed-forward output (Houlsby and Pfeiffer).
+    pub ffn_adapter: Option<Adapter>,
+}
+
+/// What the encoder returns.
+#[derive(Debug)]
+pub struct EncoderOutput {
+    /// `[B, L, H]`.
+    pub last_hidden: Tensor,
+    /// The embeddings output and every layer's output (L + 1 tensors), when asked.
+    pub hidden_states: Option<Vec<Tensor>>,
+    /// Attention probabilities `[B, heads, L, L]` per layer, when asked.
+    pub attentions: Option<Vec<Tensor>>,
+}
+
+/// Which extra outputs to return.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Outputs {
+    pub hidden_states: bool,
+    pub attentions: bool,
+}
+
+/// The BERT encoder.
+#[derive(Debug)]
+pub struct Bert {
+    pub config: BertConfig,
+    pub embeddings: Embeddings,
+    pub layers: Vec<Layer>,
+    /// `pooler.dense` when the checkpoint has one (tanh of [CLS]).
+    pub pooler: Option<Dense>,
+    act: Activation,
+    /// Dropout / mixout stream and train/eval mode.
+    pub stream: Stream,
+}
+
+/// Names in a checkpoint that are buffers, not parameters.
+const IGNORED: [&str; 1] = ["embeddings.position_ids"];
+
+/// Score added to masked attention positions (finite in f16).
+const MASKED: f64 = -30000.0;
+
+impl Bert {
+    /// A randomly initialised encoder whose parameters live in `varmap`
+    /// under the Hugging Face names (BERT init: N(0, 0.02) weights).
+    pub fn new(
+        config: &BertConfig,
+        varmap: &VarMap,
+        dtype: DType,
+        device: &Device,
+        pooler: bool,
+    ) -> Result<Self> {
+        config.validate()?;
+        let vb = VarBuilder::from_varmap(varmap, dtype, device);
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let dense = |vb: &VarBuilder, name: &str, din: usize, dout: usize| -> Result<Dense> {
+            let v = vb.pp(name);
+            Ok(Dense {
+                name: format!("{}.{name}", vb.prefix()),
+                weight: v.get_with_hints((dout, din), "weight", init)?,
+                bias: Some(v.get_with_hints(dout, "bias", Init::Const(0.0))?),
+                frozen: false,
+                mixout: None,
+                lora: None,
+            })
+        };
+        let e = vb.pp("embeddings");
+        let embeddings = Embeddings {
+            word: e.get_with_hints((config.vocab_size, h), "word_embeddings.weight", init)?,
+            position: e.get_with_hints(
+                (config.max_position_embeddings, h),
+                "position_embeddings.weight",
+                init,
+            )?,
+            token_type: e.get_with_hints(
+                (config.type_vocab_size, h),
+                "token_type_embeddings.weight",
+                init,
+            )?,
+            norm: LayerNorm::new(&e, h, eps)?,
+            frozen: false,
+        };
+        let mut layers = Vec::new();
+        for i in 0..config.num_hidden_layers {
+            let l = vb.pp(format!("encoder.layer.{i}"));
+            let (att, selfa, out) = (
+                l.pp("attention.output"),
+                l.pp("attention.self"),
+                l.pp("output"),
+            );
+            layers.push(Layer {
+                query: dense(&selfa, "query", h, h)?,
+                key: dense(&selfa, "key", h, h)?,
+                value: dense(&selfa, "value", h, h)?,
+                attn_out: dense(&att, "dense", h, h)?,
+                attn_norm: LayerNorm::new(&att, h, eps)?,
+                intermediate: dense(&l.pp("intermediate"), "dense", h, config.intermediate_size)?,
+                output: dense(&out, "dense", config.intermediate_size, h)?,
+                out_norm: LayerNorm::new(&out, h, eps)?,
+                attn_adapter: None,
+                ffn_adapter: None,
+            });
+        }
+        let pooler = if pooler {
+            Some(dense(&vb.pp("pooler"), "dense", h, h)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            config: config.clone(),
+            embeddings,
+            layers,
+            pooler,
+            act: config.activation()?,
+            stream: Stream::new(0),
+        })
+    }
+
+    /// Loads a Hugging Face BERT directory (`config.json`,
+    /// `model.safetensors`): builds the encoder in `varmap` and copies the
+    /// checkpoint into it. Tensor names may carry a `bert.` prefix; a pooler
+    /// is built when the checkpoint has one. Missing, unexpected and
+    /// mis-shaped tensors are one error listing them all.
+    pub fn from_pretrained(
+        dir: &Path,
+        varmap: &VarMap,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = BertConfig::from_file(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        if !path.exists() {
+            return Err(io_err(
+                &path,
+                "no such file (expected a Hugging Face model directory)",
+            ));
+        }
+        let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+            .map_err(|e| format_err(&path, format!("not a readable safetensors file: {e}")))?;
+        let tensors: HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(k, v)| (k.strip_prefix("bert.").map(str::to_string).unwrap_or(k), v))
+            .collect();
+        let pooler = tensors.contains_key("pooler.dense.weight");
+        let model = Self::new(&config, varmap, dtype, device, pooler)?;
+        load_into(varmap, &tensors, &path, &|_| true)?;
+        Ok(model)
+    }
+
+    /// Names of every dense layer (for mixout, LoRA targets, analyses).
+    pub fn dense_names(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for l in &self.layers {
+            for d in [
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attn_out,
+                &l.intermediate,
+                &l.output,
+            ] {
+                v.push(d.name.clone());
+            }
+        }
+        v.extend(self.pooler.iter().map(|d| d.name.clone()));
+        v
+    }
+
+    /// Mutable access to every dense layer of the encoder.
+    pub fn dense_layers_mut(&mut self) -> Vec<&mut Dense> {
+        let mut v = Vec::new();
+        for l in &mut self.layers {
+            v.extend([
+                &mut l.query,
+                &mut l.key,
+                &mut l.value,
+                &mut l.attn_out,
+                &mut l.intermediate,
+                &mut l.output,
+            ]);
+        }
+        v.extend(self.pooler.as_mut());
+        v
+    }
+
+    /// Mixout with probability `p` on every dense weight of the encoder,
+    /// towards its current (pretrained) value.
+    pub fn enable_mixout(&mut self, p: f64) -> Result<()> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(crate::error::param_err(
+                "mixout",
+                format!("p must be in [0, 1), got {p}"),
+            ));
+        }
+        for d in self.dense_layers_mut() {
+            d.mixout = Some((d.weight.detach().copy()?, p));
+        }
+        Ok(())
+    }
+
+    /// Freezes (or unfreezes) the embeddings (`unit = 0`) or encoder layer
+    /// `unit - 1`: its parameters get no gradients.
+    pub fn set_frozen(&mut self, unit: usize, frozen: bool) -> Result<()> {
+        if unit == 0 {
+            self.embeddings.frozen = frozen;
+            self.embeddings.norm.frozen = frozen;
+            return Ok(());
+        }
+        let n = self.layers.len();
+        let l = self.layers.get_mut(unit - 1).ok_or_else(|| {
+            crate::error::param_err(
+                "freeze",
+                format!("unit {unit} out of range (0 = embeddings, 1..={n} = layers)"),
+            )
+        })?;
+        for d in [
+            &mut l.query,
+            &mut l.key,
+            &mut l.value,
+            &mut l.attn_out,
+            &mut l.intermediate,
+            &mut l.output,
+        ] {
+            d.frozen = frozen;
+        }
+        l.attn_norm.frozen = frozen;
+        l.out_norm.frozen = frozen;
+        Ok(())
+    }
+
+    /// Freezes the whole encoder (adapters, LoRA and heads stay trainable).
+    pub fn freeze_all(&mut self) -> Result<()> {
+        for u in 0..=self.layers.len() {
+            self.set_frozen(u, true)?;
+        }
+        if let Some(p) = &mut self.pooler {
+            p.frozen = true;
+        }
+        Ok(())
+    }
+
+    /// Adds bottleneck adapters (parameters `…adapter.{down,up}.*` in `varmap`).
+    pub fn add_adapters(
+        &mut self,
+        varmap: &VarMap,
+        placement: AdapterPlacement,
+        r: usize,
+        scale: f64,
+    ) -> Result<()> {
+        let (dtype, device) = (
+            self.embeddings.word.dtype(),
+            self.embeddings.word.device().clone(),
+        );
+        let vb = VarBuilder::from_varmap(varmap, dtype, &device);
+        let (h, act) = (self.config.hidden_size, self.act);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = vb.pp(format!("encoder.layer.{i}"));
+            if placement == AdapterPlacement::Houlsby {
+                l.attn_adapter = Some(Adapter::new(
+                    &p.pp("attention.output.adapter"),
+                    h,
+                    r,
+                    act,
+                    scale,
+                )?);
+            }
+            l.ffn_adapter = Some(Adapter::new(&p.pp("output.adapter"), h, r, act, scale)?);
+        }
+        Ok(())
+    }
+
+    /// Adds LoRA deltas to the dense layers whose name ends with one of
+    /// `targets` (e.g. `["query", "value"]`): parameters `<name>.lora_{A,B}`.
+    pub fn add_lora(
+        &mut self,
+        varmap: &VarMap,
+        targets: &[&str],
+        r: usize,
+        alpha: f64,
+    ) -> Result<usize> {
+        let (dtype, device) = (
+            self.embeddings.word.dtype(),
+            self.embeddings.word.device().clone(),
+        );
+        let vb = VarBuilder::from_varmap(varmap, dtype, &device);
+        let mut n = 0;
+        for d in self.dense_layers_mut() {
+            if targets.iter().any(|t| {
+                d.name.ends_with(&format!(".{t}")) || d.name.ends_with(&format!(".{t}.dense"))
+            }) {
+                let (dout, din) = d.weight.dims2()?;
+                d.lora = Some(Lora::new(&vb.pp(&d.name), din, dout, r, alpha)?);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Err(crate::error::param_err(
+                "lora",
+                format!("no dense layer matches the targets {targets:?}"),
+            ));
+        }
+        Ok(n)
+    }
+
+    /// The embeddings output `[B, L, H]` for token ids `[B, L]` (u32) and
+    /// token types (zeros when `None`): where SMART adds its perturbation.
+    pub fn forward_embeddings(&self, ids: &Tensor, token_types: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l) = ids.dims2().map_err(|_| {
+            shape_err(
+                "bert",
+                format!("token ids must be [B, L], got {:?}", ids.dims()),
+            )
+        })?;
+        if l > self.config.max_position_embeddings {
+            return Err(shape_err(
+                "bert",
+                format!(
+                    "sequence length {l} exceeds max_position_embeddings {}",
+                    self.config.max_position_embeddings
+                ),
+            ));
+        }
+        let e = &self.embeddings;
+        let frz = |t: &Tensor| if e.frozen { t.detach() } else { t.clone() };
+        let words = frz(&e.word)
+            .embedding(&ids.flatten_all()?)?
+            .reshape((b, l, ()))?;
+        let pos = frz(&e.position).narrow(0, 0, l)?;
+        let types = match token_types {
+            Some(t) => frz(&e.token_type)
+                .embedding(&t.flatten_all()?)?
+                .reshape((b, l, ()))?,
+            None => frz(&e.token_type)
+                .get(0)?
+                .reshape((1, 1, ()))?
+                .broadcast_as((b, l, self.config.hidden_size))?,
+        };
+        let x = words.broadcast_add(&pos)?.add(&types)?;
+        let x = e.norm.forward(&x)?;
+        self.stream.dropout(&x, self.config.hidden_dropout_prob)
+    }
+
+    /// The encoder from given input embeddings `[B, L, H]` and an attention
+    /// mask `[B, L]` (1 = token, 0 = padding; any dtype).
+    pub fn forward_from_embeddings(
+        &self,
+        embeds: &Tensor,
+        attention_mask: &Tensor,
+        want: Outputs,
+    ) -> Result<EncoderOutput> {
+        let (b, l, h) = embeds.dims3().map_err(|_| {
+            shape_err(
+                "bert",
+                format!("embeddings must be [B, L, H], got {:?}", embeds.dims()),
+            )
+        })?;
+        if h != self.config.hidden_size || attention_mask.dims() != [b, l] {
+            return Err(shape_err(
+                "bert",
+                format!(
+                    "embeddings {:?} and mask {:?} do not fit hidden size {}",
+                    embeds.dims(),
+                    attention_mask.dims(),
+                    self.config.hidden_size
+                ),
+            ));
+        }
+        let dtype = embeds.dtype();
+        // [B, 1, 1, L]: 0 for tokens, MASKED for padding.
+        let bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * -MASKED)?
+            .to_dtype(dtype)?
+            .reshape((b, 1, 1, l))?;
+        let mut x = embeds.clone();
+        let mut hidden = want.hidden_states.then(|| vec![x.clone()]);
+        let mut attns = want.attentions.then(Vec::new);
+        for layer in &self.layers {
+            let (y, probs) = self.layer_forward(layer, &x, &bias)?;
+            x = y;
+            if let Some(hs) = hidden.as_mut() {
+                hs.push(x.clone());
+            }
+            if let Some(a) = attns.as_mut() {
+                a.push(probs);
+            }
+        }
+        Ok(EncoderOutput {
+            last_hidden: x,
+            hidden_states: hidden,
+            attentions: attns,
+        })
+    }
+
+    /// Embeddings then encoder.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        token_types: Option<&Tensor>,
+        attention_mask: &Tensor,
+        want: Outputs,
+    ) -> Result<EncoderOutput> {
+        let e = self.forward_embeddings(ids, token_types)?;
+        self.forward_from_embeddings(&e, attention_mask, want)
+    }
+
+    fn layer_forward(&self, layer: &Layer, x: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
+        let s = &self.stream;
+        let (b, l, h) = x.dims3()?;
+        let heads = self.config.num_attention_heads;
+        let dh = h / heads;
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, l, heads, dh))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(layer.query.forward(x, s)?)?;
+        let k = split(layer.key.forward(x, s)?)?;
+        let v = split(layer.value.forward(x, s)?)?;
+        let scores =
+            (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(bias)?;
+        // candle's fused softmax has no backward: use it only off the graph.
+        let probs = if scores.track_op() {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let p = s.dropout(&probs, self.config.attention_probs_dropout_prob)?;
+        let ctx = p
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, l, h))?;
+        let mut a = s.dropout(
+            &layer.attn_out.forward(&ctx, s)?,
+            self.config.hidden_dropout_prob,
+        )?;
+        if let Some(ad) = &layer.attn_adapter {
+            a = ad.forward(&a, s)?;
+        }
+        let h1 = layer.attn_norm.forward(&(a + x)?)?;
+        let i = activation(&layer.intermediate.forward(&h1, s)?, self.act)?;
+        let mut o = s.dropout(
+            &layer.output.forward(&i, s)?,
+            self.config.hidden_dropout_prob,
+        )?;
+        if let Some(ad) = &layer.ffn_adapter {
+            o = ad.forward(&o, s)?;
+        }
+        Ok((layer.out_norm.forward(&(o + h1)?)?, probs))
+    }
+
+    /// `tanh(pooler.dense([CLS]))`, when the model has a pooler.
+    pub fn pool(&self, last_hidden: &Tensor) -> Result<Option<Tensor>> {
+        match &self.pooler {
+            None => Ok(None),
+            Some(p) => Ok(Some(
+                p.forward(
+                    &last_hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?,
+                    &self.stream,
+                )?
+                .tanh()?,
+            )),
+        }
+    }
+}
+
+/// Copies `tensors` into the variables of `varmap` whose names `select`
+/// accepts: every selected variable must be present with its shape, and
+/// every tensor must be used (buffers in [`IGNORED`] aside).
+pub fn load_into(
+    varmap: &VarMap,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    select: &dyn Fn(&str) -> bool,
+) -> Result<()> {
+    let data = varmap.data().lock().unwrap();
+    let vars: BTreeMap<&String, &candle_core::Var> =
+        data.iter().filter(|(k, _)| select(k)).collect();
+    let mut missing = Vec::new();
+    let mut shapes = Vec::new();
+    for (name, var) in &vars {
+        match tensors.get(*name) {
+            None => missing.push((*name).clone()),
+            Some(t) if t.dims() != var.dims() => shapes.push(format!(
+                "{name}: checkpoint {:?}, model {:?}",
+                t.dims(),
+                var.dims()
+            )),
+            Some(_) => {}
+        }
+    }
+    let mut extra: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !vars.contains_key(k) && !IGNORED.contains(&k.as_str()))
+        .collect();
+    extra.sort();
+    if !missing.is_empty() || !shapes.is_empty() || !extra.is_empty() {
+        let mut msg = String::from("checkpoint does not match the model:");
+        if !missing.is_empty() {
+            msg.push_str(&format!(
+                "\n  missing ({}): {}",
+                missing.len(),
+                missing.join(", ")
+            ));
+        }
+        if !extra.is_empty() {
+            msg.push_str(&format!(
+                "\n  unexpected ({}): {}",
+                extra.len(),
+                extra
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if !shapes.is_empty() {
+            msg.push_str(&format!(
+                "\n  mis-shaped ({}): {}",
+                shapes.len(),
+                shapes.join("; ")
+            ));
+        }
+        return Err(format_err(path, msg));
+    }
+    for (name, var) in vars {
+        let t = &tensors[name];
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
+/// Mean of `hidden` `[B, L, H]` over the tokens where `mask` `[B, L]` is 1.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.to_dtype(hidden.dtype())?.unsqueeze(2)?;
+    let sum = hidden.broadcast_mul(&m)?.sum(1)?;
+    let count = m.sum(1)?.clamp(1.0, f64::INFINITY)?;
+    Ok(sum.broadcast_div(&count)?)
+}
+
+/// Row-wise L2 normalisation of `[B, H]`.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let n = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    Ok(x.broadcast_div(&n)?)
+}

@@ -1,0 +1,282 @@
+//! Building blocks with the hooks robust fine-tuning needs: a dense layer
+//! that can be frozen, mixed out towards its pretrained weight, or given a
+//! LoRA delta; bottleneck adapters (composed from candle ops until the fused
+//! adapter op lands); LayerNorm; and the per-model random stream for dropout
+//! and mixout.
+use std::cell::Cell;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{Init, VarBuilder, VarMap};
+
+use super::config::Activation;
+use crate::ops::mixout::{dropout, mixout, Rng};
+use crate::philox;
+use crate::Result;
+
+/// Train/eval mode and the Philox stream that dropout and mixout draw from:
+/// every call takes fresh counters, so a run is reproducible from its seed.
+#[derive(Debug)]
+pub struct Stream {
+    train: Cell<bool>,
+    seed: Cell<u64>,
+    offset: Cell<u64>,
+}
+
+impl Stream {
+    pub fn new(seed: u64) -> Self {
+        Self {
+            train: Cell::new(false),
+            seed: Cell::new(seed),
+            offset: Cell::new(0),
+        }
+    }
+    pub fn train(&self) -> bool {
+        self.train.get()
+    }
+    pub fn set_train(&self, on: bool) {
+        self.train.set(on)
+    }
+    /// The (seed, offset) position, for checkpoints.
+    pub fn position(&self) -> Rng {
+        Rng {
+            seed: self.seed.get(),
+            offset: self.offset.get(),
+        }
+    }
+    pub fn set_position(&self, r: Rng) {
+        self.seed.set(r.seed);
+        self.offset.set(r.offset);
+    }
+    /// The stream for one call over `n` elements.
+    pub fn take(&self, n: usize) -> Rng {
+        let r = self.position();
+        self.offset.set(r.offset + philox::counters_for(n));
+        r
+    }
+    /// Dropout with probability `p` in train mode; identity otherwise.
+    pub fn dropout(&self, x: &Tensor, p: f64) -> Result<Tensor> {
+        if !self.train() || p == 0.0 {
+            return Ok(x.clone());
+        }
+        dropout(x, p, self.take(x.elem_count()), true)
+    }
+}
+
+/// `x·Wᵀ + b` over the last dimension of `x` (any leading shape).
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (din, dout) = (dims[dims.len() - 1], w.dim(0)?);
+    let rows = x.elem_count() / din.max(1);
+    let y = x.reshape((rows, din))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out = dims;
+    *out.last_mut().unwrap() = dout;
+    Ok(y.reshape(out)?)
+}
+
+pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::GeluErf => x.gelu_erf()?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Relu => x.relu()?,
+    })
+}
+
+/// A LoRA delta `s·(x·Aᵀ)·Bᵀ`, A `[r, in]` (Kaiming-uniform), B `[out, r]`
+/// (zero), s = α/r.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl Lora {
+    pub fn new(vb: &VarBuilder, din: usize, dout: usize, r: usize, alpha: f64) -> Result<Self> {
+        if r == 0 {
+            return Err(crate::error::param_err("lora", "rank r must be at least 1"));
+        }
+        let bound = 1.0 / (din as f64).sqrt();
+        let a = vb.get_with_hints(
+            (r, din),
+            "lora_A",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        let b = vb.get_with_hints((dout, r), "lora_B", Init::Const(0.0))?;
+        Ok(Self {
+            a,
+            b,
+            scale: alpha / r as f64,
+        })
+    }
+
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let h = linear(x, &self.a, None)?;
+        Ok((linear(&h, &self.b, None)? * self.scale)?)
+    }
+}
+
+/// A dense layer addressed by its Hugging Face name (e.g.
+/// `encoder.layer.3.attention.self.query`).
+#[derive(Clone, Debug)]
+pub struct Dense {
+    pub name: String,
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    /// Gradients stop here (frozen backbone, gradual unfreezing).
+    pub frozen: bool,
+    /// Mixout towards this pretrained weight with probability p (train mode).
+    pub mixout: Option<(Tensor, f64)>,
+    pub lora: Option<Lora>,
+}
+
+impl Dense {
+    pub fn new(vb: &VarBuilder, name: &str, din: usize, dout: usize) -> Result<Self> {
+        let vb = vb.pp(name);
+        let bound = 1.0 / (din as f64).sqrt();
+        let weight = vb.get_with_hints(
+            (dout, din),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
+        let bias = vb.get_with_hints(
+            dout,
+            "bias",
+            Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        Ok(Self {
+            name: name.to_string(),
+            weight,
+            bias: Some(bias),
+            frozen: false,
+            mixout: None,
+            lora: None,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, s: &Stream) -> Result<Tensor> {
+        let (mut w, b) = if self.frozen {
+            (self.weight.detach(), self.bias.as_ref().map(|b| b.detach()))
+        } else {
+            (self.weight.clone(), self.bias.clone())
+        };
+        if let (Some((pre, p)), true) = (&self.mixout, s.train()) {
+            w = mixout(&w, pre, *p, s.take(w.elem_count()), true)?;
+        }
+        let y = linear(x, &w, b.as_ref())?;
+        match &self.lora {
+            Some(l) => Ok((y + l.delta(x)?)?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// LayerNorm over the last dimension with HF names `LayerNorm.weight/bias`.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+    pub frozen: bool,
+}
+
+impl LayerNorm {
+    pub fn new(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        let vb = vb.pp("LayerNorm");
+        Ok(Self {
+            weight: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
+            bias: vb.get_with_hints(size, "bias", Init::Const(0.0))?,
+            eps,
+            frozen: false,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (w, b) = if self.frozen {
+            (self.weight.detach(), self.bias.detach())
+        } else {
+            (self.weight.clone(), self.bias.clone())
+        };
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = xc
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        Ok(y.broadcast_mul(&w)?.broadcast_add(&b)?)
+    }
+}
+
+/// Where bottleneck adapters go in each layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdapterPlacement {
+    /// After the attention output projection and after the feed-forward
+    /// output, each before its residual LayerNorm (Houlsby et al. 2019).
+    Houlsby,
+    /// After the feed-forward output only (Pfeiffer et al. 2021).
+    Pfeiffer,
+}
+
+/// A bottleneck adapter `x + s·(act(x·W_dᵀ + b_d)·W_uᵀ + b_u)`, composed
+/// from candle ops. Init as adapter-bert: N(0, 1e-3) weights, zero biases,
+/// so a new adapter is near the identity.
+#[derive(Clone, Debug)]
+pub struct Adapter {
+    pub down: Dense,
+    pub up: Dense,
+    pub act: Activation,
+    pub scale: f64,
+}
+
+impl Adapter {
+    pub fn new(vb: &VarBuilder, d: usize, r: usize, act: Activation, scale: f64) -> Result<Self> {
+        if r == 0 {
+            return Err(crate::error::param_err(
+                "adapter",
+                "bottleneck r must be at least 1",
+            ));
+        }
+        let init = Init::Randn {
+            mean: 0.0,
+            stdev: 1e-3,
+        };
+        let mk = |name: &str, din: usize, dout: usize| -> Result<Dense> {
+            let v = vb.pp(name);
+            Ok(Dense {
+                name: name.into(),
+                weight: v.get_with_hints((dout, din), "weight", init)?,
+                bias: Some(v.get_with_hints(dout, "bias", Init::Const(0.0))?),
+                frozen: false,
+                mixout: None,
+                lora: None,
+            })
+        };
+        Ok(Self {
+            down: mk("down", d, r)?,
+            up: mk("up", r, d)?,
+            act,
+            scale,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, s: &Stream) -> Result<Tensor> {
+        let h = activation(&self.down.forward(x, s)?, self.act)?;
+        Ok((x + (self.up.forward(&h, s)? * self.scale)?)?)
+    }
+}
+
+/// A fresh VarMap-backed builder for `dtype` on `device`.
+pub fn var_builder(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_varmap(varmap, dtype, device)
+}

@@ -1,0 +1,94 @@
+//! Tokenisation with a Hugging Face `tokenizer.json`: single sentences or
+//! pairs, truncation to a maximum length, and dynamic padding (each batch is
+//! padded to its own longest row, not to the file's fixed length).
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use tokenizers::{Tokenizer, TruncationParams};
+
+use crate::error::{format_err, io_err, param_err, Result};
+
+/// A tokenizer that pads each batch to its longest row.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    pad_id: u32,
+}
+
+/// One padded batch: ids, token types and attention mask, all `[B, L]` u32.
+#[derive(Debug)]
+pub struct Batch {
+    pub ids: Tensor,
+    pub token_types: Tensor,
+    pub mask: Tensor,
+}
+
+impl TextTokenizer {
+    /// Loads `tokenizer.json`, switches its fixed padding off and truncates
+    /// to `max_len` tokens (pairs: longest first).
+    pub fn from_file(path: &Path, max_len: usize) -> Result<Self> {
+        if max_len < 2 {
+            return Err(param_err(
+                "tokenizer",
+                format!("max_len must be at least 2, got {max_len}"),
+            ));
+        }
+        if !path.exists() {
+            return Err(io_err(path, "no such file"));
+        }
+        let mut inner = Tokenizer::from_file(path)
+            .map_err(|e| format_err(path, format!("not a tokenizer.json: {e}")))?;
+        let pad_id = inner.get_padding().map(|p| p.pad_id).unwrap_or(0);
+        inner.with_padding(None);
+        inner
+            .with_truncation(Some(TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
+            .map_err(|e| format_err(path, format!("truncation: {e}")))?;
+        Ok(Self { inner, pad_id })
+    }
+
+    /// Token ids of single sentences or (first, second) pairs, unpadded.
+    pub fn encode(&self, texts: &[(&str, Option<&str>)]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for &(a, b) in texts {
+            let enc = match b {
+                None => self.inner.encode(a, true),
+                Some(b) => self.inner.encode((a, b), true),
+            }
+            .map_err(|e| param_err("tokenizer", format!("cannot encode {a:?}: {e}")))?;
+            out.push((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// A batch padded to its longest row.
+    pub fn batch(&self, texts: &[(&str, Option<&str>)], device: &Device) -> Result<Batch> {
+        if texts.is_empty() {
+            return Err(param_err("tokenizer", "empty batch"));
+        }
+        let enc = self.encode(texts)?;
+        let l = enc.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let b = enc.len();
+        let (mut ids, mut types, mut mask) = (
+            vec![self.pad_id; b * l],
+            vec![0u32; b * l],
+            vec![0u32; b * l],
+        );
+        for (r, (i, t)) in enc.iter().enumerate() {
+            ids[r * l..r * l + i.len()].copy_from_slice(i);
+            types[r * l..r * l + t.len()].copy_from_slice(t);
+            mask[r * l..r * l + i.len()].iter_mut().for_each(|m| *m = 1);
+        }
+        Ok(Batch {
+            ids: Tensor::from_vec(ids, (b, l), device)?,
+            token_types: Tensor::from_vec(types, (b, l), device)?,
+            mask: Tensor::from_vec(mask, (b, l), device)?,
+        })
+    }
+
+    /// Whether the file's own padding is off (it always is after loading).
+    pub fn padding_switched_off(&self) -> bool {
+        self.inner.get_padding().is_none()
+    }
+}

@@ -1,0 +1,341 @@
+//! The BERT encoder against Hugging Face transformers on the real
+//! all-MiniLM-L6-v2 (../shared/golden/minilm_l6_v2.json), plus the hooks:
+//! checkpoint checks, adapters, LoRA, freezing, mixout, extra outputs.
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use common::*;
+use tunefuse::model::bert::{l2_normalize, mean_pool};
+use tunefuse::model::{AdapterPlacement, Bert, BertConfig, Outputs, TextTokenizer};
+
+const CPU: Device = Device::Cpu;
+
+fn load() -> (Bert, VarMap, TextTokenizer) {
+    let dir = minilm_dir();
+    let vm = VarMap::new();
+    let bert = Bert::from_pretrained(&dir, &vm, DType::F32, &CPU).unwrap();
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"), 128).unwrap();
+    (bert, vm, tok)
+}
+
+#[test]
+fn minilm_matches_transformers() {
+    let g = golden("minilm_l6_v2.json");
+    let (bert, _, tok) = load();
+    assert!(tok.padding_switched_off());
+    let sentences: Vec<String> = g["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    let texts: Vec<(&str, Option<&str>)> = sentences.iter().map(|s| (s.as_str(), None)).collect();
+    let batch = tok.batch(&texts, &CPU).unwrap();
+    let want_ids: Vec<Vec<u32>> = g["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    // Dynamic padding: the batch is as wide as its longest row, padded with 0.
+    let ids = batch.ids.to_vec2::<u32>().unwrap();
+    let width = want_ids.iter().map(Vec::len).max().unwrap();
+    for (r, want) in want_ids.iter().enumerate() {
+        assert_eq!(ids[r].len(), width);
+        assert_eq!(
+            &ids[r][..want.len()],
+            want.as_slice(),
+            "input ids of sentence {r}"
+        );
+        assert!(
+            ids[r][want.len()..].iter().all(|&i| i == 0),
+            "padding of sentence {r}"
+        );
+    }
+
+    let out = bert
+        .forward(
+            &batch.ids,
+            Some(&batch.token_types),
+            &batch.mask,
+            Outputs::default(),
+        )
+        .unwrap();
+    let h = &out.last_hidden;
+    let cls = h.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+    assert_close(
+        "[CLS] vectors",
+        &to_f64(&cls),
+        &json_matrix(&g["cls"]).concat(),
+        1e-4,
+        0.0,
+    );
+    let emb = l2_normalize(&mean_pool(h, &batch.mask).unwrap()).unwrap();
+    assert_close(
+        "sentence embeddings",
+        &to_f64(&emb),
+        &json_matrix(&g["sentence_embedding"]).concat(),
+        1e-4,
+        0.0,
+    );
+    let t3 = h.get(0).unwrap().narrow(0, 0, 3).unwrap();
+    assert_close(
+        "token vectors",
+        &to_f64(&t3),
+        &json_matrix(&g["tokens_3"]).concat(),
+        1e-4,
+        0.0,
+    );
+    let e = to_f64(&emb);
+    let cos: f64 = (0..384).map(|i| e[i] * e[384 + i]).sum();
+    assert!(
+        (cos - g["cosine_0_1"].as_f64().unwrap()).abs() < 1e-4,
+        "cosine {cos}"
+    );
+}
+
+#[test]
+fn pairs_get_token_types_and_truncation() {
+    let dir = minilm_dir();
+    let tok = TextTokenizer::from_file(&dir.join("tokenizer.json"), 16).unwrap();
+    let long = "a very long sentence that goes on and on and on well past sixteen tokens for sure";
+    let b = tok
+        .batch(
+            &[("the premise .", Some("the hypothesis .")), (long, None)],
+            &CPU,
+        )
+        .unwrap();
+    assert_eq!(
+        b.ids.dims(),
+        &[2, 16],
+        "padded to the longest row, which is truncated at 16"
+    );
+    let types = b.token_types.to_vec2::<u32>().unwrap();
+    let mask = b.mask.to_vec2::<u32>().unwrap();
+    let n0 = mask[0].iter().sum::<u32>() as usize;
+    assert!(
+        types[0][..n0].contains(&1) && types[0][0] == 0,
+        "the second segment has type 1: {types:?}"
+    );
+    assert!(mask[0][n0..].iter().all(|&m| m == 0) && mask[1].iter().all(|&m| m == 1));
+    assert!(tok.batch(&[], &CPU).is_err());
+}
+
+#[test]
+fn checkpoint_errors_name_the_tensors() {
+    let dir = minilm_dir();
+    let tmp = std::env::temp_dir().join(format!("tunefuse-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    // A config with one more layer: layer 6 is missing from the checkpoint.
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["num_hidden_layers"] = 7.into();
+    std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
+    std::os::unix::fs::symlink(dir.join("model.safetensors"), tmp.join("model.safetensors")).ok();
+    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("missing (16)") && e.contains("encoder.layer.6.attention.self.query.weight"),
+        "{e}"
+    );
+    // Fewer layers: layer 5's tensors are unexpected.
+    cfg["num_hidden_layers"] = 5.into();
+    std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
+    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unexpected (16)") && e.contains("encoder.layer.5.output.dense.bias"),
+        "{e}"
+    );
+    // Wrong hidden size: every tensor mis-shaped.
+    cfg["num_hidden_layers"] = 6.into();
+    cfg["intermediate_size"] = 1000.into();
+    std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
+    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("mis-shaped (18)") && e.contains("encoder.layer.0.intermediate.dense.weight: checkpoint [1536, 384], model [1000, 384]"), "{e}");
+    // A corrupt file and a missing one.
+    std::fs::remove_file(tmp.join("model.safetensors")).unwrap();
+    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("no such file"),
+        "{e}"
+    );
+    std::fs::write(tmp.join("model.safetensors"), b"not a safetensors file").unwrap();
+    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a readable safetensors file"), "{e}");
+    std::fs::write(tmp.join("config.json"), "{\"hidden_size\": 384").unwrap();
+    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("config.json"), "{e}");
+    std::fs::remove_dir_all(&tmp).ok();
+}
+
+fn tiny() -> BertConfig {
+    BertConfig {
+        vocab_size: 50,
+        hidden_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        intermediate_size: 32,
+        ..BertConfig::bert_base()
+    }
+}
+
+fn inputs() -> (Tensor, Tensor) {
+    let ids = Tensor::new(&[[2u32, 5, 7, 3, 0], [2, 9, 3, 0, 0]], &CPU).unwrap();
+    let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 0, 0]], &CPU).unwrap();
+    (ids, mask)
+}
+
+#[test]
+fn hooks_adapters_lora_freezing_and_outputs() {
+    let vm = VarMap::new();
+    let mut bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
+    let (ids, mask) = inputs();
+    let base = bert
+        .forward(&ids, None, &mask, Outputs::default())
+        .unwrap()
+        .last_hidden;
+    // Extra outputs: hidden states (embeddings + 2 layers), attention rows sum to 1.
+    let out = bert
+        .forward(
+            &ids,
+            None,
+            &mask,
+            Outputs {
+                hidden_states: true,
+                attentions: true,
+            },
+        )
+        .unwrap();
+    assert_eq!(out.hidden_states.as_ref().unwrap().len(), 3);
+    let att = &out.attentions.as_ref().unwrap()[1];
+    assert_eq!(att.dims(), &[2, 4, 5, 5]);
+    let sums = to_f64(&att.sum(3).unwrap());
+    assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+    // Padding gets no attention.
+    let a = to_f64(&att.narrow(3, 4, 1).unwrap());
+    assert!(a.iter().all(|&p| p < 1e-6), "attention to padding: {a:?}");
+    // forward = forward_from_embeddings(forward_embeddings).
+    let e = bert.forward_embeddings(&ids, None).unwrap();
+    let y = bert
+        .forward_from_embeddings(&e, &mask, Outputs::default())
+        .unwrap()
+        .last_hidden;
+    assert_eq!(to_f64(&y), to_f64(&base));
+
+    // Adapters start near the identity.
+    bert.add_adapters(&vm, AdapterPlacement::Houlsby, 4, 1.0)
+        .unwrap();
+    let with = bert
+        .forward(&ids, None, &mask, Outputs::default())
+        .unwrap()
+        .last_hidden;
+    assert_close(
+        "near-identity adapters",
+        &to_f64(&with),
+        &to_f64(&base),
+        1e-2,
+        0.0,
+    );
+    assert!(vm
+        .data()
+        .lock()
+        .unwrap()
+        .contains_key("encoder.layer.1.attention.output.adapter.down.weight"));
+    // LoRA starts at exactly the base model (B = 0).
+    let vm2 = VarMap::new();
+    let mut b2 = Bert::new(&tiny(), &vm2, DType::F32, &CPU, false).unwrap();
+    let base2 = b2
+        .forward(&ids, None, &mask, Outputs::default())
+        .unwrap()
+        .last_hidden;
+    assert_eq!(b2.add_lora(&vm2, &["query", "value"], 2, 4.0).unwrap(), 4);
+    let l2 = b2
+        .forward(&ids, None, &mask, Outputs::default())
+        .unwrap()
+        .last_hidden;
+    assert_eq!(to_f64(&l2), to_f64(&base2));
+    assert!(b2.add_lora(&vm2, &["nothing"], 2, 4.0).is_err());
+
+    // Freezing: a frozen layer's weights get no gradient, the others do.
+    b2.set_frozen(1, true).unwrap();
+    let loss = b2
+        .forward(&ids, None, &mask, Outputs::default())
+        .unwrap()
+        .last_hidden
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let q0 = &b2.layers[0].query.weight;
+    let q1 = &b2.layers[1].query.weight;
+    assert!(grads.get(q0).is_none(), "frozen layer 0 got a gradient");
+    assert!(grads.get(q1).is_some(), "layer 1 must get a gradient");
+    assert!(
+        grads
+            .get(b2.layers[0].query.lora.as_ref().unwrap().b.as_ref())
+            .is_some(),
+        "LoRA of a frozen layer still trains"
+    );
+    assert!(b2.set_frozen(9, true).is_err());
+}
+
+#[test]
+fn dropout_and_mixout_follow_train_mode() {
+    let vm = VarMap::new();
+    let mut bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
+    let (ids, mask) = inputs();
+    let eval = to_f64(
+        &bert
+            .forward(&ids, None, &mask, Outputs::default())
+            .unwrap()
+            .last_hidden,
+    );
+    bert.stream.set_train(true);
+    let t1 = to_f64(
+        &bert
+            .forward(&ids, None, &mask, Outputs::default())
+            .unwrap()
+            .last_hidden,
+    );
+    let t2 = to_f64(
+        &bert
+            .forward(&ids, None, &mask, Outputs::default())
+            .unwrap()
+            .last_hidden,
+    );
+    assert_ne!(t1, eval, "dropout in train mode");
+    assert_ne!(t1, t2, "each call draws fresh dropout bits");
+    bert.stream.set_train(false);
+    assert_eq!(
+        to_f64(
+            &bert
+                .forward(&ids, None, &mask, Outputs::default())
+                .unwrap()
+                .last_hidden
+        ),
+        eval
+    );
+    // Mixout at the pretrained point is the identity on the weights.
+    bert.enable_mixout(0.5).unwrap();
+    assert!(bert.enable_mixout(1.0).is_err());
+    assert_eq!(bert.dense_names().len(), 12);
+}
