@@ -12,5 +12,6 @@ pub mod error;
 pub mod model;
 pub mod ops;
 pub mod philox;
+pub mod train;
 
 pub use error::{Error, Result};

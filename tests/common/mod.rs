@@ -135,3 +135,10 @@ pub fn minilm_dir() -> PathBuf {
     );
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
+
+/// `../shared/data` beside the checkout, or `TUNEFUSE_DATA`.
+pub fn data_root() -> PathBuf {
+    std::env::var_os("TUNEFUSE_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
+}
