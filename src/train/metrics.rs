@@ -1,1 +1,523 @@
+//! Evaluation metrics for fine-tuning: classification quality, correlation
+//! for regression, calibration (NLL, Brier, ECE with its per-bin table) and
+//! out-of-distribution detection (AUROC / AUPR from max-softmax-probability
+//! or entropy scores), plus reliability diagrams and score histograms as PNG
+//! and SVG. Definitions follow scikit-learn's where it has one (named per
+//! function); the tests pin values computed with it.
+use std::path::Path;
 
+use crate::error::{io_err, param_err, Result};
+
+fn check_len(what: &'static str, a: usize, b: usize) -> Result<()> {
+    if a != b {
+        return Err(param_err(
+            what,
+            format!("lengths differ: {a} predictions, {b} labels"),
+        ));
+    }
+    if a == 0 {
+        return Err(param_err(what, "no examples"));
+    }
+    Ok(())
+}
+
+/// Fraction of `preds` equal to `labels`.
+pub fn accuracy(preds: &[usize], labels: &[usize]) -> Result<f64> {
+    check_len("accuracy", preds.len(), labels.len())?;
+    Ok(preds.iter().zip(labels).filter(|(p, l)| p == l).count() as f64 / preds.len() as f64)
+}
+
+/// `confusion[true][pred]`.
+pub fn confusion(preds: &[usize], labels: &[usize], classes: usize) -> Result<Vec<Vec<usize>>> {
+    check_len("confusion", preds.len(), labels.len())?;
+    let mut m = vec![vec![0; classes]; classes];
+    for (&p, &l) in preds.iter().zip(labels) {
+        if p >= classes || l >= classes {
+            return Err(param_err(
+                "confusion",
+                format!(
+                    "class index {} out of range for {classes} classes",
+                    p.max(l)
+                ),
+            ));
+        }
+        m[l][p] += 1;
+    }
+    Ok(m)
+}
+
+/// F1 of class `c` from a confusion matrix (0 when undefined, as sklearn's
+/// `zero_division=0`).
+fn f1_of(m: &[Vec<usize>], c: usize) -> f64 {
+    let tp = m[c][c] as f64;
+    let fp: f64 = (0..m.len())
+        .filter(|&t| t != c)
+        .map(|t| m[t][c] as f64)
+        .sum();
+    let fn_: f64 = (0..m.len())
+        .filter(|&p| p != c)
+        .map(|p| m[c][p] as f64)
+        .sum();
+    if tp == 0.0 {
+        0.0
+    } else {
+        2.0 * tp / (2.0 * tp + fp + fn_)
+    }
+}
+
+/// Unweighted mean of per-class F1 (sklearn `f1_score(average="macro")`).
+pub fn macro_f1(preds: &[usize], labels: &[usize], classes: usize) -> Result<f64> {
+    let m = confusion(preds, labels, classes)?;
+    Ok((0..classes).map(|c| f1_of(&m, c)).sum::<f64>() / classes as f64)
+}
+
+/// F1 of the positive class (sklearn `f1_score(pos_label=positive)`).
+pub fn f1_positive(preds: &[usize], labels: &[usize], positive: usize) -> Result<f64> {
+    let classes = preds
+        .iter()
+        .chain(labels)
+        .max()
+        .copied()
+        .unwrap_or(0)
+        .max(positive)
+        + 1;
+    Ok(f1_of(&confusion(preds, labels, classes)?, positive))
+}
+
+/// Matthews correlation (sklearn `matthews_corrcoef`, Gorodkin's multiclass
+/// form; 0 when undefined).
+pub fn matthews(preds: &[usize], labels: &[usize], classes: usize) -> Result<f64> {
+    let m = confusion(preds, labels, classes)?;
+    let s = preds.len() as f64;
+    let c: f64 = (0..classes).map(|k| m[k][k] as f64).sum();
+    let t: Vec<f64> = (0..classes)
+        .map(|k| m[k].iter().sum::<usize>() as f64)
+        .collect();
+    let p: Vec<f64> = (0..classes)
+        .map(|k| (0..classes).map(|r| m[r][k]).sum::<usize>() as f64)
+        .collect();
+    let tp: f64 = t.iter().zip(&p).map(|(a, b)| a * b).sum();
+    let den = ((s * s - p.iter().map(|x| x * x).sum::<f64>())
+        * (s * s - t.iter().map(|x| x * x).sum::<f64>()))
+    .sqrt();
+    Ok(if den == 0.0 { 0.0 } else { (c * s - tp) / den })
+}
+
+/// Pearson correlation (NaN when a side is constant, like scipy).
+pub fn pearson(x: &[f64], y: &[f64]) -> Result<f64> {
+    check_len("pearson", x.len(), y.len())?;
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (a, b) in x.iter().zip(y) {
+        sxy += (a - mx) * (b - my);
+        sxx += (a - mx) * (a - mx);
+        syy += (b - my) * (b - my);
+    }
+    Ok(sxy / (sxx * syy).sqrt())
+}
+
+/// Ranks from 1, ties given their average rank.
+fn ranks(x: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..x.len()).collect();
+    idx.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut r = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && x[idx[j + 1]] == x[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for k in i..=j {
+            r[idx[k]] = avg;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+/// Spearman rank correlation (Pearson of average ranks, like scipy).
+pub fn spearman(x: &[f64], y: &[f64]) -> Result<f64> {
+    check_len("spearman", x.len(), y.len())?;
+    pearson(&ranks(x), &ranks(y))
+}
+
+fn check_probs(what: &'static str, probs: &[Vec<f64>], labels: &[usize]) -> Result<()> {
+    check_len(what, probs.len(), labels.len())?;
+    for (i, (p, &l)) in probs.iter().zip(labels).enumerate() {
+        if l >= p.len() {
+            return Err(param_err(
+                what,
+                format!("example {i}: label {l} but only {} classes", p.len()),
+            ));
+        }
+        if p.iter().any(|v| !v.is_finite()) {
+            return Err(param_err(
+                what,
+                format!("example {i}: probabilities are not finite: {p:?}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Mean negative log-likelihood of the labels (probabilities clipped at
+/// 1e-15 like sklearn's `log_loss`).
+pub fn nll(probs: &[Vec<f64>], labels: &[usize]) -> Result<f64> {
+    check_probs("nll", probs, labels)?;
+    Ok(probs
+        .iter()
+        .zip(labels)
+        .map(|(p, &l)| -p[l].max(1e-15).ln())
+        .sum::<f64>()
+        / probs.len() as f64)
+}
+
+/// Multiclass Brier score: mean over examples of Σ_k (p_k − 1[y = k])²
+/// (Brier 1950). For two classes it is twice sklearn's `brier_score_loss`.
+pub fn brier(probs: &[Vec<f64>], labels: &[usize]) -> Result<f64> {
+    check_probs("brier", probs, labels)?;
+    let s: f64 = probs
+        .iter()
+        .zip(labels)
+        .map(|(p, &l)| {
+            p.iter()
+                .enumerate()
+                .map(|(k, &v)| (v - f64::from(u8::from(k == l))).powi(2))
+                .sum::<f64>()
+        })
+        .sum();
+    Ok(s / probs.len() as f64)
+}
+
+/// One bin of a reliability table.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Bin {
+    pub lower: f64,
+    pub upper: f64,
+    pub count: usize,
+    /// Accuracy of the examples in the bin (0 when empty).
+    pub accuracy: f64,
+    /// Mean confidence (max probability) in the bin (0 when empty).
+    pub confidence: f64,
+}
+
+/// Expected calibration error and its per-bin table.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Calibration {
+    pub ece: f64,
+    pub bins: Vec<Bin>,
+}
+
+/// ECE over `n_bins` equal-width confidence bins (Guo et al. 2017): bin b
+/// holds confidences in (b/n, (b+1)/n] (the first also holds 0);
+/// ECE = Σ_b (n_b / N)·|acc_b − conf_b|. The standard choice is 15 bins.
+pub fn calibration(probs: &[Vec<f64>], labels: &[usize], n_bins: usize) -> Result<Calibration> {
+    check_probs("ece", probs, labels)?;
+    if n_bins == 0 {
+        return Err(param_err("ece", "n_bins must be at least 1"));
+    }
+    let mut count = vec![0usize; n_bins];
+    let mut correct = vec![0.0; n_bins];
+    let mut conf = vec![0.0; n_bins];
+    for (p, &l) in probs.iter().zip(labels) {
+        let (arg, &c) = p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap();
+        let b = ((c * n_bins as f64).ceil() as usize).clamp(1, n_bins) - 1;
+        count[b] += 1;
+        correct[b] += f64::from(u8::from(arg == l));
+        conf[b] += c;
+    }
+    let n = probs.len() as f64;
+    let mut ece = 0.0;
+    let bins = (0..n_bins)
+        .map(|b| {
+            let k = count[b] as f64;
+            let (acc, cf) = if count[b] > 0 {
+                (correct[b] / k, conf[b] / k)
+            } else {
+                (0.0, 0.0)
+            };
+            ece += k / n * (acc - cf).abs();
+            Bin {
+                lower: b as f64 / n_bins as f64,
+                upper: (b + 1) as f64 / n_bins as f64,
+                count: count[b],
+                accuracy: acc,
+                confidence: cf,
+            }
+        })
+        .collect();
+    Ok(Calibration { ece, bins })
+}
+
+/// Area under the ROC curve of `scores` for `positive` examples
+/// (sklearn `roc_auc_score`; ties count one half).
+pub fn auroc(scores: &[f64], positive: &[bool]) -> Result<f64> {
+    check_len("auroc", scores.len(), positive.len())?;
+    let r = ranks(scores);
+    let np = positive.iter().filter(|&&p| p).count() as f64;
+    let nn = scores.len() as f64 - np;
+    if np == 0.0 || nn == 0.0 {
+        return Err(param_err(
+            "auroc",
+            "needs both positive and negative examples",
+        ));
+    }
+    let rank_sum: f64 = r
+        .iter()
+        .zip(positive)
+        .filter(|(_, &p)| p)
+        .map(|(r, _)| r)
+        .sum();
+    Ok((rank_sum - np * (np + 1.0) / 2.0) / (np * nn))
+}
+
+/// Average precision of `scores` for `positive` examples (sklearn
+/// `average_precision_score`: Σ_k (R_k − R_{k−1})·P_k over thresholds).
+pub fn aupr(scores: &[f64], positive: &[bool]) -> Result<f64> {
+    check_len("aupr", scores.len(), positive.len())?;
+    let np = positive.iter().filter(|&&p| p).count() as f64;
+    if np == 0.0 {
+        return Err(param_err("aupr", "needs positive examples"));
+    }
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let (mut tp, mut fp, mut prev_recall, mut ap) = (0.0, 0.0, 0.0, 0.0);
+    let mut i = 0;
+    while i < idx.len() {
+        // All examples sharing a score enter at one threshold.
+        let s = scores[idx[i]];
+        while i < idx.len() && scores[idx[i]] == s {
+            if positive[idx[i]] {
+                tp += 1.0
+            } else {
+                fp += 1.0
+            }
+            i += 1;
+        }
+        let recall = tp / np;
+        ap += (recall - prev_recall) * tp / (tp + fp);
+        prev_recall = recall;
+    }
+    Ok(ap)
+}
+
+/// Maximum softmax probability of each row.
+pub fn max_prob(probs: &[Vec<f64>]) -> Vec<f64> {
+    probs
+        .iter()
+        .map(|p| p.iter().cloned().fold(f64::NEG_INFINITY, f64::max))
+        .collect()
+}
+
+/// Entropy −Σ p log p of each row (natural log).
+pub fn entropy(probs: &[Vec<f64>]) -> Vec<f64> {
+    probs
+        .iter()
+        .map(|p| {
+            -p.iter()
+                .filter(|&&v| v > 0.0)
+                .map(|v| v * v.ln())
+                .sum::<f64>()
+        })
+        .collect()
+}
+
+/// Out-of-distribution detection from in- and out-of-distribution
+/// predictive distributions.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct OodScores {
+    /// AUROC with OOD as the positive class.
+    pub auroc: f64,
+    /// AUPR with in-distribution as positive (higher confidence = in).
+    pub aupr_in: f64,
+    /// AUPR with OOD as positive.
+    pub aupr_out: f64,
+}
+
+/// Which per-example score detects OOD inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OodScore {
+    /// Low max-softmax-probability means OOD (Hendrycks & Gimpel 2017).
+    MaxProb,
+    /// High entropy means OOD.
+    Entropy,
+}
+
+pub fn ood_detection(
+    in_probs: &[Vec<f64>],
+    out_probs: &[Vec<f64>],
+    score: OodScore,
+) -> Result<OodScores> {
+    // "OOD-ness": higher means more likely out of distribution.
+    let ood = |p: &[Vec<f64>]| match score {
+        OodScore::MaxProb => max_prob(p).into_iter().map(|v| -v).collect::<Vec<_>>(),
+        OodScore::Entropy => entropy(p),
+    };
+    let scores: Vec<f64> = ood(in_probs).into_iter().chain(ood(out_probs)).collect();
+    let is_out: Vec<bool> = (0..scores.len()).map(|i| i >= in_probs.len()).collect();
+    let neg: Vec<f64> = scores.iter().map(|s| -s).collect();
+    let is_in: Vec<bool> = is_out.iter().map(|o| !o).collect();
+    Ok(OodScores {
+        auroc: auroc(&scores, &is_out)?,
+        aupr_in: aupr(&neg, &is_in)?,
+        aupr_out: aupr(&scores, &is_out)?,
+    })
+}
+
+// ------------------------------------------------------------------ plots
+
+use plotters::prelude::*;
+
+fn draw_reliability<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    cal: &Calibration,
+    title: &str,
+) -> std::result::Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{title} (ECE {:.3})", cal.ece), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(44)
+        .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("confidence")
+        .y_desc("accuracy")
+        .draw()
+        .map_err(e)?;
+    chart
+        .draw_series(cal.bins.iter().filter(|b| b.count > 0).map(|b| {
+            Rectangle::new(
+                [(b.lower, 0.0), (b.upper, b.accuracy)],
+                BLUE.mix(0.6).filled(),
+            )
+        }))
+        .map_err(e)?;
+    chart
+        .draw_series(cal.bins.iter().filter(|b| b.count > 0).map(|b| {
+            Rectangle::new(
+                [
+                    (b.lower, b.accuracy.min(b.confidence)),
+                    (b.upper, b.accuracy.max(b.confidence)),
+                ],
+                RED.mix(0.3).filled(),
+            )
+        }))
+        .map_err(e)?;
+    chart
+        .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK))
+        .map_err(e)?;
+    root.present().map_err(e)
+}
+
+fn draw_histograms<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    sets: &[(&str, &[f64])],
+    title: &str,
+) -> std::result::Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    let all = sets.iter().flat_map(|(_, v)| v.iter().cloned());
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
+    let (lo, hi) = if lo.is_finite() && hi > lo {
+        (lo, hi)
+    } else {
+        (0.0, 1.0)
+    };
+    let nb = 30;
+    let w = (hi - lo) / nb as f64;
+    let hist = |v: &[f64]| {
+        let mut h = vec![0.0; nb];
+        v.iter()
+            .for_each(|&x| h[(((x - lo) / w) as usize).min(nb - 1)] += 1.0 / v.len().max(1) as f64);
+        h
+    };
+    let hs: Vec<Vec<f64>> = sets.iter().map(|(_, v)| hist(v)).collect();
+    let top = hs.iter().flatten().cloned().fold(0.0, f64::max).max(1e-9) * 1.1;
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(50)
+        .build_cartesian_2d(lo..hi, 0.0..top)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("score")
+        .y_desc("fraction")
+        .draw()
+        .map_err(e)?;
+    let colors = [BLUE, RED, GREEN, MAGENTA];
+    for (i, ((name, _), h)) in sets.iter().zip(&hs).enumerate() {
+        let c = colors[i % colors.len()];
+        chart
+            .draw_series(h.iter().enumerate().map(|(k, &f)| {
+                let x0 = lo + k as f64 * w;
+                Rectangle::new([(x0, 0.0), (x0 + w, f)], c.mix(0.35).filled())
+            }))
+            .map_err(e)?
+            .label(*name)
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.mix(0.6).filled())
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
+    root.present().map_err(e)
+}
+
+/// Writes a reliability diagram to `<stem>.png` and `<stem>.svg`.
+pub fn plot_reliability(stem: &Path, cal: &Calibration, title: &str) -> Result<()> {
+    let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
+    draw_reliability(
+        BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
+        cal,
+        title,
+    )
+    .map_err(|m| io_err(&png, m))?;
+    draw_reliability(
+        SVGBackend::new(&svg, (640, 480)).into_drawing_area(),
+        cal,
+        title,
+    )
+    .map_err(|m| io_err(&svg, m))
+}
+
+/// Writes normalised histograms of several score sets (e.g. in- and
+/// out-of-distribution max-probabilities) to `<stem>.png` and `<stem>.svg`.
+pub fn plot_histograms(stem: &Path, sets: &[(&str, &[f64])], title: &str) -> Result<()> {
+    let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
+    draw_histograms(
+        BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
+        sets,
+        title,
+    )
+    .map_err(|m| io_err(&png, m))?;
+    draw_histograms(
+        SVGBackend::new(&svg, (640, 480)).into_drawing_area(),
+        sets,
+        title,
+    )
+    .map_err(|m| io_err(&svg, m))
+}

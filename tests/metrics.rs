@@ -1,0 +1,175 @@
+//! Metrics against hand-computable cases and scikit-learn / scipy.
+//!
+//! Reference values come from scikit-learn 1.9.1 and scipy on the inputs
+//! below (script: `accuracy_score`, `f1_score(average="macro")`,
+//! `f1_score` (binary), `matthews_corrcoef`, `pearsonr`, `spearmanr`,
+//! `roc_auc_score`, `average_precision_score`, `log_loss`, the multiclass
+//! Brier sum, and ECE with 15 equal-width bins written out in numpy).
+use tunefuse::train::metrics::*;
+
+const LABELS: [usize; 12] = [0, 1, 2, 2, 1, 0, 1, 2, 0, 0, 1, 2];
+const PREDS: [usize; 12] = [0, 2, 2, 1, 1, 0, 1, 2, 1, 0, 0, 2];
+
+fn probs() -> Vec<Vec<f64>> {
+    [
+        [0.7, 0.2, 0.1],
+        [0.1, 0.3, 0.6],
+        [0.2, 0.2, 0.6],
+        [0.3, 0.4, 0.3],
+        [0.25, 0.5, 0.25],
+        [0.9, 0.05, 0.05],
+        [0.3, 0.6, 0.1],
+        [0.1, 0.1, 0.8],
+        [0.4, 0.45, 0.15],
+        [0.5, 0.3, 0.2],
+        [0.35, 0.33, 0.32],
+        [0.05, 0.05, 0.9],
+    ]
+    .iter()
+    .map(|r| r.to_vec())
+    .collect()
+}
+
+fn close(a: f64, b: f64) {
+    assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+}
+
+#[test]
+fn classification_metrics_match_sklearn() {
+    close(accuracy(&PREDS, &LABELS).unwrap(), 0.6666666666666666);
+    close(macro_f1(&PREDS, &LABELS, 3).unwrap(), 0.6666666666666666);
+    close(matthews(&PREDS, &LABELS, 3).unwrap(), 0.5);
+    let bl = [1, 0, 1, 1, 0, 0, 1, 0, 1, 1];
+    let bp = [1, 0, 0, 1, 0, 1, 1, 0, 1, 0];
+    close(f1_positive(&bp, &bl, 1).unwrap(), 0.7272727272727273);
+    close(matthews(&bp, &bl, 2).unwrap(), 0.408248290463863);
+}
+
+#[test]
+fn hand_computable_cases() {
+    // Perfect and inverted binary predictions.
+    close(matthews(&[0, 1, 1, 0], &[0, 1, 1, 0], 2).unwrap(), 1.0);
+    close(matthews(&[1, 0, 0, 1], &[0, 1, 1, 0], 2).unwrap(), -1.0);
+    // Constant predictions: MCC undefined, reported 0 (as sklearn).
+    close(matthews(&[1, 1, 1, 1], &[0, 1, 1, 0], 2).unwrap(), 0.0);
+    // F1: tp 1, fp 1, fn 1 -> 2/(2+1+1).
+    close(f1_positive(&[1, 1, 0], &[1, 0, 1], 1).unwrap(), 0.5);
+    close(nll(&[vec![0.5, 0.5]], &[0]).unwrap(), 2f64.ln());
+    close(
+        brier(&[vec![1.0, 0.0], vec![0.0, 1.0]], &[0, 0]).unwrap(),
+        1.0,
+    );
+    // A perfectly ranked score: AUROC 1, AP 1; reversed: AUROC 0.
+    close(auroc(&[0.9, 0.8, 0.1], &[true, true, false]).unwrap(), 1.0);
+    close(aupr(&[0.9, 0.8, 0.1], &[true, true, false]).unwrap(), 1.0);
+    close(auroc(&[0.1, 0.2, 0.9], &[true, true, false]).unwrap(), 0.0);
+    close(entropy(&[vec![0.5, 0.5]])[0], 2f64.ln());
+    // A calibrated-by-construction case: confidence 0.75, 3 of 4 right.
+    let p = vec![vec![0.75, 0.25]; 4];
+    close(calibration(&p, &[0, 0, 0, 1], 15).unwrap().ece, 0.0);
+}
+
+#[test]
+fn correlation_matches_scipy() {
+    let x = [1.0, 2.0, 2.0, 3.5, 4.0, 4.0, 7.0, 0.5];
+    let y = [2.0, 1.0, 3.0, 3.0, 5.0, 4.5, 9.0, 0.0];
+    close(pearson(&x, &y).unwrap(), 0.9546553340287597);
+    close(spearman(&x, &y).unwrap(), 0.9394111922831736);
+}
+
+#[test]
+fn ranking_metrics_match_sklearn_with_ties() {
+    let scores = [0.9, 0.8, 0.8, 0.7, 0.6, 0.6, 0.6, 0.3, 0.2, 0.1];
+    let pos = [
+        true, true, false, true, false, true, false, false, true, false,
+    ];
+    close(auroc(&scores, &pos).unwrap(), 0.7);
+    close(aupr(&scores, &pos).unwrap(), 0.7087301587301587);
+}
+
+#[test]
+fn calibration_metrics_match_reference() {
+    let p = probs();
+    close(nll(&p, &LABELS).unwrap(), 0.6359486750223421);
+    close(brier(&p, &LABELS).unwrap(), 0.36198333333333327);
+    let cal = calibration(&p, &LABELS, 15).unwrap();
+    close(cal.ece, 0.2583333333333333);
+    assert_eq!(cal.bins.len(), 15);
+    assert_eq!(cal.bins.iter().map(|b| b.count).sum::<usize>(), 12);
+    // Bin (0.4, 0.4667] holds confidences 0.4 (no: 0.4 is in (0.333, 0.4]),
+    // 0.45: the row [0.4, 0.45, 0.15] predicted 1, label 0.
+    let b = &cal.bins[6];
+    assert_eq!((b.count, b.accuracy), (1, 0.0));
+    close(b.confidence, 0.45);
+}
+
+#[test]
+fn ood_detection_scores() {
+    // In-distribution: confident; OOD: flat. MSP and entropy separate them.
+    let inn = vec![vec![0.9, 0.1], vec![0.8, 0.2], vec![0.95, 0.05]];
+    let out = vec![vec![0.5, 0.5], vec![0.6, 0.4]];
+    for s in [OodScore::MaxProb, OodScore::Entropy] {
+        let r = ood_detection(&inn, &out, s).unwrap();
+        close(r.auroc, 1.0);
+        close(r.aupr_in, 1.0);
+        close(r.aupr_out, 1.0);
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    assert!(accuracy(&[0, 1], &[0])
+        .unwrap_err()
+        .to_string()
+        .contains("lengths differ"));
+    assert!(accuracy(&[], &[])
+        .unwrap_err()
+        .to_string()
+        .contains("no examples"));
+    assert!(macro_f1(&[0, 5], &[0, 1], 2)
+        .unwrap_err()
+        .to_string()
+        .contains("out of range"));
+    assert!(nll(&[vec![f64::NAN, 1.0]], &[0])
+        .unwrap_err()
+        .to_string()
+        .contains("not finite"));
+    assert!(nll(&[vec![0.5, 0.5]], &[2])
+        .unwrap_err()
+        .to_string()
+        .contains("label 2"));
+    assert!(auroc(&[0.1, 0.2], &[true, true]).is_err());
+}
+
+#[test]
+fn plots_are_written() {
+    let dir = std::env::var_os("TUNEFUSE_KEEP_PLOTS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("tunefuse-plots-{}", std::process::id()))
+        });
+    std::fs::create_dir_all(&dir).unwrap();
+    let cal = calibration(&probs(), &LABELS, 15).unwrap();
+    plot_reliability(&dir.join("reliability"), &cal, "test").unwrap();
+    let inn = max_prob(&probs());
+    plot_histograms(
+        &dir.join("msp"),
+        &[("in", &inn), ("out", &[0.4, 0.5, 0.45])],
+        "max prob",
+    )
+    .unwrap();
+    for f in ["reliability.png", "reliability.svg", "msp.png", "msp.svg"] {
+        let len = std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0);
+        assert!(len > 1000, "{f} is {len} bytes");
+    }
+    let svg = std::fs::read_to_string(dir.join("reliability.svg")).unwrap();
+    assert!(
+        svg.contains("ECE 0.258") && svg.contains("confidence"),
+        "the SVG carries its title and axis"
+    );
+    let png = std::fs::read(dir.join("msp.png")).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    if std::env::var_os("TUNEFUSE_KEEP_PLOTS").is_none() {
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
