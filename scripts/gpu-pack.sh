@@ -8,7 +8,9 @@ source "$(scripts/cuda-toolchain.sh --env-file)"
 export CUDA_COMPUTE_CAP=90
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tunefuse/target}"
 
-# Binaries: the CLI (bench table), the CUDA tests, the criterion benches.
+# Binaries: the CLI (bench table), the CUDA tests, the criterion benches;
+# data: the goldens and all-MiniLM-L6-v2 with bf16 weights (fp32 is 87 MiB,
+# over what travels), which the CUDA golden test loads upcast.
 targets=(--bin tunefuse --test cuda_ops --bench ops)
 cargo build --release --features cuda "${targets[@]}" >&2
 mapfile -t exes < <(cargo build --release --features cuda "${targets[@]}" --message-format=json 2>/dev/null |
@@ -25,6 +27,10 @@ for exe in "${exes[@]}"; do
   name=$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')
   strip -o ".gpu/stage/$name" "$exe"
 done
+mkdir -p .gpu/stage/golden
+cp "${TUNEFUSE_GOLDEN:-../shared/golden}"/*.json .gpu/stage/golden/
+model=$(scripts/fetch-model.sh)
+cargo run --release --quiet --bin tunefuse -- convert-checkpoint --input "$model" --output .gpu/stage/model --dtype bf16 >&2
 tar -C .gpu/stage -cJf .gpu/bundle.tar.xz .
 rm -rf .gpu/stage
 size=$(du -sm .gpu | cut -f1)

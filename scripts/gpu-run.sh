@@ -20,6 +20,7 @@ tar -xJf .gpu/bundle.tar.xz -C "$bin" || { echo "gpu-run: no .gpu/bundle.tar.xz:
 nv=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
 export LD_LIBRARY_PATH="${nv:+$nv/nvidia/cu13/lib:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
+export TUNEFUSE_GOLDEN="$PWD/$bin/golden" TUNEFUSE_MODEL_DIR="$PWD/$bin/model"
 status=0
 start=$(date +%s)
 deadline=345 # seconds: the whole run stays under 6 minutes
@@ -37,7 +38,7 @@ nvidia-smi -L
 uname -r
 
 step "CUDA tests vs CPU reference"
-if ! timeout "$(budget 110)" "$bin/cuda_ops" --test-threads=1 2>&1 | tee "$out/tests.log"; then
+if ! timeout "$(budget 150)" "$bin/cuda_ops" --test-threads=1 2>&1 | tee "$out/tests.log"; then
   echo "gpu-run: CUDA TESTS FAILED or timed out (see tests.log)"; status=1
 fi
 
@@ -47,7 +48,7 @@ t=$(budget 45); if [ "$t" -gt 0 ]; then
 else skip; fi
 
 step "PyTorch peers (eager, torch.compile)"
-t=$(budget 130); if [ "$t" -gt 0 ]; then
+t=$(budget 110); if [ "$t" -gt 0 ]; then
   timeout "$t" python3 bench/torch_peers.py --out "$out/peers.json"
 else skip; fi
 

@@ -590,3 +590,50 @@ fn noise_kernels_match_reference() {
         }
     }
 }
+
+// ------------------------------------------------------------ MiniLM golden
+
+/// The model gpu-pack.sh carries (bf16 weights) or TUNEFUSE_MODEL_DIR.
+fn carried_model() -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("TUNEFUSE_MODEL_DIR").map(std::path::PathBuf::from)?;
+    dir.join("model.safetensors").exists().then_some(dir)
+}
+
+#[test]
+fn minilm_golden_on_device() {
+    let Some(dev) = cuda_device() else { return };
+    let Some(dir) = carried_model() else {
+        eprintln!(
+            "skipped: TUNEFUSE_MODEL_DIR does not hold a model (scripts/gpu-pack.sh packs one)"
+        );
+        return;
+    };
+    let g = golden("minilm_l6_v2.json");
+    let want_emb = json_matrix(&g["sentence_embedding"]).concat();
+    let want_cls = json_matrix(&g["cls"]).concat();
+    // f32 compute: the same weights on CPU and GPU agree to f32 accuracy.
+    let (c_cls, c_emb, c_t3) = minilm_outputs(&dir, &Device::Cpu, DType::F32);
+    let (g_cls, g_emb, g_t3) = minilm_outputs(&dir, &dev, DType::F32);
+    assert_close("f32 [CLS] GPU vs CPU", &g_cls, &c_cls, 1e-4, 0.0);
+    assert_close("f32 embeddings GPU vs CPU", &g_emb, &c_emb, 1e-4, 0.0);
+    assert_close("f32 tokens GPU vs CPU", &g_t3, &c_t3, 1e-4, 0.0);
+    // Against the fp32 golden, the carried weights are bf16-rounded: report
+    // that deviation, which bounds what weight rounding alone costs.
+    eprintln!(
+        "bf16 weights, f32 compute: max |emb - golden| = {:.3e}, |cls - golden| = {:.3e}",
+        max_abs_diff(&g_emb, &want_emb),
+        max_abs_diff(&g_cls, &want_cls)
+    );
+    // bf16 compute: within twice the error of the plain CPU bf16 path.
+    let (_, cpu16, _) = minilm_outputs(&dir, &Device::Cpu, DType::BF16);
+    let (_, gpu16, _) = minilm_outputs(&dir, &dev, DType::BF16);
+    let (e_cpu, e_gpu) = (
+        max_abs_diff(&cpu16, &want_emb),
+        max_abs_diff(&gpu16, &want_emb),
+    );
+    eprintln!("bf16 compute: max |emb - golden| CPU {e_cpu:.3e}, GPU {e_gpu:.3e}");
+    assert!(
+        e_gpu <= 2.0 * e_cpu.max(1e-3),
+        "GPU bf16 error {e_gpu} exceeds twice the CPU bf16 error {e_cpu}"
+    );
+}

@@ -37,6 +37,17 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Copy a Hugging Face model directory with its weights cast to another
+    /// dtype (e.g. bf16, to halve what travels to a GPU machine).
+    ConvertCheckpoint {
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// f32, bf16 or f16.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+    },
     /// Print the table from saved results (`bench --json`) and PyTorch peers.
     Table {
         #[arg(long)]
@@ -85,6 +96,22 @@ fn run(cli: Cli) -> Result<(), String> {
                 std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
                     .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             }
+            Ok(())
+        }
+        Cmd::ConvertCheckpoint {
+            input,
+            output,
+            dtype,
+        } => {
+            let dtype = match dtype.as_str() {
+                "f32" => candle_core::DType::F32,
+                "bf16" => candle_core::DType::BF16,
+                "f16" => candle_core::DType::F16,
+                other => return Err(format!("unknown dtype {other:?}: f32, bf16 or f16")),
+            };
+            tunefuse::model::bert::convert_checkpoint(&input, &output, dtype)
+                .map_err(|e| e.to_string())?;
+            eprintln!("wrote {}", output.display());
             Ok(())
         }
         Cmd::Table { ours, peers } => {

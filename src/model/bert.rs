@@ -587,3 +587,32 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
         .clamp(1e-12, f64::INFINITY)?;
     Ok(x.broadcast_div(&n)?)
 }
+
+/// Copies a model directory (`config.json`, `tokenizer.json`,
+/// `model.safetensors`) to `output` with the floating-point tensors cast to
+/// `dtype`. The safetensors file is written to a temporary name and renamed.
+pub fn convert_checkpoint(input: &Path, output: &Path, dtype: DType) -> Result<()> {
+    std::fs::create_dir_all(output).map_err(|e| io_err(output, e))?;
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(input.join(f), output.join(f)).map_err(|e| io_err(&input.join(f), e))?;
+    }
+    let path = input.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
+        .map_err(|e| format_err(&path, format!("not a readable safetensors file: {e}")))?;
+    let cast: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| {
+            Ok((
+                k,
+                if t.dtype().is_float() {
+                    t.to_dtype(dtype)?
+                } else {
+                    t
+                },
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let tmp = output.join("model.safetensors.tmp");
+    candle_core::safetensors::save(&cast, &tmp).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, output.join("model.safetensors")).map_err(|e| io_err(output, e))
+}

@@ -142,3 +142,43 @@ pub fn data_root() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data"))
 }
+
+/// [CLS] vectors, normalised mean-pooled embeddings and sentence 0's first
+/// three token vectors of the golden sentences, run on `dev` in `dtype`
+/// with the weights of `model_dir` (cast to `dtype`).
+pub fn minilm_outputs(
+    model_dir: &std::path::Path,
+    dev: &Device,
+    dtype: DType,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    use tunefuse::model::bert::{l2_normalize, mean_pool};
+    use tunefuse::model::{Bert, Outputs, TextTokenizer};
+    let g = golden("minilm_l6_v2.json");
+    let vm = candle_nn::VarMap::new();
+    let bert = Bert::from_pretrained(model_dir, &vm, dtype, dev).unwrap();
+    let tok = TextTokenizer::from_file(&model_dir.join("tokenizer.json"), 128).unwrap();
+    let sentences: Vec<String> = g["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    let texts: Vec<(&str, Option<&str>)> = sentences.iter().map(|s| (s.as_str(), None)).collect();
+    let b = tok.batch(&texts, dev).unwrap();
+    let h = bert
+        .forward(&b.ids, Some(&b.token_types), &b.mask, Outputs::default())
+        .unwrap()
+        .last_hidden;
+    let cls = h.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+    let emb = l2_normalize(&mean_pool(&h.to_dtype(DType::F32).unwrap(), &b.mask).unwrap()).unwrap();
+    let t3 = h.get(0).unwrap().narrow(0, 0, 3).unwrap();
+    (to_f64(&cls), to_f64(&emb), to_f64(&t3))
+}
+
+/// Largest absolute difference.
+pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
