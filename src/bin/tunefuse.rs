@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tunefuse::bench;
+use tunefuse::train::trainer::{Config, Run};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +38,20 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Fine-tune a pretrained BERT model on a task.
+    Finetune(Box<FinetuneArgs>),
+    /// Evaluate a checkpoint written by `finetune` (its `best/` directory).
+    Eval {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Task to evaluate on (default: the checkpoint's).
+        #[arg(long)]
+        task: Option<String>,
+        #[arg(long, default_value = "dev")]
+        split: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Copy a Hugging Face model directory with its weights cast to another
     /// dtype (e.g. bf16, to halve what travels to a GPU machine).
     ConvertCheckpoint {
@@ -55,6 +70,79 @@ enum Cmd {
         #[arg(long)]
         peers: Option<PathBuf>,
     },
+}
+
+/// `finetune` flags; each overrides the TOML config, which overrides the defaults.
+#[derive(clap::Args)]
+struct FinetuneArgs {
+    /// Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// sst2, cola, rte, mrpc, amazon:<domain>, trec, snli, agnews, sst5, cr, mpqa, subj.
+    #[arg(long)]
+    task: Option<String>,
+    /// The data folder (default: $TUNEFUSE_DATA).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Comma-separated: vanilla, smart, r3f, mixout, adapter, lora.
+    #[arg(long)]
+    method: Option<String>,
+    /// A TOML file with any of the run's settings.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the run in --output from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    #[arg(long)]
+    epochs: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Subsample the training set to N examples.
+    #[arg(long)]
+    train_examples: Option<usize>,
+    #[arg(long)]
+    max_len: Option<usize>,
+    /// cpu, cuda or auto.
+    #[arg(long)]
+    device: Option<String>,
+}
+
+fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
+    let mut cfg = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
+            toml::from_str::<Config>(&text).map_err(|e| format!("config {}: {e}", p.display()))?
+        }
+        None => Config::default(),
+    };
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = &a.$f { cfg.$f = v.clone().into(); } )* };
+    }
+    set!(model, task, output, epochs, lr, batch_size, seed, max_len, device);
+    if a.data_dir.is_some() {
+        cfg.data_dir = a.data_dir.clone();
+    }
+    if a.train_examples.is_some() {
+        cfg.train_examples = a.train_examples;
+    }
+    if let Some(m) = &a.method {
+        cfg.methods = m
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+    }
+    if cfg.model.as_os_str().is_empty() {
+        return Err("--model is required (a Hugging Face BERT directory; scripts/fetch-model.sh prints one)".into());
+    }
+    Ok(cfg)
 }
 
 fn main() -> ExitCode {
@@ -96,6 +184,41 @@ fn run(cli: Cli) -> Result<(), String> {
                 std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap())
                     .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
             }
+            Ok(())
+        }
+        Cmd::Finetune(a) => {
+            let cfg = finetune_config(&a)?;
+            let mut run = Run::new(cfg).map_err(|e| e.to_string())?;
+            eprintln!(
+                "fine-tuning on {}: {} train examples, {} eval examples, {} trainable tensors",
+                run.cfg.task,
+                run.train.examples.len(),
+                run.eval.examples.len(),
+                run.opt.params.len()
+            );
+            let s = run
+                .fit(a.resume, |m| eprintln!("{m}"))
+                .map_err(|e| e.to_string())?;
+            println!(
+                "{}: best {} {:.4} at step {}; final dev accuracy {:.4}, ECE {:.4}, NLL {:.4} ({:.0} s)",
+                s.task, s.metric, s.best, s.best_step, s.last.accuracy, s.last.ece, s.last.nll, s.seconds
+            );
+            Ok(())
+        }
+        Cmd::Eval {
+            checkpoint,
+            task,
+            split,
+            data_dir,
+        } => {
+            let ev = tunefuse::train::trainer::evaluate_checkpoint(
+                &checkpoint,
+                task.as_deref(),
+                &split,
+                data_dir.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
+            println!("{}", serde_json::to_string_pretty(&ev).unwrap());
             Ok(())
         }
         Cmd::ConvertCheckpoint {

@@ -521,3 +521,73 @@ pub fn plot_histograms(stem: &Path, sets: &[(&str, &[f64])], title: &str) -> Res
     )
     .map_err(|m| io_err(&svg, m))
 }
+
+fn draw_curve<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    pts: &[(u64, f64)],
+) -> std::result::Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let (x0, x1) = pts
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.0 as f64), b.max(p.0 as f64))
+        });
+    let (y0, y1) = pts
+        .iter()
+        .map(|p| p.1)
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    let (x0, x1) = if x1 > x0 {
+        (x0, x1)
+    } else {
+        (0.0, x0.max(0.0) + 1.0)
+    };
+    let (y0, y1) = if y1 > y0 {
+        (y0, y1)
+    } else if y0.is_finite() {
+        (y0 - 0.5, y0 + 0.5)
+    } else {
+        (0.0, 1.0)
+    };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(50)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(e)?;
+    chart.configure_mesh().x_desc("step").draw().map_err(e)?;
+    chart
+        .draw_series(LineSeries::new(
+            pts.iter()
+                .filter(|p| p.1.is_finite())
+                .map(|p| (p.0 as f64, p.1)),
+            BLUE,
+        ))
+        .map_err(e)?;
+    root.present().map_err(e)
+}
+
+/// Writes a curve (step, value) to `<stem>.png` and `<stem>.svg`.
+pub fn plot_curve(stem: &Path, title: &str, pts: &[(u64, f64)]) -> Result<()> {
+    let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
+    draw_curve(
+        BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
+        title,
+        pts,
+    )
+    .map_err(|m| io_err(&png, m))?;
+    draw_curve(
+        SVGBackend::new(&svg, (640, 480)).into_drawing_area(),
+        title,
+        pts,
+    )
+    .map_err(|m| io_err(&svg, m))
+}

@@ -1,0 +1,1125 @@
+//! The fine-tuning loop: a pretrained BERT encoder plus a classification
+//! head, trained on one of the data readers' tasks with AdamW or RecAdam, a
+//! learning-rate schedule, optional discriminative rates and gradual
+//! unfreezing, and any combination of the robust / parameter-efficient
+//! methods: SMART's smoothness-inducing adversarial regulariser, R3F,
+//! mixout, bottleneck adapters and LoRA.
+//!
+//! Output directory: `config.toml` (the resolved configuration),
+//! `metrics.jsonl` (a line per logged step and per evaluation),
+//! `summary.json`, `best/` (the best checkpoint on the chosen metric),
+//! `last/` (the resumable state) and loss / metric / reliability plots.
+//! Checkpoints are written to a temporary directory and renamed into place.
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use super::data::{self, Dataset, Split, Task};
+use super::metrics;
+use super::optim::{clip_grad_norm, AdamW, AdamWParams, Param, RecAdam, Schedule};
+use crate::error::{io_err, param_err, Result};
+use crate::model::{AdapterPlacement, Bert, ClassifierHead, Outputs, Pooling, TextTokenizer};
+use crate::ops::mixout::Rng;
+use crate::ops::perturb::{
+    ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode,
+};
+use crate::ops::sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
+
+/// SMART (Jiang et al. 2020) settings; mt-dnn's defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmartConfig {
+    /// Weight λ_s of the smoothness penalty.
+    pub lambda: f64,
+    /// Std of the initial noise on the input embeddings.
+    pub sigma: f64,
+    /// Ascent step size η.
+    pub eta: f64,
+    /// Number of ascent steps K.
+    pub steps: usize,
+    /// `l2` or `linf`.
+    pub norm: String,
+    /// `token` or `example`.
+    pub granularity: String,
+    /// `direction` (mt-dnn), `normalized_step` (smart-pytorch) or `pgd`.
+    pub mode: String,
+    /// ε₀ of direction / normalized_step, or the pgd radius.
+    pub eps: f64,
+}
+
+impl Default for SmartConfig {
+    fn default() -> Self {
+        Self {
+            lambda: 1.0,
+            sigma: 1e-5,
+            eta: 1e-3,
+            steps: 1,
+            norm: "linf".into(),
+            granularity: "token".into(),
+            mode: "direction".into(),
+            eps: 1e-6,
+        }
+    }
+}
+
+/// R3F (Aghajanyan et al. 2021) settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct R3fConfig {
+    pub lambda: f64,
+    pub sigma: f64,
+    /// `normal` or `uniform`.
+    pub noise: String,
+}
+
+impl Default for R3fConfig {
+    fn default() -> Self {
+        Self {
+            lambda: 1.0,
+            sigma: 1e-5,
+            noise: "uniform".into(),
+        }
+    }
+}
+
+/// The run configuration (every field settable from TOML or the CLI).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub task: String,
+    pub model: PathBuf,
+    pub data_dir: Option<PathBuf>,
+    pub output: PathBuf,
+    /// Methods to combine: vanilla, smart, r3f, mixout, adapter, lora.
+    pub methods: Vec<String>,
+    pub seed: u64,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub schedule: Schedule,
+    /// Discriminative fine-tuning: lr of layer l is lr·ξ^(L−l) (ULMFiT uses 1/2.6).
+    pub layer_lr_decay: Option<f64>,
+    /// Gradual unfreezing: the top layer first, one more every epoch.
+    pub gradual_unfreezing: bool,
+    pub recadam: Option<RecAdam>,
+    pub max_len: usize,
+    /// Gradient clipping by global norm (0 = off).
+    pub clip: f64,
+    /// Evaluate every N optimiser steps (0 = at the end of each epoch only).
+    pub eval_every: usize,
+    /// Log every N optimiser steps.
+    pub log_every: usize,
+    /// Subsample the training set to this many examples (by seed).
+    pub train_examples: Option<usize>,
+    /// Or k examples per class (low-resource runs).
+    pub k_per_class: Option<usize>,
+    /// Subsample the evaluation set to this many examples (by seed).
+    pub eval_examples: Option<usize>,
+    pub eval_split: String,
+    /// Model selection metric: accuracy, macro_f1, f1, mcc.
+    pub metric: String,
+    /// Stop after this many evaluations without improvement.
+    pub patience: Option<usize>,
+    pub label_smoothing: f64,
+    /// `cls` or `mean`.
+    pub pooling: String,
+    /// Hidden and attention dropout; default: the model's (0 with mixout).
+    pub dropout: Option<f64>,
+    pub mixout: f64,
+    pub adapter_r: usize,
+    /// `houlsby` or `pfeiffer`.
+    pub adapter_placement: String,
+    pub lora_r: usize,
+    pub lora_alpha: f64,
+    pub lora_targets: Vec<String>,
+    pub smart: SmartConfig,
+    pub r3f: R3fConfig,
+    /// `cpu`, `cuda` or `auto`.
+    pub device: String,
+    /// Stop after the first checkpoint at or past this many optimiser steps
+    /// (time-boxing; the run can be continued with `--resume`).
+    pub stop_after: Option<u64>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            task: "sst2".into(),
+            model: PathBuf::new(),
+            data_dir: None,
+            output: PathBuf::from("runs/out"),
+            methods: vec!["vanilla".into()],
+            seed: 1,
+            epochs: 3,
+            batch_size: 16,
+            grad_accum: 1,
+            lr: 1e-4,
+            weight_decay: 0.01,
+            schedule: Schedule::Linear { warmup: 0.1 },
+            layer_lr_decay: None,
+            gradual_unfreezing: false,
+            recadam: None,
+            max_len: 128,
+            clip: 1.0,
+            eval_every: 0,
+            log_every: 10,
+            train_examples: None,
+            k_per_class: None,
+            eval_examples: None,
+            eval_split: "dev".into(),
+            metric: "accuracy".into(),
+            patience: None,
+            label_smoothing: 0.0,
+            pooling: "cls".into(),
+            dropout: None,
+            mixout: 0.1,
+            adapter_r: 64,
+            adapter_placement: "houlsby".into(),
+            lora_r: 8,
+            lora_alpha: 16.0,
+            lora_targets: vec!["query".into(), "value".into()],
+            smart: SmartConfig::default(),
+            r3f: R3fConfig::default(),
+            device: "auto".into(),
+            stop_after: None,
+        }
+    }
+}
+
+const METHODS: [&str; 6] = ["vanilla", "smart", "r3f", "mixout", "adapter", "lora"];
+const SELECT: [&str; 4] = ["accuracy", "macro_f1", "f1", "mcc"];
+
+impl Config {
+    pub fn has(&self, m: &str) -> bool {
+        self.methods.iter().any(|x| x == m)
+    }
+
+    /// Every check that can fail before training starts.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(param_err("config", m));
+        self.task.parse::<Task>()?;
+        self.eval_split.parse::<Split>()?;
+        for m in &self.methods {
+            if !METHODS.contains(&m.as_str()) {
+                return bad(format!("unknown method {m:?} (one of {METHODS:?})"));
+            }
+        }
+        if self.has("mixout") && (self.has("adapter") || self.has("lora")) {
+            return bad("mixout pulls the full weights towards their pretrained values; it cannot be combined with adapter or lora, which freeze them".into());
+        }
+        if self.has("smart") && self.has("r3f") {
+            return bad("smart and r3f are alternative smoothness regularisers: pick one".into());
+        }
+        if !SELECT.contains(&self.metric.as_str()) {
+            return bad(format!(
+                "unknown metric {:?} (one of {SELECT:?})",
+                self.metric
+            ));
+        }
+        if self.epochs == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.max_len < 2 {
+            return bad("epochs, batch_size and grad_accum must be >= 1, max_len >= 2".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || self.weight_decay < 0.0 || self.clip < 0.0 {
+            return bad(format!(
+                "lr {} must be > 0, weight_decay {} and clip {} >= 0",
+                self.lr, self.weight_decay, self.clip
+            ));
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) || !(0.0..1.0).contains(&self.mixout) {
+            return bad("label_smoothing and mixout must be in [0, 1)".into());
+        }
+        if let Some(x) = self.layer_lr_decay {
+            if !(x > 0.0 && x <= 1.0) {
+                return bad(format!("layer_lr_decay must be in (0, 1], got {x}"));
+            }
+        }
+        if let Some(p) = self.dropout {
+            if !(0.0..1.0).contains(&p) {
+                return bad(format!("dropout must be in [0, 1), got {p}"));
+            }
+        }
+        if self.has("adapter") && self.adapter_r == 0 || self.has("lora") && self.lora_r == 0 {
+            return bad("adapter_r and lora_r must be >= 1".into());
+        }
+        self.schedule.validate()?;
+        self.pooling()?;
+        self.placement()?;
+        if self.has("smart") {
+            self.smart_step()?.validate()?;
+            if self.smart.sigma < 0.0 || self.smart.lambda < 0.0 {
+                return bad("smart sigma and lambda must be >= 0".into());
+            }
+        }
+        if self.has("r3f") && !matches!(self.r3f.noise.as_str(), "normal" | "uniform") {
+            return bad(format!(
+                "r3f noise must be normal or uniform, got {:?}",
+                self.r3f.noise
+            ));
+        }
+        Ok(())
+    }
+
+    fn pooling(&self) -> Result<Pooling> {
+        match self.pooling.as_str() {
+            "cls" => Ok(Pooling::Cls),
+            "mean" => Ok(Pooling::Mean),
+            p => Err(param_err(
+                "config",
+                format!("pooling must be cls or mean, got {p:?}"),
+            )),
+        }
+    }
+
+    fn placement(&self) -> Result<AdapterPlacement> {
+        match self.adapter_placement.as_str() {
+            "houlsby" => Ok(AdapterPlacement::Houlsby),
+            "pfeiffer" => Ok(AdapterPlacement::Pfeiffer),
+            p => Err(param_err(
+                "config",
+                format!("adapter_placement must be houlsby or pfeiffer, got {p:?}"),
+            )),
+        }
+    }
+
+    fn smart_step(&self) -> Result<AscentStep> {
+        let s = &self.smart;
+        let norm = match s.norm.as_str() {
+            "l2" => Norm::L2,
+            "linf" => Norm::Linf,
+            n => {
+                return Err(param_err(
+                    "smart",
+                    format!("norm must be l2 or linf, got {n:?}"),
+                ))
+            }
+        };
+        let granularity = match s.granularity.as_str() {
+            "token" => Granularity::Token,
+            "example" => Granularity::Example,
+            g => {
+                return Err(param_err(
+                    "smart",
+                    format!("granularity must be token or example, got {g:?}"),
+                ))
+            }
+        };
+        let mode = match s.mode.as_str() {
+            "direction" => StepMode::Direction { eps0: s.eps },
+            "normalized_step" => StepMode::NormalizedStep { eps0: s.eps },
+            "pgd" => StepMode::Pgd { eps: Some(s.eps) },
+            m => {
+                return Err(param_err(
+                    "smart",
+                    format!("mode must be direction, normalized_step or pgd, got {m:?}"),
+                ))
+            }
+        };
+        Ok(AscentStep {
+            eta: s.eta,
+            norm,
+            granularity,
+            mode,
+        })
+    }
+
+    pub fn device(&self) -> Result<Device> {
+        match self.device.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::new_cuda(0)?),
+            "auto" => Ok(Device::cuda_if_available(0)?),
+            d => Err(param_err(
+                "config",
+                format!("device must be cpu, cuda or auto, got {d:?}"),
+            )),
+        }
+    }
+}
+
+/// Evaluation results.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Eval {
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    pub f1: f64,
+    pub mcc: f64,
+    pub nll: f64,
+    pub brier: f64,
+    pub ece: f64,
+}
+
+impl Eval {
+    fn get(&self, m: &str) -> f64 {
+        match m {
+            "macro_f1" => self.macro_f1,
+            "f1" => self.f1,
+            "mcc" => self.mcc,
+            _ => self.accuracy,
+        }
+    }
+}
+
+/// The trainer's own state, saved with every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct State {
+    epoch: usize,
+    /// Batches done in `epoch`.
+    batch: usize,
+    step: u64,
+    dropout_rng: (u64, u64),
+    noise_rng: (u64, u64),
+    best: Option<f64>,
+    best_step: u64,
+    evals_since_best: usize,
+    history: Vec<(u64, f64)>,
+}
+
+/// The model, head and optimiser of a run.
+pub struct Run {
+    pub cfg: Config,
+    pub bert: Bert,
+    pub head: ClassifierHead,
+    pub varmap: VarMap,
+    pub tok: TextTokenizer,
+    pub opt: AdamW,
+    pub train: Dataset,
+    pub eval: Dataset,
+    device: Device,
+    noise: Rng,
+}
+
+/// One batch on the device, plus its labels.
+struct Batch {
+    ids: Tensor,
+    types: Tensor,
+    mask: Tensor,
+    labels: Tensor,
+}
+
+impl Run {
+    /// Validates, loads data, model and tokenizer, applies the methods.
+    pub fn new(cfg: Config) -> Result<Self> {
+        cfg.validate()?;
+        let device = cfg.device()?;
+        let dir = data::data_dir(cfg.data_dir.as_deref())?;
+        let task: Task = cfg.task.parse()?;
+        let mut train = data::load(&task, Split::Train, &dir)?;
+        let mut eval = data::load(&task, cfg.eval_split.parse()?, &dir)?;
+        if let Some(n) = cfg.eval_examples {
+            eval = eval.subsample(n, cfg.seed);
+        }
+        if let Some(k) = cfg.k_per_class {
+            train = train.k_per_class(k, cfg.seed);
+        }
+        if let Some(n) = cfg.train_examples {
+            train = train.subsample(n, cfg.seed);
+        }
+        if train.examples.is_empty() || eval.examples.is_empty() {
+            return Err(param_err("data", "empty training or evaluation set"));
+        }
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            if !cfg.model.join(f).exists() {
+                return Err(io_err(
+                    &cfg.model.join(f),
+                    "missing: --model must be a Hugging Face BERT directory",
+                ));
+            }
+        }
+        let varmap = VarMap::new();
+        let mut bert = Bert::from_pretrained(&cfg.model, &varmap, DType::F32, &device)?;
+        let tok = TextTokenizer::from_file(&cfg.model.join("tokenizer.json"), cfg.max_len)?;
+        let dropout = cfg.dropout.unwrap_or(if cfg.has("mixout") {
+            0.0
+        } else {
+            bert.config.hidden_dropout_prob
+        });
+        bert.config.hidden_dropout_prob = dropout;
+        bert.config.attention_probs_dropout_prob = cfg.dropout.unwrap_or(if cfg.has("mixout") {
+            0.0
+        } else {
+            bert.config.attention_probs_dropout_prob
+        });
+        bert.stream.set_position(Rng {
+            seed: cfg.seed,
+            offset: 0,
+        });
+        let pretrained: HashMap<String, Tensor> = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), v.as_tensor().detach().copy()?)))
+            .collect::<Result<_>>()?;
+        if cfg.has("mixout") {
+            bert.enable_mixout(cfg.mixout)?;
+        }
+        let peft = cfg.has("adapter") || cfg.has("lora");
+        if peft {
+            bert.freeze_all()?;
+        }
+        if cfg.has("adapter") {
+            bert.add_adapters(&varmap, cfg.placement()?, cfg.adapter_r, 1.0)?;
+        }
+        if cfg.has("lora") {
+            let t: Vec<&str> = cfg.lora_targets.iter().map(String::as_str).collect();
+            bert.add_lora(&varmap, &t, cfg.lora_r, cfg.lora_alpha)?;
+        }
+        let head = ClassifierHead::new(
+            &varmap,
+            bert.config.hidden_size,
+            train.labels.len(),
+            cfg.pooling()?,
+            dropout,
+            DType::F32,
+            &device,
+        )?;
+        init_new_params(&varmap, &pretrained, cfg.seed)?;
+        let layers = bert.layers.len();
+        let params = {
+            let data = varmap.data().lock().unwrap();
+            let mut names: Vec<&String> = data.keys().collect();
+            names.sort();
+            names
+                .into_iter()
+                .filter(|n| {
+                    !n.starts_with("pooler.")
+                        && (!peft
+                            || n.contains("adapter")
+                            || n.contains("lora_")
+                            || n.starts_with("classifier."))
+                })
+                .map(|n| Param {
+                    name: n.clone(),
+                    var: data[n].clone(),
+                    lr_scale: cfg
+                        .layer_lr_decay
+                        .map_or(1.0, |xi| xi.powi((layers - layer_of(n, layers)) as i32)),
+                    decay: !(n.ends_with("bias") || n.contains("LayerNorm")),
+                    anchor: pretrained.get(n).cloned(),
+                })
+                .collect::<Vec<_>>()
+        };
+        let recadam = cfg.recadam;
+        let params = if recadam.is_some() {
+            params.into_iter().filter(|p| p.anchor.is_some()).collect()
+        } else {
+            params
+        };
+        let opt = AdamW::new(
+            params,
+            AdamWParams {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..Default::default()
+            },
+            recadam,
+        )?;
+        let noise = Rng {
+            seed: cfg.seed ^ 0x005e_ed0f_5a77,
+            offset: 0,
+        };
+        Ok(Self {
+            cfg,
+            bert,
+            head,
+            varmap,
+            tok,
+            opt,
+            train,
+            eval,
+            device,
+            noise,
+        })
+    }
+
+    fn batch(&self, ds: &Dataset, idx: &[usize]) -> Result<Batch> {
+        let texts: Vec<(&str, Option<&str>)> = idx
+            .iter()
+            .map(|&i| (ds.examples[i].text.as_str(), ds.examples[i].pair.as_deref()))
+            .collect();
+        let b = self.tok.batch(&texts, &self.device)?;
+        let labels = Tensor::new(
+            idx.iter()
+                .map(|&i| ds.examples[i].label as u32)
+                .collect::<Vec<_>>(),
+            &self.device,
+        )?;
+        Ok(Batch {
+            ids: b.ids,
+            types: b.token_types,
+            mask: b.mask,
+            labels,
+        })
+    }
+
+    fn logits(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = self
+            .bert
+            .forward_from_embeddings(embeds, mask, Outputs::default())?
+            .last_hidden;
+        self.head.forward(&h, mask, &self.bert.stream)
+    }
+
+    /// Task loss plus the regularisers for one batch.
+    fn loss(&mut self, b: &Batch) -> Result<(Tensor, f64)> {
+        let embeds = self.bert.forward_embeddings(&b.ids, Some(&b.types))?;
+        let logits = self.logits(&embeds, &b.mask)?;
+        let task = cross_entropy(&logits, &b.labels, self.cfg.label_smoothing)?;
+        let (bsz, len, hid) = embeds.dims3()?;
+        let shape = [bsz, len, hid];
+        if self.cfg.has("smart") && self.cfg.smart.lambda > 0.0 {
+            let s = &self.cfg.smart;
+            let step = self.cfg.smart_step()?;
+            let mut delta = noise_init(
+                &shape,
+                &b.mask,
+                Noise::Normal { sigma: s.sigma },
+                embeds.dtype(),
+                self.noise,
+            )?;
+            self.noise.offset += crate::philox::counters_for(delta.elem_count());
+            let target = logits.detach();
+            let mut finite = true;
+            for _ in 0..s.steps {
+                let d = candle_core::Var::from_tensor(&delta)?;
+                let adv = self.logits(&(embeds.detach() + d.as_tensor())?, &b.mask)?;
+                let inner = kl(&adv, &target, Reduction::BatchMean, None)?;
+                let g = inner
+                    .backward()?
+                    .get(d.as_tensor())
+                    .cloned()
+                    .unwrap_or(delta.zeros_like()?);
+                let (next, flags) = ascent_step(&delta, &g, &b.mask, &step)?;
+                if flags.max_all()?.to_scalar::<u8>()? != 0 {
+                    finite = false;
+                    break;
+                }
+                delta = next;
+            }
+            if finite {
+                let adv = self.logits(&(&embeds + delta.detach())?, &b.mask)?;
+                let lam = s.lambda;
+                let opts = SymKlOptions {
+                    grad: SymKlGrad::Detached,
+                    expected_grad: lam as f32,
+                    ..Default::default()
+                };
+                let pen = sym_kl(&adv, &logits, &opts)?;
+                let v = pen.to_scalar::<f32>()? as f64;
+                return Ok(((task + (pen * lam)?)?, v));
+            }
+            return Ok((task, f64::NAN));
+        }
+        if self.cfg.has("r3f") && self.cfg.r3f.lambda > 0.0 {
+            let r = &self.cfg.r3f;
+            let noise = if r.noise == "normal" {
+                Noise::Normal { sigma: r.sigma }
+            } else {
+                Noise::Uniform { sigma: r.sigma }
+            };
+            let delta = noise_init(&shape, &b.mask, noise, embeds.dtype(), self.noise)?;
+            self.noise.offset += crate::philox::counters_for(delta.elem_count());
+            let adv = self.logits(&(&embeds + delta)?, &b.mask)?;
+            let lam = r.lambda;
+            let opts = SymKlOptions {
+                grad: SymKlGrad::Full,
+                expected_grad: lam as f32,
+                ..Default::default()
+            };
+            let pen = sym_kl(&adv, &logits, &opts)?;
+            let v = pen.to_scalar::<f32>()? as f64;
+            return Ok(((task + (pen * lam)?)?, v));
+        }
+        Ok((task, 0.0))
+    }
+
+    /// Class probabilities on a dataset (eval mode).
+    pub fn predict(&self, ds: &Dataset) -> Result<Vec<Vec<f64>>> {
+        let was = self.bert.stream.train();
+        self.bert.stream.set_train(false);
+        let mut out = Vec::with_capacity(ds.examples.len());
+        let idx: Vec<usize> = (0..ds.examples.len()).collect();
+        for chunk in idx.chunks(64) {
+            let b = self.batch(ds, chunk)?;
+            let embeds = self.bert.forward_embeddings(&b.ids, Some(&b.types))?;
+            let p = candle_nn::ops::softmax_last_dim(
+                &self.logits(&embeds, &b.mask)?.to_dtype(DType::F32)?,
+            )?;
+            out.extend(p.to_dtype(DType::F64)?.to_vec2::<f64>()?);
+        }
+        self.bert.stream.set_train(was);
+        Ok(out)
+    }
+
+    pub fn evaluate(&self, ds: &Dataset) -> Result<(Eval, metrics::Calibration)> {
+        let probs = self.predict(ds)?;
+        let labels: Vec<usize> = ds.examples.iter().map(|e| e.label).collect();
+        let preds: Vec<usize> = probs
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .unwrap()
+                    .0
+            })
+            .collect();
+        let k = ds.labels.len();
+        let cal = metrics::calibration(&probs, &labels, 15)?;
+        Ok((
+            Eval {
+                accuracy: metrics::accuracy(&preds, &labels)?,
+                macro_f1: metrics::macro_f1(&preds, &labels, k)?,
+                f1: if k == 2 {
+                    metrics::f1_positive(&preds, &labels, 1)?
+                } else {
+                    f64::NAN
+                },
+                mcc: metrics::matthews(&preds, &labels, k)?,
+                nll: metrics::nll(&probs, &labels)?,
+                brier: metrics::brier(&probs, &labels)?,
+                ece: cal.ece,
+            },
+            cal,
+        ))
+    }
+
+    fn apply_unfreezing(&mut self, epoch: usize) -> Result<()> {
+        if !self.cfg.gradual_unfreezing {
+            return Ok(());
+        }
+        // Epoch 0: only the top layer (and the head) train; one more per epoch.
+        let l = self.bert.layers.len();
+        for unit in 0..=l {
+            self.bert.set_frozen(unit, unit + epoch < l)?;
+        }
+        Ok(())
+    }
+
+    /// Trains to the end (or early stop), resuming from `last/` when asked.
+    pub fn fit(&mut self, resume: bool, mut log: impl FnMut(&str)) -> Result<Summary> {
+        let out = self.cfg.output.clone();
+        std::fs::create_dir_all(&out).map_err(|e| io_err(&out, e))?;
+        std::fs::write(
+            out.join("config.toml"),
+            toml::to_string(&self.cfg).map_err(|e| param_err("config", e.to_string()))?,
+        )
+        .map_err(|e| io_err(&out, e))?;
+        let n = self.train.examples.len();
+        let per_epoch = n
+            .div_ceil(self.cfg.batch_size)
+            .div_ceil(self.cfg.grad_accum) as u64;
+        let total = per_epoch * self.cfg.epochs as u64;
+        let mut st = State {
+            epoch: 0,
+            batch: 0,
+            step: 0,
+            dropout_rng: (self.cfg.seed, 0),
+            noise_rng: (self.noise.seed, 0),
+            best: None,
+            best_step: 0,
+            evals_since_best: 0,
+            history: vec![],
+        };
+        let metrics_path = out.join("metrics.jsonl");
+        if resume {
+            st = self.load_last(&out.join("last"))?;
+            log(&format!(
+                "resumed at epoch {} batch {} (step {})",
+                st.epoch, st.batch, st.step
+            ));
+        } else {
+            std::fs::write(&metrics_path, "").map_err(|e| io_err(&metrics_path, e))?;
+        }
+        let mut mlog = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&metrics_path)
+            .map_err(|e| io_err(&metrics_path, e))?;
+        let mut line = |v: serde_json::Value| -> Result<()> {
+            writeln!(mlog, "{v}").map_err(|e| io_err(&metrics_path, e))
+        };
+        let start = Instant::now();
+        let mut seen = 0usize;
+        let mut stop = false;
+        let mut losses = Vec::new();
+        let mut last_eval: Option<Eval> = None;
+        while st.epoch < self.cfg.epochs && !stop {
+            self.apply_unfreezing(st.epoch)?;
+            let mut order: Vec<usize> = (0..n).collect();
+            data::shuffle(
+                &mut order,
+                self.cfg.seed.wrapping_add(st.epoch as u64 * 0x9E37_79B9),
+            );
+            let batches: Vec<&[usize]> = order.chunks(self.cfg.batch_size).collect();
+            while st.batch < batches.len() {
+                self.bert.stream.set_train(true);
+                let group: Vec<&[usize]> =
+                    batches[st.batch..(st.batch + self.cfg.grad_accum).min(batches.len())].to_vec();
+                let mut acc: Option<candle_core::backprop::GradStore> = None;
+                let (mut loss_sum, mut pen_sum) = (0.0, 0.0);
+                for idx in &group {
+                    let b = self.batch(&self.train, idx)?;
+                    let (loss, pen) = self.loss(&b)?;
+                    let loss = (loss / group.len() as f64)?;
+                    loss_sum += loss.to_scalar::<f32>()? as f64;
+                    pen_sum += pen / group.len() as f64;
+                    let g = loss.backward()?;
+                    acc = Some(match acc {
+                        None => g,
+                        Some(mut a) => {
+                            for p in &self.opt.params {
+                                let t = p.var.as_tensor();
+                                if let Some(gi) = g.get(t) {
+                                    let sum = match a.get(t) {
+                                        Some(ai) => (ai + gi)?,
+                                        None => gi.clone(),
+                                    };
+                                    a.insert(t, sum);
+                                }
+                            }
+                            a
+                        }
+                    });
+                    seen += idx.len();
+                }
+                let mut grads = acc.expect("at least one micro-batch");
+                let norm = clip_grad_norm(&mut grads, &self.opt.params, self.cfg.clip)?;
+                let lr = self.cfg.schedule.lr(self.cfg.lr, st.step, total);
+                self.opt.step(&grads, lr)?;
+                st.step += 1;
+                st.batch += group.len();
+                losses.push((st.step, loss_sum));
+                if st.step.is_multiple_of(self.cfg.log_every.max(1) as u64) || st.step == total {
+                    let eps = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                    line(
+                        serde_json::json!({"step": st.step, "epoch": st.epoch, "loss": loss_sum, "penalty": pen_sum, "lr": lr, "grad_norm": norm, "examples_per_s": eps}),
+                    )?;
+                    log(&format!(
+                        "step {}/{total} epoch {} loss {loss_sum:.4} lr {lr:.2e} {eps:.1} ex/s",
+                        st.step, st.epoch
+                    ));
+                }
+                let epoch_end = st.batch >= batches.len();
+                if (self.cfg.eval_every > 0 && st.step.is_multiple_of(self.cfg.eval_every as u64))
+                    || epoch_end
+                {
+                    let (ev, cal) = self.evaluate(&self.eval)?;
+                    let score = ev.get(&self.cfg.metric);
+                    last_eval = Some(ev.clone());
+                    st.history.push((st.step, score));
+                    line(serde_json::json!({"eval": ev, "step": st.step, "epoch": st.epoch}))?;
+                    log(&format!(
+                        "eval step {}: {} {score:.4}, accuracy {:.4}, ECE {:.4}",
+                        st.step, self.cfg.metric, ev.accuracy, ev.ece
+                    ));
+                    if st.best.is_none_or(|b| score > b) {
+                        st.best = Some(score);
+                        st.best_step = st.step;
+                        st.evals_since_best = 0;
+                        self.save_params(&out.join("best"))?;
+                        std::fs::write(
+                            out.join("best_calibration.json"),
+                            serde_json::to_string_pretty(&cal).unwrap(),
+                        )
+                        .map_err(|e| io_err(&out, e))?;
+                        metrics::plot_reliability(
+                            &out.join("reliability"),
+                            &cal,
+                            &format!("{} {}", self.cfg.task, self.cfg.eval_split),
+                        )?;
+                    } else {
+                        st.evals_since_best += 1;
+                        if self.cfg.patience.is_some_and(|p| st.evals_since_best >= p) {
+                            log(&format!(
+                                "early stop: {} evaluations without improvement",
+                                st.evals_since_best
+                            ));
+                            stop = true;
+                        }
+                    }
+                    if epoch_end {
+                        st.epoch += 1;
+                        st.batch = 0;
+                    }
+                    let p = self.bert.stream.position();
+                    st.dropout_rng = (p.seed, p.offset);
+                    st.noise_rng = (self.noise.seed, self.noise.offset);
+                    self.save_last(&out.join("last"), &st)?;
+                    if self.cfg.stop_after.is_some_and(|n| st.step >= n) {
+                        log(&format!(
+                            "stopping after step {} (stop_after); continue with --resume",
+                            st.step
+                        ));
+                        stop = true;
+                    }
+                    if stop || epoch_end {
+                        break;
+                    }
+                }
+            }
+        }
+        // The loop ends right after an evaluation, unless a resumed run had
+        // nothing left to do.
+        let ev = match last_eval {
+            Some(ev) => ev,
+            None => self.evaluate(&self.eval)?.0,
+        };
+        metrics::plot_curve(&out.join("loss"), "training loss", &losses)?;
+        metrics::plot_curve(&out.join("metric"), &self.cfg.metric, &st.history)?;
+        let summary = Summary {
+            task: self.cfg.task.clone(),
+            methods: self.cfg.methods.clone(),
+            steps: st.step,
+            best_step: st.best_step,
+            best: st.best.unwrap_or(f64::NAN),
+            metric: self.cfg.metric.clone(),
+            last: ev,
+            train_examples: n,
+            seconds: start.elapsed().as_secs_f64(),
+        };
+        std::fs::write(
+            out.join("summary.json"),
+            serde_json::to_string_pretty(&summary).unwrap(),
+        )
+        .map_err(|e| io_err(&out, e))?;
+        Ok(summary)
+    }
+
+    /// The trained parameters (all, or only the new ones for adapters /
+    /// LoRA) as safetensors, atomically.
+    fn save_params(&self, dir: &Path) -> Result<()> {
+        let tensors: HashMap<String, Tensor> = self
+            .opt
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+            .collect();
+        atomic_dir(dir, |tmp| {
+            candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))
+                .map_err(|e| io_err(tmp, e))?;
+            let meta = serde_json::json!({"base_model": self.cfg.model, "labels": self.train.labels, "config": self.cfg});
+            std::fs::write(tmp.join("checkpoint.json"), meta.to_string())
+                .map_err(|e| io_err(tmp, e))
+        })
+    }
+
+    fn save_last(&self, dir: &Path, st: &State) -> Result<()> {
+        let mut tensors: HashMap<String, Tensor> = self
+            .opt
+            .params
+            .iter()
+            .map(|p| (format!("param.{}", p.name), p.var.as_tensor().clone()))
+            .collect();
+        tensors.extend(
+            self.opt
+                .state()
+                .into_iter()
+                .map(|(k, v)| (format!("opt.{k}"), v)),
+        );
+        atomic_dir(dir, |tmp| {
+            candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))
+                .map_err(|e| io_err(tmp, e))?;
+            std::fs::write(tmp.join("trainer.json"), serde_json::to_string(st).unwrap())
+                .map_err(|e| io_err(tmp, e))
+        })
+    }
+
+    fn load_last(&mut self, dir: &Path) -> Result<State> {
+        let tj = dir.join("trainer.json");
+        let text = std::fs::read_to_string(&tj)
+            .map_err(|e| io_err(&tj, format!("{e} (nothing to resume)")))?;
+        let st: State = serde_json::from_str(&text)
+            .map_err(|e| crate::error::format_err(&tj, e.to_string()))?;
+        let sp = dir.join("state.safetensors");
+        let t = candle_core::safetensors::load(&sp, &self.device)
+            .map_err(|e| crate::error::format_err(&sp, e.to_string()))?;
+        for p in &self.opt.params {
+            let key = format!("param.{}", p.name);
+            let v = t
+                .get(&key)
+                .ok_or_else(|| crate::error::format_err(&sp, format!("lacks {key}")))?;
+            p.var.set(v)?;
+        }
+        let opt: HashMap<String, Tensor> = t
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix("opt.").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        self.opt.load_state(&opt, st.step)?;
+        self.bert.stream.set_position(Rng {
+            seed: st.dropout_rng.0,
+            offset: st.dropout_rng.1,
+        });
+        self.noise = Rng {
+            seed: st.noise_rng.0,
+            offset: st.noise_rng.1,
+        };
+        Ok(st)
+    }
+}
+
+/// Seeded initialisation of the parameters the checkpoint did not provide
+/// (head, adapters, LoRA), so a run is reproducible from its seed: biases
+/// and LoRA's B zero, LoRA's A uniform ±1/√fan_in (Kaiming-uniform, a = √5),
+/// adapter weights N(0, 1e-3) (adapter-bert), other weights N(0, 0.02)
+/// (BERT's initializer range).
+fn init_new_params(varmap: &VarMap, pretrained: &HashMap<String, Tensor>, seed: u64) -> Result<()> {
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = data
+        .keys()
+        .filter(|k| !pretrained.contains_key(*k))
+        .collect();
+    names.sort();
+    for (i, name) in names.into_iter().enumerate() {
+        let var = &data[name];
+        let n = var.elem_count();
+        let fan_in = var.dims().last().copied().unwrap_or(1).max(1) as f64;
+        // One Philox stream per parameter: key = seed, counters from i << 40.
+        let rng = Rng {
+            seed,
+            offset: (i as u64) << 40,
+        };
+        let normal = |std: f64| -> Vec<f64> {
+            (0..n as u64)
+                .map(|k| {
+                    let w = crate::philox::group(rng.seed, rng.offset, k);
+                    let u1 = (f64::from(w[0] >> 8) + 1.0) / f64::from(1u32 << 24);
+                    let u2 = f64::from(w[1] >> 8) / f64::from(1u32 << 24);
+                    std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+                })
+                .collect()
+        };
+        let vals: Vec<f64> = if name.ends_with("bias") || name.ends_with("lora_B") {
+            vec![0.0; n]
+        } else if name.ends_with("lora_A") {
+            let b = 1.0 / fan_in.sqrt();
+            (0..n as u64)
+                .map(|k| {
+                    (2.0 * f64::from(crate::philox::uniform(crate::philox::word(
+                        rng.seed, rng.offset, k,
+                    ))) - 1.0)
+                        * b
+                })
+                .collect()
+        } else if name.contains("adapter") {
+            normal(1e-3)
+        } else {
+            normal(0.02)
+        };
+        let t = Tensor::from_vec(vals, var.shape(), &Device::Cpu)?
+            .to_dtype(var.dtype())?
+            .to_device(var.device())?;
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+/// Layer index of a parameter for discriminative rates: embeddings 0,
+/// encoder layer i → i + 1, everything above the encoder → `layers`.
+fn layer_of(name: &str, layers: usize) -> usize {
+    if name.starts_with("embeddings.") {
+        return 0;
+    }
+    name.strip_prefix("encoder.layer.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+        .map_or(layers, |i| i + 1)
+}
+
+/// Writes a directory by filling `dir.tmp` and renaming it over `dir`.
+fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    fill(&tmp)?;
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(dir, &old).map_err(|e| io_err(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Mean cross-entropy with label smoothing ε: (1 − ε)·NLL + ε·mean(−log p).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let nll = logp
+        .gather(&labels.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()?
+        .mean_all()?;
+    if smoothing == 0.0 {
+        return Ok(nll);
+    }
+    let uniform = logp.mean(D::Minus1)?.neg()?.mean_all()?;
+    Ok(((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?)
+}
+
+/// What a run reports at the end.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Summary {
+    pub task: String,
+    pub methods: Vec<String>,
+    pub steps: u64,
+    pub best_step: u64,
+    pub best: f64,
+    pub metric: String,
+    /// Evaluation of the final weights.
+    pub last: Eval,
+    pub train_examples: usize,
+    pub seconds: f64,
+}
+
+/// Evaluates a `best/` checkpoint: rebuilds the run from the configuration
+/// stored with it (base model, methods), loads the trained parameters and
+/// evaluates on `split` of `task` (default: the checkpoint's task).
+pub fn evaluate_checkpoint(
+    dir: &Path,
+    task: Option<&str>,
+    split: &str,
+    data_dir: Option<&Path>,
+) -> Result<Eval> {
+    let meta_path = dir.join("checkpoint.json");
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
+    let meta: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| crate::error::format_err(&meta_path, e.to_string()))?;
+    let mut cfg: Config = serde_json::from_value(meta["config"].clone())
+        .map_err(|e| crate::error::format_err(&meta_path, e.to_string()))?;
+    if let Some(t) = task {
+        cfg.task = t.to_string();
+    }
+    cfg.eval_split = split.to_string();
+    if data_dir.is_some() {
+        cfg.data_dir = data_dir.map(Path::to_path_buf);
+    }
+    let run = Run::new(cfg)?;
+    let wp = dir.join("model.safetensors");
+    let t = candle_core::safetensors::load(&wp, &run.device).map_err(|e| {
+        crate::error::format_err(&wp, format!("not a readable safetensors file: {e}"))
+    })?;
+    for p in &run.opt.params {
+        let v = t
+            .get(&p.name)
+            .ok_or_else(|| crate::error::format_err(&wp, format!("lacks {}", p.name)))?;
+        if v.dims() != p.var.dims() {
+            return Err(crate::error::format_err(
+                &wp,
+                format!(
+                    "{} has shape {:?}, model {:?}",
+                    p.name,
+                    v.dims(),
+                    p.var.dims()
+                ),
+            ));
+        }
+        p.var.set(v)?;
+    }
+    Ok(run.evaluate(&run.eval)?.0)
+}
