@@ -37,13 +37,13 @@ fn lines(cfg: &Config) -> Vec<serde_json::Value> {
 #[test]
 fn resume_reproduces_an_uninterrupted_run() {
     let full = tiny("full", &["vanilla"]);
-    let s_full = Run::new(full.clone()).unwrap().fit(false, |_| {}).unwrap();
+    let s_full = Run::new(full.clone()).unwrap().fit(false, |_| ()).unwrap();
     // The same run, stopped after step 2 and resumed.
     let mut cut = tiny("cut", &["vanilla"]);
     cut.stop_after = Some(2);
-    Run::new(cut.clone()).unwrap().fit(false, |_| {}).unwrap();
+    Run::new(cut.clone()).unwrap().fit(false, |_| ()).unwrap();
     cut.stop_after = None;
-    let s_cut = Run::new(cut.clone()).unwrap().fit(true, |_| {}).unwrap();
+    let s_cut = Run::new(cut.clone()).unwrap().fit(true, |_| ()).unwrap();
     assert_eq!(s_full.steps, 6);
     assert_eq!(s_cut.steps, s_full.steps);
     assert_eq!(s_cut.last, s_full.last, "final evaluation after resume");
@@ -102,7 +102,7 @@ fn methods_run_and_peft_trains_only_new_parameters() {
                 || p.name.contains("lora_")
                 || p.name.starts_with("classifier.")));
         }
-        let s = run.fit(false, |_| {}).unwrap();
+        let s = run.fit(false, |_| ()).unwrap();
         assert_eq!(s.steps, 1, "{methods:?}");
         let l = lines(&cfg);
         let pen = l[0]["penalty"].as_f64().unwrap();

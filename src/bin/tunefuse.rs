@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tunefuse::bench;
-use tunefuse::train::trainer::{Config, Run};
+use tunefuse::train::trainer::{Config, Event, Run};
 
 #[derive(Parser)]
 #[command(
@@ -145,6 +145,57 @@ fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
     Ok(cfg)
 }
 
+/// A progress bar on a terminal, plain log lines otherwise.
+fn progress() -> impl FnMut(Event<'_>) {
+    use std::io::IsTerminal;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps {elapsed} (eta {eta}) {msg}",
+            )
+            .expect("a valid template"),
+        );
+        b
+    });
+    move |e| match (e, &bar) {
+        (
+            Event::Step {
+                step,
+                total,
+                loss,
+                lr,
+                examples_per_s,
+                ..
+            },
+            Some(b),
+        ) => {
+            b.set_length(total);
+            b.set_position(step);
+            b.set_message(format!(
+                "loss {loss:.4} lr {lr:.2e} {examples_per_s:.1} ex/s"
+            ));
+        }
+        (
+            Event::Step {
+                step,
+                total,
+                epoch,
+                loss,
+                lr,
+                examples_per_s,
+                logged: true,
+            },
+            None,
+        ) => {
+            eprintln!("step {step}/{total} epoch {epoch} loss {loss:.4} lr {lr:.2e} {examples_per_s:.1} ex/s")
+        }
+        (Event::Step { .. }, None) => {}
+        (Event::Message(m), Some(b)) => b.println(m),
+        (Event::Message(m), None) => eprintln!("{m}"),
+    }
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -196,9 +247,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 run.eval.examples.len(),
                 run.opt.params.len()
             );
-            let s = run
-                .fit(a.resume, |m| eprintln!("{m}"))
-                .map_err(|e| e.to_string())?;
+            let s = run.fit(a.resume, progress()).map_err(|e| e.to_string())?;
             println!(
                 "{}: best {} {:.4} at step {}; final dev accuracy {:.4}, ECE {:.4}, NLL {:.4} ({:.0} s)",
                 s.task, s.metric, s.best, s.best_step, s.last.accuracy, s.last.ece, s.last.nll, s.seconds

@@ -703,7 +703,7 @@ impl Run {
     }
 
     /// Trains to the end (or early stop), resuming from `last/` when asked.
-    pub fn fit(&mut self, resume: bool, mut log: impl FnMut(&str)) -> Result<Summary> {
+    pub fn fit(&mut self, resume: bool, mut on: impl FnMut(Event<'_>)) -> Result<Summary> {
         let out = self.cfg.output.clone();
         std::fs::create_dir_all(&out).map_err(|e| io_err(&out, e))?;
         std::fs::write(
@@ -730,10 +730,13 @@ impl Run {
         let metrics_path = out.join("metrics.jsonl");
         if resume {
             st = self.load_last(&out.join("last"))?;
-            log(&format!(
-                "resumed at epoch {} batch {} (step {})",
-                st.epoch, st.batch, st.step
-            ));
+            msg(
+                &mut on,
+                &format!(
+                    "resumed at epoch {} batch {} (step {})",
+                    st.epoch, st.batch, st.step
+                ),
+            );
         } else {
             std::fs::write(&metrics_path, "").map_err(|e| io_err(&metrics_path, e))?;
         }
@@ -795,16 +798,23 @@ impl Run {
                 st.step += 1;
                 st.batch += group.len();
                 losses.push((st.step, loss_sum));
-                if st.step.is_multiple_of(self.cfg.log_every.max(1) as u64) || st.step == total {
-                    let eps = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                let eps = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                let logged =
+                    st.step.is_multiple_of(self.cfg.log_every.max(1) as u64) || st.step == total;
+                if logged {
                     line(
                         serde_json::json!({"step": st.step, "epoch": st.epoch, "loss": loss_sum, "penalty": pen_sum, "lr": lr, "grad_norm": norm, "examples_per_s": eps}),
                     )?;
-                    log(&format!(
-                        "step {}/{total} epoch {} loss {loss_sum:.4} lr {lr:.2e} {eps:.1} ex/s",
-                        st.step, st.epoch
-                    ));
                 }
+                on(Event::Step {
+                    step: st.step,
+                    total,
+                    epoch: st.epoch,
+                    loss: loss_sum,
+                    lr,
+                    examples_per_s: eps,
+                    logged,
+                });
                 let epoch_end = st.batch >= batches.len();
                 if (self.cfg.eval_every > 0 && st.step.is_multiple_of(self.cfg.eval_every as u64))
                     || epoch_end
@@ -814,10 +824,13 @@ impl Run {
                     last_eval = Some(ev.clone());
                     st.history.push((st.step, score));
                     line(serde_json::json!({"eval": ev, "step": st.step, "epoch": st.epoch}))?;
-                    log(&format!(
-                        "eval step {}: {} {score:.4}, accuracy {:.4}, ECE {:.4}",
-                        st.step, self.cfg.metric, ev.accuracy, ev.ece
-                    ));
+                    msg(
+                        &mut on,
+                        &format!(
+                            "eval step {}: {} {score:.4}, accuracy {:.4}, ECE {:.4}",
+                            st.step, self.cfg.metric, ev.accuracy, ev.ece
+                        ),
+                    );
                     if st.best.is_none_or(|b| score > b) {
                         st.best = Some(score);
                         st.best_step = st.step;
@@ -836,10 +849,13 @@ impl Run {
                     } else {
                         st.evals_since_best += 1;
                         if self.cfg.patience.is_some_and(|p| st.evals_since_best >= p) {
-                            log(&format!(
-                                "early stop: {} evaluations without improvement",
-                                st.evals_since_best
-                            ));
+                            msg(
+                                &mut on,
+                                &format!(
+                                    "early stop: {} evaluations without improvement",
+                                    st.evals_since_best
+                                ),
+                            );
                             stop = true;
                         }
                     }
@@ -852,10 +868,13 @@ impl Run {
                     st.noise_rng = (self.noise.seed, self.noise.offset);
                     self.save_last(&out.join("last"), &st)?;
                     if self.cfg.stop_after.is_some_and(|n| st.step >= n) {
-                        log(&format!(
-                            "stopping after step {} (stop_after); continue with --resume",
-                            st.step
-                        ));
+                        msg(
+                            &mut on,
+                            &format!(
+                                "stopping after step {} (stop_after); continue with --resume",
+                                st.step
+                            ),
+                        );
                         stop = true;
                     }
                     if stop || epoch_end {
@@ -1060,6 +1079,28 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result
     }
     let uniform = logp.mean(D::Minus1)?.neg()?.mean_all()?;
     Ok(((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?)
+}
+
+fn msg(on: &mut impl FnMut(Event<'_>), m: &str) {
+    on(Event::Message(m))
+}
+
+/// Progress of [`Run::fit`], for a progress bar or log lines.
+#[derive(Clone, Copy, Debug)]
+pub enum Event<'a> {
+    /// After every optimiser step; `logged` on the steps written to
+    /// `metrics.jsonl` (every `log_every`).
+    Step {
+        step: u64,
+        total: u64,
+        epoch: usize,
+        loss: f64,
+        lr: f64,
+        examples_per_s: f64,
+        logged: bool,
+    },
+    /// Evaluations, checkpoints, early stopping, resumption.
+    Message(&'a str),
 }
 
 /// What a run reports at the end.
