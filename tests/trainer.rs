@@ -36,10 +36,15 @@ fn lines(cfg: &Config) -> Vec<serde_json::Value> {
 
 #[test]
 fn resume_reproduces_an_uninterrupted_run() {
-    let full = tiny("full", &["vanilla"]);
+    // SMART with Bregman proximal point: the resumed state includes the
+    // optimiser moments, the dropout and noise streams and θ̃.
+    let mut full = tiny("full", &["smart"]);
+    full.bregman.mu = 1.0;
+    full.bregman.beta = 0.5;
     let s_full = Run::new(full.clone()).unwrap().fit(false, |_| ()).unwrap();
     // The same run, stopped after step 2 and resumed.
-    let mut cut = tiny("cut", &["vanilla"]);
+    let mut cut = tiny("cut", &["smart"]);
+    cut.bregman = full.bregman.clone();
     cut.stop_after = Some(2);
     Run::new(cut.clone()).unwrap().fit(false, |_| ()).unwrap();
     cut.stop_after = None;

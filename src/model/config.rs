@@ -13,6 +13,7 @@ pub enum Activation {
     /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation.
     GeluTanh,
     Relu,
+    Silu,
 }
 
 /// The fields of a Hugging Face BERT `config.json` the encoder uses.
@@ -93,9 +94,10 @@ impl BertConfig {
             "gelu" => Ok(Activation::GeluErf),
             "gelu_new" | "gelu_pytorch_tanh" => Ok(Activation::GeluTanh),
             "relu" => Ok(Activation::Relu),
+            "silu" | "swish" => Ok(Activation::Silu),
             other => Err(Error::Param {
                 op: "bert config",
-                msg: format!("unsupported hidden_act {other:?} (gelu, gelu_new, relu)"),
+                msg: format!("unsupported hidden_act {other:?} (gelu, gelu_new, relu, silu)"),
             }),
         }
     }

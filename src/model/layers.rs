@@ -77,11 +77,25 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
+/// The activation. With autograd both GELUs are composed from erf / tanh,
+/// whose backward passes are exact, because candle's fused `gelu_erf` and
+/// `gelu` backward passes use 6-digit constants (0.398942 for 1/√(2π),
+/// 0.797885 for √(2/π)): a relative gradient error near 1e-6, which the
+/// adapter golden test against PyTorch exposed.
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     Ok(match act {
+        Activation::GeluErf if x.track_op() => {
+            ((x * 0.5)? * ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)?)?
+        }
+        Activation::GeluTanh if x.track_op() => {
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * k)?;
+            ((x * 0.5)? * (inner.tanh()? + 1.0)?)?
+        }
         Activation::GeluErf => x.gelu_erf()?,
         Activation::GeluTanh => x.gelu()?,
         Activation::Relu => x.relu()?,
+        Activation::Silu => x.silu()?,
     })
 }
 

@@ -67,6 +67,54 @@ impl Default for SmartConfig {
     }
 }
 
+/// Bregman proximal point optimisation of SMART: a slowly moving copy θ̃ of
+/// the trained parameters (θ̃ ← β·θ̃ + (1 − β)·θ after every step; β = 0 is
+/// the paper's "vanilla" variant, θ̃ = the previous iterate) and the penalty
+/// μ·ℓ_s(f(x; θ), f(x; θ̃)), ℓ_s the symmetric KL with θ̃'s side detached.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BregmanConfig {
+    /// μ; 0 switches the proximal term off.
+    pub mu: f64,
+    /// β, the momentum of θ̃.
+    pub beta: f64,
+}
+
+impl Default for BregmanConfig {
+    fn default() -> Self {
+        Self {
+            mu: 0.0,
+            beta: 0.99,
+        }
+    }
+}
+
+/// FreeLB (Zhu et al. 2020): K ascent steps on the input-embedding
+/// perturbation with ε-ball projection, the task loss averaged over the K
+/// perturbed inputs so parameter gradients accumulate across the steps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FreeLbConfig {
+    pub steps: usize,
+    /// Ascent step size η.
+    pub eta: f64,
+    /// Radius ε of the l2 ball (per example); 0 = no projection.
+    pub eps: f64,
+    /// Half-width of the uniform initial perturbation.
+    pub init: f64,
+}
+
+impl Default for FreeLbConfig {
+    fn default() -> Self {
+        Self {
+            steps: 2,
+            eta: 1e-1,
+            eps: 0.0,
+            init: 1e-2,
+        }
+    }
+}
+
 /// R3F (Aghajanyan et al. 2021) settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -140,7 +188,9 @@ pub struct Config {
     pub lora_alpha: f64,
     pub lora_targets: Vec<String>,
     pub smart: SmartConfig,
+    pub bregman: BregmanConfig,
     pub r3f: R3fConfig,
+    pub freelb: FreeLbConfig,
     /// `cpu`, `cuda` or `auto`.
     pub device: String,
     /// Stop after the first checkpoint at or past this many optimiser steps
@@ -186,14 +236,18 @@ impl Default for Config {
             lora_alpha: 16.0,
             lora_targets: vec!["query".into(), "value".into()],
             smart: SmartConfig::default(),
+            bregman: BregmanConfig::default(),
             r3f: R3fConfig::default(),
+            freelb: FreeLbConfig::default(),
             device: "auto".into(),
             stop_after: None,
         }
     }
 }
 
-const METHODS: [&str; 6] = ["vanilla", "smart", "r3f", "mixout", "adapter", "lora"];
+const METHODS: [&str; 7] = [
+    "vanilla", "smart", "r3f", "freelb", "mixout", "adapter", "lora",
+];
 const SELECT: [&str; 4] = ["accuracy", "macro_f1", "f1", "mcc"];
 
 impl Config {
@@ -214,8 +268,32 @@ impl Config {
         if self.has("mixout") && (self.has("adapter") || self.has("lora")) {
             return bad("mixout pulls the full weights towards their pretrained values; it cannot be combined with adapter or lora, which freeze them".into());
         }
-        if self.has("smart") && self.has("r3f") {
-            return bad("smart and r3f are alternative smoothness regularisers: pick one".into());
+        if [self.has("smart"), self.has("r3f"), self.has("freelb")]
+            .iter()
+            .filter(|&&b| b)
+            .count()
+            > 1
+        {
+            return bad(
+                "smart, r3f and freelb are alternative adversarial regularisers: pick one".into(),
+            );
+        }
+        let nonneg = |v: f64| v >= 0.0 && v.is_finite();
+        let freelb_ok = self.freelb.steps > 0
+            && nonneg(self.freelb.eta)
+            && nonneg(self.freelb.eps)
+            && nonneg(self.freelb.init);
+        if self.has("freelb") && !freelb_ok {
+            return bad(format!(
+                "freelb needs steps >= 1 and eta, eps, init >= 0: {:?}",
+                self.freelb
+            ));
+        }
+        if !(nonneg(self.bregman.mu) && (0.0..1.0).contains(&self.bregman.beta)) {
+            return bad(format!(
+                "bregman needs mu >= 0 and beta in [0, 1): {:?}",
+                self.bregman
+            ));
         }
         if !SELECT.contains(&self.metric.as_str()) {
             return bad(format!(
@@ -392,6 +470,8 @@ pub struct Run {
     pub eval: Dataset,
     device: Device,
     noise: Rng,
+    /// θ̃ of Bregman proximal point, one tensor per optimised parameter.
+    teacher: Option<Vec<Tensor>>,
 }
 
 /// One batch on the device, plus its labels.
@@ -524,6 +604,16 @@ impl Run {
             seed: cfg.seed ^ 0x005e_ed0f_5a77,
             offset: 0,
         };
+        let teacher = if cfg.bregman.mu > 0.0 {
+            Some(
+                opt.params
+                    .iter()
+                    .map(|p| p.var.as_tensor().detach().copy())
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             cfg,
             bert,
@@ -535,6 +625,7 @@ impl Run {
             eval,
             device,
             noise,
+            teacher,
         })
     }
 
@@ -566,9 +657,78 @@ impl Run {
         self.head.forward(&h, mask, &self.bert.stream)
     }
 
+    /// Logits of θ̃ (Bregman proximal point): the parameters are swapped in
+    /// for one forward pass without dropout, then restored.
+    fn teacher_logits(&self, b: &Batch) -> Result<Option<Tensor>> {
+        let Some(teacher) = &self.teacher else {
+            return Ok(None);
+        };
+        let saved: Vec<Tensor> = self
+            .opt
+            .params
+            .iter()
+            .map(|p| p.var.as_tensor().detach().copy())
+            .collect::<candle_core::Result<_>>()?;
+        for (p, t) in self.opt.params.iter().zip(teacher) {
+            p.var.set(t)?;
+        }
+        let was = self.bert.stream.train();
+        self.bert.stream.set_train(false);
+        let e = self.bert.forward_embeddings(&b.ids, Some(&b.types))?;
+        let out = self.logits(&e, &b.mask).map(|l| l.detach());
+        self.bert.stream.set_train(was);
+        for (p, t) in self.opt.params.iter().zip(&saved) {
+            p.var.set(t)?;
+        }
+        Ok(Some(out?))
+    }
+
+    /// θ̃ ← β·θ̃ + (1 − β)·θ after an optimiser step.
+    fn update_teacher(&mut self) -> Result<()> {
+        let beta = self.cfg.bregman.beta;
+        if let Some(teacher) = &mut self.teacher {
+            for (t, p) in teacher.iter_mut().zip(&self.opt.params) {
+                *t = ((&*t * beta)? + (p.var.as_tensor().detach() * (1.0 - beta))?)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Task loss plus the regularisers for one batch.
     fn loss(&mut self, b: &Batch) -> Result<(Tensor, f64)> {
+        let teacher = self.teacher_logits(b)?;
+        let (loss, pen, clean) = self.loss_inner(b)?;
+        match teacher {
+            None => Ok((loss, pen)),
+            Some(t) => {
+                // FreeLB has no clean pass: the proximal term then runs one.
+                let logits = match clean {
+                    Some(l) => l,
+                    None => {
+                        let e = self.bert.forward_embeddings(&b.ids, Some(&b.types))?;
+                        self.logits(&e, &b.mask)?
+                    }
+                };
+                let mu = self.cfg.bregman.mu;
+                let opts = SymKlOptions {
+                    grad: SymKlGrad::Detached,
+                    expected_grad: mu as f32,
+                    ..Default::default()
+                };
+                let prox = sym_kl(&logits, &t, &opts)?;
+                Ok(((loss + (prox * mu)?)?, pen))
+            }
+        }
+    }
+
+    /// Task loss and adversarial regulariser; also the clean logits when
+    /// the method computed them.
+    fn loss_inner(&mut self, b: &Batch) -> Result<(Tensor, f64, Option<Tensor>)> {
         let embeds = self.bert.forward_embeddings(&b.ids, Some(&b.types))?;
+        if self.cfg.has("freelb") {
+            let (l, p) = self.freelb_loss(b, &embeds)?;
+            return Ok((l, p, None));
+        }
         let logits = self.logits(&embeds, &b.mask)?;
         let task = cross_entropy(&logits, &b.labels, self.cfg.label_smoothing)?;
         let (bsz, len, hid) = embeds.dims3()?;
@@ -612,9 +772,9 @@ impl Run {
                 };
                 let pen = sym_kl(&adv, &logits, &opts)?;
                 let v = pen.to_scalar::<f32>()? as f64;
-                return Ok(((task + (pen * lam)?)?, v));
+                return Ok(((task + (pen * lam)?)?, v, Some(logits)));
             }
-            return Ok((task, f64::NAN));
+            return Ok((task, f64::NAN, Some(logits)));
         }
         if self.cfg.has("r3f") && self.cfg.r3f.lambda > 0.0 {
             let r = &self.cfg.r3f;
@@ -634,9 +794,55 @@ impl Run {
             };
             let pen = sym_kl(&adv, &logits, &opts)?;
             let v = pen.to_scalar::<f32>()? as f64;
-            return Ok(((task + (pen * lam)?)?, v));
+            return Ok(((task + (pen * lam)?)?, v, Some(logits)));
         }
-        Ok((task, 0.0))
+        Ok((task, 0.0, Some(logits)))
+    }
+
+    /// FreeLB: the task loss averaged over K perturbed inputs; δ ascends
+    /// along each step's gradient (pgd, l2 per example, ε-ball when ε > 0).
+    /// Each δ gradient takes its own backward pass; the returned loss sums
+    /// the K graphs so one more backward accumulates the parameter
+    /// gradients of every step.
+    fn freelb_loss(&mut self, b: &Batch, embeds: &Tensor) -> Result<(Tensor, f64)> {
+        let f = self.cfg.freelb.clone();
+        let (bsz, len, hid) = embeds.dims3()?;
+        let mut delta = noise_init(
+            &[bsz, len, hid],
+            &b.mask,
+            Noise::Uniform { sigma: f.init },
+            embeds.dtype(),
+            self.noise,
+        )?;
+        self.noise.offset += crate::philox::counters_for(delta.elem_count());
+        let step = AscentStep {
+            eta: f.eta,
+            norm: Norm::L2,
+            granularity: Granularity::Example,
+            mode: StepMode::Pgd {
+                eps: (f.eps > 0.0).then_some(f.eps),
+            },
+        };
+        let mut total: Option<Tensor> = None;
+        for k in 0..f.steps {
+            let d = candle_core::Var::from_tensor(&delta)?;
+            let logits = self.logits(&(embeds + d.as_tensor())?, &b.mask)?;
+            let loss =
+                (cross_entropy(&logits, &b.labels, self.cfg.label_smoothing)? / f.steps as f64)?;
+            if k + 1 < f.steps {
+                let g = loss
+                    .backward()?
+                    .get(d.as_tensor())
+                    .cloned()
+                    .unwrap_or(delta.zeros_like()?);
+                delta = ascent_step(&delta, &g, &b.mask, &step)?.0;
+            }
+            total = Some(match total {
+                None => loss,
+                Some(t) => (t + loss)?,
+            });
+        }
+        Ok((total.expect("freelb steps >= 1"), 0.0))
     }
 
     /// Class probabilities on a dataset (eval mode).
@@ -795,6 +1001,7 @@ impl Run {
                 let norm = clip_grad_norm(&mut grads, &self.opt.params, self.cfg.clip)?;
                 let lr = self.cfg.schedule.lr(self.cfg.lr, st.step, total);
                 self.opt.step(&grads, lr)?;
+                self.update_teacher()?;
                 st.step += 1;
                 st.batch += group.len();
                 losses.push((st.step, loss_sum));
@@ -941,6 +1148,11 @@ impl Run {
                 .into_iter()
                 .map(|(k, v)| (format!("opt.{k}"), v)),
         );
+        if let Some(teacher) = &self.teacher {
+            for (p, t) in self.opt.params.iter().zip(teacher) {
+                tensors.insert(format!("teacher.{}", p.name), t.clone());
+            }
+        }
         atomic_dir(dir, |tmp| {
             candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))
                 .map_err(|e| io_err(tmp, e))?;
@@ -970,6 +1182,15 @@ impl Run {
             .filter_map(|(k, v)| k.strip_prefix("opt.").map(|k| (k.to_string(), v.clone())))
             .collect();
         self.opt.load_state(&opt, st.step)?;
+        if let Some(teacher) = &mut self.teacher {
+            for (p, slot) in self.opt.params.iter().zip(teacher.iter_mut()) {
+                let key = format!("teacher.{}", p.name);
+                *slot = t
+                    .get(&key)
+                    .ok_or_else(|| crate::error::format_err(&sp, format!("lacks {key}")))?
+                    .clone();
+            }
+        }
         self.bert.stream.set_position(Rng {
             seed: st.dropout_rng.0,
             offset: st.dropout_rng.1,
