@@ -6,7 +6,6 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use common::*;
-use tunefuse::model::bert::{l2_normalize, mean_pool};
 use tunefuse::model::{AdapterPlacement, Bert, BertConfig, Outputs, TextTokenizer};
 
 const CPU: Device = Device::Cpu;
@@ -22,79 +21,55 @@ fn load() -> (Bert, VarMap, TextTokenizer) {
 #[test]
 fn minilm_matches_transformers() {
     let g = golden("minilm_l6_v2.json");
-    let (bert, _, tok) = load();
+    let (_, _, tok) = load();
     assert!(tok.padding_switched_off());
-    let sentences: Vec<String> = g["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect();
+    let sentences = golden_sentences();
     let texts: Vec<(&str, Option<&str>)> = sentences.iter().map(|s| (s.as_str(), None)).collect();
-    let batch = tok.batch(&texts, &CPU).unwrap();
-    let want_ids: Vec<Vec<u32>> = g["input_ids"]
-        .as_array()
+    let ids = tok
+        .batch(&texts, &CPU)
         .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect()
-        })
-        .collect();
+        .ids
+        .to_vec2::<u32>()
+        .unwrap();
+    let want_ids: Vec<Vec<f64>> = json_matrix(&g["input_ids"]);
     // Dynamic padding: the batch is as wide as its longest row, padded with 0.
-    let ids = batch.ids.to_vec2::<u32>().unwrap();
     let width = want_ids.iter().map(Vec::len).max().unwrap();
     for (r, want) in want_ids.iter().enumerate() {
-        assert_eq!(ids[r].len(), width);
+        let got: Vec<f64> = ids[r].iter().map(|&i| f64::from(i)).collect();
+        assert_eq!(got.len(), width);
         assert_eq!(
-            &ids[r][..want.len()],
+            &got[..want.len()],
             want.as_slice(),
             "input ids of sentence {r}"
         );
         assert!(
-            ids[r][want.len()..].iter().all(|&i| i == 0),
+            got[want.len()..].iter().all(|&i| i == 0.0),
             "padding of sentence {r}"
         );
     }
-
-    let out = bert
-        .forward(
-            &batch.ids,
-            Some(&batch.token_types),
-            &batch.mask,
-            Outputs::default(),
-        )
-        .unwrap();
-    let h = &out.last_hidden;
-    let cls = h.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+    let (cls, emb, t3) = minilm_outputs(&minilm_dir(), &CPU, DType::F32);
     assert_close(
         "[CLS] vectors",
-        &to_f64(&cls),
+        &cls,
         &json_matrix(&g["cls"]).concat(),
         1e-4,
         0.0,
     );
-    let emb = l2_normalize(&mean_pool(h, &batch.mask).unwrap()).unwrap();
     assert_close(
         "sentence embeddings",
-        &to_f64(&emb),
+        &emb,
         &json_matrix(&g["sentence_embedding"]).concat(),
         1e-4,
         0.0,
     );
-    let t3 = h.get(0).unwrap().narrow(0, 0, 3).unwrap();
     assert_close(
         "token vectors",
-        &to_f64(&t3),
+        &t3,
         &json_matrix(&g["tokens_3"]).concat(),
         1e-4,
         0.0,
     );
-    let e = to_f64(&emb);
-    let cos: f64 = (0..384).map(|i| e[i] * e[384 + i]).sum();
+    let cos: f64 = (0..384).map(|i| emb[i] * emb[384 + i]).sum();
     assert!(
         (cos - g["cosine_0_1"].as_f64().unwrap()).abs() < 1e-4,
         "cosine {cos}"

@@ -40,6 +40,21 @@ pub struct Layer {
     pub ffn_adapter: Option<Adapter>,
 }
 
+impl Layer {
+    /// The six dense layers, in order: query, key, value, attention output,
+    /// intermediate, output.
+    pub fn dense_mut(&mut self) -> [&mut Dense; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attn_out,
+            &mut self.intermediate,
+            &mut self.output,
+        ]
+    }
+}
+
 /// What the encoder returns.
 #[derive(Debug)]
 pub struct EncoderOutput {
@@ -190,36 +205,28 @@ impl Bert {
 
     /// Names of every dense layer (for mixout, LoRA targets, analyses).
     pub fn dense_names(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        for l in &self.layers {
-            for d in [
-                &l.query,
-                &l.key,
-                &l.value,
-                &l.attn_out,
-                &l.intermediate,
-                &l.output,
-            ] {
-                v.push(d.name.clone());
-            }
-        }
+        let mut v: Vec<String> = self
+            .layers
+            .iter()
+            .flat_map(|l| {
+                [
+                    &l.query,
+                    &l.key,
+                    &l.value,
+                    &l.attn_out,
+                    &l.intermediate,
+                    &l.output,
+                ]
+                .map(|d| d.name.clone())
+            })
+            .collect();
         v.extend(self.pooler.iter().map(|d| d.name.clone()));
         v
     }
 
     /// Mutable access to every dense layer of the encoder.
     pub fn dense_layers_mut(&mut self) -> Vec<&mut Dense> {
-        let mut v = Vec::new();
-        for l in &mut self.layers {
-            v.extend([
-                &mut l.query,
-                &mut l.key,
-                &mut l.value,
-                &mut l.attn_out,
-                &mut l.intermediate,
-                &mut l.output,
-            ]);
-        }
+        let mut v: Vec<&mut Dense> = self.layers.iter_mut().flat_map(|l| l.dense_mut()).collect();
         v.extend(self.pooler.as_mut());
         v
     }
@@ -254,14 +261,7 @@ impl Bert {
                 format!("unit {unit} out of range (0 = embeddings, 1..={n} = layers)"),
             )
         })?;
-        for d in [
-            &mut l.query,
-            &mut l.key,
-            &mut l.value,
-            &mut l.attn_out,
-            &mut l.intermediate,
-            &mut l.output,
-        ] {
+        for d in l.dense_mut() {
             d.frozen = frozen;
         }
         l.attn_norm.frozen = frozen;

@@ -153,16 +153,10 @@ pub fn minilm_outputs(
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     use tunefuse::model::bert::{l2_normalize, mean_pool};
     use tunefuse::model::{Bert, Outputs, TextTokenizer};
-    let g = golden("minilm_l6_v2.json");
     let vm = candle_nn::VarMap::new();
     let bert = Bert::from_pretrained(model_dir, &vm, dtype, dev).unwrap();
     let tok = TextTokenizer::from_file(&model_dir.join("tokenizer.json"), 128).unwrap();
-    let sentences: Vec<String> = g["sentences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect();
+    let sentences = golden_sentences();
     let texts: Vec<(&str, Option<&str>)> = sentences.iter().map(|s| (s.as_str(), None)).collect();
     let b = tok.batch(&texts, dev).unwrap();
     let h = bert
@@ -181,4 +175,14 @@ pub fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f64::max)
+}
+
+/// The sentences of the MiniLM golden file.
+pub fn golden_sentences() -> Vec<String> {
+    golden("minilm_l6_v2.json")["sentences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
 }
