@@ -329,3 +329,37 @@ fn bf16_compute_stays_near_the_golden() {
         "bf16 sentence embeddings off by {err} (2.96e-3 when written)"
     );
 }
+
+#[test]
+fn mixed_precision_keeps_f32_master_weights() {
+    let vm = VarMap::new();
+    let bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
+    let (ids, mask) = inputs();
+    let f32_out = to_f64(
+        &bert
+            .forward(&ids, None, &mask, Outputs::default())
+            .unwrap()
+            .last_hidden,
+    );
+    bert.stream.set_compute_dtype(Some(DType::BF16));
+    let h = bert
+        .forward(&ids, None, &mask, Outputs::default())
+        .unwrap()
+        .last_hidden;
+    assert_eq!(h.dtype(), DType::BF16);
+    // bf16 activations through 2 layers: a few bf16 ulps (2^-8) of the O(1) outputs.
+    assert_close("bf16 vs f32 activations", &to_f64(&h), &f32_out, 0.1, 0.0);
+    let g = h
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let gq = g
+        .get(&bert.layers[1].intermediate.weight)
+        .expect("a gradient for the f32 weight");
+    assert_eq!(gq.dtype(), DType::F32);
+}

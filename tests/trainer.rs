@@ -262,3 +262,22 @@ fn adamw_and_recadam_steps_match_the_formulas() {
         "{got:?} vs {want:?}"
     );
 }
+
+#[test]
+fn bf16_mixed_precision_step_runs() {
+    // The CUDA default (bf16 activations, f32 master weights), on the CPU.
+    let mut cfg = tiny("bf16", &["smart"]);
+    cfg.precision = "bf16".into();
+    cfg.epochs = 1;
+    cfg.train_examples = Some(8);
+    cfg.eval_examples = Some(8);
+    let s = Run::new(cfg.clone()).unwrap().fit(false, |_| ()).unwrap();
+    assert_eq!(s.steps, 1);
+    let l = lines(&cfg);
+    assert!(
+        l[0]["loss"].as_f64().unwrap().is_finite() && l[0]["penalty"].as_f64().unwrap() > 0.0,
+        "{:?}",
+        l[0]
+    );
+    std::fs::remove_dir_all(&cfg.output).ok();
+}

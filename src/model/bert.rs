@@ -378,6 +378,10 @@ impl Bert {
         };
         let x = words.broadcast_add(&pos)?.add(&types)?;
         let x = e.norm.forward(&x)?;
+        let x = match self.stream.compute_dtype() {
+            Some(dt) => x.to_dtype(dt)?,
+            None => x,
+        };
         self.stream.dropout(&x, self.config.hidden_dropout_prob)
     }
 

@@ -20,6 +20,9 @@ pub struct Stream {
     train: Cell<bool>,
     seed: Cell<u64>,
     offset: Cell<u64>,
+    /// Activation dtype (mixed precision: bf16 activations over f32 master
+    /// weights, cast per use); `None` = the weights' dtype.
+    compute: Cell<Option<DType>>,
 }
 
 impl Stream {
@@ -28,7 +31,15 @@ impl Stream {
             train: Cell::new(false),
             seed: Cell::new(seed),
             offset: Cell::new(0),
+            compute: Cell::new(None),
         }
+    }
+    /// Sets the activation dtype (e.g. bf16 on CUDA with f32 weights).
+    pub fn set_compute_dtype(&self, dtype: Option<DType>) {
+        self.compute.set(dtype)
+    }
+    pub fn compute_dtype(&self) -> Option<DType> {
+        self.compute.get()
     }
     pub fn train(&self) -> bool {
         self.train.get()
@@ -62,14 +73,19 @@ impl Stream {
     }
 }
 
-/// `x·Wᵀ + b` over the last dimension of `x` (any leading shape).
+/// `x·Wᵀ + b` over the last dimension of `x` (any leading shape), in the
+/// dtype of `x`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (din, dout) = (dims[dims.len() - 1], w.dim(0)?);
     let rows = x.elem_count() / din.max(1);
-    let y = x.reshape((rows, din))?.matmul(&w.t()?)?;
+    // Weights are cast to the activations' dtype (a no-op unless mixed
+    // precision keeps f32 master weights under bf16 activations).
+    let y = x
+        .reshape((rows, din))?
+        .matmul(&w.to_dtype(x.dtype())?.t()?)?;
     let y = match b {
-        Some(b) => y.broadcast_add(b)?,
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
         None => y,
     };
     let mut out = dims;
@@ -228,7 +244,8 @@ impl LayerNorm {
         let y = xc
             .broadcast_div(&(var + self.eps)?.sqrt()?)?
             .to_dtype(dtype)?;
-        Ok(y.broadcast_mul(&w)?.broadcast_add(&b)?)
+        Ok(y.broadcast_mul(&w.to_dtype(dtype)?)?
+            .broadcast_add(&b.to_dtype(dtype)?)?)
     }
 }
 

@@ -193,6 +193,9 @@ pub struct Config {
     pub freelb: FreeLbConfig,
     /// `cpu`, `cuda` or `auto`.
     pub device: String,
+    /// Activations: `f32`, `bf16` (f32 master weights and optimiser state),
+    /// or `auto` (bf16 on CUDA, f32 on CPU).
+    pub precision: String,
     /// Stop after the first checkpoint at or past this many optimiser steps
     /// (time-boxing; the run can be continued with `--resume`).
     pub stop_after: Option<u64>,
@@ -240,6 +243,7 @@ impl Default for Config {
             r3f: R3fConfig::default(),
             freelb: FreeLbConfig::default(),
             device: "auto".into(),
+            precision: "auto".into(),
             stop_after: None,
         }
     }
@@ -329,6 +333,12 @@ impl Config {
         self.schedule.validate()?;
         self.pooling()?;
         self.placement()?;
+        if !matches!(self.precision.as_str(), "auto" | "f32" | "bf16") {
+            return bad(format!(
+                "precision must be auto, f32 or bf16, got {:?}",
+                self.precision
+            ));
+        }
         if self.has("smart") {
             self.smart_step()?.validate()?;
             if self.smart.sigma < 0.0 || self.smart.lambda < 0.0 {
@@ -529,6 +539,8 @@ impl Run {
             seed: cfg.seed,
             offset: 0,
         });
+        let bf16 = cfg.precision == "bf16" || (cfg.precision == "auto" && device.is_cuda());
+        bert.stream.set_compute_dtype(bf16.then_some(DType::BF16));
         let pretrained: HashMap<String, Tensor> = varmap
             .data()
             .lock()
