@@ -281,3 +281,78 @@ fn bf16_mixed_precision_step_runs() {
     );
     std::fs::remove_dir_all(&cfg.output).ok();
 }
+
+#[test]
+fn readme_config_example_parses_and_validates() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("```toml\n")
+        .expect("a TOML example in the README")
+        + 8;
+    let end = start + readme[start..].find("```").unwrap();
+    let mut cfg: Config = toml::from_str(&readme[start..end]).unwrap();
+    cfg.model = minilm_dir();
+    cfg.validate().unwrap();
+    assert!(cfg.has("smart") && cfg.bregman.mu == 1.0 && cfg.gradual_unfreezing);
+}
+
+#[test]
+fn ulmfit_and_recadam_options_train() {
+    let mut cfg = tiny("ulmfit", &["vanilla"]);
+    cfg.epochs = 1;
+    cfg.train_examples = Some(8);
+    cfg.eval_examples = Some(8);
+    cfg.schedule = Schedule::SlantedTriangular {
+        cut_frac: 0.1,
+        ratio: 32.0,
+    };
+    cfg.layer_lr_decay = Some(1.0 / 2.6);
+    cfg.gradual_unfreezing = true;
+    cfg.recadam = Some(RecAdam {
+        k: 0.5,
+        t0: 10.0,
+        gamma: 1.0,
+    });
+    let mut run = Run::new(cfg.clone()).unwrap();
+    let p = |run: &Run, name: &str| {
+        let data = run.varmap.data().lock().unwrap();
+        data[name]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let (emb0, top0) = (
+        p(&run, "embeddings.word_embeddings.weight"),
+        p(&run, "encoder.layer.5.output.dense.weight"),
+    );
+    // Discriminative rates lr_l = lr·ξ^(L−l): the top layer (l = L = 6) and
+    // the head get lr, layer 5 (encoder.layer.4) lr·ξ, the embeddings (l = 0) lr·ξ^6.
+    let scale = |n: &str| {
+        run.opt
+            .params
+            .iter()
+            .find(|q| q.name == n)
+            .unwrap()
+            .lr_scale
+    };
+    assert_eq!(scale("encoder.layer.5.output.dense.weight"), 1.0);
+    assert!((scale("encoder.layer.4.output.dense.weight") - 1.0 / 2.6).abs() < 1e-12);
+    assert!((scale("embeddings.word_embeddings.weight") - (1.0f64 / 2.6).powi(6)).abs() < 1e-12);
+    assert_eq!(scale("classifier.weight"), 1.0);
+    run.fit(false, |_| ()).unwrap();
+    // Epoch 0 of gradual unfreezing trains only the top layer (and the head).
+    assert_eq!(
+        p(&run, "embeddings.word_embeddings.weight"),
+        emb0,
+        "embeddings are frozen in epoch 0"
+    );
+    assert_ne!(
+        p(&run, "encoder.layer.5.output.dense.weight"),
+        top0,
+        "the top layer trains"
+    );
+    std::fs::remove_dir_all(&cfg.output).ok();
+}

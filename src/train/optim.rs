@@ -11,7 +11,9 @@ use candle_core::{Tensor, Var};
 
 use crate::error::{param_err, Result};
 
-/// RecAdam (Chen et al., EMNLP 2020): the objective
+/// RecAdam (Chen et al., EMNLP 2020), for the parameters that have a
+/// pretrained value (new ones such as the head train with plain AdamW): the
+/// objective
 /// `λ(t)·task + (1 − λ(t))·(γ/2)·‖θ − θ*‖²` with
 /// `λ(t) = 1/(1 + exp(−k(t − t₀)))`, applied as the gradient
 /// `λ(t)·g + (1 − λ(t))·γ·(θ − θ*)`.
@@ -58,7 +60,7 @@ pub struct Param {
     pub lr_scale: f64,
     /// Whether weight decay applies (not to biases and LayerNorm weights).
     pub decay: bool,
-    /// The pretrained value, for RecAdam.
+    /// The pretrained value, for RecAdam (`None` for new parameters).
     pub anchor: Option<Tensor>,
 }
 
@@ -89,12 +91,6 @@ impl AdamW {
         }
         if params.is_empty() {
             return Err(param_err("adamw", "no trainable parameters"));
-        }
-        if recadam.is_some() && params.iter().any(|p| p.anchor.is_none()) {
-            return Err(param_err(
-                "recadam",
-                "every parameter needs its pretrained value (anchor)",
-            ));
         }
         let m = params
             .iter()

@@ -598,11 +598,6 @@ impl Run {
                 .collect::<Vec<_>>()
         };
         let recadam = cfg.recadam;
-        let params = if recadam.is_some() {
-            params.into_iter().filter(|p| p.anchor.is_some()).collect()
-        } else {
-            params
-        };
         let opt = AdamW::new(
             params,
             AdamWParams {
