@@ -9,8 +9,9 @@ export CUDA_COMPUTE_CAP=90
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tunefuse/target}"
 
 # Binaries: the CLI (bench table), the CUDA tests, the criterion benches;
-# data: the goldens and all-MiniLM-L6-v2 with bf16 weights (fp32 is 87 MiB,
-# over what travels), which the CUDA golden test loads upcast.
+# data: the goldens, SST-2 and RTE (for the fine-tuning runs), and
+# all-MiniLM-L6-v2 with bf16 weights (fp32 is 87 MiB, over what travels),
+# which the CUDA golden test and the fine-tuning runs load upcast to f32.
 targets=(--bin tunefuse --test cuda_ops --bench ops)
 cargo build --release --features cuda "${targets[@]}" >&2
 mapfile -t exes < <(cargo build --release --features cuda "${targets[@]}" --message-format=json 2>/dev/null |
@@ -29,6 +30,11 @@ for exe in "${exes[@]}"; do
 done
 mkdir -p .gpu/stage/golden
 cp "${TUNEFUSE_GOLDEN:-../shared/golden}"/*.json .gpu/stage/golden/
+data="${TUNEFUSE_DATA:-../shared/data}"
+for f in glue/SST-2/train.tsv glue/SST-2/dev.tsv glue/RTE/train.tsv glue/RTE/val.tsv glue/RTE/dev.tsv; do
+  mkdir -p ".gpu/stage/data/$(dirname "$f")"
+  cp "$data/$f" ".gpu/stage/data/$f"
+done
 model=$(scripts/fetch-model.sh)
 cargo run --release --quiet --bin tunefuse -- convert-checkpoint --input "$model" --output .gpu/stage/model --dtype bf16 >&2
 tar -C .gpu/stage -cJf .gpu/bundle.tar.xz .

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (PyTorch, nvcc, compute-sanitizer, ncu; no Rust):
 # unpacks what scripts/gpu-pack.sh built, runs the CUDA tests, the sanitizers
-# over a reduced test set, our benchmarks, the PyTorch peers and the
-# criterion benches, and prints one table. Logs go to $OUT (or .gpu/out).
+# over a reduced test set, our benchmarks, the PyTorch peers, two short
+# fine-tuning runs and the criterion benches, and prints one table. Logs go to $OUT (or .gpu/out).
 # Each step has its own time limit so the whole run stays under 6 minutes;
 # a failing step is reported and the run goes on. Exit status: non-zero when
 # the CUDA tests failed.
@@ -69,6 +69,14 @@ if command -v compute-sanitizer >/dev/null; then
 else
   echo "compute-sanitizer not found: sanitizer runs skipped"
 fi
+
+step "fine-tuning MiniLM on SST-2 (1,000 sentences, 3 epochs; bf16 activations, f32 weights)"
+for method in vanilla smart; do
+  t=$(budget 60); [ "$t" -gt 0 ] || { skip; continue; }
+  timeout "$t" "$bin/tunefuse" finetune --model "$TUNEFUSE_MODEL_DIR" --task sst2 --data-dir "$bin/data" \
+    --train-examples 1000 --epochs 3 --seed 1 --method "$method" --device cuda --output "$bin/run-sst2-$method" 2>&1 |
+    grep -E "eval step|best|error" || echo "fine-tuning ($method) failed or timed out"
+done
 
 step "criterion benches (short)"
 t=$(budget 60); if [ "$t" -gt 0 ]; then
