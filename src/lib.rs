@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cuda;
 pub mod error;
 pub mod model;
+pub mod nvtx;
 pub mod ops;
 pub mod philox;
 pub mod train;

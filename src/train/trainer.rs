@@ -754,6 +754,7 @@ impl Run {
             let target = logits.detach();
             let mut finite = true;
             for _ in 0..s.steps {
+                let _r = crate::nvtx::range("smart ascent step");
                 let d = candle_core::Var::from_tensor(&delta)?;
                 let adv = self.logits(&(embeds.detach() + d.as_tensor())?, &b.mask)?;
                 let inner = kl(&adv, &target, Reduction::BatchMean, None)?;
@@ -832,6 +833,7 @@ impl Run {
         };
         let mut total: Option<Tensor> = None;
         for k in 0..f.steps {
+            let _r = crate::nvtx::range("freelb ascent step");
             let d = candle_core::Var::from_tensor(&delta)?;
             let logits = self.logits(&(embeds + d.as_tensor())?, &b.mask)?;
             let loss =
@@ -981,11 +983,17 @@ impl Run {
                 let (mut loss_sum, mut pen_sum) = (0.0, 0.0);
                 for idx in &group {
                     let b = self.batch(&self.train, idx)?;
-                    let (loss, pen) = self.loss(&b)?;
+                    let (loss, pen) = {
+                        let _r = crate::nvtx::range("forward (+ regularisers)");
+                        self.loss(&b)?
+                    };
                     let loss = (loss / group.len() as f64)?;
                     loss_sum += loss.to_scalar::<f32>()? as f64;
                     pen_sum += pen / group.len() as f64;
-                    let g = loss.backward()?;
+                    let g = {
+                        let _r = crate::nvtx::range("backward");
+                        loss.backward()?
+                    };
                     acc = Some(match acc {
                         None => g,
                         Some(mut a) => {
@@ -1007,7 +1015,10 @@ impl Run {
                 let mut grads = acc.expect("at least one micro-batch");
                 let norm = clip_grad_norm(&mut grads, &self.opt.params, self.cfg.clip)?;
                 let lr = self.cfg.schedule.lr(self.cfg.lr, st.step, total);
-                self.opt.step(&grads, lr)?;
+                {
+                    let _r = crate::nvtx::range("optimizer step");
+                    self.opt.step(&grads, lr)?;
+                }
                 self.update_teacher()?;
                 st.step += 1;
                 st.batch += group.len();
