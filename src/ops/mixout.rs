@@ -11,8 +11,9 @@
 //! `offset` (see [`crate::philox`] for the exact mapping): nothing is stored,
 //! backward regenerates the mask, and the CPU reference here draws the same
 //! bits as the CUDA kernel, whose arithmetic avoids fused multiply-adds so the
-//! outputs are bit-identical too. Eval mode (`train = false`) returns the
-//! input unchanged.
+//! outputs are bit-identical too. Eval mode (`train = false`) and p = 0
+//! return the input unchanged (p = 0 is the identity; computing
+//! `u + (w − u)` would round).
 //!
 //! # Example
 //! ```
@@ -76,7 +77,7 @@ pub fn mixout(w: &Tensor, u: &Tensor, p: f64, rng: Rng, train: bool) -> Result<T
     check_same("mixout", w, u, ("w", "u"))?;
     check_half_or_f32("mixout", w.dtype())?;
     let d = drop_params("mixout", p, rng)?;
-    if !train || w.elem_count() == 0 {
+    if !train || p == 0.0 || w.elem_count() == 0 {
         return Ok(w.clone());
     }
     Ok(w.contiguous()?.apply_op2(&u.contiguous()?, MixoutOp(d))?)

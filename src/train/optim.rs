@@ -15,8 +15,10 @@ use crate::error::{param_err, Result};
 /// pretrained value (new ones such as the head train with plain AdamW): the
 /// objective
 /// `λ(t)·task + (1 − λ(t))·(γ/2)·‖θ − θ*‖²` with
-/// `λ(t) = 1/(1 + exp(−k(t − t₀)))`, applied as the gradient
-/// `λ(t)·g + (1 − λ(t))·γ·(θ − θ*)`.
+/// `λ(t) = 1/(1 + exp(−k(t − t₀)))`, applied as in the authors' optimiser:
+/// the step is `λ(t)·m̂/(√v̂ + ε) + (1 − λ(t))·γ·(θ − θ*)` with the Adam
+/// moments of the task gradient, so it composes with decoupled weight decay.
+/// With λ ≡ 1 (t₀ → −∞) it is AdamW.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RecAdam {
     pub k: f64,
@@ -122,15 +124,18 @@ impl AdamW {
                 continue;
             };
             let theta = p.var.as_tensor();
-            let mut g = g.to_dtype(theta.dtype())?;
-            if let (Some(r), Some(anchor)) = (&self.recadam, &p.anchor) {
-                let lam = r.lambda(self.step);
-                g = ((g * lam)? + ((theta - anchor)? * ((1.0 - lam) * r.gamma))?)?;
-            }
+            let g = g.to_dtype(theta.dtype())?;
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let lr_i = lr * p.lr_scale;
-            let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.hp.eps)?)?;
+            let mut update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.hp.eps)?)?;
+            if let (Some(r), Some(anchor)) = (&self.recadam, &p.anchor) {
+                // RecAdam's update (Chen et al.'s reference code): the moments
+                // see the task gradient; the Adam step is weighted by λ(t) and
+                // the pull (1 − λ(t))·γ·(θ − θ*) is added beside it.
+                let lam = r.lambda(self.step);
+                update = ((update * lam)? + ((theta - anchor)? * ((1.0 - lam) * r.gamma))?)?;
+            }
             let mut next = (theta - (update * lr_i)?)?;
             if p.decay && self.hp.weight_decay > 0.0 {
                 next = (next - (theta * (lr_i * self.hp.weight_decay))?)?;
