@@ -504,3 +504,43 @@ fn sst2_vanilla_recipe_reaches_75_percent_on_cpu() {
     assert!(s.last.accuracy >= 0.75, "dev accuracy {}", s.last.accuracy);
     std::fs::remove_dir_all(&cfg.output).ok();
 }
+
+#[test]
+fn peft_layernorm_and_step_wise_unfreezing() {
+    let mut cfg = short("peft-ln", &["adapter"]);
+    cfg.peft_layernorm = true;
+    let run = Run::new(cfg.clone()).unwrap();
+    let names: Vec<&str> = run.opt.params.iter().map(|p| p.name.as_str()).collect();
+    assert!(
+        names.contains(&"encoder.layer.0.output.LayerNorm.weight"),
+        "LayerNorms train with peft_layernorm"
+    );
+    assert!(
+        !names.iter().any(|n| n.ends_with("query.weight")),
+        "dense weights stay frozen"
+    );
+    // Unfreezing every step: after 2 steps of 6 layers, layers 4-5 have
+    // trained and layer 0 has not.
+    let mut cfg = short("unfreeze-steps", &["vanilla"]);
+    cfg.gradual_unfreezing = true;
+    cfg.unfreeze_every_steps = Some(1);
+    cfg.batch_size = 8; // 16 examples: 2 steps
+    let mut run = Run::new(cfg.clone()).unwrap();
+    let get = |run: &Run, n: &str| {
+        run.varmap.data().lock().unwrap()[n]
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let before: Vec<Vec<f32>> = (0..6)
+        .map(|i| get(&run, &format!("encoder.layer.{i}.output.dense.weight")))
+        .collect();
+    run.fit(false, |_| ()).unwrap();
+    let moved: Vec<bool> = (0..6)
+        .map(|i| get(&run, &format!("encoder.layer.{i}.output.dense.weight")) != before[i])
+        .collect();
+    assert_eq!(moved, vec![false, false, false, false, true, true]);
+    std::fs::remove_dir_all(&cfg.output).ok();
+}

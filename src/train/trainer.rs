@@ -156,6 +156,11 @@ pub struct Config {
     pub layer_lr_decay: Option<f64>,
     /// Gradual unfreezing: the top layer first, one more every epoch.
     pub gradual_unfreezing: bool,
+    /// With gradual unfreezing: unfreeze one more layer every N optimiser
+    /// steps instead of every epoch.
+    pub unfreeze_every_steps: Option<u64>,
+    /// With adapters / LoRA: also train the LayerNorms of the backbone.
+    pub peft_layernorm: bool,
     pub recadam: Option<RecAdam>,
     pub max_len: usize,
     /// Gradient clipping by global norm (0 = off).
@@ -218,6 +223,8 @@ impl Default for Config {
             schedule: Schedule::Linear { warmup: 0.1 },
             layer_lr_decay: None,
             gradual_unfreezing: false,
+            unfreeze_every_steps: None,
+            peft_layernorm: false,
             recadam: None,
             max_len: 128,
             clip: 1.0,
@@ -554,6 +561,13 @@ impl Run {
         let peft = cfg.has("adapter") || cfg.has("lora");
         if peft {
             bert.freeze_all()?;
+            if cfg.peft_layernorm {
+                bert.embeddings.norm.frozen = false;
+                for l in &mut bert.layers {
+                    l.attn_norm.frozen = false;
+                    l.out_norm.frozen = false;
+                }
+            }
         }
         if cfg.has("adapter") {
             bert.add_adapters(&varmap, cfg.placement()?, cfg.adapter_r, 1.0)?;
@@ -584,7 +598,8 @@ impl Run {
                         && (!peft
                             || n.contains("adapter")
                             || n.contains("lora_")
-                            || n.starts_with("classifier."))
+                            || n.starts_with("classifier.")
+                            || (cfg.peft_layernorm && n.contains("LayerNorm")))
                 })
                 .map(|n| Param {
                     name: n.clone(),
@@ -905,14 +920,15 @@ impl Run {
         ))
     }
 
-    fn apply_unfreezing(&mut self, epoch: usize) -> Result<()> {
+    /// Stage 0 trains only the top layer (and the head); each later stage
+    /// one more layer below (stages are epochs, or `unfreeze_every_steps`).
+    fn apply_unfreezing(&mut self, stage: usize) -> Result<()> {
         if !self.cfg.gradual_unfreezing {
             return Ok(());
         }
-        // Epoch 0: only the top layer (and the head) train; one more per epoch.
         let l = self.bert.layers.len();
         for unit in 0..=l {
-            self.bert.set_frozen(unit, unit + epoch < l)?;
+            self.bert.set_frozen(unit, unit + stage < l)?;
         }
         Ok(())
     }
@@ -968,7 +984,6 @@ impl Run {
         let mut losses = Vec::new();
         let mut last_eval: Option<Eval> = None;
         while st.epoch < self.cfg.epochs && !stop {
-            self.apply_unfreezing(st.epoch)?;
             let mut order: Vec<usize> = (0..n).collect();
             data::shuffle(
                 &mut order,
@@ -977,6 +992,11 @@ impl Run {
             let batches: Vec<&[usize]> = order.chunks(self.cfg.batch_size).collect();
             while st.batch < batches.len() {
                 self.bert.stream.set_train(true);
+                let stage = match self.cfg.unfreeze_every_steps {
+                    Some(n) => (st.step / n.max(1)) as usize,
+                    None => st.epoch,
+                };
+                self.apply_unfreezing(stage)?;
                 let group: Vec<&[usize]> =
                     batches[st.batch..(st.batch + self.cfg.grad_accum).min(batches.len())].to_vec();
                 let mut acc: Option<candle_core::backprop::GradStore> = None;
