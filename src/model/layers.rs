@@ -5,10 +5,11 @@
 //! and mixout.
 use std::cell::Cell;
 
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Init, VarBuilder, VarMap};
+use candle_core::{DType, Tensor, D};
+use candle_nn::{Init, VarBuilder};
 
 use super::config::Activation;
+use crate::ops::adapter::Act;
 use crate::ops::mixout::{dropout, mixout, Rng};
 use crate::philox;
 use crate::Result;
@@ -93,26 +94,16 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
-/// The activation. With autograd both GELUs are composed from erf / tanh,
-/// whose backward passes are exact, because candle's fused `gelu_erf` and
-/// `gelu` backward passes use 6-digit constants (0.398942 for 1/√(2π),
-/// 0.797885 for √(2/π)): a relative gradient error near 1e-6, which the
-/// adapter golden test against PyTorch exposed.
+/// The activation (one implementation, [`Act::apply`], for the encoder and
+/// the adapters).
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
-    Ok(match act {
-        Activation::GeluErf if x.track_op() => {
-            ((x * 0.5)? * ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)?)?
-        }
-        Activation::GeluTanh if x.track_op() => {
-            let k = (2.0 / std::f64::consts::PI).sqrt();
-            let inner = ((x + (x.powf(3.0)? * 0.044715)?)? * k)?;
-            ((x * 0.5)? * (inner.tanh()? + 1.0)?)?
-        }
-        Activation::GeluErf => x.gelu_erf()?,
-        Activation::GeluTanh => x.gelu()?,
-        Activation::Relu => x.relu()?,
-        Activation::Silu => x.silu()?,
-    })
+    let a = match act {
+        Activation::GeluErf => Act::GeluErf,
+        Activation::GeluTanh => Act::GeluTanh,
+        Activation::Relu => Act::Relu,
+        Activation::Silu => Act::Silu,
+    };
+    a.apply(x)
 }
 
 /// A LoRA delta `s·(x·Aᵀ)·Bᵀ`, A `[r, in]` (Kaiming-uniform), B `[out, r]`
@@ -305,9 +296,4 @@ impl Adapter {
         let h = activation(&self.down.forward(x, s)?, self.act)?;
         Ok((x + (self.up.forward(&h, s)? * self.scale)?)?)
     }
-}
-
-/// A fresh VarMap-backed builder for `dtype` on `device`.
-pub fn var_builder(varmap: &VarMap, dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_varmap(varmap, dtype, device)
 }

@@ -1,5 +1,6 @@
 //! Fused ops: one module per op, each with a public function, a candle
 //! custom op whose `cpu_fwd` is the reference, the CUDA launch and backward.
+pub mod adapter;
 mod cpu;
 pub mod mixout;
 pub mod perturb;
