@@ -29,98 +29,6 @@ fn dense(name: &str, w: &Var, b: &Var) -> Dense {
     }
 }
 
-#[test]
-fn adapter_matches_pytorch() {
-    let g = golden("adapter.json");
-    let (t, d, r) = (6, 8, 3);
-    let x = var(&g["x"], &[t, d]);
-    let (wd, bd) = (var(&g["w_down"], &[r, d]), var(&g["b_down"], &[r]));
-    let (wu, bu) = (var(&g["w_up"], &[d, r]), var(&g["b_up"], &[d]));
-    let dy = Tensor::from_vec(json_matrix(&g["dy"]).concat(), (t, d), &Device::Cpu).unwrap();
-    let cases = g["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 4);
-    for c in cases {
-        let act = match c["act"].as_str().unwrap() {
-            "gelu_erf" => Activation::GeluErf,
-            "gelu_tanh" => Activation::GeluTanh,
-            "relu" => Activation::Relu,
-            "silu" => Activation::Silu,
-            a => panic!("unknown activation {a}"),
-        };
-        let scale = c["scale"].as_f64().unwrap();
-        let ad = Adapter {
-            down: dense("down", &wd, &bd),
-            up: dense("up", &wu, &bu),
-            act,
-            scale,
-        };
-        let y = ad.forward(x.as_tensor(), &Stream::new(0)).unwrap();
-        let tag = format!("{act:?} scale {scale}");
-        assert_close(
-            &format!("{tag}: y"),
-            &to_f64(&y),
-            &json_matrix(&c["y"]).concat(),
-            1e-9,
-            1e-9,
-        );
-        let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
-        let get = |v: &Var| to_f64(grads.get(v.as_tensor()).unwrap());
-        assert_close(
-            &format!("{tag}: dx"),
-            &get(&x),
-            &json_matrix(&c["grad_x"]).concat(),
-            1e-9,
-            1e-9,
-        );
-        assert_close(
-            &format!("{tag}: dW_d"),
-            &get(&wd),
-            &json_matrix(&c["grad_w_down"]).concat(),
-            1e-9,
-            1e-9,
-        );
-        assert_close(
-            &format!("{tag}: db_d"),
-            &get(&bd),
-            &json_vec(&c["grad_b_down"]),
-            1e-9,
-            1e-9,
-        );
-        assert_close(
-            &format!("{tag}: dW_u"),
-            &get(&wu),
-            &json_matrix(&c["grad_w_up"]).concat(),
-            1e-9,
-            1e-9,
-        );
-        assert_close(
-            &format!("{tag}: db_u"),
-            &get(&bu),
-            &json_vec(&c["grad_b_up"]),
-            1e-9,
-            1e-9,
-        );
-    }
-}
-
-// ------------------------------------------------- the adapter op (CPU reference)
-
-fn golden_weights(g: &serde_json::Value, act: Act, scale: f64) -> (Var, AdapterWeights, [Var; 4]) {
-    let (t, d, r) = (6, 8, 3);
-    let x = var(&g["x"], &[t, d]);
-    let (wd, bd) = (var(&g["w_down"], &[r, d]), var(&g["b_down"], &[r]));
-    let (wu, bu) = (var(&g["w_up"], &[d, r]), var(&g["b_up"], &[d]));
-    let w = AdapterWeights {
-        w_down: wd.as_tensor().clone(),
-        b_down: Some(bd.as_tensor().clone()),
-        w_up: wu.as_tensor().clone(),
-        b_up: Some(bu.as_tensor().clone()),
-        act,
-        scale,
-    };
-    (x, w, [wd, bd, wu, bu])
-}
-
 fn act_of(name: &str) -> Act {
     match name {
         "gelu_erf" => Act::GeluErf,
@@ -131,18 +39,29 @@ fn act_of(name: &str) -> Act {
     }
 }
 
-#[test]
-fn reference_op_matches_pytorch() {
+/// Runs `forward(x, [W_d, b_d, W_u, b_u], act, scale)` on every golden case
+/// and checks y and all five gradients (for the golden dy) at 1e-9.
+fn check_golden(what: &str, forward: impl Fn(&Tensor, &[Var; 4], Act, f64) -> Tensor) {
     let g = golden("adapter.json");
-    let dy = Tensor::from_vec(json_matrix(&g["dy"]).concat(), (6, 8), &Device::Cpu).unwrap();
-    for c in g["cases"].as_array().unwrap() {
-        let (x, w, [wd, bd, wu, bu]) = golden_weights(
-            &g,
+    let (t, d, r) = (6, 8, 3);
+    let x = var(&g["x"], &[t, d]);
+    let w = [
+        var(&g["w_down"], &[r, d]),
+        var(&g["b_down"], &[r]),
+        var(&g["w_up"], &[d, r]),
+        var(&g["b_up"], &[d]),
+    ];
+    let dy = Tensor::from_vec(json_matrix(&g["dy"]).concat(), (t, d), &Device::Cpu).unwrap();
+    let cases = g["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 4);
+    for c in cases {
+        let tag = format!("{what}, {} scale {}", c["act"], c["scale"]);
+        let y = forward(
+            x.as_tensor(),
+            &w,
             act_of(c["act"].as_str().unwrap()),
             c["scale"].as_f64().unwrap(),
         );
-        let tag = format!("{} scale {}", c["act"], c["scale"]);
-        let y = adapter(x.as_tensor(), &w, None).unwrap();
         assert_close(
             &format!("{tag}: y"),
             &to_f64(&y),
@@ -152,51 +71,62 @@ fn reference_op_matches_pytorch() {
         );
         let grads = (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
         let get = |v: &Var| to_f64(grads.get(v.as_tensor()).unwrap());
-        assert_close(
-            &format!("{tag}: dx"),
-            &get(&x),
-            &json_matrix(&c["grad_x"]).concat(),
-            1e-9,
-            1e-9,
-        );
-        assert_close(
-            &format!("{tag}: dW_d"),
-            &get(&wd),
-            &json_matrix(&c["grad_w_down"]).concat(),
-            1e-9,
-            1e-9,
-        );
-        assert_close(
-            &format!("{tag}: db_d"),
-            &get(&bd),
-            &json_vec(&c["grad_b_down"]),
-            1e-9,
-            1e-9,
-        );
-        assert_close(
-            &format!("{tag}: dW_u"),
-            &get(&wu),
-            &json_matrix(&c["grad_w_up"]).concat(),
-            1e-9,
-            1e-9,
-        );
-        assert_close(
-            &format!("{tag}: db_u"),
-            &get(&bu),
-            &json_vec(&c["grad_b_up"]),
-            1e-9,
-            1e-9,
-        );
-        // The composed baseline computes the same.
-        let yc = adapter_composed(x.as_tensor(), &w, None).unwrap();
-        assert_close(
-            &format!("{tag}: composed"),
-            &to_f64(&yc),
-            &json_matrix(&c["y"]).concat(),
-            1e-9,
-            1e-9,
-        );
+        let want = [
+            ("dx", &x, json_matrix(&c["grad_x"]).concat()),
+            ("dW_d", &w[0], json_matrix(&c["grad_w_down"]).concat()),
+            ("db_d", &w[1], json_vec(&c["grad_b_down"])),
+            ("dW_u", &w[2], json_matrix(&c["grad_w_up"]).concat()),
+            ("db_u", &w[3], json_vec(&c["grad_b_up"])),
+        ];
+        for (name, v, expected) in want {
+            assert_close(&format!("{tag}: {name}"), &get(v), &expected, 1e-9, 1e-9);
+        }
     }
+}
+
+fn weights(w: &[Var; 4], act: Act, scale: f64) -> AdapterWeights {
+    AdapterWeights {
+        w_down: w[0].as_tensor().clone(),
+        b_down: Some(w[1].as_tensor().clone()),
+        w_up: w[2].as_tensor().clone(),
+        b_up: Some(w[3].as_tensor().clone()),
+        act,
+        scale,
+    }
+}
+
+#[test]
+fn model_adapter_matches_pytorch() {
+    check_golden("model Adapter", |x, w, act, scale| {
+        let act = match act {
+            Act::GeluErf => Activation::GeluErf,
+            Act::GeluTanh => Activation::GeluTanh,
+            Act::Relu => Activation::Relu,
+            Act::Silu => Activation::Silu,
+            Act::Identity => unreachable!("not in the golden file"),
+        };
+        let ad = Adapter {
+            down: dense("down", &w[0], &w[1]),
+            up: dense("up", &w[2], &w[3]),
+            act,
+            scale,
+        };
+        ad.forward(x, &Stream::new(0)).unwrap()
+    });
+}
+
+#[test]
+fn reference_op_matches_pytorch() {
+    check_golden("reference op", |x, w, act, scale| {
+        adapter(x, &weights(w, act, scale), None).unwrap()
+    });
+}
+
+#[test]
+fn composed_op_matches_pytorch() {
+    check_golden("composed op", |x, w, act, scale| {
+        adapter_composed(x, &weights(w, act, scale), None).unwrap()
+    });
 }
 
 #[test]
@@ -328,37 +258,16 @@ fn finite_differences_and_leading_dims() {
         to_f64(g.get(xvar.as_tensor()).unwrap()),
         to_f64(g.get(wdvar.as_tensor()).unwrap()),
     );
-    let h = 1e-6;
-    for i in [0, 7, 29] {
-        let (mut p, mut m) = (xv.clone(), xv.clone());
-        p[i] += h;
-        m[i] -= h;
-        let (xp, wp) = mk(&p, &wdv);
-        let (xm, wm) = mk(&m, &wdv);
-        let fd = (loss(&adapter(&xp, &wp, None).unwrap())
-            - loss(&adapter(&xm, &wm, None).unwrap()))
-            / (2.0 * h);
-        assert!(
-            (fd - gx[i]).abs() < 1e-6 * (1.0 + fd.abs()),
-            "dx[{i}]: {fd} vs {}",
-            gx[i]
-        );
-    }
-    for i in [0, 11, 19] {
-        let (mut p, mut m) = (wdv.clone(), wdv.clone());
-        p[i] += h;
-        m[i] -= h;
-        let (xp, wp) = mk(&xv, &p);
-        let (xm, wm) = mk(&xv, &m);
-        let fd = (loss(&adapter(&xp, &wp, None).unwrap())
-            - loss(&adapter(&xm, &wm, None).unwrap()))
-            / (2.0 * h);
-        assert!(
-            (fd - gw[i]).abs() < 1e-6 * (1.0 + fd.abs()),
-            "dW_d[{i}]: {fd} vs {}",
-            gw[i]
-        );
-    }
+    let via_x = |v: &[f64]| {
+        let (x, w) = mk(v, &wdv);
+        loss(&adapter(&x, &w, None).unwrap())
+    };
+    let via_wd = |v: &[f64]| {
+        let (x, w) = mk(&xv, v);
+        loss(&adapter(&x, &w, None).unwrap())
+    };
+    check_fd("dx", &xv, &[0, 7, 29], &gx, 1e-6, 1e-6, via_x);
+    check_fd("dW_d", &wdv, &[0, 11, 19], &gw, 1e-6, 1e-6, via_wd);
 }
 
 #[test]

@@ -192,16 +192,27 @@ pub fn clip_grad_norm(
     params: &[Param],
     max_norm: f64,
 ) -> Result<f64> {
-    let mut total = 0.0f64;
-    for p in params {
-        if let Some(g) = grads.get(p.var.as_tensor()) {
-            total += g
-                .to_dtype(candle_core::DType::F32)?
+    // One squared norm per parameter on the device, read back together (one
+    // host sync per step, not one per parameter), summed in f64 in order.
+    let sums = params
+        .iter()
+        .filter_map(|p| grads.get(p.var.as_tensor()))
+        .map(|g| {
+            Ok(g.to_dtype(candle_core::DType::F32)?
                 .sqr()?
                 .sum_all()?
-                .to_scalar::<f32>()? as f64;
-        }
-    }
+                .reshape(1)?)
+        })
+        .collect::<Result<Vec<Tensor>>>()?;
+    let total: f64 = if sums.is_empty() {
+        0.0
+    } else {
+        Tensor::cat(&sums, 0)?
+            .to_vec1::<f32>()?
+            .iter()
+            .map(|&v| f64::from(v))
+            .sum()
+    };
     let norm = total.sqrt();
     if max_norm > 0.0 && norm > max_norm {
         let k = max_norm / (norm + 1e-6);

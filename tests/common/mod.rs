@@ -186,3 +186,28 @@ pub fn golden_sentences() -> Vec<String> {
         .map(|s| s.as_str().unwrap().to_string())
         .collect()
 }
+
+/// Central differences (step 1e-6) of `f` at entries `at` of `x`, against
+/// the analytic gradient: |fd − g| ≤ atol + rtol·|fd|.
+pub fn check_fd(
+    what: &str,
+    x: &[f64],
+    at: &[usize],
+    grad: &[f64],
+    atol: f64,
+    rtol: f64,
+    f: impl Fn(&[f64]) -> f64,
+) {
+    let h = 1e-6;
+    for &i in at {
+        let (mut xp, mut xm) = (x.to_vec(), x.to_vec());
+        xp[i] += h;
+        xm[i] -= h;
+        let fd = (f(&xp) - f(&xm)) / (2.0 * h);
+        assert!(
+            (fd - grad[i]).abs() <= atol + rtol * fd.abs(),
+            "{what}: entry {i}: finite difference {fd} vs analytic {}",
+            grad[i]
+        );
+    }
+}
