@@ -25,6 +25,21 @@ impl Kernel {
     pub(crate) fn builder(&self) -> LaunchArgs<'_> {
         self.stream.launch_builder(&self.func)
     }
+
+    /// Lets the kernel use `bytes` of dynamic shared memory (launches above
+    /// 48 KiB must opt in; sm_90 allows up to 227 KiB per block).
+    pub(crate) fn allow_smem(&self, bytes: u32) -> Result<()> {
+        if bytes > 48 * 1024 {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
+            self.func
+                .set_attribute(
+                    A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .w()?;
+        }
+        Ok(())
+    }
 }
 
 type ModuleCache = Mutex<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>;
@@ -155,29 +170,33 @@ pub(crate) fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSli
 
 /// Launch a built argument list.
 pub(crate) fn launch(b: &mut LaunchArgs<'_>, grid: u32, block: u32) -> Result<()> {
-    let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
-        grid_dim: (grid.max(1), 1, 1),
-        block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: argument lists are built next to the kernel signatures they
-    // match (same order, sizes and pointer element types), and every buffer
-    // passed outlives the launch on candle's stream.
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
+    launch_smem(b, (grid, 1), block, 0)
 }
 
 /// Launch on a 2-D grid (x, y).
 pub(crate) fn launch_2d(b: &mut LaunchArgs<'_>, grid: (u32, u32), block: u32) -> Result<()> {
+    launch_smem(b, grid, block, 0)
+}
+
+/// Launch on a 2-D grid with `smem` bytes of dynamic shared memory (the
+/// kernel must have been given [`Kernel::allow_smem`] for more than 48 KiB).
+pub(crate) fn launch_smem(
+    b: &mut LaunchArgs<'_>,
+    grid: (u32, u32),
+    block: u32,
+    smem: u32,
+) -> Result<()> {
     if grid.1 > 65535 {
         candle_core::bail!("grid y dimension {} exceeds 65535", grid.1);
     }
     let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
         grid_dim: (grid.0.max(1), grid.1.max(1), 1),
         block_dim: (block, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: smem,
     };
-    // SAFETY: as for `launch`.
+    // SAFETY: argument lists are built next to the kernel signatures they
+    // match (same order, sizes and pointer element types), and every buffer
+    // passed outlives the launch on candle's stream.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
 }

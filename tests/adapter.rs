@@ -1,13 +1,15 @@
 //! The bottleneck adapter against PyTorch (../shared/golden/adapter.json, all
 //! four activation / scale cases, output and all five gradients): the
-//! model's composed module and the op's CPU reference; finite differences,
-//! the LoRA path, input checks.
+//! model's module and the op's CPU reference; finite differences, the LoRA
+//! path (also with a different output width), the modules' initialisation,
+//! input checks.
 mod common;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use tunefuse::model::config::Activation;
-use tunefuse::model::layers::{Adapter, Dense, Stream};
+use tunefuse::model::layers::{Adapter, Lora};
 use tunefuse::ops::adapter::{adapter, adapter_composed, Act, AdapterWeights};
 
 fn var(v: &serde_json::Value, shape: &[usize]) -> Var {
@@ -16,17 +18,6 @@ fn var(v: &serde_json::Value, shape: &[usize]) -> Var {
         None => json_vec(v),
     };
     Var::from_tensor(&Tensor::from_vec(flat, shape, &Device::Cpu).unwrap()).unwrap()
-}
-
-fn dense(name: &str, w: &Var, b: &Var) -> Dense {
-    Dense {
-        name: name.into(),
-        weight: w.as_tensor().clone(),
-        bias: Some(b.as_tensor().clone()),
-        frozen: false,
-        mixout: None,
-        lora: None,
-    }
 }
 
 fn act_of(name: &str) -> Act {
@@ -106,12 +97,14 @@ fn model_adapter_matches_pytorch() {
             Act::Identity => unreachable!("not in the golden file"),
         };
         let ad = Adapter {
-            down: dense("down", &w[0], &w[1]),
-            up: dense("up", &w[2], &w[3]),
+            w_down: w[0].as_tensor().clone(),
+            b_down: w[1].as_tensor().clone(),
+            w_up: w[2].as_tensor().clone(),
+            b_up: w[3].as_tensor().clone(),
             act,
             scale,
         };
-        ad.forward(x, &Stream::new(0)).unwrap()
+        ad.forward(x).unwrap()
     });
 }
 
@@ -129,74 +122,125 @@ fn composed_op_matches_pytorch() {
     });
 }
 
+fn f64_tensor(n: usize, seed: u64, std: f64, dims: &[usize]) -> Tensor {
+    tensor(&randn(n, seed, std), dims, DType::F64, &Device::Cpu)
+}
+
 #[test]
 fn lora_path_equals_the_unfused_composition() {
-    // A LoRA delta on a base layer's output: identity, no biases, explicit residual.
-    let (t, d, r) = (5, 7, 2);
-    let x = Var::from_tensor(&tensor(
-        &randn(t * d, 1, 1.0),
-        &[t, d],
-        candle_core::DType::F64,
-        &Device::Cpu,
-    ))
-    .unwrap();
-    let base = tensor(
-        &randn(t * d, 2, 1.0),
-        &[t, d],
-        candle_core::DType::F64,
-        &Device::Cpu,
+    // A LoRA delta on a base layer's output: identity, no biases, explicit
+    // residual; square (m = n) and rectangular (an intermediate projection).
+    for (t, m, n, r) in [(5, 7, 7, 2), (4, 6, 9, 3)] {
+        let x = Var::from_tensor(&f64_tensor(t * m, 1, 1.0, &[t, m])).unwrap();
+        let base = Var::from_tensor(&f64_tensor(t * n, 2, 1.0, &[t, n])).unwrap();
+        let a = Var::from_tensor(&f64_tensor(r * m, 3, 0.3, &[r, m])).unwrap();
+        let b = Var::from_tensor(&f64_tensor(n * r, 4, 0.3, &[n, r])).unwrap();
+        let dy = f64_tensor(t * n, 5, 1.0, &[t, n]);
+        let w = AdapterWeights {
+            w_down: a.as_tensor().clone(),
+            b_down: None,
+            w_up: b.as_tensor().clone(),
+            b_up: None,
+            act: Act::Identity,
+            scale: 2.0,
+        };
+        let fused = adapter(x.as_tensor(), &w, Some(base.as_tensor())).unwrap();
+        let composed = (base.as_tensor()
+            + (x.as_tensor()
+                .matmul(&a.as_tensor().t().unwrap())
+                .unwrap()
+                .matmul(&b.as_tensor().t().unwrap())
+                .unwrap()
+                * 2.0)
+                .unwrap())
+        .unwrap();
+        let tag = format!("lora {t}x{m}->{n} r {r}");
+        assert_eq!(fused.dims(), &[t, n]);
+        assert_close(&tag, &to_f64(&fused), &to_f64(&composed), 1e-12, 1e-12);
+        let g1 = (fused * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (composed * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("dx", &x), ("d base", &base), ("dA", &a), ("dB", &b)] {
+            assert_close(
+                &format!("{tag}: {name}"),
+                &to_f64(g1.get(v.as_tensor()).unwrap()),
+                &to_f64(g2.get(v.as_tensor()).unwrap()),
+                1e-12,
+                1e-12,
+            );
+        }
+    }
+}
+
+#[test]
+fn modules_start_near_the_identity() {
+    // adapter-bert's init: N(0, 1e-3) weights, zero biases: y ≈ x but not
+    // exactly (the adapter must be trainable from the start).
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let ad = Adapter::new(&vb.pp("ad"), 48, 8, Activation::GeluErf, 1.0).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (2, 5, 48), &Device::Cpu).unwrap();
+    let y = ad.forward(&x).unwrap();
+    let diff = max_abs_diff(&to_f64(&y), &to_f64(&x));
+    assert!(
+        diff > 0.0 && diff < 1e-4,
+        "adapter at init moves x by {diff}"
     );
-    let a = tensor(
-        &randn(r * d, 3, 0.3),
-        &[r, d],
-        candle_core::DType::F64,
-        &Device::Cpu,
+    for name in [
+        "ad.down.weight",
+        "ad.down.bias",
+        "ad.up.weight",
+        "ad.up.bias",
+    ] {
+        assert!(vm.data().lock().unwrap().contains_key(name), "{name}");
+    }
+    let std = to_f64(&ad.w_down);
+    let rms = (std.iter().map(|v| v * v).sum::<f64>() / std.len() as f64).sqrt();
+    assert!((rms - 1e-3).abs() < 2e-4, "W_d std {rms}, want 1e-3");
+    // LoRA: B = 0, so the delta is exactly zero and base passes unchanged.
+    let lora = Lora::new(&vb.pp("lora"), 48, 20, 4, 8.0).unwrap();
+    assert_eq!(lora.scale, 2.0);
+    let base = Tensor::randn(0f32, 1.0, (2, 5, 20), &Device::Cpu).unwrap();
+    let delta = lora.forward(&x).unwrap();
+    assert_eq!(delta.dims(), &[2, 5, 20]);
+    assert_eq!(max_abs_diff(&to_f64(&delta), &vec![0.0; 200]), 0.0);
+    assert_eq!(
+        to_f64(&lora.add_to(&x, &base).unwrap()),
+        to_f64(&base),
+        "a new LoRA changes its layer"
     );
-    let b = tensor(
-        &randn(d * r, 4, 0.3),
-        &[d, r],
-        candle_core::DType::F64,
-        &Device::Cpu,
-    );
-    let w = AdapterWeights {
-        w_down: a.clone(),
-        b_down: None,
-        w_up: b.clone(),
-        b_up: None,
-        act: Act::Identity,
-        scale: 2.0,
+    // With B ≠ 0 the module computes base + (α/r)·x·Aᵀ·Bᵀ.
+    let b = Tensor::randn(0f32, 1.0, (20, 4), &Device::Cpu).unwrap();
+    let lora = Lora {
+        b: b.clone(),
+        ..lora
     };
-    let y = adapter(x.as_tensor(), &w, Some(&base)).unwrap();
     let want = (&base
-        + (x.as_tensor()
-            .matmul(&a.t().unwrap())
+        + (x.broadcast_matmul(&lora.a.t().unwrap())
             .unwrap()
-            .matmul(&b.t().unwrap())
-            .unwrap()
-            * 2.0)
-            .unwrap())
-    .unwrap();
-    assert_close("lora", &to_f64(&y), &to_f64(&want), 1e-12, 1e-12);
-    let g1 = y.sum_all().unwrap().backward().unwrap();
-    let x2 = Var::from_tensor(x.as_tensor()).unwrap();
-    let want2 = (&base
-        + (x2
-            .as_tensor()
-            .matmul(&a.t().unwrap())
-            .unwrap()
-            .matmul(&b.t().unwrap())
+            .broadcast_matmul(&b.t().unwrap())
             .unwrap()
             * 2.0)
             .unwrap())
     .unwrap();
-    let g2 = want2.sum_all().unwrap().backward().unwrap();
     assert_close(
-        "lora dx",
-        &to_f64(g1.get(x.as_tensor()).unwrap()),
-        &to_f64(g2.get(x2.as_tensor()).unwrap()),
-        1e-12,
-        1e-12,
+        "lora module",
+        &to_f64(&lora.add_to(&x, &base).unwrap()),
+        &to_f64(&want),
+        1e-5,
+        1e-5,
     );
+    assert!(Lora::new(&vb.pp("bad"), 48, 20, 0, 8.0).is_err());
+    assert!(Adapter::new(&vb.pp("bad2"), 48, 0, Activation::Relu, 1.0).is_err());
 }
 
 #[test]
@@ -310,6 +354,20 @@ fn bad_inputs_are_errors() {
     let e = msg(&ok, &x.to_dtype(candle_core::DType::F64).unwrap(), None);
     assert!(e.contains("F64") && e.contains("F32"), "{e}");
     assert!(msg(&ok, &x, Some(&f(&[2, 8]))).contains("residual"));
+    // A LoRA of another output width needs an explicit residual of that width.
+    let wide = AdapterWeights {
+        w_up: f(&[12, 4]),
+        b_up: None,
+        ..ok.clone()
+    };
+    assert!(msg(&wide, &x, None).contains("explicit residual"));
+    assert!(msg(&wide, &x, Some(&f(&[3, 8]))).contains("[3, 12]"));
+    assert_eq!(
+        adapter(&x, &wide, Some(&f(&[3, 12]))).unwrap().dims(),
+        &[3, 12]
+    );
+    // Empty batches are fine: zero rows in, zero rows out.
+    assert_eq!(adapter(&f(&[0, 8]), &ok, None).unwrap().dims(), &[0, 8]);
     assert!(msg(
         &AdapterWeights {
             scale: f64::NAN,

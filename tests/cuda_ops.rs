@@ -11,6 +11,7 @@ mod common;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use common::*;
+use tunefuse::ops::adapter::{adapter, adapter_composed, Act, AdapterWeights};
 use tunefuse::ops::mixout::{dropout, keep_mask, mixout, Rng};
 use tunefuse::ops::perturb::{
     ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode,
@@ -587,6 +588,197 @@ fn noise_kernels_match_reference() {
                 6.0 * sigma * 4e-6 + abs_floor(dtype),
                 2.0 * unit_roundoff(dtype),
             );
+        }
+    }
+}
+
+// ------------------------------------------------------------ adapter
+
+/// `got` against the f64 `want` on the device (tensors up to 16384×4096):
+/// every element within atol + rtol·|want|, atol relative to the largest
+/// |want|. The kernels round z = act(h) and dh to the dtype before the
+/// second product (as any bf16/f16 implementation does), so the error of a
+/// sum is a few units of roundoff of its largest terms, not of each element.
+fn close_on_device(what: &str, got: &Tensor, want: &Tensor, dtype: DType) {
+    let u = unit_roundoff(dtype);
+    let got = got.to_dtype(DType::F64).unwrap();
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let (atol, rtol) = ((1e-5 + 4.0 * u) * scale, 2.0 * u);
+    let excess = ((&got - want).unwrap().abs().unwrap()
+        - ((want.abs().unwrap() * rtol).unwrap() + atol).unwrap())
+    .unwrap()
+    .max_all()
+    .unwrap()
+    .to_scalar::<f64>()
+    .unwrap();
+    let finite = got
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .is_finite();
+    if excess > 0.0 || !finite {
+        // Names the worst element (the host copy only happens on failure).
+        assert_close(what, &to_f64(&got), &to_f64(want), atol, rtol);
+        panic!("{what}: non-finite output");
+    }
+}
+
+/// One adapter (or LoRA, when `lora`) call on the device against the same
+/// math in f64 (candle's composition, which tests/adapter.rs checks against
+/// the CPU reference and PyTorch): y and every gradient. `offset` > 0 runs x
+/// as an unaligned view (start offset not a multiple of 8 elements).
+#[allow(clippy::too_many_arguments)]
+fn check_adapter(
+    dev: &Device,
+    dtype: DType,
+    act: Act,
+    (t, m, n, r): (usize, usize, usize, usize),
+    lora: bool,
+    offset: usize,
+) {
+    let tag = format!(
+        "adapter {act:?} {dtype:?} T {t} {m}->{n} r {r}{}{}",
+        if lora { " lora" } else { "" },
+        if offset > 0 { " unaligned" } else { "" }
+    );
+    let draw = |dims: &[usize], std: f64| {
+        Tensor::randn(0f32, std as f32, dims, dev)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let x_all = draw(&[t * m + offset], 1.0);
+    let x = x_all
+        .narrow(0, offset, t * m)
+        .unwrap()
+        .reshape((t, m))
+        .unwrap();
+    let mut params = vec![
+        draw(&[r, m], 1.0 / (m as f64).sqrt()),
+        draw(&[n, r], 1.0 / (r as f64).sqrt()),
+    ];
+    if lora {
+        params.push(draw(&[t, n], 1.0)); // the base layer's output
+    } else {
+        params.push(draw(&[r], 0.1));
+        params.push(draw(&[n], 0.1));
+    }
+    let dy = draw(&[t, n], 1.0);
+    let scale = if lora { 2.0 } else { 0.5 };
+    // Runs the call with every input as a Var of `dt`; returns y and the
+    // gradients of Σ y·dy for x and each parameter.
+    let run = |dt: DType, fused: bool| -> (Tensor, Vec<Tensor>) {
+        let xv = if fused && dt == dtype {
+            Var::from_tensor(&x).unwrap() // keeps the view's offset
+        } else {
+            Var::from_tensor(&x.to_dtype(dt).unwrap()).unwrap()
+        };
+        let vs: Vec<Var> = params
+            .iter()
+            .map(|p| Var::from_tensor(&p.to_dtype(dt).unwrap()).unwrap())
+            .collect();
+        let w = AdapterWeights {
+            w_down: vs[0].as_tensor().clone(),
+            w_up: vs[1].as_tensor().clone(),
+            b_down: (!lora).then(|| vs[2].as_tensor().clone()),
+            b_up: (!lora).then(|| vs[3].as_tensor().clone()),
+            act,
+            scale,
+        };
+        let res = lora.then(|| vs[2].as_tensor().clone());
+        let y = if fused {
+            adapter(xv.as_tensor(), &w, res.as_ref()).unwrap()
+        } else {
+            adapter_composed(xv.as_tensor(), &w, res.as_ref()).unwrap()
+        };
+        let g = (&y * dy.to_dtype(dt).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut grads = vec![g.get(xv.as_tensor()).unwrap().clone()];
+        grads.extend(vs.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
+        (y, grads)
+    };
+    let (y, grads) = run(dtype, true);
+    let (want_y, want_grads) = run(DType::F64, false);
+    assert_eq!(y.dims(), &[t, n], "{tag}");
+    close_on_device(&format!("{tag}: y"), &y, &want_y, dtype);
+    let names: &[&str] = if lora {
+        &["dx", "dA", "dB", "d base"]
+    } else {
+        &["dx", "dW_d", "dW_u", "db_d", "db_u"]
+    };
+    for ((name, g), w) in names.iter().zip(&grads).zip(&want_grads) {
+        assert_eq!(g.dtype(), dtype, "{tag}: {name}");
+        close_on_device(&format!("{tag}: {name}"), g, w, dtype);
+    }
+}
+
+#[test]
+fn adapter_kernels_match_reference() {
+    let Some(dev) = cuda_device() else { return };
+    let acts = [
+        Act::GeluErf,
+        Act::GeluTanh,
+        Act::Relu,
+        Act::Silu,
+        Act::Identity,
+    ];
+    // 13: a width off the 16-byte path; 100 and 1: bottlenecks off the tiles.
+    let (acts, ts, ms, rs): (&[Act], &[usize], &[usize], &[usize]) = if quick() {
+        (&acts[1..2], &[1, 129], &[13, 1000], &[8, 100])
+    } else {
+        (
+            &acts,
+            &[1, 7, 129, 16384],
+            &[8, 13, 384, 768, 1000, 1024, 4096],
+            &[1, 8, 64, 100, 256],
+        )
+    };
+    let mut n = 0;
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for &act in acts {
+            for &t in ts {
+                for &m in ms {
+                    for &r in rs {
+                        check_adapter(&dev, dtype, act, (t, m, m, r), false, 0);
+                        n += 1;
+                    }
+                }
+            }
+        }
+        // An unaligned x on an otherwise vectorisable shape; r above the
+        // kernels' limit (the composed fallback).
+        check_adapter(&dev, dtype, Act::GeluErf, (129, 384, 384, 64), false, 3);
+        check_adapter(&dev, dtype, Act::Relu, (7, 384, 384, 300), false, 0);
+    }
+    eprintln!("adapter: {n} shapes × 3 dtypes checked");
+}
+
+#[test]
+fn lora_kernels_match_reference() {
+    let Some(dev) = cuda_device() else { return };
+    let (ts, rs): (&[usize], &[usize]) = if quick() {
+        (&[7], &[8, 100])
+    } else {
+        (&[7, 16384], &[8, 100])
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for &(m, n) in &[(384, 384), (384, 1536), (1536, 384), (1000, 13)] {
+            for &t in ts {
+                for &r in rs {
+                    check_adapter(&dev, dtype, Act::Identity, (t, m, n, r), true, 0);
+                }
+            }
         }
     }
 }

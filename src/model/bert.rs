@@ -479,7 +479,7 @@ impl Bert {
             self.config.hidden_dropout_prob,
         )?;
         if let Some(ad) = &layer.attn_adapter {
-            a = ad.forward(&a, s)?;
+            a = ad.forward(&a)?;
         }
         let h1 = layer.attn_norm.forward(&(a + x)?)?;
         let i = activation(&layer.intermediate.forward(&h1, s)?, self.act)?;
@@ -488,7 +488,7 @@ impl Bert {
             self.config.hidden_dropout_prob,
         )?;
         if let Some(ad) = &layer.ffn_adapter {
-            o = ad.forward(&o, s)?;
+            o = ad.forward(&o)?;
         }
         Ok((layer.out_norm.forward(&(o + h1)?)?, probs))
     }

@@ -1,15 +1,15 @@
 //! Building blocks with the hooks robust fine-tuning needs: a dense layer
 //! that can be frozen, mixed out towards its pretrained weight, or given a
-//! LoRA delta; bottleneck adapters (composed from candle ops until the fused
-//! adapter op lands); LayerNorm; and the per-model random stream for dropout
-//! and mixout.
+//! LoRA delta; bottleneck adapters (both through the adapter op: the fused
+//! kernels on CUDA, candle's gemm on the CPU); LayerNorm; and the per-model
+//! random stream for dropout and mixout.
 use std::cell::Cell;
 
 use candle_core::{DType, Tensor, D};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::Activation;
-use crate::ops::adapter::Act;
+use crate::ops::adapter::{adapter_fast, Act, AdapterWeights};
 use crate::ops::mixout::{dropout, mixout, Rng};
 use crate::philox;
 use crate::Result;
@@ -97,17 +97,23 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// The activation (one implementation, [`Act::apply`], for the encoder and
 /// the adapters).
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
-    let a = match act {
-        Activation::GeluErf => Act::GeluErf,
-        Activation::GeluTanh => Act::GeluTanh,
-        Activation::Relu => Act::Relu,
-        Activation::Silu => Act::Silu,
-    };
-    a.apply(x)
+    Act::from(act).apply(x)
+}
+
+impl From<Activation> for Act {
+    fn from(a: Activation) -> Act {
+        match a {
+            Activation::GeluErf => Act::GeluErf,
+            Activation::GeluTanh => Act::GeluTanh,
+            Activation::Relu => Act::Relu,
+            Activation::Silu => Act::Silu,
+        }
+    }
 }
 
 /// A LoRA delta `s·(x·Aᵀ)·Bᵀ`, A `[r, in]` (Kaiming-uniform), B `[out, r]`
-/// (zero), s = α/r.
+/// (zero, so a new LoRA leaves its layer unchanged), s = α/r (Hu et al.
+/// 2021).
 #[derive(Clone, Debug)]
 pub struct Lora {
     pub a: Tensor,
@@ -119,6 +125,12 @@ impl Lora {
     pub fn new(vb: &VarBuilder, din: usize, dout: usize, r: usize, alpha: f64) -> Result<Self> {
         if r == 0 {
             return Err(crate::error::param_err("lora", "rank r must be at least 1"));
+        }
+        if !alpha.is_finite() {
+            return Err(crate::error::param_err(
+                "lora",
+                format!("alpha must be finite, got {alpha}"),
+            ));
         }
         let bound = 1.0 / (din as f64).sqrt();
         let a = vb.get_with_hints(
@@ -137,9 +149,28 @@ impl Lora {
         })
     }
 
-    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
-        let h = linear(x, &self.a, None)?;
-        Ok((linear(&h, &self.b, None)? * self.scale)?)
+    fn weights(&self, dtype: DType) -> Result<AdapterWeights> {
+        Ok(AdapterWeights {
+            w_down: self.a.to_dtype(dtype)?,
+            b_down: None,
+            w_up: self.b.to_dtype(dtype)?,
+            b_up: None,
+            act: Act::Identity,
+            scale: self.scale,
+        })
+    }
+
+    /// The delta alone: `s·(x·Aᵀ)·Bᵀ`, `[.., out]` for x `[.., in]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        *dims.last_mut().unwrap() = self.b.dim(0)?;
+        let zero = Tensor::zeros(dims, x.dtype(), x.device())?;
+        self.add_to(x, &zero)
+    }
+
+    /// `base + s·(x·Aᵀ)·Bᵀ` in one fused op (base: the frozen layer's output).
+    pub fn add_to(&self, x: &Tensor, base: &Tensor) -> Result<Tensor> {
+        adapter_fast(x, &self.weights(x.dtype())?, Some(base))
     }
 }
 
@@ -195,7 +226,7 @@ impl Dense {
         }
         let y = linear(x, &w, b.as_ref())?;
         match &self.lora {
-            Some(l) => Ok((y + l.delta(x)?)?),
+            Some(l) => l.add_to(x, &y),
             None => Ok(y),
         }
     }
@@ -250,13 +281,18 @@ pub enum AdapterPlacement {
     Pfeiffer,
 }
 
-/// A bottleneck adapter `x + s·(act(x·W_dᵀ + b_d)·W_uᵀ + b_u)`, composed
-/// from candle ops. Init as adapter-bert: N(0, 1e-3) weights, zero biases,
-/// so a new adapter is near the identity.
+/// A bottleneck adapter `x + s·(act(x·W_dᵀ + b_d)·W_uᵀ + b_u)` (Houlsby et
+/// al. 2019) through the adapter op. Init as adapter-bert: weights N(0, 1e-3),
+/// biases zero, so a new adapter is near the identity. Parameters are named
+/// `down.{weight,bias}` and `up.{weight,bias}` under the builder's prefix.
 #[derive(Clone, Debug)]
 pub struct Adapter {
-    pub down: Dense,
-    pub up: Dense,
+    /// `[r, d]`.
+    pub w_down: Tensor,
+    pub b_down: Tensor,
+    /// `[d, r]`.
+    pub w_up: Tensor,
+    pub b_up: Tensor,
     pub act: Activation,
     pub scale: f64,
 }
@@ -273,27 +309,29 @@ impl Adapter {
             mean: 0.0,
             stdev: 1e-3,
         };
-        let mk = |name: &str, din: usize, dout: usize| -> Result<Dense> {
-            let v = vb.pp(name);
-            Ok(Dense {
-                name: name.into(),
-                weight: v.get_with_hints((dout, din), "weight", init)?,
-                bias: Some(v.get_with_hints(dout, "bias", Init::Const(0.0))?),
-                frozen: false,
-                mixout: None,
-                lora: None,
-            })
-        };
+        let (down, up) = (vb.pp("down"), vb.pp("up"));
         Ok(Self {
-            down: mk("down", d, r)?,
-            up: mk("up", r, d)?,
+            w_down: down.get_with_hints((r, d), "weight", init)?,
+            b_down: down.get_with_hints(r, "bias", Init::Const(0.0))?,
+            w_up: up.get_with_hints((d, r), "weight", init)?,
+            b_up: up.get_with_hints(d, "bias", Init::Const(0.0))?,
             act,
             scale,
         })
     }
 
-    pub fn forward(&self, x: &Tensor, s: &Stream) -> Result<Tensor> {
-        let h = activation(&self.down.forward(x, s)?, self.act)?;
-        Ok((x + (self.up.forward(&h, s)? * self.scale)?)?)
+    /// `x + s·(act(x·W_dᵀ + b_d)·W_uᵀ + b_u)` for x `[.., d]`, in x's dtype
+    /// (f32 master weights are cast under mixed precision).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let w = AdapterWeights {
+            w_down: self.w_down.to_dtype(dt)?,
+            b_down: Some(self.b_down.to_dtype(dt)?),
+            w_up: self.w_up.to_dtype(dt)?,
+            b_up: Some(self.b_up.to_dtype(dt)?),
+            act: self.act.into(),
+            scale: self.scale,
+        };
+        adapter_fast(x, &w, None)
     }
 }
