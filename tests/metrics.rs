@@ -173,3 +173,42 @@ fn plots_are_written() {
         std::fs::remove_dir_all(dir).ok();
     }
 }
+
+#[test]
+fn results_table_aggregates_seeds() {
+    use tunefuse::train::report::{collect, mean_std, table};
+    let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
+    assert_eq!((m, s), (2.0, 1.0));
+    assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
+    let dir = std::env::temp_dir().join(format!("tunefuse-report-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = |name: &str, acc: f64, ece: f64, secs: f64| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let summary = serde_json::json!({
+            "task": "sst2", "methods": ["smart"], "steps": 10, "best_step": 10, "best": acc,
+            "metric": "accuracy", "train_examples": 100, "seconds": secs,
+            "last": {"accuracy": acc, "macro_f1": acc, "f1": acc, "mcc": 0.5, "nll": 0.4,
+                     "brier": 0.2, "ece": ece},
+        });
+        std::fs::write(d.join("summary.json"), summary.to_string()).unwrap();
+        std::fs::write(d.join("config.toml"), "epochs = 2\n").unwrap();
+    };
+    run("smart-s1", 0.80, 0.10, 100.0);
+    run("smart-s2", 0.82, 0.12, 140.0);
+    run("lora-s3", 0.75, 0.05, 60.0);
+    std::fs::create_dir_all(dir.join("lora-s4")).unwrap(); // unfinished: left out
+    let runs = collect(&dir).unwrap();
+    assert_eq!(runs.len(), 3);
+    let t = table(&runs);
+    assert!(
+        t.contains("| smart | 1, 2 | 81.0 ± 1.4 | 0.110 ± 0.014 | 80.0 / 82.0 | 60 s |"),
+        "{t}"
+    );
+    assert!(t.contains("| lora | 3 | 75.0 ± 0.0 |"), "{t}");
+    // A folder not named <label>-s<seed> is an error naming it.
+    run("oops", 0.5, 0.1, 1.0);
+    let e = collect(&dir).unwrap_err().to_string();
+    assert!(e.contains("oops"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

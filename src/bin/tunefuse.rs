@@ -63,6 +63,13 @@ enum Cmd {
         #[arg(long, default_value = "bf16")]
         dtype: String,
     },
+    /// The results table of a grid of fine-tuning runs (scripts/results.sh):
+    /// mean ± std over seeds of dev accuracy and ECE per method.
+    Results {
+        /// Folders of runs named `<method>-s<seed>`.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
     /// Print the table from saved results (`bench --json`) and PyTorch peers.
     Table {
         #[arg(long)]
@@ -284,6 +291,20 @@ fn run(cli: Cli) -> Result<(), String> {
             tunefuse::model::bert::convert_checkpoint(&input, &output, dtype)
                 .map_err(|e| e.to_string())?;
             eprintln!("wrote {}", output.display());
+            Ok(())
+        }
+        Cmd::Results { dirs } => {
+            for dir in dirs {
+                let runs = tunefuse::train::report::collect(&dir).map_err(|e| e.to_string())?;
+                if runs.is_empty() {
+                    return Err(format!(
+                        "no finished runs (summary.json) under {}",
+                        dir.display()
+                    ));
+                }
+                println!("{}\n", dir.display());
+                print!("{}", tunefuse::train::report::table(&runs));
+            }
             Ok(())
         }
         Cmd::Table { ours, peers } => {
