@@ -59,6 +59,11 @@ def dropout(x):
     return F.dropout(x, 0.1, training=True)
 
 
+def adapter(x, wd, bd, wu, bu):
+    """Houlsby bottleneck with GELU (erf) and the residual x, scale 1."""
+    return x + F.linear(F.gelu(F.linear(x, wd, bd)), wu, bu)
+
+
 def both(name, make_step):
     """(eager ms, compile ms) for a step built from an op function."""
     out = []
@@ -149,6 +154,29 @@ def main():
         return lambda: f(x)
 
     record("dropout fwd", "32x128x768", "bf16", both("dropout", make_drop))
+    del x
+    torch.cuda.empty_cache()
+
+    t, r = 16384, 64
+    for d in (768, 1024):
+        for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "f32")):
+            def mk(shape, std):
+                return (std * torch.randn(*shape, device=dev)).to(dtype).requires_grad_()
+
+            params = [mk((t, d), 1.0), mk((r, d), 0.03), mk((r,), 0.01), mk((d, r), 0.1), mk((d,), 0.01)]
+            dy = torch.randn(t, d, device=dev).to(dtype)
+
+            def make_adapter(compiled, params=params, dy=dy):
+                f = torch.compile(adapter) if compiled else adapter
+
+                def step():
+                    for p in params:
+                        p.grad = None
+                    f(*params).backward(dy)
+
+                return step
+
+            record("adapter fwd+bwd", f"{t}x{d} r{r}", name, both("adapter", make_adapter))
 
     doc = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, results=results)
     with open(args.out, "w") as fh:

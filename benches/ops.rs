@@ -1,4 +1,5 @@
-//! Criterion: each fused op against the same math composed from candle ops,
+//! Criterion: each fused op against the same math composed from candle ops
+//! (sym_kl, mixout, perturbation, adapter),
 //! on the CPU always and on CUDA device 0 when built with `cuda` and a GPU is
 //! present. Throughput is the minimum bytes the op must move.
 use candle_core::{DType, Device, Tensor, Var};
@@ -205,9 +206,28 @@ fn bench_perturb(c: &mut Criterion) {
     }
 }
 
+fn bench_adapter(c: &mut Criterion) {
+    // The cases of `tunefuse bench` (fused and candle-composed), so the two
+    // harnesses time the same thing.
+    for (name, dev) in devices() {
+        let mut g = c.benchmark_group(format!("adapter fwd+bwd/{name}"));
+        for mut case in tunefuse::bench::adapter_cases(&dev).unwrap() {
+            g.throughput(Throughput::Bytes(case.bytes as u64));
+            let id = format!("{}/{:?}", case.shape, case.dtype);
+            g.bench_function(BenchmarkId::new(case.op, &id), |bch| {
+                bch.iter(|| {
+                    (case.run)().unwrap();
+                    sync(&dev);
+                })
+            });
+        }
+        g.finish();
+    }
+}
+
 criterion_group! {
     name = ops;
     config = Criterion::default().sample_size(10);
-    targets = bench_sym_kl, bench_mixout, bench_perturb
+    targets = bench_sym_kl, bench_mixout, bench_perturb, bench_adapter
 }
 criterion_main!(ops);

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (PyTorch, nvcc, compute-sanitizer, ncu; no Rust):
 # unpacks what scripts/gpu-pack.sh built, runs the CUDA tests, the sanitizers
-# over a reduced test set, our benchmarks, the PyTorch peers, two short
-# fine-tuning runs and the criterion benches, and prints one table. Logs go to $OUT (or .gpu/out).
+# over a reduced test set, our benchmarks, the PyTorch peers, three short
+# fine-tuning runs (vanilla, SMART, adapters) and the criterion benches, and
+# prints one table. Logs go to $OUT (or .gpu/out).
 # Each step has its own time limit so the whole run stays under 6 minutes;
 # a failing step is reported and the run goes on. Exit status: non-zero when
 # the CUDA tests failed.
@@ -37,10 +38,17 @@ step "GPU"
 nvidia-smi -L
 uname -r
 
-step "CUDA tests vs CPU reference"
-if ! timeout "$(budget 150)" "$bin/cuda_ops" --test-threads=1 2>&1 | tee "$out/tests.log"; then
+step "CUDA tests vs CPU reference (all but the adapter)"
+if ! timeout "$(budget 150)" "$bin/cuda_ops" --test-threads=1 --skip adapter --skip lora 2>&1 | tee "$out/tests.log"; then
   echo "gpu-run: CUDA TESTS FAILED or timed out (see tests.log)"; status=1
 fi
+
+step "adapter / LoRA kernels vs reference (act x dtype x T x d x r)"
+t=$(budget 120); if [ "$t" -gt 0 ]; then
+  if ! timeout "$t" "$bin/cuda_ops" --test-threads=1 adapter lora 2>&1 | tee -a "$out/tests.log"; then
+    echo "gpu-run: ADAPTER TESTS FAILED or timed out (see tests.log)"; status=1
+  fi
+else skip; fi
 
 step "our benchmarks"
 t=$(budget 45); if [ "$t" -gt 0 ]; then
@@ -70,18 +78,18 @@ else
   echo "compute-sanitizer not found: sanitizer runs skipped"
 fi
 
-step "fine-tuning MiniLM on SST-2 (1,000 sentences, 3 epochs; bf16 activations, f32 weights)"
-for method in vanilla smart; do
+step "fine-tuning MiniLM on SST-2 (bench/recipes/sst2-1k: 1,000 sentences, 3 epochs; bf16 activations, f32 weights)"
+for method in vanilla smart adapter; do
   t=$(budget 60); [ "$t" -gt 0 ] || { skip; continue; }
-  timeout "$t" "$bin/tunefuse" finetune --model "$TUNEFUSE_MODEL_DIR" --task sst2 --data-dir "$bin/data" \
-    --train-examples 1000 --epochs 3 --seed 1 --method "$method" --device cuda --output "$bin/run-sst2-$method" 2>&1 |
+  timeout "$t" "$bin/tunefuse" finetune --config "bench/recipes/sst2-1k/$method.toml" --model "$TUNEFUSE_MODEL_DIR" \
+    --data-dir "$bin/data" --seed 1 --device cuda --output "$bin/run-sst2-$method" 2>&1 |
     grep -E "eval step|best|error" || echo "fine-tuning ($method) failed or timed out"
 done
 
 step "criterion benches (short)"
 t=$(budget 60); if [ "$t" -gt 0 ]; then
   timeout "$t" "$bin/ops" --bench --warm-up-time 0.2 --measurement-time 0.5 2>&1 |
-    grep -E "^(sym_kl|mixout|dropout|ascent|noise)|time:|thrpt:"
+    grep -E "^(sym_kl|mixout|dropout|ascent|noise|adapter)|time:|thrpt:"
 else skip; fi
 
 step "results table"

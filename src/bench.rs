@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::ops::adapter::{adapter, adapter_composed, Act, AdapterWeights};
 use crate::ops::mixout::{dropout, mixout, Rng};
 use crate::ops::perturb::{
     ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode,
@@ -59,6 +60,8 @@ pub struct Case {
     pub shape: String,
     pub dtype: DType,
     pub bytes: usize,
+    /// Floating-point operations of one run, for ops with matrix products.
+    pub flops: Option<f64>,
     pub run: Box<dyn FnMut() -> Result<()>>,
 }
 
@@ -86,6 +89,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
             shape: format!("{rows}x{v}"),
             dtype,
             bytes: 4 * rows * v * dtype.size_in_bytes(),
+            flops: None,
             run: Box::new(move || {
                 let o = SymKlOptions {
                     grad: SymKlGrad::Full,
@@ -106,6 +110,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         shape: format!("{n}"),
         dtype: DType::F32,
         bytes: 5 * n * 4,
+        flops: None,
         run: Box::new(move || {
             // Forward, then exactly what backward runs for ∂w (dropout of
             // the incoming gradient with the same bits).
@@ -126,6 +131,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
             shape: format!("{b}x{l}x{h}"),
             dtype,
             bytes: 3 * b * l * h * dtype.size_in_bytes() + b * l * 4,
+            flops: None,
             run: Box::new(move || {
                 let s = AscentStep {
                     eta: 1e-3,
@@ -143,6 +149,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         shape: format!("{b}x{l}x{h}"),
         dtype: DType::F32,
         bytes: b * l * h * 4 + b * l * 4,
+        flops: None,
         run: Box::new(move || {
             noise_init(
                 &[b, l, h],
@@ -161,11 +168,67 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         shape: "32x128x768".into(),
         dtype: DType::BF16,
         bytes: 2 * x.elem_count() * 2,
+        flops: None,
         run: Box::new(move || {
             dropout(&x, 0.1, Rng { seed: 2, offset: 0 }, true)?;
             Ok(())
         }),
     });
+    out.extend(adapter_cases(dev)?);
+    Ok(out)
+}
+
+/// The adapter forward + backward (Houlsby bottleneck, GELU, biases), fused
+/// and composed, at T = 16384, d ∈ {768, 1024}, r = 64 on CUDA (T = 512 on
+/// CPU). Floor: x and y in the forward, x, dy and dx in the backward (5·T·d
+/// elements; weights and h are small). FLOPs: 12·T·d·r (two products
+/// forward, four backward). The backward starts from `y.backward()`, whose
+/// incoming gradient of ones costs one T×d fill that the floor does not
+/// count (the PyTorch peers pass a preallocated dy).
+pub fn adapter_cases(dev: &Device) -> Result<Vec<Case>> {
+    let t = if dev.is_cuda() { 16384 } else { 512 };
+    let r = 64;
+    let mut out = Vec::new();
+    for d in [768, 1024] {
+        for dtype in [DType::BF16, DType::F32] {
+            for fused in [true, false] {
+                let v = |dims: &[usize], std: f32| -> Result<Var> {
+                    Ok(Var::from_tensor(
+                        &Tensor::randn(0f32, std, dims, dev)?.to_dtype(dtype)?,
+                    )?)
+                };
+                let x = v(&[t, d], 1.0)?;
+                let w = AdapterWeights {
+                    w_down: v(&[r, d], 0.03)?.as_tensor().clone(),
+                    b_down: Some(v(&[r], 0.01)?.as_tensor().clone()),
+                    w_up: v(&[d, r], 0.1)?.as_tensor().clone(),
+                    b_up: Some(v(&[d], 0.01)?.as_tensor().clone()),
+                    act: Act::GeluErf,
+                    scale: 1.0,
+                };
+                out.push(Case {
+                    op: if fused {
+                        "adapter fwd+bwd"
+                    } else {
+                        "adapter composed fwd+bwd"
+                    },
+                    shape: format!("{t}x{d} r{r}"),
+                    dtype,
+                    bytes: 5 * t * d * dtype.size_in_bytes(),
+                    flops: Some(12.0 * (t * d * r) as f64),
+                    run: Box::new(move || {
+                        let y = if fused {
+                            adapter(x.as_tensor(), &w, None)?
+                        } else {
+                            adapter_composed(x.as_tensor(), &w, None)?
+                        };
+                        y.backward()?;
+                        Ok(())
+                    }),
+                });
+            }
+        }
+    }
     Ok(out)
 }
 
@@ -227,6 +290,9 @@ pub struct Row {
     pub dtype: String,
     pub ms: f64,
     pub gbps: f64,
+    /// Achieved TFLOP/s, for ops with matrix products.
+    #[serde(default)]
+    pub tflops: Option<f64>,
 }
 
 /// Runs every case and returns its row.
@@ -242,6 +308,7 @@ pub fn run_all(dev: &Device, mut progress: impl FnMut(&str)) -> Result<Vec<Row>>
             dtype: dtype_name(c.dtype).into(),
             ms,
             gbps: c.bytes as f64 / (ms * 1e-3) / 1e9,
+            tflops: c.flops.map(|f| f / (ms * 1e-3) / 1e12),
         });
     }
     Ok(rows)
@@ -295,8 +362,8 @@ pub fn load_ours(path: &std::path::Path) -> std::result::Result<(String, f64, Ve
 pub fn table(device: &str, copy_gbps: f64, rows: &[Row], peers: &Peers) -> String {
     let fmt = |x: Option<f64>| x.map_or("-".to_string(), |v| format!("{v:.3}"));
     let mut s = format!("device: {device}; measured copy bandwidth {copy_gbps:.0} GB/s\n");
-    s.push_str("| op | shape | dtype | ours ms | GB/s | % of copy | eager ms | compile ms | vs eager | vs compile |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| op | shape | dtype | ours ms | GB/s | % of copy | TFLOP/s | eager ms | compile ms | vs eager | vs compile |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let (eager, compile) = peers
             .get(&(r.op.clone(), r.shape.clone(), r.dtype.clone()))
@@ -304,13 +371,14 @@ pub fn table(device: &str, copy_gbps: f64, rows: &[Row], peers: &Peers) -> Strin
             .unwrap_or((None, None));
         let speed = |p: Option<f64>| p.map_or("-".to_string(), |p| format!("{:.2}x", p / r.ms));
         s.push_str(&format!(
-            "| {} | {} | {} | {:.3} | {:.1} | {:.0}% | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.3} | {:.1} | {:.0}% | {} | {} | {} | {} | {} |\n",
             r.op,
             r.shape,
             r.dtype,
             r.ms,
             r.gbps,
             100.0 * r.gbps / copy_gbps,
+            r.tflops.map_or("-".to_string(), |f| format!("{f:.1}")),
             fmt(eager),
             fmt(compile),
             speed(eager),
