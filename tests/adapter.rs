@@ -366,6 +366,14 @@ fn bad_inputs_are_errors() {
         adapter(&x, &wide, Some(&f(&[3, 12]))).unwrap().dims(),
         &[3, 12]
     );
+    let empty_w = AdapterWeights {
+        w_down: f(&[4, 0]),
+        w_up: f(&[0, 4]),
+        b_down: None,
+        b_up: None,
+        ..ok.clone()
+    };
+    assert!(msg(&empty_w, &f(&[3, 0]), None).contains("d = 0"));
     // Empty batches are fine: zero rows in, zero rows out.
     assert_eq!(adapter(&f(&[0, 8]), &ok, None).unwrap().dims(), &[0, 8]);
     assert!(msg(

@@ -152,8 +152,11 @@ impl AdapterWeights {
         if r == 0 {
             return Err(param_err(op, "bottleneck r = 0"));
         }
+        if m == 0 {
+            return Err(shape_err(op, "x has d = 0 features"));
+        }
         let n = match self.w_up.dims2() {
-            Ok((n, r_u)) if r_u == r && m_w == m => n,
+            Ok((n, r_u)) if r_u == r && m_w == m && n > 0 => n,
             _ => {
                 return Err(shape_err(
                     op,
