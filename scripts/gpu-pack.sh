@@ -49,4 +49,8 @@ Device call (one run; the script stays under 6 minutes):
   carry:   [".gpu"]
   timeout_s: 480
 Then copy the table printed at the end (and \$OUT/table.md) into bench/RESULTS.md with the card's name.
+With device time left, the fine-tuning results of issue #6 on the GPU (same .gpu):
+  command: bash scripts/gpu-results.sh 420
+  carry:   [".gpu"]
+  timeout_s: 480
 CALL

@@ -14,14 +14,7 @@ mkdir -p "$out"
 # Everything printed also goes to run.log; with the JSON, the table and the
 # test and sanitizer logs that is 7 files (the device tool returns 8 at most).
 exec > >(tee "$out/run.log") 2>&1
-bin=.gpu/bin
-rm -rf "$bin" && mkdir -p "$bin"
-tar -xJf .gpu/bundle.tar.xz -C "$bin" || { echo "gpu-run: no .gpu/bundle.tar.xz: run scripts/gpu-pack.sh and carry .gpu" >&2; exit 2; }
-
-nv=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
-export LD_LIBRARY_PATH="${nv:+$nv/nvidia/cu13/lib:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-export PYTHONUNBUFFERED=1
-export TUNEFUSE_GOLDEN="$PWD/$bin/golden" TUNEFUSE_MODEL_DIR="$PWD/$bin/model"
+source scripts/gpu-env.sh
 status=0
 start=$(date +%s)
 deadline=345 # seconds: the whole run stays under 6 minutes

@@ -5,10 +5,11 @@
 #
 #   scripts/results.sh ROW [SEED...]          (default seeds: 1 2 3)
 #
-# ROW is a folder of bench/recipes (sst2-1k, rte). Runs go to
-# runs/results/<ROW>/<method>-s<seed>; a run whose summary.json exists is
-# skipped, an interrupted one is continued with --resume. Environment:
-# TUNEFUSE_DATA (default ../shared/data), TUNEFUSE_BIN (default: build the
+# ROW is a folder of bench/recipes (sst2-1k, rte, sst2-full). Runs go to
+# $RESULTS_DIR/<ROW>/<method>-s<seed> (default runs/results); a run whose
+# summary.json exists is skipped, an interrupted one is continued with
+# --resume. Environment: TUNEFUSE_DATA (default ../shared/data), MODEL
+# (default: scripts/fetch-model.sh), TUNEFUSE_BIN (default: build the
 # release binary), DEVICE (default cpu), METHODS (default: every recipe).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,14 +19,14 @@ seeds=("$@")
 [ ${#seeds[@]} -gt 0 ] || seeds=(1 2 3)
 [ -d "bench/recipes/$row" ] || { echo "no recipes in bench/recipes/$row" >&2; exit 2; }
 export TUNEFUSE_DATA="${TUNEFUSE_DATA:-../shared/data}"
-model="$(scripts/fetch-model.sh)"
+model="${MODEL:-$(scripts/fetch-model.sh)}"
 bin="${TUNEFUSE_BIN:-}"
 if [ -z "$bin" ]; then
   cargo build --release --quiet
   bin="${CARGO_TARGET_DIR:-target}/release/tunefuse"
 fi
 methods=${METHODS:-$(cd "bench/recipes/$row" && ls *.toml | sed 's/\.toml$//' | tr '\n' ' ')}
-out="runs/results/$row"
+out="${RESULTS_DIR:-runs/results}/$row"
 mkdir -p "$out"
 for seed in "${seeds[@]}"; do
   for m in $methods; do
