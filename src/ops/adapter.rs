@@ -408,9 +408,17 @@ impl AdapterOp {
         ))
     }
 
+    /// The fused forward; saves h for this node's backward.
     #[cfg(feature = "cuda")]
-    fn save_hidden(&self, h: Tensor) {
+    fn cuda_forward(
+        &self,
+        x: (&candle_core::CudaStorage, &Layout),
+        p: (&candle_core::CudaStorage, &Layout),
+        res: (&candle_core::CudaStorage, &Layout),
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (y, h) = cuda::forward(self.dims, self.act, self.scale, x, p, res)?;
         *self.hidden.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+        Ok((y, self.out_shape(x.1)))
     }
 }
 
@@ -439,16 +447,7 @@ impl CustomOp2 for AdapterOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (y, h) = cuda::forward(
-            self.dims,
-            self.act,
-            self.scale,
-            (s1, l1),
-            (s2, l2),
-            (s1, l1),
-        )?;
-        self.save_hidden(h);
-        Ok((y, self.out_shape(l1)))
+        self.cuda_forward((s1, l1), (s2, l2), (s1, l1))
     }
 
     fn bwd(
@@ -492,16 +491,7 @@ impl CustomOp3 for AdapterOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (y, h) = cuda::forward(
-            self.dims,
-            self.act,
-            self.scale,
-            (s1, l1),
-            (s2, l2),
-            (s3, l3),
-        )?;
-        self.save_hidden(h);
-        Ok((y, self.out_shape(l1)))
+        self.cuda_forward((s1, l1), (s2, l2), (s3, l3))
     }
 
     fn bwd(
