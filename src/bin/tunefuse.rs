@@ -179,16 +179,18 @@ fn progress() -> impl FnMut(Event<'_>) {
         ) => {
             b.set_length(total);
             b.set_position(step);
-            b.set_message(format!(
-                "loss {loss:.4} lr {lr:.2e} {examples_per_s:.1} ex/s"
-            ));
+            if let Some(loss) = loss {
+                b.set_message(format!(
+                    "loss {loss:.4} lr {lr:.2e} {examples_per_s:.1} ex/s"
+                ));
+            }
         }
         (
             Event::Step {
                 step,
                 total,
                 epoch,
-                loss,
+                loss: Some(loss),
                 lr,
                 examples_per_s,
                 logged: true,

@@ -185,15 +185,17 @@ impl AdamW {
     }
 }
 
-/// Scales every gradient so their global l2 norm is at most `max_norm`;
-/// returns the norm before clipping (reads one scalar back).
+/// Scales every gradient so their global l2 norm is at most `max_norm`
+/// (0: no clipping), entirely on the device: no host sync. Returns the norm
+/// before clipping as a scalar f64 tensor (the caller reads it back with
+/// whatever else it logs). The arithmetic is the host's: one f32 squared sum
+/// per parameter, summed in f64 in parameter order, k = max/(norm + 1e-6)
+/// applied when norm > max.
 pub fn clip_grad_norm(
     grads: &mut candle_core::backprop::GradStore,
     params: &[Param],
     max_norm: f64,
-) -> Result<f64> {
-    // One squared norm per parameter on the device, read back together (one
-    // host sync per step, not one per parameter), summed in f64 in order.
+) -> Result<Tensor> {
     let sums = params
         .iter()
         .filter_map(|p| grads.get(p.var.as_tensor()))
@@ -204,21 +206,26 @@ pub fn clip_grad_norm(
                 .reshape(1)?)
         })
         .collect::<Result<Vec<Tensor>>>()?;
-    let total: f64 = if sums.is_empty() {
-        0.0
-    } else {
-        Tensor::cat(&sums, 0)?
-            .to_vec1::<f32>()?
-            .iter()
-            .map(|&v| f64::from(v))
-            .sum()
+    let Some(first) = sums.first() else {
+        let dev = params
+            .first()
+            .map_or(candle_core::Device::Cpu, |p| p.var.device().clone());
+        return Ok(Tensor::zeros((), candle_core::DType::F64, &dev)?);
     };
-    let norm = total.sqrt();
-    if max_norm > 0.0 && norm > max_norm {
-        let k = max_norm / (norm + 1e-6);
+    let dev = first.device().clone();
+    let norm = Tensor::cat(&sums, 0)?
+        .to_dtype(candle_core::DType::F64)?
+        .sum_all()?
+        .sqrt()?;
+    if max_norm > 0.0 {
+        let k = (Tensor::new(max_norm, &dev)? / (&norm + 1e-6)?)?;
+        let k = norm
+            .gt(max_norm)?
+            .where_cond(&k, &Tensor::new(1f64, &dev)?)?;
         for p in params {
             if let Some(g) = grads.remove(p.var.as_tensor()) {
-                grads.insert(p.var.as_tensor(), (g * k)?);
+                let scaled = g.broadcast_mul(&k.to_dtype(g.dtype())?)?;
+                grads.insert(p.var.as_tensor(), scaled);
             }
         }
     }

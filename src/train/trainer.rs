@@ -717,7 +717,7 @@ impl Run {
     }
 
     /// Task loss plus the regularisers for one batch.
-    fn loss(&mut self, b: &Batch) -> Result<(Tensor, f64)> {
+    fn loss(&mut self, b: &Batch) -> Result<(Tensor, Option<Tensor>)> {
         let teacher = self.teacher_logits(b)?;
         let (loss, pen, clean) = self.loss_inner(b)?;
         match teacher {
@@ -745,7 +745,7 @@ impl Run {
 
     /// Task loss and adversarial regulariser; also the clean logits when
     /// the method computed them.
-    fn loss_inner(&mut self, b: &Batch) -> Result<(Tensor, f64, Option<Tensor>)> {
+    fn loss_inner(&mut self, b: &Batch) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         let embeds = self.bert.forward_embeddings(&b.ids, Some(&b.types))?;
         if self.cfg.has("freelb") {
             let (l, p) = self.freelb_loss(b, &embeds)?;
@@ -794,10 +794,12 @@ impl Run {
                     ..Default::default()
                 };
                 let pen = sym_kl(&adv, &logits, &opts)?;
-                let v = pen.to_scalar::<f32>()? as f64;
-                return Ok(((task + (pen * lam)?)?, v, Some(logits)));
+                let v = pen.detach();
+                return Ok(((task + (pen * lam)?)?, Some(v), Some(logits)));
             }
-            return Ok((task, f64::NAN, Some(logits)));
+            // Skipped: the penalty is logged as NaN.
+            let nan = Tensor::new(f32::NAN, logits.device())?;
+            return Ok((task, Some(nan), Some(logits)));
         }
         if self.cfg.has("r3f") && self.cfg.r3f.lambda > 0.0 {
             let r = &self.cfg.r3f;
@@ -816,10 +818,10 @@ impl Run {
                 ..Default::default()
             };
             let pen = sym_kl(&adv, &logits, &opts)?;
-            let v = pen.to_scalar::<f32>()? as f64;
-            return Ok(((task + (pen * lam)?)?, v, Some(logits)));
+            let v = pen.detach();
+            return Ok(((task + (pen * lam)?)?, Some(v), Some(logits)));
         }
-        Ok((task, 0.0, Some(logits)))
+        Ok((task, None, Some(logits)))
     }
 
     /// FreeLB: the task loss averaged over K perturbed inputs; δ ascends
@@ -827,7 +829,7 @@ impl Run {
     /// Each δ gradient takes its own backward pass; the returned loss sums
     /// the K graphs so one more backward accumulates the parameter
     /// gradients of every step.
-    fn freelb_loss(&mut self, b: &Batch, embeds: &Tensor) -> Result<(Tensor, f64)> {
+    fn freelb_loss(&mut self, b: &Batch, embeds: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let f = self.cfg.freelb.clone();
         let (bsz, len, hid) = embeds.dims3()?;
         let mut delta = noise_init(
@@ -866,7 +868,7 @@ impl Run {
                 Some(t) => (t + loss)?,
             });
         }
-        Ok((total.expect("freelb steps >= 1"), 0.0))
+        Ok((total.expect("freelb steps >= 1"), None))
     }
 
     /// Class probabilities on a dataset (eval mode).
@@ -982,6 +984,8 @@ impl Run {
         let mut seen = 0usize;
         let mut stop = false;
         let mut losses = Vec::new();
+        // (step, [loss, penalty, grad norm]) on the device, not yet read.
+        let mut pending: Vec<(u64, Tensor)> = Vec::new();
         let mut last_eval: Option<Eval> = None;
         while st.epoch < self.cfg.epochs && !stop {
             let mut order: Vec<usize> = (0..n).collect();
@@ -1000,7 +1004,9 @@ impl Run {
                 let group: Vec<&[usize]> =
                     batches[st.batch..(st.batch + self.cfg.grad_accum).min(batches.len())].to_vec();
                 let mut acc: Option<candle_core::backprop::GradStore> = None;
-                let (mut loss_sum, mut pen_sum) = (0.0, 0.0);
+                // Loss and penalty stay on the device (f64, summed over the
+                // micro-batches in order) until the next logged step.
+                let (mut loss_sum, mut pen_sum): (Option<Tensor>, Option<Tensor>) = (None, None);
                 for idx in &group {
                     let b = self.batch(&self.train, idx)?;
                     let (loss, pen) = {
@@ -1008,8 +1014,19 @@ impl Run {
                         self.loss(&b)?
                     };
                     let loss = (loss / group.len() as f64)?;
-                    loss_sum += loss.to_scalar::<f32>()? as f64;
-                    pen_sum += pen / group.len() as f64;
+                    let l = loss.detach().to_dtype(DType::F64)?;
+                    let p = match pen {
+                        Some(p) => (p.to_dtype(DType::F64)? / group.len() as f64)?,
+                        None => l.zeros_like()?,
+                    };
+                    loss_sum = Some(match loss_sum {
+                        None => l,
+                        Some(s) => (s + l)?,
+                    });
+                    pen_sum = Some(match pen_sum {
+                        None => p,
+                        Some(s) => (s + p)?,
+                    });
                     let g = {
                         let _r = crate::nvtx::range("backward");
                         loss.backward()?
@@ -1033,7 +1050,8 @@ impl Run {
                     seen += idx.len();
                 }
                 let mut grads = acc.expect("at least one micro-batch");
-                let norm = clip_grad_norm(&mut grads, &self.opt.params, self.cfg.clip)?;
+                let norm = clip_grad_norm(&mut grads, &self.opt.params, self.cfg.clip)?
+                    .to_device(loss_sum.as_ref().expect("a micro-batch").device())?;
                 let lr = self.cfg.schedule.lr(self.cfg.lr, st.step, total);
                 {
                     let _r = crate::nvtx::range("optimizer step");
@@ -1042,20 +1060,37 @@ impl Run {
                 self.update_teacher()?;
                 st.step += 1;
                 st.batch += group.len();
-                losses.push((st.step, loss_sum));
-                let eps = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                pending.push((
+                    st.step,
+                    Tensor::stack(
+                        &[
+                            loss_sum.expect("a micro-batch"),
+                            pen_sum.expect("a micro-batch"),
+                            norm,
+                        ],
+                        0,
+                    )?,
+                ));
                 let logged =
                     st.step.is_multiple_of(self.cfg.log_every.max(1) as u64) || st.step == total;
-                if logged {
+                // One host sync per logged step reads every step's values.
+                let read = if logged {
+                    let vals = flush(&mut pending, &mut losses)?;
+                    vals.last().copied()
+                } else {
+                    None
+                };
+                let eps = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
+                if let Some([loss, pen, norm]) = read {
                     line(
-                        serde_json::json!({"step": st.step, "epoch": st.epoch, "loss": loss_sum, "penalty": pen_sum, "lr": lr, "grad_norm": norm, "examples_per_s": eps}),
+                        serde_json::json!({"step": st.step, "epoch": st.epoch, "loss": loss, "penalty": pen, "lr": lr, "grad_norm": norm, "examples_per_s": eps}),
                     )?;
                 }
                 on(Event::Step {
                     step: st.step,
                     total,
                     epoch: st.epoch,
-                    loss: loss_sum,
+                    loss: read.map(|v| v[0]),
                     lr,
                     examples_per_s: eps,
                     logged,
@@ -1128,6 +1163,7 @@ impl Run {
                 }
             }
         }
+        flush(&mut pending, &mut losses)?;
         // The loop ends right after an evaluation, unless a resumed run had
         // nothing left to do.
         let ev = match last_eval {
@@ -1353,13 +1389,31 @@ pub enum Event<'a> {
         step: u64,
         total: u64,
         epoch: usize,
-        loss: f64,
+        /// The step's loss, on logged steps only (reading it back every
+        /// step would make the host wait for the device).
+        loss: Option<f64>,
         lr: f64,
         examples_per_s: f64,
         logged: bool,
     },
     /// Evaluations, checkpoints, early stopping, resumption.
     Message(&'a str),
+}
+
+/// Reads the pending per-step values back in one transfer, appends each
+/// step's loss to `losses` and returns the values in step order.
+fn flush(pending: &mut Vec<(u64, Tensor)>, losses: &mut Vec<(u64, f64)>) -> Result<Vec<[f64; 3]>> {
+    if pending.is_empty() {
+        return Ok(vec![]);
+    }
+    let rows: Vec<Tensor> = pending.iter().map(|(_, t)| t.clone()).collect();
+    let vals = Tensor::stack(&rows, 0)?.to_vec2::<f64>()?;
+    let out: Vec<[f64; 3]> = vals.iter().map(|v| [v[0], v[1], v[2]]).collect();
+    for ((step, _), v) in pending.iter().zip(&out) {
+        losses.push((*step, v[0]));
+    }
+    pending.clear();
+    Ok(out)
 }
 
 /// What a run reports at the end.
