@@ -37,7 +37,8 @@ fn table_merges_peers() {
     std::fs::write(
         &ours,
         r#"{"device": "Test GPU", "copy_gbps": 1000.0,
-            "results": [{"op": "dropout fwd", "shape": "4", "dtype": "bf16", "ms": 0.5, "gbps": 800.0}]}"#,
+            "results": [{"op": "dropout fwd", "shape": "4", "dtype": "bf16", "ms": 0.5, "gbps": 800.0},
+                        {"op": "adapter fwd+bwd", "shape": "8x8 r2", "dtype": "bf16", "ms": 0.25, "gbps": 100.0, "tflops": 1.5}]}"#,
     )
     .unwrap();
     std::fs::write(&peers, r#"{"results": [{"op": "dropout fwd", "shape": "4", "dtype": "bf16", "eager_ms": 1.0, "compile_ms": 2.0}]}"#).unwrap();
@@ -52,8 +53,9 @@ fn table_merges_peers() {
     assert!(
         out.contains("Test GPU")
             && out.contains(
-                "| dropout fwd | 4 | bf16 | 0.500 | 800.0 | 80% | 1.000 | 2.000 | 2.00x | 4.00x |"
-            ),
+                "| dropout fwd | 4 | bf16 | 0.500 | 800.0 | 80% | - | 1.000 | 2.000 | 2.00x | 4.00x |"
+            )
+            && out.contains("| adapter fwd+bwd | 8x8 r2 | bf16 | 0.250 | 100.0 | 10% | 1.5 | - | - | - | - |"),
         "{out}"
     );
 }
