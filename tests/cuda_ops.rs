@@ -655,11 +655,6 @@ fn check_adapter(
             .unwrap()
     };
     let x_all = draw(&[t * m + offset], 1.0);
-    let x = x_all
-        .narrow(0, offset, t * m)
-        .unwrap()
-        .reshape((t, m))
-        .unwrap();
     let mut params = vec![
         draw(&[r, m], 1.0 / (m as f64).sqrt()),
         draw(&[n, r], 1.0 / (r as f64).sqrt()),
@@ -675,11 +670,15 @@ fn check_adapter(
     // Runs the call with every input as a Var of `dt`; returns y and the
     // gradients of Σ y·dy for x and each parameter.
     let run = |dt: DType, fused: bool| -> (Tensor, Vec<Tensor>) {
-        let xv = if fused && dt == dtype {
-            Var::from_tensor(&x).unwrap() // keeps the view's offset
-        } else {
-            Var::from_tensor(&x.to_dtype(dt).unwrap()).unwrap()
-        };
+        // x is a view at `offset` elements into a Var (a Var made from the
+        // view itself would be a fresh, aligned copy).
+        let xv = Var::from_tensor(&x_all.to_dtype(dt).unwrap()).unwrap();
+        let x = xv
+            .as_tensor()
+            .narrow(0, offset, t * m)
+            .unwrap()
+            .reshape((t, m))
+            .unwrap();
         let vs: Vec<Var> = params
             .iter()
             .map(|p| Var::from_tensor(&p.to_dtype(dt).unwrap()).unwrap())
@@ -694,9 +693,9 @@ fn check_adapter(
         };
         let res = lora.then(|| vs[2].as_tensor().clone());
         let y = if fused {
-            adapter(xv.as_tensor(), &w, res.as_ref()).unwrap()
+            adapter(&x, &w, res.as_ref()).unwrap()
         } else {
-            adapter_composed(xv.as_tensor(), &w, res.as_ref()).unwrap()
+            adapter_composed(&x, &w, res.as_ref()).unwrap()
         };
         let g = (&y * dy.to_dtype(dt).unwrap())
             .unwrap()
@@ -704,7 +703,12 @@ fn check_adapter(
             .unwrap()
             .backward()
             .unwrap();
-        let mut grads = vec![g.get(xv.as_tensor()).unwrap().clone()];
+        let dx = g.get(xv.as_tensor()).unwrap();
+        let mut grads = vec![dx
+            .narrow(0, offset, t * m)
+            .unwrap()
+            .reshape((t, m))
+            .unwrap()];
         grads.extend(vs.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
         (y, grads)
     };
