@@ -1,8 +1,8 @@
 //! The results table of a grid of runs (`tunefuse results DIR`): runs are
 //! the subfolders `<label>-s<seed>` of DIR holding a `summary.json` (and the
 //! `config.toml` the run resolved); one row per label with the mean ± sample
-//! standard deviation over its seeds of the final dev accuracy and ECE, and
-//! the mean wall time per epoch.
+//! standard deviation over its seeds of the final dev accuracy and ECE (— for
+//! a single seed), and the mean wall time per epoch.
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -88,10 +88,16 @@ pub fn table(runs: &[RunResult]) -> String {
             .collect();
         let (am, asd) = mean_std(&acc);
         let (em, esd) = mean_std(&ece);
+        // One seed has no spread to report.
+        let (asd, esd) = if rs.len() < 2 {
+            ("—".to_string(), "—".to_string())
+        } else {
+            (format!("{asd:.1}"), format!("{esd:.3}"))
+        };
         let seeds: Vec<String> = rs.iter().map(|r| r.seed.to_string()).collect();
         let each: Vec<String> = acc.iter().map(|a| format!("{a:.1}")).collect();
         s += &format!(
-            "| {label} | {} | {am:.1} ± {asd:.1} | {em:.3} ± {esd:.3} | {} | {:.0} s |\n",
+            "| {label} | {} | {am:.1} ± {asd} | {em:.3} ± {esd} | {} | {:.0} s |\n",
             seeds.join(", "),
             each.join(" / "),
             mean_std(&per_epoch).0
