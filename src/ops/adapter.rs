@@ -273,10 +273,12 @@ pub fn adapter(x: &Tensor, w: &AdapterWeights, residual: Option<&Tensor>) -> Res
         return adapter_composed(x, w, residual);
     }
     let op = AdapterOp {
-        dims,
-        act: w.act,
-        scale: w.scale,
-        residual_is_x: residual.is_none(),
+        cfg: Cfg {
+            dims,
+            act: w.act,
+            scale: w.scale,
+            residual_is_x: residual.is_none(),
+        },
         hidden: Mutex::new(None),
     };
     let x = x.contiguous()?;
@@ -318,20 +320,27 @@ pub fn adapter_composed(
     Ok((u + residual.unwrap_or(x))?)
 }
 
-/// The op: inputs x and the packed weights, plus the residual as a third
-/// input when it is not x (LoRA).
-struct AdapterOp {
+/// What the forward and gradient ops share: widths, activation, scale and
+/// where the residual comes from.
+#[derive(Clone, Copy, Debug)]
+struct Cfg {
     dims: Dims,
     act: Act,
     scale: f64,
     /// Whether the residual is x itself (two-input op) or a third input.
     residual_is_x: bool,
+}
+
+/// The op: inputs x and the packed weights, plus the residual as a third
+/// input when it is not x (LoRA).
+struct AdapterOp {
+    cfg: Cfg,
     /// The pre-activations h `[T, RP]` (f32) the CUDA forward saves for the
     /// backward of this graph node.
     hidden: Mutex<Option<Tensor>>,
 }
 
-impl AdapterOp {
+impl Cfg {
     fn unpack<'a>(&self, p: &'a [f64]) -> (&'a [f64], &'a [f64], &'a [f64], &'a [f64]) {
         let Dims { m, n, r } = self.dims;
         let (wd, rest) = p.split_at(r * m);
@@ -378,13 +387,12 @@ impl AdapterOp {
         *dims.last_mut().unwrap() = self.dims.n;
         Shape::from(dims)
     }
+}
 
+impl AdapterOp {
     fn grad_op(&self) -> AdapterGradOp {
         AdapterGradOp {
-            dims: self.dims,
-            act: self.act,
-            scale: self.scale,
-            residual_is_x: self.residual_is_x,
+            cfg: self.cfg,
             hidden: self
                 .hidden
                 .lock()
@@ -416,9 +424,9 @@ impl AdapterOp {
         p: (&candle_core::CudaStorage, &Layout),
         res: (&candle_core::CudaStorage, &Layout),
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (y, h) = cuda::forward(self.dims, self.act, self.scale, x, p, res)?;
+        let (y, h) = cuda::forward(&self.cfg, x, p, res)?;
         *self.hidden.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
-        Ok((y, self.out_shape(x.1)))
+        Ok((y, self.cfg.out_shape(x.1)))
     }
 }
 
@@ -435,8 +443,8 @@ impl CustomOp2 for AdapterOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, p) = (to_f64(s1, l1)?, to_f64(s2, l2)?);
-        let y = self.cpu_forward(&x, &p, &x);
-        Ok((from_f64(y, s1.dtype()), self.out_shape(l1)))
+        let y = self.cfg.cpu_forward(&x, &p, &x);
+        Ok((from_f64(y, s1.dtype()), self.cfg.out_shape(l1)))
     }
 
     #[cfg(feature = "cuda")]
@@ -477,8 +485,8 @@ impl CustomOp3 for AdapterOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, p, res) = (to_f64(s1, l1)?, to_f64(s2, l2)?, to_f64(s3, l3)?);
-        let y = self.cpu_forward(&x, &p, &res);
-        Ok((from_f64(y, s1.dtype()), self.out_shape(l1)))
+        let y = self.cfg.cpu_forward(&x, &p, &res);
+        Ok((from_f64(y, s1.dtype()), self.cfg.out_shape(l1)))
     }
 
     #[cfg(feature = "cuda")]
@@ -510,10 +518,7 @@ impl CustomOp3 for AdapterOp {
 /// Gradients `[dx (T·m), d packed]` in one flat tensor, for an incoming
 /// gradient dy `[T, n]` (the third input).
 struct AdapterGradOp {
-    dims: Dims,
-    act: Act,
-    scale: f64,
-    residual_is_x: bool,
+    cfg: Cfg,
     /// h saved by the CUDA forward of the same graph node.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     hidden: Option<Tensor>,
@@ -533,16 +538,10 @@ impl CustomOp3 for AdapterGradOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let o = AdapterOp {
-            dims: self.dims,
-            act: self.act,
-            scale: self.scale,
-            residual_is_x: self.residual_is_x,
-            hidden: Mutex::new(None),
-        };
+        let o = &self.cfg;
         let (x, p, dy) = (to_f64(s1, l1)?, to_f64(s2, l2)?, to_f64(s3, l3)?);
         let (wd, bd, wu, _) = o.unpack(&p);
-        let Dims { m, n, r } = self.dims;
+        let Dims { m, n, r } = o.dims;
         let t = x.len() / m;
         let h = o.hidden_ref(&x, wd, bd);
         let (mut dx, mut dp) = (vec![0.0; x.len()], vec![0.0; p.len()]);
@@ -590,7 +589,7 @@ impl CustomOp3 for AdapterGradOp {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let out = cuda::backward(self, (s1, l1), (s2, l2), (s3, l3))?;
-        let len = l1.shape().elem_count() + self.dims.packed_len();
+        let len = l1.shape().elem_count() + self.cfg.dims.packed_len();
         Ok((out, Shape::from(len)))
     }
 }
@@ -628,7 +627,7 @@ fn tile_blocks(r: usize) -> usize {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{smem_plan, tile_blocks, Act, AdapterGradOp, Dims};
+    use super::{smem_plan, tile_blocks, AdapterGradOp, Cfg, Dims};
     use crate::cuda::{self as k, ptx};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
@@ -687,14 +686,12 @@ mod cuda {
 
     /// y and the pre-activations h `[T, RP]` in f32.
     pub(super) fn forward(
-        dims: Dims,
-        act: Act,
-        scale: f64,
+        c: &Cfg,
         x: (&CudaStorage, &Layout),
         p: (&CudaStorage, &Layout),
         res: (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Tensor)> {
-        let dev = x.0.device.clone();
+        let (dev, dims) = (x.0.device.clone(), c.dims);
         let t = x.1.shape().elem_count() / dims.m;
         let mut offsets = vec![x.1.start_offset(), p.1.start_offset()];
         offsets.push(res.1.start_offset());
@@ -709,7 +706,7 @@ mod cuda {
             let mut y = k::alloc::<T>(&dev, t * dims.n)?;
             if t > 0 {
                 let (nrows, m, n, r) = (t as i64, dims.m as i32, dims.n as i32, dims.r as i32);
-                let (scale, act) = (scale as f32, act as i32);
+                let (scale, act) = (c.scale as f32, c.act as i32);
                 let mut b = f.builder();
                 b.arg(&xv).arg(&pv).arg(&rv).arg(&mut y);
                 b.arg(&mut h).arg(&nrows).arg(&m).arg(&n).arg(&r).arg(&scale).arg(&act);
@@ -735,7 +732,7 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let dev = x.0.device.clone();
         let dtype = x.0.dtype();
-        let dims = o.dims;
+        let dims = o.cfg.dims;
         let t = x.1.shape().elem_count() / dims.m;
         let offsets = [x.1.start_offset(), p.1.start_offset(), dy.1.start_offset()];
         let g = geometry(dims, dtype.size_in_bytes(), &offsets);
@@ -757,7 +754,8 @@ mod cuda {
         // f32 accumulators of the weight gradients, laid out like p.
         let mut gacc = dev.alloc_zeros::<f32>(p_len)?;
         let (nrows, m, n, r) = (t as i64, dims.m as i32, dims.n as i32, dims.r as i32);
-        let (scale, act, res_is_x) = (o.scale as f32, o.act as i32, o.residual_is_x as i32);
+        let c = &o.cfg;
+        let (scale, act, res_is_x) = (c.scale as f32, c.act as i32, c.residual_is_x as i32);
         // Row slices of the weight reduction: about two blocks per SM of an
         // H100/H200 (132 SMs), at least 32 rows each.
         let col_blocks = dims.m.max(dims.n).div_ceil(64);

@@ -1050,8 +1050,7 @@ impl Run {
                     seen += idx.len();
                 }
                 let mut grads = acc.expect("at least one micro-batch");
-                let norm = clip_grad_norm(&mut grads, &self.opt.params, self.cfg.clip)?
-                    .to_device(loss_sum.as_ref().expect("a micro-batch").device())?;
+                let norm = clip_grad_norm(&mut grads, &self.opt.params, self.cfg.clip)?;
                 let lr = self.cfg.schedule.lr(self.cfg.lr, st.step, total);
                 {
                     let _r = crate::nvtx::range("optimizer step");
