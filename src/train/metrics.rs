@@ -374,6 +374,28 @@ pub fn ood_detection(
 
 use plotters::prelude::*;
 
+/// The plots' font, DejaVu Sans (Bitstream Vera licence, see
+/// `assets/fonts/DejaVuSans-LICENSE.txt`), built into the binary and drawn
+/// with ab_glyph: no fontconfig or freetype is needed at run time, so the
+/// binary runs on headless GPU servers that have neither.
+static PLOT_FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+/// Registers [`PLOT_FONT`] as plotters' "sans-serif" once per process.
+fn register_plot_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, PLOT_FONT).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(param_err(
+            "plot",
+            "the built-in plot font (DejaVu Sans) could not be parsed",
+        ))
+    }
+}
+
 fn draw_reliability<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
     cal: &Calibration,
@@ -489,6 +511,7 @@ where
 
 /// Writes a reliability diagram to `<stem>.png` and `<stem>.svg`.
 pub fn plot_reliability(stem: &Path, cal: &Calibration, title: &str) -> Result<()> {
+    register_plot_font()?;
     let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
     draw_reliability(
         BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
@@ -507,6 +530,7 @@ pub fn plot_reliability(stem: &Path, cal: &Calibration, title: &str) -> Result<(
 /// Writes normalised histograms of several score sets (e.g. in- and
 /// out-of-distribution max-probabilities) to `<stem>.png` and `<stem>.svg`.
 pub fn plot_histograms(stem: &Path, sets: &[(&str, &[f64])], title: &str) -> Result<()> {
+    register_plot_font()?;
     let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
     draw_histograms(
         BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
@@ -577,6 +601,7 @@ where
 
 /// Writes a curve (step, value) to `<stem>.png` and `<stem>.svg`.
 pub fn plot_curve(stem: &Path, title: &str, pts: &[(u64, f64)]) -> Result<()> {
+    register_plot_font()?;
     let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
     draw_curve(
         BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
