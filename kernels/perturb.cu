@@ -23,8 +23,11 @@ struct Stats {
 
 __device__ __forceinline__ Stats empty_stats() { return Stats{0.f, 0.f, 0.f, 0.f, 0.f, 0.f}; }
 
+// The step's point y = delta + eta g, rounded once (fma).
+__device__ __forceinline__ float step_point(float d, float g, float eta) { return fmaf(eta, g, d); }
+
 __device__ __forceinline__ void accumulate(Stats& s, float d, float g, float eta) {
-    const float y = d + eta * g;
+    const float y = step_point(d, g, eta);
     s.sg += g * g;
     s.sd += d * d;
     s.sdg += d * g;
@@ -110,6 +113,10 @@ __device__ Coef coefficients(const Stats& s, const Params& p) {
 }
 
 __device__ __forceinline__ float apply(const Coef& c, const Params& p, float d, float g) {
+    // normalized_step is y / (|y| + eps): scale the once-rounded y. The form
+    // alpha d + beta g loses y's digits when delta ≈ -eta g (|y| near eps
+    // made 3e-5 errors on an H200; the reference computes y first too).
+    if (p.mode == NORMALIZED) return c.alpha * step_point(d, g, p.eta);
     float x = (c.alpha == 0.f ? 0.f : c.alpha * d) + c.beta * g;
     if (c.clamp) x = fminf(fmaxf(x, -p.eps), p.eps);
     return x;

@@ -43,7 +43,11 @@ __device__ __forceinline__ void accumulate(RowStats& s, const float (&a)[VEC], c
     }
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
-        float ea = __expf(a[i] - s.ma), eb = __expf(b[i] - s.mb);
+        // While a thread has seen only -inf, its max is -inf and a[i] - max
+        // would be NaN: such entries weigh 0 (found on an H200, 2026-11-26:
+        // a bf16 row spread over lanes gave NaN where the f32 one did not).
+        float ea = s.ma == -INFINITY ? 0.f : __expf(a[i] - s.ma);
+        float eb = s.mb == -INFINITY ? 0.f : __expf(b[i] - s.mb);
         float d = a[i] - b[i];
         s.sa += ea;
         s.ta += wterm(ea, d);

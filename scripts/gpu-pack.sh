@@ -44,13 +44,12 @@ echo "gpu-pack: .gpu/ holds $(ls .gpu) (${size} MiB)" >&2
 [ "$size" -lt 60 ] || { echo "gpu-pack: .gpu is ${size} MiB, over what travels (64 MiB)" >&2; exit 1; }
 
 cat <<CALL
-Device call (one run; the script stays under 6 minutes):
-  command: bash scripts/gpu-run.sh
+Device call (one run of about 9 minutes: the checks first, then as much of
+issue #6's GPU fine-tuning grid as fits; both scripts keep their deadlines):
+  command: bash scripts/gpu-run.sh; bash scripts/gpu-results.sh 190
   carry:   [".gpu"]
-  timeout_s: 480
-Then copy the table printed at the end (and \$OUT/table.md) into bench/RESULTS.md with the card's name.
-With device time left, the fine-tuning results of issue #6 on the GPU (same .gpu):
-  command: bash scripts/gpu-results.sh 420
-  carry:   [".gpu"]
-  timeout_s: 480
+  timeout_s: 570
+Then copy the table at the end of \$OUT/run.log into bench/RESULTS.md with the
+card's name, and the tables of \$OUT/results.log into #6's section.
+The checks alone (under 6 minutes): command bash scripts/gpu-run.sh, timeout_s 400.
 CALL

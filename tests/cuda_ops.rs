@@ -238,6 +238,7 @@ fn check_shape(dev: &Device, dtype: DType, rows: usize, v: usize) {
 fn sym_kl_kernels_match_reference() {
     let Some(dev) = cuda_device() else { return };
     let mut skipped = Vec::new();
+    let mut fails = Failures::default();
     let (rows_set, vocab_set): (&[usize], &[usize]) = if quick() {
         (&QUICK_ROWS, &QUICK_VOCAB)
     } else {
@@ -251,7 +252,7 @@ fn sym_kl_kernels_match_reference() {
                     skipped.push(format!("{dtype:?} {rows}x{v} ({} GiB)", bytes >> 30));
                     continue;
                 }
-                check_shape(&dev, dtype, rows, v);
+                fails.check(|| check_shape(&dev, dtype, rows, v));
             }
         }
     }
@@ -263,6 +264,7 @@ fn sym_kl_kernels_match_reference() {
             skipped.join(", ")
         }
     );
+    fails.finish("sym_kl");
 }
 
 #[test]
@@ -336,38 +338,43 @@ fn sym_kl_extremes_on_device() {
     let Some(dev) = cuda_device() else { return };
     let xa = [0.5, f64::NEG_INFINITY, -1e4, 1e4, 2.0, 0.0, f64::NAN, 1.0];
     let xb = [1.5, f64::NEG_INFINITY, 1e4, -1e4, -2.0, 0.0, 0.0, 1.0];
+    let mut fails = Failures::default();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let (a, b) = (
-            tensor(&xa, &[2, 4], dtype, &dev),
-            tensor(&xb, &[2, 4], dtype, &dev),
-        );
-        let (ca, cb) = (
-            tensor(&xa, &[2, 4], dtype, &Device::Cpu),
-            tensor(&xb, &[2, 4], dtype, &Device::Cpu),
-        );
-        let o = SymKlOptions {
-            reduction: Reduction::None,
-            ..Default::default()
-        };
-        let got = to_f64(&sym_kl(&a, &b, &o).unwrap());
-        let want = to_f64(&sym_kl(&ca, &cb, &o).unwrap());
-        assert!(
-            got[1].is_nan() && want[1].is_nan(),
-            "{dtype:?}: NaN row: {got:?}"
-        );
-        compare(
-            &format!("{dtype:?} ±1e4 / -inf row"),
-            dtype,
-            &got[..1],
-            &want[..1],
-            false,
-        );
+        fails.check(|| {
+            let (a, b) = (
+                tensor(&xa, &[2, 4], dtype, &dev),
+                tensor(&xb, &[2, 4], dtype, &dev),
+            );
+            let (ca, cb) = (
+                tensor(&xa, &[2, 4], dtype, &Device::Cpu),
+                tensor(&xb, &[2, 4], dtype, &Device::Cpu),
+            );
+            let o = SymKlOptions {
+                reduction: Reduction::None,
+                ..Default::default()
+            };
+            let got = to_f64(&sym_kl(&a, &b, &o).unwrap());
+            let want = to_f64(&sym_kl(&ca, &cb, &o).unwrap());
+            assert!(
+                got[1].is_nan() && want[1].is_nan(),
+                "{dtype:?}: NaN row: {got:?}"
+            );
+            compare(
+                &format!("{dtype:?} ±1e4 / -inf row"),
+                dtype,
+                &got[..1],
+                &want[..1],
+                false,
+            );
+        });
     }
+    fails.finish("sym_kl extremes");
 }
 
 #[test]
 fn mixout_and_dropout_bit_identical_to_cpu() {
     let Some(dev) = cuda_device() else { return };
+    let mut fails = Failures::default();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let sizes: &[usize] = if quick() {
             &[1, 7, 1025]
@@ -376,54 +383,57 @@ fn mixout_and_dropout_bit_identical_to_cpu() {
         };
         for &n in sizes {
             for p in [0.1, 0.5] {
-                let rng = Rng {
-                    seed: 0xfeed_beef ^ n as u64,
-                    offset: 17,
-                };
-                let w = Tensor::randn(0f32, 1.0, n + 1, &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                let u = Tensor::randn(0f32, 1.0, n + 1, &dev)
-                    .unwrap()
-                    .to_dtype(dtype)
-                    .unwrap();
-                // Aligned (from 0) and unaligned (from 1) views.
-                for start in [0, 1] {
-                    let (w, u) = (
-                        w.narrow(0, start, n).unwrap(),
-                        u.narrow(0, start, n).unwrap(),
+                fails.check(|| {
+                    let rng = Rng {
+                        seed: 0xfeed_beef ^ n as u64,
+                        offset: 17,
+                    };
+                    let w = Tensor::randn(0f32, 1.0, n + 1, &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    let u = Tensor::randn(0f32, 1.0, n + 1, &dev)
+                        .unwrap()
+                        .to_dtype(dtype)
+                        .unwrap();
+                    // Aligned (from 0) and unaligned (from 1) views.
+                    for start in [0, 1] {
+                        let (w, u) = (
+                            w.narrow(0, start, n).unwrap(),
+                            u.narrow(0, start, n).unwrap(),
+                        );
+                        let (cw, cu) = (
+                            w.to_device(&Device::Cpu).unwrap(),
+                            u.to_device(&Device::Cpu).unwrap(),
+                        );
+                        let tag = format!("{dtype:?} n={n} p={p} start={start}");
+                        let got = to_f64(&mixout(&w, &u, p, rng, true).unwrap());
+                        let want = to_f64(&mixout(&cw, &cu, p, rng, true).unwrap());
+                        assert!(got == want, "{tag}: mixout differs from the CPU reference");
+                        let got = to_f64(&dropout(&w, p, rng, true).unwrap());
+                        let want = to_f64(&dropout(&cw, p, rng, true).unwrap());
+                        assert!(got == want, "{tag}: dropout differs from the CPU reference");
+                    }
+                    // The mask itself, through dropout of ones, and in backward.
+                    let ones = Var::from_tensor(&Tensor::ones(n, dtype, &dev).unwrap()).unwrap();
+                    let y = dropout(ones.as_tensor(), p, rng, true).unwrap();
+                    let mask: Vec<bool> = to_f64(&y).iter().map(|&v| v != 0.0).collect();
+                    assert_eq!(
+                        mask,
+                        keep_mask(n, p, rng).unwrap(),
+                        "{dtype:?} n={n}: dropout mask"
                     );
-                    let (cw, cu) = (
-                        w.to_device(&Device::Cpu).unwrap(),
-                        u.to_device(&Device::Cpu).unwrap(),
+                    let g = y.sum_all().unwrap().backward().unwrap();
+                    assert_eq!(
+                        to_f64(g.get(ones.as_tensor()).unwrap()),
+                        to_f64(&y),
+                        "{dtype:?} n={n}: backward mask"
                     );
-                    let tag = format!("{dtype:?} n={n} p={p} start={start}");
-                    let got = to_f64(&mixout(&w, &u, p, rng, true).unwrap());
-                    let want = to_f64(&mixout(&cw, &cu, p, rng, true).unwrap());
-                    assert!(got == want, "{tag}: mixout differs from the CPU reference");
-                    let got = to_f64(&dropout(&w, p, rng, true).unwrap());
-                    let want = to_f64(&dropout(&cw, p, rng, true).unwrap());
-                    assert!(got == want, "{tag}: dropout differs from the CPU reference");
-                }
-                // The mask itself, through dropout of ones, and in backward.
-                let ones = Var::from_tensor(&Tensor::ones(n, dtype, &dev).unwrap()).unwrap();
-                let y = dropout(ones.as_tensor(), p, rng, true).unwrap();
-                let mask: Vec<bool> = to_f64(&y).iter().map(|&v| v != 0.0).collect();
-                assert_eq!(
-                    mask,
-                    keep_mask(n, p, rng).unwrap(),
-                    "{dtype:?} n={n}: dropout mask"
-                );
-                let g = y.sum_all().unwrap().backward().unwrap();
-                assert_eq!(
-                    to_f64(g.get(ones.as_tensor()).unwrap()),
-                    to_f64(&y),
-                    "{dtype:?} n={n}: backward mask"
-                );
+                });
             }
         }
     }
+    fails.finish("mixout / dropout");
 }
 
 // ------------------------------------------------------------ perturbation
@@ -440,6 +450,7 @@ fn sample_examples(b: usize) -> Vec<usize> {
 #[test]
 fn ascent_step_kernels_match_reference() {
     let Some(dev) = cuda_device() else { return };
+    let mut fails = Failures::default();
     let (bs, ls, hs): (&[usize], &[usize], &[usize]) = if quick() {
         (&[1, 3], &[1, 7], &[1, 7, 384])
     } else {
@@ -482,32 +493,35 @@ fn ascent_step_kernels_match_reference() {
                     for norm in [Norm::L2, Norm::Linf] {
                         for granularity in [Granularity::Token, Granularity::Example] {
                             for mode in modes {
-                                let s = AscentStep {
-                                    eta: 0.01,
-                                    norm,
-                                    granularity,
-                                    mode,
-                                };
-                                let tag = format!("{s:?} {dtype:?} {b}x{l}x{h}");
-                                let (out, flags) = ascent_step(&delta, &grad, &mask, &s).unwrap();
-                                let (want, wflags) = ascent_step(&cd, &cg, &cm, &s).unwrap();
-                                let want = to_f64(&want);
-                                let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-                                // f32 statistics (pgd's projection radius comes
-                                // from an expansion of |delta + beta g|^2) and
-                                // rounding of the output to the dtype.
-                                assert_close(
-                                    &tag,
-                                    &to_f64(&rows_of(&out, &idx)),
-                                    &want,
-                                    1e-5 * scale + abs_floor(dtype),
-                                    2.0 * unit_roundoff(dtype),
-                                );
-                                assert_eq!(
-                                    to_f64(&rows_of(&flags.unsqueeze(1).unwrap(), &idx)),
-                                    to_f64(&wflags),
-                                    "{tag}: flags"
-                                );
+                                fails.check(|| {
+                                    let s = AscentStep {
+                                        eta: 0.01,
+                                        norm,
+                                        granularity,
+                                        mode,
+                                    };
+                                    let tag = format!("{s:?} {dtype:?} {b}x{l}x{h}");
+                                    let (out, flags) =
+                                        ascent_step(&delta, &grad, &mask, &s).unwrap();
+                                    let (want, wflags) = ascent_step(&cd, &cg, &cm, &s).unwrap();
+                                    let want = to_f64(&want);
+                                    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+                                    // f32 statistics (pgd's projection radius comes
+                                    // from an expansion of |delta + beta g|^2) and
+                                    // rounding of the output to the dtype.
+                                    assert_close(
+                                        &tag,
+                                        &to_f64(&rows_of(&out, &idx)),
+                                        &want,
+                                        1e-5 * scale + abs_floor(dtype),
+                                        2.0 * unit_roundoff(dtype),
+                                    );
+                                    assert_eq!(
+                                        to_f64(&rows_of(&flags.unsqueeze(1).unwrap(), &idx)),
+                                        to_f64(&wflags),
+                                        "{tag}: flags"
+                                    );
+                                });
                             }
                         }
                     }
@@ -515,6 +529,7 @@ fn ascent_step_kernels_match_reference() {
             }
         }
     }
+    fails.finish("ascent step");
 }
 
 #[test]
@@ -548,6 +563,7 @@ fn ascent_step_flags_nonfinite_on_device() {
 #[test]
 fn noise_kernels_match_reference() {
     let Some(dev) = cuda_device() else { return };
+    let mut fails = Failures::default();
     let shapes: &[(usize, usize, usize)] = if quick() {
         &[(1, 7, 5), (3, 7, 384)]
     } else {
@@ -555,41 +571,46 @@ fn noise_kernels_match_reference() {
     };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for &(b, l, h) in shapes {
-            let mask_cpu = Tensor::rand(0f32, 1.0, (b, l), &Device::Cpu)
-                .unwrap()
-                .ge(0.2)
-                .unwrap();
-            let mask = mask_cpu.to_device(&dev).unwrap();
-            let rng = Rng {
-                seed: 0x5eed ^ (b * l * h) as u64,
-                offset: 3,
-            };
-            let sigma = 0.7;
-            let tag = format!("{dtype:?} {b}x{l}x{h}");
-            // Uniform: the same bits.
-            let got = to_f64(
-                &noise_init(&[b, l, h], &mask, Noise::Uniform { sigma }, dtype, rng).unwrap(),
-            );
-            let want = to_f64(
-                &noise_init(&[b, l, h], &mask_cpu, Noise::Uniform { sigma }, dtype, rng).unwrap(),
-            );
-            assert!(got == want, "{tag}: uniform noise differs from the CPU's");
-            // Normal: f32 log / sincospi against f64 (|z| < 6), then rounding.
-            let got = to_f64(
-                &noise_init(&[b, l, h], &mask, Noise::Normal { sigma }, dtype, rng).unwrap(),
-            );
-            let want = to_f64(
-                &noise_init(&[b, l, h], &mask_cpu, Noise::Normal { sigma }, dtype, rng).unwrap(),
-            );
-            assert_close(
-                &format!("{tag}: normal noise"),
-                &got,
-                &want,
-                6.0 * sigma * 4e-6 + abs_floor(dtype),
-                2.0 * unit_roundoff(dtype),
-            );
+            fails.check(|| {
+                let mask_cpu = Tensor::rand(0f32, 1.0, (b, l), &Device::Cpu)
+                    .unwrap()
+                    .ge(0.2)
+                    .unwrap();
+                let mask = mask_cpu.to_device(&dev).unwrap();
+                let rng = Rng {
+                    seed: 0x5eed ^ (b * l * h) as u64,
+                    offset: 3,
+                };
+                let sigma = 0.7;
+                let tag = format!("{dtype:?} {b}x{l}x{h}");
+                // Uniform: the same bits.
+                let got = to_f64(
+                    &noise_init(&[b, l, h], &mask, Noise::Uniform { sigma }, dtype, rng).unwrap(),
+                );
+                let want = to_f64(
+                    &noise_init(&[b, l, h], &mask_cpu, Noise::Uniform { sigma }, dtype, rng)
+                        .unwrap(),
+                );
+                assert!(got == want, "{tag}: uniform noise differs from the CPU's");
+                // Normal: f32 log / sincospi against f64 (|z| < 6), then rounding.
+                let got = to_f64(
+                    &noise_init(&[b, l, h], &mask, Noise::Normal { sigma }, dtype, rng).unwrap(),
+                );
+                let want = to_f64(
+                    &noise_init(&[b, l, h], &mask_cpu, Noise::Normal { sigma }, dtype, rng)
+                        .unwrap(),
+                );
+                assert_close(
+                    &format!("{tag}: normal noise"),
+                    &got,
+                    &want,
+                    6.0 * sigma * 4e-6 + abs_floor(dtype),
+                    2.0 * unit_roundoff(dtype),
+                );
+            });
         }
     }
+    fails.finish("noise");
 }
 
 // ------------------------------------------------------------ adapter
@@ -599,7 +620,10 @@ fn noise_kernels_match_reference() {
 /// |want|. The kernels round z = act(h) and dh to the dtype before the
 /// second product (as any bf16/f16 implementation does), so the error of a
 /// sum is a few units of roundoff of its largest terms, not of each element.
-fn close_on_device(what: &str, got: &Tensor, want: &Tensor, dtype: DType) {
+///
+/// `terms` is the same output evaluated on magnitudes (see
+/// [`adapter_magnitudes`]); 2u times it is added to each element's allowance.
+fn close_on_device(what: &str, got: &Tensor, want: &Tensor, dtype: DType, terms: &Tensor) {
     let u = unit_roundoff(dtype);
     let got = got.to_dtype(DType::F64).unwrap();
     let scale = want
@@ -610,13 +634,15 @@ fn close_on_device(what: &str, got: &Tensor, want: &Tensor, dtype: DType) {
         .to_scalar::<f64>()
         .unwrap();
     let (atol, rtol) = ((1e-5 + 4.0 * u) * scale, 2.0 * u);
-    let excess = ((&got - want).unwrap().abs().unwrap()
-        - ((want.abs().unwrap() * rtol).unwrap() + atol).unwrap())
-    .unwrap()
-    .max_all()
-    .unwrap()
-    .to_scalar::<f64>()
+    let allowed = (((want.abs().unwrap() * rtol).unwrap() + atol).unwrap()
+        + (terms * (2.0 * u)).unwrap())
     .unwrap();
+    let excess = ((&got - want).unwrap().abs().unwrap() - &allowed)
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     let finite = got
         .sum_all()
         .unwrap()
@@ -625,9 +651,81 @@ fn close_on_device(what: &str, got: &Tensor, want: &Tensor, dtype: DType) {
         .is_finite();
     if excess > 0.0 || !finite {
         // Names the worst element (the host copy only happens on failure).
-        assert_close(what, &to_f64(&got), &to_f64(want), atol, rtol);
-        panic!("{what}: non-finite output");
+        let (g, w, a) = (to_f64(&got), to_f64(want), to_f64(&allowed));
+        let worst = (0..g.len())
+            .max_by(|&i, &j| {
+                let e = |k: usize| (g[k] - w[k]).abs() - a[k];
+                e(i).total_cmp(&e(j))
+            })
+            .unwrap_or(0);
+        panic!(
+            "{what}: element {worst} is {} but expected {} (allowed ±{:e}; max|want| {scale:e}){}",
+            g[worst],
+            w[worst],
+            a[worst],
+            if finite { "" } else { "; non-finite output" }
+        );
     }
+}
+
+/// The adapter's outputs evaluated on magnitudes: every product and sum on
+/// |operands|, the activation through bounds on its slope (|act'| ≤ 1.2 for
+/// every act here; |act''| ≤ 0.8 for the GELUs and SiLU, 0 for ReLU and the
+/// identity). An element's float error is a few units of roundoff of this
+/// size (|fl(Σ aᵢbᵢ) − Σ aᵢbᵢ| ≤ γₙ Σ|aᵢbᵢ|), which the scale-relative
+/// tolerance alone misses when an output comes from cancelling terms: at
+/// T = 1, r = 1 every element of dW_u is s·dyᵢ·act(h) for one dot product h,
+/// so an h near 0 has a large relative error in any f32 evaluation. candle's
+/// plain f32 composition failed the scale-relative bound on 1–2 % of random
+/// draws of those shapes (CPU, 2026-11-26); the kernels did on the H200.
+/// Order: y, then the gradients in `check_adapter`'s order.
+#[allow(clippy::too_many_arguments)]
+fn adapter_magnitudes(
+    x: &Tensor,
+    w_d: &Tensor,
+    w_u: &Tensor,
+    biases: Option<(&Tensor, &Tensor)>,
+    res: Option<&Tensor>,
+    dy: &Tensor,
+    act: Act,
+    s: f64,
+) -> Vec<Tensor> {
+    let a = |t: &Tensor| t.abs().unwrap();
+    let mm = |p: &Tensor, q: &Tensor| p.matmul(q).unwrap();
+    let (l1, l2) = match act {
+        Act::Relu | Act::Identity => (1.2, 0.0),
+        _ => (1.2, 0.8),
+    };
+    let (xm, wdm, wum, dym) = (a(x), a(w_d), a(w_u), a(dy));
+    let mut h = mm(x, &w_d.t().unwrap());
+    let mut hm = mm(&xm, &wdm.t().unwrap());
+    if let Some((b_d, _)) = biases {
+        h = h.broadcast_add(b_d).unwrap();
+        hm = hm.broadcast_add(&a(b_d)).unwrap();
+    }
+    let zm = (a(&act.apply(&h).unwrap()) + (&hm * l1).unwrap()).unwrap();
+    let mut up = mm(&zm, &wum.t().unwrap());
+    if let Some((_, b_u)) = biases {
+        up = up.broadcast_add(&a(b_u)).unwrap();
+    }
+    let ym = (res.map_or_else(|| xm.clone(), a) + (up * s).unwrap()).unwrap();
+    let dz = mm(dy, w_u);
+    let dzm = mm(&dym, &wum);
+    let dhm = (((dzm * l1).unwrap() + (a(&dz) * &hm).unwrap() * l2).unwrap() * s).unwrap();
+    let mut dxm = mm(&dhm, &wdm);
+    if res.is_none() {
+        dxm = (dxm + &dym).unwrap();
+    }
+    let dwdm = mm(&dhm.t().unwrap(), &xm);
+    let dwum = (mm(&dym.t().unwrap(), &zm) * s).unwrap();
+    let mut out = vec![ym, dxm, dwdm, dwum];
+    if biases.is_some() {
+        out.push(dhm.sum(0).unwrap());
+        out.push((dym.sum(0).unwrap() * s).unwrap());
+    } else {
+        out.push(dym); // d base = dy
+    }
+    out
 }
 
 /// One adapter (or LoRA, when `lora`) call on the device against the same
@@ -714,16 +812,36 @@ fn check_adapter(
     };
     let (y, grads) = run(dtype, true);
     let (want_y, want_grads) = run(DType::F64, false);
+    let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let x64 = f64_of(
+        &x_all
+            .narrow(0, offset, t * m)
+            .unwrap()
+            .reshape((t, m))
+            .unwrap(),
+    );
+    let p64: Vec<Tensor> = params.iter().map(f64_of).collect();
+    let terms = adapter_magnitudes(
+        &x64,
+        &p64[0],
+        &p64[1],
+        (!lora).then(|| (&p64[2], &p64[3])),
+        lora.then(|| &p64[2]),
+        &f64_of(&dy),
+        act,
+        scale,
+    );
     assert_eq!(y.dims(), &[t, n], "{tag}");
-    close_on_device(&format!("{tag}: y"), &y, &want_y, dtype);
+    close_on_device(&format!("{tag}: y"), &y, &want_y, dtype, &terms[0]);
     let names: &[&str] = if lora {
         &["dx", "dA", "dB", "d base"]
     } else {
         &["dx", "dW_d", "dW_u", "db_d", "db_u"]
     };
-    for ((name, g), w) in names.iter().zip(&grads).zip(&want_grads) {
+    for (((name, g), w), m) in names.iter().zip(&grads).zip(&want_grads).zip(&terms[1..]) {
         assert_eq!(g.dtype(), dtype, "{tag}: {name}");
-        close_on_device(&format!("{tag}: {name}"), g, w, dtype);
+        assert_eq!(g.dims(), m.dims(), "{tag}: {name} (magnitudes)");
+        close_on_device(&format!("{tag}: {name}"), g, w, dtype, m);
     }
 }
 
@@ -749,12 +867,13 @@ fn adapter_kernels_match_reference() {
         )
     };
     let mut n = 0;
+    let mut fails = Failures::default();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for &act in acts {
             for &t in ts {
                 for &m in ms {
                     for &r in rs {
-                        check_adapter(&dev, dtype, act, (t, m, m, r), false, 0);
+                        fails.check(|| check_adapter(&dev, dtype, act, (t, m, m, r), false, 0));
                         n += 1;
                     }
                 }
@@ -762,10 +881,11 @@ fn adapter_kernels_match_reference() {
         }
         // An unaligned x on an otherwise vectorisable shape; r above the
         // kernels' limit (the composed fallback).
-        check_adapter(&dev, dtype, Act::GeluErf, (129, 384, 384, 64), false, 3);
-        check_adapter(&dev, dtype, Act::Relu, (7, 384, 384, 300), false, 0);
+        fails.check(|| check_adapter(&dev, dtype, Act::GeluErf, (129, 384, 384, 64), false, 3));
+        fails.check(|| check_adapter(&dev, dtype, Act::Relu, (7, 384, 384, 300), false, 0));
     }
     eprintln!("adapter: {n} shapes × 3 dtypes checked");
+    fails.finish("adapter");
 }
 
 #[test]
@@ -776,15 +896,18 @@ fn lora_kernels_match_reference() {
     } else {
         (&[7, 16384], &[8, 100])
     };
+    let mut fails = Failures::default();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for &(m, n) in &[(384, 384), (384, 1536), (1536, 384), (1000, 13)] {
             for &t in ts {
                 for &r in rs {
-                    check_adapter(&dev, dtype, Act::Identity, (t, m, n, r), true, 0);
+                    fails
+                        .check(|| check_adapter(&dev, dtype, Act::Identity, (t, m, n, r), true, 0));
                 }
             }
         }
     }
+    fails.finish("lora");
 }
 
 // ------------------------------------------------------------ MiniLM golden

@@ -126,28 +126,29 @@ fn map_cpu(
     f: impl Fn(u64, f32, f32) -> f32,
 ) -> candle_core::Result<CpuStorage> {
     macro_rules! go {
-        ($v:expr, $variant:ident, $t:ty) => {{
+        ($v:expr, $variant:ident) => {{
             let x = contiguous($v, l1)?;
             let u = match s2 {
                 Some((CpuStorage::$variant(u), l2)) => Some(contiguous(u, l2)?),
                 Some(_) => candle_core::bail!("inputs have different dtypes"),
                 None => None,
             };
-            CpuStorage::$variant(
-                x.iter()
-                    .enumerate()
-                    .map(|(i, &xi)| {
-                        let ui = u.map_or(0.0, |u| u[i].to_f64() as f32);
-                        <$t>::from_f64(f(i as u64, xi.to_f64() as f32, ui) as f64)
-                    })
-                    .collect(),
-            )
+            // f32 results, rounded once to the storage dtype like the kernels'.
+            let vals = x
+                .iter()
+                .enumerate()
+                .map(|(i, &xi)| {
+                    let ui = u.map_or(0.0, |u| u[i].to_f64() as f32);
+                    f(i as u64, xi.to_f64() as f32, ui) as f64
+                })
+                .collect();
+            super::cpu::from_f64(vals, s1.dtype())
         }};
     }
     Ok(match s1 {
-        CpuStorage::F32(v) => go!(v, F32, f32),
-        CpuStorage::BF16(v) => go!(v, BF16, half::bf16),
-        CpuStorage::F16(v) => go!(v, F16, half::f16),
+        CpuStorage::F32(v) => go!(v, F32),
+        CpuStorage::BF16(v) => go!(v, BF16),
+        CpuStorage::F16(v) => go!(v, F16),
         other => candle_core::bail!("unsupported dtype {:?}", other.dtype()),
     })
 }

@@ -211,3 +211,42 @@ pub fn check_fd(
         );
     }
 }
+
+/// Runs every case of a grid to the end and fails once with all the cases
+/// that failed, so one GPU run reports the whole picture rather than the
+/// first mismatch. Each failing case's panic is also printed as it happens.
+#[derive(Default)]
+pub struct Failures {
+    cases: usize,
+    failed: Vec<String>,
+}
+
+impl Failures {
+    /// Runs one case; a panic inside it is recorded, not propagated.
+    pub fn check(&mut self, case: impl FnOnce()) {
+        self.cases += 1;
+        if let Err(e) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(case)) {
+            let msg = e
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "(non-string panic)".into());
+            self.failed.push(msg);
+        }
+    }
+
+    /// Panics listing the failed cases (the first 40), if any.
+    pub fn finish(self, what: &str) {
+        if self.failed.is_empty() {
+            eprintln!("{what}: {} cases passed", self.cases);
+            return;
+        }
+        let shown: Vec<&str> = self.failed.iter().take(40).map(|s| s.as_str()).collect();
+        panic!(
+            "{what}: {} of {} cases failed:\n  {}",
+            self.failed.len(),
+            self.cases,
+            shown.join("\n  ")
+        );
+    }
+}
