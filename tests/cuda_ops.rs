@@ -201,15 +201,21 @@ fn check_shape(dev: &Device, dtype: DType, rows: usize, v: usize) {
         }
 
         // batchmean with the expected incoming gradient: no rescale pass.
+        // `kl` has no expected_grad option (it is 1); the rescale path, with
+        // its second rounding, is what the per-row checks above exercise.
+        let incoming = match which {
+            Which::Sym(_) => 2.5,
+            Which::Kl => 1.0,
+        };
         let (va, vb) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
         let mean = loss_of(
             which,
             va.as_tensor(),
             vb.as_tensor(),
             Reduction::BatchMean,
-            2.5,
+            incoming as f32,
         );
-        let g = (&mean * 2.5).unwrap().backward().unwrap();
+        let g = (&mean * incoming).unwrap().backward().unwrap();
         let full_rows = to_f64(&per_row);
         let want_mean = full_rows.iter().sum::<f64>() / rows as f64;
         compare(
@@ -222,7 +228,7 @@ fn check_shape(dev: &Device, dtype: DType, rows: usize, v: usize) {
         let rg1 = rloss.sum_all().unwrap().backward().unwrap();
         let want: Vec<f64> = to_f64(rg1.get(ra.as_tensor()).unwrap())
             .iter()
-            .map(|x| x * 2.5 / rows as f64)
+            .map(|x| x * incoming / rows as f64)
             .collect();
         compare(
             &format!("{tag}: batchmean ∂a"),
@@ -678,6 +684,7 @@ fn close_on_device(what: &str, got: &Tensor, want: &Tensor, dtype: DType, terms:
 /// so an h near 0 has a large relative error in any f32 evaluation. candle's
 /// plain f32 composition failed the scale-relative bound on 1–2 % of random
 /// draws of those shapes (CPU, 2026-11-26); the kernels did on the H200.
+/// ReLU's kink is allowed for separately (below).
 /// Order: y, then the gradients in `check_adapter`'s order.
 #[allow(clippy::too_many_arguments)]
 fn adapter_magnitudes(
@@ -711,7 +718,20 @@ fn adapter_magnitudes(
     let ym = (res.map_or_else(|| xm.clone(), a) + (up * s).unwrap()).unwrap();
     let dz = mm(dy, w_u);
     let dzm = mm(&dym, &wum);
-    let dhm = (((dzm * l1).unwrap() + (a(&dz) * &hm).unwrap() * l2).unwrap() * s).unwrap();
+    let mut dhm = ((dzm * l1).unwrap() + (a(&dz) * &hm).unwrap() * l2).unwrap();
+    if act == Act::Relu {
+        // ReLU' jumps by 1 at 0: where h is within its f32 accumulation error
+        // of 0 (h is summed in f32 for every dtype), either side is a right
+        // answer, so dh may differ by the whole |dz|. On the H200, T = 16384
+        // (a million h values) had such elements at 1000-4096 wide inputs.
+        let near0 = a(&h)
+            .le(&(&hm * (4.0 * 2f64.powi(-24))).unwrap())
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        dhm = (dhm + (a(&dz) * near0).unwrap()).unwrap();
+    }
+    let dhm = (dhm * s).unwrap();
     let mut dxm = mm(&dhm, &wdm);
     if res.is_none() {
         dxm = (dxm + &dym).unwrap();
