@@ -44,12 +44,14 @@ echo "gpu-pack: .gpu/ holds $(ls .gpu) (${size} MiB)" >&2
 [ "$size" -lt 60 ] || { echo "gpu-pack: .gpu is ${size} MiB, over what travels (64 MiB)" >&2; exit 1; }
 
 cat <<CALL
-Device call (one run of about 9 minutes: the checks first, then as much of
-issue #6's GPU fine-tuning grid as fits; both scripts keep their deadlines):
-  command: bash scripts/gpu-run.sh; bash scripts/gpu-results.sh 190
+Device call (one run of about 9.5 minutes: the checks first, then as much
+of issue #6's GPU fine-tuning grid as fits; both scripts keep their
+deadlines; a machine's start cost about 30 s on 2026-11-26, and a warm one
+goes back after 30 s idle, so a second call must follow at once):
+  command: bash scripts/gpu-run.sh; bash scripts/gpu-results.sh 160
   carry:   [".gpu"]
-  timeout_s: 570
+  timeout_s: 590
 Then copy the table at the end of \$OUT/run.log into bench/RESULTS.md with the
 card's name, and the tables of \$OUT/results.log into #6's section.
-The checks alone (under 6 minutes): command bash scripts/gpu-run.sh, timeout_s 400.
+The checks alone (under 7 minutes): command bash scripts/gpu-run.sh, timeout_s 420.
 CALL

@@ -295,11 +295,20 @@ pub struct Row {
     pub tflops: Option<f64>,
 }
 
-/// Runs every case and returns its row.
-pub fn run_all(dev: &Device, mut progress: impl FnMut(&str)) -> Result<Vec<Row>> {
+/// Runs every case whose label ("op shape dtype", as printed) contains
+/// `only` (every case when `None`) and returns its row.
+pub fn run_all(
+    dev: &Device,
+    only: Option<&str>,
+    mut progress: impl FnMut(&str),
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for mut c in cases(dev)? {
-        progress(&format!("{} {} {}", c.op, c.shape, dtype_name(c.dtype)));
+        let label = format!("{} {} {}", c.op, c.shape, dtype_name(c.dtype));
+        if only.is_some_and(|o| !label.contains(o)) {
+            continue;
+        }
+        progress(&label);
         let iters = if dev.is_cuda() { 20 } else { 3 };
         let ms = time_ms(dev, &mut c.run, iters, 5)?;
         rows.push(Row {
@@ -310,6 +319,14 @@ pub fn run_all(dev: &Device, mut progress: impl FnMut(&str)) -> Result<Vec<Row>>
             gbps: c.bytes as f64 / (ms * 1e-3) / 1e9,
             tflops: c.flops.map(|f| f / (ms * 1e-3) / 1e12),
         });
+    }
+    if rows.is_empty() {
+        if let Some(o) = only {
+            return Err(crate::error::param_err(
+                "bench",
+                format!("no benchmark case matches --only {o:?}"),
+            ));
+        }
     }
     Ok(rows)
 }

@@ -68,3 +68,20 @@ fn cuda_request_without_cuda_is_an_error() {
     let (ok, _, err) = tunefuse(&["bench", "--device", "cuda"]);
     assert!(!ok && err.contains("no CUDA device"), "{err}");
 }
+
+#[test]
+fn bench_only_selects_cases_and_rejects_unknown_ones() {
+    let (ok, _, err) = tunefuse(&["bench", "--device", "cpu", "--only", "no such case"]);
+    assert!(
+        !ok && err.contains("no benchmark case matches --only \"no such case\""),
+        "{err}"
+    );
+    let (ok, out, err) = tunefuse(&["bench", "--device", "cpu", "--only", "dropout fwd"]);
+    assert!(ok, "{err}");
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("| ") && !l.starts_with("| op"))
+        .collect();
+    assert_eq!(rows.len(), 1, "one row, the dropout case: {out}");
+    assert!(rows[0].starts_with("| dropout fwd |"), "{out}");
+}

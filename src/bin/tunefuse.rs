@@ -37,6 +37,11 @@ enum Cmd {
         /// Also write the measured rows as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Only the cases whose label ("op shape dtype", e.g.
+        /// "adapter fwd+bwd 16384x768") contains this text, e.g. to profile
+        /// one under ncu.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Fine-tune a pretrained BERT model on a task.
     Finetune(Box<FinetuneArgs>),
@@ -221,6 +226,7 @@ fn run(cli: Cli) -> Result<(), String> {
             device,
             peers,
             json,
+            only,
         } => {
             let peers = peers
                 .map(|p| bench::load_peers(&p))
@@ -236,8 +242,10 @@ fn run(cli: Cli) -> Result<(), String> {
             let name = bench::device_name(&dev);
             eprintln!("tunefuse bench on {name}");
             let copy = bench::copy_bandwidth(&dev).map_err(|e| e.to_string())?;
-            let rows = bench::run_all(&dev, |what| eprintln!("  timing {what} ..."))
-                .map_err(|e| e.to_string())?;
+            let rows = bench::run_all(&dev, only.as_deref(), |what| {
+                eprintln!("  timing {what} ...")
+            })
+            .map_err(|e| e.to_string())?;
             print!("{}", bench::table(&name, copy, &rows, &peers));
             if let Some(path) = json {
                 let doc = serde_json::json!({ "device": name, "copy_gbps": copy, "results": rows });
