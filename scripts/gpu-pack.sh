@@ -44,14 +44,19 @@ echo "gpu-pack: .gpu/ holds $(ls .gpu) (${size} MiB)" >&2
 [ "$size" -lt 60 ] || { echo "gpu-pack: .gpu is ${size} MiB, over what travels (64 MiB)" >&2; exit 1; }
 
 cat <<CALL
-Device call (one run of about 9.5 minutes: the checks first, then as much
-of issue #6's GPU fine-tuning grid as fits; both scripts keep their
-deadlines; a machine's start cost about 30 s on 2026-11-26, and a warm one
-goes back after 30 s idle, so a second call must follow at once):
-  command: bash scripts/gpu-run.sh; bash scripts/gpu-results.sh 160
+Device calls (a machine's start cost about 30 s on 2026-11-26, and a warm
+machine goes back after 30 s idle, so the second call must follow the first
+at once). The checks (tests, benches, PyTorch peers, sanitizers, ncu, phase
+times; under 7.5 minutes):
+  command: bash scripts/gpu-run.sh
   carry:   [".gpu"]
-  timeout_s: 590
-Then copy the table at the end of \$OUT/run.log into bench/RESULTS.md with the
-card's name, and the tables of \$OUT/results.log into #6's section.
-The checks alone (under 7 minutes): command bash scripts/gpu-run.sh, timeout_s 420.
+  timeout_s: 450
+then, on the same warm machine, issue #6's fine-tuning grid with the rest:
+  command: bash scripts/gpu-results.sh 300
+  carry:   [".gpu"]
+  timeout_s: 330
+(Or both in one call: bash scripts/gpu-run.sh; bash scripts/gpu-results.sh 130
+with timeout_s 595.) Then copy the table at the end of \$OUT/run.log into
+bench/RESULTS.md with the card's name, and the tables of \$OUT/results.log
+into #6's section.
 CALL

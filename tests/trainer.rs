@@ -521,3 +521,40 @@ fn peft_layernorm_and_step_wise_unfreezing() {
     assert_eq!(moved, vec![false, false, false, false, true, true]);
     std::fs::remove_dir_all(&cfg.output).ok();
 }
+
+#[test]
+fn phase_times_report_every_phase_and_change_nothing_else() {
+    let plain = tiny("plain", &["vanilla"]);
+    let mut timed = tiny("phases", &["vanilla"]);
+    timed.phase_times = true;
+    let s_plain = Run::new(plain.clone()).unwrap().fit(false, |_| ()).unwrap();
+    let s_timed = Run::new(timed.clone()).unwrap().fit(false, |_| ()).unwrap();
+    assert!(s_plain.phase_ms.is_none(), "off by default");
+    let phases = s_timed.phase_ms.clone().expect("phase_ms with phase_times");
+    let names: Vec<&str> = phases.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "rest (logging, evaluation, checkpoints)",
+            "batch (unfreezing, tokens to the device)",
+            "forward (+ regularisers)",
+            "backward",
+            "gradient norm and clipping",
+            "optimizer step",
+        ]
+    );
+    for (p, ms) in &phases {
+        assert!(ms.is_finite() && *ms >= 0.0, "{p}: {ms}");
+    }
+    // Forward and backward of MiniLM take real time on a CPU.
+    assert!(phases[2].1 > 0.1 && phases[3].1 > 0.1, "{phases:?}");
+    // Synchronising changes no result.
+    assert_eq!(s_timed.last, s_plain.last);
+    assert_eq!(steps_of(&timed), steps_of(&plain));
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(timed.output.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(written["phase_ms"].as_array().map(Vec::len), Some(6));
+    std::fs::remove_dir_all(&plain.output).ok();
+    std::fs::remove_dir_all(&timed.output).ok();
+}

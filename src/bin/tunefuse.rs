@@ -123,6 +123,10 @@ struct FinetuneArgs {
     /// cpu, cuda or auto.
     #[arg(long)]
     device: Option<String>,
+    /// Report the wall time of each training-step phase (synchronises the
+    /// device at every phase boundary, so the run is slower).
+    #[arg(long)]
+    phase_times: bool,
 }
 
 fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
@@ -144,6 +148,7 @@ fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
     if a.train_examples.is_some() {
         cfg.train_examples = a.train_examples;
     }
+    cfg.phase_times |= a.phase_times;
     if let Some(m) = &a.method {
         cfg.methods = m
             .split(',')
@@ -269,6 +274,12 @@ fn run(cli: Cli) -> Result<(), String> {
                 "{}: best {} {:.4} at step {}; final dev accuracy {:.4}, ECE {:.4}, NLL {:.4} ({:.0} s)",
                 s.task, s.metric, s.best, s.best_step, s.last.accuracy, s.last.ece, s.last.nll, s.seconds
             );
+            if let Some(phases) = &s.phase_ms {
+                println!("wall time per optimiser step, by phase (device synchronised at each):");
+                for (phase, ms) in phases {
+                    println!("  {ms:9.3} ms  {phase}");
+                }
+            }
             Ok(())
         }
         Cmd::Eval {

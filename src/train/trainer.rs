@@ -204,6 +204,12 @@ pub struct Config {
     /// Stop after the first checkpoint at or past this many optimiser steps
     /// (time-boxing; the run can be continued with `--resume`).
     pub stop_after: Option<u64>,
+    /// Measure the wall time of each training-step phase (batch, forward,
+    /// backward, clipping, optimiser, the rest) by synchronising the device
+    /// at each boundary; reported per step in `summary.json` (`phase_ms`).
+    /// The synchronisations remove the overlap of host and device work, so
+    /// the run gets slower: for finding where the time goes, not for timing.
+    pub phase_times: bool,
 }
 
 impl Default for Config {
@@ -252,6 +258,7 @@ impl Default for Config {
             device: "auto".into(),
             precision: "auto".into(),
             stop_after: None,
+            phase_times: false,
         }
     }
 }
@@ -981,6 +988,7 @@ impl Run {
             writeln!(mlog, "{v}").map_err(|e| io_err(&metrics_path, e))
         };
         let start = Instant::now();
+        let mut phases = PhaseTimes::new(&self.device, self.cfg.phase_times);
         let mut seen = 0usize;
         let mut stop = false;
         let mut losses = Vec::new();
@@ -995,6 +1003,8 @@ impl Run {
             );
             let batches: Vec<&[usize]> = order.chunks(self.cfg.batch_size).collect();
             while st.batch < batches.len() {
+                // Logging, evaluation and checkpoints of the previous step.
+                phases.mark("rest (logging, evaluation, checkpoints)")?;
                 self.bert.stream.set_train(true);
                 let stage = match self.cfg.unfreeze_every_steps {
                     Some(n) => (st.step / n.max(1)) as usize,
@@ -1009,10 +1019,12 @@ impl Run {
                 let (mut loss_sum, mut pen_sum): (Option<Tensor>, Option<Tensor>) = (None, None);
                 for idx in &group {
                     let b = self.batch(&self.train, idx)?;
+                    phases.mark("batch (unfreezing, tokens to the device)")?;
                     let (loss, pen) = {
                         let _r = crate::nvtx::range("forward (+ regularisers)");
                         self.loss(&b)?
                     };
+                    phases.mark("forward (+ regularisers)")?;
                     let loss = (loss / group.len() as f64)?;
                     let l = loss.detach().to_dtype(DType::F64)?;
                     let p = match pen {
@@ -1048,14 +1060,18 @@ impl Run {
                         }
                     });
                     seen += idx.len();
+                    phases.mark("backward")?;
                 }
                 let mut grads = acc.expect("at least one micro-batch");
                 let norm = clip_grad_norm(&mut grads, &self.opt.params, self.cfg.clip)?;
+                phases.mark("gradient norm and clipping")?;
                 let lr = self.cfg.schedule.lr(self.cfg.lr, st.step, total);
                 {
                     let _r = crate::nvtx::range("optimizer step");
                     self.opt.step(&grads, lr)?;
                 }
+                phases.mark("optimizer step")?;
+                phases.step_done();
                 self.update_teacher()?;
                 st.step += 1;
                 st.batch += group.len();
@@ -1181,6 +1197,7 @@ impl Run {
             last: ev,
             train_examples: n,
             seconds: start.elapsed().as_secs_f64(),
+            phase_ms: phases.report(),
         };
         std::fs::write(
             out.join("summary.json"),
@@ -1428,6 +1445,60 @@ pub struct Summary {
     pub last: Eval,
     pub train_examples: usize,
     pub seconds: f64,
+    /// With `phase_times`: mean wall milliseconds per optimiser step of each
+    /// phase, in step order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase_ms: Option<Vec<(String, f64)>>,
+}
+
+/// Wall time per training-step phase for `Config::phase_times`: each mark
+/// synchronises the device and adds the time since the previous mark to the
+/// phase. Off, it costs nothing and does nothing.
+struct PhaseTimes {
+    dev: Option<Device>,
+    last: Instant,
+    /// (phase, total seconds) in first-seen order.
+    acc: Vec<(&'static str, f64)>,
+    steps: u64,
+}
+
+impl PhaseTimes {
+    fn new(dev: &Device, on: bool) -> Self {
+        Self {
+            dev: on.then(|| dev.clone()),
+            last: Instant::now(),
+            acc: Vec::new(),
+            steps: 0,
+        }
+    }
+
+    /// Ends the current phase, attributing its time to `phase`.
+    fn mark(&mut self, phase: &'static str) -> Result<()> {
+        let Some(dev) = &self.dev else { return Ok(()) };
+        dev.synchronize()?;
+        let now = Instant::now();
+        let dt = (now - self.last).as_secs_f64();
+        self.last = now;
+        match self.acc.iter_mut().find(|(p, _)| *p == phase) {
+            Some((_, t)) => *t += dt,
+            None => self.acc.push((phase, dt)),
+        }
+        Ok(())
+    }
+
+    fn step_done(&mut self) {
+        self.steps += 1;
+    }
+
+    /// Milliseconds per step of each phase; `None` when off or no step ran.
+    fn report(&self) -> Option<Vec<(String, f64)>> {
+        (self.dev.is_some() && self.steps > 0).then(|| {
+            self.acc
+                .iter()
+                .map(|(p, t)| (p.to_string(), t * 1e3 / self.steps as f64))
+                .collect()
+        })
+    }
 }
 
 /// Evaluates a `best/` checkpoint: rebuilds the run from the configuration
