@@ -4,7 +4,7 @@
 # the PyTorch peers, the sanitizers over a reduced test set, ncu on the
 # adapter and sym_kl kernels, the phase times of a training step and the
 # criterion benches, and prints one table. Logs go to $OUT (or .gpu/out). Fine-tuning
-# on the GPU is scripts/gpu-results.sh, run after this in the same call.
+# on the GPU is scripts/gpu-results.sh, run right after this (same or next call).
 # Each step has its own time limit so the whole run stays under 7.5 minutes;
 # a failing step is reported and the run goes on. Exit status: non-zero when
 # the CUDA tests failed.
