@@ -9,7 +9,9 @@
 #   4. sst2-full: SMART, seed 1 (against 89.1 % / 92.1 s),
 #   5. sst2-1k: the seven methods, seeds 1-3.
 # A run cut by the deadline is left unfinished (scripts/results.sh resumes
-# it). Writes two files to $OUT: the log (results.log, which holds the
+# it). Runs already recorded under bench/runs/<card> are not run again; add
+# the new ones there afterwards (summary.json, metrics.jsonl, config.toml,
+# from results-runs.tar.xz). Writes two files to $OUT: the log (results.log, which holds the
 # tables too) and results-runs.tar.xz (one table per row, results-<row>.md,
 # and each run's summary, metrics.jsonl, config and log; no checkpoints).
 set -uo pipefail
@@ -22,6 +24,15 @@ deadline=${1:-480}
 start=$(date +%s)
 runs=.gpu/runs
 nvidia-smi -L
+# Finished runs recorded in the repo for this card (bench/runs/<card>, e.g.
+# nvidia-h200) are copied in first, so scripts/results.sh skips them and the
+# tables cover every seed run so far on this kind of card.
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr 'A-Z ' 'a-z-')
+if [ -d "bench/runs/$card" ]; then
+  mkdir -p "$runs"
+  cp -rn "bench/runs/$card/." "$runs/"
+  echo "recorded runs for $card: $(find "bench/runs/$card" -name summary.json | wc -l)"
+fi
 export DEVICE=cuda TUNEFUSE_BIN="$PWD/$bin/tunefuse" MODEL="$TUNEFUSE_MODEL_DIR"
 export TUNEFUSE_DATA="$PWD/$bin/data" RESULTS_DIR="$runs"
 # ROW:SEEDS[:METHODS]; a finished run is skipped by scripts/results.sh.
