@@ -125,30 +125,32 @@ fn map_cpu(
     s2: Option<(&CpuStorage, &Layout)>,
     f: impl Fn(u64, f32, f32) -> f32,
 ) -> candle_core::Result<CpuStorage> {
+    // `round` takes the f32 result to the storage dtype, rounding once like
+    // the kernels (half's `from_f32` is correctly rounded; its `from_f64`,
+    // which candle's `WithDType::from_f64` uses, is not: see `cpu::from_f64`).
     macro_rules! go {
-        ($v:expr, $variant:ident) => {{
+        ($v:expr, $variant:ident, $round:expr) => {{
             let x = contiguous($v, l1)?;
             let u = match s2 {
                 Some((CpuStorage::$variant(u), l2)) => Some(contiguous(u, l2)?),
                 Some(_) => candle_core::bail!("inputs have different dtypes"),
                 None => None,
             };
-            // f32 results, rounded once to the storage dtype like the kernels'.
-            let vals = x
-                .iter()
-                .enumerate()
-                .map(|(i, &xi)| {
-                    let ui = u.map_or(0.0, |u| u[i].to_f64() as f32);
-                    f(i as u64, xi.to_f64() as f32, ui) as f64
-                })
-                .collect();
-            super::cpu::from_f64(vals, s1.dtype())
+            CpuStorage::$variant(
+                x.iter()
+                    .enumerate()
+                    .map(|(i, &xi)| {
+                        let ui = u.map_or(0.0, |u| u[i].to_f64() as f32);
+                        $round(f(i as u64, xi.to_f64() as f32, ui))
+                    })
+                    .collect(),
+            )
         }};
     }
     Ok(match s1 {
-        CpuStorage::F32(v) => go!(v, F32),
-        CpuStorage::BF16(v) => go!(v, BF16),
-        CpuStorage::F16(v) => go!(v, F16),
+        CpuStorage::F32(v) => go!(v, F32, |y: f32| y),
+        CpuStorage::BF16(v) => go!(v, BF16, half::bf16::from_f32),
+        CpuStorage::F16(v) => go!(v, F16, half::f16::from_f32),
         other => candle_core::bail!("unsupported dtype {:?}", other.dtype()),
     })
 }

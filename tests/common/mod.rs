@@ -76,15 +76,32 @@ pub fn to_f64(t: &Tensor) -> Vec<f64> {
 
 /// Fails with the worst offending index unless |x − y| ≤ atol + rtol·|y|.
 pub fn assert_close(what: &str, x: &[f64], y: &[f64], atol: f64, rtol: f64) {
+    assert_within(
+        what,
+        x,
+        y,
+        |i| atol + rtol * y[i].abs(),
+        |_| format!("atol {atol}, rtol {rtol}"),
+    );
+}
+
+/// Fails with the element exceeding its allowance `allowed(i)` by most,
+/// unless |x − y| ≤ allowed(i) everywhere; NaN against NaN passes, NaN
+/// against a number counts as the worst. `note(i)` ends the message.
+pub fn assert_within(
+    what: &str,
+    x: &[f64],
+    y: &[f64],
+    allowed: impl Fn(usize) -> f64,
+    note: impl Fn(usize) -> String,
+) {
     assert_eq!(x.len(), y.len(), "{what}: lengths differ");
-    // The element exceeding its tolerance by most; NaN against a number
-    // counts as the worst.
     let mut worst: Option<(usize, f64)> = None;
     for (i, (&a, &b)) in x.iter().zip(y).enumerate() {
         if a.is_nan() && b.is_nan() {
             continue;
         }
-        let excess = (a - b).abs() - (atol + rtol * b.abs());
+        let excess = (a - b).abs() - allowed(i);
         let excess = if excess.is_nan() {
             f64::INFINITY
         } else {
@@ -96,8 +113,10 @@ pub fn assert_close(what: &str, x: &[f64], y: &[f64], atol: f64, rtol: f64) {
     }
     if let Some((i, _)) = worst {
         panic!(
-            "{what}: element {i} is {} but expected {} (atol {atol}, rtol {rtol})",
-            x[i], y[i]
+            "{what}: element {i} is {} but expected {} ({})",
+            x[i],
+            y[i],
+            note(i)
         );
     }
 }
