@@ -448,6 +448,107 @@ fn mixout_and_dropout_bit_identical_to_cpu() {
     fails.finish("mixout / dropout");
 }
 
+// ------------------------------------------------------------ AdamW
+
+/// Bit patterns (as f64, which holds f32 exactly, signs of zeros included).
+fn bit_patterns(t: &Tensor) -> Vec<u64> {
+    to_f64(t).iter().map(|x| x.to_bits()).collect()
+}
+
+#[test]
+fn adamw_kernels_bit_identical_to_cpu() {
+    use tunefuse::ops::{adamw_state, adamw_step, AdamWStep};
+    let Some(dev) = cuda_device() else { return };
+    let mut fails = Failures::default();
+    let sizes: &[usize] = if quick() {
+        &[1, 7, 1025]
+    } else {
+        // The last runs the grid-stride loop twice (the grid is capped at
+        // 132 x 32 blocks of 256 threads).
+        &[1, 7, 123, 1025, 30522, (1 << 21) + 3]
+    };
+    for dtype in [DType::F32, DType::F64] {
+        for &n in sizes {
+            for variant in 0..8u64 {
+                let (scaled, recadam, decay) =
+                    (variant & 1 != 0, variant & 2 != 0, variant & 4 != 0);
+                fails.check(|| {
+                    let draw = |scale: f64| {
+                        (Tensor::randn(0f32, 1.0, n + 1, &dev).unwrap() * scale)
+                            .unwrap()
+                            .to_dtype(dtype)
+                            .unwrap()
+                    };
+                    // The parameter is a view from element 1 of a larger
+                    // tensor (an offset, and unaligned), updated in place.
+                    let big = draw(1.0);
+                    let p = big.narrow(0, 1, n).unwrap();
+                    let anchor = draw(1.0).narrow(0, 0, n).unwrap();
+                    let state = adamw_state(&p).unwrap();
+                    let cbig = big.to_device(&Device::Cpu).unwrap();
+                    let cp = cbig.narrow(0, 1, n).unwrap();
+                    let canchor = anchor.to_device(&Device::Cpu).unwrap();
+                    let cstate = adamw_state(&cp).unwrap();
+                    for t in 1..=3i32 {
+                        // Gradients over magnitudes, half of them exactly 0;
+                        // in the last step a bf16 gradient (converted).
+                        let mut g = draw(10f64.powi(t - 3))
+                            .narrow(0, 0, n)
+                            .unwrap()
+                            .relu()
+                            .unwrap();
+                        if t == 3 {
+                            g = g.to_dtype(DType::BF16).unwrap();
+                        }
+                        let cg = g.to_device(&Device::Cpu).unwrap();
+                        let k = Tensor::new(0.37f64 + 0.1 * t as f64, &dev).unwrap();
+                        let ck = k.to_device(&Device::Cpu).unwrap();
+                        let lam = 1.0 / (1.0 + (-0.5f64 * (t as f64 - 2.0)).exp());
+                        let c = AdamWStep {
+                            beta1: 0.9,
+                            beta2: 0.999,
+                            eps: 1e-8,
+                            c1: 1.0 - 0.9f64.powi(t),
+                            c2: 1.0 - 0.999f64.powi(t),
+                            lr: 3e-4 * t as f64,
+                            decay: decay.then_some(3e-6 * t as f64),
+                            recadam: recadam.then_some((lam, (1.0 - lam) * 5000.0)),
+                        };
+                        adamw_step(
+                            &p,
+                            &state,
+                            &g,
+                            scaled.then_some(&k),
+                            recadam.then_some(&anchor),
+                            &c,
+                        )
+                        .unwrap();
+                        adamw_step(
+                            &cp,
+                            &cstate,
+                            &cg,
+                            scaled.then_some(&ck),
+                            recadam.then_some(&canchor),
+                            &c,
+                        )
+                        .unwrap();
+                        let tag = format!("{dtype:?} n={n} variant {variant} step {t}");
+                        assert!(
+                            bit_patterns(&big) == bit_patterns(&cbig),
+                            "{tag}: parameter differs from the CPU op"
+                        );
+                        assert!(
+                            bit_patterns(&state) == bit_patterns(&cstate),
+                            "{tag}: moments differ from the CPU op"
+                        );
+                    }
+                });
+            }
+        }
+    }
+    fails.finish("adamw");
+}
+
 // ------------------------------------------------------------ perturbation
 
 /// Examples compared with the reference: all of a small batch, three of 32.

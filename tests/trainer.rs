@@ -245,7 +245,7 @@ fn adamw_and_recadam_steps_match_the_formulas() {
         .sum_all()
         .unwrap();
     let g = loss.backward().unwrap();
-    opt.step(&g, 0.1).unwrap();
+    opt.step(&g, 0.1, None).unwrap();
     // First step: m̂ = g, v̂ = g², so the Adam step is g/(|g| + ε); RecAdam
     // weights it by λ(1) and adds (1 − λ(1))·γ·(θ − θ*), θ − θ* = (0.5, −1).
     let lam = 1.0 / (1.0 + (0.5f64 * 9.0).exp());
@@ -381,7 +381,7 @@ fn recadam_with_lambda_one_and_gamma_zero_is_adamw() {
                 .unwrap()
                 .sum_all()
                 .unwrap();
-            opt.step(&loss.backward().unwrap(), 1e-2).unwrap();
+            opt.step(&loss.backward().unwrap(), 1e-2, None).unwrap();
         }
         v.as_tensor().to_vec1::<f64>().unwrap()
     };

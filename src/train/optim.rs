@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use candle_core::{Tensor, Var};
 
 use crate::error::{param_err, Result};
+use crate::ops::{adamw_state, adamw_step, AdamWStep};
 
 /// RecAdam (Chen et al., EMNLP 2020), for the parameters that have a
 /// pretrained value (new ones such as the head train with plain AdamW): the
@@ -73,8 +74,8 @@ pub struct AdamW {
     pub recadam: Option<RecAdam>,
     /// Completed steps.
     pub step: u64,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    /// `[m; v]` of each parameter (see [`adamw_state`]), updated in place.
+    state: Vec<Tensor>,
 }
 
 impl AdamW {
@@ -94,76 +95,95 @@ impl AdamW {
         if params.is_empty() {
             return Err(param_err("adamw", "no trainable parameters"));
         }
-        let m = params
+        let state = params
             .iter()
-            .map(|p| p.var.zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = params
-            .iter()
-            .map(|p| p.var.zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|p| adamw_state(p.var.as_tensor()))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             params,
             hp,
             recadam,
             step: 0,
-            m,
-            v,
+            state,
         })
     }
 
-    /// One update with base learning rate `lr` from `grads` (parameters
-    /// without a gradient are left alone, their moments untouched).
-    pub fn step(&mut self, grads: &candle_core::backprop::GradStore, lr: f64) -> Result<()> {
+    /// One update with base learning rate `lr` from `grads`, each gradient
+    /// multiplied by `scale` (one element on the device, e.g. from
+    /// [`clip_scale`]) when given. Parameters without a gradient are left
+    /// alone, their moments untouched. Each tensor is updated in place by the
+    /// fused [`adamw_step`] (two kernels instead of ~16 composed ops).
+    pub fn step(
+        &mut self,
+        grads: &candle_core::backprop::GradStore,
+        lr: f64,
+        scale: Option<&Tensor>,
+    ) -> Result<()> {
         self.step += 1;
         let t = self.step as i32;
         let (b1, b2) = (self.hp.beta1, self.hp.beta2);
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        // The scale in the parameters' dtype, converted once.
+        let mut scale_as: Option<Tensor> = None;
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            let theta = p.var.as_tensor();
-            let g = g.to_dtype(theta.dtype())?;
-            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
-            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let scale = match scale {
+                None => None,
+                Some(s) => {
+                    if scale_as.as_ref().is_none_or(|c| c.dtype() != p.var.dtype()) {
+                        scale_as = Some(s.to_dtype(p.var.dtype())?);
+                    }
+                    scale_as.as_ref()
+                }
+            };
             let lr_i = lr * p.lr_scale;
-            let mut update = ((&m / c1)? / ((&v / c2)?.sqrt()? + self.hp.eps)?)?;
-            if let (Some(r), Some(anchor)) = (&self.recadam, &p.anchor) {
+            let (recadam, anchor) = match (&self.recadam, &p.anchor) {
                 // RecAdam's update (Chen et al.'s reference code): the moments
                 // see the task gradient; the Adam step is weighted by λ(t) and
                 // the pull (1 − λ(t))·γ·(θ − θ*) is added beside it.
-                let lam = r.lambda(self.step);
-                update = ((update * lam)? + ((theta - anchor)? * ((1.0 - lam) * r.gamma))?)?;
-            }
-            let mut next = (theta - (update * lr_i)?)?;
-            if p.decay && self.hp.weight_decay > 0.0 {
-                next = (next - (theta * (lr_i * self.hp.weight_decay))?)?;
-            }
-            p.var.set(&next)?;
-            self.m[i] = m;
-            self.v[i] = v;
+                (Some(r), Some(a)) => {
+                    let lam = r.lambda(self.step);
+                    (Some((lam, (1.0 - lam) * r.gamma)), Some(a))
+                }
+                _ => (None, None),
+            };
+            let c = AdamWStep {
+                beta1: b1,
+                beta2: b2,
+                eps: self.hp.eps,
+                c1,
+                c2,
+                lr: lr_i,
+                decay: (p.decay && self.hp.weight_decay > 0.0)
+                    .then_some(lr_i * self.hp.weight_decay),
+                recadam,
+            };
+            adamw_step(p.var.as_tensor(), &self.state[i], g, scale, anchor, &c)?;
         }
         Ok(())
     }
 
-    /// The moments by parameter name (`m.<name>`, `v.<name>`), for checkpoints.
-    pub fn state(&self) -> HashMap<String, Tensor> {
+    /// The moments by parameter name (`m.<name>`, `v.<name>`, each in the
+    /// parameter's shape), for checkpoints: copies, since the optimiser
+    /// updates its state in place.
+    pub fn state(&self) -> Result<HashMap<String, Tensor>> {
         let mut s = HashMap::new();
         for (i, p) in self.params.iter().enumerate() {
-            s.insert(format!("m.{}", p.name), self.m[i].clone());
-            s.insert(format!("v.{}", p.name), self.v[i].clone());
+            for (k, key) in ["m", "v"].into_iter().enumerate() {
+                let t = self.state[i].get(k)?.reshape(p.var.dims())?.copy()?;
+                s.insert(format!("{key}.{}", p.name), t);
+            }
         }
-        s
+        Ok(s)
     }
 
     /// Restores moments saved by [`AdamW::state`] and the step count.
     pub fn load_state(&mut self, state: &HashMap<String, Tensor>, step: u64) -> Result<()> {
         for (i, p) in self.params.iter().enumerate() {
-            for (buf, key) in [
-                (&mut self.m[i], format!("m.{}", p.name)),
-                (&mut self.v[i], format!("v.{}", p.name)),
-            ] {
+            let mut mv = Vec::with_capacity(2);
+            for key in [format!("m.{}", p.name), format!("v.{}", p.name)] {
                 let t = state
                     .get(&key)
                     .ok_or_else(|| param_err("resume", format!("optimiser state lacks {key}")))?;
@@ -177,25 +197,23 @@ impl AdamW {
                         ),
                     ));
                 }
-                *buf = t.to_dtype(p.var.dtype())?.to_device(p.var.device())?;
+                mv.push(
+                    t.to_dtype(p.var.dtype())?
+                        .to_device(p.var.device())?
+                        .flatten_all()?,
+                );
             }
+            self.state[i] = Tensor::stack(&mv, 0)?;
         }
         self.step = step;
         Ok(())
     }
 }
 
-/// Scales every gradient so their global l2 norm is at most `max_norm`
-/// (0: no clipping), entirely on the device: no host sync. Returns the norm
-/// before clipping as a scalar f64 tensor (the caller reads it back with
-/// whatever else it logs). The arithmetic is the host's: one f32 squared sum
-/// per parameter, summed in f64 in parameter order, k = max/(norm + 1e-6)
-/// applied when norm > max.
-pub fn clip_grad_norm(
-    grads: &mut candle_core::backprop::GradStore,
-    params: &[Param],
-    max_norm: f64,
-) -> Result<Tensor> {
+/// The global l2 norm of the gradients of `params`, entirely on the device
+/// (no host sync), as a scalar f64 tensor: one f32 squared sum per
+/// parameter, summed in f64 in parameter order.
+pub fn grad_norm(grads: &candle_core::backprop::GradStore, params: &[Param]) -> Result<Tensor> {
     let sums = params
         .iter()
         .filter_map(|p| grads.get(p.var.as_tensor()))
@@ -206,30 +224,32 @@ pub fn clip_grad_norm(
                 .reshape(1)?)
         })
         .collect::<Result<Vec<Tensor>>>()?;
-    let Some(first) = sums.first() else {
+    if sums.is_empty() {
         let dev = params
             .first()
             .map_or(candle_core::Device::Cpu, |p| p.var.device().clone());
         return Ok(Tensor::zeros((), candle_core::DType::F64, &dev)?);
-    };
-    let dev = first.device().clone();
-    let norm = Tensor::cat(&sums, 0)?
+    }
+    Ok(Tensor::cat(&sums, 0)?
         .to_dtype(candle_core::DType::F64)?
         .sum_all()?
-        .sqrt()?;
-    if max_norm > 0.0 {
-        let k = (Tensor::new(max_norm, &dev)? / (&norm + 1e-6)?)?;
-        let k = norm
-            .gt(max_norm)?
-            .where_cond(&k, &Tensor::new(1f64, &dev)?)?;
-        for p in params {
-            if let Some(g) = grads.remove(p.var.as_tensor()) {
-                let scaled = g.broadcast_mul(&k.to_dtype(g.dtype())?)?;
-                grads.insert(p.var.as_tensor(), scaled);
-            }
-        }
+        .sqrt()?)
+}
+
+/// The factor that clips gradients of global norm `norm` (from
+/// [`grad_norm`]) to at most `max_norm`, left on the device (a scalar f64
+/// tensor: `max/(norm + 1e-6)` when norm > max, else 1), for
+/// [`AdamW::step`]'s `scale`. `None` when `max_norm` is 0 (no clipping).
+pub fn clip_scale(norm: &Tensor, max_norm: f64) -> Result<Option<Tensor>> {
+    if max_norm <= 0.0 {
+        return Ok(None);
     }
-    Ok(norm)
+    let dev = norm.device();
+    let k = (Tensor::new(max_norm, dev)? / (norm + 1e-6)?)?;
+    Ok(Some(
+        norm.gt(max_norm)?
+            .where_cond(&k, &Tensor::new(1f64, dev)?)?,
+    ))
 }
 
 /// Learning-rate schedules: `lr(step)` for steps 0..total.

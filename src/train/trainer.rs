@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{self, Dataset, Split, Task};
 use super::metrics;
-use super::optim::{clip_grad_norm, AdamW, AdamWParams, Param, RecAdam, Schedule};
+use super::optim::{clip_scale, grad_norm, AdamW, AdamWParams, Param, RecAdam, Schedule};
 use crate::error::{io_err, param_err, Result};
 use crate::model::{AdapterPlacement, Bert, ClassifierHead, Outputs, Pooling, TextTokenizer};
 use crate::ops::mixout::Rng;
@@ -1062,13 +1062,14 @@ impl Run {
                     seen += idx.len();
                     phases.mark("backward")?;
                 }
-                let mut grads = acc.expect("at least one micro-batch");
-                let norm = clip_grad_norm(&mut grads, &self.opt.params, self.cfg.clip)?;
+                let grads = acc.expect("at least one micro-batch");
+                let norm = grad_norm(&grads, &self.opt.params)?;
+                let scale = clip_scale(&norm, self.cfg.clip)?;
                 phases.mark("gradient norm and clipping")?;
                 let lr = self.cfg.schedule.lr(self.cfg.lr, st.step, total);
                 {
                     let _r = crate::nvtx::range("optimizer step");
-                    self.opt.step(&grads, lr)?;
+                    self.opt.step(&grads, lr, scale.as_ref())?;
                 }
                 phases.mark("optimizer step")?;
                 phases.step_done();
@@ -1234,7 +1235,7 @@ impl Run {
             .collect();
         tensors.extend(
             self.opt
-                .state()
+                .state()?
                 .into_iter()
                 .map(|(k, v)| (format!("opt.{k}"), v)),
         );
