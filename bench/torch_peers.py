@@ -5,7 +5,11 @@ Times PyTorch eager and torch.compile for each op (forward + backward where
 the fused op has one) with CUDA events, and writes JSON that
 `tunefuse table --peers` merges into the results table:
     {"device": ..., "torch": ..., "results": [{op, shape, dtype, eager_ms, compile_ms}]}
-The math matches src/bench.rs's candle-composed baselines.
+The math matches src/bench.rs's candle-composed baselines. For the AdamW
+step the two columns are torch.optim.AdamW's own implementations over the
+same 103 MiniLM-shaped f32 tensors: "eager" the default multi-tensor
+(foreach) update, "compile" the fused=True CUDA kernel (PyTorch's fastest;
+nothing is torch.compile'd in that row).
 """
 import argparse
 import json
@@ -62,6 +66,33 @@ def dropout(x):
 def adapter(x, wd, bd, wu, bu):
     """Houlsby bottleneck with GELU (erf) and the residual x, scale 1."""
     return x + F.linear(F.gelu(F.linear(x, wd, bd)), wu, bu)
+
+
+def minilm_param_shapes():
+    """all-MiniLM-L6-v2's 101 tensors plus a 2-class head, as src/bench.rs."""
+    h = 384
+    s = [(30522, h), (512, h), (2, h), (h,), (h,)]
+    for _ in range(6):
+        for _ in range(4):
+            s += [(h, h), (h,)]
+        s += [(4 * h, h), (4 * h,), (h, 4 * h), (h,), (h,), (h,), (h,), (h,)]
+    return s + [(2, h), (2,)]
+
+
+def adamw_times(dev):
+    """(foreach ms, fused ms) of one AdamW step (wd 0.01, grads set once)."""
+    out = []
+    for kind in ("foreach", "fused"):
+        try:
+            params = [torch.nn.Parameter(0.02 * torch.randn(*s, device=dev)) for s in minilm_param_shapes()]
+            for p in params:
+                p.grad = 1e-3 * torch.randn_like(p)
+            opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, **{kind: True})
+            out.append(time_ms(opt.step))
+        except Exception as e:
+            print(f"adamw ({kind}) failed: {e}", file=sys.stderr)
+            out.append(None)
+    return out
 
 
 def both(name, make_step):
@@ -177,6 +208,8 @@ def main():
                 return step
 
             record("adapter fwd+bwd", f"{t}x{d} r{r}", name, both("adapter", make_adapter))
+
+    record("adamw step", f"minilm {len(minilm_param_shapes())} tensors", "f32", adamw_times(dev))
 
     doc = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, results=results)
     with open(args.out, "w") as fh:

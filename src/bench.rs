@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::ops::adamw::{adamw_state, adamw_step, AdamWStep};
 use crate::ops::adapter::{adapter, adapter_composed, Act, AdapterWeights};
 use crate::ops::mixout::{dropout, mixout, Rng};
 use crate::ops::perturb::{
@@ -34,6 +35,106 @@ pub fn mixout_composed(w: &Tensor, u: &Tensor, p: f64) -> Result<Tensor> {
     let r = Tensor::rand(0f32, 1f32, w.shape(), w.device())?.to_dtype(w.dtype())?;
     let m = r.ge(p)?.to_dtype(w.dtype())?;
     Ok((u + ((m * (w - u)?)? * (1.0 / (1.0 - p)))?)?)
+}
+
+/// One AdamW step composed from candle ops (the optimiser's update before
+/// the fused op, one op per line): returns the new parameter, m and v. The
+/// clipping `scale` multiplies the gradient in its own dtype first. The
+/// fused [`adamw_step`] equals it bit for bit (tests/adamw.rs).
+pub fn adamw_composed(
+    theta: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    scale: Option<&Tensor>,
+    anchor: Option<&Tensor>,
+    c: &AdamWStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = match scale {
+        Some(k) => g.broadcast_mul(&k.to_dtype(g.dtype())?)?,
+        None => g.clone(),
+    };
+    let g = g.to_dtype(theta.dtype())?;
+    let (b1, b2) = (c.beta1, c.beta2);
+    let m = ((m * b1)? + (&g * (1.0 - b1))?)?;
+    let v = ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+    let mut update = ((&m / c.c1)? / ((&v / c.c2)?.sqrt()? + c.eps)?)?;
+    if let (Some((lam, pull)), Some(a)) = (c.recadam, anchor) {
+        update = ((update * lam)? + ((theta - a)? * pull)?)?;
+    }
+    let mut next = (theta - (update * c.lr)?)?;
+    if let Some(d) = c.decay {
+        next = (next - (theta * d)?)?;
+    }
+    Ok((next, m, v))
+}
+
+/// The parameter shapes of all-MiniLM-L6-v2 plus a two-class head (22.7M
+/// parameters in 103 tensors): what the optimiser updates every step.
+pub fn minilm_param_shapes() -> Vec<Vec<usize>> {
+    let h = 384;
+    let mut s = vec![vec![30522, h], vec![512, h], vec![2, h], vec![h], vec![h]];
+    for _ in 0..6 {
+        for _ in 0..4 {
+            s.extend([vec![h, h], vec![h]]);
+        }
+        s.extend([vec![4 * h, h], vec![4 * h], vec![h, 4 * h], vec![h]]);
+        s.extend([vec![h], vec![h], vec![h], vec![h]]);
+    }
+    s.extend([vec![2, h], vec![2]]);
+    s
+}
+
+/// The AdamW step over MiniLM's tensors, fused or composed, with a clipping
+/// scale and weight decay (no RecAdam). Floor: read p, g, m, v and write p,
+/// m, v once (28 bytes per f32 parameter); the fused op makes two passes
+/// (36 bytes).
+fn adamw_case(dev: &Device, fused: bool) -> Result<Case> {
+    let shapes = minilm_param_shapes();
+    let n: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
+    let mut params = Vec::new();
+    for s in &shapes {
+        let p = Tensor::randn(0f32, 0.02, s.as_slice(), dev)?;
+        let g = Tensor::randn(0f32, 1e-3, s.as_slice(), dev)?;
+        let st = adamw_state(&p)?;
+        let (m, v) = (p.zeros_like()?, p.zeros_like()?);
+        params.push((Var::from_tensor(&p)?, g, st, m, v));
+    }
+    let scale = Tensor::new(0.5f32, dev)?;
+    let c = AdamWStep {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        c1: 0.1,
+        c2: 0.001,
+        lr: 1e-4,
+        decay: Some(1e-6),
+        recadam: None,
+    };
+    Ok(Case {
+        op: if fused {
+            "adamw step"
+        } else {
+            "adamw composed step"
+        },
+        shape: format!("minilm {} tensors", shapes.len()),
+        dtype: DType::F32,
+        bytes: 28 * n,
+        flops: None,
+        run: Box::new(move || {
+            for (p, g, st, m, v) in params.iter_mut() {
+                if fused {
+                    adamw_step(p.as_tensor(), st, g, Some(&scale), None, &c)?;
+                } else {
+                    let (np, nm, nv) =
+                        adamw_composed(p.as_tensor(), m, v, g, Some(&scale), None, &c)?;
+                    p.set(&np)?;
+                    (*m, *v) = (nm, nv);
+                }
+            }
+            Ok(())
+        }),
+    })
 }
 
 /// A pgd/l2/token ascent step composed from candle ops (ε-ball projection,
@@ -175,6 +276,8 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         }),
     });
     out.extend(adapter_cases(dev)?);
+    out.push(adamw_case(dev, true)?);
+    out.push(adamw_case(dev, false)?);
     Ok(out)
 }
 

@@ -8,9 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use tunefuse::ops::{adamw_state, adamw_step, AdamWStep};
 use tunefuse::train::optim::{clip_scale, grad_norm, AdamW, AdamWParams, Param, RecAdam};
 
-/// The composed update (one candle op per line, as `AdamW::step` was
-/// written before the fused op): the oracle the fused op must equal.
-#[allow(clippy::too_many_arguments)]
+/// The composed update the fused op replaced: the oracle it must equal.
 fn composed(
     theta: &Tensor,
     m: &Tensor,
@@ -20,25 +18,7 @@ fn composed(
     anchor: Option<&Tensor>,
     c: &AdamWStep,
 ) -> (Tensor, Tensor, Tensor) {
-    // Clipping as it was applied to the gradient in its own dtype.
-    let g = match k {
-        Some(k) => g.broadcast_mul(&k.to_dtype(g.dtype()).unwrap()).unwrap(),
-        None => g.clone(),
-    };
-    let g = g.to_dtype(theta.dtype()).unwrap();
-    let (b1, b2) = (c.beta1, c.beta2);
-    let m = ((m * b1).unwrap() + (&g * (1.0 - b1)).unwrap()).unwrap();
-    let v = ((v * b2).unwrap() + (g.sqr().unwrap() * (1.0 - b2)).unwrap()).unwrap();
-    let mut update =
-        ((&m / c.c1).unwrap() / ((&v / c.c2).unwrap().sqrt().unwrap() + c.eps).unwrap()).unwrap();
-    if let (Some((lam, pull)), Some(a)) = (c.recadam, anchor) {
-        update = ((update * lam).unwrap() + ((theta - a).unwrap() * pull).unwrap()).unwrap();
-    }
-    let mut next = (theta - (update * c.lr).unwrap()).unwrap();
-    if let Some(d) = c.decay {
-        next = (next - (theta * d).unwrap()).unwrap();
-    }
-    (next, m, v)
+    tunefuse::bench::adamw_composed(theta, m, v, g, k, anchor, c).unwrap()
 }
 
 fn bits(t: &Tensor) -> Vec<u64> {
