@@ -209,6 +209,26 @@ def main():
 
             record("adapter fwd+bwd", f"{t}x{d} r{r}", name, both("adapter", make_adapter))
 
+    t, h = 16384, 384
+    x = torch.randn(t, h, device=dev).to(torch.bfloat16).requires_grad_()
+    lw = (1 + 0.1 * torch.randn(h, device=dev)).to(torch.bfloat16).requires_grad_()
+    lb = (0.1 * torch.randn(h, device=dev)).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(t, h, device=dev).to(torch.bfloat16)
+
+    def make_ln(compiled):
+        # bf16 weight and bias: F.layer_norm takes one dtype (ours: f32 weights).
+        f = torch.compile(F.layer_norm, dynamic=False) if compiled else F.layer_norm
+
+        def step():
+            x.grad = lw.grad = lb.grad = None
+            f(x, (h,), lw, lb, 1e-12).backward(dy)
+
+        return step
+
+    record("layer_norm fwd+bwd", f"{t}x{h}", "bf16", both("layer_norm", make_ln))
+    del x, dy
+    torch.cuda.empty_cache()
+
     record("adamw step", f"minilm {len(minilm_param_shapes())} tensors", "f32", adamw_times(dev))
 
     doc = dict(device=torch.cuda.get_device_name(0), torch=torch.__version__, results=results)

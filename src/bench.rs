@@ -37,6 +37,26 @@ pub fn mixout_composed(w: &Tensor, u: &Tensor, p: f64) -> Result<Tensor> {
     Ok((u + ((m * (w - u)?)? * (1.0 / (1.0 - p)))?)?)
 }
 
+/// LayerNorm composed from candle ops, as the model ran it before the fused
+/// op: statistics in f32 (f64 for f64 x), x̂ rounded to x's dtype, then the
+/// weight and bias cast to it. The baseline of [`crate::ops::layer_norm`].
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    use candle_core::D;
+    let dtype = x.dtype();
+    let inner = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let x = x.to_dtype(inner)?;
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    Ok(y.broadcast_mul(&w.to_dtype(dtype)?)?
+        .broadcast_add(&b.to_dtype(dtype)?)?)
+}
+
 /// One AdamW step composed from candle ops (the optimiser's update before
 /// the fused op, one op per line): returns the new parameter, m and v. The
 /// clipping `scale` multiplies the gradient in its own dtype first. The
@@ -67,6 +87,41 @@ pub fn adamw_composed(
         next = (next - (theta * d)?)?;
     }
     Ok((next, m, v))
+}
+
+/// LayerNorm forward + backward at MiniLM's width (T = 16384 rows of 384 on
+/// CUDA, 512 on CPU), bf16 x with f32 weight and bias (mixed precision),
+/// fused and composed. Floor: x and y forward, x, dy and dx backward
+/// (5·T·H elements).
+fn layer_norm_cases(dev: &Device) -> Result<Vec<Case>> {
+    let (t, h) = (if dev.is_cuda() { 16384 } else { 512 }, 384);
+    let mut out = Vec::new();
+    for fused in [true, false] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t, h), dev)?.to_dtype(DType::BF16)?)?;
+        let w = Var::from_tensor(&(Tensor::randn(0f32, 0.1, h, dev)? + 1.0)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, h, dev)?)?;
+        out.push(Case {
+            op: if fused {
+                "layer_norm fwd+bwd"
+            } else {
+                "layer_norm composed fwd+bwd"
+            },
+            shape: format!("{t}x{h}"),
+            dtype: DType::BF16,
+            bytes: 5 * t * h * 2,
+            flops: None,
+            run: Box::new(move || {
+                let y = if fused {
+                    crate::ops::layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12)?
+                } else {
+                    layer_norm_composed(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12)?
+                };
+                y.backward()?;
+                Ok(())
+            }),
+        });
+    }
+    Ok(out)
 }
 
 /// The parameter shapes of all-MiniLM-L6-v2 plus a two-class head (22.7M
@@ -276,6 +331,7 @@ pub fn cases(dev: &Device) -> Result<Vec<Case>> {
         }),
     });
     out.extend(adapter_cases(dev)?);
+    out.extend(layer_norm_cases(dev)?);
     out.push(adamw_case(dev, true)?);
     out.push(adamw_case(dev, false)?);
     Ok(out)

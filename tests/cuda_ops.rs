@@ -549,6 +549,161 @@ fn adamw_kernels_bit_identical_to_cpu() {
     fails.finish("adamw");
 }
 
+// ------------------------------------------------------------ LayerNorm
+
+/// LayerNorm forward and backward (x in the dtype, f32 weights) against the
+/// f64 reference on the same values. Allowances follow the kernels' f32
+/// arithmetic: a row sum of H terms (H/32 per lane, then a 5-level tree)
+/// errs by at most K·u₃₂ of the sum of magnitudes, K = 2 + H/32 + log₂H;
+/// x − μ carries |μ|·u₃₂ (so |μ|·r counts beside |x̂|); outputs round once to
+/// the dtype (2·u_dtype). The weight gradients sum CHUNK = 64 rows in order,
+/// then the chunks in order.
+fn check_layer_norm(dev: &Device, dtype: DType, rows: usize, h: usize, offset: f64) {
+    use tunefuse::ops::layer_norm;
+    let x = ((Tensor::randn(0f32, 1.5, (rows, h), dev).unwrap() + offset).unwrap())
+        .to_dtype(dtype)
+        .unwrap();
+    let x = Var::from_tensor(&x).unwrap();
+    let w = Var::from_tensor(&(Tensor::randn(0f32, 0.2, h, dev).unwrap() + 1.0).unwrap()).unwrap();
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.1, h, dev).unwrap()).unwrap();
+    let dy = Tensor::randn(0f32, 1.0, (rows, h), dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let y = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-12).unwrap();
+    let g = (y.to_dtype(DType::F32).unwrap() * dy.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let got = |t: &Tensor| to_f64(t);
+    let (gy, gdx, gdw, gdb) = (
+        got(&y),
+        got(g.get(x.as_tensor()).unwrap()),
+        got(g.get(w.as_tensor()).unwrap()),
+        got(g.get(b.as_tensor()).unwrap()),
+    );
+    // The reference on the same values, in f64.
+    let cpu = |t: &Tensor| {
+        Var::from_tensor(
+            &t.to_device(&Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let (x64, w64, b64) = (cpu(x.as_tensor()), cpu(w.as_tensor()), cpu(b.as_tensor()));
+    let dy64 = cpu(&dy);
+    let y64 = layer_norm(x64.as_tensor(), w64.as_tensor(), b64.as_tensor(), 1e-12).unwrap();
+    let g64 = (&y64 * dy64.as_tensor())
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let (ry, rdx, rdw, rdb) = (
+        to_f64(&y64),
+        to_f64(g64.get(x64.as_tensor()).unwrap()),
+        to_f64(g64.get(w64.as_tensor()).unwrap()),
+        to_f64(g64.get(b64.as_tensor()).unwrap()),
+    );
+    let (xv, wv, bv, dyv) = (
+        to_f64(x64.as_tensor()),
+        to_f64(w64.as_tensor()),
+        to_f64(b64.as_tensor()),
+        to_f64(dy64.as_tensor()),
+    );
+    let (u, ud) = (2f64.powi(-24), unit_roundoff(dtype));
+    let k = 2.0 + h as f64 / 32.0 + (h as f64).log2();
+    // Per row: r, |μ|·r + 1, mean|g|, mean(|g|·(|x̂| + |μ|r + 1)).
+    let mut xh = vec![0.0; rows * h];
+    let mut row = Vec::with_capacity(rows);
+    for i in 0..rows {
+        let xs = &xv[i * h..(i + 1) * h];
+        let mean = xs.iter().sum::<f64>() / h as f64;
+        let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / h as f64;
+        let r = 1.0 / (var + 1e-12).sqrt();
+        let off = mean.abs() * r + 1.0;
+        let (mut mg, mut mgx) = (0.0, 0.0);
+        for c in 0..h {
+            xh[i * h + c] = (xs[c] - mean) * r;
+            let gm = (dyv[i * h + c] * wv[c]).abs();
+            mg += gm / h as f64;
+            mgx += gm * (xh[i * h + c].abs() + off) / h as f64;
+        }
+        row.push((r, off, mg, mgx));
+    }
+    let tag = format!("{dtype:?} {rows}x{h} offset {offset}");
+    assert_within(
+        &format!("y {tag}"),
+        &gy,
+        &ry,
+        |i| {
+            let (_, off, _, _) = row[i / h];
+            2.0 * ud * ry[i].abs()
+                + 4.0 * k * u * (wv[i % h].abs() * (xh[i].abs() + off) + bv[i % h].abs())
+        },
+        |_| "f32 row sums, one rounding".into(),
+    );
+    assert_within(
+        &format!("dx {tag}"),
+        &gdx,
+        &rdx,
+        |i| {
+            let (r, off, mg, mgx) = row[i / h];
+            let gi = (dyv[i] * wv[i % h]).abs();
+            2.0 * ud * rdx[i].abs() + 8.0 * k * u * r * (gi + mg + (xh[i].abs() + off) * mgx)
+        },
+        |_| "f32 row sums, one rounding".into(),
+    );
+    let chunks = rows.div_ceil(64) as f64;
+    let terms = 4.0 * (64.0 + chunks + k) * u;
+    let col = |c: usize, f: &dyn Fn(usize) -> f64| (0..rows).map(|i| f(i * h + c)).sum::<f64>();
+    assert_within(
+        &format!("dw {tag}"),
+        &gdw,
+        &rdw,
+        |c| u * rdw[c].abs() + terms * col(c, &|j| dyv[j].abs() * (xh[j].abs() + row[j / h].1)),
+        |_| "chunked f32 column sums".into(),
+    );
+    assert_within(
+        &format!("db {tag}"),
+        &gdb,
+        &rdb,
+        |c| u * rdb[c].abs() + terms * col(c, &|j| dyv[j].abs()),
+        |_| "chunked f32 column sums".into(),
+    );
+}
+
+#[test]
+fn layer_norm_kernels_match_reference() {
+    let Some(dev) = cuda_device() else { return };
+    let mut fails = Failures::default();
+    let (rows, hs): (&[usize], &[usize]) = if quick() {
+        (&[1, 9, 130], &[1, 33, 384])
+    } else {
+        (
+            &[1, 7, 123, 1025, 16384],
+            &[1, 7, 33, 384, 1000, 1024, 4096],
+        )
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for &r in rows {
+            for &h in hs {
+                if r * h > 1 << 23 {
+                    continue; // the f64 reference's memory and time
+                }
+                for offset in [0.0, 30.0] {
+                    fails.check(|| check_layer_norm(&dev, dtype, r, h, offset));
+                }
+            }
+        }
+    }
+    fails.finish("layer_norm");
+}
+
 // ------------------------------------------------------------ perturbation
 
 /// Examples compared with the reference: all of a small batch, three of 32.

@@ -5,7 +5,7 @@
 //! random stream for dropout and mixout.
 use std::cell::Cell;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::Activation;
@@ -252,22 +252,15 @@ impl LayerNorm {
         })
     }
 
+    /// The fused [`crate::ops::layer_norm`] (f32 statistics, the f32
+    /// weights used as they are, y rounded once to x's dtype).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (w, b) = if self.frozen {
             (self.weight.detach(), self.bias.detach())
         } else {
             (self.weight.clone(), self.bias.clone())
         };
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let xc = x.broadcast_sub(&mean)?;
-        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = xc
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .to_dtype(dtype)?;
-        Ok(y.broadcast_mul(&w.to_dtype(dtype)?)?
-            .broadcast_add(&b.to_dtype(dtype)?)?)
+        crate::ops::layer_norm(x, &w, &b, self.eps)
     }
 }
 

@@ -3,11 +3,13 @@
 pub mod adamw;
 pub mod adapter;
 mod cpu;
+pub mod layer_norm;
 pub mod mixout;
 pub mod perturb;
 pub mod sym_kl;
 
 pub use adamw::{adamw_state, adamw_step, AdamWStep};
+pub use layer_norm::layer_norm;
 pub use mixout::{dropout, mixout, Rng};
 pub use perturb::{
     ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, Perturbation, StepMode,

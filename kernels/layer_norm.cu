@@ -1,0 +1,137 @@
+// LayerNorm over the last dimension, forward and backward, x in f32 / bf16 /
+// f16 with f32 weight and bias; every sum in f32. Semantics:
+// src/ops/layer_norm.rs (the f64 CPU reference and the formulas).
+//
+// A warp owns a row. Its statistics (two passes: the mean, then the mean of
+// squared deviations, so a large common offset does not cancel) come from one
+// function, row_stats, in every kernel, so the forward and both backward
+// kernels see the same x_hat. The weight/bias gradients are column sums over
+// rows: chunks of CHUNK rows give partial sums (in row order), then one
+// thread per column adds the partials in chunk order, so the result does not
+// depend on scheduling (no atomics).
+#include "common.cuh"
+
+namespace {
+
+constexpr int WARPS = 8;     // warps (rows) per block in the row kernels
+constexpr int CHUNK = 64;    // rows per partial sum of the weight gradients
+
+struct Stats {
+    float mean, rstd;
+};
+
+template <typename T>
+__device__ __forceinline__ Stats row_stats(const T* __restrict__ x, int h, float eps, int lane) {
+    float s = 0.f;
+    for (int c = lane; c < h; c += 32) s += tf::to_f32(x[c]);
+    const float mean = tf::warp_sum(s) / (float)h;
+    float q = 0.f;
+    for (int c = lane; c < h; c += 32) {
+        const float d = tf::to_f32(x[c]) - mean;
+        q = fmaf(d, d, q);
+    }
+    const float var = tf::warp_sum(q) / (float)h;
+    return Stats{mean, 1.f / sqrtf(var + eps)};
+}
+
+template <typename T>
+__device__ void fwd(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
+                    T* __restrict__ y, int64_t rows, int h, float eps) {
+    const int lane = threadIdx.x % 32;
+    for (int64_t r = (int64_t)blockIdx.x * WARPS + threadIdx.x / 32; r < rows;
+         r += (int64_t)gridDim.x * WARPS) {
+        const T* xr = x + r * h;
+        const Stats st = row_stats(xr, h, eps, lane);
+        T* yr = y + r * h;
+        for (int c = lane; c < h; c += 32) {
+            const float xh = (tf::to_f32(xr[c]) - st.mean) * st.rstd;
+            yr[c] = tf::from_f32<T>(fmaf(xh, w[c], b[c]));
+        }
+    }
+}
+
+// dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * w.
+template <typename T>
+__device__ void bwd_dx(const T* __restrict__ x, const float* __restrict__ w, const T* __restrict__ dy,
+                       T* __restrict__ dx, int64_t rows, int h, float eps) {
+    const int lane = threadIdx.x % 32;
+    for (int64_t r = (int64_t)blockIdx.x * WARPS + threadIdx.x / 32; r < rows;
+         r += (int64_t)gridDim.x * WARPS) {
+        const T* xr = x + r * h;
+        const T* dyr = dy + r * h;
+        const Stats st = row_stats(xr, h, eps, lane);
+        float sg = 0.f, sgx = 0.f;
+        for (int c = lane; c < h; c += 32) {
+            const float g = tf::to_f32(dyr[c]) * w[c];
+            const float xh = (tf::to_f32(xr[c]) - st.mean) * st.rstd;
+            sg += g;
+            sgx = fmaf(g, xh, sgx);
+        }
+        const float mg = tf::warp_sum(sg) / (float)h;
+        const float mgx = tf::warp_sum(sgx) / (float)h;
+        T* dxr = dx + r * h;
+        for (int c = lane; c < h; c += 32) {
+            const float g = tf::to_f32(dyr[c]) * w[c];
+            const float xh = (tf::to_f32(xr[c]) - st.mean) * st.rstd;
+            dxr[c] = tf::from_f32<T>(st.rstd * (g - mg - xh * mgx));
+        }
+    }
+}
+
+// part[chunk][c] = sum over the chunk's rows of dy * x_hat (column c), and
+// part[chunk][h + c] = sum of dy, in row order.
+template <typename T>
+__device__ void bwd_partial(const T* __restrict__ x, const T* __restrict__ dy, float* __restrict__ part,
+                            int64_t rows, int h, float eps) {
+    __shared__ Stats st[CHUNK];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int64_t first = (int64_t)blockIdx.x * CHUNK;
+    const int n = (int)min((int64_t)CHUNK, rows - first);
+    for (int i = warp; i < n; i += blockDim.x / 32) {
+        const Stats s = row_stats(x + (first + i) * h, h, eps, lane);
+        if (lane == 0) st[i] = s;
+    }
+    __syncthreads();
+    float* out = part + (int64_t)blockIdx.x * 2 * h;
+    for (int c = threadIdx.x; c < h; c += blockDim.x) {
+        float sw = 0.f, sb = 0.f;
+        for (int i = 0; i < n; ++i) {
+            const int64_t k = (first + i) * h + c;
+            const float d = tf::to_f32(dy[k]);
+            const float xh = (tf::to_f32(x[k]) - st[i].mean) * st[i].rstd;
+            sw = fmaf(d, xh, sw);
+            sb += d;
+        }
+        out[c] = sw;
+        out[h + c] = sb;
+    }
+}
+
+}  // namespace
+
+// out[j] = sum over chunks of part[chunk][j], j < 2h, in chunk order.
+extern "C" __global__ void layer_norm_bwd_reduce(const float* part, float* out, int64_t chunks, int h2) {
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < h2; j += gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (int64_t k = 0; k < chunks; ++k) s += part[k * h2 + j];
+        out[j] = s;
+    }
+}
+
+#define LN_ENTRIES(SUF, T)                                                                          \
+    extern "C" __global__ void layer_norm_fwd_##SUF(const T* x, const float* w, const float* b, T* y, \
+                                                    int64_t rows, int h, float eps) {               \
+        fwd<T>(x, w, b, y, rows, h, eps);                                                            \
+    }                                                                                               \
+    extern "C" __global__ void layer_norm_bwd_dx_##SUF(const T* x, const float* w, const T* dy,     \
+                                                       T* dx, int64_t rows, int h, float eps) {     \
+        bwd_dx<T>(x, w, dy, dx, rows, h, eps);                                                       \
+    }                                                                                               \
+    extern "C" __global__ void layer_norm_bwd_partial_##SUF(const T* x, const T* dy, float* part,    \
+                                                            int64_t rows, int h, float eps) {       \
+        bwd_partial<T>(x, dy, part, rows, h, eps);                                                   \
+    }
+
+LN_ENTRIES(f32, float)
+LN_ENTRIES(f16, __half)
+LN_ENTRIES(bf16, __nv_bfloat16)
