@@ -467,6 +467,106 @@ fn methods_change_what_they_should() {
 }
 
 #[test]
+fn regression_trains_with_squared_error_smoothness() {
+    // SST-5's 0–4 labels as scores: one-output head, MSE; SMART's penalty
+    // is the squared error of the outputs, exactly 0 with σ = η = 0 and
+    // positive otherwise; R3F and the Bregman term run on it too.
+    let reg = |name: &str, methods: &[&str]| {
+        let mut c = short(name, methods);
+        c.task = "sst5".into();
+        c.regression = true;
+        c.metric = "pearson".into();
+        c
+    };
+    let mut zero = reg("reg-smart0", &["smart"]);
+    zero.smart.sigma = 0.0;
+    zero.smart.eta = 0.0;
+    let mut smart = reg("reg-smart", &["smart"]);
+    smart.smart.sigma = 1e-2;
+    smart.bregman.mu = 1.0;
+    let r3f = reg("reg-r3f", &["r3f"]);
+    for c in [&zero, &smart, &r3f] {
+        let mut run = Run::new(c.clone()).unwrap();
+        assert!(
+            run.opt
+                .params
+                .iter()
+                .any(|p| p.name.starts_with("regressor.")),
+            "the regression head trains"
+        );
+        let s = run.fit(false, |_| ()).unwrap();
+        assert!(
+            s.last.pearson.is_finite() && s.last.mse.is_finite(),
+            "{:?}",
+            s.last
+        );
+        assert!(
+            s.last.accuracy.is_nan() && s.last.ece.is_nan(),
+            "{:?}",
+            s.last
+        );
+        assert_eq!(s.metric, "pearson");
+        // summary.json (accuracy etc. written as null) reads back.
+        let text = std::fs::read_to_string(c.output.join("summary.json")).unwrap();
+        let back: tunefuse::train::trainer::Summary = serde_json::from_str(&text).unwrap();
+        assert!(
+            (back.last.pearson - s.last.pearson).abs() <= 1e-15,
+            "{back:?}"
+        );
+        assert!(back.last.accuracy.is_nan());
+        let pens: Vec<f64> = lines(c)
+            .iter()
+            .filter_map(|l| l.get("penalty").and_then(|p| p.as_f64()))
+            .collect();
+        assert!(!pens.is_empty());
+        if c.output == zero.output {
+            assert!(pens.iter().all(|&p| p == 0.0), "{pens:?}");
+        } else {
+            assert!(pens.iter().all(|&p| p > 0.0 && p.is_finite()), "{pens:?}");
+        }
+    }
+    // Regression selects on pearson / spearman, without label smoothing.
+    let mut bad = reg("reg-bad", &["vanilla"]);
+    bad.metric = "accuracy".into();
+    assert!(bad.validate().unwrap_err().to_string().contains("pearson"));
+    let mut bad = reg("reg-bad", &["vanilla"]);
+    bad.label_smoothing = 0.1;
+    assert!(bad
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("label_smoothing"));
+    for c in [&zero, &smart, &r3f] {
+        std::fs::remove_dir_all(&c.output).ok();
+    }
+}
+
+#[test]
+fn multi_class_summary_reads_back() {
+    // F1 is undefined for SST-5's five classes (NaN, written as null):
+    // `tunefuse results` must still read the summary.
+    let mut c = short("sst5-class", &["vanilla"]);
+    c.task = "sst5".into();
+    let s = Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
+    assert!(s.last.f1.is_nan() && s.last.accuracy.is_finite());
+    let dir = c
+        .output
+        .parent()
+        .unwrap()
+        .join(format!("tunefuse-results-{}", std::process::id()));
+    let run_dir = dir.join("vanilla-s1");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    for f in ["summary.json", "config.toml"] {
+        std::fs::copy(c.output.join(f), run_dir.join(f)).unwrap();
+    }
+    let runs = tunefuse::train::report::collect(&dir).unwrap();
+    assert_eq!(runs.len(), 1);
+    assert!(runs[0].summary.last.f1.is_nan());
+    std::fs::remove_dir_all(&c.output).ok();
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn sst2_vanilla_recipe_reaches_75_percent_on_cpu() {
     // The first row of the reference runs: 1,000 sampled SST-2
     // sentences, 3 epochs, lr 1e-4, batch 16, AdamW wd 0.01, linear warm-up

@@ -98,9 +98,18 @@ struct FinetuneArgs {
     data_dir: Option<PathBuf>,
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Comma-separated: vanilla, smart, r3f, mixout, adapter, lora.
+    /// Comma-separated: vanilla, smart, r3f, freelb, mixout, adapter, lora.
     #[arg(long)]
     method: Option<String>,
+    /// Model-selection metric: accuracy, macro_f1, f1, mcc (classification);
+    /// pearson, spearman (regression).
+    #[arg(long)]
+    metric: Option<String>,
+    /// Regression on the label index as a real-valued score (e.g. SST-5's
+    /// 0–4 scale): one-output head, MSE, squared-error smoothness terms;
+    /// selects on pearson unless --metric says otherwise.
+    #[arg(long)]
+    regression: bool,
     /// A TOML file with any of the run's settings.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -149,6 +158,13 @@ fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
         cfg.train_examples = a.train_examples;
     }
     cfg.phase_times |= a.phase_times;
+    if a.regression && !cfg.regression {
+        cfg.regression = true;
+        cfg.metric = "pearson".into();
+    }
+    if let Some(m) = &a.metric {
+        cfg.metric = m.clone();
+    }
     if let Some(m) = &a.method {
         cfg.methods = m
             .split(',')
@@ -270,9 +286,14 @@ fn run(cli: Cli) -> Result<(), String> {
                 run.opt.params.len()
             );
             let s = run.fit(a.resume, progress()).map_err(|e| e.to_string())?;
+            let last = if s.last.accuracy.is_nan() {
+                s.last.brief()
+            } else {
+                format!("{}, NLL {:.4}", s.last.brief(), s.last.nll)
+            };
             println!(
-                "{}: best {} {:.4} at step {}; final dev accuracy {:.4}, ECE {:.4}, NLL {:.4} ({:.0} s)",
-                s.task, s.metric, s.best, s.best_step, s.last.accuracy, s.last.ece, s.last.nll, s.seconds
+                "{}: best {} {:.4} at step {}; final dev {last} ({:.0} s)",
+                s.task, s.metric, s.best, s.best_step, s.seconds
             );
             if let Some(phases) = &s.phase_ms {
                 println!("wall time per optimiser step, by phase (device synchronised at each):");

@@ -23,7 +23,9 @@ use super::data::{self, Dataset, Split, Task};
 use super::metrics;
 use super::optim::{clip_scale, grad_norm, AdamW, AdamWParams, Param, RecAdam, Schedule};
 use crate::error::{io_err, param_err, Result};
-use crate::model::{AdapterPlacement, Bert, ClassifierHead, Outputs, Pooling, TextTokenizer};
+use crate::model::{
+    AdapterPlacement, Bert, ClassifierHead, Outputs, Pooling, RegressionHead, TextTokenizer,
+};
 use crate::ops::mixout::Rng;
 use crate::ops::perturb::{
     ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode,
@@ -210,6 +212,12 @@ pub struct Config {
     /// The synchronisations remove the overlap of host and device work, so
     /// the run gets slower: for finding where the time goes, not for timing.
     pub phase_times: bool,
+    /// Regression instead of classification: each example's label index
+    /// becomes a real-valued target (SST-5's 0–4 sentiment scale, say), the
+    /// head has one output and the loss is the mean squared error; SMART,
+    /// R3F and the Bregman term then measure squared error instead of KL
+    /// (SMART's regression form). Select on `pearson` or `spearman`.
+    pub regression: bool,
 }
 
 impl Default for Config {
@@ -259,6 +267,7 @@ impl Default for Config {
             precision: "auto".into(),
             stop_after: None,
             phase_times: false,
+            regression: false,
         }
     }
 }
@@ -267,6 +276,7 @@ const METHODS: [&str; 7] = [
     "vanilla", "smart", "r3f", "freelb", "mixout", "adapter", "lora",
 ];
 const SELECT: [&str; 4] = ["accuracy", "macro_f1", "f1", "mcc"];
+const SELECT_REGRESSION: [&str; 2] = ["pearson", "spearman"];
 
 impl Config {
     pub fn has(&self, m: &str) -> bool {
@@ -313,9 +323,19 @@ impl Config {
                 self.bregman
             ));
         }
-        if !SELECT.contains(&self.metric.as_str()) {
+        if self.regression {
+            if !SELECT_REGRESSION.contains(&self.metric.as_str()) {
+                return bad(format!(
+                    "regression selects on {SELECT_REGRESSION:?}, got metric {:?}",
+                    self.metric
+                ));
+            }
+            if self.label_smoothing > 0.0 {
+                return bad("label_smoothing applies to classification, not regression".into());
+            }
+        } else if !SELECT.contains(&self.metric.as_str()) {
             return bad(format!(
-                "unknown metric {:?} (one of {SELECT:?})",
+                "unknown metric {:?} (one of {SELECT:?}; {SELECT_REGRESSION:?} with regression)",
                 self.metric
             ));
         }
@@ -444,27 +464,116 @@ impl Config {
     }
 }
 
-/// Evaluation results.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// f64 values that may be NaN (a metric undefined for the run, e.g. F1 of a
+/// multi-class task or accuracy of a regression): JSON has no NaN, so it is
+/// written as `null` and read back as NaN.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_nan() {
+            s.serialize_none()
+        } else {
+            s.serialize_f64(*v)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
+/// Evaluation results: the classification metrics (NaN for regression)
+/// and the regression ones (NaN for classification; absent from older
+/// summaries). Two evaluations are equal when every value has the same
+/// bits (so NaN, "undefined", equals NaN).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Eval {
+    #[serde(with = "nan_as_null")]
     pub accuracy: f64,
+    #[serde(with = "nan_as_null")]
     pub macro_f1: f64,
+    #[serde(with = "nan_as_null")]
     pub f1: f64,
+    #[serde(with = "nan_as_null")]
     pub mcc: f64,
+    #[serde(with = "nan_as_null")]
     pub nll: f64,
+    #[serde(with = "nan_as_null")]
     pub brier: f64,
+    #[serde(with = "nan_as_null")]
     pub ece: f64,
+    #[serde(with = "nan_as_null", default = "nan")]
+    pub pearson: f64,
+    #[serde(with = "nan_as_null", default = "nan")]
+    pub spearman: f64,
+    #[serde(with = "nan_as_null", default = "nan")]
+    pub mse: f64,
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+impl PartialEq for Eval {
+    fn eq(&self, o: &Self) -> bool {
+        let v = |e: &Eval| {
+            [
+                e.accuracy, e.macro_f1, e.f1, e.mcc, e.nll, e.brier, e.ece, e.pearson, e.spearman,
+                e.mse,
+            ]
+            .map(f64::to_bits)
+        };
+        v(self) == v(o)
+    }
 }
 
 impl Eval {
+    /// Every metric NaN (undefined).
+    fn undefined() -> Self {
+        Self {
+            accuracy: f64::NAN,
+            macro_f1: f64::NAN,
+            f1: f64::NAN,
+            mcc: f64::NAN,
+            nll: f64::NAN,
+            brier: f64::NAN,
+            ece: f64::NAN,
+            pearson: f64::NAN,
+            spearman: f64::NAN,
+            mse: f64::NAN,
+        }
+    }
+
+    /// One line for logs: the classification or the regression metrics.
+    pub fn brief(&self) -> String {
+        if self.accuracy.is_nan() && !self.pearson.is_nan() {
+            format!(
+                "Pearson {:.4}, Spearman {:.4}, MSE {:.4}",
+                self.pearson, self.spearman, self.mse
+            )
+        } else {
+            format!("accuracy {:.4}, ECE {:.4}", self.accuracy, self.ece)
+        }
+    }
+
     fn get(&self, m: &str) -> f64 {
         match m {
             "macro_f1" => self.macro_f1,
             "f1" => self.f1,
             "mcc" => self.mcc,
+            "pearson" => self.pearson,
+            "spearman" => self.spearman,
             _ => self.accuracy,
         }
     }
+}
+
+/// The prediction head: class logits `[B, C]`, or one value per example
+/// `[B]` for regression.
+pub enum Head {
+    Classifier(ClassifierHead),
+    Regressor(RegressionHead),
 }
 
 /// The trainer's own state, saved with every checkpoint.
@@ -486,7 +595,7 @@ struct State {
 pub struct Run {
     pub cfg: Config,
     pub bert: Bert,
-    pub head: ClassifierHead,
+    pub head: Head,
     pub varmap: VarMap,
     pub tok: TextTokenizer,
     pub opt: AdamW,
@@ -583,15 +692,26 @@ impl Run {
             let t: Vec<&str> = cfg.lora_targets.iter().map(String::as_str).collect();
             bert.add_lora(&varmap, &t, cfg.lora_r, cfg.lora_alpha)?;
         }
-        let head = ClassifierHead::new(
-            &varmap,
-            bert.config.hidden_size,
-            train.labels.len(),
-            cfg.pooling()?,
-            dropout,
-            DType::F32,
-            &device,
-        )?;
+        let head = if cfg.regression {
+            Head::Regressor(RegressionHead::new(
+                &varmap,
+                bert.config.hidden_size,
+                cfg.pooling()?,
+                dropout,
+                DType::F32,
+                &device,
+            )?)
+        } else {
+            Head::Classifier(ClassifierHead::new(
+                &varmap,
+                bert.config.hidden_size,
+                train.labels.len(),
+                cfg.pooling()?,
+                dropout,
+                DType::F32,
+                &device,
+            )?)
+        };
         init_new_params(&varmap, &pretrained, cfg.seed)?;
         let layers = bert.layers.len();
         let params = {
@@ -606,6 +726,7 @@ impl Run {
                             || n.contains("adapter")
                             || n.contains("lora_")
                             || n.starts_with("classifier.")
+                            || n.starts_with("regressor.")
                             || (cfg.peft_layernorm && n.contains("LayerNorm")))
                 })
                 .map(|n| Param {
@@ -664,12 +785,21 @@ impl Run {
             .map(|&i| (ds.examples[i].text.as_str(), ds.examples[i].pair.as_deref()))
             .collect();
         let b = self.tok.batch(&texts, &self.device)?;
-        let labels = Tensor::new(
-            idx.iter()
-                .map(|&i| ds.examples[i].label as u32)
-                .collect::<Vec<_>>(),
-            &self.device,
-        )?;
+        let labels = if self.cfg.regression {
+            Tensor::new(
+                idx.iter()
+                    .map(|&i| ds.examples[i].label as f32)
+                    .collect::<Vec<_>>(),
+                &self.device,
+            )?
+        } else {
+            Tensor::new(
+                idx.iter()
+                    .map(|&i| ds.examples[i].label as u32)
+                    .collect::<Vec<_>>(),
+                &self.device,
+            )?
+        };
         Ok(Batch {
             ids: b.ids,
             types: b.token_types,
@@ -683,7 +813,37 @@ impl Run {
             .bert
             .forward_from_embeddings(embeds, mask, Outputs::default())?
             .last_hidden;
-        self.head.forward(&h, mask, &self.bert.stream)
+        match &self.head {
+            Head::Classifier(c) => c.forward(&h, mask, &self.bert.stream),
+            Head::Regressor(r) => r.forward(&h, mask, &self.bert.stream),
+        }
+    }
+
+    /// The task loss: cross-entropy (with label smoothing), or the mean
+    /// squared error for regression.
+    fn task_loss(&self, out: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        if self.cfg.regression {
+            squared_error(out, labels)
+        } else {
+            cross_entropy(out, labels, self.cfg.label_smoothing)
+        }
+    }
+
+    /// The smoothness divergence between outputs `a` and `b`: the symmetric
+    /// KL of the fused op (gradients as `grad` says, the op's expected
+    /// incoming gradient `weight`) for classification; the mean squared
+    /// error for regression (its gradient, 2(a − b)/B and the opposite,
+    /// is what both gradient modes give there).
+    fn divergence(&self, a: &Tensor, b: &Tensor, grad: SymKlGrad, weight: f64) -> Result<Tensor> {
+        if self.cfg.regression {
+            return squared_error(a, b);
+        }
+        let opts = SymKlOptions {
+            grad,
+            expected_grad: weight as f32,
+            ..Default::default()
+        };
+        sym_kl(a, b, &opts)
     }
 
     /// Logits of θ̃ (Bregman proximal point): the parameters are swapped in
@@ -739,12 +899,7 @@ impl Run {
                     }
                 };
                 let mu = self.cfg.bregman.mu;
-                let opts = SymKlOptions {
-                    grad: SymKlGrad::Detached,
-                    expected_grad: mu as f32,
-                    ..Default::default()
-                };
-                let prox = sym_kl(&logits, &t, &opts)?;
+                let prox = self.divergence(&logits, &t, SymKlGrad::Detached, mu)?;
                 Ok(((loss + (prox * mu)?)?, pen))
             }
         }
@@ -759,7 +914,7 @@ impl Run {
             return Ok((l, p, None));
         }
         let logits = self.logits(&embeds, &b.mask)?;
-        let task = cross_entropy(&logits, &b.labels, self.cfg.label_smoothing)?;
+        let task = self.task_loss(&logits, &b.labels)?;
         let (bsz, len, hid) = embeds.dims3()?;
         let shape = [bsz, len, hid];
         if self.cfg.has("smart") && self.cfg.smart.lambda > 0.0 {
@@ -779,7 +934,11 @@ impl Run {
                 let _r = crate::nvtx::range("smart ascent step");
                 let d = candle_core::Var::from_tensor(&delta)?;
                 let adv = self.logits(&(embeds.detach() + d.as_tensor())?, &b.mask)?;
-                let inner = kl(&adv, &target, Reduction::BatchMean, None)?;
+                let inner = if self.cfg.regression {
+                    squared_error(&adv, &target)?
+                } else {
+                    kl(&adv, &target, Reduction::BatchMean, None)?
+                };
                 let g = inner
                     .backward()?
                     .get(d.as_tensor())
@@ -795,12 +954,7 @@ impl Run {
             if finite {
                 let adv = self.logits(&(&embeds + delta.detach())?, &b.mask)?;
                 let lam = s.lambda;
-                let opts = SymKlOptions {
-                    grad: SymKlGrad::Detached,
-                    expected_grad: lam as f32,
-                    ..Default::default()
-                };
-                let pen = sym_kl(&adv, &logits, &opts)?;
+                let pen = self.divergence(&adv, &logits, SymKlGrad::Detached, lam)?;
                 let v = pen.detach();
                 return Ok(((task + (pen * lam)?)?, Some(v), Some(logits)));
             }
@@ -819,12 +973,7 @@ impl Run {
             self.noise.offset += crate::philox::counters_for(delta.elem_count());
             let adv = self.logits(&(&embeds + delta)?, &b.mask)?;
             let lam = r.lambda;
-            let opts = SymKlOptions {
-                grad: SymKlGrad::Full,
-                expected_grad: lam as f32,
-                ..Default::default()
-            };
-            let pen = sym_kl(&adv, &logits, &opts)?;
+            let pen = self.divergence(&adv, &logits, SymKlGrad::Full, lam)?;
             let v = pen.detach();
             return Ok(((task + (pen * lam)?)?, Some(v), Some(logits)));
         }
@@ -860,8 +1009,7 @@ impl Run {
             let _r = crate::nvtx::range("freelb ascent step");
             let d = candle_core::Var::from_tensor(&delta)?;
             let logits = self.logits(&(embeds + d.as_tensor())?, &b.mask)?;
-            let loss =
-                (cross_entropy(&logits, &b.labels, self.cfg.label_smoothing)? / f.steps as f64)?;
+            let loss = (self.task_loss(&logits, &b.labels)? / f.steps as f64)?;
             if k + 1 < f.steps {
                 let g = loss
                     .backward()?
@@ -878,7 +1026,8 @@ impl Run {
         Ok((total.expect("freelb steps >= 1"), None))
     }
 
-    /// Class probabilities on a dataset (eval mode).
+    /// Class probabilities on a dataset (eval mode); for regression, one
+    /// predicted value per example.
     pub fn predict(&self, ds: &Dataset) -> Result<Vec<Vec<f64>>> {
         let was = self.bert.stream.train();
         self.bert.stream.set_train(false);
@@ -887,18 +1036,41 @@ impl Run {
         for chunk in idx.chunks(64) {
             let b = self.batch(ds, chunk)?;
             let embeds = self.bert.forward_embeddings(&b.ids, Some(&b.types))?;
-            let p = candle_nn::ops::softmax_last_dim(
-                &self.logits(&embeds, &b.mask)?.to_dtype(DType::F32)?,
-            )?;
+            let out_b = self.logits(&embeds, &b.mask)?.to_dtype(DType::F32)?;
+            let p = if self.cfg.regression {
+                out_b.unsqueeze(1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&out_b)?
+            };
             out.extend(p.to_dtype(DType::F64)?.to_vec2::<f64>()?);
         }
         self.bert.stream.set_train(was);
         Ok(out)
     }
 
-    pub fn evaluate(&self, ds: &Dataset) -> Result<(Eval, metrics::Calibration)> {
+    /// Metrics on a dataset, and the reliability table (classification).
+    pub fn evaluate(&self, ds: &Dataset) -> Result<(Eval, Option<metrics::Calibration>)> {
         let probs = self.predict(ds)?;
         let labels: Vec<usize> = ds.examples.iter().map(|e| e.label).collect();
+        if self.cfg.regression {
+            let pred: Vec<f64> = probs.iter().map(|p| p[0]).collect();
+            let target: Vec<f64> = labels.iter().map(|&l| l as f64).collect();
+            let mse = pred
+                .iter()
+                .zip(&target)
+                .map(|(p, t)| (p - t) * (p - t))
+                .sum::<f64>()
+                / pred.len() as f64;
+            return Ok((
+                Eval {
+                    pearson: metrics::pearson(&pred, &target)?,
+                    spearman: metrics::spearman(&pred, &target)?,
+                    mse,
+                    ..Eval::undefined()
+                },
+                None,
+            ));
+        }
         let preds: Vec<usize> = probs
             .iter()
             .map(|p| {
@@ -924,8 +1096,9 @@ impl Run {
                 nll: metrics::nll(&probs, &labels)?,
                 brier: metrics::brier(&probs, &labels)?,
                 ece: cal.ece,
+                ..Eval::undefined()
             },
-            cal,
+            Some(cal),
         ))
     }
 
@@ -1123,8 +1296,10 @@ impl Run {
                     msg(
                         &mut on,
                         &format!(
-                            "eval step {}: {} {score:.4}, accuracy {:.4}, ECE {:.4}",
-                            st.step, self.cfg.metric, ev.accuracy, ev.ece
+                            "eval step {}: {} {score:.4}, {}",
+                            st.step,
+                            self.cfg.metric,
+                            ev.brief()
                         ),
                     );
                     if st.best.is_none_or(|b| score > b) {
@@ -1132,16 +1307,18 @@ impl Run {
                         st.best_step = st.step;
                         st.evals_since_best = 0;
                         self.save_params(&out.join("best"))?;
-                        std::fs::write(
-                            out.join("best_calibration.json"),
-                            serde_json::to_string_pretty(&cal).unwrap(),
-                        )
-                        .map_err(|e| io_err(&out, e))?;
-                        metrics::plot_reliability(
-                            &out.join("reliability"),
-                            &cal,
-                            &format!("{} {}", self.cfg.task, self.cfg.eval_split),
-                        )?;
+                        if let Some(cal) = &cal {
+                            std::fs::write(
+                                out.join("best_calibration.json"),
+                                serde_json::to_string_pretty(cal).unwrap(),
+                            )
+                            .map_err(|e| io_err(&out, e))?;
+                            metrics::plot_reliability(
+                                &out.join("reliability"),
+                                cal,
+                                &format!("{} {}", self.cfg.task, self.cfg.eval_split),
+                            )?;
+                        }
                     } else {
                         st.evals_since_best += 1;
                         if self.cfg.patience.is_some_and(|p| st.evals_since_best >= p) {
@@ -1378,6 +1555,12 @@ fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> 
     Ok(())
 }
 
+/// Mean over the batch of `(a − b)²` (f32), for outputs `[B]`.
+pub fn squared_error(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?;
+    Ok(d.sqr()?.mean_all()?)
+}
+
 /// Mean cross-entropy with label smoothing ε: (1 − ε)·NLL + ε·mean(−log p).
 pub fn cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<Tensor> {
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
@@ -1440,6 +1623,7 @@ pub struct Summary {
     pub methods: Vec<String>,
     pub steps: u64,
     pub best_step: u64,
+    #[serde(with = "nan_as_null")]
     pub best: f64,
     pub metric: String,
     /// Evaluation of the final weights.
