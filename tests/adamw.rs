@@ -5,21 +5,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
+use tunefuse::bench::adamw_composed;
 use tunefuse::ops::{adamw_state, adamw_step, AdamWStep};
 use tunefuse::train::optim::{clip_scale, grad_norm, AdamW, AdamWParams, Param, RecAdam};
-
-/// The composed update the fused op replaced: the oracle it must equal.
-fn composed(
-    theta: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    g: &Tensor,
-    k: Option<&Tensor>,
-    anchor: Option<&Tensor>,
-    c: &AdamWStep,
-) -> (Tensor, Tensor, Tensor) {
-    tunefuse::bench::adamw_composed(theta, m, v, g, k, anchor, c).unwrap()
-}
 
 fn bits(t: &Tensor) -> Vec<u64> {
     match t.dtype() {
@@ -70,20 +58,10 @@ fn fused_step_equals_the_composed_update_bit_for_bit() {
                     let g = common::tensor(&g, shape, dtype, &Device::Cpu);
                     let k =
                         scale.then(|| Tensor::new(0.37f64 + 0.1 * t as f64, &Device::Cpu).unwrap());
-                    let lam = 1.0 / (1.0 + (-0.5f64 * (t as f64 - 2.0)).exp());
-                    let c = AdamWStep {
-                        beta1: 0.9,
-                        beta2: 0.999,
-                        eps: 1e-8,
-                        c1: 1.0 - 0.9f64.powi(t),
-                        c2: 1.0 - 0.999f64.powi(t),
-                        lr: 3e-4 * t as f64,
-                        decay: decay.then_some(3e-4 * t as f64 * 0.01),
-                        recadam: recadam.then_some((lam, (1.0 - lam) * 5000.0)),
-                    };
+                    let c = common::adamw_test_step(t, decay, recadam);
                     let a = recadam.then_some(&anchor);
                     adamw_step(fused_p.as_tensor(), &state, &g, k.as_ref(), a, &c).unwrap();
-                    (cp, cm, cv) = composed(&cp, &cm, &cv, &g, k.as_ref(), a, &c);
+                    (cp, cm, cv) = adamw_composed(&cp, &cm, &cv, &g, k.as_ref(), a, &c).unwrap();
                     let what = format!("{dtype:?} {shape:?} variant {variant} step {t}");
                     assert_eq!(bits(fused_p.as_tensor()), bits(&cp), "parameter, {what}");
                     assert_eq!(bits(&state.get(0).unwrap()), bits(&cm), "m, {what}");
@@ -115,7 +93,7 @@ fn a_view_is_updated_in_place_and_nothing_else() {
         decay: None,
         recadam: None,
     };
-    let (want, _, _) = composed(
+    let (want, _, _) = adamw_composed(
         &view.copy().unwrap(),
         &Tensor::zeros(9, DType::F32, &Device::Cpu).unwrap(),
         &Tensor::zeros(9, DType::F32, &Device::Cpu).unwrap(),
@@ -123,7 +101,8 @@ fn a_view_is_updated_in_place_and_nothing_else() {
         None,
         None,
         &c,
-    );
+    )
+    .unwrap();
     adamw_step(&view, &state, &g, None, None, &c).unwrap();
     let after = big.as_tensor().to_vec1::<f32>().unwrap();
     assert_eq!(&after[..3], &before[..3]);
@@ -207,7 +186,8 @@ fn optimiser_with_clipping_equals_the_composed_update() {
                 decay: (i != 1).then_some(lr_i * 0.01),
                 recadam: (i < 2).then_some((lam, (1.0 - lam) * rec.gamma)),
             };
-            oracle[i] = composed(th, m, vv, g, Some(&k), (i < 2).then(|| &anchors[i]), &c);
+            oracle[i] =
+                adamw_composed(th, m, vv, g, Some(&k), (i < 2).then(|| &anchors[i]), &c).unwrap();
             assert_eq!(bits(v.as_tensor()), bits(&oracle[i].0), "p{i} step {t}");
         }
     }

@@ -457,7 +457,7 @@ fn bit_patterns(t: &Tensor) -> Vec<u64> {
 
 #[test]
 fn adamw_kernels_bit_identical_to_cpu() {
-    use tunefuse::ops::{adamw_state, adamw_step, AdamWStep};
+    use tunefuse::ops::{adamw_state, adamw_step};
     let Some(dev) = cuda_device() else { return };
     let mut fails = Failures::default();
     let sizes: &[usize] = if quick() {
@@ -503,17 +503,7 @@ fn adamw_kernels_bit_identical_to_cpu() {
                         let cg = g.to_device(&Device::Cpu).unwrap();
                         let k = Tensor::new(0.37f64 + 0.1 * t as f64, &dev).unwrap();
                         let ck = k.to_device(&Device::Cpu).unwrap();
-                        let lam = 1.0 / (1.0 + (-0.5f64 * (t as f64 - 2.0)).exp());
-                        let c = AdamWStep {
-                            beta1: 0.9,
-                            beta2: 0.999,
-                            eps: 1e-8,
-                            c1: 1.0 - 0.9f64.powi(t),
-                            c2: 1.0 - 0.999f64.powi(t),
-                            lr: 3e-4 * t as f64,
-                            decay: decay.then_some(3e-6 * t as f64),
-                            recadam: recadam.then_some((lam, (1.0 - lam) * 5000.0)),
-                        };
+                        let c = adamw_test_step(t, decay, recadam);
                         adamw_step(
                             &p,
                             &state,
@@ -692,7 +682,7 @@ fn layer_norm_kernels_match_reference() {
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for &r in rows {
             for &h in hs {
-                if r * h > 1 << 23 {
+                if r * h > 1 << 22 {
                     continue; // the f64 reference's memory and time
                 }
                 for offset in [0.0, 30.0] {

@@ -344,113 +344,69 @@ fn scalar<T: WithDType>((s, l): (&CpuStorage, &Layout)) -> candle_core::Result<T
     Ok(contiguous(s.as_slice::<T>()?, l)?[0])
 }
 
-impl InplaceOp2 for Moments {
-    fn name(&self) -> &'static str {
-        "tunefuse-adamw-moments"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        self.cpu(dst, dl, (g, gl), None)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        dl: &Layout,
-        g: &candle_core::CudaStorage,
-        gl: &Layout,
-    ) -> candle_core::Result<()> {
-        cuda::moments(&self.0, dst, dl, (g, gl), None)
-    }
+/// Both arities of an in-place op whose last source is optional (the
+/// scale of `Moments`, the anchor of `Update`): `InplaceOp2` without it,
+/// `InplaceOp3` with it, each calling the type's `cpu` / `cuda` function.
+macro_rules! optional_source_op {
+    ($ty:ident, $name:literal, $cuda:path) => {
+        impl InplaceOp2 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                dst: &mut CpuStorage,
+                dl: &Layout,
+                a: &CpuStorage,
+                al: &Layout,
+            ) -> candle_core::Result<()> {
+                self.cpu(dst, dl, (a, al), None)
+            }
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                dst: &mut candle_core::CudaStorage,
+                dl: &Layout,
+                a: &candle_core::CudaStorage,
+                al: &Layout,
+            ) -> candle_core::Result<()> {
+                $cuda(&self.0, dst, dl, (a, al), None)
+            }
+        }
+
+        impl InplaceOp3 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                dst: &mut CpuStorage,
+                dl: &Layout,
+                a: &CpuStorage,
+                al: &Layout,
+                b: &CpuStorage,
+                bl: &Layout,
+            ) -> candle_core::Result<()> {
+                self.cpu(dst, dl, (a, al), Some((b, bl)))
+            }
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                dst: &mut candle_core::CudaStorage,
+                dl: &Layout,
+                a: &candle_core::CudaStorage,
+                al: &Layout,
+                b: &candle_core::CudaStorage,
+                bl: &Layout,
+            ) -> candle_core::Result<()> {
+                $cuda(&self.0, dst, dl, (a, al), Some((b, bl)))
+            }
+        }
+    };
 }
 
-impl InplaceOp3 for Moments {
-    fn name(&self) -> &'static str {
-        "tunefuse-adamw-moments"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-        s: &CpuStorage,
-        sl: &Layout,
-    ) -> candle_core::Result<()> {
-        self.cpu(dst, dl, (g, gl), Some((s, sl)))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        dl: &Layout,
-        g: &candle_core::CudaStorage,
-        gl: &Layout,
-        s: &candle_core::CudaStorage,
-        sl: &Layout,
-    ) -> candle_core::Result<()> {
-        cuda::moments(&self.0, dst, dl, (g, gl), Some((s, sl)))
-    }
-}
-
-impl InplaceOp2 for Update {
-    fn name(&self) -> &'static str {
-        "tunefuse-adamw-update"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        mv: &CpuStorage,
-        ml: &Layout,
-    ) -> candle_core::Result<()> {
-        self.cpu(dst, dl, (mv, ml), None)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        dl: &Layout,
-        mv: &candle_core::CudaStorage,
-        ml: &Layout,
-    ) -> candle_core::Result<()> {
-        cuda::update(&self.0, dst, dl, (mv, ml), None)
-    }
-}
-
-impl InplaceOp3 for Update {
-    fn name(&self) -> &'static str {
-        "tunefuse-adamw-update"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        mv: &CpuStorage,
-        ml: &Layout,
-        a: &CpuStorage,
-        al: &Layout,
-    ) -> candle_core::Result<()> {
-        self.cpu(dst, dl, (mv, ml), Some((a, al)))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        dl: &Layout,
-        mv: &candle_core::CudaStorage,
-        ml: &Layout,
-        a: &candle_core::CudaStorage,
-        al: &Layout,
-    ) -> candle_core::Result<()> {
-        cuda::update(&self.0, dst, dl, (mv, ml), Some((a, al)))
-    }
-}
+optional_source_op!(Moments, "tunefuse-adamw-moments", cuda::moments);
+optional_source_op!(Update, "tunefuse-adamw-update", cuda::update);
 
 #[cfg(feature = "cuda")]
 mod cuda {

@@ -269,3 +269,21 @@ impl Failures {
         );
     }
 }
+
+/// AdamW constants of step `t` (1-based; β₁ 0.9, β₂ 0.999, ε 1e-8, lr
+/// 3e-4·t), with weight decay 0.01 and RecAdam's λ(t) (k 0.5, t₀ 2, γ 5000)
+/// when asked: the steps the AdamW tests take.
+pub fn adamw_test_step(t: i32, decay: bool, recadam: bool) -> tunefuse::ops::AdamWStep {
+    let lr = 3e-4 * t as f64;
+    let lam = 1.0 / (1.0 + (-0.5f64 * (t as f64 - 2.0)).exp());
+    tunefuse::ops::AdamWStep {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        c1: 1.0 - 0.9f64.powi(t),
+        c2: 1.0 - 0.999f64.powi(t),
+        lr,
+        decay: decay.then_some(lr * 0.01),
+        recadam: recadam.then_some((lam, (1.0 - lam) * 5000.0)),
+    }
+}
