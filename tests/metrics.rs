@@ -209,6 +209,29 @@ fn results_table_aggregates_seeds() {
         t.contains("| lora | 3 | 75.0 ± — | 0.050 ± — | 75.0 | 30 s |"),
         "{t}"
     );
+    // Regression runs (no accuracy, a Pearson) get their own table.
+    let d = dir.join("reg-s1");
+    std::fs::create_dir_all(&d).unwrap();
+    let summary = serde_json::json!({
+        "task": "sst5", "methods": ["vanilla"], "steps": 10, "best_step": 10, "best": 0.667,
+        "metric": "pearson", "train_examples": 100, "seconds": 90.0,
+        "last": {"accuracy": null, "macro_f1": null, "f1": null, "mcc": null, "nll": null,
+                 "brier": null, "ece": null, "pearson": 0.667, "spearman": 0.67, "mse": 0.98},
+    });
+    std::fs::write(d.join("summary.json"), summary.to_string()).unwrap();
+    std::fs::write(d.join("config.toml"), "epochs = 3\n").unwrap();
+    let t = table(&collect(&dir).unwrap());
+    let (class, reg) = t.split_once("\n\n").expect("two tables");
+    assert!(
+        class.contains("| smart | 1, 2 |") && !class.contains("reg"),
+        "{t}"
+    );
+    assert!(reg.starts_with("| run | seeds | dev Pearson"), "{t}");
+    assert!(
+        reg.contains("| reg | 1 | 0.667 ± — | 0.980 ± — | 0.667 | 30 s |"),
+        "{t}"
+    );
+    std::fs::remove_dir_all(&d).unwrap();
     // A folder not named <label>-s<seed> is an error naming it.
     run("oops", 0.5, 0.1, 1.0);
     let e = collect(&dir).unwrap_err().to_string();

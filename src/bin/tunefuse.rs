@@ -69,7 +69,8 @@ enum Cmd {
         dtype: String,
     },
     /// The results table of a grid of fine-tuning runs (scripts/results.sh):
-    /// mean ± std over seeds of dev accuracy and ECE per method.
+    /// mean ± std over seeds of dev accuracy and ECE per method (Pearson and
+    /// MSE, in a second table, for regression runs).
     Results {
         /// Folders of runs named `<method>-s<seed>`.
         #[arg(required = true)]

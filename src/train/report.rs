@@ -2,7 +2,8 @@
 //! the subfolders `<label>-s<seed>` of DIR holding a `summary.json` (and the
 //! `config.toml` the run resolved); one row per label with the mean ± sample
 //! standard deviation over its seeds of the final dev accuracy and ECE (— for
-//! a single seed), and the mean wall time per epoch.
+//! a single seed), and the mean wall time per epoch; regression runs get a
+//! second table with Pearson and MSE instead.
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -68,36 +69,72 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-/// The markdown table: label, seeds, dev accuracy (%) and ECE as mean ± std,
-/// each seed's accuracy, and wall time per epoch.
+/// The markdown tables: for classification runs, label, seeds, dev
+/// accuracy (%) and ECE as mean ± std, each seed's accuracy and wall time per
+/// epoch; for regression runs (a label whose runs have a Pearson and no
+/// accuracy) a second table with dev Pearson and MSE in their place.
 pub fn table(runs: &[RunResult]) -> String {
     let mut by: BTreeMap<&str, Vec<&RunResult>> = BTreeMap::new();
     for r in runs {
         by.entry(&r.label).or_default().push(r);
     }
-    let mut s = String::from(
-        "| run | seeds | dev accuracy % (mean ± std) | dev ECE (mean ± std) | accuracy per seed | wall time / epoch |\n\
-         |---|---|---|---|---|---|\n",
-    );
-    for (label, rs) in by {
-        let acc: Vec<f64> = rs.iter().map(|r| 100.0 * r.summary.last.accuracy).collect();
-        let ece: Vec<f64> = rs.iter().map(|r| r.summary.last.ece).collect();
+    let is_regression = |rs: &[&RunResult]| {
+        rs.iter()
+            .all(|r| r.summary.last.accuracy.is_nan() && !r.summary.last.pearson.is_nan())
+    };
+    let (reg, class): (Vec<_>, Vec<_>) = by.into_iter().partition(|(_, rs)| is_regression(rs));
+    let mut s = String::new();
+    if !class.is_empty() {
+        s += &rows(
+            "| run | seeds | dev accuracy % (mean ± std) | dev ECE (mean ± std) | accuracy per seed | wall time / epoch |",
+            &class,
+            |r| (100.0 * r.summary.last.accuracy, r.summary.last.ece),
+            (1, 3),
+        );
+    }
+    if !reg.is_empty() {
+        if !s.is_empty() {
+            s.push('\n');
+        }
+        s += &rows(
+            "| run | seeds | dev Pearson (mean ± std) | dev MSE (mean ± std) | Pearson per seed | wall time / epoch |",
+            &reg,
+            |r| (r.summary.last.pearson, r.summary.last.mse),
+            (3, 3),
+        );
+    }
+    s
+}
+
+/// One table: a row per label with the mean ± std of the two values `f`
+/// gives per run (printed with `digits` decimals), the first per seed, and
+/// the mean wall time per epoch.
+fn rows(
+    header: &str,
+    labels: &[(&str, Vec<&RunResult>)],
+    f: impl Fn(&RunResult) -> (f64, f64),
+    digits: (usize, usize),
+) -> String {
+    let (d1, d2) = digits;
+    let mut s = format!("{header}\n|---|---|---|---|---|---|\n");
+    for (label, rs) in labels {
+        let (first, second): (Vec<f64>, Vec<f64>) = rs.iter().map(|r| f(r)).unzip();
         let per_epoch: Vec<f64> = rs
             .iter()
             .map(|r| r.summary.seconds / r.epochs as f64)
             .collect();
-        let (am, asd) = mean_std(&acc);
-        let (em, esd) = mean_std(&ece);
+        let (m1, sd1) = mean_std(&first);
+        let (m2, sd2) = mean_std(&second);
         // One seed has no spread to report.
-        let (asd, esd) = if rs.len() < 2 {
+        let (sd1, sd2) = if rs.len() < 2 {
             ("—".to_string(), "—".to_string())
         } else {
-            (format!("{asd:.1}"), format!("{esd:.3}"))
+            (format!("{sd1:.d1$}"), format!("{sd2:.d2$}"))
         };
         let seeds: Vec<String> = rs.iter().map(|r| r.seed.to_string()).collect();
-        let each: Vec<String> = acc.iter().map(|a| format!("{a:.1}")).collect();
+        let each: Vec<String> = first.iter().map(|a| format!("{a:.d1$}")).collect();
         s += &format!(
-            "| {label} | {} | {am:.1} ± {asd} | {em:.3} ± {esd} | {} | {:.0} s |\n",
+            "| {label} | {} | {m1:.d1$} ± {sd1} | {m2:.d2$} ± {sd2} | {} | {:.0} s |\n",
             seeds.join(", "),
             each.join(" / "),
             mean_std(&per_epoch).0
