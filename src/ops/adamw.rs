@@ -177,14 +177,23 @@ pub fn adamw_step(
     };
     // Both in-place destinations must own their memory: checked before
     // either is written, so a refused call changes nothing.
-    let others = [Some(&grad), scale.as_ref(), anchor.as_ref()];
-    for (dst, name) in [(param, "parameter"), (state, "state")] {
-        let shared = others
+    let addrs: Vec<usize> = [
+        Some(param),
+        Some(state),
+        Some(&grad),
+        scale.as_ref(),
+        anchor.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(storage_addr)
+    .collect();
+    for (i, name) in ["parameter", "state"].into_iter().enumerate() {
+        if addrs
             .iter()
-            .flatten()
-            .chain([if name == "state" { param } else { state }].iter())
-            .any(|t| storage_addr(t) == storage_addr(dst));
-        if shared {
+            .enumerate()
+            .any(|(j, &a)| j != i && a == addrs[i])
+        {
             return Err(param_err(
                 OP,
                 format!("the {name} shares memory with another operand; it is updated in place"),
@@ -284,74 +293,99 @@ fn slice_mut<'a, T: WithDType>(v: &'a mut [T], l: &Layout) -> candle_core::Resul
 
 use super::cpu::contiguous;
 
+/// One in-place pass of the step: `dst` updated from a source and an
+/// optional second one, all in the parameter's dtype. (The kernel items are
+/// used by the `cuda` feature only.)
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+trait Pass {
+    /// The candle op's name and the kernel's (without the dtype suffix).
+    const NAME: &'static str;
+    const KERNEL: &'static str;
+    /// Elements of `dst` per parameter element (the state holds m and v).
+    const DST_PER_PARAM: usize;
+    fn apply<T: Real>(&self, dst: &mut [T], a: &[T], b: Option<&[T]>);
+    /// The kernel's scalar arguments after `n` (each rounded to the
+    /// parameter's dtype), and its trailing int flag if it has one.
+    fn consts(&self) -> (Vec<f64>, Option<i32>);
+}
+
 /// In place on the state; sources: the gradient (and the scale).
 struct Moments(AdamWStep);
 /// In place on the parameter; sources: the state (and the anchor).
 struct Update(AdamWStep);
 
-impl Moments {
-    fn cpu(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        g: (&CpuStorage, &Layout),
-        scale: Option<(&CpuStorage, &Layout)>,
-    ) -> candle_core::Result<()> {
-        match (dst, g.0) {
-            (CpuStorage::F32(mv), CpuStorage::F32(gv)) => {
-                let k = scale.map(scalar::<f32>).transpose()?;
-                moments_cpu(slice_mut(mv, dl)?, contiguous(gv, g.1)?, k, &self.0);
-            }
-            (CpuStorage::F64(mv), CpuStorage::F64(gv)) => {
-                let k = scale.map(scalar::<f64>).transpose()?;
-                moments_cpu(slice_mut(mv, dl)?, contiguous(gv, g.1)?, k, &self.0);
-            }
-            _ => candle_core::bail!("adamw_step: state and gradient must both be f32 or f64"),
-        }
-        Ok(())
+impl Pass for Moments {
+    const NAME: &'static str = "tunefuse-adamw-moments";
+    const KERNEL: &'static str = "adamw_moments";
+    const DST_PER_PARAM: usize = 2;
+    fn apply<T: Real>(&self, mv: &mut [T], g: &[T], scale: Option<&[T]>) {
+        moments_cpu(mv, g, scale.map(|k| k[0]), &self.0);
+    }
+    fn consts(&self) -> (Vec<f64>, Option<i32>) {
+        let c = &self.0;
+        (vec![c.beta1, 1.0 - c.beta1, c.beta2, 1.0 - c.beta2], None)
     }
 }
 
-impl Update {
-    fn cpu(
-        &self,
-        dst: &mut CpuStorage,
-        dl: &Layout,
-        mv: (&CpuStorage, &Layout),
-        anchor: Option<(&CpuStorage, &Layout)>,
-    ) -> candle_core::Result<()> {
-        match (dst, mv.0) {
-            (CpuStorage::F32(p), CpuStorage::F32(s)) => {
-                let a = anchor
-                    .map(|(a, l)| contiguous(a.as_slice::<f32>()?, l))
-                    .transpose()?;
-                update_cpu(slice_mut(p, dl)?, contiguous(s, mv.1)?, a, &self.0);
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(s)) => {
-                let a = anchor
-                    .map(|(a, l)| contiguous(a.as_slice::<f64>()?, l))
-                    .transpose()?;
-                update_cpu(slice_mut(p, dl)?, contiguous(s, mv.1)?, a, &self.0);
-            }
-            _ => candle_core::bail!("adamw_step: parameter and state must both be f32 or f64"),
-        }
-        Ok(())
+impl Pass for Update {
+    const NAME: &'static str = "tunefuse-adamw-update";
+    const KERNEL: &'static str = "adamw_update";
+    const DST_PER_PARAM: usize = 1;
+    fn apply<T: Real>(&self, p: &mut [T], mv: &[T], anchor: Option<&[T]>) {
+        update_cpu(p, mv, anchor, &self.0);
+    }
+    fn consts(&self) -> (Vec<f64>, Option<i32>) {
+        let c = &self.0;
+        let (lam, pull) = c.recadam.unwrap_or((1.0, 0.0));
+        let consts = vec![
+            1.0 / c.c1,
+            1.0 / c.c2,
+            c.eps,
+            c.lr,
+            lam,
+            pull,
+            c.decay.unwrap_or(0.0),
+        ];
+        (consts, Some(i32::from(c.decay.is_some())))
     }
 }
 
-/// The one element of a scale storage.
-fn scalar<T: WithDType>((s, l): (&CpuStorage, &Layout)) -> candle_core::Result<T> {
-    Ok(contiguous(s.as_slice::<T>()?, l)?[0])
+/// A pass on the CPU: f32 or f64 throughout.
+fn cpu<P: Pass>(
+    pass: &P,
+    dst: &mut CpuStorage,
+    dl: &Layout,
+    (a, al): (&CpuStorage, &Layout),
+    b: Option<(&CpuStorage, &Layout)>,
+) -> candle_core::Result<()> {
+    fn run<P: Pass, T: Real>(
+        pass: &P,
+        dst: &mut [T],
+        dl: &Layout,
+        (a, al): (&[T], &Layout),
+        b: Option<(&CpuStorage, &Layout)>,
+    ) -> candle_core::Result<()> {
+        let b = b
+            .map(|(b, bl)| contiguous(b.as_slice::<T>()?, bl))
+            .transpose()?;
+        pass.apply(slice_mut(dst, dl)?, contiguous(a, al)?, b);
+        Ok(())
+    }
+    match (dst, a) {
+        (CpuStorage::F32(d), CpuStorage::F32(a)) => run(pass, d, dl, (a, al), b),
+        (CpuStorage::F64(d), CpuStorage::F64(a)) => run(pass, d, dl, (a, al), b),
+        _ => candle_core::bail!("adamw_step: operands must all be f32 or all f64"),
+    }
 }
 
-/// Both arities of an in-place op whose last source is optional (the
-/// scale of `Moments`, the anchor of `Update`): `InplaceOp2` without it,
-/// `InplaceOp3` with it, each calling the type's `cpu` / `cuda` function.
+/// Both arities of a pass (its second source is optional: the scale of
+/// `Moments`, the anchor of `Update`): `InplaceOp2` without it,
+/// `InplaceOp3` with it.
 macro_rules! optional_source_op {
-    ($ty:ident, $name:literal, $cuda:path) => {
+    ($ty:ident) => {
         impl InplaceOp2 for $ty {
             fn name(&self) -> &'static str {
-                $name
+                <$ty as Pass>::NAME
             }
             fn cpu_fwd(
                 &self,
@@ -360,7 +394,7 @@ macro_rules! optional_source_op {
                 a: &CpuStorage,
                 al: &Layout,
             ) -> candle_core::Result<()> {
-                self.cpu(dst, dl, (a, al), None)
+                cpu(self, dst, dl, (a, al), None)
             }
             #[cfg(feature = "cuda")]
             fn cuda_fwd(
@@ -370,13 +404,13 @@ macro_rules! optional_source_op {
                 a: &candle_core::CudaStorage,
                 al: &Layout,
             ) -> candle_core::Result<()> {
-                $cuda(&self.0, dst, dl, (a, al), None)
+                cuda::launch(self, dst, dl, (a, al), None)
             }
         }
 
         impl InplaceOp3 for $ty {
             fn name(&self) -> &'static str {
-                $name
+                <$ty as Pass>::NAME
             }
             fn cpu_fwd(
                 &self,
@@ -387,7 +421,7 @@ macro_rules! optional_source_op {
                 b: &CpuStorage,
                 bl: &Layout,
             ) -> candle_core::Result<()> {
-                self.cpu(dst, dl, (a, al), Some((b, bl)))
+                cpu(self, dst, dl, (a, al), Some((b, bl)))
             }
             #[cfg(feature = "cuda")]
             fn cuda_fwd(
@@ -399,127 +433,78 @@ macro_rules! optional_source_op {
                 b: &candle_core::CudaStorage,
                 bl: &Layout,
             ) -> candle_core::Result<()> {
-                $cuda(&self.0, dst, dl, (a, al), Some((b, bl)))
+                cuda::launch(self, dst, dl, (a, al), Some((b, bl)))
             }
         }
     };
 }
 
-optional_source_op!(Moments, "tunefuse-adamw-moments", cuda::moments);
-optional_source_op!(Update, "tunefuse-adamw-update", cuda::update);
+optional_source_op!(Moments);
+optional_source_op!(Update);
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::AdamWStep;
+    use super::Pass;
     use crate::cuda::{self as k, ptx};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, DType, Layout, Result, WithDType};
 
     const MODULE: &str = "tunefuse_adamw";
     const BLOCK: u32 = 256;
 
-    /// Binds `$t` to f32 or f64 (the parameter dtypes).
-    macro_rules! with_param_type {
-        ($dtype:expr, $t:ident => $body:expr) => {
-            match $dtype {
-                DType::F32 => {
-                    type $t = f32;
-                    $body
-                }
-                DType::F64 => {
-                    type $t = f64;
-                    $body
-                }
-                other => candle_core::bail!("adamw_step: parameter dtype {other:?} (f32 or f64)"),
-            }
+    /// `<kernel>_<f32|f64>(T* dst, const T* a, const T* b or null, int64 n,
+    /// T consts..., [int flag])` over the n parameter elements.
+    pub(super) fn launch<P: Pass>(
+        pass: &P,
+        dst: &mut CudaStorage,
+        dl: &Layout,
+        a: (&CudaStorage, &Layout),
+        b: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<()> {
+        let dev = dst.device.clone();
+        let dtype = dst.dtype();
+        let suffix = match dtype {
+            DType::F32 => "f32",
+            DType::F64 => "f64",
+            other => candle_core::bail!("adamw_step: parameter dtype {other:?} (f32 or f64)"),
         };
-    }
-
-    fn suffix(dtype: DType) -> &'static str {
+        let f = k::func(&dev, MODULE, ptx::ADAMW, &format!("{}_{suffix}", P::KERNEL))?;
         if dtype == DType::F64 {
-            "f64"
+            go::<f64, P>(pass, &f, dst, dl, a, b)
         } else {
-            "f32"
+            go::<f32, P>(pass, &f, dst, dl, a, b)
         }
     }
 
-    fn c<T: WithDType>(x: f64) -> T {
-        T::from_f64(x)
-    }
-
-    pub(super) fn moments(
-        s: &AdamWStep,
+    fn go<T: CudaDType + DeviceRepr + WithDType, P: Pass>(
+        pass: &P,
+        f: &k::Kernel,
         dst: &mut CudaStorage,
         dl: &Layout,
-        g: (&CudaStorage, &Layout),
-        scale: Option<(&CudaStorage, &Layout)>,
+        a: (&CudaStorage, &Layout),
+        b: Option<(&CudaStorage, &Layout)>,
     ) -> Result<()> {
-        let dev = dst.device.clone();
-        let dtype = dst.dtype();
-        let f = k::func(
-            &dev,
-            MODULE,
-            ptx::ADAMW,
-            &format!("adamw_moments_{}", suffix(dtype)),
-        )?;
-        with_param_type!(dtype, T => {
-            let n = g.1.shape().elem_count();
-            let gv = k::view::<T>("adamw_step", g.0, g.1)?;
-            let sv = scale.map(|(s, l)| k::view::<T>("adamw_step", s, l)).transpose()?;
-            let mut mv = dst.as_cuda_slice_mut::<T>()?.slice_mut(dl.start_offset()..);
-            let n64 = n as i64;
-            let (b1, ob1, b2, ob2): (T, T, T, T) =
-                (c(s.beta1), c(1.0 - s.beta1), c(s.beta2), c(1.0 - s.beta2));
-            let mut b = f.builder();
-            b.arg(&mut mv).arg(&gv);
-            k::arg_opt(&mut b, sv.as_ref());
-            b.arg(&n64).arg(&b1).arg(&ob1).arg(&b2).arg(&ob2);
-            k::launch(&mut b, k::grid_for(n, BLOCK), BLOCK)
-        })
-    }
-
-    pub(super) fn update(
-        s: &AdamWStep,
-        dst: &mut CudaStorage,
-        dl: &Layout,
-        mv: (&CudaStorage, &Layout),
-        anchor: Option<(&CudaStorage, &Layout)>,
-    ) -> Result<()> {
-        let dev = dst.device.clone();
-        let dtype = dst.dtype();
-        let f = k::func(
-            &dev,
-            MODULE,
-            ptx::ADAMW,
-            &format!("adamw_update_{}", suffix(dtype)),
-        )?;
-        with_param_type!(dtype, T => {
-            let n = dl.shape().elem_count();
-            let sv = k::view::<T>("adamw_step", mv.0, mv.1)?;
-            let av = anchor.map(|(a, l)| k::view::<T>("adamw_step", a, l)).transpose()?;
-            let mut p = dst.as_cuda_slice_mut::<T>()?.slice_mut(dl.start_offset()..);
-            let n64 = n as i64;
-            let (lam, pull) = s.recadam.unwrap_or((1.0, 0.0));
-            let consts: [T; 7] = [
-                c(1.0 / s.c1),
-                c(1.0 / s.c2),
-                c(s.eps),
-                c(s.lr),
-                c(lam),
-                c(pull),
-                c(s.decay.unwrap_or(0.0)),
-            ];
-            let decay = i32::from(s.decay.is_some());
-            let mut b = f.builder();
-            b.arg(&mut p).arg(&sv);
-            k::arg_opt(&mut b, av.as_ref());
-            b.arg(&n64);
-            for x in &consts {
-                b.arg(x);
-            }
-            b.arg(&decay);
-            k::launch(&mut b, k::grid_for(n, BLOCK), BLOCK)
-        })
+        let n = dl.shape().elem_count() / P::DST_PER_PARAM;
+        let (consts, flag) = pass.consts();
+        let consts: Vec<T> = consts.iter().map(|&x| T::from_f64(x)).collect();
+        let av = k::view::<T>("adamw_step", a.0, a.1)?;
+        let bv = b
+            .map(|(s, l)| k::view::<T>("adamw_step", s, l))
+            .transpose()?;
+        let mut d = dst.as_cuda_slice_mut::<T>()?.slice_mut(dl.start_offset()..);
+        let n64 = n as i64;
+        let mut bld = f.builder();
+        bld.arg(&mut d).arg(&av);
+        k::arg_opt(&mut bld, bv.as_ref());
+        bld.arg(&n64);
+        for x in &consts {
+            bld.arg(x);
+        }
+        if let Some(flag) = flag.as_ref() {
+            bld.arg(flag);
+        }
+        k::launch(&mut bld, k::grid_for(n, BLOCK), BLOCK)
     }
 }
