@@ -58,6 +58,17 @@ pub fn keep(seed: u64, offset: u64, i: u64, threshold: u32) -> bool {
     (word(seed, offset, i) >> 8) >= threshold
 }
 
+/// Fills `out` with the words of elements `first..first + out.len()` of a
+/// call (`first` a multiple of 4): one Philox block per four elements, where
+/// [`word`] computes a block per element.
+pub fn fill_words(seed: u64, offset: u64, first: u64, out: &mut [u32]) {
+    debug_assert!(first.is_multiple_of(4), "fill_words: first = {first}");
+    for (g, chunk) in out.chunks_mut(4).enumerate() {
+        let w = group(seed, offset, first / 4 + g as u64);
+        chunk.copy_from_slice(&w[..chunk.len()]);
+    }
+}
+
 /// Uniform in [0, 1) with 24 random bits: exactly `(word >> 8) · 2⁻²⁴`.
 pub fn uniform(w: u32) -> f32 {
     (w >> 8) as f32 * (1.0 / (1u32 << 24) as f32)

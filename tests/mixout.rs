@@ -180,6 +180,40 @@ fn backward_regenerates_the_forward_mask() {
 }
 
 #[test]
+fn chunked_masks_match_the_per_element_draw() {
+    // The ops draw four elements per Philox block, chunk by chunk in
+    // parallel; keep_mask draws each element on its own. Sizes around the
+    // block and chunk (16,384) boundaries, an offset, every dtype.
+    let p = 0.3;
+    let s = (1.0 / (1.0 - p)) as f32 as f64;
+    for n in [1, 3, 4, 5, 16_383, 16_384, 16_389, 3 * 16_384 + 7] {
+        let rng = Rng {
+            seed: 0xfeed_0000_0000_0001 + n as u64,
+            offset: 1_000_003,
+        };
+        let mask = keep_mask(n, p, rng).unwrap();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let x = Tensor::ones(n, dtype, &CPU).unwrap();
+            let y = to_f64(&dropout(&x, p, rng, true).unwrap());
+            let s = to_f64(
+                &Tensor::new(&[s as f32], &CPU)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )[0];
+            for i in 0..n {
+                assert_eq!(y[i], if mask[i] { s } else { 0.0 }, "{dtype:?} n={n} i={i}");
+            }
+            let (w, u) = (x.affine(3.0, 0.0).unwrap(), x.affine(-1.0, 0.0).unwrap());
+            let m = to_f64(&mixout(&w, &u, p, rng, true).unwrap());
+            for i in 0..n {
+                assert_eq!(m[i] == -1.0, !mask[i], "mixout {dtype:?} n={n} i={i}");
+            }
+        }
+    }
+}
+
+#[test]
 fn dropout_statistics_and_dtypes() {
     let n = 50_000;
     for dtype in [DType::F32, DType::BF16, DType::F16] {

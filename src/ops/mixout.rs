@@ -39,6 +39,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithD
 use super::cpu::contiguous;
 use crate::error::{check_float_dtype, check_same, param_err, Result};
 use crate::philox;
+use rayon::prelude::*;
 
 /// The random stream of one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,12 +119,19 @@ fn check_half_or_f32(op: &'static str, dtype: candle_core::DType) -> Result<()> 
 struct MixoutOp(DropParams);
 struct DropoutOp(DropParams);
 
-/// Applies `f(i, x_i, u_i)` in f32 over contiguous inputs of one dtype.
+/// Elements per parallel task of the CPU path (a multiple of 4: whole
+/// Philox blocks).
+const CPU_CHUNK: usize = 1 << 14;
+
+/// Applies `f(keep_i, x_i, u_i)` in f32 over contiguous inputs of one dtype,
+/// where `keep_i` is element i's draw from `d`: in parallel over chunks,
+/// one Philox block per four elements.
 fn map_cpu(
+    d: &DropParams,
     s1: &CpuStorage,
     l1: &Layout,
     s2: Option<(&CpuStorage, &Layout)>,
-    f: impl Fn(u64, f32, f32) -> f32,
+    f: impl Fn(bool, f32, f32) -> f32 + Sync,
 ) -> candle_core::Result<CpuStorage> {
     // `round` takes the f32 result to the storage dtype, rounding once like
     // the kernels (half's `from_f32` is correctly rounded; its `from_f64`,
@@ -136,15 +144,21 @@ fn map_cpu(
                 Some(_) => candle_core::bail!("inputs have different dtypes"),
                 None => None,
             };
-            CpuStorage::$variant(
-                x.iter()
-                    .enumerate()
-                    .map(|(i, &xi)| {
+            let mut out = vec![Default::default(); x.len()];
+            out.par_chunks_mut(CPU_CHUNK)
+                .enumerate()
+                .for_each(|(c, out)| {
+                    let first = c * CPU_CHUNK;
+                    let mut words = vec![0u32; out.len()];
+                    philox::fill_words(d.rng.seed, d.rng.offset, first as u64, &mut words);
+                    for (j, (o, w)) in out.iter_mut().zip(&words).enumerate() {
+                        let i = first + j;
                         let ui = u.map_or(0.0, |u| u[i].to_f64() as f32);
-                        $round(f(i as u64, xi.to_f64() as f32, ui))
-                    })
-                    .collect(),
-            )
+                        let keep = (w >> 8) >= d.threshold;
+                        *o = $round(f(keep, x[i].to_f64() as f32, ui));
+                    }
+                });
+            CpuStorage::$variant(out)
         }};
     }
     Ok(match s1 {
@@ -153,12 +167,6 @@ fn map_cpu(
         CpuStorage::F16(v) => go!(v, F16, half::f16::from_f32),
         other => candle_core::bail!("unsupported dtype {:?}", other.dtype()),
     })
-}
-
-impl DropParams {
-    fn keep(&self, i: u64) -> bool {
-        philox::keep(self.rng.seed, self.rng.offset, i, self.threshold)
-    }
 }
 
 impl CustomOp2 for MixoutOp {
@@ -174,8 +182,8 @@ impl CustomOp2 for MixoutOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.0;
-        let out = map_cpu(s1, l1, Some((s2, l2)), |i, w, u| {
-            if d.keep(i) {
+        let out = map_cpu(&d, s1, l1, Some((s2, l2)), |keep, w, u| {
+            if keep {
                 u + (w - u) * d.scale
             } else {
                 u
@@ -224,10 +232,17 @@ impl CustomOp1 for DropoutOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.0;
         let out = map_cpu(
+            &d,
             s,
             l,
             None,
-            |i, x, _| if d.keep(i) { x * d.scale } else { 0.0 },
+            |keep, x, _| {
+                if keep {
+                    x * d.scale
+                } else {
+                    0.0
+                }
+            },
         )?;
         Ok((out, l.shape().clone()))
     }

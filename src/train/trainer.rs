@@ -1293,15 +1293,16 @@ impl Run {
                     last_eval = Some(ev.clone());
                     st.history.push((st.step, score));
                     line(serde_json::json!({"eval": ev, "step": st.step, "epoch": st.epoch}))?;
-                    msg(
-                        &mut on,
-                        &format!(
-                            "eval step {}: {} {score:.4}, {}",
-                            st.step,
-                            self.cfg.metric,
-                            ev.brief()
-                        ),
-                    );
+                    // The selection metric first, unless the brief line
+                    // already shows it.
+                    let brief = ev.brief();
+                    let metric = &self.cfg.metric;
+                    let text = if brief.to_lowercase().contains(&format!("{metric} ")) {
+                        brief
+                    } else {
+                        format!("{metric} {score:.4}, {brief}")
+                    };
+                    msg(&mut on, &format!("eval step {}: {text}", st.step));
                     if st.best.is_none_or(|b| score > b) {
                         st.best = Some(score);
                         st.best_step = st.step;
