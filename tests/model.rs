@@ -363,3 +363,81 @@ fn mixed_precision_keeps_f32_master_weights() {
         .expect("a gradient for the f32 weight");
     assert_eq!(gq.dtype(), DType::F32);
 }
+
+/// Loss weights for the softmax tests: a fixed random projection of the
+/// probabilities, so every output element gets a different gradient.
+fn softmax_loss(p: &Tensor, w: &Tensor) -> Tensor {
+    (p.to_dtype(DType::F64).unwrap() * w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+#[test]
+fn softmax_with_closed_form_backward() {
+    use candle_core::Var;
+    use tunefuse::model::layers::softmax_last_dim;
+    let cpu = Device::Cpu;
+    // Odd shapes, a row of one element, large and masked scores (-1e4 as
+    // the attention bias adds).
+    for shape in [vec![1usize, 1], vec![3, 7], vec![2, 3, 5, 33]] {
+        let n: usize = shape.iter().product();
+        let mut x = randn(n, 11, 3.0);
+        x[0] += 40.0;
+        if n > 3 {
+            x[2] = -1e4;
+        }
+        let w = tensor(&randn(n, 12, 1.0), &shape, DType::F64, &cpu);
+        for dtype in [DType::F64, DType::F32, DType::BF16] {
+            let ours = Var::from_tensor(&tensor(&x, &shape, dtype, &cpu)).unwrap();
+            let theirs = Var::from_tensor(&tensor(&x, &shape, dtype, &cpu)).unwrap();
+            let p = softmax_last_dim(ours.as_tensor()).unwrap();
+            let q = candle_nn::ops::softmax(theirs.as_tensor(), candle_core::D::Minus1).unwrap();
+            // The value is candle's fused softmax, bit for bit.
+            assert_eq!(
+                to_f64(&p),
+                to_f64(&candle_nn::ops::softmax_last_dim(ours.as_tensor()).unwrap()),
+                "{dtype:?} {shape:?}"
+            );
+            let gp = softmax_loss(&p, &w).backward().unwrap();
+            let gq = softmax_loss(&q, &w).backward().unwrap();
+            let (gp, gq) = (
+                to_f64(gp.get(ours.as_tensor()).unwrap()),
+                to_f64(gq.get(theirs.as_tensor()).unwrap()),
+            );
+            // Against candle's composed softmax under autograd: the two
+            // differ by the rounding of the dtype (bf16: the composed path
+            // rounds every intermediate to bf16; ours sums in f32).
+            let tol = match dtype {
+                DType::F64 => 1e-14,
+                DType::F32 => 1e-6,
+                _ => 3e-2,
+            };
+            let scale = gq.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-3);
+            for (i, (a, b)) in gp.iter().zip(&gq).enumerate() {
+                assert!(
+                    (a - b).abs() <= tol * scale,
+                    "{dtype:?} {shape:?} element {i}: ours {a}, composed {b}"
+                );
+            }
+            if dtype == DType::F64 {
+                // Central differences of the loss.
+                let h = 1e-6;
+                for i in [0, n / 2, n - 1] {
+                    let f = |d: f64| {
+                        let mut xi = x.clone();
+                        xi[i] += d;
+                        let t = tensor(&xi, &shape, DType::F64, &cpu);
+                        to_f64(&softmax_loss(&softmax_last_dim(&t).unwrap(), &w))[0]
+                    };
+                    let fd = (f(h) - f(-h)) / (2.0 * h);
+                    assert!(
+                        (fd - gp[i]).abs() < 1e-7,
+                        "{shape:?} element {i}: fd {fd}, ours {}",
+                        gp[i]
+                    );
+                }
+            }
+        }
+    }
+}

@@ -462,12 +462,7 @@ impl Bert {
         let v = split(layer.value.forward(x, s)?)?;
         let scores =
             (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(bias)?;
-        // candle's fused softmax has no backward: use it only off the graph.
-        let probs = if scores.track_op() {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
+        let probs = super::layers::softmax_last_dim(&scores)?;
         let p = s.dropout(&probs, self.config.attention_probs_dropout_prob)?;
         let ctx = p
             .matmul(&v)?

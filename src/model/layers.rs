@@ -94,6 +94,73 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
+/// Softmax over the last dimension, differentiable: the forward value is
+/// candle's fused `softmax_last_dim` (one kernel, but no backward of its
+/// own), and the backward is the closed form `dx = y·(g − Σ g·y)` over the
+/// row, computed in f32 (f64 for f64). Candle's composed softmax (max, sub,
+/// exp, sum, div) costs five passes forward and about a dozen backward,
+/// most of them on the `[B, heads, L, L]` scores, the gradient through the
+/// max included, which is zero in total.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach())?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    // The op returns its second input (the value) and sends the gradient to
+    // its first (the scores).
+    Ok(x.apply_op2(&y, SoftmaxGrad)?)
+}
+
+struct SoftmaxGrad;
+
+impl candle_core::CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "tunefuse-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        y: &candle_core::CpuStorage,
+        yl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+        y: &candle_core::CudaStorage,
+        yl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        Ok((y.try_clone(yl)?, yl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dtype = res.dtype();
+        let wide = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let (y, g) = (res.to_dtype(wide)?, grad.to_dtype(wide)?);
+        let dot = (&g * &y)?.sum_keepdim(candle_core::D::Minus1)?;
+        let dx = (g.broadcast_sub(&dot)? * y)?.to_dtype(dtype)?;
+        Ok((Some(dx), None))
+    }
+}
+
 /// The activation (one implementation, [`Act::apply`], for the encoder and
 /// the adapters).
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
