@@ -1253,3 +1253,61 @@ fn minilm_golden_on_device() {
         "GPU bf16 error {e_gpu} exceeds twice the CPU bf16 error {e_cpu}"
     );
 }
+
+// ------------------------------------------------------------ attention softmax
+
+/// The model's differentiable softmax on the device: its value is a copy of
+/// candle's fused softmax (bit for bit), and its gradient is the closed form
+/// `y·(g − Σ g·y)` of that value, here evaluated in f64 from the device's own
+/// `y`; the device computes it in f32 and rounds it to the dtype.
+#[test]
+fn attention_softmax_on_device() {
+    use tunefuse::model::layers::softmax_last_dim;
+    let Some(dev) = cuda_device() else { return };
+    let mut fails = Failures::default();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        for shape in [[1usize, 1, 1, 1], [2, 3, 17, 33], [2, 12, 128, 128]] {
+            fails.check(|| {
+                let tag = format!("{dtype:?} {shape:?}");
+                let scores = Tensor::randn(0f32, 3.0, &shape, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap();
+                let w = Tensor::randn(0f32, 1.0, &shape, &dev).unwrap();
+                let v = Var::from_tensor(&scores).unwrap();
+                let p = softmax_last_dim(v.as_tensor()).unwrap();
+                let fused = candle_nn::ops::softmax_last_dim(&scores).unwrap();
+                assert!(
+                    to_f64(&p) == to_f64(&fused),
+                    "{tag}: value is not candle's fused softmax"
+                );
+                let loss = (p.to_dtype(DType::F32).unwrap() * &w)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let got = to_f64(loss.backward().unwrap().get(v.as_tensor()).unwrap());
+                // The gradient reaching the op is w rounded to the dtype.
+                let (y, g) = (to_f64(&p), to_f64(&w.to_dtype(dtype).unwrap()));
+                let n = shape[3];
+                let u = unit_roundoff(dtype);
+                for (r, (yr, gr)) in y.chunks(n).zip(g.chunks(n)).enumerate() {
+                    let dot: f64 = yr.iter().zip(gr).map(|(y, g)| y * g).sum();
+                    let gmax = gr.iter().fold(0.0f64, |m, g| m.max(g.abs()));
+                    for c in 0..n {
+                        let want = yr[c] * (gr[c] - dot);
+                        // Output rounding (f16: subnormal spacing near 0),
+                        // plus the f32 sum over the row (at most n·2⁻²⁴ of
+                        // Σ|g·y| ≤ gmax, n ≤ 128).
+                        let tol = u * want.abs() + abs_floor(dtype) + 1e-5 * gmax * yr[c];
+                        let d = got[r * n + c];
+                        assert!(
+                            (d - want).abs() <= tol,
+                            "{tag} row {r} col {c}: gradient {d}, closed form {want}"
+                        );
+                    }
+                }
+            });
+        }
+    }
+    fails.finish("attention softmax");
+}
