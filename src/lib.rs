@@ -24,7 +24,7 @@ pub use error::{Error, Result};
 /// of them megabytes. By default glibc serves those above its (adaptive)
 /// mmap threshold with fresh mappings and trims the heap after large frees,
 /// so the kernel zero-fills the same memory again every step: on the
-/// development machine a third of a MiniLM run's CPU time was system time,
+/// development machine about a quarter of a MiniLM run's CPU time was system time,
 /// mostly page faults. This sets the mmap threshold to glibc's maximum
 /// (32 MiB) and turns trimming off; the process keeps its peak heap. The
 /// `tunefuse` binary calls it at start-up; a program that links the library

@@ -243,7 +243,7 @@ fn progress() -> impl FnMut(Event<'_>) {
 }
 
 fn main() -> ExitCode {
-    // Page faults were a third of a CPU run's time: see the function's docs.
+    // Page faults were about a quarter of a CPU run's time: see the function's docs.
     tunefuse::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
