@@ -43,11 +43,7 @@ pub fn mixout_composed(w: &Tensor, u: &Tensor, p: f64) -> Result<Tensor> {
 pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     use candle_core::D;
     let dtype = x.dtype();
-    let inner = if dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let inner = crate::ops::wide_dtype(dtype);
     let x = x.to_dtype(inner)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;

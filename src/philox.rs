@@ -55,7 +55,12 @@ pub fn keep_threshold(p: f64) -> u32 {
 
 /// Whether element `i` is kept (mask value 1).
 pub fn keep(seed: u64, offset: u64, i: u64, threshold: u32) -> bool {
-    (word(seed, offset, i) >> 8) >= threshold
+    kept(word(seed, offset, i), threshold)
+}
+
+/// The keep rule on a drawn word: its top 24 bits against the threshold.
+pub fn kept(word: u32, threshold: u32) -> bool {
+    (word >> 8) >= threshold
 }
 
 /// Fills `out` with the words of elements `first..first + out.len()` of a

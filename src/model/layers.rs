@@ -149,11 +149,7 @@ impl candle_core::CustomOp2 for SoftmaxGrad {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dtype = res.dtype();
-        let wide = if dtype == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
+        let wide = crate::ops::wide_dtype(dtype);
         let (y, g) = (res.to_dtype(wide)?, grad.to_dtype(wide)?);
         let dot = (&g * &y)?.sum_keepdim(candle_core::D::Minus1)?;
         let dx = (g.broadcast_sub(&dot)? * y)?.to_dtype(dtype)?;

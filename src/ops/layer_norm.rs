@@ -72,11 +72,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     if x.elem_count() == 0 {
         return Ok(x.clone());
     }
-    let wdt = if x.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let wdt = super::wide_dtype(x.dtype());
     let (w, b) = (weight.to_dtype(wdt)?, bias.to_dtype(wdt)?);
     Ok(x.contiguous()?
         .apply_op3(&w.contiguous()?, &b.contiguous()?, Fwd { eps, h })?)

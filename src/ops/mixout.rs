@@ -154,7 +154,7 @@ fn map_cpu(
                     for (j, (o, w)) in out.iter_mut().zip(&words).enumerate() {
                         let i = first + j;
                         let ui = u.map_or(0.0, |u| u[i].to_f64() as f32);
-                        let keep = (w >> 8) >= d.threshold;
+                        let keep = philox::kept(*w, d.threshold);
                         *o = $round(f(keep, x[i].to_f64() as f32, ui));
                     }
                 });

@@ -342,14 +342,6 @@ fn row_grad(mode: Mode, a: &[f64], b: &[f64], f: f64, ga: &mut [f64], gb: &mut [
     }
 }
 
-fn loss_dtype(input: DType) -> DType {
-    if input == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
-}
-
 impl CustomOp2 for KlOp {
     fn name(&self) -> &'static str {
         "tunefuse-sym-kl"
@@ -384,7 +376,7 @@ impl CustomOp2 for KlOp {
             vec![per_row.iter().sum::<f64>() * c.row_weight(&mask)]
         };
         Ok((
-            from_f64(out, loss_dtype(s1.dtype())),
+            from_f64(out, super::wide_dtype(s1.dtype())),
             Shape::from(self.out_shape.clone()),
         ))
     }
