@@ -1,6 +1,14 @@
 //! The `tunefuse` binary: bad input gets a clear error and a failing exit.
 use std::process::Command;
 
+/// A scratch directory removed when the guard drops, pass or fail.
+fn scratch(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("tunefuse-{what}-"))
+        .tempdir()
+        .unwrap()
+}
+
 fn tunefuse(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tunefuse"))
         .args(args)
@@ -20,9 +28,8 @@ fn table_reports_missing_and_malformed_files() {
         !ok && err.contains("cannot read results file") && err.contains("ours.json"),
         "{err}"
     );
-    let dir = std::env::temp_dir().join(format!("tunefuse-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let bad = dir.join("bad.json");
+    let dir = scratch("cli");
+    let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "{\"device\": 3").unwrap();
     let (ok, _, err) = tunefuse(&["table", "--ours", bad.to_str().unwrap()]);
     assert!(!ok && err.contains("malformed"), "{err}");
@@ -30,10 +37,9 @@ fn table_reports_missing_and_malformed_files() {
 
 #[test]
 fn table_merges_peers() {
-    let dir = std::env::temp_dir().join(format!("tunefuse-cli-peers-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let ours = dir.join("ours.json");
-    let peers = dir.join("peers.json");
+    let dir = scratch("cli-peers");
+    let ours = dir.path().join("ours.json");
+    let peers = dir.path().join("peers.json");
     std::fs::write(
         &ours,
         r#"{"device": "Test GPU", "copy_gbps": 1000.0,

@@ -2,7 +2,7 @@
 //! error and decoding behaviour on malformed files.
 mod common;
 
-use common::data_root;
+use common::{data_root, scratch};
 use tunefuse::train::data::{load, shuffle, Dataset, Split, Task};
 
 fn get(task: &str, split: Split) -> Dataset {
@@ -114,10 +114,11 @@ fn missing_splits_and_unknown_tasks() {
     assert!(e.contains("/nonexistent/glue/SST-2/train.tsv"), "{e}");
 }
 
-fn scratch(name: &str, files: &[(&str, &[u8])]) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("tunefuse-data-{name}-{}", std::process::id()));
+/// A data directory holding `files`, removed when the guard drops.
+fn data_dir(name: &str, files: &[(&str, &[u8])]) -> tempfile::TempDir {
+    let dir = scratch(&format!("data-{name}"));
     for (rel, content) in files {
-        let p = dir.join(rel);
+        let p = dir.path().join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, content).unwrap();
     }
@@ -126,7 +127,7 @@ fn scratch(name: &str, files: &[(&str, &[u8])]) -> std::path::PathBuf {
 
 #[test]
 fn malformed_lines_name_file_and_line() {
-    let dir = scratch(
+    let dir = data_dir(
         "bad",
         &[
             (
@@ -146,26 +147,31 @@ fn malformed_lines_name_file_and_line() {
             ("ood/SNLI/labels.dev", b"neutral\nentailment\n"),
         ],
     );
-    let e = load(&Task::Sst2, Split::Dev, &dir).unwrap_err().to_string();
+    let e = load(&Task::Sst2, Split::Dev, dir.path())
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("SST-2/dev.tsv") && e.contains("line 3") && e.contains("\"7\""),
         "{e}"
     );
-    let e = load(&Task::Cola, Split::Dev, &dir).unwrap_err().to_string();
+    let e = load(&Task::Cola, Split::Dev, dir.path())
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("CoLA/dev.tsv") && e.contains("line 2") && e.contains("expected 4"),
         "{e}"
     );
-    let e = load(&Task::Amazon("books".into()), Split::Dev, &dir)
+    let e = load(&Task::Amazon("books".into()), Split::Dev, dir.path())
         .unwrap_err()
         .to_string();
     assert!(
         e.contains("books/dev.tsv") && e.contains("line 4") && e.contains("never closed"),
         "{e}"
     );
-    let e = load(&Task::Snli, Split::Dev, &dir).unwrap_err().to_string();
+    let e = load(&Task::Snli, Split::Dev, dir.path())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("differ in length"), "{e}");
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[test]

@@ -143,11 +143,15 @@ fn bad_inputs_are_errors() {
 
 #[test]
 fn plots_are_written() {
+    // TUNEFUSE_KEEP_PLOTS=DIR keeps the plots for a look; otherwise they go
+    // to a scratch directory removed at the end.
+    let scratch = tempfile::Builder::new()
+        .prefix("tunefuse-plots-")
+        .tempdir()
+        .unwrap();
     let dir = std::env::var_os("TUNEFUSE_KEEP_PLOTS")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::temp_dir().join(format!("tunefuse-plots-{}", std::process::id()))
-        });
+        .unwrap_or_else(|| scratch.path().to_path_buf());
     std::fs::create_dir_all(&dir).unwrap();
     let cal = calibration(&probs(), &LABELS, 15).unwrap();
     plot_reliability(&dir.join("reliability"), &cal, "test").unwrap();
@@ -169,9 +173,6 @@ fn plots_are_written() {
     );
     let png = std::fs::read(dir.join("msp.png")).unwrap();
     assert_eq!(&png[1..4], b"PNG");
-    if std::env::var_os("TUNEFUSE_KEEP_PLOTS").is_none() {
-        std::fs::remove_dir_all(dir).ok();
-    }
 }
 
 #[test]
@@ -180,8 +181,11 @@ fn results_table_aggregates_seeds() {
     let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
     assert_eq!((m, s), (2.0, 1.0));
     assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
-    let dir = std::env::temp_dir().join(format!("tunefuse-report-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let scratch = tempfile::Builder::new()
+        .prefix("tunefuse-report-")
+        .tempdir()
+        .unwrap();
+    let dir = scratch.path();
     let run = |name: &str, acc: f64, ece: f64, secs: f64| {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
@@ -198,7 +202,7 @@ fn results_table_aggregates_seeds() {
     run("smart-s2", 0.82, 0.12, 140.0);
     run("lora-s3", 0.75, 0.05, 60.0);
     std::fs::create_dir_all(dir.join("lora-s4")).unwrap(); // unfinished: left out
-    let runs = collect(&dir).unwrap();
+    let runs = collect(dir).unwrap();
     assert_eq!(runs.len(), 3);
     let t = table(&runs);
     assert!(
@@ -220,7 +224,7 @@ fn results_table_aggregates_seeds() {
     });
     std::fs::write(d.join("summary.json"), summary.to_string()).unwrap();
     std::fs::write(d.join("config.toml"), "epochs = 3\n").unwrap();
-    let t = table(&collect(&dir).unwrap());
+    let t = table(&collect(dir).unwrap());
     let (class, reg) = t.split_once("\n\n").expect("two tables");
     assert!(
         class.contains("| smart | 1, 2 |") && !class.contains("reg"),
@@ -234,7 +238,6 @@ fn results_table_aggregates_seeds() {
     std::fs::remove_dir_all(&d).unwrap();
     // A folder not named <label>-s<seed> is an error naming it.
     run("oops", 0.5, 0.1, 1.0);
-    let e = collect(&dir).unwrap_err().to_string();
+    let e = collect(dir).unwrap_err().to_string();
     assert!(e.contains("oops"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }

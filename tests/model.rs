@@ -106,15 +106,15 @@ fn pairs_get_token_types_and_truncation() {
 #[test]
 fn checkpoint_errors_name_the_tensors() {
     let dir = minilm_dir();
-    let tmp = std::env::temp_dir().join(format!("tunefuse-ckpt-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let scratch_dir = scratch("ckpt");
+    let tmp = scratch_dir.path();
     // A config with one more layer: layer 6 is missing from the checkpoint.
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     cfg["num_hidden_layers"] = 7.into();
     std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
     std::os::unix::fs::symlink(dir.join("model.safetensors"), tmp.join("model.safetensors")).ok();
-    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+    let e = Bert::from_pretrained(tmp, &VarMap::new(), DType::F32, &CPU)
         .unwrap_err()
         .to_string();
     assert!(
@@ -124,7 +124,7 @@ fn checkpoint_errors_name_the_tensors() {
     // Fewer layers: layer 5's tensors are unexpected.
     cfg["num_hidden_layers"] = 5.into();
     std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
-    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+    let e = Bert::from_pretrained(tmp, &VarMap::new(), DType::F32, &CPU)
         .unwrap_err()
         .to_string();
     assert!(
@@ -135,13 +135,13 @@ fn checkpoint_errors_name_the_tensors() {
     cfg["num_hidden_layers"] = 6.into();
     cfg["intermediate_size"] = 1000.into();
     std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
-    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+    let e = Bert::from_pretrained(tmp, &VarMap::new(), DType::F32, &CPU)
         .unwrap_err()
         .to_string();
     assert!(e.contains("mis-shaped (18)") && e.contains("encoder.layer.0.intermediate.dense.weight: checkpoint [1536, 384], model [1000, 384]"), "{e}");
     // A corrupt file and a missing one.
     std::fs::remove_file(tmp.join("model.safetensors")).unwrap();
-    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+    let e = Bert::from_pretrained(tmp, &VarMap::new(), DType::F32, &CPU)
         .unwrap_err()
         .to_string();
     assert!(
@@ -149,16 +149,15 @@ fn checkpoint_errors_name_the_tensors() {
         "{e}"
     );
     std::fs::write(tmp.join("model.safetensors"), b"not a safetensors file").unwrap();
-    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+    let e = Bert::from_pretrained(tmp, &VarMap::new(), DType::F32, &CPU)
         .unwrap_err()
         .to_string();
     assert!(e.contains("not a readable safetensors file"), "{e}");
     std::fs::write(tmp.join("config.json"), "{\"hidden_size\": 384").unwrap();
-    let e = Bert::from_pretrained(&tmp, &VarMap::new(), DType::F32, &CPU)
+    let e = Bert::from_pretrained(tmp, &VarMap::new(), DType::F32, &CPU)
         .unwrap_err()
         .to_string();
     assert!(e.contains("config.json"), "{e}");
-    std::fs::remove_dir_all(&tmp).ok();
 }
 
 fn tiny() -> BertConfig {

@@ -6,8 +6,11 @@ use std::process::Command;
 
 #[test]
 fn ranges_reach_the_library_nested() {
-    let dir = std::env::temp_dir().join(format!("tunefuse-nvtx-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = tempfile::Builder::new()
+        .prefix("tunefuse-nvtx-")
+        .tempdir()
+        .unwrap();
+    let dir = scratch.path();
     let (src, lib, log) = (
         dir.join("stub.c"),
         dir.join("libstub.so"),
@@ -42,5 +45,4 @@ int nvtxRangePop(void) {{ put("pop"); return 0; }}
         std::fs::read_to_string(&log).unwrap(),
         "outer\ninner\npop\npop\n"
     );
-    std::fs::remove_dir_all(&dir).ok();
 }

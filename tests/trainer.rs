@@ -4,15 +4,18 @@
 mod common;
 
 use common::*;
+use tempfile::TempDir;
 use tunefuse::train::optim::{AdamW, AdamWParams, Param, RecAdam, Schedule};
 use tunefuse::train::trainer::{Config, Run};
 
-fn tiny(out: &str, methods: &[&str]) -> Config {
+/// A small SST-2 run writing to `out` inside `dir`: the scratch directory
+/// removes every checkpoint when the test ends, passed or failed.
+fn tiny(dir: &TempDir, out: &str, methods: &[&str]) -> Config {
     Config {
         task: "sst2".into(),
         model: minilm_dir(),
         data_dir: Some(data_root()),
-        output: std::env::temp_dir().join(format!("tunefuse-trainer-{out}-{}", std::process::id())),
+        output: dir.path().join(out),
         methods: methods.iter().map(|s| s.to_string()).collect(),
         epochs: 2,
         batch_size: 8,
@@ -46,14 +49,15 @@ fn lines(cfg: &Config) -> Vec<serde_json::Value> {
 
 #[test]
 fn resume_reproduces_an_uninterrupted_run() {
+    let dir = scratch("trainer");
     // SMART with Bregman proximal point: the resumed state includes the
     // optimiser moments, the dropout and noise streams and θ̃.
-    let mut full = tiny("full", &["smart"]);
+    let mut full = tiny(&dir, "full", &["smart"]);
     full.bregman.mu = 1.0;
     full.bregman.beta = 0.5;
     let s_full = Run::new(full.clone()).unwrap().fit(false, |_| ()).unwrap();
     // The same run, stopped after step 2 and resumed.
-    let mut cut = tiny("cut", &["smart"]);
+    let mut cut = tiny(&dir, "cut", &["smart"]);
     cut.bregman = full.bregman.clone();
     cut.stop_after = Some(2);
     Run::new(cut.clone()).unwrap().fit(false, |_| ()).unwrap();
@@ -85,12 +89,11 @@ fn resume_reproduces_an_uninterrupted_run() {
         tunefuse::train::trainer::evaluate_checkpoint(&full.output.join("best"), None, "dev", None)
             .unwrap();
     assert!(ev.accuracy >= 0.0 && ev.accuracy <= 1.0);
-    std::fs::remove_dir_all(&full.output).ok();
-    std::fs::remove_dir_all(&cut.output).ok();
 }
 
 #[test]
 fn methods_run_and_peft_trains_only_new_parameters() {
+    let dir = scratch("trainer");
     for methods in [
         &["smart"][..],
         &["r3f"],
@@ -99,7 +102,7 @@ fn methods_run_and_peft_trains_only_new_parameters() {
         &["lora"],
         &["smart", "mixout"],
     ] {
-        let mut cfg = tiny(&methods.join("-"), methods);
+        let mut cfg = tiny(&dir, &methods.join("-"), methods);
         cfg.epochs = 1;
         cfg.train_examples = Some(8);
         cfg.eval_examples = Some(8);
@@ -116,13 +119,13 @@ fn methods_run_and_peft_trains_only_new_parameters() {
         if methods.contains(&"smart") || methods.contains(&"r3f") {
             assert!(pen > 0.0 && pen.is_finite(), "{methods:?}: penalty {pen}");
         }
-        std::fs::remove_dir_all(&cfg.output).ok();
     }
 }
 
 #[test]
 fn bad_configurations_fail_before_training() {
-    let base = tiny("bad", &["vanilla"]);
+    let dir = scratch("trainer");
+    let base = tiny(&dir, "bad", &["vanilla"]);
     let cases: Vec<(Config, &str)> = vec![
         (
             Config {
@@ -267,8 +270,9 @@ fn adamw_and_recadam_steps_match_the_formulas() {
 
 #[test]
 fn bf16_mixed_precision_step_runs() {
+    let dir = scratch("trainer");
     // The CUDA default (bf16 activations, f32 master weights), on the CPU.
-    let mut cfg = tiny("bf16", &["smart"]);
+    let mut cfg = tiny(&dir, "bf16", &["smart"]);
     cfg.precision = "bf16".into();
     cfg.epochs = 1;
     cfg.train_examples = Some(8);
@@ -281,7 +285,6 @@ fn bf16_mixed_precision_step_runs() {
         "{:?}",
         l[0]
     );
-    std::fs::remove_dir_all(&cfg.output).ok();
 }
 
 #[test]
@@ -301,7 +304,8 @@ fn readme_config_example_parses_and_validates() {
 
 #[test]
 fn ulmfit_and_recadam_options_train() {
-    let mut cfg = tiny("ulmfit", &["vanilla"]);
+    let dir = scratch("trainer");
+    let mut cfg = tiny(&dir, "ulmfit", &["vanilla"]);
     cfg.epochs = 1;
     cfg.train_examples = Some(8);
     cfg.eval_examples = Some(8);
@@ -347,7 +351,6 @@ fn ulmfit_and_recadam_options_train() {
         top0,
         "the top layer trains"
     );
-    std::fs::remove_dir_all(&cfg.output).ok();
 }
 
 #[test]
@@ -416,8 +419,8 @@ fn steps_of(cfg: &Config) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn short(name: &str, methods: &[&str]) -> Config {
-    let mut cfg = tiny(name, methods);
+fn short(dir: &TempDir, name: &str, methods: &[&str]) -> Config {
+    let mut cfg = tiny(dir, name, methods);
     cfg.epochs = 1;
     cfg.train_examples = Some(16);
     cfg.eval_examples = Some(8);
@@ -427,9 +430,10 @@ fn short(name: &str, methods: &[&str]) -> Config {
 
 #[test]
 fn methods_change_what_they_should() {
+    let dir = scratch("trainer");
     // SMART with σ = η = 0: the perturbed input is the clean one, so the
     // smoothness penalty is exactly 0 (dropout off, so both passes agree).
-    let mut smart = short("smart0", &["smart"]);
+    let mut smart = short(&dir, "smart0", &["smart"]);
     smart.smart.sigma = 0.0;
     smart.smart.eta = 0.0;
     Run::new(smart.clone()).unwrap().fit(false, |_| ()).unwrap();
@@ -437,14 +441,14 @@ fn methods_change_what_they_should() {
         assert_eq!(l["penalty"].as_f64().unwrap(), 0.0, "{l}");
     }
     // Mixout with p = 0 is plain training, step for step.
-    let plain = short("plain", &["vanilla"]);
-    let mut mix0 = short("mix0", &["mixout"]);
+    let plain = short(&dir, "plain", &["vanilla"]);
+    let mut mix0 = short(&dir, "mix0", &["mixout"]);
     mix0.mixout = 0.0;
     Run::new(plain.clone()).unwrap().fit(false, |_| ()).unwrap();
     Run::new(mix0.clone()).unwrap().fit(false, |_| ()).unwrap();
     assert_eq!(steps_of(&mix0), steps_of(&plain));
     // Frozen parameters do not move: LoRA trains only its own matrices and the head.
-    let lora = short("lora-frozen", &["lora"]);
+    let lora = short(&dir, "lora-frozen", &["lora"]);
     let mut run = Run::new(lora.clone()).unwrap();
     let (q0, b0) = (
         param(&run, "encoder.layer.0.attention.self.query.weight"),
@@ -461,18 +465,16 @@ fn methods_change_what_they_should() {
         b0,
         "LoRA's B must train"
     );
-    for c in [&smart, &plain, &mix0, &lora] {
-        std::fs::remove_dir_all(&c.output).ok();
-    }
 }
 
 #[test]
 fn regression_trains_with_squared_error_smoothness() {
+    let dir = scratch("trainer");
     // SST-5's 0–4 labels as scores: one-output head, MSE; SMART's penalty
     // is the squared error of the outputs, exactly 0 with σ = η = 0 and
     // positive otherwise; R3F and the Bregman term run on it too.
     let reg = |name: &str, methods: &[&str]| {
-        let mut c = short(name, methods);
+        let mut c = short(&dir, name, methods);
         c.task = "sst5".into();
         c.regression = true;
         c.metric = "pearson".into();
@@ -536,38 +538,31 @@ fn regression_trains_with_squared_error_smoothness() {
         .unwrap_err()
         .to_string()
         .contains("label_smoothing"));
-    for c in [&zero, &smart, &r3f] {
-        std::fs::remove_dir_all(&c.output).ok();
-    }
 }
 
 #[test]
 fn multi_class_summary_reads_back() {
+    let dir = scratch("trainer");
     // F1 is undefined for SST-5's five classes (NaN, written as null):
     // `tunefuse results` must still read the summary.
-    let mut c = short("sst5-class", &["vanilla"]);
+    let mut c = short(&dir, "sst5-class", &["vanilla"]);
     c.task = "sst5".into();
     let s = Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
     assert!(s.last.f1.is_nan() && s.last.accuracy.is_finite());
-    let dir = c
-        .output
-        .parent()
-        .unwrap()
-        .join(format!("tunefuse-results-{}", std::process::id()));
-    let run_dir = dir.join("vanilla-s1");
+    let results = dir.path().join("results");
+    let run_dir = results.join("vanilla-s1");
     std::fs::create_dir_all(&run_dir).unwrap();
     for f in ["summary.json", "config.toml"] {
         std::fs::copy(c.output.join(f), run_dir.join(f)).unwrap();
     }
-    let runs = tunefuse::train::report::collect(&dir).unwrap();
+    let runs = tunefuse::train::report::collect(&results).unwrap();
     assert_eq!(runs.len(), 1);
     assert!(runs[0].summary.last.f1.is_nan());
-    std::fs::remove_dir_all(&c.output).ok();
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
 fn sst2_vanilla_recipe_reaches_75_percent_on_cpu() {
+    let dir = scratch("trainer");
     // The first row of the reference runs: 1,000 sampled SST-2
     // sentences, 3 epochs, lr 1e-4, batch 16, AdamW wd 0.01, linear warm-up
     // 10 %, clip 1, max length 128 (PyTorch: 78.9 / 81.8 over two seeds).
@@ -579,7 +574,7 @@ fn sst2_vanilla_recipe_reaches_75_percent_on_cpu() {
         max_len: 128,
         eval_every: 0,
         log_every: 50,
-        ..tiny("sst2-recipe", &["vanilla"])
+        ..tiny(&dir, "sst2-recipe", &["vanilla"])
     };
     let s = Run::new(cfg.clone()).unwrap().fit(false, |_| ()).unwrap();
     eprintln!(
@@ -587,12 +582,12 @@ fn sst2_vanilla_recipe_reaches_75_percent_on_cpu() {
         s.last.accuracy, s.last.ece, s.seconds
     );
     assert!(s.last.accuracy >= 0.75, "dev accuracy {}", s.last.accuracy);
-    std::fs::remove_dir_all(&cfg.output).ok();
 }
 
 #[test]
 fn peft_layernorm_and_step_wise_unfreezing() {
-    let mut cfg = short("peft-ln", &["adapter"]);
+    let dir = scratch("trainer");
+    let mut cfg = short(&dir, "peft-ln", &["adapter"]);
     cfg.peft_layernorm = true;
     let run = Run::new(cfg.clone()).unwrap();
     let names: Vec<&str> = run.opt.params.iter().map(|p| p.name.as_str()).collect();
@@ -606,7 +601,7 @@ fn peft_layernorm_and_step_wise_unfreezing() {
     );
     // Unfreezing every step: after 2 steps of 6 layers, layers 4-5 have
     // trained and layer 0 has not.
-    let mut cfg = short("unfreeze-steps", &["vanilla"]);
+    let mut cfg = short(&dir, "unfreeze-steps", &["vanilla"]);
     cfg.gradual_unfreezing = true;
     cfg.unfreeze_every_steps = Some(1);
     cfg.batch_size = 8; // 16 examples: 2 steps
@@ -619,13 +614,13 @@ fn peft_layernorm_and_step_wise_unfreezing() {
         .map(|i| param(&run, &format!("encoder.layer.{i}.output.dense.weight")) != before[i])
         .collect();
     assert_eq!(moved, vec![false, false, false, false, true, true]);
-    std::fs::remove_dir_all(&cfg.output).ok();
 }
 
 #[test]
 fn phase_times_report_every_phase_and_change_nothing_else() {
-    let plain = tiny("plain", &["vanilla"]);
-    let mut timed = tiny("phases", &["vanilla"]);
+    let dir = scratch("trainer");
+    let plain = tiny(&dir, "plain", &["vanilla"]);
+    let mut timed = tiny(&dir, "phases", &["vanilla"]);
     timed.phase_times = true;
     let s_plain = Run::new(plain.clone()).unwrap().fit(false, |_| ()).unwrap();
     let s_timed = Run::new(timed.clone()).unwrap().fit(false, |_| ()).unwrap();
@@ -655,6 +650,4 @@ fn phase_times_report_every_phase_and_change_nothing_else() {
         serde_json::from_str(&std::fs::read_to_string(timed.output.join("summary.json")).unwrap())
             .unwrap();
     assert_eq!(written["phase_ms"].as_array().map(Vec::len), Some(6));
-    std::fs::remove_dir_all(&plain.output).ok();
-    std::fs::remove_dir_all(&timed.output).ok();
 }

@@ -136,6 +136,17 @@ pub fn cuda_device() -> Option<Device> {
     }
 }
 
+/// A fresh directory under the system's temporary directory, named
+/// `tunefuse-<what>-XXXXXX`, removed with everything in it when the guard
+/// drops: also when the test fails, so a failing run leaves no checkpoints
+/// behind (a trainer test writes hundreds of MB).
+pub fn scratch(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("tunefuse-{what}-"))
+        .tempdir()
+        .expect("cannot create a scratch directory under the temporary directory")
+}
+
 /// The all-MiniLM-L6-v2 directory: `TUNEFUSE_MODEL_DIR`, or fetched (once,
 /// then cached) by `scripts/fetch-model.sh`.
 pub fn minilm_dir() -> PathBuf {
