@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use tempfile::TempDir;
 use tunefuse::train::optim::{AdamW, AdamWParams, Param, RecAdam, Schedule};
-use tunefuse::train::trainer::{Config, Run};
+use tunefuse::train::trainer::{Config, FreeLbConfig, Run};
 
 /// A small SST-2 run writing to `out` inside `dir`: the scratch directory
 /// removes every checkpoint when the test ends, passed or failed.
@@ -100,6 +100,7 @@ fn methods_run_and_peft_trains_only_new_parameters() {
         &["mixout"],
         &["adapter"],
         &["lora"],
+        &["freelb"],
         &["smart", "mixout"],
     ] {
         let mut cfg = tiny(&dir, &methods.join("-"), methods);
@@ -447,6 +448,47 @@ fn methods_change_what_they_should() {
     Run::new(plain.clone()).unwrap().fit(false, |_| ()).unwrap();
     Run::new(mix0.clone()).unwrap().fit(false, |_| ()).unwrap();
     assert_eq!(steps_of(&mix0), steps_of(&plain));
+    // FreeLB with no initial noise and η = 0 never leaves the clean input:
+    // its loss (the mean over K = 2 identical passes) and the gradients it
+    // accumulates over them are plain training's, step for step.
+    let mut free0 = short(&dir, "freelb0", &["freelb"]);
+    free0.freelb = FreeLbConfig {
+        steps: 2,
+        eta: 0.0,
+        eps: 0.0,
+        init: 0.0,
+    };
+    Run::new(free0.clone()).unwrap().fit(false, |_| ()).unwrap();
+    assert_eq!(steps_of(&free0), steps_of(&plain));
+    // Also with two micro-batches per step: the gradients of FreeLB's
+    // ascent passes take the micro-batch's share like the rest.
+    let accum = |c: &Config, name: &str| Config {
+        output: dir.path().join(name),
+        grad_accum: 2,
+        batch_size: 4,
+        ..c.clone()
+    };
+    let (plain2, free2) = (accum(&plain, "plain-accum"), accum(&free0, "freelb0-accum"));
+    for c in [&plain2, &free2] {
+        Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
+    }
+    assert_eq!(steps_of(&free2), steps_of(&plain2));
+    // With η > 0 the second pass sees the input moved up the loss's
+    // gradient (l2 per example, within ε): the mean loss rises above the
+    // clean one, and training takes a different path.
+    let mut free = free0.clone();
+    free.output = dir.path().join("freelb");
+    free.freelb.eta = 0.5;
+    free.freelb.eps = 0.5;
+    Run::new(free.clone()).unwrap().fit(false, |_| ()).unwrap();
+    let (adv, clean) = (steps_of(&free), steps_of(&plain));
+    assert!(
+        adv[0]["loss"].as_f64().unwrap() > clean[0]["loss"].as_f64().unwrap(),
+        "{} vs {}",
+        adv[0],
+        clean[0]
+    );
+    assert_ne!(adv, clean);
     // Frozen parameters do not move: LoRA trains only its own matrices and the head.
     let lora = short(&dir, "lora-frozen", &["lora"]);
     let mut run = Run::new(lora.clone()).unwrap();

@@ -15,6 +15,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
@@ -28,7 +29,7 @@ use crate::model::{
 };
 use crate::ops::mixout::Rng;
 use crate::ops::perturb::{
-    ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode,
+    ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, Perturbation, StepMode,
 };
 use crate::ops::sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
 
@@ -89,6 +90,53 @@ impl Default for BregmanConfig {
             beta: 0.99,
         }
     }
+}
+
+/// One batch's objective as the methods build it.
+struct Objective {
+    /// What the backward pass runs on; its value is the whole objective.
+    loss: Tensor,
+    /// The regulariser's value for the log (NaN when skipped).
+    penalty: Option<Tensor>,
+    /// Parameter gradients of terms already back-propagated (FreeLB's
+    /// ascent passes), to add to those of `loss`.
+    grads: Option<GradStore>,
+}
+
+impl Objective {
+    fn new(loss: Tensor, penalty: Option<Tensor>) -> Self {
+        Self {
+            loss,
+            penalty,
+            grads: None,
+        }
+    }
+}
+
+/// `into[p] += scale·from[p]` for each parameter `p` with a gradient in
+/// `from` (the other entries of `from`, intermediate tensors, are left out).
+fn add_param_grads(
+    into: &mut GradStore,
+    from: &GradStore,
+    params: &[Param],
+    scale: f64,
+) -> Result<()> {
+    for p in params {
+        let t = p.var.as_tensor();
+        if let Some(g) = from.get(t) {
+            let g = if scale == 1.0 {
+                g.clone()
+            } else {
+                (g * scale)?
+            };
+            let sum = match into.get(t) {
+                Some(a) => (a + g)?,
+                None => g,
+            };
+            into.insert(t, sum);
+        }
+    }
+    Ok(())
 }
 
 /// FreeLB (Zhu et al. 2020): K ascent steps on the input-embedding
@@ -884,34 +932,34 @@ impl Run {
     }
 
     /// Task loss plus the regularisers for one batch.
-    fn loss(&mut self, b: &Batch) -> Result<(Tensor, Option<Tensor>)> {
+    fn loss(&mut self, b: &Batch) -> Result<Objective> {
         let teacher = self.teacher_logits(b)?;
-        let (loss, pen, clean) = self.loss_inner(b)?;
-        match teacher {
-            None => Ok((loss, pen)),
-            Some(t) => {
-                // FreeLB has no clean pass: the proximal term then runs one.
-                let logits = match clean {
-                    Some(l) => l,
-                    None => {
-                        let e = self.bert.forward_embeddings(&b.ids, Some(&b.types))?;
-                        self.logits(&e, &b.mask)?
-                    }
-                };
-                let mu = self.cfg.bregman.mu;
-                let prox = self.divergence(&logits, &t, SymKlGrad::Detached, mu)?;
-                Ok(((loss + (prox * mu)?)?, pen))
+        let (obj, clean) = self.loss_inner(b)?;
+        let Some(t) = teacher else {
+            return Ok(obj);
+        };
+        // FreeLB has no clean pass: the proximal term then runs one.
+        let logits = match clean {
+            Some(l) => l,
+            None => {
+                let e = self.bert.forward_embeddings(&b.ids, Some(&b.types))?;
+                self.logits(&e, &b.mask)?
             }
-        }
+        };
+        let mu = self.cfg.bregman.mu;
+        let prox = self.divergence(&logits, &t, SymKlGrad::Detached, mu)?;
+        Ok(Objective {
+            loss: (obj.loss + (prox * mu)?)?,
+            ..obj
+        })
     }
 
     /// Task loss and adversarial regulariser; also the clean logits when
     /// the method computed them.
-    fn loss_inner(&mut self, b: &Batch) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    fn loss_inner(&mut self, b: &Batch) -> Result<(Objective, Option<Tensor>)> {
         let embeds = self.bert.forward_embeddings(&b.ids, Some(&b.types))?;
         if self.cfg.has("freelb") {
-            let (l, p) = self.freelb_loss(b, &embeds)?;
-            return Ok((l, p, None));
+            return Ok((self.freelb_loss(b, &embeds)?, None));
         }
         let logits = self.logits(&embeds, &b.mask)?;
         let task = self.task_loss(&logits, &b.labels)?;
@@ -919,48 +967,41 @@ impl Run {
         let shape = [bsz, len, hid];
         if self.cfg.has("smart") && self.cfg.smart.lambda > 0.0 {
             let s = &self.cfg.smart;
-            let step = self.cfg.smart_step()?;
-            let mut delta = noise_init(
-                &shape,
-                &b.mask,
-                Noise::Normal { sigma: s.sigma },
-                embeds.dtype(),
-                self.noise,
-            )?;
-            self.noise.offset += crate::philox::counters_for(delta.elem_count());
+            let smart = Perturbation {
+                noise: Noise::Normal { sigma: s.sigma },
+                step: self.cfg.smart_step()?,
+                steps: s.steps,
+            };
             let target = logits.detach();
-            let mut finite = true;
-            for _ in 0..s.steps {
+            let clean = embeds.detach();
+            let mut rng = self.noise;
+            let delta = smart.run(&shape, &b.mask, embeds.dtype(), &mut rng, |delta| {
                 let _r = crate::nvtx::range("smart ascent step");
-                let d = candle_core::Var::from_tensor(&delta)?;
-                let adv = self.logits(&(embeds.detach() + d.as_tensor())?, &b.mask)?;
+                let d = candle_core::Var::from_tensor(delta)?;
+                let adv = self.logits(&(&clean + d.as_tensor())?, &b.mask)?;
                 let inner = if self.cfg.regression {
                     squared_error(&adv, &target)?
                 } else {
                     kl(&adv, &target, Reduction::BatchMean, None)?
                 };
-                let g = inner
+                Ok(inner
                     .backward()?
                     .get(d.as_tensor())
                     .cloned()
-                    .unwrap_or(delta.zeros_like()?);
-                let (next, flags) = ascent_step(&delta, &g, &b.mask, &step)?;
-                if flags.max_all()?.to_scalar::<u8>()? != 0 {
-                    finite = false;
-                    break;
-                }
-                delta = next;
+                    .unwrap_or(delta.zeros_like()?))
+            })?;
+            self.noise = rng;
+            if delta.any_nonfinite()? {
+                // Skipped: the penalty is logged as NaN.
+                let nan = Tensor::new(f32::NAN, logits.device())?;
+                return Ok((Objective::new(task, Some(nan)), Some(logits)));
             }
-            if finite {
-                let adv = self.logits(&(&embeds + delta.detach())?, &b.mask)?;
-                let lam = s.lambda;
-                let pen = self.divergence(&adv, &logits, SymKlGrad::Detached, lam)?;
-                let v = pen.detach();
-                return Ok(((task + (pen * lam)?)?, Some(v), Some(logits)));
-            }
-            // Skipped: the penalty is logged as NaN.
-            let nan = Tensor::new(f32::NAN, logits.device())?;
-            return Ok((task, Some(nan), Some(logits)));
+            let adv = self.logits(&(&embeds + delta.delta)?, &b.mask)?;
+            let lam = s.lambda;
+            let pen = self.divergence(&adv, &logits, SymKlGrad::Detached, lam)?;
+            let v = pen.detach();
+            let loss = (task + (pen * lam)?)?;
+            return Ok((Objective::new(loss, Some(v)), Some(logits)));
         }
         if self.cfg.has("r3f") && self.cfg.r3f.lambda > 0.0 {
             let r = &self.cfg.r3f;
@@ -975,17 +1016,21 @@ impl Run {
             let lam = r.lambda;
             let pen = self.divergence(&adv, &logits, SymKlGrad::Full, lam)?;
             let v = pen.detach();
-            return Ok(((task + (pen * lam)?)?, Some(v), Some(logits)));
+            let loss = (task + (pen * lam)?)?;
+            return Ok((Objective::new(loss, Some(v)), Some(logits)));
         }
-        Ok((task, None, Some(logits)))
+        Ok((Objective::new(task, None), Some(logits)))
     }
 
-    /// FreeLB: the task loss averaged over K perturbed inputs; δ ascends
-    /// along each step's gradient (pgd, l2 per example, ε-ball when ε > 0).
-    /// Each δ gradient takes its own backward pass; the returned loss sums
-    /// the K graphs so one more backward accumulates the parameter
-    /// gradients of every step.
-    fn freelb_loss(&mut self, b: &Batch, embeds: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    /// FreeLB: the task loss averaged over K perturbed inputs, δ ascending
+    /// along each pass's gradient (pgd, l2 per example, ε-ball when ε > 0).
+    /// Each of the first K − 1 passes is back-propagated once, for δ's
+    /// gradient and its share of the parameter gradients (returned in
+    /// [`Objective::grads`]); only the last pass is left to the caller's
+    /// backward, so a step costs K backward passes, not 2K − 1. A pass
+    /// whose δ gradient is not finite ends the ascent there (the objective
+    /// still averages K passes, at the last finite δ).
+    fn freelb_loss(&mut self, b: &Batch, embeds: &Tensor) -> Result<Objective> {
         let f = self.cfg.freelb.clone();
         let (bsz, len, hid) = embeds.dims3()?;
         let mut delta = noise_init(
@@ -1004,26 +1049,43 @@ impl Run {
                 eps: (f.eps > 0.0).then_some(f.eps),
             },
         };
-        let mut total: Option<Tensor> = None;
-        for k in 0..f.steps {
+        let pass = |delta: &Tensor| -> Result<Tensor> {
+            let logits = self.logits(&(embeds + delta)?, &b.mask)?;
+            Ok((self.task_loss(&logits, &b.labels)? / f.steps as f64)?)
+        };
+        // The earlier passes' loss values (detached) and parameter gradients.
+        let mut done: Option<Tensor> = None;
+        let mut grads = GradStore::default();
+        let mut ascending = true;
+        for _ in 1..f.steps {
             let _r = crate::nvtx::range("freelb ascent step");
             let d = candle_core::Var::from_tensor(&delta)?;
-            let logits = self.logits(&(embeds + d.as_tensor())?, &b.mask)?;
-            let loss = (self.task_loss(&logits, &b.labels)? / f.steps as f64)?;
-            if k + 1 < f.steps {
-                let g = loss
-                    .backward()?
-                    .get(d.as_tensor())
-                    .cloned()
-                    .unwrap_or(delta.zeros_like()?);
-                delta = ascent_step(&delta, &g, &b.mask, &step)?.0;
-            }
-            total = Some(match total {
-                None => loss,
-                Some(t) => (t + loss)?,
+            let loss = pass(d.as_tensor())?;
+            let g = loss.backward()?;
+            add_param_grads(&mut grads, &g, &self.opt.params, 1.0)?;
+            done = Some(match done {
+                None => loss.detach(),
+                Some(t) => (t + loss.detach())?,
             });
+            if ascending {
+                let dg = g.get(d.as_tensor()).cloned().unwrap_or(delta.zeros_like()?);
+                let (next, flags) = ascent_step(&delta, &dg, &b.mask, &step)?;
+                if flags.max_all()?.to_scalar::<u8>()? != 0 {
+                    ascending = false;
+                } else {
+                    delta = next;
+                }
+            }
         }
-        Ok((total.expect("freelb steps >= 1"), None))
+        let last = pass(&delta)?;
+        Ok(Objective {
+            loss: match done {
+                None => last,
+                Some(t) => (t + last)?,
+            },
+            penalty: None,
+            grads: (f.steps > 1).then_some(grads),
+        })
     }
 
     /// Class probabilities on a dataset (eval mode); for regression, one
@@ -1186,21 +1248,22 @@ impl Run {
                 self.apply_unfreezing(stage)?;
                 let group: Vec<&[usize]> =
                     batches[st.batch..(st.batch + self.cfg.grad_accum).min(batches.len())].to_vec();
-                let mut acc: Option<candle_core::backprop::GradStore> = None;
+                let mut acc: Option<GradStore> = None;
                 // Loss and penalty stay on the device (f64, summed over the
                 // micro-batches in order) until the next logged step.
                 let (mut loss_sum, mut pen_sum): (Option<Tensor>, Option<Tensor>) = (None, None);
                 for idx in &group {
                     let b = self.batch(&self.train, idx)?;
                     phases.mark("batch (unfreezing, tokens to the device)")?;
-                    let (loss, pen) = {
+                    let obj = {
                         let _r = crate::nvtx::range("forward (+ regularisers)");
                         self.loss(&b)?
                     };
                     phases.mark("forward (+ regularisers)")?;
-                    let loss = (loss / group.len() as f64)?;
+                    let share = 1.0 / group.len() as f64;
+                    let loss = (obj.loss / group.len() as f64)?;
                     let l = loss.detach().to_dtype(DType::F64)?;
-                    let p = match pen {
+                    let p = match obj.penalty {
                         Some(p) => (p.to_dtype(DType::F64)? / group.len() as f64)?,
                         None => l.zeros_like()?,
                     };
@@ -1212,23 +1275,17 @@ impl Run {
                         None => p,
                         Some(s) => (s + p)?,
                     });
-                    let g = {
+                    let mut g = {
                         let _r = crate::nvtx::range("backward");
                         loss.backward()?
                     };
+                    if let Some(pre) = &obj.grads {
+                        add_param_grads(&mut g, pre, &self.opt.params, share)?;
+                    }
                     acc = Some(match acc {
                         None => g,
                         Some(mut a) => {
-                            for p in &self.opt.params {
-                                let t = p.var.as_tensor();
-                                if let Some(gi) = g.get(t) {
-                                    let sum = match a.get(t) {
-                                        Some(ai) => (ai + gi)?,
-                                        None => gi.clone(),
-                                    };
-                                    a.insert(t, sum);
-                                }
-                            }
+                            add_param_grads(&mut a, &g, &self.opt.params, 1.0)?;
                             a
                         }
                     });
