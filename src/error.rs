@@ -24,6 +24,10 @@ pub enum Error {
     /// tensor).
     #[error("{path}: {msg}")]
     Format { path: String, msg: String },
+    /// Training produced values that are not finite (a diverged run), or a
+    /// model's outputs are not finite.
+    #[error("{0}")]
+    NotFinite(String),
     /// An error from candle (allocation, CUDA launch, …).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -693,3 +693,53 @@ fn phase_times_report_every_phase_and_change_nothing_else() {
             .unwrap();
     assert_eq!(written["phase_ms"].as_array().map(Vec::len), Some(6));
 }
+
+#[test]
+fn a_diverged_run_stops_with_an_error_and_keeps_its_checkpoints() {
+    let dir = scratch("trainer");
+    // lr 1e8 without clipping: the loss is ~1e18 after one step and NaN
+    // after two. Evaluating only at the end, the NaN loss stops the run.
+    let mut cfg = tiny(&dir, "diverge", &["vanilla"]);
+    cfg.epochs = 1;
+    cfg.train_examples = Some(32);
+    cfg.eval_examples = Some(16);
+    cfg.lr = 1e8;
+    cfg.clip = 0.0;
+    cfg.eval_every = 0;
+    let e = Run::new(cfg.clone())
+        .unwrap()
+        .fit(false, |_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("training diverged at step ") && e.contains("the loss is NaN"),
+        "{e}"
+    );
+    assert!(
+        !cfg.output.join("best").exists(),
+        "no evaluation, nothing saved"
+    );
+    // Evaluating every step: step 1's weights are saved, the inf/NaN
+    // weights after the next update are neither evaluated into the metrics
+    // nor saved, and step 1's checkpoint still loads and evaluates.
+    cfg.output = dir.path().join("diverge-eval");
+    cfg.eval_every = 1;
+    let e = Run::new(cfg.clone())
+        .unwrap()
+        .fit(false, |_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("training diverged by step ") && e.contains("outputs are not finite"),
+        "{e}"
+    );
+    let ev =
+        tunefuse::train::trainer::evaluate_checkpoint(&cfg.output.join("best"), None, "dev", None)
+            .unwrap();
+    assert!(ev.accuracy.is_finite() && ev.nll.is_finite(), "{ev:?}");
+    let evals = lines(&cfg)
+        .into_iter()
+        .filter(|l| l.get("eval").is_some())
+        .count();
+    assert_eq!(evals, 1, "only step 1 was evaluated");
+}

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::data::{self, Dataset, Split, Task};
 use super::metrics;
 use super::optim::{clip_scale, grad_norm, AdamW, AdamWParams, Param, RecAdam, Schedule};
-use crate::error::{io_err, param_err, Result};
+use crate::error::{io_err, param_err, Error, Result};
 use crate::model::{
     AdapterPlacement, Bert, ClassifierHead, Outputs, Pooling, RegressionHead, TextTokenizer,
 };
@@ -1113,6 +1113,18 @@ impl Run {
     /// Metrics on a dataset, and the reliability table (classification).
     pub fn evaluate(&self, ds: &Dataset) -> Result<(Eval, Option<metrics::Calibration>)> {
         let probs = self.predict(ds)?;
+        let bad: Vec<usize> = (0..probs.len())
+            .filter(|&i| probs[i].iter().any(|p| !p.is_finite()))
+            .collect();
+        if let Some(&first) = bad.first() {
+            return Err(Error::NotFinite(format!(
+                "the model's outputs are not finite for {} of {} examples (the first: \
+                 example {first}, {:?}): its weights hold NaN or infinity",
+                bad.len(),
+                probs.len(),
+                probs[first]
+            )));
+        }
         let labels: Vec<usize> = ds.examples.iter().map(|e| e.label).collect();
         if self.cfg.regression {
             let pred: Vec<f64> = probs.iter().map(|p| p[0]).collect();
@@ -1345,7 +1357,16 @@ impl Run {
                 if (self.cfg.eval_every > 0 && st.step.is_multiple_of(self.cfg.eval_every as u64))
                     || epoch_end
                 {
-                    let (ev, cal) = self.evaluate(&self.eval)?;
+                    // Nothing diverged is evaluated or saved: the steps'
+                    // losses are read (one sync) and the outputs checked.
+                    flush(&mut pending, &mut losses)?;
+                    let (ev, cal) = self.evaluate(&self.eval).map_err(|e| match e {
+                        Error::NotFinite(m) => Error::NotFinite(format!(
+                            "training diverged by step {}: {m}{DIVERGED}",
+                            st.step
+                        )),
+                        e => e,
+                    })?;
                     let score = ev.get(&self.cfg.metric);
                     last_eval = Some(ev.clone());
                     st.history.push((st.step, score));
@@ -1658,8 +1679,15 @@ pub enum Event<'a> {
     Message(&'a str),
 }
 
+/// The end of a divergence error: what was kept, what to try.
+const DIVERGED: &str = ". Nothing after the last evaluation was saved (best/ and last/ hold \
+    the weights it saw). Try a lower learning rate, gradient clipping (clip), or precision \
+    = \"f32\"";
+
 /// Reads the pending per-step values back in one transfer, appends each
-/// step's loss to `losses` and returns the values in step order.
+/// step's loss to `losses` and returns the values in step order; a step
+/// whose loss or gradient norm is not finite is an [`Error::NotFinite`]
+/// naming it (the run has diverged: its parameters are no longer usable).
 fn flush(pending: &mut Vec<(u64, Tensor)>, losses: &mut Vec<(u64, f64)>) -> Result<Vec<[f64; 3]>> {
     if pending.is_empty() {
         return Ok(vec![]);
@@ -1668,6 +1696,12 @@ fn flush(pending: &mut Vec<(u64, Tensor)>, losses: &mut Vec<(u64, f64)>) -> Resu
     let vals = Tensor::stack(&rows, 0)?.to_vec2::<f64>()?;
     let out: Vec<[f64; 3]> = vals.iter().map(|v| [v[0], v[1], v[2]]).collect();
     for ((step, _), v) in pending.iter().zip(&out) {
+        if !(v[0].is_finite() && v[2].is_finite()) {
+            return Err(Error::NotFinite(format!(
+                "training diverged at step {step}: the loss is {}, the gradient norm {}{DIVERGED}",
+                v[0], v[2]
+            )));
+        }
         losses.push((*step, v[0]));
     }
     pending.clear();
