@@ -62,7 +62,23 @@ fn resume_reproduces_an_uninterrupted_run() {
     cut.stop_after = Some(2);
     Run::new(cut.clone()).unwrap().fit(false, |_| ()).unwrap();
     cut.stop_after = None;
-    let s_cut = Run::new(cut.clone()).unwrap().fit(true, |_| ()).unwrap();
+    // The checkpoint carries the run's wall time into the resumed session:
+    // pretend the first session took 1000 s.
+    let state = cut.output.join("last/trainer.json");
+    let mut js: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert!(js["seconds"].as_f64().unwrap() > 0.0, "{js}");
+    js["seconds"] = 1000.0.into();
+    std::fs::write(&state, js.to_string()).unwrap();
+    let mut resumed = Run::new(cut.clone()).unwrap();
+    let t = std::time::Instant::now();
+    let s_cut = resumed.fit(true, |_| ()).unwrap();
+    let session = t.elapsed().as_secs_f64();
+    assert!(
+        s_cut.seconds > 1000.0 && s_cut.seconds <= 1000.0 + session,
+        "{} s after {session} s resumed",
+        s_cut.seconds
+    );
     assert_eq!(s_full.steps, 6);
     assert_eq!(s_cut.steps, s_full.steps);
     assert_eq!(s_cut.last, s_full.last, "final evaluation after resume");

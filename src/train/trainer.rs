@@ -637,6 +637,10 @@ struct State {
     best_step: u64,
     evals_since_best: usize,
     history: Vec<(u64, f64)>,
+    /// Wall seconds of the run up to this checkpoint, summed over the
+    /// sessions a resumed run took (0 in checkpoints older than the field).
+    #[serde(default)]
+    seconds: f64,
 }
 
 /// The model, head and optimiser of a run.
@@ -1213,6 +1217,7 @@ impl Run {
             best_step: 0,
             evals_since_best: 0,
             history: vec![],
+            seconds: 0.0,
         };
         let metrics_path = out.join("metrics.jsonl");
         if resume {
@@ -1235,6 +1240,8 @@ impl Run {
             writeln!(mlog, "{v}").map_err(|e| io_err(&metrics_path, e))
         };
         let start = Instant::now();
+        // Wall time of earlier sessions of a resumed run.
+        let before = st.seconds;
         let mut phases = PhaseTimes::new(&self.device, self.cfg.phase_times);
         let mut seen = 0usize;
         let mut stop = false;
@@ -1418,6 +1425,7 @@ impl Run {
                     let p = self.bert.stream.position();
                     st.dropout_rng = (p.seed, p.offset);
                     st.noise_rng = (self.noise.seed, self.noise.offset);
+                    st.seconds = before + start.elapsed().as_secs_f64();
                     self.save_last(&out.join("last"), &st)?;
                     if self.cfg.stop_after.is_some_and(|n| st.step >= n) {
                         msg(
@@ -1453,7 +1461,7 @@ impl Run {
             metric: self.cfg.metric.clone(),
             last: ev,
             train_examples: n,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds: before + start.elapsed().as_secs_f64(),
             phase_ms: phases.report(),
         };
         std::fs::write(
@@ -1721,6 +1729,10 @@ pub struct Summary {
     /// Evaluation of the final weights.
     pub last: Eval,
     pub train_examples: usize,
+    /// Wall seconds of training and evaluation (from the start of `fit`, the
+    /// model loaded), summed over the sessions of a resumed run; the time
+    /// between its last checkpoint and an interruption is not counted (that
+    /// work was redone).
     pub seconds: f64,
     /// With `phase_times`: mean wall milliseconds per optimiser step of each
     /// phase, in step order.
