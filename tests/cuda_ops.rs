@@ -1311,3 +1311,76 @@ fn attention_softmax_on_device() {
     }
     fails.finish("attention softmax");
 }
+
+/// A frozen layer's linear (`model::layers::linear` with W and b detached)
+/// on the device: the value is candle's matmul + bias bit for bit, and the
+/// input gradient is candle's own matmul backward (`g·W`) bit for bit,
+/// without the weight's gradient; f32/bf16/f16 and bf16 activations over
+/// f32 weights (mixed precision), odd shapes up to MiniLM's FFN.
+#[test]
+fn frozen_linear_on_device() {
+    use tunefuse::model::layers::linear;
+    let Some(dev) = cuda_device() else { return };
+    let mut fails = Failures::default();
+    for (xd, wd) in [
+        (DType::F32, DType::F32),
+        (DType::BF16, DType::BF16),
+        (DType::F16, DType::F16),
+        (DType::BF16, DType::F32),
+    ] {
+        for (rows, din, dout) in [
+            (1usize, 3usize, 1usize),
+            (37, 33, 17),
+            (16 * 128, 384, 1536),
+        ] {
+            fails.check(|| {
+                let tag = format!("x {xd:?} W {wd:?} [{rows}, {din}] -> {dout}");
+                let x = Tensor::randn(0f32, 1.0, (2, rows, din), &dev)
+                    .unwrap()
+                    .to_dtype(xd)
+                    .unwrap();
+                let w = Tensor::randn(0f32, 0.05, (dout, din), &dev)
+                    .unwrap()
+                    .to_dtype(wd)
+                    .unwrap();
+                let b = Tensor::randn(0f32, 0.05, dout, &dev)
+                    .unwrap()
+                    .to_dtype(wd)
+                    .unwrap();
+                let r = Tensor::randn(0f32, 1.0, (2 * rows, dout), &dev).unwrap();
+                let (ours, theirs) = (Var::from_tensor(&x).unwrap(), Var::from_tensor(&x).unwrap());
+                let p = linear(ours.as_tensor(), &w, Some(&b)).unwrap();
+                let q = theirs
+                    .as_tensor()
+                    .reshape((2 * rows, din))
+                    .unwrap()
+                    .matmul(&w.to_dtype(xd).unwrap().t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&b.to_dtype(xd).unwrap())
+                    .unwrap();
+                assert!(to_f64(&p) == to_f64(&q), "{tag}: value");
+                let loss = |y: &Tensor| {
+                    (y.reshape((2 * rows, dout))
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap()
+                        * &r)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                };
+                let (gp, gq) = (loss(&p).backward().unwrap(), loss(&q).backward().unwrap());
+                assert!(
+                    to_f64(gp.get(ours.as_tensor()).unwrap())
+                        == to_f64(gq.get(theirs.as_tensor()).unwrap()),
+                    "{tag}: input gradient is not candle's g·W"
+                );
+                assert!(
+                    gp.get_ids().count() + 2 <= gq.get_ids().count(),
+                    "{tag}: the weight's gradient was computed"
+                );
+            });
+        }
+    }
+    fails.finish("frozen linear");
+}

@@ -440,3 +440,130 @@ fn softmax_with_closed_form_backward() {
         }
     }
 }
+
+#[test]
+fn frozen_linear_backpropagates_the_input_gradient_alone() {
+    use candle_core::Var;
+    use tunefuse::model::layers::linear;
+    let cpu = Device::Cpu;
+    // x·Wᵀ + b with W and b frozen (detached) against candle's composed
+    // matmul under autograd: the same value and input gradient, and W gets
+    // none. Odd shapes, one row, and mixed precision (f32 W, bf16 x).
+    for (xs, dout) in [
+        (vec![1usize, 1, 3], 1usize),
+        (vec![2, 5, 7], 4),
+        (vec![3, 33], 17),
+    ] {
+        let din = *xs.last().unwrap();
+        let n: usize = xs.iter().product();
+        let rows = n / din;
+        let x = randn(n, 21, 1.0);
+        let wv = randn(dout * din, 22, 0.5);
+        let bv = randn(dout, 23, 0.5);
+        let r = tensor(
+            &randn(rows * dout, 24, 1.0),
+            &[rows, dout],
+            DType::F64,
+            &cpu,
+        );
+        for (xd, wd) in [
+            (DType::F64, DType::F64),
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::BF16, DType::F32),
+        ] {
+            let w = tensor(&wv, &[dout, din], wd, &cpu);
+            let b = tensor(&bv, &[dout], wd, &cpu);
+            let ours = Var::from_tensor(&tensor(&x, &xs, xd, &cpu)).unwrap();
+            let theirs = Var::from_tensor(&tensor(&x, &xs, xd, &cpu)).unwrap();
+            let p = linear(ours.as_tensor(), &w, Some(&b)).unwrap();
+            let q = theirs
+                .as_tensor()
+                .reshape((rows, din))
+                .unwrap()
+                .matmul(&w.to_dtype(xd).unwrap().t().unwrap())
+                .unwrap()
+                .broadcast_add(&b.to_dtype(xd).unwrap())
+                .unwrap();
+            let what = format!("{xs:?} -> {dout}, x {xd:?}, W {wd:?}");
+            assert_eq!(p.dims()[..xs.len() - 1], xs[..xs.len() - 1], "{what}");
+            assert_eq!(to_f64(&p), to_f64(&q), "{what}: value");
+            let loss = |y: &Tensor| {
+                (y.reshape((rows, dout))
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            };
+            let gp = loss(&p).backward().unwrap();
+            let gq = loss(&q).backward().unwrap();
+            // The same GEMM, g·W, as candle's matmul backward: bit for bit.
+            assert_eq!(
+                to_f64(gp.get(ours.as_tensor()).unwrap()),
+                to_f64(gq.get(theirs.as_tensor()).unwrap()),
+                "{what}: input gradient"
+            );
+            assert!(gp.get(&w).is_none() && gp.get(&b).is_none(), "{what}");
+            // Candle's matmul backward also computes a gradient for the
+            // (cast, transposed) weight and for the bias, and keeps them;
+            // ours never computes them.
+            let (ours_n, theirs_n) = (gp.get_ids().count(), gq.get_ids().count());
+            assert!(
+                ours_n + 2 <= theirs_n,
+                "{what}: {ours_n} gradients against {theirs_n}"
+            );
+        }
+        // Central differences of the f64 loss with respect to x.
+        let w = tensor(&wv, &[dout, din], DType::F64, &cpu);
+        let b = tensor(&bv, &[dout], DType::F64, &cpu);
+        let xv = Var::from_tensor(&tensor(&x, &xs, DType::F64, &cpu)).unwrap();
+        let f = |t: &Tensor| {
+            (linear(t, &w, Some(&b))
+                .unwrap()
+                .reshape((rows, dout))
+                .unwrap()
+                * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let g = to_f64(
+            f(xv.as_tensor())
+                .backward()
+                .unwrap()
+                .get(xv.as_tensor())
+                .unwrap(),
+        );
+        for i in [0, n / 2, n - 1] {
+            let at = |d: f64| {
+                let mut xi = x.clone();
+                xi[i] += d;
+                to_f64(&f(&tensor(&xi, &xs, DType::F64, &cpu)))[0]
+            };
+            let fd = (at(1e-6) - at(-1e-6)) / 2e-6;
+            assert!(
+                (fd - g[i]).abs() < 1e-7,
+                "{xs:?} element {i}: fd {fd}, ours {}",
+                g[i]
+            );
+        }
+        // A trainable layer keeps the ordinary path: W gets its gradient.
+        let wt = Var::from_tensor(&w).unwrap();
+        let gt = f(xv.as_tensor()).backward().unwrap();
+        assert!(gt.get(xv.as_tensor()).is_some());
+        let gw = (linear(xv.as_tensor(), wt.as_tensor(), Some(&b))
+            .unwrap()
+            .reshape((rows, dout))
+            .unwrap()
+            * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(gw.get(wt.as_tensor()).is_some(), "{xs:?}: trainable W");
+    }
+}

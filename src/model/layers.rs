@@ -75,8 +75,28 @@ impl Stream {
 }
 
 /// `x·Wᵀ + b` over the last dimension of `x` (any leading shape), in the
-/// dtype of `x`.
+/// dtype of `x`. When `W` and `b` take no gradient (a frozen layer: the
+/// backbone under adapters or LoRA, gradual unfreezing) but `x` does, the
+/// backward computes `dx = g·W` alone: candle's matmul backward would also
+/// compute the weight's gradient (a second GEMM of the same size) and add it
+/// into a zeroed buffer, only to have it dropped.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let frozen = !w.track_op() && b.is_none_or(|b| !b.track_op());
+    if !(frozen && x.track_op()) {
+        return linear_value(x, w, b);
+    }
+    let y = linear_value(&x.detach(), w, b)?;
+    let w = w.to_dtype(x.dtype())?;
+    let xdims = x.dims().to_vec();
+    value_with_grad(x, y, move |_, g| {
+        let dout = w.dim(0)?;
+        g.reshape((g.elem_count() / dout.max(1), dout))?
+            .matmul(&w)?
+            .reshape(xdims.as_slice())
+    })
+}
+
+fn linear_value(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (din, dout) = (dims[dims.len() - 1], w.dim(0)?);
     let rows = x.elem_count() / din.max(1);
@@ -106,16 +126,44 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
-    // The op returns its second input (the value) and sends the gradient to
-    // its first (the scores).
-    Ok(x.apply_op2(&y, SoftmaxGrad)?)
+    value_with_grad(x, y, |y, g| {
+        let dtype = y.dtype();
+        let wide = crate::ops::wide_dtype(dtype);
+        let (y, g) = (y.to_dtype(wide)?, g.to_dtype(wide)?);
+        let dot = (&g * &y)?.sum_keepdim(candle_core::D::Minus1)?;
+        (g.broadcast_sub(&dot)? * y)?.to_dtype(dtype)
+    })
 }
 
-struct SoftmaxGrad;
+/// The backward of [`value_with_grad`]: `(y, g) ↦ dx`.
+type Backward = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync;
 
-impl candle_core::CustomOp2 for SoftmaxGrad {
+/// `y`, computed without autograd, as a function of `x` for the backward
+/// pass: the result has `y`'s value (one copy) and sends `bwd(y, g)` to `x`
+/// as its gradient. How a fused forward without a backward of its own
+/// (candle's softmax) or a forward whose autograd backward does too much (a
+/// frozen layer's matmul) gets a hand-written backward.
+fn value_with_grad(
+    x: &Tensor,
+    y: Tensor,
+    bwd: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    // The op copies y's storage whole: give it a compact one.
+    let y = if y.is_contiguous() && y.layout().start_offset() == 0 {
+        y
+    } else {
+        y.force_contiguous()?
+    };
+    Ok(x.apply_op2(&y, GradOf(Box::new(bwd)))?)
+}
+
+/// The op behind [`value_with_grad`]: returns its second input, sends the
+/// gradient to its first.
+struct GradOf(Box<Backward>);
+
+impl candle_core::CustomOp2 for GradOf {
     fn name(&self) -> &'static str {
-        "tunefuse-softmax-grad"
+        "tunefuse-grad-of"
     }
 
     fn cpu_fwd(
@@ -148,12 +196,7 @@ impl candle_core::CustomOp2 for SoftmaxGrad {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dtype = res.dtype();
-        let wide = crate::ops::wide_dtype(dtype);
-        let (y, g) = (res.to_dtype(wide)?, grad.to_dtype(wide)?);
-        let dot = (&g * &y)?.sum_keepdim(candle_core::D::Minus1)?;
-        let dx = (g.broadcast_sub(&dot)? * y)?.to_dtype(dtype)?;
-        Ok((Some(dx), None))
+        Ok((Some((self.0)(res, grad)?), None))
     }
 }
 
