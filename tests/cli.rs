@@ -1,13 +1,7 @@
 //! The `tunefuse` binary: bad input gets a clear error and a failing exit.
-use std::process::Command;
+mod common;
 
-/// A scratch directory removed when the guard drops, pass or fail.
-fn scratch(what: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(&format!("tunefuse-{what}-"))
-        .tempdir()
-        .unwrap()
-}
+use std::process::Command;
 
 fn tunefuse(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tunefuse"))
@@ -28,7 +22,7 @@ fn table_reports_missing_and_malformed_files() {
         !ok && err.contains("cannot read results file") && err.contains("ours.json"),
         "{err}"
     );
-    let dir = scratch("cli");
+    let dir = common::scratch("cli");
     let bad = dir.path().join("bad.json");
     std::fs::write(&bad, "{\"device\": 3").unwrap();
     let (ok, _, err) = tunefuse(&["table", "--ours", bad.to_str().unwrap()]);
@@ -37,7 +31,7 @@ fn table_reports_missing_and_malformed_files() {
 
 #[test]
 fn table_merges_peers() {
-    let dir = scratch("cli-peers");
+    let dir = common::scratch("cli-peers");
     let ours = dir.path().join("ours.json");
     let peers = dir.path().join("peers.json");
     std::fs::write(

@@ -5,6 +5,8 @@
 //! `f1_score` (binary), `matthews_corrcoef`, `pearsonr`, `spearmanr`,
 //! `roc_auc_score`, `average_precision_score`, `log_loss`, the multiclass
 //! Brier sum, and ECE with 15 equal-width bins written out in numpy).
+mod common;
+
 use tunefuse::train::metrics::*;
 
 const LABELS: [usize; 12] = [0, 1, 2, 2, 1, 0, 1, 2, 0, 0, 1, 2];
@@ -145,10 +147,7 @@ fn bad_inputs_are_errors() {
 fn plots_are_written() {
     // TUNEFUSE_KEEP_PLOTS=DIR keeps the plots for a look; otherwise they go
     // to a scratch directory removed at the end.
-    let scratch = tempfile::Builder::new()
-        .prefix("tunefuse-plots-")
-        .tempdir()
-        .unwrap();
+    let scratch = common::scratch("plots");
     let dir = std::env::var_os("TUNEFUSE_KEEP_PLOTS")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| scratch.path().to_path_buf());
@@ -181,10 +180,7 @@ fn results_table_aggregates_seeds() {
     let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
     assert_eq!((m, s), (2.0, 1.0));
     assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
-    let scratch = tempfile::Builder::new()
-        .prefix("tunefuse-report-")
-        .tempdir()
-        .unwrap();
+    let scratch = common::scratch("report");
     let dir = scratch.path();
     let run = |name: &str, acc: f64, ece: f64, secs: f64| {
         let d = dir.join(name);

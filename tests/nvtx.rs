@@ -2,14 +2,13 @@
 //! `nvtx` feature and a C compiler: it builds a stub NVTX library that logs
 //! to a file, points `TUNEFUSE_NVTX_LIB` at it, and reads the log back.
 //! `cargo test --features nvtx --test nvtx`
+mod common;
+
 use std::process::Command;
 
 #[test]
 fn ranges_reach_the_library_nested() {
-    let scratch = tempfile::Builder::new()
-        .prefix("tunefuse-nvtx-")
-        .tempdir()
-        .unwrap();
+    let scratch = common::scratch("nvtx");
     let dir = scratch.path();
     let (src, lib, log) = (
         dir.join("stub.c"),

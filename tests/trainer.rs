@@ -119,10 +119,7 @@ fn methods_run_and_peft_trains_only_new_parameters() {
         &["freelb"],
         &["smart", "mixout"],
     ] {
-        let mut cfg = tiny(&dir, &methods.join("-"), methods);
-        cfg.epochs = 1;
-        cfg.train_examples = Some(8);
-        cfg.eval_examples = Some(8);
+        let cfg = one_epoch(&dir, &methods.join("-"), methods, 8, 8);
         let mut run = Run::new(cfg.clone()).unwrap();
         if methods.contains(&"adapter") || methods.contains(&"lora") {
             assert!(run.opt.params.iter().all(|p| p.name.contains("adapter")
@@ -289,11 +286,8 @@ fn adamw_and_recadam_steps_match_the_formulas() {
 fn bf16_mixed_precision_step_runs() {
     let dir = scratch("trainer");
     // The CUDA default (bf16 activations, f32 master weights), on the CPU.
-    let mut cfg = tiny(&dir, "bf16", &["smart"]);
+    let mut cfg = one_epoch(&dir, "bf16", &["smart"], 8, 8);
     cfg.precision = "bf16".into();
-    cfg.epochs = 1;
-    cfg.train_examples = Some(8);
-    cfg.eval_examples = Some(8);
     let s = Run::new(cfg.clone()).unwrap().fit(false, |_| ()).unwrap();
     assert_eq!(s.steps, 1);
     let l = lines(&cfg);
@@ -322,10 +316,7 @@ fn readme_config_example_parses_and_validates() {
 #[test]
 fn ulmfit_and_recadam_options_train() {
     let dir = scratch("trainer");
-    let mut cfg = tiny(&dir, "ulmfit", &["vanilla"]);
-    cfg.epochs = 1;
-    cfg.train_examples = Some(8);
-    cfg.eval_examples = Some(8);
+    let mut cfg = one_epoch(&dir, "ulmfit", &["vanilla"], 8, 8);
     cfg.schedule = Schedule::SlantedTriangular {
         cut_frac: 0.1,
         ratio: 32.0,
@@ -436,11 +427,17 @@ fn steps_of(cfg: &Config) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn short(dir: &TempDir, name: &str, methods: &[&str]) -> Config {
+/// One epoch over `train` SST-2 sentences, evaluated on `eval`.
+fn one_epoch(dir: &TempDir, name: &str, methods: &[&str], train: usize, eval: usize) -> Config {
     let mut cfg = tiny(dir, name, methods);
     cfg.epochs = 1;
-    cfg.train_examples = Some(16);
-    cfg.eval_examples = Some(8);
+    cfg.train_examples = Some(train);
+    cfg.eval_examples = Some(eval);
+    cfg
+}
+
+fn short(dir: &TempDir, name: &str, methods: &[&str]) -> Config {
+    let mut cfg = one_epoch(dir, name, methods, 16, 8);
     cfg.dropout = Some(0.0);
     cfg
 }
@@ -715,18 +712,18 @@ fn a_diverged_run_stops_with_an_error_and_keeps_its_checkpoints() {
     let dir = scratch("trainer");
     // lr 1e8 without clipping: the loss is ~1e18 after one step and NaN
     // after two. Evaluating only at the end, the NaN loss stops the run.
-    let mut cfg = tiny(&dir, "diverge", &["vanilla"]);
-    cfg.epochs = 1;
-    cfg.train_examples = Some(32);
-    cfg.eval_examples = Some(16);
+    let mut cfg = one_epoch(&dir, "diverge", &["vanilla"], 32, 16);
     cfg.lr = 1e8;
     cfg.clip = 0.0;
     cfg.eval_every = 0;
-    let e = Run::new(cfg.clone())
-        .unwrap()
-        .fit(false, |_| ())
-        .unwrap_err()
-        .to_string();
+    let error_of = |c: &Config| {
+        Run::new(c.clone())
+            .unwrap()
+            .fit(false, |_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = error_of(&cfg);
     assert!(
         e.contains("training diverged at step ") && e.contains("the loss is NaN"),
         "{e}"
@@ -740,11 +737,7 @@ fn a_diverged_run_stops_with_an_error_and_keeps_its_checkpoints() {
     // nor saved, and step 1's checkpoint still loads and evaluates.
     cfg.output = dir.path().join("diverge-eval");
     cfg.eval_every = 1;
-    let e = Run::new(cfg.clone())
-        .unwrap()
-        .fit(false, |_| ())
-        .unwrap_err()
-        .to_string();
+    let e = error_of(&cfg);
     assert!(
         e.contains("training diverged by step ") && e.contains("outputs are not finite"),
         "{e}"

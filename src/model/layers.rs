@@ -85,8 +85,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     if !(frozen && x.track_op()) {
         return linear_value(x, w, b);
     }
-    let y = linear_value(&x.detach(), w, b)?;
+    // Cast once (mixed precision): the value and the backward share it.
     let w = w.to_dtype(x.dtype())?;
+    let y = linear_value(&x.detach(), &w, b)?;
     let xdims = x.dims().to_vec();
     value_with_grad(x, y, move |_, g| {
         let dout = w.dim(0)?;

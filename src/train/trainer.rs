@@ -1280,10 +1280,10 @@ impl Run {
                     };
                     phases.mark("forward (+ regularisers)")?;
                     let share = 1.0 / group.len() as f64;
-                    let loss = (obj.loss / group.len() as f64)?;
+                    let loss = (obj.loss * share)?;
                     let l = loss.detach().to_dtype(DType::F64)?;
                     let p = match obj.penalty {
-                        Some(p) => (p.to_dtype(DType::F64)? / group.len() as f64)?,
+                        Some(p) => (p.to_dtype(DType::F64)? * share)?,
                         None => l.zeros_like()?,
                     };
                     loss_sum = Some(match loss_sum {
