@@ -61,6 +61,29 @@ fn resume_reproduces_an_uninterrupted_run() {
     cut.bregman = full.bregman.clone();
     cut.stop_after = Some(2);
     Run::new(cut.clone()).unwrap().fit(false, |_| ()).unwrap();
+    // Resuming with other settings is refused before anything is written,
+    // naming each difference; a session's settings (here stop_after) may
+    // change.
+    let recorded = std::fs::read_to_string(cut.output.join("config.toml")).unwrap();
+    let mut other = cut.clone();
+    other.lr = 2e-4;
+    other.smart.mode = "normalized_step".into();
+    other.stop_after = None;
+    let err = Run::new(other)
+        .unwrap()
+        .fit(true, |_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("lr: 0.0001 → 0.0002")
+            && err.contains(r#"smart.mode: "direction" → "normalized_step""#)
+            && !err.contains("stop_after"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(cut.output.join("config.toml")).unwrap(),
+        recorded
+    );
     cut.stop_after = None;
     // The checkpoint carries the run's wall time into the resumed session:
     // pretend the first session took 1000 s.

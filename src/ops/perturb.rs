@@ -16,8 +16,12 @@
 //!   values, or an example's L·H values), masked positions excluded:
 //!   - `Pgd { eps }`: δ' = proj_ε(δ + η·g/‖g‖) (l2: rescaled to radius ε when
 //!     outside; l∞: clamped to ±ε; no projection when `eps` is `None`);
-//!   - `Direction { eps0 }`: δ' = η·g/(‖g‖ + ε₀) (VAT power iteration, mt-dnn);
-//!   - `NormalizedStep { eps0 }`: δ' = (δ + η·g)/(‖δ + η·g‖ + ε₀) (smart-pytorch).
+//!   - `Direction { eps0 }`: δ' = η·g/(‖g‖ + ε₀) (VAT power iteration; the
+//!     first release of mt-dnn's SMART). ‖δ'‖ ≈ η.
+//!   - `NormalizedStep { eps0 }`: δ' = (δ + η·g)/(‖δ + η·g‖ + ε₀)
+//!     (smart-pytorch, and the current `perturbation.py` of mt-dnn).
+//!     ‖δ'‖ ≈ 1 whatever σ and η are: they only weigh the initial noise
+//!     against the gradient in the step's direction.
 //!
 //!   A zero gradient leaves `Pgd` at δ and gives `Direction` zeros. A unit
 //!   whose gradient norm is not finite yields NaN outputs, and its example is
@@ -67,9 +71,10 @@ pub enum Granularity {
 pub enum StepMode {
     /// δ + η·g/‖g‖, then projected onto the ε-ball when `eps` is set (FreeLB, PGD).
     Pgd { eps: Option<f64> },
-    /// η·g/(‖g‖ + ε₀) (VAT, mt-dnn's SMART).
+    /// η·g/(‖g‖ + ε₀): a step of size η (VAT; mt-dnn's first SMART release).
     Direction { eps0: f64 },
-    /// (δ + η·g)/(‖δ + η·g‖ + ε₀) (smart-pytorch).
+    /// (δ + η·g)/(‖δ + η·g‖ + ε₀): a step of size 1 (smart-pytorch; mt-dnn's
+    /// current SMART).
     NormalizedStep { eps0: f64 },
 }
 

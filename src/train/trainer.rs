@@ -49,7 +49,11 @@ pub struct SmartConfig {
     pub norm: String,
     /// `token` or `example`.
     pub granularity: String,
-    /// `direction` (mt-dnn), `normalized_step` (smart-pytorch) or `pgd`.
+    /// The ascent step ([`StepMode`]): `direction` (η·g/‖g‖, a perturbation
+    /// of size η; mt-dnn's first release), `normalized_step`
+    /// ((δ + η·g)/‖δ + η·g‖, of size 1; smart-pytorch and mt-dnn's current
+    /// code) or `pgd` (the paper's Algorithm 1: δ + η·g/‖g‖ projected onto
+    /// the ε-ball, ε = `eps`). `bench/RESULTS.md` compares them.
     pub mode: String,
     /// ε₀ of direction / normalized_step, or the pgd radius.
     pub eps: f64,
@@ -183,6 +187,58 @@ impl Default for R3fConfig {
             noise: "uniform".into(),
         }
     }
+}
+
+/// Config keys that belong to one session of a run, not to the run: a
+/// resumed run may change them (where the files are, on which device it
+/// runs, when it stops, what it logs).
+pub const SESSION_KEYS: [&str; 7] = [
+    "output",
+    "model",
+    "data_dir",
+    "device",
+    "stop_after",
+    "phase_times",
+    "log_every",
+];
+
+/// The settings in which two configurations differ, other than
+/// [`SESSION_KEYS`], as `key: old → new` (nested keys dotted, e.g.
+/// `smart.mode`; an unset option reads `unset`).
+pub fn config_differences(old: &Config, new: &Config) -> Result<Vec<String>> {
+    fn table(c: &Config) -> Result<toml::Table> {
+        let toml::Value::Table(mut t) =
+            toml::Value::try_from(c).map_err(|e| param_err("config", e.to_string()))?
+        else {
+            return Err(param_err("config", "does not serialise to a table"));
+        };
+        for k in SESSION_KEYS {
+            t.remove(k);
+        }
+        Ok(t)
+    }
+    fn walk(prefix: &str, a: &toml::Table, b: &toml::Table, out: &mut Vec<String>) {
+        let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            let name = format!("{prefix}{k}");
+            match (a.get(k), b.get(k)) {
+                (Some(toml::Value::Table(x)), Some(toml::Value::Table(y))) => {
+                    walk(&format!("{name}."), x, y, out)
+                }
+                (x, y) if x != y => {
+                    let show =
+                        |v: Option<&toml::Value>| v.map_or("unset".into(), |v| v.to_string());
+                    out.push(format!("{name}: {} → {}", show(x), show(y)));
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut out = vec![];
+    walk("", &table(old)?, &table(new)?, &mut out);
+    Ok(out)
 }
 
 /// The run configuration (every field settable from TOML or the CLI).
@@ -1196,6 +1252,9 @@ impl Run {
     /// Trains to the end (or early stop), resuming from `last/` when asked.
     pub fn fit(&mut self, resume: bool, mut on: impl FnMut(Event<'_>)) -> Result<Summary> {
         let out = self.cfg.output.clone();
+        if resume {
+            self.check_resumes(&out.join("config.toml"))?;
+        }
         std::fs::create_dir_all(&out).map_err(|e| io_err(&out, e))?;
         std::fs::write(
             out.join("config.toml"),
@@ -1514,6 +1573,31 @@ impl Run {
             std::fs::write(tmp.join("trainer.json"), serde_json::to_string(st).unwrap())
                 .map_err(|e| io_err(tmp, e))
         })
+    }
+
+    /// `--resume` continues the run recorded in `path` (its `config.toml`)
+    /// only with the same settings: anything else would silently mix two
+    /// recipes in one run (a different schedule length, seed, method…) and
+    /// overwrite the record of the first. Settings of the session rather
+    /// than of the run may differ ([`SESSION_KEYS`]).
+    fn check_resumes(&self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| io_err(path, format!("{e} (nothing to resume)")))?;
+        let was: Config =
+            toml::from_str(&text).map_err(|e| crate::error::format_err(path, e.to_string()))?;
+        let diffs = config_differences(&was, &self.cfg)?;
+        if diffs.is_empty() {
+            return Ok(());
+        }
+        Err(param_err(
+            "resume",
+            format!(
+                "the run in {} was started with other settings ({}); resume it with the \
+                 settings of its config.toml, or start a new run with another --output",
+                path.parent().unwrap_or(path).display(),
+                diffs.join("; ")
+            ),
+        ))
     }
 
     fn load_last(&mut self, dir: &Path) -> Result<State> {
