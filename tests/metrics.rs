@@ -192,7 +192,12 @@ fn results_table_aggregates_seeds() {
                      "brier": 0.2, "ece": ece},
         });
         std::fs::write(d.join("summary.json"), summary.to_string()).unwrap();
-        std::fs::write(d.join("config.toml"), "epochs = 2\n").unwrap();
+        let seed = name.rsplit_once("-s").map_or("1", |(_, s)| s);
+        std::fs::write(
+            d.join("config.toml"),
+            format!("epochs = 2\nseed = {seed}\n"),
+        )
+        .unwrap();
     };
     run("smart-s1", 0.80, 0.10, 100.0);
     run("smart-s2", 0.82, 0.12, 140.0);
@@ -232,6 +237,20 @@ fn results_table_aggregates_seeds() {
         "{t}"
     );
     std::fs::remove_dir_all(&d).unwrap();
+    // Seeds of one label must share every other setting: a changed
+    // recipe beside older seeds is an error naming the run and the setting.
+    run("smart-s3", 0.9, 0.1, 100.0);
+    std::fs::write(
+        dir.join("smart-s3/config.toml"),
+        "epochs = 2\nseed = 3\nlr = 2e-4\n",
+    )
+    .unwrap();
+    let e = collect(dir).unwrap_err().to_string();
+    assert!(
+        e.contains("smart-s3") && e.contains("lr: 0.0001 → 0.0002"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(dir.join("smart-s3")).unwrap();
     // A folder not named <label>-s<seed> is an error naming it.
     run("oops", 0.5, 0.1, 1.0);
     let e = collect(dir).unwrap_err().to_string();

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{format_err, io_err, Result};
-use crate::train::trainer::Summary;
+use crate::train::trainer::{config_differences, Config, Summary};
 
 /// One finished run.
 #[derive(Clone, Debug)]
@@ -17,6 +17,8 @@ pub struct RunResult {
     pub seed: u64,
     pub summary: Summary,
     pub epochs: usize,
+    /// The settings the run resolved (its `config.toml`).
+    pub config: Config,
 }
 
 /// Every finished run under `dir` (folders without `summary.json` are
@@ -40,21 +42,45 @@ pub fn collect(dir: &Path) -> Result<Vec<RunResult>> {
             serde_json::from_str(&text).map_err(|e| format_err(&sum_path, e.to_string()))?;
         let cfg_path = path.join("config.toml");
         let cfg = std::fs::read_to_string(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
-        let cfg: toml::Value =
+        let config: Config =
             toml::from_str(&cfg).map_err(|e| format_err(&cfg_path, e.to_string()))?;
-        let epochs =
-            cfg.get("epochs")
-                .and_then(|v| v.as_integer())
-                .filter(|&e| e > 0)
-                .ok_or_else(|| format_err(&cfg_path, "no positive `epochs`"))? as usize;
+        if config.epochs == 0 {
+            return Err(format_err(&cfg_path, "no positive `epochs`"));
+        }
         out.push(RunResult {
             label,
             seed,
             summary,
-            epochs,
+            epochs: config.epochs,
+            config,
         });
     }
     out.sort_by(|a, b| (&a.label, a.seed).cmp(&(&b.label, b.seed)));
+    // A label's seeds are pooled, so they must be runs of one recipe: a
+    // changed recipe left beside older seeds would otherwise be averaged
+    // with them silently.
+    for w in out.windows(2) {
+        let (a, b) = (&w[0], &w[1]);
+        if a.label != b.label {
+            continue;
+        }
+        let same_seed = Config {
+            seed: a.config.seed,
+            ..b.config.clone()
+        };
+        let diffs = config_differences(&a.config, &same_seed)?;
+        if !diffs.is_empty() {
+            return Err(format_err(
+                &dir.join(format!("{}-s{}", b.label, b.seed)),
+                format!(
+                    "its settings differ from seed {}'s ({}); runs of one label are pooled, \
+                     so give a different recipe another label",
+                    a.seed,
+                    diffs.join("; ")
+                ),
+            ));
+        }
+    }
     Ok(out)
 }
 
