@@ -3,11 +3,12 @@
 # the binaries and data scripts/gpu-pack.sh carried (MiniLM with bf16-rounded
 # weights, trained with f32 master weights and bf16 activations), in order of
 # priority until DEADLINE seconds (default 480) have passed:
-#   1. rte: the seven methods, seeds 1-3, seed by seed (the row the CPU
-#      cannot do; seed 1 is recorded for the H200 in bench/runs),
+#   1. rte: the seven methods (and SMART's direction-step variant), seeds
+#      1-3, seed by seed (the CPU takes 20-95 minutes a run here; seed 1 of
+#      the methods but SMART is recorded for the H200 in bench/runs),
 #   2. sst2-full: vanilla, seed 1 (against 89.2 % / 44.5 s on an H200),
 #   3. sst2-full: SMART, seed 1 (against 89.1 % / 92.1 s),
-#   4. sst2-1k: the seven methods, seeds 1-3.
+#   4. sst2-1k: the same recipes, seeds 1-3.
 # A run cut by the deadline is left unfinished (scripts/results.sh resumes
 # it). Runs already recorded under bench/runs/<card> are not run again; add
 # the new ones there afterwards (summary.json, metrics.jsonl, config.toml,
@@ -37,7 +38,7 @@ export DEVICE=cuda TUNEFUSE_BIN="$PWD/$bin/tunefuse" MODEL="$TUNEFUSE_MODEL_DIR"
 export TUNEFUSE_DATA="$PWD/$bin/data" RESULTS_DIR="$runs"
 # ROW:SEEDS[:METHODS]; a finished run is skipped by scripts/results.sh.
 # The baseline and SMART first in each seed, so a cut grid still has them.
-order="vanilla smart r3f mixout adapter lora recadam"
+order="vanilla smart r3f mixout adapter lora recadam smart-direction"
 for spec in "rte:1 2 3:$order" "sst2-full:1:vanilla" "sst2-full:1:smart" "sst2-1k:1 2 3:$order"; do
   IFS=: read -r row seeds methods <<<"$spec"
   left=$(( deadline - ($(date +%s) - start) ))

@@ -67,7 +67,7 @@ fn resume_reproduces_an_uninterrupted_run() {
     let recorded = std::fs::read_to_string(cut.output.join("config.toml")).unwrap();
     let mut other = cut.clone();
     other.lr = 2e-4;
-    other.smart.mode = "normalized_step".into();
+    other.smart.mode = "direction".into();
     other.stop_after = None;
     let err = Run::new(other)
         .unwrap()
@@ -76,7 +76,7 @@ fn resume_reproduces_an_uninterrupted_run() {
         .to_string();
     assert!(
         err.contains("lr: 0.0001 → 0.0002")
-            && err.contains(r#"smart.mode: "direction" → "normalized_step""#)
+            && err.contains(r#"smart.mode: "normalized_step" → "direction""#)
             && !err.contains("stop_after"),
         "{err}"
     );
