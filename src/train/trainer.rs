@@ -36,7 +36,7 @@ use crate::ops::sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
 /// SMART (Jiang et al. 2020) settings. The defaults are those of
 /// smart-pytorch and of mt-dnn's current code: σ = 1e-5, one l∞-normalised
 /// step per token (`normalized_step`, a perturbation of l∞ norm 1 per token)
-/// with η = 1e-3, λ = 1. mt-dnn's first release took a step of size η
+/// with η = 1e-3, λ = 1. an earlier mt-dnn took a step of size η
 /// instead (`direction`): on 1,000 SST-2 sentences (3 seeds) that version
 /// left the dev ECE near plain fine-tuning's, the normalised step about
 /// halved it at the same accuracy, as SMART lowers it in the reference runs
@@ -57,7 +57,7 @@ pub struct SmartConfig {
     /// `token` or `example`.
     pub granularity: String,
     /// The ascent step ([`StepMode`]): `direction` (η·g/‖g‖, a perturbation
-    /// of size η; mt-dnn's first release), `normalized_step`
+    /// of size η; an earlier mt-dnn), `normalized_step`
     /// ((δ + η·g)/‖δ + η·g‖, of size 1; smart-pytorch and mt-dnn's current
     /// code) or `pgd` (the paper's Algorithm 1: δ + η·g/‖g‖ projected onto
     /// the ε-ball, ε = `eps`). `bench/RESULTS.md` compares them.
