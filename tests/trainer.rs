@@ -477,6 +477,20 @@ fn methods_change_what_they_should() {
     for l in lines(&smart).iter().filter(|l| l.get("penalty").is_some()) {
         assert_eq!(l["penalty"].as_f64().unwrap(), 0.0, "{l}");
     }
+    // The step mode reaches the trainer: an earlier mt-dnn's direction step
+    // moves each token by η = 1e-3, the default normalised step by 1 (l∞),
+    // so the first batch's penalty differs by orders of magnitude.
+    let first_penalty = |mode: &str| {
+        let mut c = short(&dir, &format!("smart-{mode}"), &["smart"]);
+        c.smart.mode = mode.into();
+        Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
+        lines(&c)[0]["penalty"].as_f64().unwrap()
+    };
+    let (small, unit) = (first_penalty("direction"), first_penalty("normalized_step"));
+    assert!(
+        small.is_finite() && unit > 1e3 * small.abs(),
+        "direction {small}, normalized_step {unit}"
+    );
     // Mixout with p = 0 is plain training, step for step.
     let plain = short(&dir, "plain", &["vanilla"]);
     let mut mix0 = short(&dir, "mix0", &["mixout"]);
