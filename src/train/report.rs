@@ -16,7 +16,6 @@ pub struct RunResult {
     pub label: String,
     pub seed: u64,
     pub summary: Summary,
-    pub epochs: usize,
     /// The settings the run resolved (its `config.toml`).
     pub config: Config,
 }
@@ -51,7 +50,6 @@ pub fn collect(dir: &Path) -> Result<Vec<RunResult>> {
             label,
             seed,
             summary,
-            epochs: config.epochs,
             config,
         });
     }
@@ -147,7 +145,7 @@ fn rows(
         let (first, second): (Vec<f64>, Vec<f64>) = rs.iter().map(|r| f(r)).unzip();
         let per_epoch: Vec<f64> = rs
             .iter()
-            .map(|r| r.summary.seconds / r.epochs as f64)
+            .map(|r| r.summary.seconds / r.config.epochs as f64)
             .collect();
         let (m1, sd1) = mean_std(&first);
         let (m2, sd2) = mean_std(&second);

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::data::{self, Dataset, Split, Task};
 use super::metrics;
 use super::optim::{clip_scale, grad_norm, AdamW, AdamWParams, Param, RecAdam, Schedule};
-use crate::error::{io_err, param_err, Error, Result};
+use crate::error::{format_err, io_err, param_err, Error, Result};
 use crate::model::{
     AdapterPlacement, Bert, ClassifierHead, Outputs, Pooling, RegressionHead, TextTokenizer,
 };
@@ -36,7 +36,7 @@ use crate::ops::sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
 /// SMART (Jiang et al. 2020) settings. The defaults are those of
 /// smart-pytorch and of mt-dnn's current code: σ = 1e-5, one l∞-normalised
 /// step per token (`normalized_step`, a perturbation of l∞ norm 1 per token)
-/// with η = 1e-3, λ = 1. an earlier mt-dnn took a step of size η
+/// with η = 1e-3, λ = 1. An earlier mt-dnn took a step of size η
 /// instead (`direction`): on 1,000 SST-2 sentences (3 seeds) that version
 /// left the dev ECE near plain fine-tuning's, the normalised step about
 /// halved it at the same accuracy, as SMART lowers it in the reference runs
@@ -1590,8 +1590,7 @@ impl Run {
     fn check_resumes(&self, path: &Path) -> Result<()> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| io_err(path, format!("{e} (nothing to resume)")))?;
-        let was: Config =
-            toml::from_str(&text).map_err(|e| crate::error::format_err(path, e.to_string()))?;
+        let was: Config = toml::from_str(&text).map_err(|e| format_err(path, e.to_string()))?;
         let diffs = config_differences(&was, &self.cfg)?;
         if diffs.is_empty() {
             return Ok(());
@@ -1611,16 +1610,15 @@ impl Run {
         let tj = dir.join("trainer.json");
         let text = std::fs::read_to_string(&tj)
             .map_err(|e| io_err(&tj, format!("{e} (nothing to resume)")))?;
-        let st: State = serde_json::from_str(&text)
-            .map_err(|e| crate::error::format_err(&tj, e.to_string()))?;
+        let st: State = serde_json::from_str(&text).map_err(|e| format_err(&tj, e.to_string()))?;
         let sp = dir.join("state.safetensors");
         let t = candle_core::safetensors::load(&sp, &self.device)
-            .map_err(|e| crate::error::format_err(&sp, e.to_string()))?;
+            .map_err(|e| format_err(&sp, e.to_string()))?;
         for p in &self.opt.params {
             let key = format!("param.{}", p.name);
             let v = t
                 .get(&key)
-                .ok_or_else(|| crate::error::format_err(&sp, format!("lacks {key}")))?;
+                .ok_or_else(|| format_err(&sp, format!("lacks {key}")))?;
             p.var.set(v)?;
         }
         let opt: HashMap<String, Tensor> = t
@@ -1633,7 +1631,7 @@ impl Run {
                 let key = format!("teacher.{}", p.name);
                 *slot = t
                     .get(&key)
-                    .ok_or_else(|| crate::error::format_err(&sp, format!("lacks {key}")))?
+                    .ok_or_else(|| format_err(&sp, format!("lacks {key}")))?
                     .clone();
             }
         }
@@ -1892,10 +1890,10 @@ pub fn evaluate_checkpoint(
 ) -> Result<Eval> {
     let meta_path = dir.join("checkpoint.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
-    let meta: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| crate::error::format_err(&meta_path, e.to_string()))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format_err(&meta_path, e.to_string()))?;
     let mut cfg: Config = serde_json::from_value(meta["config"].clone())
-        .map_err(|e| crate::error::format_err(&meta_path, e.to_string()))?;
+        .map_err(|e| format_err(&meta_path, e.to_string()))?;
     if let Some(t) = task {
         cfg.task = t.to_string();
     }
@@ -1905,15 +1903,14 @@ pub fn evaluate_checkpoint(
     }
     let run = Run::new(cfg)?;
     let wp = dir.join("model.safetensors");
-    let t = candle_core::safetensors::load(&wp, &run.device).map_err(|e| {
-        crate::error::format_err(&wp, format!("not a readable safetensors file: {e}"))
-    })?;
+    let t = candle_core::safetensors::load(&wp, &run.device)
+        .map_err(|e| format_err(&wp, format!("not a readable safetensors file: {e}")))?;
     for p in &run.opt.params {
         let v = t
             .get(&p.name)
-            .ok_or_else(|| crate::error::format_err(&wp, format!("lacks {}", p.name)))?;
+            .ok_or_else(|| format_err(&wp, format!("lacks {}", p.name)))?;
         if v.dims() != p.var.dims() {
-            return Err(crate::error::format_err(
+            return Err(format_err(
                 &wp,
                 format!(
                     "{} has shape {:?}, model {:?}",
