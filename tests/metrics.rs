@@ -256,3 +256,62 @@ fn results_table_aggregates_seeds() {
     let e = collect(dir).unwrap_err().to_string();
     assert!(e.contains("oops"), "{e}");
 }
+
+/// Resume and `tunefuse results` compare what two runs compute: settings
+/// that neither run reads (a method it does not use) are not differences,
+/// settings that either run reads are.
+#[test]
+fn config_differences_ignore_settings_neither_run_reads() {
+    use tunefuse::train::trainer::{config_differences, Config};
+    let diff = |a: &Config, b: &Config| config_differences(a, b).unwrap();
+    let vanilla = Config::default();
+    // A vanilla run recorded before SMART's default step changed.
+    let mut old = vanilla.clone();
+    old.smart.mode = "direction".into();
+    old.bregman.beta = 0.5;
+    old.lora_r = 4;
+    old.adapter_placement = "pfeiffer".into();
+    old.peft_layernorm = true;
+    old.unfreeze_every_steps = Some(7);
+    old.mixout = 0.3;
+    old.r3f.lambda = 2.0;
+    old.freelb.steps = 5;
+    assert_eq!(diff(&old, &vanilla), Vec::<String>::new());
+    // The same settings are differences once a run uses them.
+    let with = |m: &str| {
+        let mut c = vanilla.clone();
+        c.methods = vec![m.into()];
+        c
+    };
+    let mut smart_old = old.clone();
+    smart_old.methods = vec!["smart".into()];
+    assert_eq!(
+        diff(&smart_old, &with("smart")),
+        ["smart.mode: \"direction\" → \"normalized_step\""]
+    );
+    let mut lora_old = old.clone();
+    lora_old.methods = vec!["lora".into()];
+    assert_eq!(
+        diff(&lora_old, &with("lora")),
+        ["lora_r: 4 → 8", "peft_layernorm: true → false"]
+    );
+    // One run using a method is enough for its settings to count.
+    let d = diff(&old, &with("mixout"));
+    assert!(d.contains(&"mixout: 0.3 → 0.1".to_string()), "{d:?}");
+    assert!(d.iter().any(|x| x.starts_with("methods:")), "{d:?}");
+    let mut breg = vanilla.clone();
+    breg.bregman.mu = 1.0;
+    let mut breg_old = old.clone();
+    breg_old.bregman.mu = 1.0;
+    assert_eq!(diff(&breg_old, &breg), ["bregman.beta: 0.5 → 0.99"]);
+    let mut gu = vanilla.clone();
+    gu.gradual_unfreezing = true;
+    let mut gu_old = old.clone();
+    gu_old.gradual_unfreezing = true;
+    assert_eq!(diff(&gu_old, &gu), ["unfreeze_every_steps: 7 → unset"]);
+    // Session keys never count.
+    let mut moved = vanilla.clone();
+    moved.output = "elsewhere".into();
+    moved.device = "cuda".into();
+    assert_eq!(diff(&vanilla, &moved), Vec::<String>::new());
+}

@@ -210,20 +210,36 @@ pub const SESSION_KEYS: [&str; 7] = [
 ];
 
 /// The settings in which two configurations differ, other than
-/// [`SESSION_KEYS`], as `key: old → new` (nested keys dotted, e.g.
-/// `smart.mode`; an unset option reads `unset`).
+/// [`SESSION_KEYS`] and the settings that neither run uses
+/// ([`Config::unused_keys`]: a vanilla run recorded before a SMART default
+/// changed still matches a vanilla run after it), as `key: old → new`
+/// (nested keys dotted, e.g. `smart.mode`; an unset option reads `unset`).
 pub fn config_differences(old: &Config, new: &Config) -> Result<Vec<String>> {
-    fn table(c: &Config) -> Result<toml::Table> {
+    let (unused_old, unused_new) = (old.unused_keys(), new.unused_keys());
+    let ignored: Vec<&str> = SESSION_KEYS
+        .into_iter()
+        .chain(unused_old.into_iter().filter(|k| unused_new.contains(k)))
+        .collect();
+    let table = |c: &Config| -> Result<toml::Table> {
         let toml::Value::Table(mut t) =
             toml::Value::try_from(c).map_err(|e| param_err("config", e.to_string()))?
         else {
             return Err(param_err("config", "does not serialise to a table"));
         };
-        for k in SESSION_KEYS {
-            t.remove(k);
+        for k in &ignored {
+            match k.split_once('.') {
+                Some((section, key)) => {
+                    if let Some(toml::Value::Table(s)) = t.get_mut(section) {
+                        s.remove(key);
+                    }
+                }
+                None => {
+                    t.remove(*k);
+                }
+            }
         }
         Ok(t)
-    }
+    };
     fn walk(prefix: &str, a: &toml::Table, b: &toml::Table, out: &mut Vec<String>) {
         let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
         keys.sort();
@@ -392,6 +408,37 @@ const SELECT_REGRESSION: [&str; 2] = ["pearson", "spearman"];
 impl Config {
     pub fn has(&self, m: &str) -> bool {
         self.methods.iter().any(|x| x == m)
+    }
+
+    /// The settings (top-level keys or whole sections, `section.key` for one
+    /// key of a section) that this run does not read: those of the methods
+    /// it does not use, θ̃'s momentum without the Bregman term, the
+    /// unfreezing period without gradual unfreezing.
+    pub fn unused_keys(&self) -> Vec<&'static str> {
+        let mut keys = vec![];
+        let per_method: [(&str, &[&'static str]); 6] = [
+            ("smart", &["smart"]),
+            ("r3f", &["r3f"]),
+            ("freelb", &["freelb"]),
+            ("mixout", &["mixout"]),
+            ("adapter", &["adapter_r", "adapter_placement"]),
+            ("lora", &["lora_r", "lora_alpha", "lora_targets"]),
+        ];
+        for (m, k) in per_method {
+            if !self.has(m) {
+                keys.extend_from_slice(k);
+            }
+        }
+        if !self.has("adapter") && !self.has("lora") {
+            keys.push("peft_layernorm");
+        }
+        if self.bregman.mu == 0.0 {
+            keys.push("bregman.beta");
+        }
+        if !self.gradual_unfreezing {
+            keys.push("unfreeze_every_steps");
+        }
+        keys
     }
 
     /// Every check that can fail before training starts.
