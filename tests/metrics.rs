@@ -103,6 +103,8 @@ fn calibration_metrics_match_reference() {
     let b = &cal.bins[6];
     assert_eq!((b.count, b.accuracy), (1, 0.0));
     close(b.confidence, 0.45);
+    // Mean of the rows' largest probabilities, summed by hand: 7.3 / 12.
+    close(cal.confidence(), 7.3 / 12.0);
 }
 
 #[test]

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use tempfile::TempDir;
 use tunefuse::train::optim::{AdamW, AdamWParams, Param, RecAdam, Schedule};
-use tunefuse::train::trainer::{Config, FreeLbConfig, Run};
+use tunefuse::train::trainer::{Config, FreeLbConfig, Run, SmartConfig};
 
 /// A small SST-2 run writing to `out` inside `dir`: the scratch directory
 /// removes every checkpoint when the test ends, passed or failed.
@@ -219,6 +219,17 @@ fn bad_configurations_fail_before_training() {
                 ..base.clone()
             },
             "schedule",
+        ),
+        (
+            Config {
+                methods: vec!["smart".into()],
+                smart: SmartConfig {
+                    reduction: "mean".into(),
+                    ..SmartConfig::default()
+                },
+                ..base.clone()
+            },
+            "reduction must be batchmean or sum",
         ),
     ];
     for (cfg, want) in cases {
@@ -491,6 +502,25 @@ fn methods_change_what_they_should() {
         small.is_finite() && unit > 1e3 * small.abs(),
         "direction {small}, normalized_step {unit}"
     );
+    // smart-pytorch's `sum` reduction: on a batch of B = 8 the penalty is
+    // 8 times the batch mean, so the objective with λ = 1 is batchmean's
+    // with λ = 8 (first step: same parameters, same noise).
+    let first_step = |name: &str, reduction: &str, lambda: f64| {
+        let mut c = short(&dir, name, &["smart"]);
+        c.smart.reduction = reduction.into();
+        c.smart.lambda = lambda;
+        Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
+        let l = &lines(&c)[0];
+        (l["penalty"].as_f64().unwrap(), l["loss"].as_f64().unwrap())
+    };
+    let (sum_pen, sum_loss) = first_step("smart-sum", "sum", 1.0);
+    let (mean_pen, mean_loss) = first_step("smart-mean8", "batchmean", 8.0);
+    let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
+    assert!(
+        mean_pen > 0.0 && rel(sum_pen, 8.0 * mean_pen) < 1e-5,
+        "sum {sum_pen}, batchmean {mean_pen}"
+    );
+    assert!(rel(sum_loss, mean_loss) < 1e-5, "{sum_loss} vs {mean_loss}");
     // Mixout with p = 0 is plain training, step for step.
     let plain = short(&dir, "plain", &["vanilla"]);
     let mut mix0 = short(&dir, "mix0", &["mixout"]);

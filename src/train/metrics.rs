@@ -210,6 +210,20 @@ pub struct Calibration {
     pub bins: Vec<Bin>,
 }
 
+impl Calibration {
+    /// Mean confidence over all examples (the bins' confidences weighted
+    /// by their counts); NaN when there are none.
+    pub fn confidence(&self) -> f64 {
+        let n: usize = self.bins.iter().map(|b| b.count).sum();
+        let s: f64 = self
+            .bins
+            .iter()
+            .map(|b| b.count as f64 * b.confidence)
+            .sum();
+        s / n as f64
+    }
+}
+
 /// ECE over `n_bins` equal-width confidence bins (Guo et al. 2017): bin b
 /// holds confidences in (b/n, (b+1)/n] (the first also holds 0);
 /// ECE = Σ_b (n_b / N)·|acc_b − conf_b|. The standard choice is 15 bins.

@@ -64,6 +64,12 @@ pub struct SmartConfig {
     pub mode: String,
     /// ε₀ of direction / normalized_step, or the pgd radius.
     pub eps: f64,
+    /// How the final penalty sums over the batch's rows: `batchmean` (the
+    /// mean over rows; mt-dnn) or `sum` (smart-pytorch's `sym_kl_loss`,
+    /// whose default reduction is `sum`: λ·B times the batchmean penalty
+    /// for a batch of B). The inner ascent loss is always the batch mean,
+    /// as in both; the ascent step normalises its gradient anyway.
+    pub reduction: String,
 }
 
 impl Default for SmartConfig {
@@ -77,6 +83,7 @@ impl Default for SmartConfig {
             granularity: "token".into(),
             mode: "normalized_step".into(),
             eps: 1e-6,
+            reduction: "batchmean".into(),
         }
     }
 }
@@ -533,6 +540,7 @@ impl Config {
         }
         if self.has("smart") {
             self.smart_step()?.validate()?;
+            self.smart_reduction()?;
             if self.smart.sigma < 0.0 || self.smart.lambda < 0.0 {
                 return bad("smart sigma and lambda must be >= 0".into());
             }
@@ -564,6 +572,18 @@ impl Config {
             p => Err(param_err(
                 "config",
                 format!("adapter_placement must be houlsby or pfeiffer, got {p:?}"),
+            )),
+        }
+    }
+
+    /// The reduction of SMART's penalty ([`SmartConfig::reduction`]).
+    fn smart_reduction(&self) -> Result<Reduction> {
+        match self.smart.reduction.as_str() {
+            "batchmean" => Ok(Reduction::BatchMean),
+            "sum" => Ok(Reduction::Sum),
+            r => Err(param_err(
+                "smart",
+                format!("reduction must be batchmean or sum, got {r:?}"),
             )),
         }
     }
@@ -661,6 +681,11 @@ pub struct Eval {
     pub brier: f64,
     #[serde(with = "nan_as_null")]
     pub ece: f64,
+    /// Mean confidence (largest class probability); above the accuracy
+    /// the model is over-confident, below it under-confident. Absent
+    /// (null) in records written before it was added.
+    #[serde(with = "nan_as_null", default = "nan")]
+    pub confidence: f64,
     #[serde(with = "nan_as_null", default = "nan")]
     pub pearson: f64,
     #[serde(with = "nan_as_null", default = "nan")]
@@ -677,7 +702,16 @@ impl PartialEq for Eval {
     fn eq(&self, o: &Self) -> bool {
         let v = |e: &Eval| {
             [
-                e.accuracy, e.macro_f1, e.f1, e.mcc, e.nll, e.brier, e.ece, e.pearson, e.spearman,
+                e.accuracy,
+                e.macro_f1,
+                e.f1,
+                e.mcc,
+                e.nll,
+                e.brier,
+                e.ece,
+                e.confidence,
+                e.pearson,
+                e.spearman,
                 e.mse,
             ]
             .map(f64::to_bits)
@@ -697,6 +731,7 @@ impl Eval {
             nll: f64::NAN,
             brier: f64::NAN,
             ece: f64::NAN,
+            confidence: f64::NAN,
             pearson: f64::NAN,
             spearman: f64::NAN,
             mse: f64::NAN,
@@ -711,7 +746,10 @@ impl Eval {
                 self.pearson, self.spearman, self.mse
             )
         } else {
-            format!("accuracy {:.4}, ECE {:.4}", self.accuracy, self.ece)
+            format!(
+                "accuracy {:.4}, ECE {:.4}, confidence {:.4}",
+                self.accuracy, self.ece, self.confidence
+            )
         }
     }
 
@@ -992,16 +1030,29 @@ impl Run {
     }
 
     /// The smoothness divergence between outputs `a` and `b`: the symmetric
-    /// KL of the fused op (gradients as `grad` says, the op's expected
-    /// incoming gradient `weight`) for classification; the mean squared
-    /// error for regression (its gradient, 2(a − b)/B and the opposite,
-    /// is what both gradient modes give there).
-    fn divergence(&self, a: &Tensor, b: &Tensor, grad: SymKlGrad, weight: f64) -> Result<Tensor> {
+    /// KL of the fused op (gradients as `grad` says, rows reduced as
+    /// `reduction` says, the op's expected incoming gradient `weight`) for
+    /// classification; the mean squared error for regression (its gradient,
+    /// 2(a − b)/B and the opposite, is what both gradient modes give there),
+    /// times the number of rows B for `sum`.
+    fn divergence(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        grad: SymKlGrad,
+        reduction: Reduction,
+        weight: f64,
+    ) -> Result<Tensor> {
         if self.cfg.regression {
-            return squared_error(a, b);
+            let mse = squared_error(a, b)?;
+            return Ok(match reduction {
+                Reduction::Sum => (mse * a.dim(0)? as f64)?,
+                _ => mse,
+            });
         }
         let opts = SymKlOptions {
             grad,
+            reduction,
             expected_grad: weight as f32,
             ..Default::default()
         };
@@ -1061,7 +1112,7 @@ impl Run {
             }
         };
         let mu = self.cfg.bregman.mu;
-        let prox = self.divergence(&logits, &t, SymKlGrad::Detached, mu)?;
+        let prox = self.divergence(&logits, &t, SymKlGrad::Detached, Reduction::BatchMean, mu)?;
         Ok(Objective {
             loss: (obj.loss + (prox * mu)?)?,
             ..obj
@@ -1112,7 +1163,8 @@ impl Run {
             }
             let adv = self.logits(&(&embeds + delta.delta)?, &b.mask)?;
             let lam = s.lambda;
-            let pen = self.divergence(&adv, &logits, SymKlGrad::Detached, lam)?;
+            let red = self.cfg.smart_reduction()?;
+            let pen = self.divergence(&adv, &logits, SymKlGrad::Detached, red, lam)?;
             let v = pen.detach();
             let loss = (task + (pen * lam)?)?;
             return Ok((Objective::new(loss, Some(v)), Some(logits)));
@@ -1128,7 +1180,7 @@ impl Run {
             self.noise.offset += crate::philox::counters_for(delta.elem_count());
             let adv = self.logits(&(&embeds + delta)?, &b.mask)?;
             let lam = r.lambda;
-            let pen = self.divergence(&adv, &logits, SymKlGrad::Full, lam)?;
+            let pen = self.divergence(&adv, &logits, SymKlGrad::Full, Reduction::BatchMean, lam)?;
             let v = pen.detach();
             let loss = (task + (pen * lam)?)?;
             return Ok((Objective::new(loss, Some(v)), Some(logits)));
@@ -1284,6 +1336,7 @@ impl Run {
                 nll: metrics::nll(&probs, &labels)?,
                 brier: metrics::brier(&probs, &labels)?,
                 ece: cal.ece,
+                confidence: cal.confidence(),
                 ..Eval::undefined()
             },
             Some(cal),
