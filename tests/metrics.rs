@@ -184,14 +184,15 @@ fn results_table_aggregates_seeds() {
     assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
     let scratch = common::scratch("report");
     let dir = scratch.path();
-    let run = |name: &str, acc: f64, ece: f64, secs: f64| {
+    // `conf`: the mean confidence, absent from records that predate it.
+    let run = |name: &str, acc: f64, ece: f64, conf: Option<f64>, secs: f64| {
         let d = dir.join(name);
         std::fs::create_dir_all(&d).unwrap();
         let summary = serde_json::json!({
             "task": "sst2", "methods": ["smart"], "steps": 10, "best_step": 10, "best": acc,
             "metric": "accuracy", "train_examples": 100, "seconds": secs,
             "last": {"accuracy": acc, "macro_f1": acc, "f1": acc, "mcc": 0.5, "nll": 0.4,
-                     "brier": 0.2, "ece": ece},
+                     "brier": 0.2, "ece": ece, "confidence": conf},
         });
         std::fs::write(d.join("summary.json"), summary.to_string()).unwrap();
         let seed = name.rsplit_once("-s").map_or("1", |(_, s)| s);
@@ -201,19 +202,24 @@ fn results_table_aggregates_seeds() {
         )
         .unwrap();
     };
-    run("smart-s1", 0.80, 0.10, 100.0);
-    run("smart-s2", 0.82, 0.12, 140.0);
-    run("lora-s3", 0.75, 0.05, 60.0);
+    run("smart-s1", 0.80, 0.10, Some(0.70), 100.0);
+    run("smart-s2", 0.82, 0.12, Some(0.73), 140.0);
+    run("lora-s3", 0.75, 0.05, None, 60.0);
     std::fs::create_dir_all(dir.join("lora-s4")).unwrap(); // unfinished: left out
     let runs = collect(dir).unwrap();
     assert_eq!(runs.len(), 3);
     let t = table(&runs);
-    assert!(
-        t.contains("| smart | 1, 2 | 81.0 ± 1.4 | 0.110 ± 0.014 | 80.0 / 82.0 | 60 s |"),
+    assert_eq!(
+        t.lines().nth(1),
+        Some("|---|---|---|---|---|---|---|"),
         "{t}"
     );
     assert!(
-        t.contains("| lora | 3 | 75.0 ± — | 0.050 ± — | 75.0 | 30 s |"),
+        t.contains("| smart | 1, 2 | 81.0 ± 1.4 | 0.110 ± 0.014 | 71.5 | 80.0 / 82.0 | 60 s |"),
+        "{t}"
+    );
+    assert!(
+        t.contains("| lora | 3 | 75.0 ± — | 0.050 ± — | — | 75.0 | 30 s |"),
         "{t}"
     );
     // Regression runs (no accuracy, a Pearson) get their own table.
@@ -241,7 +247,7 @@ fn results_table_aggregates_seeds() {
     std::fs::remove_dir_all(&d).unwrap();
     // Seeds of one label must share every other setting: a changed
     // recipe beside older seeds is an error naming the run and the setting.
-    run("smart-s3", 0.9, 0.1, 100.0);
+    run("smart-s3", 0.9, 0.1, None, 100.0);
     std::fs::write(
         dir.join("smart-s3/config.toml"),
         "epochs = 2\nseed = 3\nlr = 2e-4\n",
@@ -254,7 +260,7 @@ fn results_table_aggregates_seeds() {
     );
     std::fs::remove_dir_all(dir.join("smart-s3")).unwrap();
     // A folder not named <label>-s<seed> is an error naming it.
-    run("oops", 0.5, 0.1, 1.0);
+    run("oops", 0.5, 0.1, None, 1.0);
     let e = collect(dir).unwrap_err().to_string();
     assert!(e.contains("oops"), "{e}");
 }

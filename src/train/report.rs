@@ -2,8 +2,9 @@
 //! the subfolders `<label>-s<seed>` of DIR holding a `summary.json` (and the
 //! `config.toml` the run resolved); one row per label with the mean ± sample
 //! standard deviation over its seeds of the final dev accuracy and ECE (— for
-//! a single seed), and the mean wall time per epoch; regression runs get a
-//! second table with Pearson and MSE instead.
+//! a single seed), the mean confidence (above the accuracy: over-confident;
+//! — where a record predates it), and the mean wall time per epoch;
+//! regression runs get a second table with Pearson and MSE instead.
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -94,9 +95,11 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
 }
 
 /// The markdown tables: for classification runs, label, seeds, dev
-/// accuracy (%) and ECE as mean ± std, each seed's accuracy and wall time per
-/// epoch; for regression runs (a label whose runs have a Pearson and no
-/// accuracy) a second table with dev Pearson and MSE in their place.
+/// accuracy (%) and ECE as mean ± std, the mean dev confidence (%, — unless
+/// every seed recorded one), each seed's accuracy and wall time per epoch;
+/// for regression runs (a label whose runs have a Pearson and no accuracy) a
+/// second table with dev Pearson and MSE in place of accuracy and ECE, and
+/// no confidence.
 pub fn table(runs: &[RunResult]) -> String {
     let mut by: BTreeMap<&str, Vec<&RunResult>> = BTreeMap::new();
     for r in runs {
@@ -110,10 +113,11 @@ pub fn table(runs: &[RunResult]) -> String {
     let mut s = String::new();
     if !class.is_empty() {
         s += &rows(
-            "| run | seeds | dev accuracy % (mean ± std) | dev ECE (mean ± std) | accuracy per seed | wall time / epoch |",
+            "| run | seeds | dev accuracy % (mean ± std) | dev ECE (mean ± std) | dev confidence % (mean) | accuracy per seed | wall time / epoch |",
             &class,
             |r| (100.0 * r.summary.last.accuracy, r.summary.last.ece),
             (1, 3),
+            Some(&|r: &RunResult| 100.0 * r.summary.last.confidence),
         );
     }
     if !reg.is_empty() {
@@ -125,22 +129,26 @@ pub fn table(runs: &[RunResult]) -> String {
             &reg,
             |r| (r.summary.last.pearson, r.summary.last.mse),
             (3, 3),
+            None,
         );
     }
     s
 }
 
 /// One table: a row per label with the mean ± std of the two values `f`
-/// gives per run (printed with `digits` decimals), the first per seed, and
-/// the mean wall time per epoch.
+/// gives per run (printed with `digits` decimals), the mean of `extra`
+/// (one decimal; — when a run has none) when given, the first value per
+/// seed, and the mean wall time per epoch. `header` names every column.
 fn rows(
     header: &str,
     labels: &[(&str, Vec<&RunResult>)],
     f: impl Fn(&RunResult) -> (f64, f64),
     digits: (usize, usize),
+    extra: Option<&dyn Fn(&RunResult) -> f64>,
 ) -> String {
     let (d1, d2) = digits;
-    let mut s = format!("{header}\n|---|---|---|---|---|---|\n");
+    let columns = header.matches('|').count() - 1;
+    let mut s = format!("{header}\n|{}\n", "---|".repeat(columns));
     for (label, rs) in labels {
         let (first, second): (Vec<f64>, Vec<f64>) = rs.iter().map(|r| f(r)).unzip();
         let per_epoch: Vec<f64> = rs
@@ -157,8 +165,16 @@ fn rows(
         };
         let seeds: Vec<String> = rs.iter().map(|r| r.seed.to_string()).collect();
         let each: Vec<String> = first.iter().map(|a| format!("{a:.d1$}")).collect();
+        let extra = extra.map_or(String::new(), |g| {
+            let v: Vec<f64> = rs.iter().map(|r| g(r)).collect();
+            if v.iter().any(|x| x.is_nan()) {
+                " — |".to_string()
+            } else {
+                format!(" {:.1} |", mean_std(&v).0)
+            }
+        });
         s += &format!(
-            "| {label} | {} | {m1:.d1$} ± {sd1} | {m2:.d2$} ± {sd2} | {} | {:.0} s |\n",
+            "| {label} | {} | {m1:.d1$} ± {sd1} | {m2:.d2$} ± {sd2} |{extra} {} | {:.0} s |\n",
             seeds.join(", "),
             each.join(" / "),
             mean_std(&per_epoch).0
