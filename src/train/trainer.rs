@@ -64,11 +64,13 @@ pub struct SmartConfig {
     pub mode: String,
     /// ε₀ of direction / normalized_step, or the pgd radius.
     pub eps: f64,
-    /// How the final penalty sums over the batch's rows: `batchmean` (the
+    /// How the final penalty combines the batch's rows: `batchmean` (the
     /// mean over rows; mt-dnn) or `sum` (smart-pytorch's `sym_kl_loss`,
-    /// whose default reduction is `sum`: λ·B times the batchmean penalty
-    /// for a batch of B). The inner ascent loss is always the batch mean,
-    /// as in both; the ascent step normalises its gradient anyway.
+    /// whose default reduction is `sum`: on a batch of B rows, B times the
+    /// batchmean penalty, so the same λ weighs it B times as much). The
+    /// inner ascent loss is always the batch mean, as in both (the ascent
+    /// step normalises its gradient anyway). `bench/RESULTS.md` compares
+    /// the two.
     pub reduction: String,
 }
 
