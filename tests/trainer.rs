@@ -488,16 +488,22 @@ fn methods_change_what_they_should() {
     for l in lines(&smart).iter().filter(|l| l.get("penalty").is_some()) {
         assert_eq!(l["penalty"].as_f64().unwrap(), 0.0, "{l}");
     }
+    // The first logged step (penalty, objective) of a SMART run whose
+    // settings `set` changes.
+    let first_step = |name: &str, set: &dyn Fn(&mut SmartConfig)| {
+        let mut c = short(&dir, name, &["smart"]);
+        set(&mut c.smart);
+        Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
+        let l = &lines(&c)[0];
+        (l["penalty"].as_f64().unwrap(), l["loss"].as_f64().unwrap())
+    };
     // The step mode reaches the trainer: an earlier mt-dnn's direction step
     // moves each token by η = 1e-3, the default normalised step by 1 (l∞),
     // so the first batch's penalty differs by orders of magnitude.
-    let first_penalty = |mode: &str| {
-        let mut c = short(&dir, &format!("smart-{mode}"), &["smart"]);
-        c.smart.mode = mode.into();
-        Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
-        lines(&c)[0]["penalty"].as_f64().unwrap()
-    };
-    let (small, unit) = (first_penalty("direction"), first_penalty("normalized_step"));
+    let (small, _) = first_step("smart-direction", &|s| s.mode = "direction".into());
+    let (unit, _) = first_step("smart-normalized_step", &|s| {
+        s.mode = "normalized_step".into()
+    });
     assert!(
         small.is_finite() && unit > 1e3 * small.abs(),
         "direction {small}, normalized_step {unit}"
@@ -505,16 +511,11 @@ fn methods_change_what_they_should() {
     // smart-pytorch's `sum` reduction: on a batch of B = 8 the penalty is
     // 8 times the batch mean, so the objective with λ = 1 is batchmean's
     // with λ = 8 (first step: same parameters, same noise).
-    let first_step = |name: &str, reduction: &str, lambda: f64| {
-        let mut c = short(&dir, name, &["smart"]);
-        c.smart.reduction = reduction.into();
-        c.smart.lambda = lambda;
-        Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
-        let l = &lines(&c)[0];
-        (l["penalty"].as_f64().unwrap(), l["loss"].as_f64().unwrap())
-    };
-    let (sum_pen, sum_loss) = first_step("smart-sum", "sum", 1.0);
-    let (mean_pen, mean_loss) = first_step("smart-mean8", "batchmean", 8.0);
+    let (sum_pen, sum_loss) = first_step("smart-sum", &|s| s.reduction = "sum".into());
+    let (mean_pen, mean_loss) = first_step("smart-mean8", &|s| {
+        s.reduction = "batchmean".into();
+        s.lambda = 8.0;
+    });
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
     assert!(
         mean_pen > 0.0 && rel(sum_pen, 8.0 * mean_pen) < 1e-5,
