@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tunefuse::bench;
-use tunefuse::train::trainer::{Config, Event, Run};
+use tunefuse::train::trainer::{Config, Event, HeadKind, Reading, Run};
 
 #[derive(Parser)]
 #[command(
@@ -101,9 +101,15 @@ struct FinetuneArgs {
     /// plots (default: runs/out).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Comma-separated: vanilla, smart, r3f, freelb, mixout, adapter, lora.
+    /// Comma-separated: vanilla (none), smart, r3f, freelb, bregman, mixout,
+    /// adapter, lora. A method the config file lists keeps its settings.
     #[arg(long)]
     method: Option<String>,
+    /// Any setting, as `key=value` (repeatable): `lr=2e-5`,
+    /// `smart.lambda=2`, `schedule.warmup=0.06`, `precision=f32`. Applied
+    /// after the config file and the other flags.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
     /// Model-selection metric: accuracy, macro_f1, f1, mcc (classification);
     /// pearson, spearman (regression).
     #[arg(long)]
@@ -151,17 +157,17 @@ struct FinetuneArgs {
 
 fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
     let mut cfg = match &a.config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("cannot read config {}: {e}", p.display()))?;
-            toml::from_str::<Config>(&text).map_err(|e| format!("config {}: {e}", p.display()))?
-        }
+        Some(p) => Config::from_file(p, Reading::Strict).map_err(|e| e.to_string())?,
         None => Config::default(),
     };
+    let err = |e: tunefuse::Error| e.to_string();
     macro_rules! set {
         ($($f:ident),*) => { $( if let Some(v) = &a.$f { cfg.$f = v.clone().into(); } )* };
     }
-    set!(model, task, output, epochs, lr, batch_size, seed, max_len, device);
+    set!(model, task, output, epochs, lr, batch_size, seed, max_len);
+    if let Some(d) = &a.device {
+        cfg.set(&format!("device={d}")).map_err(err)?;
+    }
     if a.data_dir.is_some() {
         cfg.data_dir = a.data_dir.clone();
     }
@@ -169,19 +175,18 @@ fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
         cfg.train_examples = a.train_examples;
     }
     cfg.phase_times |= a.phase_times;
-    if a.regression && !cfg.regression {
-        cfg.regression = true;
-        cfg.metric = "pearson".into();
+    if a.regression && cfg.head != HeadKind::Regression {
+        cfg.head = HeadKind::Regression;
+        cfg.metric = tunefuse::train::trainer::Metric::Pearson;
     }
     if let Some(m) = &a.metric {
-        cfg.metric = m.clone();
+        cfg.set(&format!("metric={m}")).map_err(err)?;
     }
     if let Some(m) = &a.method {
-        cfg.methods = m
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        cfg.set_methods(m).map_err(err)?;
+    }
+    for s in &a.set {
+        cfg.set(s).map_err(err)?;
     }
     if cfg.model.as_os_str().is_empty() {
         return Err("--model is required (a Hugging Face BERT directory; scripts/fetch-model.sh prints one)".into());

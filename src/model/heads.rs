@@ -7,7 +7,8 @@ use super::layers::{Dense, Stream};
 use crate::error::{param_err, Result};
 
 /// How a sequence becomes one vector.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Pooling {
     /// The [CLS] (first) token.
     Cls,

@@ -372,7 +372,8 @@ impl LayerNorm {
 }
 
 /// Where bottleneck adapters go in each layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum AdapterPlacement {
     /// After the attention output projection and after the feed-forward
     /// output, each before its residual LayerNorm (Houlsby et al. 2019).

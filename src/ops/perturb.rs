@@ -51,14 +51,16 @@ pub enum Noise {
 }
 
 /// The norm of an ascent step.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Norm {
     L2,
     Linf,
 }
 
 /// The unit a norm is taken over.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Granularity {
     /// Each token's H values.
     Token,

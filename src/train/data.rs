@@ -48,9 +48,11 @@ pub enum Task {
 }
 
 /// A split; not every task has every split (errors say which exist).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Split {
     Train,
+    #[serde(alias = "validation")]
     Dev,
     Test,
 }
@@ -81,6 +83,16 @@ impl std::str::FromStr for Task {
                 ))
             }
         })
+    }
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Train => "train",
+            Split::Dev => "dev",
+            Split::Test => "test",
+        }
     }
 }
 

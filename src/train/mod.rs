@@ -1,7 +1,20 @@
-//! Fine-tuning: data readers, metrics, optimisers, the trainer and the
-//! results table of a grid of runs.
+//! Fine-tuning: configuration, assembly of a run, the loop and its
+//! callbacks, one optimiser step, checkpoints, evaluation, the objective and
+//! the methods it combines, task heads, data readers, metrics, optimisers,
+//! and the results table of a grid of runs.
+pub mod callbacks;
+pub mod checkpoint;
+pub mod config;
 pub mod data;
+pub mod evaluate;
+pub mod fit;
+pub mod methods;
 pub mod metrics;
+pub mod objective;
 pub mod optim;
+pub mod params;
 pub mod report;
+pub mod run;
+pub mod step;
+pub mod task;
 pub mod trainer;

@@ -21,6 +21,7 @@ use crate::ops::{adamw_state, adamw_step, AdamWStep};
 /// moments of the task gradient, so it composes with decoupled weight decay.
 /// With λ ≡ 1 (t₀ → −∞) it is AdamW.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RecAdam {
     pub k: f64,
     pub t0: f64,
@@ -325,4 +326,30 @@ impl Schedule {
             }
         }
     }
+}
+
+/// `into[p] += scale·from[p]` for each parameter `p` with a gradient in
+/// `from` (the other entries of `from`, intermediate tensors, are left out).
+pub fn add_param_grads(
+    into: &mut candle_core::backprop::GradStore,
+    from: &candle_core::backprop::GradStore,
+    params: &[Param],
+    scale: f64,
+) -> Result<()> {
+    for p in params {
+        let t = p.var.as_tensor();
+        if let Some(g) = from.get(t) {
+            let g = if scale == 1.0 {
+                g.clone()
+            } else {
+                (g * scale)?
+            };
+            let sum = match into.get(t) {
+                Some(a) => (a + g)?,
+                None => g,
+            };
+            into.insert(t, sum);
+        }
+    }
+    Ok(())
 }

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::error::{format_err, io_err, Result};
-use crate::train::trainer::{config_differences, Config, Summary};
+use crate::train::config::{config_differences, Config, Reading};
+use crate::train::fit::Summary;
 
 /// One finished run.
 #[derive(Clone, Debug)]
@@ -42,8 +43,8 @@ pub fn collect(dir: &Path) -> Result<Vec<RunResult>> {
             serde_json::from_str(&text).map_err(|e| format_err(&sum_path, e.to_string()))?;
         let cfg_path = path.join("config.toml");
         let cfg = std::fs::read_to_string(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
-        let config: Config =
-            toml::from_str(&cfg).map_err(|e| format_err(&cfg_path, e.to_string()))?;
+        let config = Config::from_toml(&cfg, Reading::Record)
+            .map_err(|e| format_err(&cfg_path, e.to_string()))?;
         if config.epochs == 0 {
             return Err(format_err(&cfg_path, "no positive `epochs`"));
         }

@@ -1,0 +1,197 @@
+//! Checkpoints: `best/` (the trained parameters and what is needed to
+//! rebuild the model) and `last/` (everything a resumed run needs: the
+//! parameters, the optimiser's and the methods' state, the random streams'
+//! positions and the trainer's counters). Both are written to a temporary
+//! directory and renamed into place, so a crash never leaves a half-written
+//! checkpoint where a good one was.
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use super::config::{config_differences, Config, Reading};
+use super::run::Run;
+use crate::error::{format_err, io_err, param_err, Result};
+use crate::ops::mixout::Rng;
+
+/// The trainer's own state, saved with every checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    pub epoch: usize,
+    /// Batches done in `epoch`.
+    pub batch: usize,
+    pub step: u64,
+    pub dropout_rng: (u64, u64),
+    pub noise_rng: (u64, u64),
+    pub best: Option<f64>,
+    pub best_step: u64,
+    pub evals_since_best: usize,
+    pub history: Vec<(u64, f64)>,
+    /// Wall seconds of the run up to this checkpoint, summed over the
+    /// sessions a resumed run took (0 in checkpoints older than the field).
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+impl State {
+    /// A run's state before its first step.
+    pub fn start(run: &Run) -> Self {
+        Self {
+            epoch: 0,
+            batch: 0,
+            step: 0,
+            dropout_rng: (run.cfg.seed, 0),
+            noise_rng: (run.noise.seed, 0),
+            best: None,
+            best_step: 0,
+            evals_since_best: 0,
+            history: vec![],
+            seconds: 0.0,
+        }
+    }
+}
+
+/// Writes a directory by filling `dir.tmp` and renaming it over `dir`.
+pub fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
+    fill(&tmp)?;
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(dir, &old).map_err(|e| io_err(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// `best/`: the trained parameters (all, or only the new ones when the
+/// backbone is frozen) as safetensors, with the base model, the labels and
+/// the configuration in `checkpoint.json`.
+pub fn save_params(run: &Run, dir: &Path) -> Result<()> {
+    let tensors: HashMap<String, Tensor> = run
+        .opt
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+        .collect();
+    atomic_dir(dir, |tmp| {
+        candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))
+            .map_err(|e| io_err(tmp, e))?;
+        let meta = serde_json::json!({"base_model": run.cfg.model, "labels": run.train.labels, "config": run.cfg});
+        std::fs::write(tmp.join("checkpoint.json"), meta.to_string()).map_err(|e| io_err(tmp, e))
+    })
+}
+
+/// Loads the parameters of a `best/` checkpoint into `run`, checking names
+/// and shapes.
+pub fn load_params(run: &Run, path: &Path) -> Result<()> {
+    let t = candle_core::safetensors::load(path, &run.device)
+        .map_err(|e| format_err(path, format!("not a readable safetensors file: {e}")))?;
+    for p in &run.opt.params {
+        let v = t
+            .get(&p.name)
+            .ok_or_else(|| format_err(path, format!("lacks {}", p.name)))?;
+        if v.dims() != p.var.dims() {
+            return Err(format_err(
+                path,
+                format!(
+                    "{} has shape {:?}, model {:?}",
+                    p.name,
+                    v.dims(),
+                    p.var.dims()
+                ),
+            ));
+        }
+        p.var.set(v)?;
+    }
+    Ok(())
+}
+
+/// `last/`: parameters (`param.*`), optimiser state (`opt.*`), the methods'
+/// state (under their own keys) and the trainer's state.
+pub fn save_last(run: &Run, dir: &Path, st: &State) -> Result<()> {
+    let params = &run.opt.params;
+    let mut tensors: HashMap<String, Tensor> = params
+        .iter()
+        .map(|p| (format!("param.{}", p.name), p.var.as_tensor().clone()))
+        .collect();
+    tensors.extend(
+        run.opt
+            .state()?
+            .into_iter()
+            .map(|(k, v)| (format!("opt.{k}"), v)),
+    );
+    for t in &run.objective.terms {
+        tensors.extend(t.state(params));
+    }
+    atomic_dir(dir, |tmp| {
+        candle_core::safetensors::save(&tensors, tmp.join("state.safetensors"))
+            .map_err(|e| io_err(tmp, e))?;
+        std::fs::write(tmp.join("trainer.json"), serde_json::to_string(st).unwrap())
+            .map_err(|e| io_err(tmp, e))
+    })
+}
+
+/// Restores what [`save_last`] wrote and returns the trainer's state.
+pub fn load_last(run: &mut Run, dir: &Path) -> Result<State> {
+    let tj = dir.join("trainer.json");
+    let text = std::fs::read_to_string(&tj)
+        .map_err(|e| io_err(&tj, format!("{e} (nothing to resume)")))?;
+    let st: State = serde_json::from_str(&text).map_err(|e| format_err(&tj, e.to_string()))?;
+    let sp = dir.join("state.safetensors");
+    let t = candle_core::safetensors::load(&sp, &run.device)
+        .map_err(|e| format_err(&sp, e.to_string()))?;
+    let get = |key: &str| -> Result<Tensor> {
+        t.get(key)
+            .cloned()
+            .ok_or_else(|| format_err(&sp, format!("lacks {key}")))
+    };
+    for p in &run.opt.params {
+        p.var.set(&get(&format!("param.{}", p.name))?)?;
+    }
+    let opt: HashMap<String, Tensor> = t
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("opt.").map(|k| (k.to_string(), v.clone())))
+        .collect();
+    run.opt.load_state(&opt, st.step)?;
+    for term in &mut run.objective.terms {
+        term.load_state(&run.opt.params, &get)?;
+    }
+    run.bert.stream.set_position(Rng {
+        seed: st.dropout_rng.0,
+        offset: st.dropout_rng.1,
+    });
+    run.noise = Rng {
+        seed: st.noise_rng.0,
+        offset: st.noise_rng.1,
+    };
+    Ok(st)
+}
+
+/// `--resume` continues the run recorded in `path` (its `config.toml`)
+/// only with the same settings: anything else would silently mix two
+/// recipes in one run (a different schedule length, seed, method…) and
+/// overwrite the record of the first. Settings of the session rather than
+/// of the run may differ ([`super::config::SESSION_KEYS`]).
+pub fn check_resumes(cfg: &Config, path: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| io_err(path, format!("{e} (nothing to resume)")))?;
+    let was = Config::from_toml(&text, Reading::Record).map_err(|e| format_err(path, e.to_string()))?;
+    let diffs = config_differences(&was, cfg)?;
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(param_err(
+        "resume",
+        format!(
+            "the run in {} was started with other settings ({}); resume it with the \
+             settings of its config.toml, or start a new run with another --output",
+            path.parent().unwrap_or(path).display(),
+            diffs.join("; ")
+        ),
+    ))
+}

@@ -1,0 +1,232 @@
+//! Evaluation: predictions of a run's model on a dataset, the metrics its
+//! task head computes from them, and the evaluation of a saved checkpoint.
+use std::path::Path;
+
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+
+use super::checkpoint;
+use super::config::{Config, Metric, Reading};
+use super::data::{Dataset, Split};
+use super::metrics;
+use super::run::Run;
+use crate::error::{format_err, io_err, Error, Result};
+
+/// f64 values that may be NaN (a metric undefined for the run, e.g. F1 of a
+/// multi-class task or accuracy of a regression): JSON has no NaN, so it is
+/// written as `null` and read back as NaN.
+pub(crate) mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_nan() {
+            s.serialize_none()
+        } else {
+            s.serialize_f64(*v)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
+/// Evaluation results: the classification metrics (NaN for regression)
+/// and the regression ones (NaN for classification; absent from older
+/// summaries). Two evaluations are equal when every value has the same
+/// bits (so NaN, "undefined", equals NaN).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Eval {
+    #[serde(with = "nan_as_null")]
+    pub accuracy: f64,
+    #[serde(with = "nan_as_null")]
+    pub macro_f1: f64,
+    #[serde(with = "nan_as_null")]
+    pub f1: f64,
+    #[serde(with = "nan_as_null")]
+    pub mcc: f64,
+    #[serde(with = "nan_as_null")]
+    pub nll: f64,
+    #[serde(with = "nan_as_null")]
+    pub brier: f64,
+    #[serde(with = "nan_as_null")]
+    pub ece: f64,
+    /// Mean confidence (largest class probability); above the accuracy
+    /// the model is over-confident, below it under-confident. Absent
+    /// (null) in records written before it was added.
+    #[serde(with = "nan_as_null", default = "nan")]
+    pub confidence: f64,
+    #[serde(with = "nan_as_null", default = "nan")]
+    pub pearson: f64,
+    #[serde(with = "nan_as_null", default = "nan")]
+    pub spearman: f64,
+    #[serde(with = "nan_as_null", default = "nan")]
+    pub mse: f64,
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
+impl PartialEq for Eval {
+    fn eq(&self, o: &Self) -> bool {
+        let v = |e: &Eval| {
+            [
+                e.accuracy,
+                e.macro_f1,
+                e.f1,
+                e.mcc,
+                e.nll,
+                e.brier,
+                e.ece,
+                e.confidence,
+                e.pearson,
+                e.spearman,
+                e.mse,
+            ]
+            .map(f64::to_bits)
+        };
+        v(self) == v(o)
+    }
+}
+
+impl Eval {
+    /// Every metric NaN (undefined).
+    pub(crate) fn undefined() -> Self {
+        Self {
+            accuracy: f64::NAN,
+            macro_f1: f64::NAN,
+            f1: f64::NAN,
+            mcc: f64::NAN,
+            nll: f64::NAN,
+            brier: f64::NAN,
+            ece: f64::NAN,
+            confidence: f64::NAN,
+            pearson: f64::NAN,
+            spearman: f64::NAN,
+            mse: f64::NAN,
+        }
+    }
+
+    /// One line for logs: the classification or the regression metrics.
+    pub fn brief(&self) -> String {
+        if self.accuracy.is_nan() && !self.pearson.is_nan() {
+            format!(
+                "Pearson {:.4}, Spearman {:.4}, MSE {:.4}",
+                self.pearson, self.spearman, self.mse
+            )
+        } else {
+            format!(
+                "accuracy {:.4}, ECE {:.4}, confidence {:.4}",
+                self.accuracy, self.ece, self.confidence
+            )
+        }
+    }
+
+    /// The value of a selection metric.
+    pub fn get(&self, m: Metric) -> f64 {
+        match m {
+            Metric::Accuracy => self.accuracy,
+            Metric::MacroF1 => self.macro_f1,
+            Metric::F1 => self.f1,
+            Metric::Mcc => self.mcc,
+            Metric::Pearson => self.pearson,
+            Metric::Spearman => self.spearman,
+        }
+    }
+}
+
+impl Run {
+    /// Class probabilities on a dataset (eval mode); for regression, one
+    /// predicted value per example.
+    pub fn predict(&self, ds: &Dataset) -> Result<Vec<Vec<f64>>> {
+        let was = self.bert.stream.train();
+        self.bert.stream.set_train(false);
+        let mut out = Vec::with_capacity(ds.examples.len());
+        let idx: Vec<usize> = (0..ds.examples.len()).collect();
+        let result = (|| -> Result<()> {
+            for chunk in idx.chunks(64) {
+                let b = self.batch(ds, chunk)?;
+                let logits = self.model().forward(&self.model().embed(&b)?, &b.mask)?;
+                let p = self.head.predictions(&logits)?;
+                out.extend(p.to_dtype(DType::F64)?.to_vec2::<f64>()?);
+            }
+            Ok(())
+        })();
+        self.bert.stream.set_train(was);
+        result.map(|()| out)
+    }
+
+    /// Metrics on a dataset, and the reliability table (classification).
+    pub fn evaluate(&self, ds: &Dataset) -> Result<(Eval, Option<metrics::Calibration>)> {
+        let probs = self.predict(ds)?;
+        let bad: Vec<usize> = (0..probs.len())
+            .filter(|&i| probs[i].iter().any(|p| !p.is_finite()))
+            .collect();
+        if let Some(&first) = bad.first() {
+            return Err(Error::NotFinite(format!(
+                "the model's outputs are not finite for {} of {} examples (the first: \
+                 example {first}, {:?}): its weights hold NaN or infinity",
+                bad.len(),
+                probs.len(),
+                probs[first]
+            )));
+        }
+        let labels: Vec<usize> = ds.examples.iter().map(|e| e.label).collect();
+        self.head.metrics(&probs, &labels, ds.labels.len())
+    }
+}
+
+/// Evaluates a `best/` checkpoint: rebuilds the run from the configuration
+/// stored with it (base model, methods), loads the trained parameters and
+/// evaluates on `split` of `task` (default: the checkpoint's task).
+pub fn evaluate_checkpoint(
+    dir: &Path,
+    task: Option<&str>,
+    split: &str,
+    data_dir: Option<&Path>,
+) -> Result<Eval> {
+    let meta_path = dir.join("checkpoint.json");
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format_err(&meta_path, e.to_string()))?;
+    // The configuration as TOML, so a checkpoint of any version reads
+    // through the one legacy-aware reader.
+    let table = match json_to_toml(&meta["config"]) {
+        Some(toml::Value::Table(t)) => t,
+        _ => return Err(format_err(&meta_path, "lacks the run's config")),
+    };
+    let text = toml::to_string(&table).map_err(|e| format_err(&meta_path, e.to_string()))?;
+    let mut cfg = Config::from_toml(&text, Reading::Record)
+        .map_err(|e| format_err(&meta_path, e.to_string()))?;
+    if let Some(t) = task {
+        cfg.task = t.to_string();
+    }
+    cfg.eval_split = split.parse::<Split>()?;
+    if data_dir.is_some() {
+        cfg.data_dir = data_dir.map(Path::to_path_buf);
+    }
+    let run = Run::new(cfg)?;
+    checkpoint::load_params(&run, &dir.join("model.safetensors"))?;
+    Ok(run.evaluate(&run.eval)?.0)
+}
+
+/// JSON as TOML: nulls (unset options) are left out, as TOML has none.
+fn json_to_toml(v: &serde_json::Value) -> Option<toml::Value> {
+    use serde_json::Value as J;
+    Some(match v {
+        J::Null => return None,
+        J::Bool(b) => toml::Value::Boolean(*b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64()?),
+        },
+        J::String(s) => toml::Value::String(s.clone()),
+        J::Array(a) => toml::Value::Array(a.iter().filter_map(json_to_toml).collect()),
+        J::Object(o) => toml::Value::Table(
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), json_to_toml(v)?)))
+                .collect(),
+        ),
+    })
+}

@@ -1,0 +1,99 @@
+//! R3F (Aghajanyan et al., ICLR 2021): λ·KL_S(f(x + z), f(x)) with noise z
+//! drawn once (no ascent), gradients through both sides.
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{param_err, Result};
+use crate::ops::perturb::{noise_init, Noise};
+use crate::ops::sym_kl::{Reduction, SymKlGrad};
+use crate::train::objective::{Ctx, Term, TermOut};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct R3fConfig {
+    /// Weight λ (0: the term is skipped).
+    pub lambda: f64,
+    pub sigma: f64,
+    pub noise: R3fNoise,
+}
+
+/// The distribution of z.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum R3fNoise {
+    /// N(0, σ²).
+    Normal,
+    /// U(−σ, σ) (the paper's default).
+    Uniform,
+}
+
+impl Default for R3fConfig {
+    fn default() -> Self {
+        Self {
+            lambda: 1.0,
+            sigma: 1e-5,
+            noise: R3fNoise::Uniform,
+        }
+    }
+}
+
+impl R3fConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.sigma >= 0.0 && self.lambda >= 0.0) {
+            return Err(param_err("r3f", "sigma and lambda must be >= 0"));
+        }
+        Ok(())
+    }
+}
+
+pub struct R3f {
+    cfg: R3fConfig,
+}
+
+impl R3f {
+    pub fn new(cfg: R3fConfig) -> Self {
+        Self { cfg }
+    }
+}
+
+impl Term for R3f {
+    fn name(&self) -> &'static str {
+        "r3f"
+    }
+
+    fn term(&mut self, ctx: &mut Ctx<'_>) -> Result<TermOut> {
+        let r = &self.cfg;
+        if r.lambda == 0.0 {
+            return Ok(TermOut {
+                loss: None,
+                value: Tensor::zeros((), DType::F32, ctx.batch.mask.device())?,
+            });
+        }
+        let embeds = ctx.embeds()?;
+        let logits = ctx.clean()?;
+        let noise = match r.noise {
+            R3fNoise::Normal => Noise::Normal { sigma: r.sigma },
+            R3fNoise::Uniform => Noise::Uniform { sigma: r.sigma },
+        };
+        let delta = noise_init(
+            embeds.dims(),
+            &ctx.batch.mask,
+            noise,
+            embeds.dtype(),
+            *ctx.noise,
+        )?;
+        ctx.noise.offset += crate::philox::counters_for(delta.elem_count());
+        let adv = ctx.forward(&(&embeds + delta)?)?;
+        let pen = ctx.head().divergence(
+            &adv,
+            &logits,
+            SymKlGrad::Full,
+            Reduction::BatchMean,
+            r.lambda,
+        )?;
+        Ok(TermOut {
+            value: pen.detach(),
+            loss: Some((pen * r.lambda)?),
+        })
+    }
+}

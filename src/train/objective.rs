@@ -1,0 +1,226 @@
+//! One batch's objective: the task loss as an [`Estimator`] estimates it,
+//! plus the weighted losses of the [`Term`]s, each logged under its own
+//! name. The methods see the model only through [`Ctx`]: the batch, the
+//! input embeddings, "forward from embeddings" and the clean outputs
+//! (computed once, on first request, whoever asks first), the trained
+//! parameters and the perturbations' random stream.
+use candle_core::backprop::GradStore;
+use candle_core::Tensor;
+use candle_nn::VarMap;
+
+use super::optim::Param;
+use super::task::TaskHead;
+use crate::error::Result;
+use crate::model::{Bert, Outputs};
+use crate::ops::mixout::Rng;
+
+/// One batch on the device, plus its labels.
+pub struct Batch {
+    pub ids: Tensor,
+    pub types: Tensor,
+    pub mask: Tensor,
+    pub labels: Tensor,
+}
+
+/// The encoder and its head: the model a run trains.
+pub struct TaskModel<'a> {
+    pub bert: &'a Bert,
+    pub head: &'a TaskHead,
+}
+
+impl TaskModel<'_> {
+    /// The input embeddings of a batch (before the encoder layers).
+    pub fn embed(&self, b: &Batch) -> Result<Tensor> {
+        self.bert.forward_embeddings(&b.ids, Some(&b.types))
+    }
+
+    /// The head's outputs from input embeddings.
+    pub fn forward(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = self
+            .bert
+            .forward_from_embeddings(embeds, mask, Outputs::default())?
+            .last_hidden;
+        self.head.forward(&h, mask, &self.bert.stream)
+    }
+}
+
+/// What a method may use to compute its part of one batch's objective.
+pub struct Ctx<'a> {
+    pub model: TaskModel<'a>,
+    pub batch: &'a Batch,
+    /// The optimised parameters (in the optimiser's order).
+    pub params: &'a [Param],
+    /// The random stream of the input perturbations (noise, initial δ),
+    /// shared by the methods in registry order.
+    pub noise: &'a mut Rng,
+    embeds: Option<Tensor>,
+    clean: Option<Tensor>,
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(
+        model: TaskModel<'a>,
+        batch: &'a Batch,
+        params: &'a [Param],
+        noise: &'a mut Rng,
+    ) -> Self {
+        Self {
+            model,
+            batch,
+            params,
+            noise,
+            embeds: None,
+            clean: None,
+        }
+    }
+
+    pub fn head(&self) -> &TaskHead {
+        self.model.head
+    }
+
+    /// The batch's input embeddings (in the graph), computed once.
+    pub fn embeds(&mut self) -> Result<Tensor> {
+        if self.embeds.is_none() {
+            self.embeds = Some(self.model.embed(self.batch)?);
+        }
+        Ok(self.embeds.clone().expect("just set"))
+    }
+
+    /// The outputs on the unperturbed input (in the graph), computed once.
+    pub fn clean(&mut self) -> Result<Tensor> {
+        if self.clean.is_none() {
+            let e = self.embeds()?;
+            self.clean = Some(self.forward(&e)?);
+        }
+        Ok(self.clean.clone().expect("just set"))
+    }
+
+    /// The head's outputs from (perturbed) input embeddings.
+    pub fn forward(&self, embeds: &Tensor) -> Result<Tensor> {
+        self.model.forward(embeds, &self.batch.mask)
+    }
+}
+
+/// A term's contribution to one batch's objective.
+pub struct TermOut {
+    /// The weighted loss added to the objective; `None` when the term was
+    /// skipped for this batch (it then logs NaN).
+    pub loss: Option<Tensor>,
+    /// The unweighted value, detached, for the log.
+    pub value: Tensor,
+}
+
+/// A method that adds a weighted loss (SMART's smoothness, R3F, Bregman).
+pub trait Term {
+    /// The name its value is logged under in `metrics.jsonl`.
+    fn name(&self) -> &'static str;
+    fn term(&mut self, ctx: &mut Ctx<'_>) -> Result<TermOut>;
+    /// After every optimiser step (Bregman's θ̃ follows θ).
+    fn after_step(&mut self, _params: &[Param]) -> Result<()> {
+        Ok(())
+    }
+    /// Created once the trainable set is known, before the first step.
+    fn start(&mut self, _params: &[Param]) -> Result<()> {
+        Ok(())
+    }
+    /// State that checkpoints save, by key.
+    fn state(&self, _params: &[Param]) -> Vec<(String, Tensor)> {
+        vec![]
+    }
+    /// Restores [`Term::state`]; `get` fetches a saved tensor by key or
+    /// fails naming it.
+    fn load_state(
+        &mut self,
+        _params: &[Param],
+        _get: &dyn Fn(&str) -> Result<Tensor>,
+    ) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// How the task loss of a batch is estimated, with parameter gradients of
+/// passes the estimator already back-propagated.
+pub struct Estimate {
+    pub loss: Tensor,
+    pub grads: Option<GradStore>,
+}
+
+/// A method that replaces how the task loss is estimated (FreeLB).
+pub trait Estimator {
+    fn task_loss(&mut self, ctx: &mut Ctx<'_>) -> Result<Estimate>;
+}
+
+/// The task loss on the clean outputs.
+pub struct Plain;
+
+impl Estimator for Plain {
+    fn task_loss(&mut self, ctx: &mut Ctx<'_>) -> Result<Estimate> {
+        let out = ctx.clean()?;
+        Ok(Estimate {
+            loss: ctx.head().loss(&out, &ctx.batch.labels)?,
+            grads: None,
+        })
+    }
+}
+
+/// A method that changes the model (mixout, adapters, LoRA) and owns the
+/// parameters it creates.
+pub trait ModelTransform {
+    /// Changes `bert`, creating any new parameters in `varmap`.
+    fn apply(&self, bert: &mut Bert, varmap: &VarMap) -> Result<()>;
+    /// Whether `name` is one of the parameters this transform created.
+    fn owns(&self, _name: &str) -> bool {
+        false
+    }
+    /// With the backbone frozen: also train its LayerNorms.
+    fn trains_layernorm(&self) -> bool {
+        false
+    }
+    /// The dropout the run uses unless it sets one (mixout: none).
+    fn default_dropout(&self) -> Option<f64> {
+        None
+    }
+}
+
+/// One batch's objective, built by [`Objective::loss`].
+pub struct BatchLoss {
+    /// What the backward pass runs on; its value is the whole objective.
+    pub loss: Tensor,
+    /// Each term's value, in [`Objective::names`] order.
+    pub values: Vec<Tensor>,
+    /// Parameter gradients of passes already back-propagated (FreeLB's
+    /// ascent passes), to add to those of `loss`.
+    pub grads: Option<GradStore>,
+}
+
+/// The estimator and the terms of a run.
+pub struct Objective {
+    pub estimator: Box<dyn Estimator>,
+    pub terms: Vec<Box<dyn Term>>,
+}
+
+impl Objective {
+    /// The terms' names, in the order their values are logged.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.terms.iter().map(|t| t.name()).collect()
+    }
+
+    /// The estimated task loss plus every term's weighted loss, in order.
+    pub fn loss(&mut self, ctx: &mut Ctx<'_>) -> Result<BatchLoss> {
+        let est = self.estimator.task_loss(ctx)?;
+        let mut loss = est.loss;
+        let mut values = Vec::with_capacity(self.terms.len());
+        for t in &mut self.terms {
+            let out = t.term(ctx)?;
+            if let Some(l) = out.loss {
+                loss = (loss + l)?;
+            }
+            values.push(out.value);
+        }
+        Ok(BatchLoss {
+            loss,
+            values,
+            grads: est.grads,
+        })
+    }
+}

@@ -1,0 +1,194 @@
+//! Assembly of a run: data, the encoder with its task head, the methods'
+//! model transforms, the trainable set, the optimiser and the objective.
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+
+use super::config::{Config, Precision};
+use super::data::{self, Dataset, Split, Task};
+use super::methods::{self, Built};
+use super::objective::{Batch, ModelTransform, Objective, Plain, TaskModel};
+use super::optim::{AdamW, AdamWParams};
+use super::params::{self, Freezing};
+use super::task::TaskHead;
+use crate::error::{io_err, param_err, Result};
+use crate::model::{Bert, TextTokenizer};
+use crate::ops::mixout::Rng;
+
+/// The model, head, optimiser and objective of a run.
+pub struct Run {
+    pub cfg: Config,
+    pub bert: Bert,
+    pub head: TaskHead,
+    pub varmap: VarMap,
+    pub tok: TextTokenizer,
+    pub opt: AdamW,
+    pub train: Dataset,
+    pub eval: Dataset,
+    pub objective: Objective,
+    pub freezing: Freezing,
+    pub device: Device,
+    /// The random stream of the input perturbations.
+    pub noise: Rng,
+}
+
+impl Run {
+    /// Validates, loads data, model and tokenizer, applies the methods.
+    pub fn new(cfg: Config) -> Result<Self> {
+        cfg.validate()?;
+        let device = cfg.device.device()?;
+        let dir = data::data_dir(cfg.data_dir.as_deref())?;
+        let task: Task = cfg.task.parse()?;
+        let mut train = data::load(&task, Split::Train, &dir)?;
+        let mut eval = data::load(&task, cfg.eval_split, &dir)?;
+        if let Some(n) = cfg.eval_examples {
+            eval = eval.subsample(n, cfg.seed);
+        }
+        if let Some(k) = cfg.k_per_class {
+            train = train.k_per_class(k, cfg.seed);
+        }
+        if let Some(n) = cfg.train_examples {
+            train = train.subsample(n, cfg.seed);
+        }
+        if train.examples.is_empty() || eval.examples.is_empty() {
+            return Err(param_err("data", "empty training or evaluation set"));
+        }
+        for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+            if !cfg.model.join(f).exists() {
+                return Err(io_err(
+                    &cfg.model.join(f),
+                    "missing: --model must be a Hugging Face BERT directory",
+                ));
+            }
+        }
+        let mut methods = cfg.methods.clone();
+        methods.sort_by_key(methods::Method::rank);
+        let mut transforms: Vec<Box<dyn ModelTransform>> = vec![];
+        let mut objective = Objective {
+            estimator: Box::new(Plain),
+            terms: vec![],
+        };
+        for m in &methods {
+            match m.build() {
+                Built::Term(t) => objective.terms.push(t),
+                Built::Estimator(e) => objective.estimator = e,
+                Built::Transform(t) => transforms.push(t),
+            }
+        }
+        let varmap = VarMap::new();
+        let mut bert = Bert::from_pretrained(&cfg.model, &varmap, DType::F32, &device)?;
+        let tok = TextTokenizer::from_file(&cfg.model.join("tokenizer.json"), cfg.max_len)?;
+        let method_dropout = transforms.iter().find_map(|t| t.default_dropout());
+        let hidden = cfg
+            .dropout
+            .or(method_dropout)
+            .unwrap_or(bert.config.hidden_dropout_prob);
+        bert.config.hidden_dropout_prob = hidden;
+        bert.config.attention_probs_dropout_prob = cfg
+            .dropout
+            .or(method_dropout)
+            .unwrap_or(bert.config.attention_probs_dropout_prob);
+        bert.stream.set_position(Rng {
+            seed: cfg.seed,
+            offset: 0,
+        });
+        let bf16 = match cfg.precision {
+            Precision::Bf16 => true,
+            Precision::F32 => false,
+            Precision::Auto => device.is_cuda(),
+        };
+        bert.stream.set_compute_dtype(bf16.then_some(DType::BF16));
+        let pretrained = params::snapshot(&varmap)?;
+        let freezing = Freezing::new(
+            methods::freezes_backbone(&methods),
+            &transforms,
+            cfg.gradual_unfreezing,
+            cfg.unfreeze_every_steps,
+        );
+        freezing.apply_initial(&mut bert)?;
+        for t in &transforms {
+            t.apply(&mut bert, &varmap)?;
+        }
+        let head = TaskHead::new(
+            cfg.head,
+            &varmap,
+            bert.config.hidden_size,
+            train.labels.len(),
+            cfg.pooling,
+            hidden,
+            cfg.label_smoothing,
+            &device,
+        )?;
+        params::init_new(&varmap, &pretrained, cfg.seed)?;
+        let params = params::trainable(
+            &varmap,
+            &pretrained,
+            freezing,
+            &transforms,
+            head.prefix(),
+            cfg.layer_lr_decay,
+            bert.layers.len(),
+        );
+        let opt = AdamW::new(
+            params,
+            AdamWParams {
+                lr: cfg.lr,
+                weight_decay: cfg.weight_decay,
+                ..Default::default()
+            },
+            cfg.recadam,
+        )?;
+        for t in &mut objective.terms {
+            t.start(&opt.params)?;
+        }
+        let noise = Rng {
+            seed: cfg.seed ^ 0x005e_ed0f_5a77,
+            offset: 0,
+        };
+        Ok(Self {
+            cfg,
+            bert,
+            head,
+            varmap,
+            tok,
+            opt,
+            train,
+            eval,
+            objective,
+            freezing,
+            device,
+            noise,
+        })
+    }
+
+    /// The encoder and its head.
+    pub fn model(&self) -> TaskModel<'_> {
+        TaskModel {
+            bert: &self.bert,
+            head: &self.head,
+        }
+    }
+
+    /// Examples `idx` of `ds` tokenised on the device, with their labels.
+    pub fn batch(&self, ds: &Dataset, idx: &[usize]) -> Result<Batch> {
+        let texts: Vec<(&str, Option<&str>)> = idx
+            .iter()
+            .map(|&i| (ds.examples[i].text.as_str(), ds.examples[i].pair.as_deref()))
+            .collect();
+        let b = self.tok.batch(&texts, &self.device)?;
+        Ok(Batch {
+            ids: b.ids,
+            types: b.token_types,
+            mask: b.mask,
+            labels: self.head.labels(ds, idx, &self.device)?,
+        })
+    }
+
+    /// The values of the trained parameters (for tests and tools).
+    pub fn param(&self, name: &str) -> Option<Tensor> {
+        self.opt
+            .params
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.var.as_tensor().clone())
+    }
+}

@@ -1,0 +1,247 @@
+//! Task heads: what the encoder's output becomes, the task loss, the
+//! divergence the smoothness terms measure between two outputs, the label
+//! tensor of a batch and the metrics of an evaluation. One enum arm per
+//! kind of task, so the loop and the methods never ask which task runs.
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use super::data::Dataset;
+use super::evaluate::Eval;
+use super::metrics;
+use crate::error::Result;
+use crate::model::{ClassifierHead, Pooling, RegressionHead, Stream};
+use crate::ops::sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
+
+/// The kind of task head a run trains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadKind {
+    /// Class logits `[B, C]`, cross-entropy (with label smoothing).
+    #[default]
+    Classification,
+    /// Each example's label index as a real-valued target (SST-5's 0–4
+    /// scale, say): one output `[B]`, the mean squared error as loss; the
+    /// smoothness terms measure squared error instead of KL (SMART's
+    /// regression form).
+    Regression,
+}
+
+/// A built head and its loss settings.
+pub enum TaskHead {
+    Classify {
+        head: ClassifierHead,
+        label_smoothing: f64,
+    },
+    Regress(RegressionHead),
+}
+
+impl TaskHead {
+    /// The head (parameters `classifier.*` or `regressor.*` in `varmap`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        kind: HeadKind,
+        varmap: &VarMap,
+        hidden: usize,
+        classes: usize,
+        pooling: Pooling,
+        dropout: f64,
+        label_smoothing: f64,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(match kind {
+            HeadKind::Classification => TaskHead::Classify {
+                head: ClassifierHead::new(
+                    varmap,
+                    hidden,
+                    classes,
+                    pooling,
+                    dropout,
+                    DType::F32,
+                    device,
+                )?,
+                label_smoothing,
+            },
+            HeadKind::Regression => TaskHead::Regress(RegressionHead::new(
+                varmap,
+                hidden,
+                pooling,
+                dropout,
+                DType::F32,
+                device,
+            )?),
+        })
+    }
+
+    /// The prefix of the head's parameter names.
+    pub fn prefix(&self) -> &'static str {
+        match self {
+            TaskHead::Classify { .. } => "classifier.",
+            TaskHead::Regress(_) => "regressor.",
+        }
+    }
+
+    pub fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
+        match self {
+            TaskHead::Classify { head, .. } => head.forward(hidden, mask, s),
+            TaskHead::Regress(r) => r.forward(hidden, mask, s),
+        }
+    }
+
+    /// The labels of `idx` as the loss takes them: class indices (u32) or
+    /// real-valued targets (f32).
+    pub fn labels(&self, ds: &Dataset, idx: &[usize], device: &Device) -> Result<Tensor> {
+        Ok(match self {
+            TaskHead::Classify { .. } => Tensor::new(
+                idx.iter()
+                    .map(|&i| ds.examples[i].label as u32)
+                    .collect::<Vec<_>>(),
+                device,
+            )?,
+            TaskHead::Regress(_) => Tensor::new(
+                idx.iter()
+                    .map(|&i| ds.examples[i].label as f32)
+                    .collect::<Vec<_>>(),
+                device,
+            )?,
+        })
+    }
+
+    /// The task loss: cross-entropy (with label smoothing), or the mean
+    /// squared error.
+    pub fn loss(&self, out: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        match self {
+            TaskHead::Classify {
+                label_smoothing, ..
+            } => cross_entropy(out, labels, *label_smoothing),
+            TaskHead::Regress(_) => squared_error(out, labels),
+        }
+    }
+
+    /// The smoothness divergence between outputs `a` and `b`: the symmetric
+    /// KL of the fused op (gradients as `grad` says, rows reduced as
+    /// `reduction` says, the op's expected incoming gradient `weight`) for
+    /// classification; the mean squared error for regression (its
+    /// gradient, 2(a − b)/B and the opposite, is what both gradient modes
+    /// give there), times the number of rows B for `sum`.
+    pub fn divergence(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        grad: SymKlGrad,
+        reduction: Reduction,
+        weight: f64,
+    ) -> Result<Tensor> {
+        if let TaskHead::Regress(_) = self {
+            let mse = squared_error(a, b)?;
+            return Ok(match reduction {
+                Reduction::Sum => (mse * a.dim(0)? as f64)?,
+                _ => mse,
+            });
+        }
+        let opts = SymKlOptions {
+            grad,
+            reduction,
+            expected_grad: weight as f32,
+            ..Default::default()
+        };
+        sym_kl(a, b, &opts)
+    }
+
+    /// The loss an adversarial ascent climbs: KL(target ‖ adv) (batch
+    /// mean), or the squared error for regression.
+    pub fn ascent_loss(&self, adv: &Tensor, target: &Tensor) -> Result<Tensor> {
+        match self {
+            TaskHead::Classify { .. } => kl(adv, target, Reduction::BatchMean, None),
+            TaskHead::Regress(_) => squared_error(adv, target),
+        }
+    }
+
+    /// What evaluation reads from one batch's outputs: class probabilities,
+    /// or the one predicted value per example.
+    pub fn predictions(&self, out: &Tensor) -> Result<Tensor> {
+        let out = out.to_dtype(DType::F32)?;
+        Ok(match self {
+            TaskHead::Classify { .. } => candle_nn::ops::softmax_last_dim(&out)?,
+            TaskHead::Regress(_) => out.unsqueeze(1)?,
+        })
+    }
+
+    /// The metrics of predictions against `labels`, and the reliability
+    /// table for classification.
+    pub fn metrics(
+        &self,
+        probs: &[Vec<f64>],
+        labels: &[usize],
+        classes: usize,
+    ) -> Result<(Eval, Option<metrics::Calibration>)> {
+        if let TaskHead::Regress(_) = self {
+            let pred: Vec<f64> = probs.iter().map(|p| p[0]).collect();
+            let target: Vec<f64> = labels.iter().map(|&l| l as f64).collect();
+            let mse = pred
+                .iter()
+                .zip(&target)
+                .map(|(p, t)| (p - t) * (p - t))
+                .sum::<f64>()
+                / pred.len() as f64;
+            return Ok((
+                Eval {
+                    pearson: metrics::pearson(&pred, &target)?,
+                    spearman: metrics::spearman(&pred, &target)?,
+                    mse,
+                    ..Eval::undefined()
+                },
+                None,
+            ));
+        }
+        let preds: Vec<usize> = probs
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |m| m.0)
+            })
+            .collect();
+        let cal = metrics::calibration(probs, labels, 15)?;
+        Ok((
+            Eval {
+                accuracy: metrics::accuracy(&preds, labels)?,
+                macro_f1: metrics::macro_f1(&preds, labels, classes)?,
+                f1: if classes == 2 {
+                    metrics::f1_positive(&preds, labels, 1)?
+                } else {
+                    f64::NAN
+                },
+                mcc: metrics::matthews(&preds, labels, classes)?,
+                nll: metrics::nll(probs, labels)?,
+                brier: metrics::brier(probs, labels)?,
+                ece: cal.ece,
+                confidence: cal.confidence(),
+                ..Eval::undefined()
+            },
+            Some(cal),
+        ))
+    }
+}
+
+/// Mean over the batch of `(a − b)²` (f32), for outputs `[B]`.
+pub fn squared_error(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?;
+    Ok(d.sqr()?.mean_all()?)
+}
+
+/// Mean cross-entropy with label smoothing ε: (1 − ε)·NLL + ε·mean(−log p).
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let nll = logp
+        .gather(&labels.unsqueeze(1)?, 1)?
+        .squeeze(1)?
+        .neg()?
+        .mean_all()?;
+    if smoothing == 0.0 {
+        return Ok(nll);
+    }
+    let uniform = logp.mean(D::Minus1)?.neg()?.mean_all()?;
+    Ok(((nll * (1.0 - smoothing))? + (uniform * smoothing)?)?)
+}
