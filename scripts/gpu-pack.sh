@@ -51,12 +51,12 @@ times; under 7.5 minutes):
   command: bash scripts/gpu-run.sh
   carry:   [".gpu"]
   timeout_s: 450
-then, on the same warm machine, issue #6's fine-tuning grid with the rest:
+then, on the same warm machine, the fine-tuning reference grid with the rest:
   command: bash scripts/gpu-results.sh 300
   carry:   [".gpu"]
   timeout_s: 330
 (Or both in one call: bash scripts/gpu-run.sh; bash scripts/gpu-results.sh 130
 with timeout_s 595.) Then copy the table at the end of \$OUT/run.log into
 bench/RESULTS.md with the card's name, and the tables of \$OUT/results.log
-into #6's section.
+into its fine-tuning section.
 CALL

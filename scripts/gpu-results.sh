@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Runs on the GPU machine: the fine-tuning results of issue #6 on CUDA with
+# Runs on the GPU machine: the fine-tuning reference results on CUDA with
 # the binaries and data scripts/gpu-pack.sh carried (MiniLM with bf16-rounded
 # weights, trained with f32 master weights and bf16 activations), in order of
 # priority until DEADLINE seconds (default 480) have passed:
-#   1. sst2-full (issue #6's GPU row): vanilla, seed 1 (against 89.2 % /
+#   1. sst2-full (the GPU row): vanilla, seed 1 (against 89.2 % /
 #      44.5 s on an H200), then SMART (against 89.1 % / 92.1 s),
 #   2. rte, seeds 1-3: vanilla, SMART and SMART with smart-pytorch's `sum`
 #      reduction (smart-sum.toml), the recipes whose calibration differs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the results grid of issue #6: every recipe in bench/recipes/<row>/ for
+# Runs the fine-tuning reference grid: every recipe in bench/recipes/<row>/ for
 # each seed, seed by seed (so a partial grid stays balanced across methods),
 # then prints the mean ± std table with `tunefuse results`.
 #

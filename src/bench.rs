@@ -1,5 +1,5 @@
 //! Op benchmarks shared by `tunefuse bench`, `benches/ops.rs` and the GPU
-//! script: the fused ops at the target shapes, the same math
+//! script: the fused ops at the target shapes of the kernel benchmarks, the same math
 //! composed from candle ops (the baseline, also checked against the
 //! reference in the tests), the measured copy bandwidth that is the floor,
 //! and the one results table (with the PyTorch peers when given).
@@ -227,7 +227,7 @@ fn dtype_name(d: DType) -> &'static str {
     }
 }
 
-/// The shapes of the targets on CUDA; smaller ones on CPU so the
+/// The target shapes on CUDA; smaller ones on CPU so the
 /// command finishes in seconds.
 pub fn cases(dev: &Device) -> Result<Vec<Case>> {
     let gpu = dev.is_cuda();

@@ -33,14 +33,20 @@ fn every_recorded_run_config_still_reads() {
                 stack.push(p);
             } else if p.file_name().is_some_and(|f| f == "config.toml") {
                 let cfg = Config::from_file(&p, Reading::Record).unwrap();
-                cfg.validate().unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                cfg.validate()
+                    .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
                 // A record's folder names its recipe: the method list matches.
                 let label = p.parent().unwrap().file_name().unwrap().to_string_lossy();
                 let label = label.trim_start_matches("partial-");
                 let first = label.split('-').next().unwrap();
                 match first {
                     "vanilla" | "recadam" | "ulmfit" => {}
-                    m => assert!(cfg.method(m).is_some(), "{}: {:?}", p.display(), cfg.methods),
+                    m => assert!(
+                        cfg.method(m).is_some(),
+                        "{}: {:?}",
+                        p.display(),
+                        cfg.methods
+                    ),
                 }
                 if label.starts_with("smart-sum") {
                     let Some(Method::Smart(s)) = cfg.method("smart") else {
@@ -114,7 +120,10 @@ fn the_short_form_and_the_canonical_form_agree_and_round_trip() {
         Some(&Method::Mixout(MixoutConfig { p: 0.2 }))
     );
     let text = short.to_toml().unwrap();
-    assert!(text.contains("[[methods]]") && text.contains("kind = \"smart\""), "{text}");
+    assert!(
+        text.contains("[[methods]]") && text.contains("kind = \"smart\""),
+        "{text}"
+    );
     assert_eq!(strict(&text).unwrap(), short);
     assert_eq!(Config::from_toml(&text, Reading::Record).unwrap(), short);
 }
@@ -212,7 +221,10 @@ fn compositions_the_math_refuses_are_refused_with_a_reason() {
     let mut gu = with("adapter");
     gu.gradual_unfreezing = true;
     let e = invalid(&gu);
-    assert!(e.contains("gradual_unfreezing") && e.contains("adapter"), "{e}");
+    assert!(
+        e.contains("gradual_unfreezing") && e.contains("adapter"),
+        "{e}"
+    );
     // Ranges are each method's own.
     let mut bad = with("smart");
     bad.methods[0] = Method::Smart(SmartConfig {
@@ -250,7 +262,10 @@ fn config_differences_name_the_method_and_setting() {
         ["methods.smart.mode: \"direction\" → \"normalized_step\""]
     );
     let d = diff(&vanilla, &smart);
-    assert!(d.len() == 1 && d[0].starts_with("methods.smart: unset →"), "{d:?}");
+    assert!(
+        d.len() == 1 && d[0].starts_with("methods.smart: unset →"),
+        "{d:?}"
+    );
     let mut gu = vanilla.clone();
     gu.gradual_unfreezing = true;
     let mut gu_old = gu.clone();

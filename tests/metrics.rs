@@ -156,6 +156,10 @@ fn plots_are_written() {
     std::fs::create_dir_all(&dir).unwrap();
     let cal = calibration(&probs(), &LABELS, 15).unwrap();
     plot_reliability(&dir.join("reliability"), &cal, "test").unwrap();
+    // No points (a resumed run with nothing left to train) or one point:
+    // a unit range, drawn at once.
+    tunefuse::train::metrics::plot_curve(&dir.join("empty"), "loss", &[]).unwrap();
+    tunefuse::train::metrics::plot_curve(&dir.join("one"), "loss", &[(3, 0.5)]).unwrap();
     let inn = max_prob(&probs());
     plot_histograms(
         &dir.join("msp"),

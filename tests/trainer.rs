@@ -1,22 +1,27 @@
-//! The trainer on the real MiniLM and SST-2 (tiny subsamples, CPU):
-//! learning happens, resume reproduces an uninterrupted run exactly, the
-//! methods run, and bad configurations fail before training.
+//! The trainer on SST-2 subsamples (CPU). Invariants of the loop and the
+//! methods run on a tiny random BERT (tests/common `tiny_model_dir`), in
+//! milliseconds per step; the real MiniLM is kept for what needs a
+//! pretrained model: an exact resume of a SMART + Bregman run and the 75 %
+//! SST-2 recipe.
 mod common;
 
 use common::*;
 use tempfile::TempDir;
+use tunefuse::train::methods::Method;
 use tunefuse::train::optim::{AdamW, AdamWParams, Param, RecAdam, Schedule};
-use tunefuse::train::trainer::{Config, FreeLbConfig, Run, SmartConfig};
+use tunefuse::train::trainer::{
+    BregmanConfig, Config, DeviceKind, FreeLbConfig, HeadKind, Metric, Precision, Run, SmartConfig,
+    SmartMode, SmartReduction,
+};
 
-/// A small SST-2 run writing to `out` inside `dir`: the scratch directory
-/// removes every checkpoint when the test ends, passed or failed.
-fn tiny(dir: &TempDir, out: &str, methods: &[&str]) -> Config {
-    Config {
+/// A small SST-2 run on `model` writing to `out` inside `dir`: the scratch
+/// directory removes every checkpoint when the test ends.
+fn config(dir: &TempDir, out: &str, methods: &str, model: std::path::PathBuf) -> Config {
+    let mut c = Config {
         task: "sst2".into(),
-        model: minilm_dir(),
+        model,
         data_dir: Some(data_root()),
         output: dir.path().join(out),
-        methods: methods.iter().map(|s| s.to_string()).collect(),
         epochs: 2,
         batch_size: 8,
         train_examples: Some(24),
@@ -24,8 +29,35 @@ fn tiny(dir: &TempDir, out: &str, methods: &[&str]) -> Config {
         eval_every: 2,
         log_every: 1,
         max_len: 32,
-        device: "cpu".into(),
+        device: DeviceKind::Cpu,
         ..Config::default()
+    };
+    c.set_methods(methods).unwrap();
+    c
+}
+
+/// On the real MiniLM.
+fn minilm(dir: &TempDir, out: &str, methods: &str) -> Config {
+    config(dir, out, methods, minilm_dir())
+}
+
+/// On the tiny random BERT.
+fn tiny(dir: &TempDir, out: &str, methods: &str) -> Config {
+    config(dir, out, methods, tiny_model_dir(dir.path()))
+}
+
+/// The settings of `cfg`'s method `name`, to change in place.
+fn method<'a>(cfg: &'a mut Config, name: &str) -> &'a mut Method {
+    cfg.methods
+        .iter_mut()
+        .find(|m| m.name() == name)
+        .unwrap_or_else(|| panic!("{name} is not listed"))
+}
+
+fn smart(cfg: &mut Config) -> &mut SmartConfig {
+    match method(cfg, "smart") {
+        Method::Smart(s) => s,
+        _ => unreachable!(),
     }
 }
 
@@ -47,28 +79,89 @@ fn lines(cfg: &Config) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Each logged step's value of term `name`.
+fn term(cfg: &Config, name: &str) -> Vec<f64> {
+    lines(cfg)
+        .iter()
+        .filter_map(|l| l.get("terms"))
+        .map(|t| {
+            t.get(name)
+                .unwrap_or_else(|| panic!("no {name} in {t}"))
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// The logged (step) lines without their timing field.
+fn steps_of(cfg: &Config) -> Vec<serde_json::Value> {
+    lines(cfg)
+        .into_iter()
+        .map(|mut l| {
+            l.as_object_mut().unwrap().remove("examples_per_s");
+            l
+        })
+        .collect()
+}
+
+/// One epoch over `train` SST-2 sentences on the tiny model, evaluated on `eval`.
+fn one_epoch(dir: &TempDir, name: &str, methods: &str, train: usize, eval: usize) -> Config {
+    let mut cfg = tiny(dir, name, methods);
+    cfg.epochs = 1;
+    cfg.train_examples = Some(train);
+    cfg.eval_examples = Some(eval);
+    cfg
+}
+
+fn short(dir: &TempDir, name: &str, methods: &str) -> Config {
+    let mut cfg = one_epoch(dir, name, methods, 16, 8);
+    cfg.dropout = Some(0.0);
+    cfg
+}
+
+fn fit(cfg: &Config) -> tunefuse::train::trainer::Summary {
+    Run::new(cfg.clone()).unwrap().fit(false, |_| ()).unwrap()
+}
+
+/// Runs `full` uninterrupted and `cut` (the same run in another folder)
+/// stopped after step 2 and resumed, and requires the same record.
+fn resumes_exactly(full: &Config, cut: &Config) {
+    let s_full = fit(full);
+    let mut cut = cut.clone();
+    cut.stop_after = Some(2);
+    fit(&cut);
+    cut.stop_after = None;
+    let s_cut = Run::new(cut.clone()).unwrap().fit(true, |_| ()).unwrap();
+    assert_eq!(s_full.steps, 6);
+    assert_eq!(s_cut.steps, s_full.steps);
+    assert_eq!(s_cut.last, s_full.last, "final evaluation after resume");
+    assert_eq!(s_cut.best, s_full.best);
+    assert_eq!(
+        steps_of(&cut),
+        steps_of(full),
+        "every logged loss, term and evaluation"
+    );
+}
+
 #[test]
 fn resume_reproduces_an_uninterrupted_run() {
     let dir = scratch("trainer");
-    // SMART with Bregman proximal point: the resumed state includes the
-    // optimiser moments, the dropout and noise streams and θ̃.
-    let mut full = tiny(&dir, "full", &["smart"]);
-    full.bregman.mu = 1.0;
-    full.bregman.beta = 0.5;
-    let s_full = Run::new(full.clone()).unwrap().fit(false, |_| ()).unwrap();
-    // The same run, stopped after step 2 and resumed.
-    let mut cut = tiny(&dir, "cut", &["smart"]);
-    cut.bregman = full.bregman.clone();
-    cut.stop_after = Some(2);
-    Run::new(cut.clone()).unwrap().fit(false, |_| ()).unwrap();
+    // SMART with Bregman proximal point on the real MiniLM: the resumed
+    // state includes the optimiser moments, the dropout and noise streams
+    // and θ̃.
+    let mut full = minilm(&dir, "full", "smart,bregman");
+    *method(&mut full, "bregman") = Method::Bregman(BregmanConfig { mu: 1.0, beta: 0.5 });
+    let mut cut = full.clone();
+    cut.output = dir.path().join("cut");
+    resumes_exactly(&full, &cut);
     // Resuming with other settings is refused before anything is written,
     // naming each difference; a session's settings (here stop_after) may
     // change.
     let recorded = std::fs::read_to_string(cut.output.join("config.toml")).unwrap();
     let mut other = cut.clone();
     other.lr = 2e-4;
-    other.smart.mode = "direction".into();
-    other.stop_after = None;
+    other.set("smart.mode=direction").unwrap();
+    other.stop_after = Some(1);
     let err = Run::new(other)
         .unwrap()
         .fit(true, |_| ())
@@ -76,40 +169,13 @@ fn resume_reproduces_an_uninterrupted_run() {
         .to_string();
     assert!(
         err.contains("lr: 0.0001 → 0.0002")
-            && err.contains(r#"smart.mode: "normalized_step" → "direction""#)
+            && err.contains(r#"methods.smart.mode: "normalized_step" → "direction""#)
             && !err.contains("stop_after"),
         "{err}"
     );
     assert_eq!(
         std::fs::read_to_string(cut.output.join("config.toml")).unwrap(),
         recorded
-    );
-    cut.stop_after = None;
-    // The checkpoint carries the run's wall time into the resumed session:
-    // pretend the first session took 1000 s.
-    let state = cut.output.join("last/trainer.json");
-    let mut js: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
-    assert!(js["seconds"].as_f64().unwrap() > 0.0, "{js}");
-    js["seconds"] = 1000.0.into();
-    std::fs::write(&state, js.to_string()).unwrap();
-    let mut resumed = Run::new(cut.clone()).unwrap();
-    let t = std::time::Instant::now();
-    let s_cut = resumed.fit(true, |_| ()).unwrap();
-    let session = t.elapsed().as_secs_f64();
-    assert!(
-        s_cut.seconds > 1000.0 && s_cut.seconds <= 1000.0 + session,
-        "{} s after {session} s resumed",
-        s_cut.seconds
-    );
-    assert_eq!(s_full.steps, 6);
-    assert_eq!(s_cut.steps, s_full.steps);
-    assert_eq!(s_cut.last, s_full.last, "final evaluation after resume");
-    assert_eq!(s_cut.best, s_full.best);
-    assert_eq!(
-        steps_of(&cut),
-        steps_of(&full),
-        "every logged loss and evaluation"
     );
     for f in [
         "summary.json",
@@ -123,38 +189,94 @@ fn resume_reproduces_an_uninterrupted_run() {
     ] {
         assert!(full.output.join(f).exists(), "{f} missing");
     }
+    // The Bregman term is logged under its own name beside SMART's.
+    assert!(term(&full, "bregman")
+        .iter()
+        .all(|v| v.is_finite() && *v >= 0.0));
+    assert!(term(&full, "smart").iter().all(|v| *v > 0.0));
     // The best checkpoint evaluates to the recorded score.
     let ev =
         tunefuse::train::trainer::evaluate_checkpoint(&full.output.join("best"), None, "dev", None)
             .unwrap();
-    assert!(ev.accuracy >= 0.0 && ev.accuracy <= 1.0);
+    let s: tunefuse::train::trainer::Summary =
+        serde_json::from_str(&std::fs::read_to_string(full.output.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(ev.accuracy, s.best);
 }
 
 #[test]
-fn methods_run_and_peft_trains_only_new_parameters() {
+fn a_composed_run_resumes_exactly_and_keeps_its_session_time() {
+    let dir = scratch("trainer");
+    let full = tiny(&dir, "full", "smart,bregman,adapter");
+    let mut cut = full.clone();
+    cut.output = dir.path().join("cut");
+    resumes_exactly(&full, &cut);
+    // The checkpoint carries the run's wall time into a resumed session:
+    // pretend the first session took 1000 s, and resume the finished run
+    // (nothing left to do: one evaluation, the time added).
+    let state = cut.output.join("last/trainer.json");
+    let mut js: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert!(js["seconds"].as_f64().unwrap() > 0.0, "{js}");
+    js["seconds"] = 1000.0.into();
+    std::fs::write(&state, js.to_string()).unwrap();
+    let t = std::time::Instant::now();
+    let s = Run::new(cut.clone()).unwrap().fit(true, |_| ()).unwrap();
+    let session = t.elapsed().as_secs_f64();
+    assert!(
+        s.seconds > 1000.0 && s.seconds <= 1000.0 + session,
+        "{} s after {session} s resumed",
+        s.seconds
+    );
+}
+
+#[test]
+fn methods_compose_and_log_each_term_under_its_name() {
     let dir = scratch("trainer");
     for methods in [
-        &["smart"][..],
-        &["r3f"],
-        &["mixout"],
-        &["adapter"],
-        &["lora"],
-        &["freelb"],
-        &["smart", "mixout"],
+        "smart",
+        "r3f",
+        "freelb",
+        "bregman",
+        "mixout",
+        "adapter",
+        "lora",
+        "smart,r3f",
+        "smart,freelb",
+        "smart,bregman,adapter,lora",
+        "r3f,mixout",
     ] {
-        let cfg = one_epoch(&dir, &methods.join("-"), methods, 8, 8);
+        let cfg = one_epoch(&dir, &methods.replace(',', "-"), methods, 8, 8);
         let mut run = Run::new(cfg.clone()).unwrap();
-        if methods.contains(&"adapter") || methods.contains(&"lora") {
-            assert!(run.opt.params.iter().all(|p| p.name.contains("adapter")
-                || p.name.contains("lora_")
-                || p.name.starts_with("classifier.")));
+        let peft = methods.contains("adapter") || methods.contains("lora");
+        if peft {
+            assert!(
+                run.opt.params.iter().all(|p| p.name.contains(".adapter.")
+                    || p.name.contains("lora_")
+                    || p.name.starts_with("classifier.")),
+                "{methods}: only new parameters and the head train"
+            );
         }
         let s = run.fit(false, |_| ()).unwrap();
-        assert_eq!(s.steps, 1, "{methods:?}");
-        let l = lines(&cfg);
-        let pen = l[0]["penalty"].as_f64().unwrap();
-        if methods.contains(&"smart") || methods.contains(&"r3f") {
-            assert!(pen > 0.0 && pen.is_finite(), "{methods:?}: penalty {pen}");
+        assert_eq!(s.steps, 1, "{methods}");
+        let l = &lines(&cfg)[0];
+        let terms = l["terms"].as_object().unwrap();
+        // (serde_json writes an object's keys sorted.)
+        let want: Vec<&str> = ["bregman", "r3f", "smart"]
+            .into_iter()
+            .filter(|t| methods.contains(t))
+            .collect();
+        assert_eq!(
+            terms.keys().map(String::as_str).collect::<Vec<_>>(),
+            want,
+            "{methods}: {l}"
+        );
+        for (name, v) in terms {
+            let v = v.as_f64().unwrap();
+            // θ̃ = θ before the first step, so the proximal term is only
+            // the teacher's missing dropout: small, not necessarily 0.
+            let ok = if name == "bregman" { v >= 0.0 } else { v > 0.0 };
+            assert!(ok && v.is_finite(), "{methods}: {name} = {v}");
         }
     }
 }
@@ -162,22 +284,8 @@ fn methods_run_and_peft_trains_only_new_parameters() {
 #[test]
 fn bad_configurations_fail_before_training() {
     let dir = scratch("trainer");
-    let base = tiny(&dir, "bad", &["vanilla"]);
+    let base = tiny(&dir, "bad", "vanilla");
     let cases: Vec<(Config, &str)> = vec![
-        (
-            Config {
-                methods: vec!["dance".into()],
-                ..base.clone()
-            },
-            "unknown method",
-        ),
-        (
-            Config {
-                methods: vec!["mixout".into(), "adapter".into()],
-                ..base.clone()
-            },
-            "cannot be combined",
-        ),
         (
             Config {
                 task: "imdb".into(),
@@ -194,10 +302,10 @@ fn bad_configurations_fail_before_training() {
         ),
         (
             Config {
-                metric: "bleu".into(),
+                metric: Metric::Pearson,
                 ..base.clone()
             },
-            "unknown metric",
+            "pearson",
         ),
         (
             Config {
@@ -221,15 +329,12 @@ fn bad_configurations_fail_before_training() {
             "schedule",
         ),
         (
-            Config {
-                methods: vec!["smart".into()],
-                smart: SmartConfig {
-                    reduction: "mean".into(),
-                    ..SmartConfig::default()
-                },
-                ..base.clone()
+            {
+                let mut c = base.clone();
+                c.set_methods("mixout,lora").unwrap();
+                c
             },
-            "reduction must be batchmean or sum",
+            "cannot be combined",
         ),
     ];
     for (cfg, want) in cases {
@@ -317,85 +422,6 @@ fn adamw_and_recadam_steps_match_the_formulas() {
 }
 
 #[test]
-fn bf16_mixed_precision_step_runs() {
-    let dir = scratch("trainer");
-    // The CUDA default (bf16 activations, f32 master weights), on the CPU.
-    let mut cfg = one_epoch(&dir, "bf16", &["smart"], 8, 8);
-    cfg.precision = "bf16".into();
-    let s = Run::new(cfg.clone()).unwrap().fit(false, |_| ()).unwrap();
-    assert_eq!(s.steps, 1);
-    let l = lines(&cfg);
-    assert!(
-        l[0]["loss"].as_f64().unwrap().is_finite() && l[0]["penalty"].as_f64().unwrap() > 0.0,
-        "{:?}",
-        l[0]
-    );
-}
-
-#[test]
-fn readme_config_example_parses_and_validates() {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme
-        .find("```toml\n")
-        .expect("a TOML example in the README")
-        + 8;
-    let end = start + readme[start..].find("```").unwrap();
-    let mut cfg: Config = toml::from_str(&readme[start..end]).unwrap();
-    cfg.model = minilm_dir();
-    cfg.validate().unwrap();
-    assert!(cfg.has("smart") && cfg.bregman.mu == 1.0 && cfg.gradual_unfreezing);
-}
-
-#[test]
-fn ulmfit_and_recadam_options_train() {
-    let dir = scratch("trainer");
-    let mut cfg = one_epoch(&dir, "ulmfit", &["vanilla"], 8, 8);
-    cfg.schedule = Schedule::SlantedTriangular {
-        cut_frac: 0.1,
-        ratio: 32.0,
-    };
-    cfg.layer_lr_decay = Some(1.0 / 2.6);
-    cfg.gradual_unfreezing = true;
-    cfg.recadam = Some(RecAdam {
-        k: 0.5,
-        t0: 10.0,
-        gamma: 1.0,
-    });
-    let mut run = Run::new(cfg.clone()).unwrap();
-    let (emb0, top0) = (
-        param(&run, "embeddings.word_embeddings.weight"),
-        param(&run, "encoder.layer.5.output.dense.weight"),
-    );
-    // Discriminative rates lr_l = lr·ξ^(L−l): the top layer (l = L = 6) and
-    // the head get lr, layer 5 (encoder.layer.4) lr·ξ, the embeddings (l = 0) lr·ξ^6.
-    let scale = |n: &str| {
-        run.opt
-            .params
-            .iter()
-            .find(|q| q.name == n)
-            .unwrap()
-            .lr_scale
-    };
-    assert_eq!(scale("encoder.layer.5.output.dense.weight"), 1.0);
-    assert!((scale("encoder.layer.4.output.dense.weight") - 1.0 / 2.6).abs() < 1e-12);
-    assert!((scale("embeddings.word_embeddings.weight") - (1.0f64 / 2.6).powi(6)).abs() < 1e-12);
-    assert_eq!(scale("classifier.weight"), 1.0);
-    run.fit(false, |_| ()).unwrap();
-    // Epoch 0 of gradual unfreezing trains only the top layer (and the head).
-    assert_eq!(
-        param(&run, "embeddings.word_embeddings.weight"),
-        emb0,
-        "embeddings are frozen in epoch 0"
-    );
-    assert_ne!(
-        param(&run, "encoder.layer.5.output.dense.weight"),
-        top0,
-        "the top layer trains"
-    );
-}
-
-#[test]
 fn recadam_with_lambda_one_and_gamma_zero_is_adamw() {
     // The issue asks that "RecAdam with γ = 0 equals AdamW". Under RecAdam's
     // definition (the authors' optimiser) γ = 0 still scales each Adam step
@@ -450,30 +476,68 @@ fn recadam_with_lambda_one_and_gamma_zero_is_adamw() {
     );
 }
 
-/// The logged (step) lines without their timing field.
-fn steps_of(cfg: &Config) -> Vec<serde_json::Value> {
-    lines(cfg)
-        .into_iter()
-        .map(|mut l| {
-            l.as_object_mut().unwrap().remove("examples_per_s");
-            l
-        })
-        .collect()
+#[test]
+fn bf16_mixed_precision_step_runs() {
+    let dir = scratch("trainer");
+    // The CUDA default (bf16 activations, f32 master weights), on the CPU.
+    let mut cfg = one_epoch(&dir, "bf16", "smart", 8, 8);
+    cfg.precision = Precision::Bf16;
+    let s = fit(&cfg);
+    assert_eq!(s.steps, 1);
+    let l = lines(&cfg);
+    assert!(
+        l[0]["loss"].as_f64().unwrap().is_finite() && term(&cfg, "smart")[0] > 0.0,
+        "{:?}",
+        l[0]
+    );
 }
 
-/// One epoch over `train` SST-2 sentences, evaluated on `eval`.
-fn one_epoch(dir: &TempDir, name: &str, methods: &[&str], train: usize, eval: usize) -> Config {
-    let mut cfg = tiny(dir, name, methods);
-    cfg.epochs = 1;
-    cfg.train_examples = Some(train);
-    cfg.eval_examples = Some(eval);
-    cfg
-}
-
-fn short(dir: &TempDir, name: &str, methods: &[&str]) -> Config {
-    let mut cfg = one_epoch(dir, name, methods, 16, 8);
-    cfg.dropout = Some(0.0);
-    cfg
+#[test]
+fn ulmfit_and_recadam_options_train() {
+    let dir = scratch("trainer");
+    let mut cfg = one_epoch(&dir, "ulmfit", "vanilla", 8, 8);
+    cfg.schedule = Schedule::SlantedTriangular {
+        cut_frac: 0.1,
+        ratio: 32.0,
+    };
+    cfg.layer_lr_decay = Some(1.0 / 2.6);
+    cfg.gradual_unfreezing = true;
+    cfg.recadam = Some(RecAdam {
+        k: 0.5,
+        t0: 10.0,
+        gamma: 1.0,
+    });
+    let mut run = Run::new(cfg.clone()).unwrap();
+    let (emb0, top0) = (
+        param(&run, "embeddings.word_embeddings.weight"),
+        param(&run, "encoder.layer.2.output.dense.weight"),
+    );
+    // Discriminative rates lr_l = lr·ξ^(L−l): the top layer (l = L = 3) and
+    // the head get lr, layer 2 (encoder.layer.1) lr·ξ, the embeddings (l = 0) lr·ξ^3.
+    let scale = |n: &str| {
+        run.opt
+            .params
+            .iter()
+            .find(|q| q.name == n)
+            .unwrap()
+            .lr_scale
+    };
+    assert_eq!(scale("encoder.layer.2.output.dense.weight"), 1.0);
+    assert!((scale("encoder.layer.1.output.dense.weight") - 1.0 / 2.6).abs() < 1e-12);
+    assert!((scale("embeddings.word_embeddings.weight") - (1.0f64 / 2.6).powi(3)).abs() < 1e-12);
+    assert_eq!(scale("classifier.weight"), 1.0);
+    run.fit(false, |_| ()).unwrap();
+    // Epoch 0 of gradual unfreezing trains only the top layer (and the head).
+    assert_eq!(
+        param(&run, "embeddings.word_embeddings.weight"),
+        emb0,
+        "embeddings are frozen in epoch 0"
+    );
+    assert_ne!(
+        param(&run, "encoder.layer.2.output.dense.weight"),
+        top0,
+        "the top layer trains"
+    );
 }
 
 #[test]
@@ -481,28 +545,30 @@ fn methods_change_what_they_should() {
     let dir = scratch("trainer");
     // SMART with σ = η = 0: the perturbed input is the clean one, so the
     // smoothness penalty is exactly 0 (dropout off, so both passes agree).
-    let mut smart = short(&dir, "smart0", &["smart"]);
-    smart.smart.sigma = 0.0;
-    smart.smart.eta = 0.0;
-    Run::new(smart.clone()).unwrap().fit(false, |_| ()).unwrap();
-    for l in lines(&smart).iter().filter(|l| l.get("penalty").is_some()) {
-        assert_eq!(l["penalty"].as_f64().unwrap(), 0.0, "{l}");
-    }
+    let mut zero = short(&dir, "smart0", "smart");
+    smart(&mut zero).sigma = 0.0;
+    smart(&mut zero).eta = 0.0;
+    fit(&zero);
+    let pens = term(&zero, "smart");
+    assert!(
+        !pens.is_empty() && pens.iter().all(|&p| p == 0.0),
+        "{pens:?}"
+    );
     // The first logged step (penalty, objective) of a SMART run whose
     // settings `set` changes.
     let first_step = |name: &str, set: &dyn Fn(&mut SmartConfig)| {
-        let mut c = short(&dir, name, &["smart"]);
-        set(&mut c.smart);
-        Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
+        let mut c = short(&dir, name, "smart");
+        set(smart(&mut c));
+        fit(&c);
         let l = &lines(&c)[0];
-        (l["penalty"].as_f64().unwrap(), l["loss"].as_f64().unwrap())
+        (term(&c, "smart")[0], l["loss"].as_f64().unwrap())
     };
-    // The step mode reaches the trainer: an earlier mt-dnn's direction step
-    // moves each token by η = 1e-3, the default normalised step by 1 (l∞),
-    // so the first batch's penalty differs by orders of magnitude.
-    let (small, _) = first_step("smart-direction", &|s| s.mode = "direction".into());
+    // The step mode reaches the trainer: mt-dnn's first release's direction
+    // step moves each token by η = 1e-3, the default normalised step by 1
+    // (l∞), so the first batch's penalty differs by orders of magnitude.
+    let (small, _) = first_step("smart-direction", &|s| s.mode = SmartMode::Direction);
     let (unit, _) = first_step("smart-normalized_step", &|s| {
-        s.mode = "normalized_step".into()
+        s.mode = SmartMode::NormalizedStep
     });
     assert!(
         small.is_finite() && unit > 1e3 * small.abs(),
@@ -511,9 +577,9 @@ fn methods_change_what_they_should() {
     // smart-pytorch's `sum` reduction: on a batch of B = 8 the penalty is
     // 8 times the batch mean, so the objective with λ = 1 is batchmean's
     // with λ = 8 (first step: same parameters, same noise).
-    let (sum_pen, sum_loss) = first_step("smart-sum", &|s| s.reduction = "sum".into());
+    let (sum_pen, sum_loss) = first_step("smart-sum", &|s| s.reduction = SmartReduction::Sum);
     let (mean_pen, mean_loss) = first_step("smart-mean8", &|s| {
-        s.reduction = "batchmean".into();
+        s.reduction = SmartReduction::Batchmean;
         s.lambda = 8.0;
     });
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
@@ -523,23 +589,23 @@ fn methods_change_what_they_should() {
     );
     assert!(rel(sum_loss, mean_loss) < 1e-5, "{sum_loss} vs {mean_loss}");
     // Mixout with p = 0 is plain training, step for step.
-    let plain = short(&dir, "plain", &["vanilla"]);
-    let mut mix0 = short(&dir, "mix0", &["mixout"]);
-    mix0.mixout = 0.0;
-    Run::new(plain.clone()).unwrap().fit(false, |_| ()).unwrap();
-    Run::new(mix0.clone()).unwrap().fit(false, |_| ()).unwrap();
+    let plain = short(&dir, "plain", "vanilla");
+    let mut mix0 = short(&dir, "mix0", "mixout");
+    mix0.set("mixout.p=0.0").unwrap();
+    fit(&plain);
+    fit(&mix0);
     assert_eq!(steps_of(&mix0), steps_of(&plain));
     // FreeLB with no initial noise and η = 0 never leaves the clean input:
     // its loss (the mean over K = 2 identical passes) and the gradients it
     // accumulates over them are plain training's, step for step.
-    let mut free0 = short(&dir, "freelb0", &["freelb"]);
-    free0.freelb = FreeLbConfig {
+    let mut free0 = short(&dir, "freelb0", "freelb");
+    *method(&mut free0, "freelb") = Method::Freelb(FreeLbConfig {
         steps: 2,
         eta: 0.0,
         eps: 0.0,
         init: 0.0,
-    };
-    Run::new(free0.clone()).unwrap().fit(false, |_| ()).unwrap();
+    });
+    fit(&free0);
     assert_eq!(steps_of(&free0), steps_of(&plain));
     // Also with two micro-batches per step: the gradients of FreeLB's
     // ascent passes take the micro-batch's share like the rest.
@@ -551,7 +617,7 @@ fn methods_change_what_they_should() {
     };
     let (plain2, free2) = (accum(&plain, "plain-accum"), accum(&free0, "freelb0-accum"));
     for c in [&plain2, &free2] {
-        Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
+        fit(c);
     }
     assert_eq!(steps_of(&free2), steps_of(&plain2));
     // With η > 0 the second pass sees the input moved up the loss's
@@ -559,9 +625,9 @@ fn methods_change_what_they_should() {
     // clean one, and training takes a different path.
     let mut free = free0.clone();
     free.output = dir.path().join("freelb");
-    free.freelb.eta = 0.5;
-    free.freelb.eps = 0.5;
-    Run::new(free.clone()).unwrap().fit(false, |_| ()).unwrap();
+    free.set("freelb.eta=0.5").unwrap();
+    free.set("freelb.eps=0.5").unwrap();
+    fit(&free);
     let (adv, clean) = (steps_of(&free), steps_of(&plain));
     assert!(
         adv[0]["loss"].as_f64().unwrap() > clean[0]["loss"].as_f64().unwrap(),
@@ -570,8 +636,24 @@ fn methods_change_what_they_should() {
         clean[0]
     );
     assert_ne!(adv, clean);
+    // Bregman with μ = 0 weighs nothing: plain training, step for step,
+    // apart from the logged term (0).
+    let mut breg0 = short(&dir, "bregman0", "bregman");
+    breg0.set("bregman.mu=0.0").unwrap();
+    fit(&breg0);
+    let strip = |c: &Config| {
+        steps_of(c)
+            .into_iter()
+            .map(|mut l| {
+                l.as_object_mut().unwrap().remove("terms");
+                l
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&breg0), strip(&plain));
+    assert!(term(&breg0, "bregman").iter().all(|&v| v == 0.0));
     // Frozen parameters do not move: LoRA trains only its own matrices and the head.
-    let lora = short(&dir, "lora-frozen", &["lora"]);
+    let lora = short(&dir, "lora-frozen", "lora");
     let mut run = Run::new(lora.clone()).unwrap();
     let (q0, b0) = (
         param(&run, "encoder.layer.0.attention.self.query.weight"),
@@ -596,21 +678,20 @@ fn regression_trains_with_squared_error_smoothness() {
     // SST-5's 0–4 labels as scores: one-output head, MSE; SMART's penalty
     // is the squared error of the outputs, exactly 0 with σ = η = 0 and
     // positive otherwise; R3F and the Bregman term run on it too.
-    let reg = |name: &str, methods: &[&str]| {
+    let reg = |name: &str, methods: &str| {
         let mut c = short(&dir, name, methods);
         c.task = "sst5".into();
-        c.regression = true;
-        c.metric = "pearson".into();
+        c.head = HeadKind::Regression;
+        c.metric = Metric::Pearson;
         c
     };
-    let mut zero = reg("reg-smart0", &["smart"]);
-    zero.smart.sigma = 0.0;
-    zero.smart.eta = 0.0;
-    let mut smart = reg("reg-smart", &["smart"]);
-    smart.smart.sigma = 1e-2;
-    smart.bregman.mu = 1.0;
-    let r3f = reg("reg-r3f", &["r3f"]);
-    for c in [&zero, &smart, &r3f] {
+    let mut zero = reg("reg-smart0", "smart");
+    smart(&mut zero).sigma = 0.0;
+    smart(&mut zero).eta = 0.0;
+    let mut with_smart = reg("reg-smart", "smart,bregman");
+    smart(&mut with_smart).sigma = 1e-2;
+    let r3f = reg("reg-r3f", "r3f");
+    for (c, name) in [(&zero, "smart"), (&with_smart, "smart"), (&r3f, "r3f")] {
         let mut run = Run::new(c.clone()).unwrap();
         assert!(
             run.opt
@@ -639,10 +720,7 @@ fn regression_trains_with_squared_error_smoothness() {
             "{back:?}"
         );
         assert!(back.last.accuracy.is_nan());
-        let pens: Vec<f64> = lines(c)
-            .iter()
-            .filter_map(|l| l.get("penalty").and_then(|p| p.as_f64()))
-            .collect();
+        let pens = term(c, name);
         assert!(!pens.is_empty());
         if c.output == zero.output {
             assert!(pens.iter().all(|&p| p == 0.0), "{pens:?}");
@@ -650,11 +728,12 @@ fn regression_trains_with_squared_error_smoothness() {
             assert!(pens.iter().all(|&p| p > 0.0 && p.is_finite()), "{pens:?}");
         }
     }
+    assert!(term(&with_smart, "bregman").iter().all(|p| p.is_finite()));
     // Regression selects on pearson / spearman, without label smoothing.
-    let mut bad = reg("reg-bad", &["vanilla"]);
-    bad.metric = "accuracy".into();
+    let mut bad = reg("reg-bad", "vanilla");
+    bad.metric = Metric::Accuracy;
     assert!(bad.validate().unwrap_err().to_string().contains("pearson"));
-    let mut bad = reg("reg-bad", &["vanilla"]);
+    let mut bad = reg("reg-bad", "vanilla");
     bad.label_smoothing = 0.1;
     assert!(bad
         .validate()
@@ -668,9 +747,9 @@ fn multi_class_summary_reads_back() {
     let dir = scratch("trainer");
     // F1 is undefined for SST-5's five classes (NaN, written as null):
     // `tunefuse results` must still read the summary.
-    let mut c = short(&dir, "sst5-class", &["vanilla"]);
+    let mut c = short(&dir, "sst5-class", "vanilla");
     c.task = "sst5".into();
-    let s = Run::new(c.clone()).unwrap().fit(false, |_| ()).unwrap();
+    let s = fit(&c);
     assert!(s.last.f1.is_nan() && s.last.accuracy.is_finite());
     let results = dir.path().join("results");
     let run_dir = results.join("vanilla-s1");
@@ -686,9 +765,9 @@ fn multi_class_summary_reads_back() {
 #[test]
 fn sst2_vanilla_recipe_reaches_75_percent_on_cpu() {
     let dir = scratch("trainer");
-    // The first row of the issue's reference runs: 1,000 sampled SST-2
-    // sentences, 3 epochs, lr 1e-4, batch 16, AdamW wd 0.01, linear warm-up
-    // 10 %, clip 1, max length 128 (PyTorch: 78.9 / 81.8 over two seeds).
+    // The first row of the reference runs: 1,000 sampled SST-2 sentences,
+    // 3 epochs, lr 1e-4, batch 16, AdamW wd 0.01, linear warm-up 10 %,
+    // clip 1, max length 128 (PyTorch: 78.9 / 81.8 over two seeds).
     let cfg = Config {
         train_examples: Some(1000),
         eval_examples: None,
@@ -697,9 +776,9 @@ fn sst2_vanilla_recipe_reaches_75_percent_on_cpu() {
         max_len: 128,
         eval_every: 0,
         log_every: 50,
-        ..tiny(&dir, "sst2-recipe", &["vanilla"])
+        ..minilm(&dir, "sst2-recipe", "vanilla")
     };
-    let s = Run::new(cfg.clone()).unwrap().fit(false, |_| ()).unwrap();
+    let s = fit(&cfg);
     eprintln!(
         "SST-2 1k vanilla: dev accuracy {:.4}, ECE {:.4}, {:.0} s",
         s.last.accuracy, s.last.ece, s.seconds
@@ -710,43 +789,51 @@ fn sst2_vanilla_recipe_reaches_75_percent_on_cpu() {
 #[test]
 fn peft_layernorm_and_step_wise_unfreezing() {
     let dir = scratch("trainer");
-    let mut cfg = short(&dir, "peft-ln", &["adapter"]);
-    cfg.peft_layernorm = true;
+    let mut cfg = short(&dir, "peft-ln", "adapter");
+    cfg.set("adapter.layernorm=true").unwrap();
     let run = Run::new(cfg.clone()).unwrap();
     let names: Vec<&str> = run.opt.params.iter().map(|p| p.name.as_str()).collect();
     assert!(
         names.contains(&"encoder.layer.0.output.LayerNorm.weight"),
-        "LayerNorms train with peft_layernorm"
+        "LayerNorms train with the adapter's layernorm"
     );
     assert!(
         !names.iter().any(|n| n.ends_with("query.weight")),
         "dense weights stay frozen"
     );
-    // Unfreezing every step: after 2 steps of 6 layers, layers 4-5 have
+    // Adapters or LoRA with gradual unfreezing would have two owners of the
+    // frozen flags: refused before any model is loaded.
+    cfg.gradual_unfreezing = true;
+    let e = Run::new(cfg).err().expect("refused").to_string();
+    assert!(
+        e.contains("gradual_unfreezing") && e.contains("adapter"),
+        "{e}"
+    );
+    // Unfreezing every step: after 2 steps of 3 layers, layers 1-2 have
     // trained and layer 0 has not.
-    let mut cfg = short(&dir, "unfreeze-steps", &["vanilla"]);
+    let mut cfg = short(&dir, "unfreeze-steps", "vanilla");
     cfg.gradual_unfreezing = true;
     cfg.unfreeze_every_steps = Some(1);
     cfg.batch_size = 8; // 16 examples: 2 steps
     let mut run = Run::new(cfg.clone()).unwrap();
-    let before: Vec<Vec<f32>> = (0..6)
+    let before: Vec<Vec<f32>> = (0..3)
         .map(|i| param(&run, &format!("encoder.layer.{i}.output.dense.weight")))
         .collect();
     run.fit(false, |_| ()).unwrap();
-    let moved: Vec<bool> = (0..6)
+    let moved: Vec<bool> = (0..3)
         .map(|i| param(&run, &format!("encoder.layer.{i}.output.dense.weight")) != before[i])
         .collect();
-    assert_eq!(moved, vec![false, false, false, false, true, true]);
+    assert_eq!(moved, vec![false, true, true]);
 }
 
 #[test]
 fn phase_times_report_every_phase_and_change_nothing_else() {
     let dir = scratch("trainer");
-    let plain = tiny(&dir, "plain", &["vanilla"]);
-    let mut timed = tiny(&dir, "phases", &["vanilla"]);
+    let plain = tiny(&dir, "plain", "vanilla");
+    let mut timed = tiny(&dir, "phases", "vanilla");
     timed.phase_times = true;
-    let s_plain = Run::new(plain.clone()).unwrap().fit(false, |_| ()).unwrap();
-    let s_timed = Run::new(timed.clone()).unwrap().fit(false, |_| ()).unwrap();
+    let s_plain = fit(&plain);
+    let s_timed = fit(&timed);
     assert!(s_plain.phase_ms.is_none(), "off by default");
     let phases = s_timed.phase_ms.clone().expect("phase_ms with phase_times");
     let names: Vec<&str> = phases.iter().map(|(p, _)| p.as_str()).collect();
@@ -764,8 +851,8 @@ fn phase_times_report_every_phase_and_change_nothing_else() {
     for (p, ms) in &phases {
         assert!(ms.is_finite() && *ms >= 0.0, "{p}: {ms}");
     }
-    // Forward and backward of MiniLM take real time on a CPU.
-    assert!(phases[2].1 > 0.1 && phases[3].1 > 0.1, "{phases:?}");
+    // Forward and backward take measurable time even on the tiny model.
+    assert!(phases[2].1 > 0.0 && phases[3].1 > 0.0, "{phases:?}");
     // Synchronising changes no result.
     assert_eq!(s_timed.last, s_plain.last);
     assert_eq!(steps_of(&timed), steps_of(&plain));
@@ -778,9 +865,10 @@ fn phase_times_report_every_phase_and_change_nothing_else() {
 #[test]
 fn a_diverged_run_stops_with_an_error_and_keeps_its_checkpoints() {
     let dir = scratch("trainer");
-    // lr 1e8 without clipping: the loss is ~1e18 after one step and NaN
-    // after two. Evaluating only at the end, the NaN loss stops the run.
-    let mut cfg = one_epoch(&dir, "diverge", &["vanilla"], 32, 16);
+    // lr 1e8 without clipping: the weights blow up after one step and the
+    // loss is not finite soon after. Evaluating only at the end, the loss
+    // stops the run.
+    let mut cfg = one_epoch(&dir, "diverge", "vanilla", 32, 16);
     cfg.lr = 1e8;
     cfg.clip = 0.0;
     cfg.eval_every = 0;
@@ -792,24 +880,18 @@ fn a_diverged_run_stops_with_an_error_and_keeps_its_checkpoints() {
             .to_string()
     };
     let e = error_of(&cfg);
-    assert!(
-        e.contains("training diverged at step ") && e.contains("the loss is NaN"),
-        "{e}"
-    );
+    assert!(e.contains("training diverged at step "), "{e}");
     assert!(
         !cfg.output.join("best").exists(),
         "no evaluation, nothing saved"
     );
-    // Evaluating every step: step 1's weights are saved, the inf/NaN
-    // weights after the next update are neither evaluated into the metrics
+    // Evaluating every step: step 1's weights are saved, the non-finite
+    // weights after a later update are neither evaluated into the metrics
     // nor saved, and step 1's checkpoint still loads and evaluates.
     cfg.output = dir.path().join("diverge-eval");
     cfg.eval_every = 1;
     let e = error_of(&cfg);
-    assert!(
-        e.contains("training diverged by step ") && e.contains("outputs are not finite"),
-        "{e}"
-    );
+    assert!(e.contains("training diverged"), "{e}");
     let ev =
         tunefuse::train::trainer::evaluate_checkpoint(&cfg.output.join("best"), None, "dev", None)
             .unwrap();
@@ -818,5 +900,5 @@ fn a_diverged_run_stops_with_an_error_and_keeps_its_checkpoints() {
         .into_iter()
         .filter(|l| l.get("eval").is_some())
         .count();
-    assert_eq!(evals, 1, "only step 1 was evaluated");
+    assert!(evals >= 1, "step 1 was evaluated");
 }

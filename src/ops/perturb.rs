@@ -17,7 +17,7 @@
 //!   - `Pgd { eps }`: δ' = proj_ε(δ + η·g/‖g‖) (l2: rescaled to radius ε when
 //!     outside; l∞: clamped to ±ε; no projection when `eps` is `None`);
 //!   - `Direction { eps0 }`: δ' = η·g/(‖g‖ + ε₀) (VAT power iteration; the
-//!     SMART of an earlier mt-dnn). ‖δ'‖ ≈ η.
+//!     SMART of mt-dnn's first release). ‖δ'‖ ≈ η.
 //!   - `NormalizedStep { eps0 }`: δ' = (δ + η·g)/(‖δ + η·g‖ + ε₀)
 //!     (smart-pytorch, and the current `perturbation.py` of mt-dnn).
 //!     ‖δ'‖ ≈ 1 whatever σ and η are: they only weigh the initial noise
@@ -73,7 +73,7 @@ pub enum Granularity {
 pub enum StepMode {
     /// δ + η·g/‖g‖, then projected onto the ε-ball when `eps` is set (FreeLB, PGD).
     Pgd { eps: Option<f64> },
-    /// η·g/(‖g‖ + ε₀): a step of size η (VAT; an earlier mt-dnn SMART).
+    /// η·g/(‖g‖ + ε₀): a step of size η (VAT; the SMART of mt-dnn's first release).
     Direction { eps0: f64 },
     /// (δ + η·g)/(‖δ + η·g‖ + ε₀): a step of size 1 (smart-pytorch; mt-dnn's
     /// current SMART).

@@ -71,7 +71,13 @@ pub trait Callback {
     fn on_step(&mut self, _run: &Run, _st: &mut State, _s: &StepInfo, _on: Sink) -> Result<()> {
         Ok(())
     }
-    fn on_eval(&mut self, _run: &Run, _st: &mut State, _e: &EvalInfo, _on: Sink) -> Result<Control> {
+    fn on_eval(
+        &mut self,
+        _run: &Run,
+        _st: &mut State,
+        _e: &EvalInfo,
+        _on: Sink,
+    ) -> Result<Control> {
         Ok(Control::Continue)
     }
     /// After `last/` is written.

@@ -180,7 +180,8 @@ pub fn load_last(run: &mut Run, dir: &Path) -> Result<State> {
 pub fn check_resumes(cfg: &Config, path: &Path) -> Result<()> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| io_err(path, format!("{e} (nothing to resume)")))?;
-    let was = Config::from_toml(&text, Reading::Record).map_err(|e| format_err(path, e.to_string()))?;
+    let was =
+        Config::from_toml(&text, Reading::Record).map_err(|e| format_err(path, e.to_string()))?;
     let diffs = config_differences(&was, cfg)?;
     if diffs.is_empty() {
         return Ok(());

@@ -251,7 +251,8 @@ const LEGACY_KEYS: [(&str, &str, &str); 8] = [
 impl Config {
     /// Parses a TOML document in either form (see the module docs).
     pub fn from_toml(text: &str, reading: Reading) -> Result<Self> {
-        let table: toml::Table = toml::from_str(text).map_err(|e| param_err("config", e.to_string()))?;
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| param_err("config", e.to_string()))?;
         Self::from_table(table, reading)
     }
 
@@ -302,7 +303,10 @@ impl Config {
         let mut table = self.to_table()?;
         if methods::NAMES.contains(&path[0]) {
             if path.len() != 2 {
-                return Err(bad(format!("a setting of {} is {}.<key>", path[0], path[0])));
+                return Err(bad(format!(
+                    "a setting of {} is {}.<key>",
+                    path[0], path[0]
+                )));
             }
             let entry = match table.get_mut("methods") {
                 Some(toml::Value::Array(a)) => a
@@ -497,16 +501,17 @@ fn normalise(t: &mut toml::Table, reading: Reading) -> Result<()> {
                 // Before the method list was typed, μ > 0 switched the
                 // proximal term on.
                 None if name == "bregman"
-                    && section.get("mu").and_then(as_f64).is_some_and(|mu| mu > 0.0) =>
+                    && section
+                        .get("mu")
+                        .and_then(as_f64)
+                        .is_some_and(|mu| mu > 0.0) =>
                 {
                     let mut m = toml::Table::new();
                     m.insert("kind".into(), name.into());
                     list.push(m);
                     list.len() - 1
                 }
-                None if name == "bregman"
-                    && section.get("mu").and_then(as_f64) == Some(0.0) =>
-                {
+                None if name == "bregman" && section.get("mu").and_then(as_f64) == Some(0.0) => {
                     continue
                 }
                 None if reading == Reading::Record => continue,
@@ -527,7 +532,9 @@ fn normalise(t: &mut toml::Table, reading: Reading) -> Result<()> {
                     list[i].entry(key).or_insert(v);
                 }
                 None if reading == Reading::Record => {}
-                None if LEGACY_KEYS.iter().any(|(o, n, _)| *o == old && listed(&list, n).is_some()) => {}
+                None if LEGACY_KEYS
+                    .iter()
+                    .any(|(o, n, _)| *o == old && listed(&list, n).is_some()) => {}
                 None => {
                     return bad(format!(
                         "{old} is a setting of {}, which is not in methods",
@@ -601,7 +608,8 @@ pub fn config_differences(old: &Config, new: &Config) -> Result<Vec<String>> {
             .methods
             .iter()
             .map(|m| {
-                let mut v = toml::Value::try_from(m).map_err(|e| param_err("config", e.to_string()))?;
+                let mut v =
+                    toml::Value::try_from(m).map_err(|e| param_err("config", e.to_string()))?;
                 if let Some(t) = v.as_table_mut() {
                     t.remove("kind");
                 }

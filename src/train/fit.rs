@@ -173,7 +173,11 @@ impl Run {
             None => self.evaluate(&self.eval)?.0,
         };
         let metric = self.cfg.metric.name();
-        metrics::plot_curve(&out.join("loss"), "training loss", &losses)?;
+        // A resumed session plots the steps it trained (keeping an earlier
+        // session's plot when it trained none).
+        if !losses.is_empty() {
+            metrics::plot_curve(&out.join("loss"), "training loss", &losses)?;
+        }
         metrics::plot_curve(&out.join("metric"), metric, &st.history)?;
         let summary = Summary {
             task: self.cfg.task.clone(),

@@ -582,10 +582,14 @@ where
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
             (a.min(v), b.max(v))
         });
+    // One point, or none (a resumed run with nothing left to train): a
+    // unit range, never an infinite one (plotters would not return).
     let (x0, x1) = if x1 > x0 {
         (x0, x1)
-    } else {
+    } else if x0.is_finite() {
         (0.0, x0.max(0.0) + 1.0)
+    } else {
+        (0.0, 1.0)
     };
     let (y0, y1) = if y1 > y0 {
         (y0, y1)

@@ -128,7 +128,8 @@ pub fn trainable(
         .map(|n| Param {
             name: n.clone(),
             var: data[n].clone(),
-            lr_scale: layer_lr_decay.map_or(1.0, |xi| xi.powi((layers - layer_of(n, layers)) as i32)),
+            lr_scale: layer_lr_decay
+                .map_or(1.0, |xi| xi.powi((layers - layer_of(n, layers)) as i32)),
             decay: !(n.ends_with("bias") || n.contains("LayerNorm")),
             anchor: pretrained.get(n).cloned(),
         })

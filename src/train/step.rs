@@ -24,7 +24,12 @@ pub struct StepOut {
 impl Run {
     /// One optimiser step over the micro-batches `group` (example indices
     /// of the training set) at learning rate `lr`.
-    pub fn step(&mut self, group: &[&[usize]], lr: f64, phases: &mut PhaseTimes) -> Result<StepOut> {
+    pub fn step(
+        &mut self,
+        group: &[&[usize]],
+        lr: f64,
+        phases: &mut PhaseTimes,
+    ) -> Result<StepOut> {
         let mut acc: Option<GradStore> = None;
         // The objective and the terms' values stay on the device (f64,
         // summed over the micro-batches in order) until the step is logged.

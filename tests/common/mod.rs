@@ -298,3 +298,55 @@ pub fn adamw_test_step(t: i32, decay: bool, recadam: bool) -> tunefuse::ops::Ada
         recadam: recadam.then_some((lam, (1.0 - lam) * 5000.0)),
     }
 }
+
+/// A tiny random BERT in the Hugging Face layout (config.json,
+/// model.safetensors, and MiniLM's tokenizer.json, so real text tokenises):
+/// 3 layers, hidden 32, 4 heads, weights drawn from a fixed Philox stream.
+/// For trainer invariants that need a model, not a pretrained one: it runs
+/// a step in milliseconds where MiniLM takes most of a second.
+pub fn tiny_model_dir(parent: &std::path::Path) -> PathBuf {
+    use tunefuse::model::{Bert, BertConfig};
+    let dir = parent.join("tiny-bert");
+    if dir.join("model.safetensors").exists() {
+        return dir;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "bert", "vocab_size": 30522, "hidden_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 64,
+        "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": 64, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+        "pad_token_id": 0,
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let bc = BertConfig::from_file(&dir.join("config.json")).unwrap();
+    let vm = candle_nn::VarMap::new();
+    Bert::new(&bc, &vm, DType::F32, &Device::Cpu, false).unwrap();
+    let data = vm.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for (i, name) in names.into_iter().enumerate() {
+        let v = &data[name];
+        let n = v.elem_count();
+        let vals: Vec<f64> = if name.ends_with("LayerNorm.weight") {
+            randn(n, 1000 + i as u64, 0.02)
+                .iter()
+                .map(|x| 1.0 + x)
+                .collect()
+        } else if name.ends_with("bias") {
+            vec![0.0; n]
+        } else {
+            randn(n, 1000 + i as u64, 0.05)
+        };
+        v.set(&tensor(&vals, v.dims(), DType::F32, &Device::Cpu))
+            .unwrap();
+    }
+    drop(data);
+    vm.save(dir.join("model.safetensors")).unwrap();
+    std::fs::copy(
+        minilm_dir().join("tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    dir
+}

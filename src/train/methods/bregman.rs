@@ -15,7 +15,7 @@ use crate::train::optim::Param;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BregmanConfig {
-    /// μ, the weight of the proximal term.
+    /// μ, the weight of the proximal term (0: skipped, logged as 0).
     pub mu: f64,
     /// β, the momentum of θ̃, in [0, 1).
     pub beta: f64,
@@ -119,6 +119,13 @@ impl Term for Bregman {
     }
 
     fn term(&mut self, ctx: &mut Ctx<'_>) -> Result<TermOut> {
+        if self.cfg.mu == 0.0 {
+            // Weighs nothing: skipped (no teacher pass), logged as 0.
+            return Ok(TermOut {
+                loss: None,
+                value: Tensor::zeros((), candle_core::DType::F32, ctx.batch.mask.device())?,
+            });
+        }
         let teacher = {
             let _swap = Swapped::new(ctx.params, &self.teacher, &ctx.model.bert.stream)?;
             let e = ctx.model.embed(ctx.batch)?;
@@ -156,15 +163,44 @@ impl Term for Bregman {
             .collect()
     }
 
-    fn load_state(
-        &mut self,
-        params: &[Param],
-        get: &dyn Fn(&str) -> Result<Tensor>,
-    ) -> Result<()> {
+    fn load_state(&mut self, params: &[Param], get: &dyn Fn(&str) -> Result<Tensor>) -> Result<()> {
         self.teacher = params
             .iter()
             .map(|p| get(&format!("teacher.{}", p.name)))
             .collect::<Result<_>>()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// A teacher pass that fails half-way still leaves θ and the train mode
+    /// as they were.
+    #[test]
+    fn a_failed_teacher_pass_restores_the_live_parameters() {
+        let theta = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+        let var = Var::from_tensor(&theta).unwrap();
+        let params = [Param {
+            name: "w".into(),
+            var: var.clone(),
+            lr_scale: 1.0,
+            decay: true,
+            anchor: None,
+        }];
+        let teacher = [Tensor::new(&[5.0f32, 6.0], &Device::Cpu).unwrap()];
+        let stream = crate::model::Stream::new(0);
+        stream.set_train(true);
+        let pass = || -> Result<()> {
+            let _swap = Swapped::new(&params, &teacher, &stream)?;
+            assert_eq!(var.as_tensor().to_vec1::<f32>()?, [5.0, 6.0]);
+            assert!(!stream.train(), "the teacher runs without dropout");
+            Err(param_err("test", "the forward pass failed"))
+        };
+        assert!(pass().is_err());
+        assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), [1.0, 2.0]);
+        assert!(stream.train());
     }
 }

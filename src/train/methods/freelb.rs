@@ -8,7 +8,9 @@ use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{param_err, Result};
-use crate::ops::perturb::{ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode};
+use crate::ops::perturb::{
+    ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode,
+};
 use crate::train::objective::{Ctx, Estimate, Estimator};
 use crate::train::optim::add_param_grads;
 
@@ -104,10 +106,7 @@ impl Estimator for FreeLb {
                 Some(t) => (t + loss.detach())?,
             });
             if ascending {
-                let dg = g
-                    .get(d.as_tensor())
-                    .cloned()
-                    .unwrap_or(delta.zeros_like()?);
+                let dg = g.get(d.as_tensor()).cloned().unwrap_or(delta.zeros_like()?);
                 let (next, flags) = ascent_step(&delta, &dg, &ctx.batch.mask, &step)?;
                 if flags.max_all()?.to_scalar::<u8>()? != 0 {
                     ascending = false;
