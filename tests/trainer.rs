@@ -423,7 +423,7 @@ fn adamw_and_recadam_steps_match_the_formulas() {
 
 #[test]
 fn recadam_with_lambda_one_and_gamma_zero_is_adamw() {
-    // The issue asks that "RecAdam with γ = 0 equals AdamW". Under RecAdam's
+    // One might expect "RecAdam with γ = 0 equals AdamW". Under RecAdam's
     // definition (the authors' optimiser) γ = 0 still scales each Adam step
     // by λ(t) < 1 early on, so the two differ; they coincide when λ ≡ 1
     // (t₀ far in the past), which is what this checks, bit for bit.

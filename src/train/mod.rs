@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod objective;
 pub mod optim;
 pub mod params;
+pub mod plots;
 pub mod report;
 pub mod run;
 pub mod step;

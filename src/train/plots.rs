@@ -1,0 +1,255 @@
+//! Plots of a run, as PNG and SVG: the training curves, the reliability
+//! diagram and confidence histograms.
+use std::path::Path;
+
+use super::metrics::Calibration;
+use crate::error::{io_err, param_err, Result};
+
+use plotters::prelude::*;
+
+/// The plots' font, DejaVu Sans (Bitstream Vera licence, see
+/// `assets/fonts/DejaVuSans-LICENSE.txt`), built into the binary and drawn
+/// with ab_glyph: no fontconfig or freetype is needed at run time, so the
+/// binary runs on headless GPU servers that have neither.
+static PLOT_FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+
+/// Registers [`PLOT_FONT`] as plotters' "sans-serif" once per process.
+fn register_plot_font() -> Result<()> {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *REGISTERED.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, PLOT_FONT).is_ok()
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(param_err(
+            "plot",
+            "the built-in plot font (DejaVu Sans) could not be parsed",
+        ))
+    }
+}
+
+fn draw_reliability<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    cal: &Calibration,
+    title: &str,
+) -> std::result::Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{title} (ECE {:.3})", cal.ece), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(44)
+        .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("confidence")
+        .y_desc("accuracy")
+        .draw()
+        .map_err(e)?;
+    chart
+        .draw_series(cal.bins.iter().filter(|b| b.count > 0).map(|b| {
+            Rectangle::new(
+                [(b.lower, 0.0), (b.upper, b.accuracy)],
+                BLUE.mix(0.6).filled(),
+            )
+        }))
+        .map_err(e)?;
+    chart
+        .draw_series(cal.bins.iter().filter(|b| b.count > 0).map(|b| {
+            Rectangle::new(
+                [
+                    (b.lower, b.accuracy.min(b.confidence)),
+                    (b.upper, b.accuracy.max(b.confidence)),
+                ],
+                RED.mix(0.3).filled(),
+            )
+        }))
+        .map_err(e)?;
+    chart
+        .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK))
+        .map_err(e)?;
+    root.present().map_err(e)
+}
+
+fn draw_histograms<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    sets: &[(&str, &[f64])],
+    title: &str,
+) -> std::result::Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    let all = sets.iter().flat_map(|(_, v)| v.iter().cloned());
+    let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
+    let (lo, hi) = if lo.is_finite() && hi > lo {
+        (lo, hi)
+    } else {
+        (0.0, 1.0)
+    };
+    let nb = 30;
+    let w = (hi - lo) / nb as f64;
+    let hist = |v: &[f64]| {
+        let mut h = vec![0.0; nb];
+        v.iter()
+            .for_each(|&x| h[(((x - lo) / w) as usize).min(nb - 1)] += 1.0 / v.len().max(1) as f64);
+        h
+    };
+    let hs: Vec<Vec<f64>> = sets.iter().map(|(_, v)| hist(v)).collect();
+    let top = hs.iter().flatten().cloned().fold(0.0, f64::max).max(1e-9) * 1.1;
+    root.fill(&WHITE).map_err(e)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(50)
+        .build_cartesian_2d(lo..hi, 0.0..top)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .x_desc("score")
+        .y_desc("fraction")
+        .draw()
+        .map_err(e)?;
+    let colors = [BLUE, RED, GREEN, MAGENTA];
+    for (i, ((name, _), h)) in sets.iter().zip(&hs).enumerate() {
+        let c = colors[i % colors.len()];
+        chart
+            .draw_series(h.iter().enumerate().map(|(k, &f)| {
+                let x0 = lo + k as f64 * w;
+                Rectangle::new([(x0, 0.0), (x0 + w, f)], c.mix(0.35).filled())
+            }))
+            .map_err(e)?
+            .label(*name)
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 10, y + 5)], c.mix(0.6).filled())
+            });
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(e)?;
+    root.present().map_err(e)
+}
+
+/// Writes a reliability diagram to `<stem>.png` and `<stem>.svg`.
+pub fn plot_reliability(stem: &Path, cal: &Calibration, title: &str) -> Result<()> {
+    register_plot_font()?;
+    let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
+    draw_reliability(
+        BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
+        cal,
+        title,
+    )
+    .map_err(|m| io_err(&png, m))?;
+    draw_reliability(
+        SVGBackend::new(&svg, (640, 480)).into_drawing_area(),
+        cal,
+        title,
+    )
+    .map_err(|m| io_err(&svg, m))
+}
+
+/// Writes normalised histograms of several score sets (e.g. in- and
+/// out-of-distribution max-probabilities) to `<stem>.png` and `<stem>.svg`.
+pub fn plot_histograms(stem: &Path, sets: &[(&str, &[f64])], title: &str) -> Result<()> {
+    register_plot_font()?;
+    let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
+    draw_histograms(
+        BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
+        sets,
+        title,
+    )
+    .map_err(|m| io_err(&png, m))?;
+    draw_histograms(
+        SVGBackend::new(&svg, (640, 480)).into_drawing_area(),
+        sets,
+        title,
+    )
+    .map_err(|m| io_err(&svg, m))
+}
+
+fn draw_curve<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    pts: &[(u64, f64)],
+) -> std::result::Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let (x0, x1) = pts
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.0 as f64), b.max(p.0 as f64))
+        });
+    let (y0, y1) = pts
+        .iter()
+        .map(|p| p.1)
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    // One point, or none (a resumed run with nothing left to train): a
+    // unit range, never an infinite one (plotters would not return).
+    let (x0, x1) = if x1 > x0 {
+        (x0, x1)
+    } else if x0.is_finite() {
+        (0.0, x0.max(0.0) + 1.0)
+    } else {
+        (0.0, 1.0)
+    };
+    let (y0, y1) = if y1 > y0 {
+        (y0, y1)
+    } else if y0.is_finite() {
+        (y0 - 0.5, y0 + 0.5)
+    } else {
+        (0.0, 1.0)
+    };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(50)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(e)?;
+    chart.configure_mesh().x_desc("step").draw().map_err(e)?;
+    chart
+        .draw_series(LineSeries::new(
+            pts.iter()
+                .filter(|p| p.1.is_finite())
+                .map(|p| (p.0 as f64, p.1)),
+            BLUE,
+        ))
+        .map_err(e)?;
+    root.present().map_err(e)
+}
+
+/// Writes a curve (step, value) to `<stem>.png` and `<stem>.svg`.
+pub fn plot_curve(stem: &Path, title: &str, pts: &[(u64, f64)]) -> Result<()> {
+    register_plot_font()?;
+    let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
+    draw_curve(
+        BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
+        title,
+        pts,
+    )
+    .map_err(|m| io_err(&png, m))?;
+    draw_curve(
+        SVGBackend::new(&svg, (640, 480)).into_drawing_area(),
+        title,
+        pts,
+    )
+    .map_err(|m| io_err(&svg, m))
+}
