@@ -211,9 +211,9 @@ fn a_composed_run_resumes_exactly_and_keeps_its_session_time() {
     let mut cut = full.clone();
     cut.output = dir.path().join("cut");
     resumes_exactly(&full, &cut);
-    // The checkpoint carries the run's wall time into a resumed session:
-    // pretend the first session took 1000 s, and resume the finished run
-    // (nothing left to do: one evaluation, the time added).
+    // The checkpoint carries the run's wall time into a resumed run:
+    // pretend the time before the checkpoint was 1000 s, and resume the
+    // finished run (nothing left to do: one evaluation, the time added).
     let state = cut.output.join("last/trainer.json");
     let mut js: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();

@@ -145,9 +145,10 @@ impl Run {
         let mut out = Vec::with_capacity(ds.examples.len());
         let idx: Vec<usize> = (0..ds.examples.len()).collect();
         let result = (|| -> Result<()> {
+            let model = self.model();
             for chunk in idx.chunks(64) {
                 let b = self.batch(ds, chunk)?;
-                let logits = self.model().forward(&self.model().embed(&b)?, &b.mask)?;
+                let logits = model.forward(&model.embed(&b)?, &b.mask)?;
                 let p = self.head.predictions(&logits)?;
                 out.extend(p.to_dtype(DType::F64)?.to_vec2::<f64>()?);
             }

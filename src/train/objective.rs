@@ -110,6 +110,17 @@ pub struct TermOut {
     pub value: Tensor,
 }
 
+impl TermOut {
+    /// A term that adds nothing this batch and logs `value` (0 for a
+    /// weight of 0, NaN for a batch it had to skip).
+    pub fn skipped(value: f32, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            loss: None,
+            value: Tensor::new(value, device)?,
+        })
+    }
+}
+
 /// A method that adds a weighted loss (SMART's smoothness, R3F, Bregman).
 pub trait Term {
     /// The name its value is logged under in `metrics.jsonl`.

@@ -42,9 +42,7 @@ pub fn collect(dir: &Path) -> Result<Vec<RunResult>> {
         let summary: Summary =
             serde_json::from_str(&text).map_err(|e| format_err(&sum_path, e.to_string()))?;
         let cfg_path = path.join("config.toml");
-        let cfg = std::fs::read_to_string(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
-        let config = Config::from_toml(&cfg, Reading::Record)
-            .map_err(|e| format_err(&cfg_path, e.to_string()))?;
+        let config = Config::from_file(&cfg_path, Reading::Record)?;
         if config.epochs == 0 {
             return Err(format_err(&cfg_path, "no positive `epochs`"));
         }

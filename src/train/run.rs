@@ -1,6 +1,6 @@
 //! Assembly of a run: data, the encoder with its task head, the methods'
 //! model transforms, the trainable set, the optimiser and the objective.
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarMap;
 
 use super::config::{Config, Precision};
@@ -181,14 +181,5 @@ impl Run {
             mask: b.mask,
             labels: self.head.labels(ds, idx, &self.device)?,
         })
-    }
-
-    /// The values of the trained parameters (for tests and tools).
-    pub fn param(&self, name: &str) -> Option<Tensor> {
-        self.opt
-            .params
-            .iter()
-            .find(|p| p.name == name)
-            .map(|p| p.var.as_tensor().clone())
     }
 }

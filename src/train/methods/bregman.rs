@@ -121,10 +121,7 @@ impl Term for Bregman {
     fn term(&mut self, ctx: &mut Ctx<'_>) -> Result<TermOut> {
         if self.cfg.mu == 0.0 {
             // Weighs nothing: skipped (no teacher pass), logged as 0.
-            return Ok(TermOut {
-                loss: None,
-                value: Tensor::zeros((), candle_core::DType::F32, ctx.batch.mask.device())?,
-            });
+            return TermOut::skipped(0.0, ctx.batch.mask.device());
         }
         let teacher = {
             let _swap = Swapped::new(ctx.params, &self.teacher, &ctx.model.bert.stream)?;

@@ -86,20 +86,15 @@ pub enum Built {
 impl Method {
     /// The method with its default settings, by name (`--method`).
     pub fn from_name(name: &str) -> Result<Self> {
-        Ok(match name {
-            "smart" => Method::Smart(Default::default()),
-            "r3f" => Method::R3f(Default::default()),
-            "freelb" => Method::Freelb(Default::default()),
-            "bregman" => Method::Bregman(Default::default()),
-            "mixout" => Method::Mixout(Default::default()),
-            "adapter" => Method::Adapter(Default::default()),
-            "lora" => Method::Lora(Default::default()),
-            m => {
-                return Err(param_err(
-                    "config",
-                    format!("unknown method {m:?} (vanilla or one of {NAMES:?})"),
-                ))
-            }
+        // The registry is the enum: a table holding only the tag gives the
+        // variant with every setting at its default.
+        let mut t = toml::Table::new();
+        t.insert("kind".into(), name.into());
+        Self::deserialize(toml::Value::Table(t)).map_err(|_| {
+            param_err(
+                "config",
+                format!("unknown method {name:?} (vanilla or one of {NAMES:?})"),
+            )
         })
     }
 

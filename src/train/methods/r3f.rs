@@ -1,6 +1,5 @@
 //! R3F (Aghajanyan et al., ICLR 2021): λ·KL_S(f(x + z), f(x)) with noise z
 //! drawn once (no ascent), gradients through both sides.
-use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{param_err, Result};
@@ -64,10 +63,7 @@ impl Term for R3f {
     fn term(&mut self, ctx: &mut Ctx<'_>) -> Result<TermOut> {
         let r = &self.cfg;
         if r.lambda == 0.0 {
-            return Ok(TermOut {
-                loss: None,
-                value: Tensor::zeros((), DType::F32, ctx.batch.mask.device())?,
-            });
+            return TermOut::skipped(0.0, ctx.batch.mask.device());
         }
         let embeds = ctx.embeds()?;
         let logits = ctx.clean()?;

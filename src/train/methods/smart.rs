@@ -5,7 +5,7 @@
 //! step per token (`normalized_step`) with η = 1e-3, λ = 1. mt-dnn's first
 //! release took a step of size η instead (`direction`); `bench/RESULTS.md`
 //! compares the two on SST-2 and RTE.
-use candle_core::{DType, Tensor, Var};
+use candle_core::Var;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{param_err, Result};
@@ -117,10 +117,7 @@ impl Term for Smart {
     fn term(&mut self, ctx: &mut Ctx<'_>) -> Result<TermOut> {
         let s = &self.cfg;
         if s.lambda == 0.0 {
-            return Ok(TermOut {
-                loss: None,
-                value: Tensor::zeros((), DType::F32, ctx.batch.mask.device())?,
-            });
+            return TermOut::skipped(0.0, ctx.batch.mask.device());
         }
         let embeds = ctx.embeds()?;
         let logits = ctx.clean()?;
@@ -151,10 +148,7 @@ impl Term for Smart {
         *ctx.noise = rng;
         if delta.any_nonfinite()? {
             // Skipped: the penalty is logged as NaN.
-            return Ok(TermOut {
-                loss: None,
-                value: Tensor::new(f32::NAN, logits.device())?,
-            });
+            return TermOut::skipped(f32::NAN, logits.device());
         }
         let adv = ctx.forward(&(&embeds + delta.delta)?)?;
         let red = match s.reduction {
