@@ -7,6 +7,8 @@
 //! so the ops work inside candle autograd on CPU and GPU alike.
 pub mod bench;
 #[cfg(feature = "cuda")]
+pub mod census;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
 pub mod model;

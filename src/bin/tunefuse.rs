@@ -76,6 +76,38 @@ enum Cmd {
         #[arg(required = true)]
         dirs: Vec<PathBuf>,
     },
+    /// Count what each method's training step asks of the GPU (launches,
+    /// memsets, copies, allocations, events, syncs, cuBLAS calls) under the
+    /// census library: run it through scripts/step-census.sh.
+    #[cfg(feature = "cuda")]
+    Census {
+        /// Hugging Face BERT directory (all-MiniLM-L6-v2 for the recorded census).
+        #[arg(long)]
+        model: PathBuf,
+        /// The data folder (default: $TUNEFUSE_DATA).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
+        /// Steps run before counting (module loads, first allocations).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Steps counted.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Only these cases (repeatable; default: all).
+        #[arg(long)]
+        case: Vec<String>,
+        /// Day and commit of the measurement, for the record.
+        #[arg(long, default_value = "")]
+        stamp: String,
+        /// Write the census as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Fail when any count rises above this recorded census.
+        #[arg(long)]
+        check: Option<PathBuf>,
+    },
     /// Print the table from saved results (`bench --json`) and PyTorch peers.
     Table {
         #[arg(long)]
@@ -367,6 +399,20 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
+        #[cfg(feature = "cuda")]
+        Cmd::Census {
+            model,
+            data_dir,
+            batch_size,
+            warmup,
+            steps,
+            case,
+            stamp,
+            json,
+            check,
+        } => census(
+            &model, data_dir, batch_size, warmup, steps, &case, stamp, json, check,
+        ),
         Cmd::Table { ours, peers } => {
             let peers = peers
                 .map(|p| bench::load_peers(&p))
@@ -377,4 +423,74 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+#[allow(clippy::too_many_arguments)]
+fn census(
+    model: &std::path::Path,
+    data_dir: Option<PathBuf>,
+    batch_size: usize,
+    warmup: usize,
+    steps: usize,
+    only: &[String],
+    stamp: String,
+    json: Option<PathBuf>,
+    check: Option<PathBuf>,
+) -> Result<(), String> {
+    use tunefuse::census;
+    let cases: Vec<&census::Case> = census::CASES
+        .iter()
+        .filter(|c| only.is_empty() || only.iter().any(|o| o == c.name))
+        .collect();
+    if let Some(o) = only
+        .iter()
+        .find(|o| !census::CASES.iter().any(|c| c.name == o.as_str()))
+    {
+        let names: Vec<&str> = census::CASES.iter().map(|c| c.name).collect();
+        return Err(format!(
+            "no census case {o:?}; the cases are {}",
+            names.join(", ")
+        ));
+    }
+    let recorded = check
+        .map(|p| -> Result<census::Census, String> {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))
+        })
+        .transpose()?;
+    let mode = census::read().map_err(|e| e.to_string())?.mode;
+    let mut out = census::Census {
+        mode,
+        stamp,
+        machine: census::machine(),
+        warmup,
+        steps,
+        cases: vec![],
+    };
+    for c in cases {
+        eprintln!("census: {} ({} steps)", c.name, warmup + steps);
+        out.cases.push(
+            census::run_case(c, model, data_dir.clone(), batch_size, warmup, steps)
+                .map_err(|e| format!("census case {}: {e}", c.name))?,
+        );
+    }
+    print!("{}", census::table(&out));
+    if let Some(p) = &json {
+        std::fs::write(p, serde_json::to_string_pretty(&out).unwrap() + "\n")
+            .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
+    }
+    if let Some(rec) = recorded {
+        let rises = census::rises(&rec, &out);
+        if !rises.is_empty() {
+            return Err(format!(
+                "the step census rose above the recorded one ({}):\n  {}",
+                rec.stamp,
+                rises.join("\n  ")
+            ));
+        }
+        eprintln!("census: no count above the recorded census ({})", rec.stamp);
+    }
+    Ok(())
 }

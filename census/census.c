@@ -1,0 +1,510 @@
+/*
+ * The step census: counts every call a tunefuse `cuda` binary makes into the
+ * CUDA driver, runtime, cuBLAS and cuRAND, so that the GPU work of a training
+ * step (kernel launches, memsets, copies, allocations, events,
+ * synchronisations, library calls) can be counted exactly.
+ *
+ * One source, two builds (scripts/step-census.sh builds both):
+ *
+ *   -DCENSUS_STANDIN  a stand-in for the libraries on a machine without a GPU.
+ *                     Allocations are zero-filled host memory, copies and
+ *                     memsets are real memcpy/memset, kernel launches and
+ *                     cuBLAS/cuRAND calls do nothing. Numerics are
+ *                     meaningless; the counts are what the real driver sees
+ *                     as long as no control flow depends on values read back
+ *                     from the device (every such read is itself counted as
+ *                     a device-to-host copy).
+ *   (default)         an interposer for a machine with a GPU: each function
+ *                     counts, then calls the real one (dlsym RTLD_NEXT). Run
+ *                     with LD_PRELOAD. It sees only calls made through the
+ *                     dynamic symbols: cuBLAS's own kernels are launched
+ *                     inside cuBLAS and are counted as one cuBLAS call, the
+ *                     same as in the stand-in.
+ *
+ * Either way the library is LD_PRELOADed, and the process reads the running
+ * totals through tunefuse_census_json(); the difference of two readings is
+ * the census of what ran between them.
+ *
+ * Only the functions a tunefuse binary imports are defined (the list is the
+ * undefined dynamic symbols of the release binary: `nm -D --undefined-only`).
+ * A function the stand-in cannot honestly emulate (it would have to invent a
+ * kernel's attributes) fails with "not supported" and is counted under
+ * "unsupported", so a run that needs it is visible, never silently wrong.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+typedef void *CUcontext, *CUstream, *CUevent, *CUfunction, *CUmodule;
+typedef int cudaError_t;
+typedef void *cudaStream_t;
+typedef int cublasStatus_t;
+typedef void *cublasHandle_t;
+typedef int curandStatus_t;
+typedef void *curandGenerator_t;
+typedef struct {
+  unsigned x, y, z;
+} dim3;
+
+/* What each call is, for the per-step table. "gpu ops" in the report are
+ * kernels + memsets + copies + cuBLAS + cuRAND calls. */
+#define CATEGORIES(X)                                                          \
+  X(kernels) X(memsets) X(htod) X(dtoh) X(dtod) X(allocs) X(frees) X(events)   \
+  X(syncs) X(cublas) X(curand) X(modules) X(unsupported) X(other)
+enum category {
+#define X(c) CAT_##c,
+  CATEGORIES(X)
+#undef X
+      NCAT
+};
+static const char *category_names[] = {
+#define X(c) #c,
+    CATEGORIES(X)
+#undef X
+};
+
+#define SYMBOLS(X)                                                             \
+  X(cuInit, other) X(cuDeviceGet, other) X(cuDeviceGetAttribute, other)        \
+  X(cuDeviceGetName, other) X(cuDevicePrimaryCtxRetain, other)                 \
+  X(cuDevicePrimaryCtxRelease_v2, other) X(cuCtxSetCurrent, other)             \
+  X(cuCtxGetCurrent, other) X(cuCtxDestroy_v2, other) X(cuEventCreate, events) \
+  X(cuEventDestroy_v2, events) X(cuEventRecord, events)                        \
+  X(cuStreamWaitEvent, events) X(cuStreamSynchronize, syncs)                   \
+  X(cuStreamDestroy_v2, other) X(cuStreamIsCapturing, other)                   \
+  X(cuFuncSetAttribute, other) X(cuGetErrorString, other)                      \
+  X(cuLaunchKernel, kernels) X(cuMemAllocAsync, allocs)                        \
+  X(cuMemAlloc_v2, allocs) X(cuMemFreeAsync, frees) X(cuMemFree_v2, frees)     \
+  X(cuMemcpyDtoDAsync_v2, dtod) X(cuMemcpyDtoHAsync_v2, dtoh)                  \
+  X(cuMemcpyHtoDAsync_v2, htod) X(cuMemcpyPeerAsync, dtod)                     \
+  X(cuMemsetD8Async, memsets) X(cuModuleGetFunction, modules)                  \
+  X(cuModuleLoad, modules) X(cuModuleLoadData, modules)                        \
+  X(cuModuleUnload, modules) X(cublasCreate_v2, other)                         \
+  X(cublasDestroy_v2, other) X(cublasSetStream_v2, other)                      \
+  X(cublasGemmStridedBatchedEx, cublas) X(cublasDgemmStridedBatched, cublas)   \
+  X(cudaDeviceGetAttribute, other) X(cudaFree, frees)                          \
+  X(cudaFreeAsync_ptsz, frees) X(cudaFuncGetAttributes, other)                 \
+  X(cudaFuncSetAttribute, other) X(cudaGetDevice, other)                       \
+  X(cudaGetDeviceCount, other) X(cudaGetErrorName, other)                      \
+  X(cudaGetErrorString, other) X(cudaGetLastError, other)                      \
+  X(cudaMalloc, allocs) X(cudaMallocAsync_ptsz, allocs)                        \
+  X(cudaMemsetAsync_ptsz, memsets)                                             \
+  X(cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags, other)             \
+  X(cudaPeekAtLastError, other) X(cudaSetDevice, other)                        \
+  X(cudaStreamSynchronize_ptsz, syncs) X(curandCreateGenerator, other)         \
+  X(curandDestroyGenerator, other) X(curandGenerateNormal, curand)             \
+  X(curandGenerateNormalDouble, curand) X(curandGenerateUniform, curand)       \
+  X(curandGenerateUniformDouble, curand)                                       \
+  X(curandSetPseudoRandomGeneratorSeed, other) X(curandSetStream, other)      \
+  X(__cudaRegisterFatBinary, modules) X(__cudaRegisterFatBinaryEnd, modules)   \
+  X(__cudaUnregisterFatBinary, modules) X(__cudaRegisterFunction, modules)     \
+  X(__cudaRegisterVar, modules) X(__cudaGetKernel, other)                      \
+  X(__cudaPushCallConfiguration, other) X(__cudaPopCallConfiguration, other)   \
+  X(__cudaLaunchKernel_ptsz, kernels)
+
+enum symbol {
+#define X(s, c) SYM_##s,
+  SYMBOLS(X)
+#undef X
+      NSYM
+};
+static const char *symbol_names[] = {
+#define X(s, c) #s,
+    SYMBOLS(X)
+#undef X
+};
+static const enum category symbol_category[] = {
+#define X(s, c) CAT_##c,
+    SYMBOLS(X)
+#undef X
+};
+
+static uint64_t calls[NSYM];
+static uint64_t unsupported_calls;
+/* Bytes moved by copies and memsets, and the FLOPs cuBLAS was asked for. */
+static uint64_t bytes_htod, bytes_dtoh, bytes_dtod, bytes_memset, gemm_flops;
+/* Nanoseconds spent inside this library (and, interposed, in the real
+ * functions it calls): the caller's host time is the wall time minus this. */
+static uint64_t inside_ns;
+
+static inline void add(uint64_t *c, uint64_t v) {
+  __atomic_fetch_add(c, v, __ATOMIC_RELAXED);
+}
+static inline uint64_t now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+static inline uint64_t enter(void) { return now_ns(); }
+static inline void leave(enum symbol s, uint64_t t0) {
+  add(&calls[s], 1);
+  add(&inside_ns, now_ns() - t0);
+}
+
+/* Kernel launches by function name. A function handle (the stand-in's own,
+ * or the real driver's) maps to its entry through an open-addressing table;
+ * entries are only ever added. */
+#define MAX_FUNCS 8192
+struct func {
+  const void *handle;
+  const void *module;
+  char name[160];
+  uint64_t launches;
+};
+static struct func funcs[MAX_FUNCS];
+static size_t nfuncs;
+static struct func *by_handle[2 * MAX_FUNCS];
+static pthread_mutex_t funcs_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct func unknown_func = {0, 0, "(function not seen at cuModuleGetFunction)", 0};
+
+static size_t slot_of(const void *h) {
+  uint64_t x = (uint64_t)(uintptr_t)h;
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  return (size_t)(x % (2 * MAX_FUNCS));
+}
+
+/* Registers `name` of `module` under `handle` (stand-in: handle 0 asks for
+ * the entry itself as the handle; one entry per module and name, as the
+ * driver returns one handle per module and name). */
+static struct func *register_func(const void *handle, const void *module, const char *name) {
+  pthread_mutex_lock(&funcs_lock);
+  struct func *f = NULL;
+  if (!handle) {
+    for (size_t i = 0; i < nfuncs; i++)
+      if (funcs[i].module == module && strncmp(funcs[i].name, name, sizeof funcs[i].name - 1) == 0)
+        f = &funcs[i];
+  } else {
+    for (size_t s = slot_of(handle);; s = (s + 1) % (2 * MAX_FUNCS)) {
+      if (!by_handle[s]) break;
+      if (by_handle[s]->handle == handle) { f = by_handle[s]; break; }
+    }
+  }
+  if (!f && nfuncs < MAX_FUNCS) {
+    f = &funcs[nfuncs++];
+    f->module = module;
+    snprintf(f->name, sizeof f->name, "%s", name ? name : "?");
+    f->handle = handle ? handle : (const void *)f;
+    size_t s = slot_of(f->handle);
+    while (by_handle[s]) s = (s + 1) % (2 * MAX_FUNCS);
+    by_handle[s] = f;
+  }
+  pthread_mutex_unlock(&funcs_lock);
+  return f ? f : &unknown_func;
+}
+
+static struct func *func_of(const void *handle) {
+  pthread_mutex_lock(&funcs_lock);
+  struct func *f = &unknown_func;
+  for (size_t s = slot_of(handle);; s = (s + 1) % (2 * MAX_FUNCS)) {
+    if (!by_handle[s]) break;
+    if (by_handle[s]->handle == handle) { f = by_handle[s]; break; }
+  }
+  pthread_mutex_unlock(&funcs_lock);
+  return f;
+}
+
+/* The running totals as one JSON object, written into buf (at most cap
+ * bytes, NUL-terminated); returns the length the whole object needs, so a
+ * caller whose buffer was too small can retry with a larger one. */
+static size_t json_len;
+static void put(char *buf, size_t cap, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  size_t room = json_len < cap ? cap - json_len : 0;
+  int n = vsnprintf(room ? buf + json_len : NULL, room, fmt, ap);
+  va_end(ap);
+  if (n > 0) json_len += (size_t)n;
+}
+
+static void put_name(char *buf, size_t cap, const char *s) {
+  put(buf, cap, "\"");
+  for (; *s; s++) {
+    if (*s == '"' || *s == '\\') put(buf, cap, "\\%c", *s);
+    else if ((unsigned char)*s < 0x20) put(buf, cap, "\\u%04x", *s);
+    else put(buf, cap, "%c", *s);
+  }
+  put(buf, cap, "\"");
+}
+
+#ifdef CENSUS_STANDIN
+#define MODE "stand-in"
+#else
+#define MODE "interposer"
+#endif
+
+size_t tunefuse_census_json(char *buf, size_t cap) {
+  static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+  pthread_mutex_lock(&lock);
+  json_len = 0;
+  uint64_t cat[NCAT] = {0};
+  for (int s = 0; s < NSYM; s++) cat[symbol_category[s]] += __atomic_load_n(&calls[s], __ATOMIC_RELAXED);
+  cat[CAT_unsupported] = __atomic_load_n(&unsupported_calls, __ATOMIC_RELAXED);
+  put(buf, cap, "{\"mode\":\"" MODE "\",\"inside_ns\":%llu,\"categories\":{",
+      (unsigned long long)__atomic_load_n(&inside_ns, __ATOMIC_RELAXED));
+  for (int c = 0; c < NCAT; c++)
+    put(buf, cap, "%s\"%s\":%llu", c ? "," : "", category_names[c], (unsigned long long)cat[c]);
+  put(buf, cap, "},\"bytes\":{\"htod\":%llu,\"dtoh\":%llu,\"dtod\":%llu,\"memset\":%llu},\"gemm_flops\":%llu,\"calls\":{",
+      (unsigned long long)bytes_htod, (unsigned long long)bytes_dtoh, (unsigned long long)bytes_dtod,
+      (unsigned long long)bytes_memset, (unsigned long long)gemm_flops);
+  int first = 1;
+  for (int s = 0; s < NSYM; s++) {
+    uint64_t n = __atomic_load_n(&calls[s], __ATOMIC_RELAXED);
+    if (!n) continue;
+    put(buf, cap, "%s\"%s\":%llu", first ? "" : ",", symbol_names[s], (unsigned long long)n);
+    first = 0;
+  }
+  put(buf, cap, "},\"kernels\":{");
+  pthread_mutex_lock(&funcs_lock);
+  first = 1;
+  struct func *all[MAX_FUNCS + 1];
+  size_t n = 0;
+  for (size_t i = 0; i < nfuncs; i++) all[n++] = &funcs[i];
+  all[n++] = &unknown_func;
+  for (size_t i = 0; i < n; i++) {
+    uint64_t l = __atomic_load_n(&all[i]->launches, __ATOMIC_RELAXED);
+    if (!l) continue;
+    /* The same kernel name in two modules (or loaded twice) is summed by
+     * the reader; here each entry is written as it is. */
+    put(buf, cap, "%s", first ? "" : ",");
+    put_name(buf, cap, all[i]->name);
+    put(buf, cap, ":%llu", (unsigned long long)l);
+    first = 0;
+  }
+  pthread_mutex_unlock(&funcs_lock);
+  put(buf, cap, "}}");
+  size_t len = json_len;
+  pthread_mutex_unlock(&lock);
+  return len + 1;
+}
+
+__attribute__((unused)) static void unsupported(const char *what) {
+  add(&unsupported_calls, 1);
+  static __thread int said;
+  if (!said) {
+    fprintf(stderr, "tunefuse census stand-in: %s is not supported (the call fails; counted as unsupported)\n", what);
+    said = 1;
+  }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Each function: count, then either the stand-in body (which sets r) or the
+ * real function. AFTER runs in both modes once r is known. */
+#ifdef CENSUS_STANDIN
+#define DEF(ret, name, params, args, standin, after)                          \
+  ret name params {                                                          \
+    uint64_t t0 = enter();                                                   \
+    ret r;                                                                   \
+    standin;                                                                 \
+    after;                                                                   \
+    leave(SYM_##name, t0);                                                   \
+    return r;                                                                \
+  }
+#else
+static void *real_symbol(const char *name) {
+  void *p = dlsym(RTLD_NEXT, name);
+  if (!p) {
+    fprintf(stderr, "tunefuse census interposer: %s not found in the real libraries\n", name);
+    abort();
+  }
+  return p;
+}
+#define DEF(ret, name, params, args, standin, after)                          \
+  ret name params {                                                          \
+    static ret(*real) params;                                                \
+    if (!real) real = (ret(*) params)real_symbol(#name);                     \
+    uint64_t t0 = enter();                                                   \
+    ret r = real args;                                                       \
+    after;                                                                   \
+    leave(SYM_##name, t0);                                                   \
+    return r;                                                                \
+  }
+#endif
+#define NOTHING (void)0
+/* For the functions that return nothing. */
+#ifdef CENSUS_STANDIN
+#define DEF_VOID(name, params, args, standin, after)                          \
+  void name params {                                                         \
+    uint64_t t0 = enter();                                                   \
+    standin;                                                                 \
+    after;                                                                   \
+    leave(SYM_##name, t0);                                                   \
+  }
+#else
+#define DEF_VOID(name, params, args, standin, after)                          \
+  void name params {                                                         \
+    static void(*real) params;                                               \
+    if (!real) real = (void(*) params)real_symbol(#name);                    \
+    uint64_t t0 = enter();                                                   \
+    real args;                                                               \
+    after;                                                                   \
+    leave(SYM_##name, t0);                                                   \
+  }
+#endif
+
+/* Device attributes the stand-in answers (an H100 SXM's, the card the
+ * census is usually compared with); any other attribute is 0. */
+__attribute__((unused)) static int attribute(int a) {
+  switch (a) {
+  case 1: return 1024;   /* max threads per block */
+  case 2: case 3: return 1024;
+  case 4: return 65535;
+  case 8: return 49152;  /* shared memory per block */
+  case 10: return 32;    /* warp size */
+  case 16: return 132;   /* multiprocessors */
+  case 39: return 2048;  /* max threads per multiprocessor */
+  case 75: return 9;     /* compute capability */
+  case 76: return 0;
+  case 81: return 233472;
+  case 82: return 65536;
+  case 83: return 1;     /* managed memory */
+  case 89: return 1;     /* concurrent managed access */
+  case 97: return 232448; /* opt-in shared memory per block */
+  case 115: return 1;    /* memory pools */
+  default: return 0;
+  }
+}
+
+__attribute__((unused)) static void *host_alloc(size_t n) { return calloc(n ? n : 1, 1); }
+__attribute__((unused)) static int standin_device, standin_ctx, standin_module, standin_handle;
+
+/* Driver. */
+DEF(CUresult, cuInit, (unsigned flags), (flags), r = 0, NOTHING)
+DEF(CUresult, cuDeviceGet, (CUdevice * d, int ordinal), (d, ordinal), (*d = ordinal, r = ordinal == 0 ? 0 : 101), NOTHING)
+DEF(CUresult, cuDeviceGetAttribute, (int *v, int a, CUdevice d), (v, a, d), (*v = attribute(a), r = 0), NOTHING)
+DEF(CUresult, cuDeviceGetName, (char *name, int len, CUdevice d), (name, len, d),
+    (snprintf(name, (size_t)len, "tunefuse census stand-in"), r = 0), NOTHING)
+DEF(CUresult, cuDevicePrimaryCtxRetain, (CUcontext * c, CUdevice d), (c, d), (*c = &standin_ctx, r = 0), NOTHING)
+DEF(CUresult, cuDevicePrimaryCtxRelease_v2, (CUdevice d), (d), r = 0, NOTHING)
+__attribute__((unused)) static __thread CUcontext standin_current;
+DEF(CUresult, cuCtxSetCurrent, (CUcontext c), (c), (standin_current = c, r = 0), NOTHING)
+DEF(CUresult, cuCtxGetCurrent, (CUcontext * c), (c), (*c = standin_current, r = 0), NOTHING)
+DEF(CUresult, cuCtxDestroy_v2, (CUcontext c), (c), r = 0, NOTHING)
+DEF(CUresult, cuEventCreate, (CUevent * e, unsigned flags), (e, flags), (*e = host_alloc(8), r = 0), NOTHING)
+DEF(CUresult, cuEventDestroy_v2, (CUevent e), (e), (free(e), r = 0), NOTHING)
+DEF(CUresult, cuEventRecord, (CUevent e, CUstream s), (e, s), r = 0, NOTHING)
+DEF(CUresult, cuStreamWaitEvent, (CUstream s, CUevent e, unsigned flags), (s, e, flags), r = 0, NOTHING)
+DEF(CUresult, cuStreamSynchronize, (CUstream s), (s), r = 0, NOTHING)
+DEF(CUresult, cuStreamDestroy_v2, (CUstream s), (s), r = 0, NOTHING)
+DEF(CUresult, cuStreamIsCapturing, (CUstream s, int *status), (s, status), (*status = 0, r = 0), NOTHING)
+DEF(CUresult, cuFuncSetAttribute, (CUfunction f, int a, int v), (f, a, v), r = 0, NOTHING)
+DEF(CUresult, cuGetErrorString, (CUresult e, const char **s), (e, s),
+    (*s = "error returned by the tunefuse census stand-in", r = 0), NOTHING)
+DEF(CUresult, cuLaunchKernel,
+    (CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+     unsigned shmem, CUstream s, void **params, void **extra),
+    (f, gx, gy, gz, bx, by, bz, shmem, s, params, extra), r = 0, add(&func_of(f)->launches, 1))
+DEF(CUresult, cuMemAllocAsync, (CUdeviceptr * p, size_t n, CUstream s), (p, n, s),
+    (*p = (CUdeviceptr)(uintptr_t)host_alloc(n), r = *p ? 0 : 2), NOTHING)
+DEF(CUresult, cuMemAlloc_v2, (CUdeviceptr * p, size_t n), (p, n),
+    (*p = (CUdeviceptr)(uintptr_t)host_alloc(n), r = *p ? 0 : 2), NOTHING)
+DEF(CUresult, cuMemFreeAsync, (CUdeviceptr p, CUstream s), (p, s), (free((void *)(uintptr_t)p), r = 0), NOTHING)
+DEF(CUresult, cuMemFree_v2, (CUdeviceptr p), (p), (free((void *)(uintptr_t)p), r = 0), NOTHING)
+DEF(CUresult, cuMemcpyDtoDAsync_v2, (CUdeviceptr d, CUdeviceptr src, size_t n, CUstream s), (d, src, n, s),
+    (memmove((void *)(uintptr_t)d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtod, n))
+DEF(CUresult, cuMemcpyDtoHAsync_v2, (void *d, CUdeviceptr src, size_t n, CUstream s), (d, src, n, s),
+    (memcpy(d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtoh, n))
+DEF(CUresult, cuMemcpyHtoDAsync_v2, (CUdeviceptr d, const void *src, size_t n, CUstream s), (d, src, n, s),
+    (memcpy((void *)(uintptr_t)d, src, n), r = 0), add(&bytes_htod, n))
+DEF(CUresult, cuMemcpyPeerAsync,
+    (CUdeviceptr d, CUcontext dc, CUdeviceptr src, CUcontext sc, size_t n, CUstream s), (d, dc, src, sc, n, s),
+    (memmove((void *)(uintptr_t)d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtod, n))
+DEF(CUresult, cuMemsetD8Async, (CUdeviceptr d, unsigned char v, size_t n, CUstream s), (d, v, n, s),
+    (memset((void *)(uintptr_t)d, v, n), r = 0), add(&bytes_memset, n))
+DEF(CUresult, cuModuleGetFunction, (CUfunction * f, CUmodule m, const char *name), (f, m, name),
+    (*f = (CUfunction)register_func(NULL, m, name)->handle, r = 0),
+    if (r == 0) register_func(*f, m, name))
+DEF(CUresult, cuModuleLoad, (CUmodule * m, const char *path), (m, path), (*m = host_alloc(8), r = 0), NOTHING)
+DEF(CUresult, cuModuleLoadData, (CUmodule * m, const void *image), (m, image), (*m = host_alloc(8), r = 0), NOTHING)
+DEF(CUresult, cuModuleUnload, (CUmodule m), (m), r = 0, NOTHING)
+
+/* cuBLAS. */
+DEF(cublasStatus_t, cublasCreate_v2, (cublasHandle_t * h), (h), (*h = &standin_handle, r = 0), NOTHING)
+DEF(cublasStatus_t, cublasDestroy_v2, (cublasHandle_t h), (h), r = 0, NOTHING)
+DEF(cublasStatus_t, cublasSetStream_v2, (cublasHandle_t h, cudaStream_t s), (h, s), r = 0, NOTHING)
+DEF(cublasStatus_t, cublasGemmStridedBatchedEx,
+    (cublasHandle_t h, int ta, int tb, int m, int n, int k, const void *alpha, const void *A, int at, int lda,
+     long long sa, const void *B, int bt, int ldb, long long sb, const void *beta, void *C, int ct, int ldc,
+     long long sc, int batch, int compute, int algo),
+    (h, ta, tb, m, n, k, alpha, A, at, lda, sa, B, bt, ldb, sb, beta, C, ct, ldc, sc, batch, compute, algo), r = 0,
+    add(&gemm_flops, 2ull * (uint64_t)m * (uint64_t)n * (uint64_t)k * (uint64_t)batch))
+DEF(cublasStatus_t, cublasDgemmStridedBatched,
+    (cublasHandle_t h, int ta, int tb, int m, int n, int k, const double *alpha, const double *A, int lda,
+     long long sa, const double *B, int ldb, long long sb, const double *beta, double *C, int ldc, long long sc,
+     int batch),
+    (h, ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch), r = 0,
+    add(&gemm_flops, 2ull * (uint64_t)m * (uint64_t)n * (uint64_t)k * (uint64_t)batch))
+
+/* CUDA runtime (imported by kernels candle compiles into the binary). */
+DEF(cudaError_t, cudaDeviceGetAttribute, (int *v, int a, int d), (v, a, d), (*v = attribute(a), r = 0), NOTHING)
+DEF(cudaError_t, cudaFree, (void *p), (p), (free(p), r = 0), NOTHING)
+DEF(cudaError_t, cudaFreeAsync_ptsz, (void *p, cudaStream_t s), (p, s), (free(p), r = 0), NOTHING)
+DEF(cudaError_t, cudaFuncGetAttributes, (void *attr, const void *f), (attr, f),
+    (unsupported("cudaFuncGetAttributes"), r = 801), NOTHING)
+DEF(cudaError_t, cudaFuncSetAttribute, (const void *f, int a, int v), (f, a, v), r = 0, NOTHING)
+DEF(cudaError_t, cudaGetDevice, (int *d), (d), (*d = standin_device, r = 0), NOTHING)
+DEF(cudaError_t, cudaGetDeviceCount, (int *n), (n), (*n = 1, r = 0), NOTHING)
+DEF(const char *, cudaGetErrorName, (cudaError_t e), (e), r = "cudaErrorCensusStandIn", NOTHING)
+DEF(const char *, cudaGetErrorString, (cudaError_t e), (e), r = "error returned by the tunefuse census stand-in",
+    NOTHING)
+DEF(cudaError_t, cudaGetLastError, (void), (), r = 0, NOTHING)
+DEF(cudaError_t, cudaMalloc, (void **p, size_t n), (p, n), (*p = host_alloc(n), r = *p ? 0 : 2), NOTHING)
+DEF(cudaError_t, cudaMallocAsync_ptsz, (void **p, size_t n, cudaStream_t s), (p, n, s),
+    (*p = host_alloc(n), r = *p ? 0 : 2), NOTHING)
+DEF(cudaError_t, cudaMemsetAsync_ptsz, (void *p, int v, size_t n, cudaStream_t s), (p, v, n, s),
+    (memset(p, v, n), r = 0), add(&bytes_memset, n))
+DEF(cudaError_t, cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags,
+    (int *blocks, const void *f, int threads, size_t shmem, unsigned flags), (blocks, f, threads, shmem, flags),
+    (unsupported("cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags"), r = 801), NOTHING)
+DEF(cudaError_t, cudaPeekAtLastError, (void), (), r = 0, NOTHING)
+DEF(cudaError_t, cudaSetDevice, (int d), (d), (standin_device = d, r = 0), NOTHING)
+DEF(cudaError_t, cudaStreamSynchronize_ptsz, (cudaStream_t s), (s), r = 0, NOTHING)
+
+/* cuRAND. */
+DEF(curandStatus_t, curandCreateGenerator, (curandGenerator_t * g, int type), (g, type),
+    (*g = &standin_module, r = 0), NOTHING)
+DEF(curandStatus_t, curandDestroyGenerator, (curandGenerator_t g), (g), r = 0, NOTHING)
+DEF(curandStatus_t, curandGenerateNormal, (curandGenerator_t g, float *o, size_t n, float mean, float sd),
+    (g, o, n, mean, sd), r = 0, NOTHING)
+DEF(curandStatus_t, curandGenerateNormalDouble, (curandGenerator_t g, double *o, size_t n, double mean, double sd),
+    (g, o, n, mean, sd), r = 0, NOTHING)
+DEF(curandStatus_t, curandGenerateUniform, (curandGenerator_t g, float *o, size_t n), (g, o, n), r = 0, NOTHING)
+DEF(curandStatus_t, curandGenerateUniformDouble, (curandGenerator_t g, double *o, size_t n), (g, o, n), r = 0,
+    NOTHING)
+DEF(curandStatus_t, curandSetPseudoRandomGeneratorSeed, (curandGenerator_t g, unsigned long long seed), (g, seed),
+    r = 0, NOTHING)
+DEF(curandStatus_t, curandSetStream, (curandGenerator_t g, cudaStream_t s), (g, s), r = 0, NOTHING)
+
+/* The host side of kernels compiled into the binary by nvcc (candle's
+ * static kernel libraries): registration at load, and launches through the
+ * runtime, named by the device function they were registered with. */
+DEF(void **, __cudaRegisterFatBinary, (void *fatbin), (fatbin), r = host_alloc(16), NOTHING)
+DEF_VOID(__cudaRegisterFatBinaryEnd, (void **h), (h), NOTHING, NOTHING)
+DEF_VOID(__cudaUnregisterFatBinary, (void **h), (h), NOTHING, NOTHING)
+DEF_VOID(__cudaRegisterFunction,
+         (void **h, const char *host_fun, char *device_fun, const char *device_name, int thread_limit, void *tid,
+          void *bid, void *bdim, void *gdim, int *wsize),
+         (h, host_fun, device_fun, device_name, thread_limit, tid, bid, bdim, gdim, wsize), NOTHING,
+         register_func(host_fun, h, device_name))
+DEF_VOID(__cudaRegisterVar,
+         (void **h, char *host_var, char *device_address, const char *device_name, int ext, size_t size,
+          int constant, int global),
+         (h, host_var, device_address, device_name, ext, size, constant, global), NOTHING, NOTHING)
+DEF(cudaError_t, __cudaGetKernel, (void **kernel, const void *f), (kernel, f), (*kernel = (void *)f, r = 0),
+    NOTHING)
+DEF(unsigned, __cudaPushCallConfiguration, (dim3 grid, dim3 block, size_t shmem, void *stream),
+    (grid, block, shmem, stream), r = 0, NOTHING)
+DEF(cudaError_t, __cudaPopCallConfiguration, (dim3 * grid, dim3 * block, size_t * shmem, void *stream),
+    (grid, block, shmem, stream), r = 0, NOTHING)
+DEF(cudaError_t, __cudaLaunchKernel_ptsz,
+    (const void *f, dim3 grid, dim3 block, void **args, size_t shmem, cudaStream_t s),
+    (f, grid, block, args, shmem, s), r = 0, add(&func_of(f)->launches, 1))

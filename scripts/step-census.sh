@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The step census: what each method's training step asks of the GPU, counted
+# call by call (src/census.rs, census/census.c). Works without a GPU.
+#
+#   scripts/step-census.sh            print the table (and write target/step_census.json)
+#   scripts/step-census.sh --record   also write bench/step_census.json
+#   scripts/step-census.sh --check    fail when any count rises above bench/step_census.json (CI)
+#   scripts/step-census.sh --driver   on a GPU machine: count in front of the real driver
+#                                     (the interposer) instead of the stand-in
+# Further arguments go to `tunefuse census` (e.g. --case smart --steps 5).
+#
+# Builds the `cuda` binary (scripts/cuda-toolchain.sh) and the census library
+# with gcc, then runs `tunefuse census` with the library LD_PRELOADed. The
+# model is $TUNEFUSE_MODEL_DIR or all-MiniLM-L6-v2 (scripts/fetch-model.sh);
+# the data $TUNEFUSE_DATA or ../shared/data.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=standin
+action=print
+args=()
+for a in "$@"; do
+  case "$a" in
+    --record) action=record ;;
+    --check) action=check ;;
+    --driver) mode=driver ;;
+    *) args+=("$a") ;;
+  esac
+done
+
+cache="${TUNEFUSE_CACHE:-$HOME/.cache/tunefuse}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+source "$(scripts/cuda-toolchain.sh --env-file)"
+cargo build --release --features cuda --bin tunefuse >&2
+bin="$CARGO_TARGET_DIR/release/tunefuse"
+
+lib="$cache/census"
+mkdir -p "$lib/run"
+flags=(-O2 -Wall -Wextra -Wno-unused-parameter -Werror -shared -fPIC)
+if [ "$mode" = standin ]; then
+  so="$lib/libtunefuse_census_standin.so"
+  gcc "${flags[@]}" -DCENSUS_STANDIN -o "$so" census/census.c -ldl -lpthread
+  # The binary needs libraries with the CUDA sonames to start; on a machine
+  # without CUDA those are the empty link stubs, and every symbol comes from
+  # the preloaded stand-in.
+  if [ -n "${TUNEFUSE_CUDA_STUBS:-}" ]; then
+    for soname in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+      ln -sf "$TUNEFUSE_CUDA_STUBS/${soname%%.so*}.so" "$lib/run/$soname"
+    done
+    export LD_LIBRARY_PATH="$lib/run${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  fi
+else
+  so="$lib/libtunefuse_census.so"
+  gcc "${flags[@]}" -o "$so" census/census.c -ldl -lpthread
+fi
+
+model="${TUNEFUSE_MODEL_DIR:-$(scripts/fetch-model.sh)}"
+data="${TUNEFUSE_DATA:-../shared/data}"
+stamp="$(date -u +%F) $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src census Cargo.toml Cargo.lock || echo +changes)"
+out="$CARGO_TARGET_DIR/step_census.json"
+extra=()
+case "$action" in
+  record) out=bench/step_census.json ;;
+  check) extra=(--check bench/step_census.json) ;;
+esac
+LD_PRELOAD="$so" "$bin" census --model "$model" --data-dir "$data" --stamp "$stamp" \
+  --json "$out" "${extra[@]}" "${args[@]}"
+echo "step-census: wrote $out" >&2
