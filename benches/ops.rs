@@ -13,7 +13,7 @@ use tunefuse::ops::sym_kl::{sym_kl, SymKlOptions};
 
 fn devices() -> Vec<(&'static str, Device)> {
     let mut d = vec![("cpu", Device::Cpu)];
-    match Device::new_cuda(0) {
+    match tunefuse::cuda_device(0) {
         Ok(c) => d.push(("cuda", c)),
         Err(e) => eprintln!("benches: CUDA skipped ({e})"),
     }

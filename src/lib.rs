@@ -19,6 +19,39 @@ pub mod train;
 
 pub use error::{Error, Result};
 
+/// CUDA device `ordinal` as tunefuse uses it: one stream, without cudarc's
+/// per-buffer event tracking.
+///
+/// candle's device runs everything (its kernels, ours, cuBLAS, cuRAND) on
+/// one stream, yet cudarc, seeing a stream created beside the default one,
+/// tracks every buffer with two events (two `cuEventCreate` at allocation,
+/// two `cuEventDestroy` at free: ~10,000 driver calls of a vanilla MiniLM
+/// step, see `bench/step_census.json`). On one stream, stream order alone
+/// keeps uses, copies and frees in order, so the tracking is turned off
+/// before the first buffer. Without the `cuda` feature this is candle's
+/// "not compiled with CUDA" error.
+pub fn cuda_device(ordinal: usize) -> candle_core::Result<candle_core::Device> {
+    let dev = candle_core::Device::new_cuda(ordinal)?;
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = &dev {
+        // SAFETY: every launch and copy tunefuse makes goes to this device's
+        // one stream (candle's ops, cuda.rs's kernels, cuBLAS and cuRAND are
+        // all bound to it), which is the condition cudarc states.
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(dev)
+}
+
+/// [`cuda_device`] 0 when CUDA is compiled in and a device is present, else
+/// the CPU.
+pub fn cuda_if_available() -> candle_core::Result<candle_core::Device> {
+    if candle_core::utils::cuda_is_available() {
+        cuda_device(0)
+    } else {
+        Ok(candle_core::Device::Cpu)
+    }
+}
+
 /// Makes glibc's malloc keep freed memory for reuse instead of returning it
 /// to the kernel, for CPU training in this process.
 ///

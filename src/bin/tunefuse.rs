@@ -305,10 +305,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 .unwrap_or_default();
             let dev = match device {
                 DeviceArg::Cpu => candle_core::Device::Cpu,
-                DeviceArg::Cuda => candle_core::Device::new_cuda(0).map_err(|e| {
+                DeviceArg::Cuda => tunefuse::cuda_device(0).map_err(|e| {
                     format!("no CUDA device ({e}); build with `--features cuda` on a machine with a GPU, or use --device cpu")
                 })?,
-                DeviceArg::Auto => candle_core::Device::cuda_if_available(0).map_err(|e| e.to_string())?,
+                DeviceArg::Auto => tunefuse::cuda_if_available().map_err(|e| e.to_string())?,
             };
             let name = bench::device_name(&dev);
             eprintln!("tunefuse bench on {name}");

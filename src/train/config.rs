@@ -51,8 +51,8 @@ impl DeviceKind {
     pub fn device(self) -> Result<Device> {
         Ok(match self {
             DeviceKind::Cpu => Device::Cpu,
-            DeviceKind::Cuda => Device::new_cuda(0)?,
-            DeviceKind::Auto => Device::cuda_if_available(0)?,
+            DeviceKind::Cuda => crate::cuda_device(0)?,
+            DeviceKind::Auto => crate::cuda_if_available()?,
         })
     }
 }

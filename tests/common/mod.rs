@@ -127,7 +127,7 @@ pub fn cuda_device() -> Option<Device> {
         eprintln!("skipped: built without the `cuda` feature");
         return None;
     }
-    match Device::new_cuda(0) {
+    match tunefuse::cuda_device(0) {
         Ok(d) => Some(d),
         Err(e) => {
             eprintln!("skipped: no CUDA device ({e})");
