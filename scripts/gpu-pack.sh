@@ -8,8 +8,9 @@ source "$(scripts/cuda-toolchain.sh --env-file)"
 export CUDA_COMPUTE_CAP=90
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tunefuse/target}"
 
-# Binaries: the CLI (bench table), the CUDA tests, the criterion benches;
-# data: the goldens, SST-2 and RTE (for the fine-tuning runs), and
+# Binaries: the CLI (bench table, census, fine-tuning), the CUDA tests, the
+# criterion benches; data: the goldens, SST-2 and RTE (for the fine-tuning
+# runs), Amazon books (the census's long-sequence case), and
 # all-MiniLM-L6-v2 with bf16 weights (fp32 is 87 MiB, over what travels),
 # which the CUDA golden test and the fine-tuning runs load upcast to f32.
 targets=(--bin tunefuse --test cuda_ops --bench ops)
@@ -31,10 +32,20 @@ done
 mkdir -p .gpu/stage/golden
 cp "${TUNEFUSE_GOLDEN:-../shared/golden}"/*.json .gpu/stage/golden/
 data="${TUNEFUSE_DATA:-../shared/data}"
-for f in glue/SST-2/train.tsv glue/SST-2/dev.tsv glue/RTE/train.tsv glue/RTE/val.tsv glue/RTE/dev.tsv; do
+for f in glue/SST-2/train.tsv glue/SST-2/dev.tsv glue/RTE/train.tsv glue/RTE/val.tsv glue/RTE/dev.tsv \
+    amazon/books/train.tsv amazon/books/dev.tsv; do
   mkdir -p ".gpu/stage/data/$(dirname "$f")"
   cp "$data/$f" ".gpu/stage/data/$f"
 done
+# The step census: the interposer for the real driver, and the stand-in's
+# census of this very binary, which the driver's must equal.
+gcc -O2 -Wall -Wextra -Wno-unused-parameter -Werror -shared -fPIC -o .gpu/stage/libtunefuse_census.so \
+  census/census.c -ldl -lpthread
+scripts/step-census.sh >&2
+cp "$CARGO_TARGET_DIR/step_census.json" .gpu/stage/census_standin.json
+# The Hugging Face peer of the end-to-end comparison (../shared does not
+# travel).
+cp "${TUNEFUSE_PEER:-../shared/bench/hf_finetune.py}" .gpu/stage/hf_finetune.py
 model=$(scripts/fetch-model.sh)
 cargo run --release --quiet --bin tunefuse -- convert-checkpoint --input "$model" --output .gpu/stage/model --dtype bf16 >&2
 tar -C .gpu/stage -cJf .gpu/bundle.tar.xz .
@@ -44,19 +55,17 @@ echo "gpu-pack: .gpu/ holds $(ls .gpu) (${size} MiB)" >&2
 [ "$size" -lt 60 ] || { echo "gpu-pack: .gpu is ${size} MiB, over what travels (64 MiB)" >&2; exit 1; }
 
 cat <<CALL
-Device calls (a machine's start cost about 30 s on 2026-11-26, and a warm
-machine goes back after 30 s idle, so the second call must follow the first
-at once). The checks (tests, benches, PyTorch peers, sanitizers, ncu, phase
-times; under 7.5 minutes):
+The device call (the checks in order of priority, under 6 minutes, so that a
+second call fits the session's 15 minutes of device time: tests, the census on
+the real driver, ours vs Hugging Face end to end, kernel benchmarks and
+peers, sanitizers, adapter tests, phase times, ncu, criterion):
   command: bash scripts/gpu-run.sh
   carry:   [".gpu"]
-  timeout_s: 450
-then, on the same warm machine, the fine-tuning reference grid with the rest:
-  command: bash scripts/gpu-results.sh 300
-  carry:   [".gpu"]
-  timeout_s: 330
-(Or both in one call: bash scripts/gpu-run.sh; bash scripts/gpu-results.sh 130
-with timeout_s 595.) Then copy the table at the end of \$OUT/run.log into
-bench/RESULTS.md with the card's name, and the tables of \$OUT/results.log
-into its fine-tuning section.
+  timeout_s: 360
+A second call, if time is left, goes on where the first stopped, e.g.
+  command: SKIP="tests census e2e bench" bash scripts/gpu-run.sh 300
+or runs the fine-tuning grid: bash scripts/gpu-results.sh 300 (timeout_s 330).
+Then record the figures with the card's name: the census agreement and the
+end-to-end lines ("e2e json:") in bench/RESULTS.md and bench/e2e_gpu.json,
+the results table at the end of \$OUT/run.log in bench/RESULTS.md.
 CALL

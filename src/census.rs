@@ -336,9 +336,19 @@ pub fn table(c: &Census) -> String {
     s
 }
 
-/// Every count of `now` that rose above `recorded` (cases matched by name;
-/// a recorded case missing now is also reported), as readable lines.
-pub fn rises(recorded: &Census, now: &Census) -> Vec<String> {
+/// How [`differences`] compares two censuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compare {
+    /// A count above the recorded one (the CI ratchet).
+    Rises,
+    /// Any count that differs (the stand-in against the real driver).
+    Differs,
+}
+
+/// Every count of `now` that rose above (or, with [`Compare::Differs`],
+/// differs from) `recorded`, cases matched by name, as readable lines; a
+/// recorded case not measured now is reported too.
+pub fn differences(recorded: &Census, now: &Census, how: Compare) -> Vec<String> {
     let mut out = Vec::new();
     for old in &recorded.cases {
         let Some(new) = now.cases.iter().find(|c| c.name == old.name) else {
@@ -350,9 +360,12 @@ pub fn rises(recorded: &Census, now: &Census) -> Vec<String> {
                 old.per_step.get(k).copied().unwrap_or(0.0),
                 new.per_step.get(k).copied().unwrap_or(0.0),
             );
-            // Means over the same number of steps: a rise of a whole call
-            // in any one step shows.
-            if b > a + 1e-9 {
+            // Means over whole steps: one call more in any one step shows.
+            let bad = match how {
+                Compare::Rises => b > a + 1e-9,
+                Compare::Differs => (b - a).abs() > 1e-9,
+            };
+            if bad {
                 out.push(format!("{}: {k} {a:.2} → {b:.2} per step", old.name));
             }
         }

@@ -107,6 +107,10 @@ enum Cmd {
         /// Fail when any count rises above this recorded census.
         #[arg(long)]
         check: Option<PathBuf>,
+        /// Fail when any count differs from this census (e.g. the
+        /// interposed real driver against the stand-in's record).
+        #[arg(long, conflicts_with = "check")]
+        agree: Option<PathBuf>,
     },
     /// Print the table from saved results (`bench --json`) and PyTorch peers.
     Table {
@@ -410,8 +414,9 @@ fn run(cli: Cli) -> Result<(), String> {
             stamp,
             json,
             check,
+            agree,
         } => census(
-            &model, data_dir, batch_size, warmup, steps, &case, stamp, json, check,
+            &model, data_dir, batch_size, warmup, steps, &case, stamp, json, check, agree,
         ),
         Cmd::Table { ours, peers } => {
             let peers = peers
@@ -437,8 +442,9 @@ fn census(
     stamp: String,
     json: Option<PathBuf>,
     check: Option<PathBuf>,
+    agree: Option<PathBuf>,
 ) -> Result<(), String> {
-    use tunefuse::census;
+    use tunefuse::census::{self, Compare};
     let cases: Vec<&census::Case> = census::CASES
         .iter()
         .filter(|c| only.is_empty() || only.iter().any(|o| o == c.name))
@@ -453,7 +459,13 @@ fn census(
             names.join(", ")
         ));
     }
+    let how = if agree.is_some() {
+        Compare::Differs
+    } else {
+        Compare::Rises
+    };
     let recorded = check
+        .or(agree)
         .map(|p| -> Result<census::Census, String> {
             let text = std::fs::read_to_string(&p)
                 .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
@@ -482,15 +494,23 @@ fn census(
             .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }
     if let Some(rec) = recorded {
-        let rises = census::rises(&rec, &out);
-        if !rises.is_empty() {
+        let diffs = census::differences(&rec, &out, how);
+        let what = match how {
+            Compare::Rises => "rose above",
+            Compare::Differs => "differs from",
+        };
+        if !diffs.is_empty() {
             return Err(format!(
-                "the step census rose above the recorded one ({}):\n  {}",
+                "the step census {what} the recorded one ({}, {}):\n  {}",
+                rec.mode,
                 rec.stamp,
-                rises.join("\n  ")
+                diffs.join("\n  ")
             ));
         }
-        eprintln!("census: no count above the recorded census ({})", rec.stamp);
+        eprintln!(
+            "census: no count {what} the recorded census ({}, {})",
+            rec.mode, rec.stamp
+        );
     }
     Ok(())
 }
