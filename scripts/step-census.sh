@@ -55,7 +55,7 @@ fi
 
 model="${TUNEFUSE_MODEL_DIR:-$(scripts/fetch-model.sh)}"
 data="${TUNEFUSE_DATA:-../shared/data}"
-stamp="$(date -u +%F) $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src census Cargo.toml Cargo.lock || echo +changes)"
+stamp="$(date -u +%F) $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src kernels census vendor Cargo.toml Cargo.lock || echo +changes)"
 out="$CARGO_TARGET_DIR/step_census.json"
 extra=()
 case "$action" in
