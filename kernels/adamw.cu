@@ -1,4 +1,7 @@
-// Fused AdamW step (moments, then the parameter), in place, f32 or f64.
+// The optimiser step's kernels. Fused AdamW step (moments, then the
+// parameter), in place, f32 or f64, one tensor per launch; and the
+// multi-tensor forms over every trainable tensor at once (f32): the global
+// gradient norm with the clipping factor, and AdamW in one pass.
 // Semantics: src/ops/adamw.rs (the CPU op, which equals candle's composed
 // update bit for bit). Every operation is an explicit round-to-nearest
 // intrinsic, in the reference's order, with its "+ 0" kept (x*c + 0 is how
@@ -29,6 +32,31 @@ template <typename T> __device__ __forceinline__ T scal(T x, T c) {
     return Rn<T>::add(Rn<T>::mul(x, c), T(0));
 }
 
+// One element's moments: m, v from mv[i], mv[n + i] and the (scaled)
+// gradient gi.
+template <typename T>
+__device__ __forceinline__ void moment_elem(T& m, T& v, T gi, T b1, T ob1, T b2, T ob2) {
+    using R = Rn<T>;
+    m = R::add(scal(m, b1), scal(gi, ob1));
+    v = R::add(scal(v, b2), scal(R::mul(gi, gi), ob2));
+}
+
+// One element's new parameter value from its moments m, v. anchor_i is
+// used when has_anchor (RecAdam's weighting and pull: lam, pull); decay:
+// p' -= p * dlr.
+template <typename T>
+__device__ __forceinline__ T update_elem(T old, T m, T v, bool has_anchor, T anchor_i, T ic1, T ic2,
+                                         T eps, T lr, T lam, T pull, T dlr, int decay) {
+    using R = Rn<T>;
+    const T mh = scal(m, ic1);
+    const T vh = scal(v, ic2);
+    T u = R::div(mh, R::add(R::sqrt(vh), eps));
+    if (has_anchor) u = R::add(scal(u, lam), scal(R::sub(old, anchor_i), pull));
+    T next = R::sub(old, scal(u, lr));
+    if (decay) next = R::sub(next, scal(old, dlr));
+    return next;
+}
+
 // mv = [m; v] (2n elements); scale may be null.
 template <typename T>
 __device__ void moments(T* __restrict__ mv, const T* __restrict__ g, const T* __restrict__ scale,
@@ -38,29 +66,20 @@ __device__ void moments(T* __restrict__ mv, const T* __restrict__ g, const T* __
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
         const T gi = scale ? R::mul(g[i], k) : g[i];
-        const T m = R::add(scal(mv[i], b1), scal(gi, ob1));
-        const T v = R::add(scal(mv[n + i], b2), scal(R::mul(gi, gi), ob2));
+        T m = mv[i], v = mv[n + i];
+        moment_elem(m, v, gi, b1, ob1, b2, ob2);
         mv[i] = m;
         mv[n + i] = v;
     }
 }
 
-// anchor non-null: RecAdam's weighting and pull (lam, pull); decay != 0:
-// p' -= p * dlr.
 template <typename T>
 __device__ void update(T* __restrict__ p, const T* __restrict__ mv, const T* __restrict__ anchor,
                        int64_t n, T ic1, T ic2, T eps, T lr, T lam, T pull, T dlr, int decay) {
-    using R = Rn<T>;
     for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (int64_t)gridDim.x * blockDim.x) {
-        const T mh = scal(mv[i], ic1);
-        const T vh = scal(mv[n + i], ic2);
-        T u = R::div(mh, R::add(R::sqrt(vh), eps));
-        const T old = p[i];
-        if (anchor) u = R::add(scal(u, lam), scal(R::sub(old, anchor[i]), pull));
-        T next = R::sub(old, scal(u, lr));
-        if (decay) next = R::sub(next, scal(old, dlr));
-        p[i] = next;
+        p[i] = update_elem(p[i], mv[i], mv[n + i], anchor != nullptr, anchor ? anchor[i] : T(0), ic1,
+                           ic2, eps, lr, lam, pull, dlr, decay);
     }
 }
 
@@ -79,3 +98,96 @@ __device__ void update(T* __restrict__ p, const T* __restrict__ mv, const T* __r
 
 ADAMW_ENTRIES(f32, float)
 ADAMW_ENTRIES(f64, double)
+
+// ---------------------------------------------------------------------------
+// Multi-tensor launches (f32). The host uploads one table per step: the
+// tensors (MtTensor), then the chunks (MtChunk); block b handles chunk b, the
+// elements [start, min(start + chunk, n)) of one tensor. Layouts are shared
+// with src/ops/adamw.rs (multi module), which asserts their sizes.
+
+struct MtTensor {
+    unsigned long long p, mv, g, anchor;  // device addresses; anchor 0 = none
+    long long n;
+    float lr, lam, pull, dlr;
+    int decay, pad;
+};
+struct MtChunk {
+    int tensor, pad;
+    long long start;
+};
+
+// AdamW over every tensor of the table in one pass: the same arithmetic as
+// adamw_moments then adamw_update (the update reads the moments this
+// thread just computed, which are the values the second kernel re-reads).
+// scale (the clipping factor, f64) may be null; converted to f32 as the
+// per-tensor path converts it.
+extern "C" __global__ void adamw_multi_f32(const MtTensor* __restrict__ ts,
+                                           const MtChunk* __restrict__ cs, long long chunk,
+                                           const double* __restrict__ scale, float b1, float ob1,
+                                           float b2, float ob2, float ic1, float ic2, float eps) {
+    using R = Rn<float>;
+    const MtChunk c = cs[blockIdx.x];
+    const MtTensor t = ts[c.tensor];
+    float* p = reinterpret_cast<float*>(t.p);
+    float* mv = reinterpret_cast<float*>(t.mv);
+    const float* g = reinterpret_cast<const float*>(t.g);
+    const float* anchor = reinterpret_cast<const float*>(t.anchor);
+    const float k = scale ? (float)*scale : 1.f;
+    const long long end = min(c.start + chunk, t.n);
+    for (long long i = c.start + threadIdx.x; i < end; i += blockDim.x) {
+        const float gi = scale ? R::mul(g[i], k) : g[i];
+        float m = mv[i], v = mv[t.n + i];
+        moment_elem(m, v, gi, b1, ob1, b2, ob2);
+        mv[i] = m;
+        mv[t.n + i] = v;
+        p[i] = update_elem(p[i], m, v, anchor != nullptr, anchor ? anchor[i] : 0.f, ic1, ic2, eps,
+                           t.lr, t.lam, t.pull, t.dlr, t.decay);
+    }
+}
+
+// Sum of the squared gradient of each chunk (f32 per thread and across the
+// block, like the per-tensor f32 sum it replaces), to partial[chunk] as f64.
+extern "C" __global__ void sumsq_multi_f32(const MtTensor* __restrict__ ts,
+                                           const MtChunk* __restrict__ cs, long long chunk,
+                                           double* __restrict__ partial) {
+    __shared__ float warp_sums[32];
+    const MtChunk c = cs[blockIdx.x];
+    const MtTensor t = ts[c.tensor];
+    const float* g = reinterpret_cast<const float*>(t.g);
+    const long long end = min(c.start + chunk, t.n);
+    float s = 0.f;
+    for (long long i = c.start + threadIdx.x; i < end; i += blockDim.x) s += g[i] * g[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = (blockDim.x + 31) >> 5;
+        s = lane < warps ? warp_sums[lane] : 0.f;
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+        if (lane == 0) partial[blockIdx.x] = (double)s;
+    }
+}
+
+// The global norm from the chunks' partial sums (f64), and the clipping
+// factor as clip_scale computes it: max/(norm + 1e-6) when norm > max, else
+// 1 (also when max <= 0, where nothing is clipped). out = [norm, factor].
+// One block.
+extern "C" __global__ void norm_scale_f64(const double* __restrict__ partial, int nparts,
+                                          double max_norm, double* __restrict__ out) {
+    __shared__ double warp_sums[32];
+    double s = 0.0;
+    for (int i = threadIdx.x; i < nparts; i += blockDim.x) s += partial[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < (int)((blockDim.x + 31) >> 5); w++) total += warp_sums[w];
+        const double norm = __dsqrt_rn(total);
+        out[0] = norm;
+        out[1] = (max_norm > 0.0 && norm > max_norm) ? __ddiv_rn(max_norm, __dadd_rn(norm, 1e-6))
+                                                     : 1.0;
+    }
+}

@@ -539,6 +539,107 @@ fn adamw_kernels_bit_identical_to_cpu() {
     fails.finish("adamw");
 }
 
+/// The multi-tensor optimiser step (one table, three launches for every
+/// tensor) against the per-tensor CPU op: the norm to f32 rounding of the
+/// chunk sums, the clipping factor by clip_scale's formula, and then every
+/// parameter and moment bit for bit (given the same factor). Tensors span
+/// one to four chunks of 64 Ki elements, are views at an offset, and mix
+/// decay, no decay and RecAdam.
+#[cfg(feature = "cuda")]
+#[test]
+fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
+    use tunefuse::ops::adamw::{multi, AdamWTensor};
+    use tunefuse::ops::{adamw_state, adamw_step};
+    let Some(dev) = cuda_device() else { return };
+    let sizes: &[usize] = if quick() {
+        &[1, 7, 65537]
+    } else {
+        &[1, 7, 1025, 65536, 65537, 200_003]
+    };
+    let mut fails = Failures::default();
+    for max_norm in [0.0, 1.0, 1e6] {
+        fails.check(|| {
+            let draw = |n: usize, scale: f64| {
+                (Tensor::randn(0f32, 1.0, n, &dev).unwrap() * scale).unwrap()
+            };
+            // (the larger tensor the parameter is a view of, anchor, state)
+            let bigs: Vec<Tensor> = sizes.iter().map(|&n| draw(n + 1, 1.0)).collect();
+            let params: Vec<Tensor> = bigs
+                .iter()
+                .zip(sizes)
+                .map(|(b, &n)| b.narrow(0, 1, n).unwrap())
+                .collect();
+            let anchors: Vec<Tensor> = sizes.iter().map(|&n| draw(n, 1.0)).collect();
+            let states: Vec<Tensor> = params.iter().map(|p| adamw_state(p).unwrap()).collect();
+            let cpu = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
+            let cbigs: Vec<Tensor> = bigs.iter().map(cpu).collect();
+            let cparams: Vec<Tensor> = cbigs
+                .iter()
+                .zip(sizes)
+                .map(|(b, &n)| b.narrow(0, 1, n).unwrap())
+                .collect();
+            let canchors: Vec<Tensor> = anchors.iter().map(cpu).collect();
+            let cstates: Vec<Tensor> = cparams.iter().map(|p| adamw_state(p).unwrap()).collect();
+            for t in 1..=3i32 {
+                let grads: Vec<Tensor> = sizes
+                    .iter()
+                    .map(|&n| draw(n, 10f64.powi(t - 2)).relu().unwrap())
+                    .collect();
+                let steps: Vec<_> = (0..sizes.len())
+                    .map(|i| adamw_test_step(t, i % 2 == 0, i % 3 == 1))
+                    .collect();
+                let items: Vec<AdamWTensor<'_>> = (0..sizes.len())
+                    .map(|i| AdamWTensor {
+                        param: &params[i],
+                        state: &states[i],
+                        grad: &grads[i],
+                        anchor: steps[i].recadam.and(Some(&anchors[i])),
+                        step: steps[i],
+                    })
+                    .collect();
+                let norm = multi::clip_and_step(&items, max_norm)
+                    .unwrap()
+                    .expect("the multi-tensor form applies to contiguous f32 CUDA tensors");
+                let norm = norm.to_scalar::<f64>().unwrap();
+                let want: f64 = grads
+                    .iter()
+                    .flat_map(to_f64)
+                    .map(|g| g * g)
+                    .sum::<f64>()
+                    .sqrt();
+                let tag = format!("max_norm {max_norm} step {t}");
+                assert!(
+                    (norm - want).abs() <= 1e-5 * want,
+                    "{tag}: norm {norm}, f64 reference {want}"
+                );
+                let factor = (max_norm > 0.0 && norm > max_norm).then(|| max_norm / (norm + 1e-6));
+                let k = Tensor::new(factor.unwrap_or(1.0), &Device::Cpu).unwrap();
+                for i in 0..sizes.len() {
+                    adamw_step(
+                        &cparams[i],
+                        &cstates[i],
+                        &cpu(&grads[i]),
+                        (max_norm > 0.0).then_some(&k),
+                        steps[i].recadam.and(Some(&canchors[i])),
+                        &steps[i],
+                    )
+                    .unwrap();
+                    let what = format!("{tag} tensor {i} (n = {})", sizes[i]);
+                    assert!(
+                        bit_patterns(&bigs[i]) == bit_patterns(&cbigs[i]),
+                        "{what}: parameter differs from the CPU op"
+                    );
+                    assert!(
+                        bit_patterns(&states[i]) == bit_patterns(&cstates[i]),
+                        "{what}: moments differ from the CPU op"
+                    );
+                }
+            }
+        });
+    }
+    fails.finish("multi-tensor step");
+}
+
 // ------------------------------------------------------------ LayerNorm
 
 /// LayerNorm forward and backward (x in the dtype, f32 weights) against the

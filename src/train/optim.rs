@@ -121,15 +121,13 @@ impl AdamW {
         scale: Option<&Tensor>,
     ) -> Result<()> {
         self.step += 1;
-        let t = self.step as i32;
-        let (b1, b2) = (self.hp.beta1, self.hp.beta2);
-        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         // The scale in the parameters' dtype, converted once.
         let mut scale_as: Option<Tensor> = None;
-        for (i, p) in self.params.iter().enumerate() {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
-                continue;
-            };
+        for (i, c) in self.plan(grads, lr, self.step) {
+            let p = &self.params[i];
+            let g = grads
+                .get(p.var.as_tensor())
+                .expect("planned with a gradient");
             let scale = match scale {
                 None => None,
                 Some(s) => {
@@ -139,31 +137,98 @@ impl AdamW {
                     scale_as.as_ref()
                 }
             };
-            let lr_i = lr * p.lr_scale;
-            let (recadam, anchor) = match (&self.recadam, &p.anchor) {
-                // RecAdam's update (Chen et al.'s reference code): the moments
-                // see the task gradient; the Adam step is weighted by λ(t) and
-                // the pull (1 − λ(t))·γ·(θ − θ*) is added beside it.
-                (Some(r), Some(a)) => {
-                    let lam = r.lambda(self.step);
-                    (Some((lam, (1.0 - lam) * r.gamma)), Some(a))
-                }
-                _ => (None, None),
-            };
-            let c = AdamWStep {
-                beta1: b1,
-                beta2: b2,
-                eps: self.hp.eps,
-                c1,
-                c2,
-                lr: lr_i,
-                decay: (p.decay && self.hp.weight_decay > 0.0)
-                    .then_some(lr_i * self.hp.weight_decay),
-                recadam,
-            };
+            let anchor = c.recadam.and(p.anchor.as_ref());
             adamw_step(p.var.as_tensor(), &self.state[i], g, scale, anchor, &c)?;
         }
         Ok(())
+    }
+
+    /// The global gradient norm of `grads` (an f64 scalar on the device),
+    /// then one [`Self::step`] with the gradients clipped to `max_norm`
+    /// (0: no clipping). The same as [`grad_norm`], [`clip_scale`] and
+    /// [`Self::step`] in turn; on CUDA, with f32 parameters, all three in
+    /// three launches for every tensor at once
+    /// ([`crate::ops::adamw::multi::clip_and_step`]).
+    pub fn clip_and_step(
+        &mut self,
+        grads: &candle_core::backprop::GradStore,
+        lr: f64,
+        max_norm: f64,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            use crate::ops::adamw::{multi, AdamWTensor};
+            let t = self.step + 1;
+            let items: Vec<AdamWTensor<'_>> = self
+                .plan(grads, lr, t)
+                .into_iter()
+                .map(|(i, step)| {
+                    let p = &self.params[i];
+                    AdamWTensor {
+                        param: p.var.as_tensor(),
+                        state: &self.state[i],
+                        grad: grads
+                            .get(p.var.as_tensor())
+                            .expect("planned with a gradient"),
+                        anchor: step.recadam.and(p.anchor.as_ref()),
+                        step,
+                    }
+                })
+                .collect();
+            if let Some(norm) = multi::clip_and_step(&items, max_norm)? {
+                self.step = t;
+                return Ok(norm);
+            }
+        }
+        let norm = grad_norm(grads, &self.params)?;
+        let scale = clip_scale(&norm, max_norm)?;
+        self.step(grads, lr, scale.as_ref())?;
+        Ok(norm)
+    }
+
+    /// The constants of step `t` (1-based) for each parameter with a
+    /// gradient, by index.
+    fn plan(
+        &self,
+        grads: &candle_core::backprop::GradStore,
+        lr: f64,
+        step: u64,
+    ) -> Vec<(usize, AdamWStep)> {
+        let t = step as i32;
+        let (b1, b2) = (self.hp.beta1, self.hp.beta2);
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        let mut out = Vec::with_capacity(self.params.len());
+        for (i, p) in self.params.iter().enumerate() {
+            if grads.get(p.var.as_tensor()).is_none() {
+                continue;
+            }
+            let lr_i = lr * p.lr_scale;
+            // RecAdam's update (Chen et al.'s reference code): the moments
+            // see the task gradient; the Adam step is weighted by λ(t) and
+            // the pull (1 − λ(t))·γ·(θ − θ*) is added beside it.
+            let recadam = match (&self.recadam, &p.anchor) {
+                (Some(r), Some(_)) => {
+                    let lam = r.lambda(step);
+                    Some((lam, (1.0 - lam) * r.gamma))
+                }
+                _ => None,
+            };
+            out.push((
+                i,
+                AdamWStep {
+                    beta1: b1,
+                    beta2: b2,
+                    eps: self.hp.eps,
+                    c1,
+                    c2,
+                    lr: lr_i,
+                    decay: (p.decay && self.hp.weight_decay > 0.0)
+                        .then_some(lr_i * self.hp.weight_decay),
+                    recadam,
+                },
+            ));
+        }
+        out
     }
 
     /// The moments by parameter name (`m.<name>`, `v.<name>`, each in the

@@ -8,7 +8,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
 use super::objective::Ctx;
-use super::optim::{add_param_grads, clip_scale, grad_norm};
+use super::optim::add_param_grads;
 use super::run::Run;
 use crate::error::Result;
 
@@ -80,14 +80,11 @@ impl Run {
             phases.mark("backward")?;
         }
         let grads = acc.expect("at least one micro-batch");
-        let norm = grad_norm(&grads, &self.opt.params)?;
-        let scale = clip_scale(&norm, self.cfg.clip)?;
-        phases.mark("gradient norm and clipping")?;
-        {
-            let _r = crate::nvtx::range("optimizer step");
-            self.opt.step(&grads, lr, scale.as_ref())?;
-        }
-        phases.mark("optimizer step")?;
+        let norm = {
+            let _r = crate::nvtx::range("gradient norm, clipping, optimizer step");
+            self.opt.clip_and_step(&grads, lr, self.cfg.clip)?
+        };
+        phases.mark("gradient norm, clipping, optimizer step")?;
         phases.step_done();
         for t in &mut self.objective.terms {
             t.after_step(&self.opt.params)?;
