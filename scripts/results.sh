@@ -49,7 +49,9 @@ run_one() {
     echo "== $row $m seed $seed: done already"
     return 0
   fi
-  local resume=()
+  # Continue from the last checkpoint; a run stopped before its first one
+  # starts again (its partial record is replaced).
+  local resume=(--overwrite)
   [ -f "$dir/last/trainer.json" ] && resume=(--resume)
   echo "== $row $m seed $seed ($(date -u +%H:%M:%S))"
   "$bin" finetune --config "bench/recipes/$row/$m.toml" --model "$model" \

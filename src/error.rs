@@ -28,6 +28,10 @@ pub enum Error {
     /// model's outputs are not finite.
     #[error("{0}")]
     NotFinite(String),
+    /// A run stopped on SIGINT or SIGTERM after writing its resumable state
+    /// (see [`crate::interrupt`]).
+    #[error("{0}")]
+    Interrupted(String),
     /// An error from candle (allocation, CUDA launch, …).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

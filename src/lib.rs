@@ -11,6 +11,7 @@ pub mod census;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod interrupt;
 pub mod model;
 pub mod nvtx;
 pub mod ops;

@@ -85,3 +85,30 @@ fn bench_only_selects_cases_and_rejects_unknown_ones() {
     assert_eq!(rows.len(), 1, "one row, the dropout case: {out}");
     assert!(rows[0].starts_with("| dropout fwd |"), "{out}");
 }
+
+#[test]
+fn a_negative_learning_rate_is_read_as_a_value_and_refused() {
+    let dir = common::scratch("cli");
+    let model = common::tiny_model_dir(dir.path());
+    let data = common::data_root();
+    let out = dir.path().join("run");
+    let (ok, _, err) = tunefuse(&[
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--lr",
+        "-1e-4",
+    ]);
+    assert!(
+        !ok && err.contains("lr must be a finite number > 0, got -0.0001")
+            && !err.contains("panicked"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written for a refused run");
+}

@@ -308,3 +308,43 @@ fn recipes_parse_strictly() {
     }
     assert!(n >= 20, "{n} recipes");
 }
+
+#[test]
+fn a_setting_that_is_not_a_number_never_passes_as_off() {
+    // NaN fails every comparison, so a check written as "< 0 is bad" lets
+    // it through and `clip = nan` silently disables clipping.
+    for (set, name) in [
+        ("clip=nan", "clip"),
+        ("clip=inf", "clip"),
+        ("weight_decay=nan", "weight_decay"),
+        ("lr=nan", "lr"),
+    ] {
+        let mut cfg = Config::default();
+        cfg.set(set).unwrap();
+        let e = invalid(&cfg);
+        assert!(e.contains(name), "{set}: {e}");
+    }
+    for (methods, set, name) in [
+        ("smart", "smart.lambda=nan", "lambda"),
+        ("smart", "smart.sigma=nan", "sigma"),
+        ("smart", "smart.lambda=inf", "lambda"),
+        ("r3f", "r3f.lambda=nan", "lambda"),
+        ("r3f", "r3f.sigma=nan", "sigma"),
+    ] {
+        let mut cfg = Config::default();
+        cfg.set_methods(methods).unwrap();
+        cfg.set(set).unwrap();
+        let e = invalid(&cfg);
+        assert!(e.contains(methods) && e.contains(name), "{set}: {e}");
+    }
+    for (set, why) in [
+        ("recadam={ k = 0.5, t0 = 250, gamma = -1.0 }", "gamma"),
+        ("recadam={ k = 0.5, t0 = -5, gamma = 1.0 }", "t0"),
+        ("recadam={ k = nan, t0 = 250, gamma = 1.0 }", "k"),
+    ] {
+        let mut cfg = Config::default();
+        cfg.set(set).unwrap();
+        let e = invalid(&cfg);
+        assert!(e.contains("recadam") && e.contains(why), "{set}: {e}");
+    }
+}

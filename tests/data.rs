@@ -175,6 +175,40 @@ fn malformed_lines_name_file_and_line() {
 }
 
 #[test]
+fn a_file_without_its_header_line_is_refused_not_shortened() {
+    // Without the check the first example would be taken for the header.
+    let dir = data_dir(
+        "no-header",
+        &[
+            ("glue/SST-2/dev.tsv", b"good .\t1\nbad .\t0\n"),
+            (
+                "glue/RTE/dev.tsv",
+                b"0\tA man sleeps .\tA man is awake .\tnot_entailment\n",
+            ),
+            (
+                "glue/MRPC/dev.tsv",
+                "\u{feff}Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\ta\tb\n".as_bytes(),
+            ),
+        ],
+    );
+    for (task, file) in [(Task::Sst2, "SST-2/dev.tsv"), (Task::Rte, "RTE/dev.tsv")] {
+        let e = load(&task, Split::Dev, dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains(file) && e.contains("line 1") && e.contains("expected the header"),
+            "{e}"
+        );
+    }
+    // A byte-order mark before the header is fine.
+    assert_eq!(
+        load(&Task::Mrpc, Split::Dev, dir.path())
+            .unwrap()
+            .examples
+            .len(),
+        1
+    );
+}
+
+#[test]
 fn shuffling_and_subsampling_are_deterministic() {
     let ds = get("sst2", Split::Dev);
     let a = ds.subsample(100, 1);

@@ -41,9 +41,14 @@ fn minilm(dir: &TempDir, out: &str, methods: &str) -> Config {
     config(dir, out, methods, minilm_dir())
 }
 
-/// On the tiny random BERT.
+/// On the tiny random BERT (hidden size 32: adapters at r = 16, a
+/// bottleneck no wider than the layer).
 fn tiny(dir: &TempDir, out: &str, methods: &str) -> Config {
-    config(dir, out, methods, tiny_model_dir(dir.path()))
+    let mut c = config(dir, out, methods, tiny_model_dir(dir.path()));
+    if c.method("adapter").is_some() {
+        c.set("adapter.r=16").unwrap();
+    }
+    c
 }
 
 /// The settings of `cfg`'s method `name`, to change in place.
@@ -900,4 +905,134 @@ fn a_diverged_run_stops_with_an_error_and_keeps_its_checkpoints() {
         .filter(|l| l.get("eval").is_some())
         .count();
     assert!(evals >= 1, "step 1 was evaluated");
+}
+
+/// Resumes `cfg` (stopped after step 2) with `last/trainer.json` edited by
+/// `edit`, and returns the refusal.
+fn resume_edited(cfg: &Config, edit: impl Fn(&mut serde_json::Value)) -> String {
+    let path = cfg.output.join("last/trainer.json");
+    let saved = std::fs::read_to_string(&path).unwrap();
+    let mut js: serde_json::Value = serde_json::from_str(&saved).unwrap();
+    edit(&mut js);
+    std::fs::write(&path, js.to_string()).unwrap();
+    let err = Run::new(cfg.clone())
+        .unwrap()
+        .fit(true, |_| ())
+        .expect_err("an impossible state must be refused")
+        .to_string();
+    std::fs::write(&path, saved).unwrap();
+    err
+}
+
+#[test]
+fn a_resume_from_a_state_the_run_cannot_be_in_is_refused() {
+    let dir = scratch("trainer");
+    // 24 examples, batch 8: 3 batches an epoch, 2 epochs, evaluations at
+    // steps 2, 3 (epoch end), 4 and 6.
+    let mut cut = tiny(&dir, "cut", "vanilla");
+    cut.stop_after = Some(2);
+    fit(&cut);
+    cut.stop_after = None;
+    // (what, field of trainer.json, value, expected in the refusal)
+    let cases: [(&str, &str, serde_json::Value, &str); 6] = [
+        (
+            "batch far past the end",
+            "batch",
+            99999.into(),
+            "batch 99999 is past the 3 batches",
+        ),
+        (
+            "batch at the end",
+            "batch",
+            3.into(),
+            "batch 3 is past the 3 batches",
+        ),
+        (
+            "epoch past the run",
+            "epoch",
+            99.into(),
+            "epoch 99 batch 2 is past the run's 2 epochs",
+        ),
+        (
+            "step against position",
+            "step",
+            1.into(),
+            "step 1 does not match epoch 0 batch 2",
+        ),
+        ("step 2^63", "step", (1u64 << 63).into(), "does not match"),
+        (
+            "best no evaluation saw",
+            "best",
+            0.99.into(),
+            "best Some(0.99) at step 2 is not one of the recorded evaluations",
+        ),
+    ];
+    for (what, key, value, want) in cases {
+        let err = resume_edited(&cut, |j| j[key] = value.clone());
+        assert!(
+            err.contains(want) && err.contains("trainer.json"),
+            "{what}: {err}"
+        );
+    }
+    // The untouched state still resumes, to the end.
+    let s = Run::new(cut.clone()).unwrap().fit(true, |_| ()).unwrap();
+    assert_eq!(s.steps, 6);
+}
+
+#[test]
+fn a_new_run_does_not_replace_a_recorded_one_unless_told() {
+    let dir = scratch("trainer");
+    let cfg = short(&dir, "run", "vanilla");
+    fit(&cfg);
+    let summary = std::fs::read(cfg.output.join("summary.json")).unwrap();
+    let best = std::fs::read(cfg.output.join("best/model.safetensors")).unwrap();
+    let mut other = cfg.clone();
+    other.lr = 3e-4;
+    let err = Run::new(other.clone())
+        .unwrap()
+        .fit(false, |_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("holds a run")
+            && err.contains("config.toml")
+            && err.contains("best")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(cfg.output.join("summary.json")).unwrap(),
+        summary
+    );
+    assert_eq!(
+        std::fs::read(cfg.output.join("best/model.safetensors")).unwrap(),
+        best
+    );
+    other.overwrite = true;
+    fit(&other);
+    // Not part of the record.
+    let recorded = std::fs::read_to_string(cfg.output.join("config.toml")).unwrap();
+    assert!(
+        recorded.contains("lr = 0.0003") && !recorded.contains("overwrite"),
+        "{recorded}"
+    );
+}
+
+#[test]
+fn a_checkpoint_left_between_its_renames_is_recovered_on_resume() {
+    let dir = scratch("trainer");
+    let full = tiny(&dir, "full", "vanilla");
+    let s_full = fit(&full);
+    let mut cut = full.clone();
+    cut.output = dir.path().join("cut");
+    cut.stop_after = Some(2);
+    fit(&cut);
+    cut.stop_after = None;
+    // What a kill between atomic_dir's two renames leaves: the complete old
+    // checkpoint as last.old, the new one (here none) not yet in place.
+    std::fs::rename(cut.output.join("last"), cut.output.join("last.old")).unwrap();
+    let s_cut = Run::new(cut.clone()).unwrap().fit(true, |_| ()).unwrap();
+    assert_eq!(s_cut.last, s_full.last);
+    assert_eq!(steps_of(&cut), steps_of(&full));
+    assert!(!cut.output.join("last.old").exists());
 }

@@ -161,11 +161,15 @@ struct FinetuneArgs {
     /// Continue the run in --output from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Replace the run recorded in --output (a new run refuses to).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// Passes over the training set (default 3).
     #[arg(long)]
     epochs: Option<usize>,
-    /// Peak learning rate (default 1e-4).
-    #[arg(long)]
+    /// Peak learning rate (default 1e-4). A negative value is read as a
+    /// value (and refused with the allowed range), not as a flag.
+    #[arg(long, allow_hyphen_values = true)]
     lr: Option<f64>,
     /// Examples per forward/backward batch; an optimiser step takes
     /// `grad_accum` of them (default 16).
@@ -211,6 +215,7 @@ fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
         cfg.train_examples = a.train_examples;
     }
     cfg.phase_times |= a.phase_times;
+    cfg.overwrite |= a.overwrite;
     if a.regression && cfg.head != HeadKind::Regression {
         cfg.head = HeadKind::Regression;
         cfg.metric = tunefuse::train::trainer::Metric::Pearson;
@@ -331,6 +336,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Finetune(a) => {
             let cfg = finetune_config(&a)?;
+            tunefuse::interrupt::install();
             let mut run = Run::new(cfg).map_err(|e| e.to_string())?;
             eprintln!(
                 "fine-tuning on {}: {} train examples, {} eval examples, {} trainable tensors",
@@ -339,7 +345,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 run.eval.examples.len(),
                 run.opt.params.len()
             );
-            let s = run.fit(a.resume, progress()).map_err(|e| e.to_string())?;
+            let s = run.fit(a.resume, progress()).map_err(|e| match e {
+                tunefuse::Error::Interrupted(m) => format!("{m}:\n  {}", resume_command()),
+                e => e.to_string(),
+            })?;
             let last = if s.last.accuracy.is_nan() {
                 s.last.brief()
             } else {
@@ -513,4 +522,25 @@ fn census(
         );
     }
     Ok(())
+}
+
+/// This process's command line with `--resume` (and without `--overwrite`):
+/// what continues an interrupted run.
+fn resume_command() -> String {
+    let mut args: Vec<String> = std::env::args()
+        .filter(|a| a != "--overwrite" && a != "--resume")
+        .collect();
+    args.push("--resume".into());
+    args.iter()
+        .map(|a| {
+            if a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@".contains(c))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -294,6 +294,14 @@ impl Bert {
         );
         let vb = VarBuilder::from_varmap(varmap, dtype, &device);
         let (h, act) = (self.config.hidden_size, self.act);
+        // A bottleneck no wider than the layer; also bounds what is
+        // allocated before anything is.
+        if r == 0 || r > h {
+            return Err(crate::error::param_err(
+                "adapter",
+                format!("r must be in 1..={h} (the model's hidden size), got {r}"),
+            ));
+        }
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = vb.pp(format!("encoder.layer.{i}"));
             if placement == AdapterPlacement::Houlsby {
@@ -330,6 +338,18 @@ impl Bert {
                 d.name.ends_with(&format!(".{t}")) || d.name.ends_with(&format!(".{t}.dense"))
             }) {
                 let (dout, din) = d.weight.dims2()?;
+                // A low-rank delta: r above min(in, out) adds nothing a
+                // full-rank one lacks, and bounds what is allocated.
+                if r == 0 || r > din.min(dout) {
+                    return Err(crate::error::param_err(
+                        "lora",
+                        format!(
+                            "r must be in 1..={} (the smaller side of {}: {dout}x{din}), got {r}",
+                            din.min(dout),
+                            d.name
+                        ),
+                    ));
+                }
                 d.lora = Some(Lora::new(&vb.pp(&d.name), din, dout, r, alpha)?);
                 n += 1;
             }
@@ -517,6 +537,7 @@ pub fn load_into(
         data.iter().filter(|(k, _)| select(k)).collect();
     let mut missing = Vec::new();
     let mut shapes = Vec::new();
+    let mut dtypes = Vec::new();
     for (name, var) in &vars {
         match tensors.get(*name) {
             None => missing.push((*name).clone()),
@@ -525,8 +546,21 @@ pub fn load_into(
                 t.dims(),
                 var.dims()
             )),
+            // A parameter stored as integers is not a weight: casting it
+            // would train on something else without a word.
+            Some(t) if !t.dtype().is_float() => dtypes.push(format!("{name}: {:?}", t.dtype())),
             Some(_) => {}
         }
+    }
+    if !dtypes.is_empty() {
+        return Err(format_err(
+            path,
+            format!(
+                "parameters must be stored as a float dtype (f32, f16, bf16, f64); {} are not: {}",
+                dtypes.len(),
+                first_few(&dtypes, "; ")
+            ),
+        ));
     }
     let mut extra: Vec<&String> = tensors
         .keys()
@@ -539,25 +573,21 @@ pub fn load_into(
             msg.push_str(&format!(
                 "\n  missing ({}): {}",
                 missing.len(),
-                missing.join(", ")
+                first_few(&missing, ", ")
             ));
         }
         if !extra.is_empty() {
             msg.push_str(&format!(
                 "\n  unexpected ({}): {}",
                 extra.len(),
-                extra
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                first_few(&extra, ", ")
             ));
         }
         if !shapes.is_empty() {
             msg.push_str(&format!(
                 "\n  mis-shaped ({}): {}",
                 shapes.len(),
-                shapes.join("; ")
+                first_few(&shapes, "; ")
             ));
         }
         return Err(format_err(path, msg));
@@ -567,6 +597,18 @@ pub fn load_into(
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
     Ok(())
+}
+
+/// The first five of `items` joined by `sep`, and how many more: an error
+/// about a whole checkpoint stays a few lines long.
+fn first_few<S: AsRef<str>>(items: &[S], sep: &str) -> String {
+    const SHOWN: usize = 5;
+    let head: Vec<&str> = items.iter().take(SHOWN).map(AsRef::as_ref).collect();
+    let mut s = head.join(sep);
+    if items.len() > SHOWN {
+        s.push_str(&format!("{sep}… and {} more", items.len() - SHOWN));
+    }
+    s
 }
 
 /// Mean of `hidden` `[B, L, H]` over the tokens where `mask` `[B, L]` is 1.

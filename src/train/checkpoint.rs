@@ -52,20 +52,144 @@ impl State {
     }
 }
 
-/// Writes a directory by filling `dir.tmp` and renaming it over `dir`.
+impl State {
+    /// Whether this state is one a run of `cfg` over `n` training examples
+    /// can be in: a position inside the schedule, a step count that matches
+    /// it, and a best score that is one of the recorded evaluations.
+    pub fn check(&self, cfg: &Config, n: usize) -> std::result::Result<(), String> {
+        let batches = n.div_ceil(cfg.batch_size);
+        let per_epoch = batches.div_ceil(cfg.grad_accum) as u64;
+        // A finished run is at (epochs, 0): resuming it only evaluates.
+        if self.epoch > cfg.epochs || (self.epoch == cfg.epochs && self.batch != 0) {
+            return Err(format!(
+                "epoch {} batch {} is past the run's {} epochs",
+                self.epoch, self.batch, cfg.epochs
+            ));
+        }
+        if self.batch >= batches.max(1) {
+            return Err(format!(
+                "batch {} is past the {batches} batches of an epoch",
+                self.batch
+            ));
+        }
+        let want = self.epoch as u64 * per_epoch + self.batch.div_ceil(cfg.grad_accum) as u64;
+        if self.step != want {
+            return Err(format!(
+                "step {} does not match epoch {} batch {} (that position is step {want})",
+                self.step, self.epoch, self.batch
+            ));
+        }
+        if self
+            .history
+            .iter()
+            .any(|(s, v)| *s > self.step || !v.is_finite())
+        {
+            return Err(
+                "the evaluation history has a step after the current one or a \
+                 non-finite score"
+                    .into(),
+            );
+        }
+        match self.best {
+            None if self.history.is_empty() => {}
+            Some(b)
+                if self
+                    .history
+                    .iter()
+                    .any(|&(s, v)| s == self.best_step && v == b) => {}
+            _ => {
+                return Err(format!(
+                    "best {:?} at step {} is not one of the recorded evaluations",
+                    self.best, self.best_step
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes a directory by filling `dir.tmp` and renaming it over `dir`,
+/// crash-safe: the files and `dir.tmp` are fsynced before the renames and
+/// the parent after them. A kill leaves `dir` complete (old or new) or,
+/// between the two renames, the old one complete under `dir.old`, which
+/// [`recover`] puts back.
 pub fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let tmp = dir.with_extension("tmp");
     let old = dir.with_extension("old");
+    recover(dir)?;
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
     fill(&tmp)?;
+    sync_tree(&tmp)?;
     if dir.exists() {
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(dir, &old).map_err(|e| io_err(dir, e))?;
     }
     std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+/// Puts back a checkpoint directory that a kill between [`atomic_dir`]'s
+/// two renames left as `dir.old` only (the new one is then still `dir.tmp`,
+/// possibly incomplete, and is not trusted). Nothing to do otherwise.
+pub fn recover(dir: &Path) -> Result<()> {
+    let old = dir.with_extension("old");
+    if !dir.exists() && old.is_dir() {
+        std::fs::rename(&old, dir).map_err(|e| io_err(&old, e))?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `path` crash-safe: a temporary file in the same directory,
+/// fsynced, renamed over `path`, the directory fsynced.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    f.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
+    f.sync_all().map_err(|e| io_err(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// fsyncs every file under `dir` and the directory itself.
+fn sync_tree(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| io_err(dir, e))? {
+        let path = entry.map_err(|e| io_err(dir, e))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| io_err(&path, e))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// fsyncs a directory (its entries: renames and new files in it).
+fn sync_dir(dir: &Path) -> Result<()> {
+    let d = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    std::fs::File::open(d)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err(d, e))
 }
 
 /// `best/`: the trained parameters (all, or only the new ones when the
@@ -138,10 +262,17 @@ pub fn save_last(run: &Run, dir: &Path, st: &State) -> Result<()> {
 
 /// Restores what [`save_last`] wrote and returns the trainer's state.
 pub fn load_last(run: &mut Run, dir: &Path) -> Result<State> {
+    recover(dir)?;
     let tj = dir.join("trainer.json");
     let text = std::fs::read_to_string(&tj)
         .map_err(|e| io_err(&tj, format!("{e} (nothing to resume)")))?;
     let st: State = serde_json::from_str(&text).map_err(|e| format_err(&tj, e.to_string()))?;
+    st.check(&run.cfg, run.train.examples.len()).map_err(|m| {
+        format_err(
+            &tj,
+            format!("{m}; this is not a state the run can be in, so it is not resumed"),
+        )
+    })?;
     let sp = dir.join("state.safetensors");
     let t = candle_core::safetensors::load(&sp, &run.device)
         .map_err(|e| format_err(&sp, e.to_string()))?;

@@ -160,6 +160,10 @@ pub struct Config {
     /// Stop after the first checkpoint at or past this many optimiser steps
     /// (time-boxing; the run can be continued with `--resume`).
     pub stop_after: Option<u64>,
+    /// Let a new run replace the run recorded in `output` (refused
+    /// otherwise). A session's choice, never recorded.
+    #[serde(skip_serializing)]
+    pub overwrite: bool,
     /// Measure the wall time of each training-step phase (batch, forward,
     /// backward, clipping, optimiser, the rest) by synchronising the device
     /// at each boundary; reported per step in `summary.json` (`phase_ms`).
@@ -206,6 +210,7 @@ impl Default for Config {
             device: DeviceKind::Auto,
             precision: Precision::Auto,
             stop_after: None,
+            overwrite: false,
             phase_times: false,
             methods: vec![],
         }
@@ -215,8 +220,9 @@ impl Default for Config {
 /// Config keys that belong to one session of a run, not to the run: a
 /// resumed run may change them (where the files are, on which device it
 /// runs, when it stops, what it logs).
-pub const SESSION_KEYS: [&str; 7] = [
+pub const SESSION_KEYS: [&str; 8] = [
     "output",
+    "overwrite",
     "model",
     "data_dir",
     "device",
@@ -413,11 +419,28 @@ impl Config {
         if self.epochs == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.max_len < 2 {
             return bad("epochs, batch_size and grad_accum must be >= 1, max_len >= 2".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || self.weight_decay < 0.0 || self.clip < 0.0 {
-            return bad(format!(
-                "lr {} must be > 0, weight_decay {} and clip {} >= 0",
-                self.lr, self.weight_decay, self.clip
-            ));
+        // Written so that NaN fails every check: a NaN must never pass as
+        // "off" (clip = NaN would otherwise disable clipping).
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return bad(format!("lr must be a finite number > 0, got {}", self.lr));
+        }
+        for (name, v) in [("weight_decay", self.weight_decay), ("clip", self.clip)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return bad(format!(
+                    "{name} must be a finite number >= 0 (0 turns it off), got {v}"
+                ));
+            }
+        }
+        if let Some(r) = &self.recadam {
+            let nonneg = |v: f64| v >= 0.0 && v.is_finite();
+            if !(r.k > 0.0 && r.k.is_finite() && nonneg(r.t0) && nonneg(r.gamma)) {
+                return bad(format!(
+                    "recadam: k must be finite and > 0, t0 and gamma finite and >= 0 (a \
+                     negative gamma pushes the weights away from the pretrained ones), got k = \
+                     {}, t0 = {}, gamma = {}",
+                    r.k, r.t0, r.gamma
+                ));
+            }
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return bad(format!(

@@ -164,12 +164,29 @@ fn label_of(labels: &[&str], name: &str, path: &Path, line: usize) -> Result<usi
     })
 }
 
-/// Tab-separated lines without quoting; `header` lines skipped; each line
-/// must have `cols` fields.
-fn tsv(path: &Path, header: bool, cols: usize) -> Result<Vec<(usize, Vec<String>)>> {
+/// Tab-separated lines without quoting; each line must have `cols`
+/// fields. With `header`, line 1 must be exactly those column names (a
+/// byte-order mark before it allowed) and is skipped: a file without its
+/// header would otherwise lose its first example without a word.
+fn tsv(path: &Path, header: Option<&[&str]>, cols: usize) -> Result<Vec<(usize, Vec<String>)>> {
     let lines = read_lines(path)?;
+    if let Some(h) = header {
+        let first = lines.first().map(|l| l.trim_start_matches('\u{feff}'));
+        let want = h.join("\t");
+        if first != Some(want.as_str()) {
+            return Err(format_err(
+                path,
+                format!(
+                    "line 1: expected the header {:?} (columns {}), found {:?}",
+                    want,
+                    h.join(", "),
+                    first.unwrap_or("")
+                ),
+            ));
+        }
+    }
     let mut out = Vec::new();
-    for (i, line) in lines.iter().enumerate().skip(usize::from(header)) {
+    for (i, line) in lines.iter().enumerate().skip(usize::from(header.is_some())) {
         if line.is_empty() {
             continue;
         }
@@ -295,7 +312,7 @@ pub fn load(task: &Task, split: Split, dir: &Path) -> Result<Dataset> {
             });
             let labels = ["0", "1"];
             let mut v = Vec::new();
-            for (line, f) in tsv(&path, true, 2)? {
+            for (line, f) in tsv(&path, Some(&["sentence", "label"]), 2)? {
                 v.push(ex(&f[0], None, label_of(&labels, &f[1], &path, line)?));
             }
             Ok(ds("sst2", &["negative", "positive"], v))
@@ -310,7 +327,7 @@ pub fn load(task: &Task, split: Split, dir: &Path) -> Result<Dataset> {
             let mut v = Vec::new();
             for f in files {
                 let path = p(f);
-                for (line, r) in tsv(&path, false, 4)? {
+                for (line, r) in tsv(&path, None, 4)? {
                     v.push(ex(&r[3], None, label_of(&["0", "1"], &r[1], &path, line)?));
                 }
             }
@@ -318,10 +335,14 @@ pub fn load(task: &Task, split: Split, dir: &Path) -> Result<Dataset> {
         }
         Task::Rte => {
             need_split("rte", split, &[Train, Dev])?;
-            let files: &[(&str, bool)] = if split == Train {
-                &[("glue/RTE/train.tsv", true), ("glue/RTE/val.tsv", false)]
+            const HEADER: &[&str] = &["index", "sentence1", "sentence2", "label"];
+            let files: &[(&str, Option<&[&str]>)] = if split == Train {
+                &[
+                    ("glue/RTE/train.tsv", Some(HEADER)),
+                    ("glue/RTE/val.tsv", None),
+                ]
             } else {
-                &[("glue/RTE/dev.tsv", true)]
+                &[("glue/RTE/dev.tsv", Some(HEADER))]
             };
             let labels = ["entailment", "not_entailment"];
             let mut v = Vec::new();
@@ -345,7 +366,11 @@ pub fn load(task: &Task, split: Split, dir: &Path) -> Result<Dataset> {
             };
             let path = p(f);
             let mut v = Vec::new();
-            for (line, r) in tsv(&path, true, 5)? {
+            for (line, r) in tsv(
+                &path,
+                Some(&["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"]),
+                5,
+            )? {
                 v.push(ex(
                     &r[3],
                     Some(&r[4]),
@@ -451,7 +476,7 @@ pub fn load(task: &Task, split: Split, dir: &Path) -> Result<Dataset> {
             });
             let labels = ["World", "Sports", "Business", "Sci/Tech"];
             let mut v = Vec::new();
-            for (line, r) in tsv(&path, false, 2)? {
+            for (line, r) in tsv(&path, None, 2)? {
                 v.push(ex(&r[0], None, label_of(&labels, &r[1], &path, line)?));
             }
             Ok(ds("agnews", &labels, v))

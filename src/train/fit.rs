@@ -52,10 +52,11 @@ impl Run {
         let out = self.cfg.output.clone();
         if resume {
             checkpoint::check_resumes(&self.cfg, &out.join("config.toml"))?;
+        } else if !self.cfg.overwrite {
+            refuse_to_replace(&out)?;
         }
         std::fs::create_dir_all(&out).map_err(|e| io_err(&out, e))?;
-        let cfg_path = out.join("config.toml");
-        std::fs::write(&cfg_path, self.cfg.to_toml()?).map_err(|e| io_err(&cfg_path, e))?;
+        checkpoint::atomic_write(&out.join("config.toml"), self.cfg.to_toml()?.as_bytes())?;
         let n = self.train.examples.len();
         let (batch_size, accum) = (self.cfg.batch_size, self.cfg.grad_accum);
         let per_epoch = n.div_ceil(batch_size).div_ceil(accum) as u64;
@@ -87,9 +88,32 @@ impl Run {
                 self.cfg.seed.wrapping_add(st.epoch as u64 * 0x9E37_79B9),
             );
             let batches: Vec<&[usize]> = order.chunks(batch_size).collect();
+            // Only an empty epoch can start past its end (a resumed state
+            // is checked): move on rather than spin.
+            if st.batch >= batches.len() {
+                st.epoch += 1;
+                st.batch = 0;
+                continue;
+            }
             while st.batch < batches.len() {
                 // Logging, evaluation and checkpoints of the previous step.
                 phases.mark("rest (logging, evaluation, checkpoints)")?;
+                if crate::interrupt::requested() {
+                    // Between steps the state is one a resume continues
+                    // from exactly (State::check holds).
+                    flush(&mut pending, &mut losses)?;
+                    let p = self.bert.stream.position();
+                    st.dropout_rng = (p.seed, p.offset);
+                    st.noise_rng = (self.noise.seed, self.noise.offset);
+                    st.seconds = before + start.elapsed().as_secs_f64();
+                    checkpoint::save_last(self, &out.join("last"), &st)?;
+                    return Err(Error::Interrupted(format!(
+                        "stopped by a signal after step {} of {total}; {} holds the run's state: \
+                         continue it with --resume",
+                        st.step,
+                        out.join("last").display()
+                    )));
+                }
                 self.bert.stream.set_train(true);
                 self.freezing.apply_at(&mut self.bert, st.epoch, st.step)?;
                 let group = &batches[st.batch..(st.batch + accum).min(batches.len())];
@@ -192,8 +216,10 @@ impl Run {
             phase_ms: phases.report(),
         };
         let path = out.join("summary.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&summary).unwrap())
-            .map_err(|e| io_err(&path, e))?;
+        checkpoint::atomic_write(
+            &path,
+            serde_json::to_string_pretty(&summary).unwrap().as_bytes(),
+        )?;
         Ok(summary)
     }
 }
@@ -219,4 +245,36 @@ fn flush(pending: &mut Vec<(u64, Tensor)>, losses: &mut Vec<(u64, f64)>) -> Resu
     }
     pending.clear();
     Ok(vals)
+}
+
+/// What a run leaves in its output directory.
+const RUN_FILES: [&str; 7] = [
+    "config.toml",
+    "metrics.jsonl",
+    "summary.json",
+    "best",
+    "last",
+    "best.old",
+    "last.old",
+];
+
+/// A new run does not replace another run's record: `out` may not hold
+/// one unless the run is resumed or `overwrite` is set.
+fn refuse_to_replace(out: &std::path::Path) -> Result<()> {
+    let found: Vec<&str> = RUN_FILES
+        .into_iter()
+        .filter(|f| out.join(f).exists())
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    Err(crate::error::param_err(
+        "output",
+        format!(
+            "{} holds a run ({}): continue it with --resume, choose another --output, or \
+             replace it with --overwrite",
+            out.display(),
+            found.join(", ")
+        ),
+    ))
 }

@@ -49,8 +49,30 @@ impl Run {
         if let Some(n) = cfg.train_examples {
             train = train.subsample(n, cfg.seed);
         }
-        if train.examples.is_empty() || eval.examples.is_empty() {
-            return Err(param_err("data", "empty training or evaluation set"));
+        for (what, set, n) in [
+            ("training", &train, cfg.train_examples),
+            ("evaluation", &eval, cfg.eval_examples),
+        ] {
+            if set.examples.is_empty() {
+                return Err(param_err(
+                    "data",
+                    format!(
+                        "the {what} set of {} in {} is empty{}",
+                        cfg.task,
+                        dir.display(),
+                        match n {
+                            Some(0) => format!(
+                                " ({}_examples = 0)",
+                                if what == "training" { "train" } else { "eval" }
+                            ),
+                            _ if what == "training" && cfg.k_per_class.is_some() => {
+                                " (after k_per_class)".to_string()
+                            }
+                            _ => " (the data file holds no example)".to_string(),
+                        }
+                    ),
+                ));
+            }
         }
         for f in ["config.json", "model.safetensors", "tokenizer.json"] {
             if !cfg.model.join(f).exists() {

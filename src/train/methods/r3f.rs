@@ -38,8 +38,16 @@ impl Default for R3fConfig {
 
 impl R3fConfig {
     pub fn validate(&self) -> Result<()> {
-        if !(self.sigma >= 0.0 && self.lambda >= 0.0) {
-            return Err(param_err("r3f", "sigma and lambda must be >= 0"));
+        let ok = |v: f64| v >= 0.0 && v.is_finite();
+        if !(ok(self.sigma) && ok(self.lambda)) {
+            return Err(param_err(
+                "r3f",
+                format!(
+                    "sigma and lambda must be finite numbers >= 0 (lambda = 0 turns the term \
+                     off), got sigma {} lambda {}",
+                    self.sigma, self.lambda
+                ),
+            ));
         }
         Ok(())
     }

@@ -92,8 +92,16 @@ impl SmartConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.step().validate()?;
-        if !(self.sigma >= 0.0 && self.lambda >= 0.0) {
-            return Err(param_err("smart", "sigma and lambda must be >= 0"));
+        let ok = |v: f64| v >= 0.0 && v.is_finite();
+        if !(ok(self.sigma) && ok(self.lambda)) {
+            return Err(param_err(
+                "smart",
+                format!(
+                    "sigma and lambda must be finite numbers >= 0 (lambda = 0 turns the term \
+                     off), got sigma {} lambda {}",
+                    self.sigma, self.lambda
+                ),
+            ));
         }
         Ok(())
     }
