@@ -564,3 +564,35 @@ fn frozen_linear_backpropagates_the_input_gradient_alone() {
         assert!(gw.get(wt.as_tensor()).is_some(), "{xs:?}: trainable W");
     }
 }
+
+#[test]
+fn a_weight_stored_as_integers_is_refused_by_name() {
+    // The tiny model's safetensors with one float tensor's header entry
+    // relabelled I32 (same width, so the file stays well-formed): casting
+    // it would train on reinterpreted bits without a word.
+    let scratch_dir = scratch("int-weight");
+    let src = tiny_model_dir(scratch_dir.path());
+    let dir = scratch_dir.path().join("relabelled");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+    let name = "encoder.layer.1.attention.self.query.weight";
+    let at = header
+        .find(&format!("\"{name}\""))
+        .expect("tensor in the header");
+    let rel = header[at..].find("\"F32\"").expect("an f32 tensor");
+    let mut out = bytes.clone();
+    out[8 + at + rel..8 + at + rel + 5].copy_from_slice(b"\"I32\"");
+    std::fs::write(dir.join("model.safetensors"), out).unwrap();
+    let e = Bert::from_pretrained(&dir, &VarMap::new(), DType::F32, &CPU)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("float dtype") && e.contains(name) && e.contains("I32"),
+        "{e}"
+    );
+}
