@@ -202,3 +202,19 @@ pub fn check_composition(methods: &[Method]) -> Result<()> {
 pub fn freezes_backbone(methods: &[Method]) -> bool {
     methods.iter().any(|m| m.props().freezes_backbone)
 }
+
+/// The noise scale σ and term weight λ of the perturbation terms (SMART,
+/// R3F): finite and ≥ 0, so that NaN can never pass as "off".
+pub(crate) fn check_noise_and_weight(method: &'static str, sigma: f64, lambda: f64) -> Result<()> {
+    let ok = |v: f64| v >= 0.0 && v.is_finite();
+    if ok(sigma) && ok(lambda) {
+        return Ok(());
+    }
+    Err(param_err(
+        method,
+        format!(
+            "sigma and lambda must be finite numbers >= 0 (lambda = 0 turns the term off), got \
+             sigma {sigma} lambda {lambda}"
+        ),
+    ))
+}

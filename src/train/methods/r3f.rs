@@ -2,7 +2,7 @@
 //! drawn once (no ascent), gradients through both sides.
 use serde::{Deserialize, Serialize};
 
-use crate::error::{param_err, Result};
+use crate::error::Result;
 use crate::ops::perturb::{noise_init, Noise};
 use crate::ops::sym_kl::{Reduction, SymKlGrad};
 use crate::train::objective::{Ctx, Term, TermOut};
@@ -38,18 +38,7 @@ impl Default for R3fConfig {
 
 impl R3fConfig {
     pub fn validate(&self) -> Result<()> {
-        let ok = |v: f64| v >= 0.0 && v.is_finite();
-        if !(ok(self.sigma) && ok(self.lambda)) {
-            return Err(param_err(
-                "r3f",
-                format!(
-                    "sigma and lambda must be finite numbers >= 0 (lambda = 0 turns the term \
-                     off), got sigma {} lambda {}",
-                    self.sigma, self.lambda
-                ),
-            ));
-        }
-        Ok(())
+        super::check_noise_and_weight("r3f", self.sigma, self.lambda)
     }
 }
 

@@ -8,7 +8,7 @@
 use candle_core::Var;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{param_err, Result};
+use crate::error::Result;
 use crate::ops::perturb::{AscentStep, Granularity, Noise, Norm, Perturbation, StepMode};
 use crate::ops::sym_kl::{Reduction, SymKlGrad};
 use crate::train::objective::{Ctx, Term, TermOut};
@@ -92,18 +92,7 @@ impl SmartConfig {
 
     pub fn validate(&self) -> Result<()> {
         self.step().validate()?;
-        let ok = |v: f64| v >= 0.0 && v.is_finite();
-        if !(ok(self.sigma) && ok(self.lambda)) {
-            return Err(param_err(
-                "smart",
-                format!(
-                    "sigma and lambda must be finite numbers >= 0 (lambda = 0 turns the term \
-                     off), got sigma {} lambda {}",
-                    self.sigma, self.lambda
-                ),
-            ));
-        }
-        Ok(())
+        super::check_noise_and_weight("smart", self.sigma, self.lambda)
     }
 }
 
