@@ -4,7 +4,8 @@
 #
 #   scripts/step-census.sh            print the table (and write target/step_census.json)
 #   scripts/step-census.sh --record   also write bench/step_census.json
-#   scripts/step-census.sh --check    fail when any count rises above bench/step_census.json (CI)
+#   scripts/step-census.sh --check    fail when any count rises above bench/step_census.json,
+#                                     or when the interposer over the stand-in counts otherwise (CI)
 #   scripts/step-census.sh --driver   on a GPU machine: count in front of the real driver
 #                                     (the interposer) instead of the stand-in
 # Further arguments go to `tunefuse census` (e.g. --case smart --steps 5).
@@ -65,3 +66,14 @@ esac
 LD_PRELOAD="$so" "$bin" census --model "$model" --data-dir "$data" --stamp "$stamp" \
   --json "$out" "${extra[@]}" "${args[@]}"
 echo "step-census: wrote $out" >&2
+
+# CI also checks the interposer without a GPU: preloaded in front of the
+# stand-in (which then plays the real driver), it must forward every call
+# (arguments, return values) and count exactly what the stand-in counted.
+if [ "$action" = check ] && [ "$mode" = standin ]; then
+  interposer="$lib/libtunefuse_census.so"
+  gcc "${flags[@]}" -o "$interposer" census/census.c -ldl -lpthread
+  LD_PRELOAD="$interposer $so" "$bin" census --model "$model" --data-dir "$data" \
+    --stamp "$stamp interposer over the stand-in" --agree "$out" "${args[@]}" >/dev/null
+  echo "step-census: the interposer over the stand-in counts what the stand-in counts" >&2
+fi

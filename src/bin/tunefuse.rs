@@ -502,7 +502,11 @@ fn census(
         std::fs::write(p, serde_json::to_string_pretty(&out).unwrap() + "\n")
             .map_err(|e| format!("cannot write {}: {e}", p.display()))?;
     }
-    if let Some(rec) = recorded {
+    if let Some(mut rec) = recorded {
+        // With --case, only the cases measured are compared.
+        if !only.is_empty() {
+            rec.cases.retain(|c| only.iter().any(|o| *o == c.name));
+        }
         let diffs = census::differences(&rec, &out, how);
         let what = match how {
             Compare::Rises => "rose above",
