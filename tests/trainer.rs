@@ -1036,3 +1036,35 @@ fn a_checkpoint_left_between_its_renames_is_recovered_on_resume() {
     assert_eq!(steps_of(&cut), steps_of(&full));
     assert!(!cut.output.join("last.old").exists());
 }
+
+#[test]
+fn a_smart_step_whose_ascent_is_not_finite_adds_nothing() {
+    // Noise of scale 1e30 overflows the inner pass, so every ascent step is
+    // flagged: the penalty is skipped on the device (no host read) and
+    // logged as NaN (null), and the run, without dropout, trains exactly as
+    // vanilla does.
+    let dir = scratch("trainer");
+    let vanilla = short(&dir, "vanilla", "vanilla");
+    let mut smart = short(&dir, "smart", "smart");
+    smart.set("smart.sigma=1e30").unwrap();
+    fit(&vanilla);
+    fit(&smart);
+    let pick = |cfg: &Config, key: &str| -> Vec<serde_json::Value> {
+        lines(cfg)
+            .iter()
+            .filter(|l| l.get("terms").is_some())
+            .map(|l| l[key].clone())
+            .collect()
+    };
+    let skipped: Vec<serde_json::Value> = lines(&smart)
+        .iter()
+        .filter_map(|l| l.get("terms").map(|t| t["smart"].clone()))
+        .collect();
+    assert!(
+        !skipped.is_empty() && skipped.iter().all(|v| v.is_null()),
+        "{skipped:?}"
+    );
+    for key in ["loss", "grad_norm"] {
+        assert_eq!(pick(&smart, key), pick(&vanilla, key), "{key}");
+    }
+}

@@ -505,7 +505,7 @@ fn census(
     if let Some(mut rec) = recorded {
         // With --case, only the cases measured are compared.
         if !only.is_empty() {
-            rec.cases.retain(|c| only.iter().any(|o| *o == c.name));
+            rec.cases.retain(|c| only.contains(&c.name));
         }
         let diffs = census::differences(&rec, &out, how);
         let what = match how {

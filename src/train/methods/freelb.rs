@@ -94,7 +94,10 @@ impl Estimator for FreeLb {
         // The earlier passes' loss values (detached) and parameter gradients.
         let mut done: Option<Tensor> = None;
         let mut grads = GradStore::default();
-        let mut ascending = true;
+        // Set (on the device) once an ascent step saw a non-finite gradient
+        // norm: δ then stays where it was for the remaining passes. Never
+        // read back: the step needs no host synchronisation.
+        let mut stopped: Option<Tensor> = None;
         for _ in 1..f.steps {
             let _r = crate::nvtx::range("freelb ascent step");
             let d = Var::from_tensor(&delta)?;
@@ -105,15 +108,16 @@ impl Estimator for FreeLb {
                 None => loss.detach(),
                 Some(t) => (t + loss.detach())?,
             });
-            if ascending {
-                let dg = g.get(d.as_tensor()).cloned().unwrap_or(delta.zeros_like()?);
-                let (next, flags) = ascent_step(&delta, &dg, &ctx.batch.mask, &step)?;
-                if flags.max_all()?.to_scalar::<u8>()? != 0 {
-                    ascending = false;
-                } else {
-                    delta = next;
-                }
-            }
+            let dg = g.get(d.as_tensor()).cloned().unwrap_or(delta.zeros_like()?);
+            let (next, flags) = ascent_step(&delta, &dg, &ctx.batch.mask, &step)?;
+            let stop = match stopped {
+                None => flags.max_all()?,
+                Some(s) => s.maximum(&flags.max_all()?)?,
+            };
+            delta = stop
+                .broadcast_as(delta.shape())?
+                .where_cond(&delta, &next)?;
+            stopped = Some(stop);
         }
         let last = pass(&delta)?;
         Ok(Estimate {

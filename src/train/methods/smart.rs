@@ -143,11 +143,17 @@ impl Term for Smart {
             })?
         };
         *ctx.noise = rng;
-        if delta.any_nonfinite()? {
-            // Skipped: the penalty is logged as NaN.
-            return TermOut::skipped(f32::NAN, logits.device());
-        }
-        let adv = ctx.forward(&(&embeds + delta.delta)?)?;
+        // A non-finite gradient norm in any example's ascent skips the
+        // penalty (it adds 0 and is logged as NaN). Decided on the device,
+        // without reading the flag back: δ is zeroed first so that the
+        // skipped branch stays finite (a NaN times the zero gradient of the
+        // unselected branch would still be NaN), and selections are exact,
+        // so an unflagged step computes what it always did.
+        let skip = delta.nonfinite.max_all()?;
+        let delta = skip
+            .broadcast_as(delta.delta.shape())?
+            .where_cond(&delta.delta.zeros_like()?, &delta.delta)?;
+        let adv = ctx.forward(&(&embeds + delta)?)?;
         let red = match s.reduction {
             SmartReduction::Batchmean => Reduction::BatchMean,
             SmartReduction::Sum => Reduction::Sum,
@@ -155,9 +161,11 @@ impl Term for Smart {
         let pen = ctx
             .head()
             .divergence(&adv, &logits, SymKlGrad::Detached, red, s.lambda)?;
+        let weighted = (&pen * s.lambda)?;
+        let pen = pen.detach();
         Ok(TermOut {
-            value: pen.detach(),
-            loss: Some((pen * s.lambda)?),
+            value: skip.where_cond(&pen.affine(0.0, f64::NAN)?, &pen)?,
+            loss: Some(skip.where_cond(&weighted.zeros_like()?, &weighted)?),
         })
     }
 }
