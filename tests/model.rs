@@ -136,6 +136,20 @@ fn checkpoint_errors_name_the_tensors() {
             && e.contains("encoder.layer.5.attention.output.LayerNorm.bias"),
         "{e}"
     );
+    // A size that cannot be meant (10^15): refused before allocating,
+    // naming config.json and the sizes, instead of aborting the process.
+    cfg["num_hidden_layers"] = 6.into();
+    cfg["intermediate_size"] = 1_000_000_000_000_000u64.into();
+    std::fs::write(tmp.join("config.json"), cfg.to_string()).unwrap();
+    let e = Bert::from_pretrained(tmp, &VarMap::new(), DType::F32, &CPU)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("config.json")
+            && e.contains("intermediate_size 1000000000000000")
+            && e.contains("refusing to allocate"),
+        "{e}"
+    );
     // Wrong hidden size: every tensor mis-shaped.
     cfg["num_hidden_layers"] = 6.into();
     cfg["intermediate_size"] = 1000.into();

@@ -197,6 +197,30 @@ impl Bert {
             .into_iter()
             .map(|(k, v)| (k.strip_prefix("bert.").map(str::to_string).unwrap_or(k), v))
             .collect();
+        // A configuration that describes a much larger model than the
+        // checkpoint holds (a mistyped intermediate_size, a layer count off
+        // by orders of magnitude) is refused before anything is allocated,
+        // which could otherwise abort the process. Smaller mismatches are
+        // reported tensor by tensor by load_into.
+        let stored: u128 = tensors.values().map(|t| t.elem_count() as u128).sum();
+        let wanted = config.parameter_count();
+        if wanted > 2 * stored + (1 << 20) {
+            return Err(format_err(
+                &dir.join("config.json"),
+                format!(
+                    "describes a model of {wanted} parameters ({:.1} GB in f32) but {} holds \
+                     {stored}: hidden_size {}, intermediate_size {}, num_hidden_layers {}, \
+                     vocab_size {}, max_position_embeddings {}; refusing to allocate it",
+                    wanted as f64 * 4e-9,
+                    path.display(),
+                    config.hidden_size,
+                    config.intermediate_size,
+                    config.num_hidden_layers,
+                    config.vocab_size,
+                    config.max_position_embeddings
+                ),
+            ));
+        }
         let pooler = tensors.contains_key("pooler.dense.weight");
         let model = Self::new(&config, varmap, dtype, device, pooler)?;
         load_into(varmap, &tensors, &path, &|_| true)?;

@@ -40,6 +40,26 @@ pub struct BertConfig {
     pub pad_token_id: u32,
 }
 
+impl BertConfig {
+    /// How many parameters a BERT of this shape has (the pooler included),
+    /// saturating: the size a model built from this configuration allocates.
+    pub fn parameter_count(&self) -> u128 {
+        let (h, i) = (self.hidden_size as u128, self.intermediate_size as u128);
+        let embeddings = (self.vocab_size as u128
+            + self.max_position_embeddings as u128
+            + self.type_vocab_size as u128)
+            .saturating_mul(h)
+            .saturating_add(2 * h);
+        let layer = (4 * (h * h + h) + 2 * h)
+            .saturating_add(i.saturating_mul(h).saturating_add(i))
+            .saturating_add(h.saturating_mul(i).saturating_add(h))
+            .saturating_add(2 * h);
+        embeddings
+            .saturating_add(layer.saturating_mul(self.num_hidden_layers as u128))
+            .saturating_add(h * h + h)
+    }
+}
+
 fn default_act() -> String {
     "gelu".into()
 }
