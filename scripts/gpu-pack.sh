@@ -37,12 +37,12 @@ for f in glue/SST-2/train.tsv glue/SST-2/dev.tsv glue/RTE/train.tsv glue/RTE/val
   mkdir -p ".gpu/stage/data/$(dirname "$f")"
   cp "$data/$f" ".gpu/stage/data/$f"
 done
-# The step census: the interposer for the real driver, and the stand-in's
-# census of this very binary, which the driver's must equal.
-gcc -O2 -Wall -Wextra -Wno-unused-parameter -Werror -shared -fPIC -o .gpu/stage/libtunefuse_census.so \
-  census/census.c -ldl -lpthread
+# The step census: the stand-in's census of this very binary, which the
+# real driver's must equal, and the interposer that counts there (both
+# built by scripts/step-census.sh).
 scripts/step-census.sh >&2
 cp "$CARGO_TARGET_DIR/step_census.json" .gpu/stage/census_standin.json
+cp "${TUNEFUSE_CACHE:-$HOME/.cache/tunefuse}/census/libtunefuse_census.so" .gpu/stage/
 # The Hugging Face peer of the end-to-end comparison (../shared does not
 # travel).
 cp "${TUNEFUSE_PEER:-../shared/bench/hf_finetune.py}" .gpu/stage/hf_finetune.py

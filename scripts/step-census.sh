@@ -36,10 +36,15 @@ bin="$CARGO_TARGET_DIR/release/tunefuse"
 
 lib="$cache/census"
 mkdir -p "$lib/run"
+# Both builds of the library, every time (a second each): the stand-in,
+# and the interposer (CI's check below; scripts/gpu-pack.sh carries it).
 flags=(-O2 -Wall -Wextra -Wno-unused-parameter -Werror -shared -fPIC)
+standin="$lib/libtunefuse_census_standin.so"
+interposer="$lib/libtunefuse_census.so"
+gcc "${flags[@]}" -DCENSUS_STANDIN -o "$standin" census/census.c -ldl -lpthread
+gcc "${flags[@]}" -o "$interposer" census/census.c -ldl -lpthread
 if [ "$mode" = standin ]; then
-  so="$lib/libtunefuse_census_standin.so"
-  gcc "${flags[@]}" -DCENSUS_STANDIN -o "$so" census/census.c -ldl -lpthread
+  so="$standin"
   # The binary needs libraries with the CUDA sonames to start; on a machine
   # without CUDA those are the empty link stubs, and every symbol comes from
   # the preloaded stand-in.
@@ -50,8 +55,7 @@ if [ "$mode" = standin ]; then
     export LD_LIBRARY_PATH="$lib/run${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   fi
 else
-  so="$lib/libtunefuse_census.so"
-  gcc "${flags[@]}" -o "$so" census/census.c -ldl -lpthread
+  so="$interposer"
 fi
 
 model="${TUNEFUSE_MODEL_DIR:-$(scripts/fetch-model.sh)}"
@@ -71,8 +75,6 @@ echo "step-census: wrote $out" >&2
 # stand-in (which then plays the real driver), it must forward every call
 # (arguments, return values) and count exactly what the stand-in counted.
 if [ "$action" = check ] && [ "$mode" = standin ]; then
-  interposer="$lib/libtunefuse_census.so"
-  gcc "${flags[@]}" -o "$interposer" census/census.c -ldl -lpthread
   LD_PRELOAD="$interposer $so" "$bin" census --model "$model" --data-dir "$data" \
     --stamp "$stamp interposer over the stand-in" --agree "$out" "${args[@]}" >/dev/null
   echo "step-census: the interposer over the stand-in counts what the stand-in counts" >&2

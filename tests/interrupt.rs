@@ -7,23 +7,13 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
 use common::*;
-use tunefuse::train::trainer::{Config, DeviceKind, Event, Run};
+use tunefuse::train::trainer::{Config, Event, Run};
 
 fn cfg(dir: &tempfile::TempDir, out: &str) -> Config {
     Config {
-        task: "sst2".into(),
-        model: tiny_model_dir(dir.path()),
-        data_dir: Some(data_root()),
-        output: dir.path().join(out),
-        epochs: 2,
-        batch_size: 8,
-        train_examples: Some(24),
         eval_examples: Some(8),
         eval_every: 0,
-        log_every: 1,
-        max_len: 32,
-        device: DeviceKind::Cpu,
-        ..Config::default()
+        ..small_run(dir, out, tiny_model_dir(dir.path()))
     }
 }
 

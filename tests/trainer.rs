@@ -10,28 +10,13 @@ use tempfile::TempDir;
 use tunefuse::train::methods::Method;
 use tunefuse::train::optim::{AdamW, AdamWParams, Param, RecAdam, Schedule};
 use tunefuse::train::trainer::{
-    BregmanConfig, Config, DeviceKind, FreeLbConfig, HeadKind, Metric, Precision, Run, SmartConfig,
-    SmartMode, SmartReduction,
+    BregmanConfig, Config, FreeLbConfig, HeadKind, Metric, Precision, Run, SmartConfig, SmartMode,
+    SmartReduction,
 };
 
-/// A small SST-2 run on `model` writing to `out` inside `dir`: the scratch
-/// directory removes every checkpoint when the test ends.
+/// [`small_run`] with `methods`.
 fn config(dir: &TempDir, out: &str, methods: &str, model: std::path::PathBuf) -> Config {
-    let mut c = Config {
-        task: "sst2".into(),
-        model,
-        data_dir: Some(data_root()),
-        output: dir.path().join(out),
-        epochs: 2,
-        batch_size: 8,
-        train_examples: Some(24),
-        eval_examples: Some(24),
-        eval_every: 2,
-        log_every: 1,
-        max_len: 32,
-        device: DeviceKind::Cpu,
-        ..Config::default()
-    };
+    let mut c = small_run(dir, out, model);
     c.set_methods(methods).unwrap();
     c
 }

@@ -50,9 +50,16 @@ impl State {
             seconds: 0.0,
         }
     }
-}
 
-impl State {
+    /// Takes the random streams' positions from `run` and the run's wall
+    /// time so far, as a checkpoint of this state records them.
+    pub fn capture(&mut self, run: &Run, seconds: f64) {
+        let p = run.bert.stream.position();
+        self.dropout_rng = (p.seed, p.offset);
+        self.noise_rng = (run.noise.seed, run.noise.offset);
+        self.seconds = seconds;
+    }
+
     /// Whether this state is one a run of `cfg` over `n` training examples
     /// can be in: a position inside the schedule, a step count that matches
     /// it, and a best score that is one of the recorded evaluations.

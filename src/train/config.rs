@@ -502,7 +502,7 @@ fn normalise(t: &mut toml::Table, reading: Reading) -> Result<()> {
             if list.iter().any(|m| m["kind"].as_str() == Some(n)) {
                 return bad(format!("method {n} is listed twice"));
             }
-            list.push(kind_table(n));
+            list.push(methods::kind_table(n));
         }
         fn listed(list: &[toml::Table], name: &str) -> Option<usize> {
             list.iter().position(|m| m["kind"].as_str() == Some(name))
@@ -527,7 +527,7 @@ fn normalise(t: &mut toml::Table, reading: Reading) -> Result<()> {
                         .and_then(as_f64)
                         .is_some_and(|mu| mu > 0.0) =>
                 {
-                    list.push(kind_table(name));
+                    list.push(methods::kind_table(name));
                     list.len() - 1
                 }
                 None if name == "bregman" && section.get("mu").and_then(as_f64) == Some(0.0) => {
@@ -600,14 +600,6 @@ fn normalise(t: &mut toml::Table, reading: Reading) -> Result<()> {
             .map_err(|e| param_err("config", format!("method {kind}: {e}")))?;
     }
     Ok(())
-}
-
-/// A method's table holding only its tag (its settings come from sections
-/// and legacy keys, the rest from its defaults).
-fn kind_table(name: &str) -> toml::Table {
-    let mut t = toml::Table::new();
-    t.insert("kind".into(), name.into());
-    t
 }
 
 fn as_f64(v: &toml::Value) -> Option<f64> {

@@ -102,10 +102,7 @@ impl Run {
                     // Between steps the state is one a resume continues
                     // from exactly (State::check holds).
                     flush(&mut pending, &mut losses)?;
-                    let p = self.bert.stream.position();
-                    st.dropout_rng = (p.seed, p.offset);
-                    st.noise_rng = (self.noise.seed, self.noise.offset);
-                    st.seconds = before + start.elapsed().as_secs_f64();
+                    st.capture(self, before + start.elapsed().as_secs_f64());
                     checkpoint::save_last(self, &out.join("last"), &st)?;
                     return Err(Error::Interrupted(format!(
                         "stopped by a signal after step {} of {total}; {} holds the run's state: \
@@ -176,10 +173,7 @@ impl Run {
                     st.epoch += 1;
                     st.batch = 0;
                 }
-                let p = self.bert.stream.position();
-                st.dropout_rng = (p.seed, p.offset);
-                st.noise_rng = (self.noise.seed, self.noise.offset);
-                st.seconds = before + start.elapsed().as_secs_f64();
+                st.capture(self, before + start.elapsed().as_secs_f64());
                 checkpoint::save_last(self, &out.join("last"), &st)?;
                 for cb in &mut cbs {
                     stop |= cb.on_checkpoint(self, &st, on)? == Control::Stop;

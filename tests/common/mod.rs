@@ -350,3 +350,30 @@ pub fn tiny_model_dir(parent: &std::path::Path) -> PathBuf {
     .unwrap();
     dir
 }
+
+/// A small CPU SST-2 run of `model` writing to `out` inside `dir` (24
+/// training and 24 evaluation sentences, batch 8, 2 epochs, max length 32,
+/// evaluated every 2 steps, every step logged): the scratch directory
+/// removes every checkpoint when the test ends.
+pub fn small_run(
+    dir: &tempfile::TempDir,
+    out: &str,
+    model: PathBuf,
+) -> tunefuse::train::trainer::Config {
+    use tunefuse::train::trainer::{Config, DeviceKind};
+    Config {
+        task: "sst2".into(),
+        model,
+        data_dir: Some(data_root()),
+        output: dir.path().join(out),
+        epochs: 2,
+        batch_size: 8,
+        train_examples: Some(24),
+        eval_examples: Some(24),
+        eval_every: 2,
+        log_every: 1,
+        max_len: 32,
+        device: DeviceKind::Cpu,
+        ..Config::default()
+    }
+}

@@ -88,9 +88,7 @@ impl Method {
     pub fn from_name(name: &str) -> Result<Self> {
         // The registry is the enum: a table holding only the tag gives the
         // variant with every setting at its default.
-        let mut t = toml::Table::new();
-        t.insert("kind".into(), name.into());
-        Self::deserialize(toml::Value::Table(t)).map_err(|_| {
+        Self::deserialize(toml::Value::Table(kind_table(name))).map_err(|_| {
             param_err(
                 "config",
                 format!("unknown method {name:?} (vanilla or one of {NAMES:?})"),
@@ -217,4 +215,13 @@ pub(crate) fn check_noise_and_weight(method: &'static str, sigma: f64, lambda: f
              sigma {sigma} lambda {lambda}"
         ),
     ))
+}
+
+/// A method's table holding only its tag: deserialised, the method with
+/// every setting at its default (the config reader adds sections and legacy
+/// keys to it first).
+pub(crate) fn kind_table(name: &str) -> toml::Table {
+    let mut t = toml::Table::new();
+    t.insert("kind".into(), name.into());
+    t
 }
