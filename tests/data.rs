@@ -214,8 +214,14 @@ fn shuffling_and_subsampling_are_deterministic() {
     let a = ds.subsample(100, 1);
     assert_eq!(a, ds.subsample(100, 1));
     assert_ne!(a.examples, ds.subsample(100, 2).examples);
-    let k = ds.k_per_class(16, 3);
+    let k = ds.k_per_class(16, 3).unwrap();
     assert_eq!(k.class_counts(), vec![16, 16]);
+    // SST-2 dev has 428 negative sentences: 500 of each class cannot be had.
+    let e = ds.k_per_class(500, 3).unwrap_err().to_string();
+    assert!(
+        e.contains("k_per_class = 500") && e.contains("\"negative\"") && e.contains("only 428"),
+        "{e}"
+    );
     let mut v: Vec<u32> = (0..1000).collect();
     shuffle(&mut v, 9);
     let mut sorted = v.clone();

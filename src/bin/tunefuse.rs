@@ -165,7 +165,7 @@ struct FinetuneArgs {
     #[arg(long, conflicts_with = "resume")]
     overwrite: bool,
     /// Passes over the training set (default 3).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     epochs: Option<usize>,
     /// Peak learning rate (default 1e-4). A negative value is read as a
     /// value (and refused with the allowed range), not as a flag.
@@ -173,18 +173,18 @@ struct FinetuneArgs {
     lr: Option<f64>,
     /// Examples per forward/backward batch; an optimiser step takes
     /// `grad_accum` of them (default 16).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     batch_size: Option<usize>,
     /// Seeds the subsample, the shuffling, the new parameters' initialisation
     /// (head, adapters, LoRA) and every random draw (dropout, mixout,
     /// perturbations) (default 1).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     seed: Option<u64>,
     /// Subsample the training set to N examples.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     train_examples: Option<usize>,
     /// Longest tokenised input; longer ones are truncated (default 128).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     max_len: Option<usize>,
     /// cpu, cuda or auto.
     #[arg(long)]

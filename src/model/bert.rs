@@ -183,6 +183,12 @@ impl Bert {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(io_err(
+                dir,
+                "no such directory (--model must be a Hugging Face BERT directory)",
+            ));
+        }
         let config = BertConfig::from_file(&dir.join("config.json"))?;
         let path = dir.join("model.safetensors");
         if !path.exists() {
@@ -586,6 +592,26 @@ pub fn load_into(
             ),
         ));
     }
+    // A NaN or an infinity in a weight would only show as a diverged first
+    // step, blaming the learning rate.
+    let mut bad = Vec::new();
+    for name in vars.keys() {
+        if let Some(t) = tensors.get(*name) {
+            if t.dims() == vars[name].dims() && !all_finite(t)? {
+                bad.push((*name).clone());
+            }
+        }
+    }
+    if !bad.is_empty() {
+        return Err(format_err(
+            path,
+            format!(
+                "{} tensors hold NaN or infinite values: {}",
+                bad.len(),
+                first_few(&bad, ", ")
+            ),
+        ));
+    }
     let mut extra: Vec<&String> = tensors
         .keys()
         .filter(|k| !vars.contains_key(k) && !IGNORED.contains(&k.as_str()))
@@ -623,6 +649,33 @@ pub fn load_into(
     Ok(())
 }
 
+/// Whether every element of `t` is finite: 0·x is 0 for a finite x and
+/// NaN for an infinity or a NaN, so one sum tells (one read back).
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let zeros = t.to_dtype(DType::F32)?.affine(0.0, 0.0)?;
+    Ok(zeros.sum_all()?.to_scalar::<f32>()? == 0.0)
+}
+
+/// Checks a tensor read from a checkpoint against the parameter it will
+/// replace: the same shape and dtype, and finite. The error names `path`
+/// and `key`.
+pub fn check_stored(path: &Path, key: &str, t: &Tensor, like: &Tensor) -> Result<()> {
+    let why = if t.dims() != like.dims() {
+        format!("has shape {:?}, the model's is {:?}", t.dims(), like.dims())
+    } else if t.dtype() != like.dtype() {
+        format!(
+            "is stored as {:?}, the run's parameters are {:?}",
+            t.dtype(),
+            like.dtype()
+        )
+    } else if !all_finite(t)? {
+        "holds NaN or infinite values".into()
+    } else {
+        return Ok(());
+    };
+    Err(format_err(path, format!("{key} {why}")))
+}
+
 /// The first five of `items` joined by `sep`, and how many more: an error
 /// about a whole checkpoint stays a few lines long.
 fn first_few<S: AsRef<str>>(items: &[S], sep: &str) -> String {
@@ -657,6 +710,19 @@ pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 /// `model.safetensors`) to `output` with the floating-point tensors cast to
 /// `dtype`. The safetensors file is written to a temporary name and renamed.
 pub fn convert_checkpoint(input: &Path, output: &Path, dtype: DType) -> Result<()> {
+    if !input.is_dir() {
+        return Err(io_err(
+            input,
+            "no such directory (--input must be a Hugging Face BERT directory)",
+        ));
+    }
+    // Copying a file onto itself truncates it: the input would be lost.
+    if output.exists() && std::fs::canonicalize(output).ok() == std::fs::canonicalize(input).ok() {
+        return Err(io_err(
+            output,
+            "--output is the --input directory: write the converted copy elsewhere",
+        ));
+    }
     std::fs::create_dir_all(output).map_err(|e| io_err(output, e))?;
     for f in ["config.json", "tokenizer.json"] {
         std::fs::copy(input.join(f), output.join(f)).map_err(|e| io_err(&input.join(f), e))?;

@@ -87,7 +87,10 @@ impl BertConfig {
             path: path.display().to_string(),
             msg: e.to_string(),
         })?;
-        cfg.validate()?;
+        cfg.validate().map_err(|e| Error::Format {
+            path: path.display().to_string(),
+            msg: e.to_string(),
+        })?;
         Ok(cfg)
     }
 
@@ -155,6 +158,12 @@ impl BertConfig {
             || self.max_position_embeddings == 0
         {
             return bad("vocab_size, num_hidden_layers, intermediate_size and max_position_embeddings must be positive".into());
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return bad(format!(
+                "layer_norm_eps must be a finite number > 0, got {}",
+                self.layer_norm_eps
+            ));
         }
         self.activation().map(|_| ())
     }

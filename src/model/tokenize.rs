@@ -48,6 +48,47 @@ impl TextTokenizer {
         Ok(Self { inner, pad_id })
     }
 
+    /// The largest id this tokenizer can produce, plus one (added tokens
+    /// included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Refuses a model whose tables this tokenizer's output would index
+    /// past: an id at or above `vocab_size`, or a position at or above
+    /// `max_position_embeddings` (`max_len` tokens). Found here rather than
+    /// as an out-of-range gather in the first batch that reaches it.
+    pub fn check_fits(
+        &self,
+        config: &crate::model::BertConfig,
+        max_len: usize,
+        model_dir: &Path,
+    ) -> Result<()> {
+        let cfg = model_dir.join("config.json");
+        if self.vocab_size() > config.vocab_size {
+            return Err(format_err(
+                &cfg,
+                format!(
+                    "vocab_size {} is smaller than the {} tokens of {}",
+                    config.vocab_size,
+                    self.vocab_size(),
+                    model_dir.join("tokenizer.json").display()
+                ),
+            ));
+        }
+        if max_len > config.max_position_embeddings {
+            return Err(format_err(
+                &cfg,
+                format!(
+                    "max_position_embeddings {} is shorter than max_len {max_len}: lower \
+                     max_len to at most {}",
+                    config.max_position_embeddings, config.max_position_embeddings
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Token ids of single sentences or (first, second) pairs, unpadded.
     pub fn encode(&self, texts: &[(&str, Option<&str>)]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         let mut out = Vec::with_capacity(texts.len());

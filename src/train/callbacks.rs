@@ -87,10 +87,11 @@ pub trait Callback {
 }
 
 /// The callbacks every run has, in the order they act.
-pub fn standard(run: &Run, resume: bool) -> Result<Vec<Box<dyn Callback>>> {
+/// `resumed_at` is the step of the checkpoint a resumed run continues from.
+pub fn standard(run: &Run, resumed_at: Option<u64>) -> Result<Vec<Box<dyn Callback>>> {
     let out = &run.cfg.output;
     let mut cbs: Vec<Box<dyn Callback>> = vec![
-        Box::new(MetricsLog::open(&out.join("metrics.jsonl"), resume)?),
+        Box::new(MetricsLog::open(&out.join("metrics.jsonl"), resumed_at)?),
         Box::new(Progress),
         Box::new(BestCheckpoint {
             dir: out.to_path_buf(),
@@ -113,10 +114,34 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// A new log, or the one a resumed run appends to.
-    pub fn open(path: &Path, append: bool) -> Result<Self> {
-        if !append {
-            std::fs::write(path, "").map_err(|e| io_err(path, e))?;
+    /// A new log, or the one a run resumed at step `resumed_at` appends
+    /// to. That one is first cut back to the lines of steps up to the
+    /// checkpoint: a run killed after it had logged later steps (or in the
+    /// middle of a line) redoes those steps, and would otherwise log them
+    /// twice, after a torn line.
+    pub fn open(path: &Path, resumed_at: Option<u64>) -> Result<Self> {
+        match resumed_at {
+            None => std::fs::write(path, "").map_err(|e| io_err(path, e))?,
+            Some(step) => {
+                let text = match std::fs::read_to_string(path) {
+                    Ok(t) => t,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                    Err(e) => return Err(io_err(path, e)),
+                };
+                let kept: String = text
+                    .split_inclusive('\n')
+                    .filter(|l| {
+                        l.ends_with('\n')
+                            && serde_json::from_str::<serde_json::Value>(l)
+                                .ok()
+                                .and_then(|v| v["step"].as_u64())
+                                .is_some_and(|s| s <= step)
+                    })
+                    .collect();
+                if kept.len() != text.len() {
+                    checkpoint::atomic_write(path, kept.as_bytes())?;
+                }
+            }
         }
         let file = std::fs::OpenOptions::new()
             .append(true)

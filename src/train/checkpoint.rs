@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::config::{config_differences, Config, Reading};
 use super::run::Run;
 use crate::error::{format_err, io_err, param_err, Result};
+use crate::model::bert::check_stored;
 use crate::ops::mixout::Rng;
 
 /// The trainer's own state, saved with every checkpoint.
@@ -128,9 +129,11 @@ pub fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
     std::fs::create_dir_all(&tmp).map_err(|e| io_err(&tmp, e))?;
     fill(&tmp)?;
     sync_tree(&tmp)?;
+    crash_test_pause();
     if dir.exists() {
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(dir, &old).map_err(|e| io_err(dir, e))?;
+        crash_test_pause();
     }
     std::fs::rename(&tmp, dir).map_err(|e| io_err(dir, e))?;
     if let Some(parent) = dir.parent() {
@@ -138,6 +141,23 @@ pub fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
     }
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
+}
+
+/// For the crash test (`tests/kill.rs`): with `TUNEFUSE_CHECKPOINT_PAUSE_MS`
+/// set, a checkpoint write pauses that long with its new copy complete but
+/// not yet in place, and again between its two renames, so that kills land
+/// inside the write often enough to be tested. Unset, it does nothing.
+fn crash_test_pause() {
+    static PAUSE: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    let pause = PAUSE.get_or_init(|| {
+        std::env::var("TUNEFUSE_CHECKPOINT_PAUSE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    });
+    if let Some(d) = pause {
+        std::thread::sleep(*d);
+    }
 }
 
 /// Puts back a checkpoint directory that a kill between [`atomic_dir`]'s
@@ -226,17 +246,7 @@ pub fn load_params(run: &Run, path: &Path) -> Result<()> {
         let v = t
             .get(&p.name)
             .ok_or_else(|| format_err(path, format!("lacks {}", p.name)))?;
-        if v.dims() != p.var.dims() {
-            return Err(format_err(
-                path,
-                format!(
-                    "{} has shape {:?}, model {:?}",
-                    p.name,
-                    v.dims(),
-                    p.var.dims()
-                ),
-            ));
-        }
+        check_stored(path, &p.name, v, p.var.as_tensor())?;
         p.var.set(v)?;
     }
     Ok(())
@@ -289,15 +299,21 @@ pub fn load_last(run: &mut Run, dir: &Path) -> Result<State> {
             .ok_or_else(|| format_err(&sp, format!("lacks {key}")))
     };
     for p in &run.opt.params {
-        p.var.set(&get(&format!("param.{}", p.name))?)?;
+        let key = format!("param.{}", p.name);
+        let v = get(&key)?;
+        check_stored(&sp, &key, &v, p.var.as_tensor())?;
+        p.var.set(&v)?;
     }
     let opt: HashMap<String, Tensor> = t
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("opt.").map(|k| (k.to_string(), v.clone())))
         .collect();
-    run.opt.load_state(&opt, st.step)?;
+    // The optimiser's and the methods' own checks name the tensor; the
+    // file is added here.
+    let in_file = |e: crate::Error| format_err(&sp, e.to_string());
+    run.opt.load_state(&opt, st.step).map_err(in_file)?;
     for term in &mut run.objective.terms {
-        term.load_state(&run.opt.params, &get)?;
+        term.load_state(&run.opt.params, &get).map_err(in_file)?;
     }
     run.bert.stream.set_position(Rng {
         seed: st.dropout_rng.0,

@@ -340,7 +340,11 @@ impl Config {
             }
             t.insert(path[path.len() - 1].to_string(), value);
         }
+        // `overwrite` is the session's choice and never serialised: the
+        // round trip through the table would reset it.
+        let overwrite = self.overwrite;
         *self = Self::from_table(table, Reading::Strict).map_err(|e| bad(e.to_string()))?;
+        self.overwrite = overwrite;
         Ok(())
     }
 

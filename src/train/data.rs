@@ -203,6 +203,16 @@ fn tsv(path: &Path, header: Option<&[&str]>, cols: usize) -> Result<Vec<(usize, 
         }
         out.push((i + 1, f));
     }
+    if out.is_empty() {
+        return Err(format_err(
+            path,
+            if header.is_some() {
+                "holds no examples after its header line"
+            } else {
+                "holds no examples"
+            },
+        ));
+    }
     Ok(out)
 }
 
@@ -566,9 +576,27 @@ impl Dataset {
         d
     }
 
-    /// `k` examples of every class (fewer where a class has fewer), chosen
-    /// by `seed`, in shuffled order: the low-resource setting.
-    pub fn k_per_class(&self, k: usize, seed: u64) -> Dataset {
+    /// `k` examples of every class, chosen by `seed`, in shuffled order:
+    /// the low-resource setting. A class with fewer than `k` examples is an
+    /// error naming it: quietly taking fewer would run another experiment
+    /// (an unbalanced, smaller set) than the one asked for.
+    pub fn k_per_class(&self, k: usize, seed: u64) -> Result<Dataset> {
+        let mut have = vec![0usize; self.labels.len()];
+        for e in &self.examples {
+            have[e.label] += 1;
+        }
+        if let Some((c, n)) = have.iter().enumerate().find(|(_, n)| **n < k) {
+            return Err(param_err(
+                "k_per_class",
+                format!(
+                    "k_per_class = {k}, but class {:?} of {} has only {n} examples (the \
+                     smallest class allows at most {})",
+                    self.labels[c],
+                    self.name,
+                    have.iter().min().unwrap_or(&0)
+                ),
+            ));
+        }
         let mut d = self.clone();
         d.shuffle(seed);
         let mut taken = vec![0; self.labels.len()];
@@ -576,7 +604,7 @@ impl Dataset {
             taken[e.label] += 1;
             taken[e.label] <= k
         });
-        d
+        Ok(d)
     }
 }
 

@@ -69,7 +69,7 @@ impl Run {
                 st.epoch, st.batch, st.step
             )));
         }
-        let mut cbs = callbacks::standard(self, resume)?;
+        let mut cbs = callbacks::standard(self, resume.then_some(st.step))?;
         let terms = self.objective.names();
         let start = Instant::now();
         // Wall time of earlier sessions of a resumed run.

@@ -44,7 +44,7 @@ impl Run {
             eval = eval.subsample(n, cfg.seed);
         }
         if let Some(k) = cfg.k_per_class {
-            train = train.k_per_class(k, cfg.seed);
+            train = train.k_per_class(k, cfg.seed)?;
         }
         if let Some(n) = cfg.train_examples {
             train = train.subsample(n, cfg.seed);
@@ -99,6 +99,7 @@ impl Run {
         let varmap = VarMap::new();
         let mut bert = Bert::from_pretrained(&cfg.model, &varmap, DType::F32, &device)?;
         let tok = TextTokenizer::from_file(&cfg.model.join("tokenizer.json"), cfg.max_len)?;
+        tok.check_fits(&bert.config, cfg.max_len, &cfg.model)?;
         let method_dropout = transforms.iter().find_map(|t| t.default_dropout());
         let hidden = cfg
             .dropout

@@ -91,6 +91,15 @@ impl SmartConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
+        // Without an ascent step the term is random-noise smoothing: that
+        // is r3f, not a SMART run with its adversarial part switched off.
+        if self.steps == 0 {
+            return Err(crate::error::param_err(
+                "smart",
+                "steps must be >= 1 (the K ascent steps of the perturbation), got 0; for \
+                 noise without ascent use the r3f method",
+            ));
+        }
         self.step().validate()?;
         super::check_noise_and_weight("smart", self.sigma, self.lambda)
     }
