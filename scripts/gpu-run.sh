@@ -24,9 +24,9 @@ cd "$(dirname "$0")/.."
 out="${OUT:-$PWD/.gpu/out}"
 mkdir -p "$out"
 # Everything printed (the results table included) also goes to run.log; with
-# the two JSON files and the test and sanitizer logs that is 6 files, which
-# leaves 2 for scripts/gpu-results.sh in the same call (the device tool
-# returns 8 at most).
+# the two JSON files, the test log and the one sanitizer log that is at most
+# 6 files (fewer when steps are skipped), which leaves 2 for
+# scripts/gpu-results.sh in the same call (the device tool returns 8 at most).
 exec > >(tee "$out/run.log") 2>&1
 source scripts/gpu-env.sh
 status=0
@@ -101,16 +101,20 @@ if want sanitizer; then
     # racecheck is slow: on an H200 neither the adapter's quick grid (90 s) nor
     # the other tests with the MiniLM golden (40 s) finished under it. So the
     # adapter and LoRA get the tiny grid, and the model test is left out (its
-    # kernels are candle's).
+    # kernels are candle's). initcheck (reads of device memory never
+    # written) runs on the same reduced set as the second racecheck.
     for spec in "memcheck:40:1:" "racecheck:60:tiny:adapter lora" \
-        "racecheck:50:1:--skip adapter --skip lora --skip minilm"; do
+        "racecheck:50:1:--skip adapter --skip lora --skip minilm" \
+        "initcheck:40:1:--skip adapter --skip lora --skip minilm"; do
       IFS=: read -r tool want grid filter <<<"$spec"
       t=$(budget "$want"); [ "$t" -gt 0 ] || { skip; continue; }
-      log="$out/sanitizer-$tool.log"
+      # One log for every tool: the device returns 8 files at most.
+      log="$out/sanitizer.log"
+      echo "=== compute-sanitizer --tool $tool ${filter:-(all)}" >>"$log"
       # shellcheck disable=SC2086
       if TUNEFUSE_TEST_QUICK=$grid timeout "$t" compute-sanitizer --tool "$tool" --error-exitcode 99 \
           "$bin/cuda_ops" --test-threads=1 $filter >>"$log" 2>&1; then
-        echo "$tool ${filter:-(all)}: clean ($(grep -c '^test .* ok$' "$log") tests ok in the log so far)"
+        echo "$tool ${filter:-(all)}: clean ($(grep -c '^test .* ok$' "$log") tests ok in the sanitizer log so far)"
       else
         rc=$?
         echo "$tool ${filter:-(all)}: exit $rc — timed out (124), test failures (101) or sanitizer errors (99); tail of the log:"

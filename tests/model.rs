@@ -610,3 +610,23 @@ fn a_weight_stored_as_integers_is_refused_by_name() {
         "{e}"
     );
 }
+
+#[test]
+fn a_model_too_large_for_host_memory_is_refused_with_both_sizes() {
+    // BERT-base: 109.5M parameters, 20 bytes each to fine-tune ≈ 2.2 GB.
+    let cfg = BertConfig::bert_base();
+    let path = std::path::Path::new("model/config.json");
+    cfg.check_fits_in(4_000_000_000, path).unwrap();
+    let e = cfg
+        .check_fits_in(1_000_000_000, path)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model/config.json")
+            && e.contains("2.2 GB")
+            && e.contains("1.0 GB are available"),
+        "{e}"
+    );
+    // This machine reports what it has (Linux).
+    assert!(tunefuse::model::config::available_host_memory().is_some_and(|b| b > 0));
+}

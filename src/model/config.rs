@@ -60,6 +60,45 @@ impl BertConfig {
     }
 }
 
+impl BertConfig {
+    /// Bytes a fine-tuning run holds per parameter on the host, before any
+    /// activation: f32 weights, their gradients, AdamW's two moments and
+    /// the pretrained copy the run keeps (for RecAdam, Bregman and the
+    /// analyses).
+    pub const TRAIN_BYTES_PER_PARAM: u128 = 20;
+
+    /// Refuses a model whose training state alone needs more than
+    /// `available` bytes, naming both: an allocation that large would abort
+    /// the process rather than fail with an error. `config` is the file
+    /// the sizes come from.
+    pub fn check_fits_in(&self, available: u64, config: &Path) -> Result<()> {
+        let needed = self.parameter_count() * Self::TRAIN_BYTES_PER_PARAM;
+        if needed <= u128::from(available) {
+            return Ok(());
+        }
+        Err(Error::Format {
+            path: config.display().to_string(),
+            msg: format!(
+                "a model of {} parameters needs about {:.1} GB of memory to fine-tune (weights, \
+                 gradients, AdamW's moments, the pretrained copy) and {:.1} GB are available; \
+                 use a smaller model or a machine with more memory",
+                self.parameter_count(),
+                needed as f64 / 1e9,
+                available as f64 / 1e9
+            ),
+        })
+    }
+}
+
+/// The host memory available to a new allocation (`MemAvailable` of
+/// `/proc/meminfo`), where the system says.
+pub fn available_host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 fn default_act() -> String {
     "gelu".into()
 }

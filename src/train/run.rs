@@ -96,6 +96,14 @@ impl Run {
                 Built::Transform(t) => transforms.push(t),
             }
         }
+        // On the CPU the training state lives in host memory: a model that
+        // cannot fit is refused before its weights are read.
+        if !device.is_cuda() {
+            if let Some(avail) = crate::model::config::available_host_memory() {
+                let path = cfg.model.join("config.json");
+                crate::model::BertConfig::from_file(&path)?.check_fits_in(avail, &path)?;
+            }
+        }
         let varmap = VarMap::new();
         let mut bert = Bert::from_pretrained(&cfg.model, &varmap, DType::F32, &device)?;
         let tok = TextTokenizer::from_file(&cfg.model.join("tokenizer.json"), cfg.max_len)?;
