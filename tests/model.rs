@@ -624,7 +624,8 @@ fn a_model_too_large_for_host_memory_is_refused_with_both_sizes() {
     assert!(
         e.contains("model/config.json")
             && e.contains("2.2 GB")
-            && e.contains("1.0 GB are available"),
+            && e.contains("1.0 GB are available")
+            && e.contains("intermediate_size 3072"),
         "{e}"
     );
     // This machine reports what it has (Linux).

@@ -215,15 +215,10 @@ impl Bert {
                 &dir.join("config.json"),
                 format!(
                     "describes a model of {wanted} parameters ({:.1} GB in f32) but {} holds \
-                     {stored}: hidden_size {}, intermediate_size {}, num_hidden_layers {}, \
-                     vocab_size {}, max_position_embeddings {}; refusing to allocate it",
+                     {stored}: {}; refusing to allocate it",
                     wanted as f64 * 4e-9,
                     path.display(),
-                    config.hidden_size,
-                    config.intermediate_size,
-                    config.num_hidden_layers,
-                    config.vocab_size,
-                    config.max_position_embeddings
+                    config.sizes()
                 ),
             ));
         }

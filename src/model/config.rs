@@ -61,6 +61,20 @@ impl BertConfig {
 }
 
 impl BertConfig {
+    /// The sizes that set the parameter count, for error messages: a
+    /// mistyped field is the usual reason a model is far too large.
+    pub fn sizes(&self) -> String {
+        format!(
+            "hidden_size {}, intermediate_size {}, num_hidden_layers {}, vocab_size {}, \
+             max_position_embeddings {}",
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_hidden_layers,
+            self.vocab_size,
+            self.max_position_embeddings
+        )
+    }
+
     /// Bytes a fine-tuning run holds per parameter on the host, before any
     /// activation: f32 weights, their gradients, AdamW's two moments and
     /// the pretrained copy the run keeps (for RecAdam, Bregman and the
@@ -79,10 +93,11 @@ impl BertConfig {
         Err(Error::Format {
             path: config.display().to_string(),
             msg: format!(
-                "a model of {} parameters needs about {:.1} GB of memory to fine-tune (weights, \
-                 gradients, AdamW's moments, the pretrained copy) and {:.1} GB are available; \
-                 use a smaller model or a machine with more memory",
+                "a model of {} parameters ({}) needs about {:.1} GB of memory to fine-tune \
+                 (weights, gradients, AdamW's moments, the pretrained copy) and {:.1} GB are \
+                 available; use a smaller model or a machine with more memory",
                 self.parameter_count(),
+                self.sizes(),
                 needed as f64 / 1e9,
                 available as f64 / 1e9
             ),
