@@ -43,6 +43,34 @@ pub fn cuda_device(ordinal: usize) -> candle_core::Result<candle_core::Device> {
     Ok(dev)
 }
 
+/// While the returned guard lives, candle keeps what the thread uploads to
+/// the device in device memory, keyed by its contents: the shape-and-stride
+/// vector of every strided kernel (a broadcast add, a transposed copy:
+/// about 200 uploads and allocations of a MiniLM training step otherwise)
+/// and host data of at most 4 KiB (a scalar such as the clipping bound),
+/// which it then copies on the device. A training step repeats the same
+/// layouts for a padded length, so after the first step of each length it
+/// uploads only its batch. Upload the batch before taking the guard: data
+/// whose contents change every step would otherwise fill the cache (the
+/// step census shows it: host-to-device copies inside the guard that do not
+/// fall away after the first steps). This is also what CUDA graph capture
+/// needs (no host copies inside a capture). On the CPU, or without the
+/// `cuda` feature, it does nothing.
+#[cfg(feature = "cuda")]
+pub fn upload_cache(dev: &candle_core::Device) -> Option<impl Sized> {
+    match dev {
+        candle_core::Device::Cuda(d) => Some(d.enable_cuda_graph_htod_cache()),
+        _ => None,
+    }
+}
+
+/// See the `cuda` build's `upload_cache`: without CUDA there is nothing to
+/// keep.
+#[cfg(not(feature = "cuda"))]
+pub fn upload_cache(_dev: &candle_core::Device) -> Option<()> {
+    None
+}
+
 /// [`cuda_device`] 0 when CUDA is compiled in and a device is present, else
 /// the CPU.
 pub fn cuda_if_available() -> candle_core::Result<candle_core::Device> {

@@ -1485,3 +1485,63 @@ fn frozen_linear_on_device() {
     }
     fails.finish("frozen linear");
 }
+
+// ------------------------------------------------------------ upload cache
+
+/// Strided candle ops (a broadcast add, transposed copies, a batched matmul
+/// of a transposed view) and their backward at one sequence length, on
+/// inputs that depend only on the shape: the values and the gradient.
+fn strided_ops(dev: &Device, len: usize) -> Vec<f32> {
+    let n = 4 * len * 6 * 8;
+    let vals: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+        .collect();
+    let x = Var::from_tensor(&Tensor::from_vec(vals, (4, len, 6, 8), dev).unwrap()).unwrap();
+    let b = Tensor::from_vec((0..8).map(|i| i as f32 / 8.0).collect(), 8, dev).unwrap();
+    let y = x
+        .as_tensor()
+        .broadcast_add(&b)
+        .unwrap()
+        .transpose(1, 2)
+        .unwrap()
+        .contiguous()
+        .unwrap();
+    let s = y.matmul(&y.transpose(2, 3).unwrap()).unwrap();
+    let g = s.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+    let mut out = s.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    out.extend(
+        g.get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+    );
+    out
+}
+
+/// What the training step runs under `tunefuse::upload_cache` (the layouts'
+/// uploads kept on the device and reused by content) gives the same bits as
+/// without it, when the cache is filled and when it is hit, at two lengths
+/// in turn so that a wrong entry would be read.
+#[test]
+fn upload_cache_leaves_strided_ops_bit_identical() {
+    let Some(dev) = cuda_device() else { return };
+    let plain: Vec<Vec<f32>> = [5, 9].iter().map(|&l| strided_ops(&dev, l)).collect();
+    let cache = tunefuse::upload_cache(&dev);
+    assert!(cache.is_some(), "no upload cache on a CUDA device");
+    for round in 0..2 {
+        for (i, &l) in [5, 9].iter().enumerate() {
+            let got = strided_ops(&dev, l);
+            let same = got
+                .iter()
+                .zip(&plain[i])
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same && got.len() == plain[i].len(),
+                "length {l}, round {round}: results differ under the upload cache"
+            );
+        }
+    }
+    // The guard (`cache`) lives to here.
+}

@@ -148,7 +148,7 @@ impl Run {
             let model = self.model();
             for chunk in idx.chunks(64) {
                 let b = self.batch(ds, chunk)?;
-                let _cache = super::step::upload_cache(&self.device);
+                let _cache = crate::upload_cache(&self.device);
                 let logits = model.forward(&model.embed(&b)?, &b.mask)?;
                 let p = self.head.predictions(&logits)?;
                 out.extend(p.to_dtype(DType::F64)?.to_vec2::<f64>()?);

@@ -40,7 +40,7 @@ impl Run {
             let b = self.batch(&self.train, idx)?;
             phases.mark("batch (unfreezing, tokens to the device)")?;
             // After the batch's own upload: its contents differ every step.
-            let _cache = upload_cache(&self.device);
+            let _cache = crate::upload_cache(&self.device);
             let obj = {
                 let _r = crate::nvtx::range("forward (+ regularisers)");
                 let model = super::objective::TaskModel {
@@ -82,7 +82,7 @@ impl Run {
             phases.mark("backward")?;
         }
         let grads = acc.expect("at least one micro-batch");
-        let _cache = upload_cache(&self.device);
+        let _cache = crate::upload_cache(&self.device);
         let norm = {
             let _r = crate::nvtx::range("gradient norm, clipping, optimizer step");
             self.opt.clip_and_step(&grads, lr, self.cfg.clip)?
@@ -99,32 +99,6 @@ impl Run {
             examples,
         })
     }
-}
-
-/// While the returned guard lives, candle keeps what a training step
-/// uploads to the device in device memory, keyed by its contents: the
-/// shape-and-stride vector of every strided kernel (a broadcast add, a
-/// transposed copy; about 200 uploads per MiniLM step otherwise) and host
-/// data of at most 4 KiB (a scalar such as the clipping bound), which it
-/// then copies on the device. Every steady-state step repeats the same
-/// layouts for a padded length, so after the first step of each length the
-/// step uploads only its batch, which must therefore be uploaded outside
-/// the guard (its contents change every step and would fill the cache).
-/// The census shows when something inside the guard uploads new contents
-/// every step: its host-to-device copies then do not fall to the batch's.
-/// This is also what a CUDA graph capture needs (no host copies inside).
-/// On the CPU it does nothing.
-#[cfg(feature = "cuda")]
-pub(crate) fn upload_cache(dev: &Device) -> Option<impl Sized> {
-    match dev {
-        Device::Cuda(d) => Some(d.enable_cuda_graph_htod_cache()),
-        _ => None,
-    }
-}
-
-#[cfg(not(feature = "cuda"))]
-pub(crate) fn upload_cache(_dev: &Device) -> Option<()> {
-    None
 }
 
 /// Wall time per training-step phase for `Config::phase_times`: each mark
