@@ -65,34 +65,18 @@ fn sigterm_stops_the_binary_with_the_command_that_resumes() {
     let dir = scratch("interrupt");
     let model = tiny_model_dir(dir.path());
     let out = dir.path().join("run");
-    let args: Vec<String> = [
-        "finetune",
-        "--model",
-        model.to_str().unwrap(),
-        "--data-dir",
-        data_root().to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--train-examples",
-        "24",
-        "--batch-size",
-        "8",
-        "--epochs",
-        "40",
-        "--max-len",
-        "32",
-        "--set",
-        "eval_examples=8",
-        "--set",
-        "log_every=1",
-        "--set",
-        "eval_every=0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = tiny_finetune_args(
+        &model,
+        &out,
+        &[
+            "--batch-size",
+            "8",
+            "--epochs",
+            "40",
+            "--set",
+            "eval_every=0",
+        ],
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_tunefuse"))
         .args(&args)
         .stderr(Stdio::piped())

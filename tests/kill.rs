@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use common::{data_root, scratch, tiny_model_dir};
+use common::{scratch, tiny_finetune_args, tiny_model_dir};
 
 /// Kills to survive (the issue asks for at least 20).
 const KILLS: usize = 24;
@@ -21,35 +21,19 @@ const KILLS: usize = 24;
 const PAUSE_MS: u64 = 15;
 
 fn args(model: &Path, out: &Path) -> Vec<String> {
-    [
-        "finetune",
-        "--model",
-        model.to_str().unwrap(),
-        "--data-dir",
-        data_root().to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--train-examples",
-        "24",
-        "--batch-size",
-        "4",
-        "--epochs",
-        "10",
-        "--max-len",
-        "32",
-        "--set",
-        "eval_examples=8",
-        "--set",
-        "log_every=1",
-        // An evaluation, best/ when it improves, and last/ after every step.
-        "--set",
-        "eval_every=1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    // An evaluation, best/ when it improves, and last/ after every step.
+    tiny_finetune_args(
+        model,
+        out,
+        &[
+            "--batch-size",
+            "4",
+            "--epochs",
+            "10",
+            "--set",
+            "eval_every=1",
+        ],
+    )
 }
 
 fn spawn(args: &[String], pause: bool) -> std::process::Child {

@@ -377,3 +377,43 @@ pub fn small_run(
         ..Config::default()
     }
 }
+
+/// The arguments of `tunefuse finetune` for a tiny CPU run of `model` on
+/// SST-2 from the data folder into `out`: 24 training sentences, 8
+/// evaluated, length 32, every step logged; `extra` adds the rest (batch
+/// size, epochs, evaluation cadence), which differ between the tests that
+/// drive the binary.
+pub fn tiny_finetune_args(
+    model: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let (model, data, out) = (
+        model.to_str().unwrap(),
+        data_root().to_str().unwrap().to_string(),
+        out.to_str().unwrap(),
+    );
+    [
+        "finetune",
+        "--model",
+        model,
+        "--data-dir",
+        &data,
+        "--output",
+        out,
+        "--device",
+        "cpu",
+        "--train-examples",
+        "24",
+        "--max-len",
+        "32",
+        "--set",
+        "eval_examples=8",
+        "--set",
+        "log_every=1",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}
