@@ -53,16 +53,18 @@ for r in $(seq 1 "$rounds"); do
     --train-examples 1000 --epochs 1 --batch-size 16 --lr $lr --seed $seed --device cpu \
     --threads "$threads" >"$out/peer-$method-r$r.json" 2>"$out/peer-$method-r$r.log" ||
     { tail -n 5 "$out/peer-$method-r$r.log" >&2; echo "compare-hf: the peer failed" >&2; exit 1; }
-  row=$("$py" - "$run" "$out/peer-$method-r$r.json" "$r" <<'EOF'
+  # scripts/e2e-compare.py reads both sides (ours: the last logged step's
+  # examples/s and the final dev accuracy; the peer: its JSON line).
+  both=$("$py" scripts/e2e-compare.py "$run" "$out/peer-$method-r$r.json")
+  row=$("$py" - "$r" "$(sed -n 's/^e2e json: //p' <<<"$both")" <<'EOF'
 import json, sys
-run, peer, r = sys.argv[1], sys.argv[2], int(sys.argv[3])
-steps = [json.loads(l) for l in open(f"{run}/metrics.jsonl") if '"examples_per_s"' in l]
-ours = steps[-1]["examples_per_s"]
-acc = json.load(open(f"{run}/summary.json"))["last"]["accuracy"]
-p = json.loads(open(peer).read().strip().splitlines()[-1])
-print(json.dumps({"round": r, "ours_examples_per_s": round(ours, 1), "ours_dev_accuracy": acc,
+r, e = int(sys.argv[1]), json.loads(sys.argv[2])
+p = e["peer"]
+print(json.dumps({"round": r, "ours_examples_per_s": round(e["ours_examples_per_s"], 1),
+                  "ours_dev_accuracy": e["ours_dev_accuracy"],
                   "peer_examples_per_s": p["examples_per_s"], "peer_dev_accuracy": p["dev_accuracy"],
-                  "ratio": round(ours / p["examples_per_s"], 3), "peer": p["peer"], "device": p["device"]}))
+                  "ratio": round(e["ours_examples_per_s"] / p["examples_per_s"], 3),
+                  "peer": p["peer"], "device": p["device"]}))
 EOF
 )
   echo "$row"

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{data_root, scratch, tiny_model_dir};
+use common::{data_root, finetune_args, scratch, tiny_model_dir};
 use serde_json::Value;
 
 /// A clean tiny run takes about half a second on 2 cores; a case that has
@@ -34,60 +34,12 @@ struct Fixture {
     done: PathBuf,
 }
 
-/// The settings of every run here: 24 SST-2 sentences, batch 8 (3 batches
-/// an epoch), 2 epochs, evaluated and checkpointed every 2 steps.
-const BASE: [&str; 18] = [
-    "--device",
-    "cpu",
-    "--train-examples",
-    "24",
-    "--batch-size",
-    "8",
-    "--epochs",
-    "2",
-    "--max-len",
-    "32",
-    "--set",
-    "eval_examples=8",
-    "--set",
-    "log_every=1",
-    "--set",
-    "eval_every=2",
-    "--seed",
-    "1",
-];
-
 fn tunefuse() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tunefuse"))
 }
 
 fn s(p: &Path) -> String {
     p.to_str().unwrap().to_string()
-}
-
-fn finetune_args(model: &Path, data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "finetune".into(),
-        "--model".into(),
-        s(model),
-        "--data-dir".into(),
-        s(data),
-        "--output".into(),
-        s(out),
-    ];
-    // A flag of BASE that `extra` gives again is taken from `extra` (the
-    // parser refuses a flag given twice).
-    for pair in BASE.chunks(2) {
-        let overridden = pair[0] != "--set"
-            && extra
-                .iter()
-                .any(|e| *e == pair[0] || e.starts_with(&format!("{}=", pair[0])));
-        if !overridden {
-            a.extend(pair.iter().map(|x| x.to_string()));
-        }
-    }
-    a.extend(extra.iter().map(|x| x.to_string()));
-    a
 }
 
 fn copy_dir(from: &Path, to: &Path) {

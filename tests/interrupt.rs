@@ -65,8 +65,9 @@ fn sigterm_stops_the_binary_with_the_command_that_resumes() {
     let dir = scratch("interrupt");
     let model = tiny_model_dir(dir.path());
     let out = dir.path().join("run");
-    let args = tiny_finetune_args(
+    let args = finetune_args(
         &model,
+        &data_root(),
         &out,
         &[
             "--batch-size",

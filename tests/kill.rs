@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use common::{scratch, tiny_finetune_args, tiny_model_dir};
+use common::{data_root, finetune_args, scratch, tiny_model_dir};
 
 /// Kills to survive (the issue asks for at least 20).
 const KILLS: usize = 24;
@@ -22,8 +22,9 @@ const PAUSE_MS: u64 = 15;
 
 fn args(model: &Path, out: &Path) -> Vec<String> {
     // An evaluation, best/ when it improves, and last/ after every step.
-    tiny_finetune_args(
+    finetune_args(
         model,
+        &data_root(),
         out,
         &[
             "--batch-size",

@@ -378,42 +378,59 @@ pub fn small_run(
     }
 }
 
-/// The arguments of `tunefuse finetune` for a tiny CPU run of `model` on
-/// SST-2 from the data folder into `out`: 24 training sentences, 8
-/// evaluated, length 32, every step logged; `extra` adds the rest (batch
-/// size, epochs, evaluation cadence), which differ between the tests that
-/// drive the binary.
-pub fn tiny_finetune_args(
+/// The settings of the tests that drive the `tunefuse` binary: 24 SST-2
+/// sentences, batch 8 (3 batches an epoch), 2 epochs, evaluated and
+/// checkpointed every 2 steps.
+pub const BASE: [&str; 18] = [
+    "--device",
+    "cpu",
+    "--train-examples",
+    "24",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--max-len",
+    "32",
+    "--set",
+    "eval_examples=8",
+    "--set",
+    "log_every=1",
+    "--set",
+    "eval_every=2",
+    "--seed",
+    "1",
+];
+
+/// The arguments of `tunefuse finetune` of `model` on the data folder
+/// `data` into `out`: [`BASE`], then `extra`. A flag of `BASE` that `extra`
+/// gives again is taken from `extra` (the parser refuses a flag given
+/// twice); a `--set` of `extra` comes later and so wins.
+pub fn finetune_args(
     model: &std::path::Path,
+    data: &std::path::Path,
     out: &std::path::Path,
     extra: &[&str],
 ) -> Vec<String> {
-    let (model, data, out) = (
-        model.to_str().unwrap(),
-        data_root().to_str().unwrap().to_string(),
-        out.to_str().unwrap(),
-    );
-    [
-        "finetune",
-        "--model",
-        model,
-        "--data-dir",
-        &data,
-        "--output",
-        out,
-        "--device",
-        "cpu",
-        "--train-examples",
-        "24",
-        "--max-len",
-        "32",
-        "--set",
-        "eval_examples=8",
-        "--set",
-        "log_every=1",
-    ]
-    .iter()
-    .chain(extra)
-    .map(|s| s.to_string())
-    .collect()
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let mut a: Vec<String> = vec![
+        "finetune".into(),
+        "--model".into(),
+        path(model),
+        "--data-dir".into(),
+        path(data),
+        "--output".into(),
+        path(out),
+    ];
+    for pair in BASE.chunks(2) {
+        let overridden = pair[0] != "--set"
+            && extra
+                .iter()
+                .any(|e| *e == pair[0] || e.starts_with(&format!("{}=", pair[0])));
+        if !overridden {
+            a.extend(pair.iter().map(|x| x.to_string()));
+        }
+    }
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
 }
