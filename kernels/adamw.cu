@@ -106,11 +106,20 @@ ADAMW_ENTRIES(f64, double)
 // with src/ops/adamw.rs (multi module), which asserts their sizes.
 
 struct MtTensor {
-    unsigned long long p, mv, g, anchor;  // device addresses; anchor 0 = none
+    // Device addresses: anchor 0 = none; shadow (the bf16 copy of the
+    // parameter that mixed precision's forward reads) 0 = none.
+    unsigned long long p, mv, g, anchor, shadow;
     long long n;
     float lr, lam, pull, dlr;
-    int decay, pad;
+    int decay;
+    int g_bf16;  // the gradient is bf16 (else f32)
 };
+
+// Element i of the gradient, widened exactly to f32 when it is bf16.
+__device__ __forceinline__ float grad_at(const MtTensor& t, long long i) {
+    return t.g_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(t.g)[i])
+                    : reinterpret_cast<const float*>(t.g)[i];
+}
 struct MtChunk {
     int tensor, pad;
     long long start;
@@ -130,19 +139,35 @@ extern "C" __global__ void adamw_multi_f32(const MtTensor* __restrict__ ts,
     const MtTensor t = ts[c.tensor];
     float* p = reinterpret_cast<float*>(t.p);
     float* mv = reinterpret_cast<float*>(t.mv);
-    const float* g = reinterpret_cast<const float*>(t.g);
     const float* anchor = reinterpret_cast<const float*>(t.anchor);
+    __nv_bfloat16* shadow = reinterpret_cast<__nv_bfloat16*>(t.shadow);
     const float k = scale ? (float)*scale : 1.f;
     const long long end = min(c.start + chunk, t.n);
     for (long long i = c.start + threadIdx.x; i < end; i += blockDim.x) {
-        const float gi = scale ? R::mul(g[i], k) : g[i];
+        const float g = grad_at(t, i);
+        const float gi = scale ? R::mul(g, k) : g;
         float m = mv[i], v = mv[t.n + i];
         moment_elem(m, v, gi, b1, ob1, b2, ob2);
         mv[i] = m;
         mv[t.n + i] = v;
-        p[i] = update_elem(p[i], m, v, anchor != nullptr, anchor ? anchor[i] : 0.f, ic1, ic2, eps,
-                           t.lr, t.lam, t.pull, t.dlr, t.decay);
+        const float next = update_elem(p[i], m, v, anchor != nullptr, anchor ? anchor[i] : 0.f,
+                                       ic1, ic2, eps, t.lr, t.lam, t.pull, t.dlr, t.decay);
+        p[i] = next;
+        if (shadow) shadow[i] = __float2bfloat16_rn(next);
     }
+}
+
+// shadow = bf16(p) for every tensor of the table (the copies' refresh after
+// the parameters were written other than by the step).
+extern "C" __global__ void cast_multi_f32_bf16(const MtTensor* __restrict__ ts,
+                                               const MtChunk* __restrict__ cs, long long chunk) {
+    const MtChunk c = cs[blockIdx.x];
+    const MtTensor t = ts[c.tensor];
+    const float* p = reinterpret_cast<const float*>(t.p);
+    __nv_bfloat16* shadow = reinterpret_cast<__nv_bfloat16*>(t.shadow);
+    const long long end = min(c.start + chunk, t.n);
+    for (long long i = c.start + threadIdx.x; i < end; i += blockDim.x)
+        shadow[i] = __float2bfloat16_rn(p[i]);
 }
 
 // Sum of the squared gradient of each chunk (f32 per thread and across the
@@ -153,10 +178,12 @@ extern "C" __global__ void sumsq_multi_f32(const MtTensor* __restrict__ ts,
     __shared__ float warp_sums[32];
     const MtChunk c = cs[blockIdx.x];
     const MtTensor t = ts[c.tensor];
-    const float* g = reinterpret_cast<const float*>(t.g);
     const long long end = min(c.start + chunk, t.n);
     float s = 0.f;
-    for (long long i = c.start + threadIdx.x; i < end; i += blockDim.x) s += g[i] * g[i];
+    for (long long i = c.start + threadIdx.x; i < end; i += blockDim.x) {
+        const float g = grad_at(t, i);
+        s += g * g;
+    }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) warp_sums[warp] = s;

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
 use tunefuse::model::config::Activation;
-use tunefuse::model::layers::{Adapter, Lora};
+use tunefuse::model::layers::{Adapter, Lora, Stream};
 use tunefuse::ops::adapter::{adapter, adapter_composed, Act, AdapterWeights};
 
 fn var(v: &serde_json::Value, shape: &[usize]) -> Var {
@@ -104,7 +104,7 @@ fn model_adapter_matches_pytorch() {
             act,
             scale,
         };
-        ad.forward(x).unwrap()
+        ad.forward(x, &Stream::new(0)).unwrap()
     });
 }
 
@@ -189,7 +189,7 @@ fn modules_start_near_the_identity() {
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
     let ad = Adapter::new(&vb.pp("ad"), 48, 8, Activation::GeluErf, 1.0).unwrap();
     let x = Tensor::randn(0f32, 1.0, (2, 5, 48), &Device::Cpu).unwrap();
-    let y = ad.forward(&x).unwrap();
+    let y = ad.forward(&x, &Stream::new(0)).unwrap();
     let diff = max_abs_diff(&to_f64(&y), &to_f64(&x));
     assert!(
         diff > 0.0 && diff < 1e-4,
@@ -210,11 +210,11 @@ fn modules_start_near_the_identity() {
     let lora = Lora::new(&vb.pp("lora"), 48, 20, 4, 8.0).unwrap();
     assert_eq!(lora.scale, 2.0);
     let base = Tensor::randn(0f32, 1.0, (2, 5, 20), &Device::Cpu).unwrap();
-    let delta = lora.forward(&x).unwrap();
+    let delta = lora.forward(&x, &Stream::new(0)).unwrap();
     assert_eq!(delta.dims(), &[2, 5, 20]);
     assert_eq!(max_abs_diff(&to_f64(&delta), &vec![0.0; 200]), 0.0);
     assert_eq!(
-        to_f64(&lora.add_to(&x, &base).unwrap()),
+        to_f64(&lora.add_to(&x, &base, &Stream::new(0)).unwrap()),
         to_f64(&base),
         "a new LoRA changes its layer"
     );
@@ -234,7 +234,7 @@ fn modules_start_near_the_identity() {
     .unwrap();
     assert_close(
         "lora module",
-        &to_f64(&lora.add_to(&x, &base).unwrap()),
+        &to_f64(&lora.add_to(&x, &base, &Stream::new(0)).unwrap()),
         &to_f64(&want),
         1e-5,
         1e-5,

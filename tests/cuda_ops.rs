@@ -544,7 +544,9 @@ fn adamw_kernels_bit_identical_to_cpu() {
 /// chunk sums, the clipping factor by clip_scale's formula, and then every
 /// parameter and moment bit for bit (given the same factor). Tensors span
 /// one to four chunks of 64 Ki elements, are views at an offset, and mix
-/// decay, no decay and RecAdam.
+/// decay, no decay and RecAdam, f32 and bf16 gradients (mixed precision's
+/// weight gradients), with and without a bf16 copy of the parameter, which
+/// must come out as the CPU's bf16 cast of the new parameter.
 #[cfg(feature = "cuda")]
 #[test]
 fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
@@ -583,7 +585,19 @@ fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
             for t in 1..=3i32 {
                 let grads: Vec<Tensor> = sizes
                     .iter()
-                    .map(|&n| draw(n, 10f64.powi(t - 2)).relu().unwrap())
+                    .enumerate()
+                    .map(|(i, &n)| {
+                        let g = draw(n, 10f64.powi(t - 2)).relu().unwrap();
+                        if i % 2 == 1 {
+                            g.to_dtype(DType::BF16).unwrap()
+                        } else {
+                            g
+                        }
+                    })
+                    .collect();
+                let shadows: Vec<Tensor> = sizes
+                    .iter()
+                    .map(|&n| Tensor::zeros(n, DType::BF16, &dev).unwrap())
                     .collect();
                 let steps: Vec<_> = (0..sizes.len())
                     .map(|i| adamw_test_step(t, i % 2 == 0, i % 3 == 1))
@@ -594,6 +608,7 @@ fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
                         state: &states[i],
                         grad: &grads[i],
                         anchor: steps[i].recadam.and(Some(&anchors[i])),
+                        shadow: (i % 3 != 2).then_some(&shadows[i]),
                         step: steps[i],
                     })
                     .collect();
@@ -633,11 +648,81 @@ fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
                         bit_patterns(&states[i]) == bit_patterns(&cstates[i]),
                         "{what}: moments differ from the CPU op"
                     );
+                    if i % 3 != 2 {
+                        let want = cparams[i].to_dtype(DType::BF16).unwrap();
+                        assert!(
+                            bit_patterns(&shadows[i]) == bit_patterns(&want),
+                            "{what}: the bf16 copy is not bf16(new parameter)"
+                        );
+                    }
                 }
             }
         });
     }
     fails.finish("multi-tensor step");
+}
+
+/// The copies' refresh (one launch for every pair) against the CPU's cast:
+/// masters that are views at an offset, one to four chunks, NaN, ±inf and
+/// values that round up, to even and into the exponent.
+#[cfg(feature = "cuda")]
+#[test]
+fn multi_tensor_cast_matches_the_cpu_cast() {
+    use candle_core::Var;
+    use tunefuse::ops::cast_into;
+    let Some(dev) = cuda_device() else { return };
+    let sizes = [1usize, 7, 65537, 200_003];
+    let special = [
+        f32::NAN,
+        f32::INFINITY,
+        -f32::INFINITY,
+        1.0039062,
+        1.0058594,
+        3.3895314e38,
+        -0.0,
+    ];
+    let masters: Vec<Tensor> = sizes
+        .iter()
+        .map(|&n| {
+            let mut v: Vec<f32> = Tensor::randn(0f32, 3.0, n + 2, &Device::Cpu)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (k, x) in special.iter().enumerate().take(n) {
+                v[1 + k] = *x;
+            }
+            Tensor::from_vec(v, n + 2, &dev)
+                .unwrap()
+                .narrow(0, 1, n)
+                .unwrap()
+        })
+        .collect();
+    let copies: Vec<Var> = sizes
+        .iter()
+        .map(|&n| Var::zeros(n, DType::BF16, &dev).unwrap())
+        .collect();
+    let pairs: Vec<(&Tensor, &Var)> = masters.iter().zip(&copies).collect();
+    cast_into(&pairs).unwrap();
+    // Bits compared as bf16 (a NaN matches any NaN: the payloads of the
+    // CPU's and the device's conversions may differ).
+    let bits = |t: &Tensor| -> Vec<Option<u16>> {
+        let v: Vec<half::bf16> = t.to_device(&Device::Cpu).unwrap().to_vec1().unwrap();
+        v.iter()
+            .map(|x| (!x.is_nan()).then(|| x.to_bits()))
+            .collect()
+    };
+    for (i, (m, c)) in masters.iter().zip(&copies).enumerate() {
+        let want = m
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert!(
+            bits(c.as_tensor()) == bits(&want),
+            "pair {i} (n = {}): the copy is not the CPU's bf16 cast",
+            sizes[i]
+        );
+    }
 }
 
 // ------------------------------------------------------------ LayerNorm

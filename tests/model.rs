@@ -359,7 +359,7 @@ fn mixed_precision_keeps_f32_master_weights() {
             .unwrap()
             .last_hidden,
     );
-    bert.stream.set_compute_dtype(Some(DType::BF16));
+    bert.stream.set_compute_dtype(Some(DType::BF16), false);
     let h = bert
         .forward(&ids, None, &mask, Outputs::default())
         .unwrap()
@@ -380,6 +380,34 @@ fn mixed_precision_keeps_f32_master_weights() {
         .get(&bert.layers[1].intermediate.weight)
         .expect("a gradient for the f32 weight");
     assert_eq!(gq.dtype(), DType::F32);
+
+    // With persistent bf16 copies: the same forward values, and the weight
+    // gradient, filed under the master by route_grads, is the per-use
+    // path's f32 gradient exactly (that one is a widened bf16 GEMM output).
+    bert.stream.set_compute_dtype(Some(DType::BF16), true);
+    let h2 = bert
+        .forward(&ids, None, &mask, Outputs::default())
+        .unwrap()
+        .last_hidden;
+    assert_eq!(to_f64(&h2), to_f64(&h), "copies change the forward");
+    let w = &bert.layers[1].intermediate.weight;
+    let copy = bert.stream.shadow_of(w).expect("a copy made on first use");
+    assert_eq!(copy.dtype(), DType::BF16);
+    let mut g2 = h2
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(g2.get(w).is_none() && g2.get(&copy).is_some());
+    bert.stream.route_grads(&mut g2).unwrap();
+    assert!(g2.get(&copy).is_none(), "the copy's gradient stays behind");
+    let gq2 = g2.get(w).expect("the gradient moved to the master");
+    assert_eq!(gq2.dtype(), DType::BF16);
+    assert_eq!(to_f64(gq2), to_f64(gq), "gradient differs from the cast's");
 }
 
 /// Loss weights for the softmax tests: a fixed random projection of the

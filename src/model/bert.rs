@@ -422,7 +422,7 @@ impl Bert {
                 .broadcast_as((b, l, self.config.hidden_size))?,
         };
         let x = words.broadcast_add(&pos)?.add(&types)?;
-        let x = e.norm.forward(&x)?;
+        let x = e.norm.forward(&x, &self.stream)?;
         let x = match self.stream.compute_dtype() {
             Some(dt) => x.to_dtype(dt)?,
             None => x,
@@ -519,18 +519,18 @@ impl Bert {
             self.config.hidden_dropout_prob,
         )?;
         if let Some(ad) = &layer.attn_adapter {
-            a = ad.forward(&a)?;
+            a = ad.forward(&a, s)?;
         }
-        let h1 = layer.attn_norm.forward(&(a + x)?)?;
+        let h1 = layer.attn_norm.forward(&(a + x)?, s)?;
         let i = activation(&layer.intermediate.forward(&h1, s)?, self.act)?;
         let mut o = s.dropout(
             &layer.output.forward(&i, s)?,
             self.config.hidden_dropout_prob,
         )?;
         if let Some(ad) = &layer.ffn_adapter {
-            o = ad.forward(&o)?;
+            o = ad.forward(&o, s)?;
         }
-        Ok((layer.out_norm.forward(&(o + h1)?)?, probs))
+        Ok((layer.out_norm.forward(&(o + h1)?, s)?, probs))
     }
 
     /// `tanh(pooler.dense([CLS]))`, when the model has a pooler.

@@ -3,9 +3,10 @@
 //! LoRA delta; bottleneck adapters (both through the adapter op: the fused
 //! kernels on CUDA, candle's gemm on the CPU); LayerNorm; and the per-model
 //! random stream for dropout and mixout.
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, TensorId, Var};
 use candle_nn::{Init, VarBuilder};
 
 use super::config::Activation;
@@ -22,8 +23,32 @@ pub struct Stream {
     seed: Cell<u64>,
     offset: Cell<u64>,
     /// Activation dtype (mixed precision: bf16 activations over f32 master
-    /// weights, cast per use); `None` = the weights' dtype.
+    /// weights); `None` = the weights' dtype.
     compute: Cell<Option<DType>>,
+    /// Mixed precision's weight copies in the compute dtype, by master
+    /// weight (see [`Stream::compute_weight`]); `None` when turned off.
+    shadows: RefCell<Option<HashMap<TensorId, Shadow>>>,
+    /// Off inside [`Stream::without_weight_grads`].
+    weight_grads: Cell<bool>,
+}
+
+/// Restores weight gradients when dropped ([`Stream::without_weight_grads`]).
+pub struct WeightGradsOff<'a> {
+    stream: &'a Stream,
+    was: bool,
+}
+
+impl Drop for WeightGradsOff<'_> {
+    fn drop(&mut self) {
+        self.stream.weight_grads.set(self.was);
+    }
+}
+
+/// A master weight and its copy in the compute dtype.
+#[derive(Debug)]
+pub struct Shadow {
+    pub master: Tensor,
+    pub copy: Var,
 }
 
 impl Stream {
@@ -33,11 +58,136 @@ impl Stream {
             seed: Cell::new(seed),
             offset: Cell::new(0),
             compute: Cell::new(None),
+            shadows: RefCell::new(None),
+            weight_grads: Cell::new(true),
         }
     }
-    /// Sets the activation dtype (e.g. bf16 on CUDA with f32 weights).
-    pub fn set_compute_dtype(&self, dtype: Option<DType>) {
-        self.compute.set(dtype)
+
+    /// Until the guard is dropped, the layers use their weights detached:
+    /// a backward pass through forwards made meanwhile computes gradients
+    /// for the inputs only (SMART's ascent needs the perturbation's
+    /// gradient, not the weights': their GEMMs, bias and LayerNorm
+    /// reductions are skipped). The values are unchanged.
+    pub fn without_weight_grads(&self) -> WeightGradsOff<'_> {
+        let was = self.weight_grads.replace(false);
+        WeightGradsOff { stream: self, was }
+    }
+
+    /// Whether layers let gradients reach their weights (see
+    /// [`Stream::without_weight_grads`]).
+    pub fn weight_grads(&self) -> bool {
+        self.weight_grads.get()
+    }
+
+    /// `w` as a layer uses it: detached when it is `frozen` or weight
+    /// gradients are off.
+    fn use_weight(&self, w: Tensor, frozen: bool) -> Tensor {
+        if frozen || !self.weight_grads() {
+            w.detach()
+        } else {
+            w
+        }
+    }
+    /// Sets the activation dtype (e.g. bf16 on CUDA with f32 weights), and
+    /// whether weights keep a copy in it ([`Stream::compute_weight`]).
+    pub fn set_compute_dtype(&self, dtype: Option<DType>, shadows: bool) {
+        self.compute.set(dtype);
+        *self.shadows.borrow_mut() = (dtype.is_some() && shadows).then(HashMap::new);
+    }
+
+    /// Weight `w` (a master weight as the layer holds it) in dtype `dt`.
+    ///
+    /// Under mixed precision every use of an f32 weight needs it in bf16.
+    /// Cast per use, that is one cast kernel per weight in the forward and
+    /// one for its gradient (bf16 back to f32) in the backward, every step.
+    /// With shadows on, the weight instead gets a persistent bf16 copy, a
+    /// variable of its own, made here on first use: the forward reads the
+    /// copy, the backward leaves the weight's gradient (bf16, exactly the
+    /// value the cast's backward would widen) on the copy, and
+    /// [`Stream::route_grads`] files it under the master. The optimiser
+    /// rewrites the copy from the new master in the same pass
+    /// (`crate::ops::adamw::multi`), so the copy stays `bf16(master)`.
+    ///
+    /// The one rule: whatever writes a master weight other than the
+    /// optimiser (loading a checkpoint, swapping in other values) calls
+    /// [`Stream::refresh_shadows`] before the next forward.
+    ///
+    /// Within one backward pass, the gradients of two uses of a weight sum
+    /// in bf16 on the copy (as PyTorch's autocast sums them on its cached
+    /// cast), where per-use casts summed them in f32; with one use per
+    /// backward (vanilla, adapters, LoRA) the result is bit-identical.
+    pub fn compute_weight(&self, w: &Tensor, dt: DType) -> Result<Tensor> {
+        if w.dtype() == dt {
+            return Ok(w.clone());
+        }
+        let mut guard = self.shadows.borrow_mut();
+        let Some(map) = guard.as_mut() else {
+            return Ok(w.to_dtype(dt)?);
+        };
+        // Only variables (master weights) have copies: a computed weight
+        // (mixout's mix) is cast per use.
+        if !w.is_variable() {
+            return Ok(w.to_dtype(dt)?);
+        }
+        if let Some(s) = map.get(&w.id()) {
+            if s.copy.dtype() == dt {
+                return Ok(s.copy.as_tensor().clone());
+            }
+            return Ok(w.to_dtype(dt)?);
+        }
+        let copy = Var::from_tensor(&w.detach().to_dtype(dt)?)?;
+        let out = copy.as_tensor().clone();
+        map.insert(
+            w.id(),
+            Shadow {
+                master: w.clone(),
+                copy,
+            },
+        );
+        Ok(out)
+    }
+
+    /// The compute-dtype copy of master weight `master`, if it has one.
+    pub fn shadow_of(&self, master: &Tensor) -> Option<Tensor> {
+        let guard = self.shadows.borrow();
+        let s = guard.as_ref()?.get(&master.id())?;
+        Some(s.copy.as_tensor().clone())
+    }
+
+    /// Rewrites every copy from its master (after a write to the masters
+    /// other than the optimiser's step).
+    pub fn refresh_shadows(&self) -> Result<()> {
+        let guard = self.shadows.borrow();
+        let Some(map) = guard.as_ref() else {
+            return Ok(());
+        };
+        let pairs: Vec<(&Tensor, &Var)> = map.values().map(|s| (&s.master, &s.copy)).collect();
+        crate::ops::cast_into(&pairs)
+    }
+
+    /// Moves the gradients that a backward pass left on weight copies to
+    /// their master weights (added, in the master's dtype, to a gradient
+    /// the master got directly). Call on every `GradStore` from a
+    /// backward pass before reading parameter gradients from it.
+    pub fn route_grads(&self, grads: &mut candle_core::backprop::GradStore) -> Result<()> {
+        let guard = self.shadows.borrow();
+        let Some(map) = guard.as_ref() else {
+            return Ok(());
+        };
+        for (id, s) in map {
+            let Some(g) = grads.remove(s.copy.as_tensor()) else {
+                continue;
+            };
+            let g = match grads.get_id(*id) {
+                None => g,
+                Some(direct) => {
+                    let dt = s.master.dtype();
+                    (direct.to_dtype(dt)? + g.to_dtype(dt)?)?
+                }
+            };
+            grads.insert_id(*id, g);
+        }
+        Ok(())
     }
     pub fn compute_dtype(&self) -> Option<DType> {
         self.compute.get()
@@ -256,11 +406,11 @@ impl Lora {
         })
     }
 
-    fn weights(&self, dtype: DType) -> Result<AdapterWeights> {
+    fn weights(&self, dtype: DType, s: &Stream) -> Result<AdapterWeights> {
         Ok(AdapterWeights {
-            w_down: self.a.to_dtype(dtype)?,
+            w_down: s.use_weight(s.compute_weight(&self.a, dtype)?, false),
             b_down: None,
-            w_up: self.b.to_dtype(dtype)?,
+            w_up: s.use_weight(s.compute_weight(&self.b, dtype)?, false),
             b_up: None,
             act: Act::Identity,
             scale: self.scale,
@@ -268,16 +418,16 @@ impl Lora {
     }
 
     /// The delta alone: `s·(x·Aᵀ)·Bᵀ`, `[.., out]` for x `[.., in]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, s: &Stream) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         *dims.last_mut().unwrap() = self.b.dim(0)?;
         let zero = Tensor::zeros(dims, x.dtype(), x.device())?;
-        self.add_to(x, &zero)
+        self.add_to(x, &zero, s)
     }
 
     /// `base + s·(x·Aᵀ)·Bᵀ` in one fused op (base: the frozen layer's output).
-    pub fn add_to(&self, x: &Tensor, base: &Tensor) -> Result<Tensor> {
-        adapter_fast(x, &self.weights(x.dtype())?, Some(base))
+    pub fn add_to(&self, x: &Tensor, base: &Tensor, s: &Stream) -> Result<Tensor> {
+        adapter_fast(x, &self.weights(x.dtype(), s)?, Some(base))
     }
 }
 
@@ -323,17 +473,25 @@ impl Dense {
     }
 
     pub fn forward(&self, x: &Tensor, s: &Stream) -> Result<Tensor> {
-        let (mut w, b) = if self.frozen {
-            (self.weight.detach(), self.bias.as_ref().map(|b| b.detach()))
-        } else {
-            (self.weight.clone(), self.bias.clone())
+        let dt = x.dtype();
+        // Mixout mixes the master weight (its result is cast per use).
+        let mixing = self.mixout.as_ref().filter(|_| s.train());
+        let mut w = match mixing {
+            Some(_) => self.weight.clone(),
+            None => s.compute_weight(&self.weight, dt)?,
         };
-        if let (Some((pre, p)), true) = (&self.mixout, s.train()) {
+        let mut b = match &self.bias {
+            Some(b) => Some(s.compute_weight(b, dt)?),
+            None => None,
+        };
+        w = s.use_weight(w, self.frozen);
+        b = b.map(|b| s.use_weight(b, self.frozen));
+        if let Some((pre, p)) = mixing {
             w = mixout(&w, pre, *p, s.take(w.elem_count()), true)?;
         }
         let y = linear(x, &w, b.as_ref())?;
         match &self.lora {
-            Some(l) => l.add_to(x, &y),
+            Some(l) => l.add_to(x, &y, s),
             None => Ok(y),
         }
     }
@@ -361,12 +519,9 @@ impl LayerNorm {
 
     /// The fused [`crate::ops::layer_norm`] (f32 statistics, the f32
     /// weights used as they are, y rounded once to x's dtype).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (w, b) = if self.frozen {
-            (self.weight.detach(), self.bias.detach())
-        } else {
-            (self.weight.clone(), self.bias.clone())
-        };
+    pub fn forward(&self, x: &Tensor, s: &Stream) -> Result<Tensor> {
+        let w = s.use_weight(self.weight.clone(), self.frozen);
+        let b = s.use_weight(self.bias.clone(), self.frozen);
         crate::ops::layer_norm(x, &w, &b, self.eps)
     }
 }
@@ -422,14 +577,17 @@ impl Adapter {
     }
 
     /// `x + s·(act(x·W_dᵀ + b_d)·W_uᵀ + b_u)` for x `[.., d]`, in x's dtype
-    /// (f32 master weights are cast under mixed precision).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// (f32 master weights through [`Stream::compute_weight`] under mixed
+    /// precision).
+    pub fn forward(&self, x: &Tensor, s: &Stream) -> Result<Tensor> {
         let dt = x.dtype();
+        let w =
+            |t: &Tensor| -> Result<Tensor> { Ok(s.use_weight(s.compute_weight(t, dt)?, false)) };
         let w = AdapterWeights {
-            w_down: self.w_down.to_dtype(dt)?,
-            b_down: Some(self.b_down.to_dtype(dt)?),
-            w_up: self.w_up.to_dtype(dt)?,
-            b_up: Some(self.b_up.to_dtype(dt)?),
+            w_down: w(&self.w_down)?,
+            b_down: Some(w(&self.b_down)?),
+            w_up: w(&self.w_up)?,
+            b_up: Some(w(&self.b_up)?),
             act: self.act.into(),
             scale: self.scale,
         };

@@ -222,9 +222,13 @@ pub struct AdamWTensor<'a> {
     pub param: &'a Tensor,
     /// Its `[m; v]` from [`adamw_state`].
     pub state: &'a Tensor,
+    /// f32, or bf16 (mixed precision's weight gradients, widened exactly).
     pub grad: &'a Tensor,
     /// The pretrained value, exactly when `step.recadam` is given.
     pub anchor: Option<&'a Tensor>,
+    /// A bf16 copy of the parameter, rewritten as `bf16(new value)` in the
+    /// same pass (`crate::model::Stream::compute_weight`).
+    pub shadow: Option<&'a Tensor>,
     pub step: AdamWStep,
 }
 
@@ -557,13 +561,14 @@ pub mod multi {
         mv: u64,
         g: u64,
         anchor: u64,
+        shadow: u64,
         n: i64,
         lr: f32,
         lam: f32,
         pull: f32,
         dlr: f32,
         decay: i32,
-        pad: i32,
+        g_bf16: i32,
     }
     /// `MtChunk` of kernels/adamw.cu.
     #[repr(C)]
@@ -573,24 +578,36 @@ pub mod multi {
         pad: i32,
         start: i64,
     }
-    const _: () = assert!(std::mem::size_of::<MtTensor>() == 64);
+    const _: () = assert!(std::mem::size_of::<MtTensor>() == 72);
     const _: () = assert!(std::mem::size_of::<MtChunk>() == 16);
 
-    /// The device and the first element's address of a contiguous f32 CUDA
-    /// tensor; `None` for any other tensor.
+    /// The device and the first element's address of a contiguous f32
+    /// CUDA tensor; `None` for any other tensor.
     fn address(t: &Tensor) -> Option<(CudaDevice, u64)> {
-        if t.dtype() != DType::F32 || !t.is_contiguous() {
+        address_of(t, DType::F32)
+    }
+
+    /// [`address`] for a contiguous CUDA tensor of dtype `dt` (f32 or
+    /// bf16).
+    fn address_of(t: &Tensor, dt: DType) -> Option<(CudaDevice, u64)> {
+        if t.dtype() != dt || !t.is_contiguous() {
             return None;
         }
         let (st, l) = t.storage_and_layout();
         let Storage::Cuda(cs) = &*st else { return None };
-        let s = cs.as_cuda_slice::<f32>().ok()?;
         let stream = cs.device.cuda_stream();
         // With one stream and event tracking off (crate::cuda_device) the
         // returned guard records nothing; stream order keeps the kernel
         // after every earlier write and before any later free.
-        let (ptr, _guard) = s.device_ptr(&stream);
-        Some((cs.device.clone(), ptr + 4 * l.start_offset() as u64))
+        let ptr = match dt {
+            DType::F32 => cs.as_cuda_slice::<f32>().ok()?.device_ptr(&stream).0,
+            DType::BF16 => cs.as_cuda_slice::<half::bf16>().ok()?.device_ptr(&stream).0,
+            _ => return None,
+        };
+        Some((
+            cs.device.clone(),
+            ptr + (dt.size_in_bytes() * l.start_offset()) as u64,
+        ))
     }
 
     /// The bytes of a `repr(C)` slice without padding (MtTensor, MtChunk).
@@ -628,10 +645,21 @@ pub mod multi {
             {
                 return Ok(None);
             }
-            let (Some((d, p)), Some((_, mv)), Some((_, g))) =
-                (address(it.param), address(it.state), address(it.grad))
-            else {
+            let g_bf16 = it.grad.dtype() == DType::BF16;
+            let (Some((d, p)), Some((_, mv)), Some((_, g))) = (
+                address(it.param),
+                address(it.state),
+                address_of(it.grad, it.grad.dtype()),
+            ) else {
                 return Ok(None);
+            };
+            let shadow = match it.shadow {
+                Some(s) if s.dims() != it.param.dims() => return Ok(None),
+                Some(s) => match address_of(s, DType::BF16) {
+                    Some((_, s)) => s,
+                    None => return Ok(None),
+                },
+                None => 0,
             };
             let anchor = match it.anchor {
                 Some(a) => match address(a) {
@@ -647,6 +675,16 @@ pub mod multi {
             }
             // The in-place operands own their memory.
             let own = [storage_addr(it.param), storage_addr(it.state)];
+            if it.shadow.is_some_and(|s| {
+                let a = storage_addr(s);
+                own.contains(&a)
+                    || [it.grad]
+                        .into_iter()
+                        .chain(it.anchor)
+                        .any(|t| storage_addr(t) == a)
+            }) {
+                return Ok(None);
+            }
             let others = [Some(it.grad), it.anchor]
                 .into_iter()
                 .flatten()
@@ -661,45 +699,31 @@ pub mod multi {
                 mv,
                 g,
                 anchor,
+                shadow,
                 n: n as i64,
                 lr: st.lr as f32,
                 lam: lam as f32,
                 pull: pull as f32,
                 dlr: st.decay.unwrap_or(0.0) as f32,
                 decay: st.decay.is_some() as i32,
-                pad: 0,
+                g_bf16: g_bf16 as i32,
             });
         }
         let dev = dev.expect("at least one item");
-        let mut chunks = Vec::new();
-        for (i, t) in tensors.iter().enumerate() {
-            for start in (0..t.n as usize).step_by(CHUNK) {
-                chunks.push(MtChunk {
-                    tensor: i as i32,
-                    pad: 0,
-                    start: start as i64,
-                });
-            }
-        }
-        if chunks.is_empty() {
+        let Some(table) = Table::upload(&dev, &tensors)? else {
             // Only empty tensors: a zero norm, nothing to update.
             let zero = Tensor::zeros((), DType::F64, &candle_core::Device::Cuda(dev))?;
             return Ok(Some(zero));
-        }
-        let out = k::alloc::<f64>(&dev, 2)?;
+        };
         let stream = dev.cuda_stream();
-        let mut table = bytes(&tensors).to_vec();
-        table.extend_from_slice(bytes(&chunks));
-        let table = stream
-            .clone_htod(&table)
-            .map_err(candle_core::Error::wrap)?;
-        let partial = k::alloc::<f64>(&dev, chunks.len())?;
-        let (base, _g1) = table.device_ptr(&stream);
-        let (ts, cs) = (base, base + std::mem::size_of_val(&tensors[..]) as u64);
+        let out = k::alloc::<f64>(&dev, 2)?;
+        let partial = k::alloc::<f64>(&dev, table.chunks as usize)?;
+        let (base, _g1) = table.buf.device_ptr(&stream);
+        let (ts, cs) = (base, base + table.chunks_at);
         let (partial_ptr, _g2) = partial.device_ptr(&stream);
         let (out_ptr, _g3) = out.device_ptr(&stream);
         let chunk = CHUNK as i64;
-        let nchunks = chunks.len() as u32;
+        let nchunks = table.chunks;
 
         let f = k::func(&dev, MODULE, ptx::ADAMW, "sumsq_multi_f32")?;
         let mut b = f.builder();
@@ -742,5 +766,85 @@ pub mod multi {
             false,
         );
         Ok(Some(out.get(0)?))
+    }
+
+    /// The tensors' table and its chunks on the device, in one upload.
+    struct Table {
+        buf: candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
+        /// Byte offset of the chunks.
+        chunks_at: u64,
+        chunks: u32,
+    }
+
+    impl Table {
+        /// `None` when no tensor has an element (nothing to launch).
+        fn upload(dev: &CudaDevice, tensors: &[MtTensor]) -> Result<Option<Self>> {
+            let mut chunks = Vec::new();
+            for (i, t) in tensors.iter().enumerate() {
+                for start in (0..t.n as usize).step_by(CHUNK) {
+                    chunks.push(MtChunk {
+                        tensor: i as i32,
+                        pad: 0,
+                        start: start as i64,
+                    });
+                }
+            }
+            if chunks.is_empty() {
+                return Ok(None);
+            }
+            let mut bytes_ = bytes(tensors).to_vec();
+            bytes_.extend_from_slice(bytes(&chunks));
+            let buf = dev
+                .cuda_stream()
+                .clone_htod(&bytes_)
+                .map_err(candle_core::Error::wrap)?;
+            Ok(Some(Self {
+                buf,
+                chunks_at: std::mem::size_of_val(tensors) as u64,
+                chunks: chunks.len() as u32,
+            }))
+        }
+    }
+
+    /// `copy ← bf16(master)` for every `(master, copy)` pair in one launch
+    /// (and one upload). `Ok(false)`, with nothing done, when the form does
+    /// not apply (a master not a contiguous f32 CUDA tensor, a copy not a
+    /// contiguous bf16 one of its shape, not one device, no pairs).
+    pub fn cast_multi(pairs: &[(&Tensor, &Tensor)]) -> Result<bool> {
+        let mut dev: Option<CudaDevice> = None;
+        let mut tensors = Vec::with_capacity(pairs.len());
+        for (master, copy) in pairs {
+            if master.dims() != copy.dims() {
+                return Ok(false);
+            }
+            let (Some((d, p)), Some((d2, shadow))) =
+                (address(master), address_of(copy, DType::BF16))
+            else {
+                return Ok(false);
+            };
+            if !d.same_device(&d2) || dev.as_ref().is_some_and(|d0| !d0.same_device(&d)) {
+                return Ok(false);
+            }
+            dev.get_or_insert(d);
+            tensors.push(MtTensor {
+                p,
+                shadow,
+                n: master.elem_count() as i64,
+                ..Default::default()
+            });
+        }
+        let Some(dev) = dev else { return Ok(false) };
+        let Some(table) = Table::upload(&dev, &tensors)? else {
+            return Ok(true);
+        };
+        let stream = dev.cuda_stream();
+        let (base, _g) = table.buf.device_ptr(&stream);
+        let (ts, cs) = (base, base + table.chunks_at);
+        let chunk = CHUNK as i64;
+        let f = k::func(&dev, MODULE, ptx::ADAMW, "cast_multi_f32_bf16")?;
+        let mut b = f.builder();
+        b.arg(&ts).arg(&cs).arg(&chunk);
+        k::launch(&mut b, table.chunks, BLOCK)?;
+        Ok(true)
     }
 }

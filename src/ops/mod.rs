@@ -25,3 +25,20 @@ pub fn wide_dtype(dtype: candle_core::DType) -> candle_core::DType {
         candle_core::DType::F32
     }
 }
+
+/// `copy ← master` converted to the copy's dtype, for every pair, in place
+/// (mixed precision's weight copies, `crate::model::Stream`): one launch
+/// for all of them on CUDA, a cast and a copy per pair otherwise.
+pub fn cast_into(pairs: &[(&candle_core::Tensor, &candle_core::Var)]) -> crate::Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        let ts: Vec<_> = pairs.iter().map(|(m, c)| (*m, c.as_tensor())).collect();
+        if adamw::multi::cast_multi(&ts)? {
+            return Ok(());
+        }
+    }
+    for (master, copy) in pairs {
+        copy.set(&master.detach().to_dtype(copy.dtype())?)?;
+    }
+    Ok(())
+}

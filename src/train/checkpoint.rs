@@ -249,7 +249,7 @@ pub fn load_params(run: &Run, path: &Path) -> Result<()> {
         check_stored(path, &p.name, v, p.var.as_tensor())?;
         p.var.set(v)?;
     }
-    Ok(())
+    run.bert.stream.refresh_shadows()
 }
 
 /// `last/`: parameters (`param.*`), optimiser state (`opt.*`), the methods'
@@ -304,6 +304,7 @@ pub fn load_last(run: &mut Run, dir: &Path) -> Result<State> {
         check_stored(&sp, &key, &v, p.var.as_tensor())?;
         p.var.set(&v)?;
     }
+    run.bert.stream.refresh_shadows()?;
     let opt: HashMap<String, Tensor> = t
         .iter()
         .filter_map(|(k, v)| k.strip_prefix("opt.").map(|k| (k.to_string(), v.clone())))

@@ -149,20 +149,30 @@ impl AdamW {
     /// [`Self::step`] in turn; on CUDA, with f32 parameters, all three in
     /// three launches for every tensor at once
     /// ([`crate::ops::adamw::multi::clip_and_step`]).
+    ///
+    /// The mixed-precision weight copies of `stream`
+    /// ([`crate::model::Stream::compute_weight`]) are rewritten from the
+    /// updated parameters: in the same pass on CUDA, after it otherwise.
     pub fn clip_and_step(
         &mut self,
         grads: &candle_core::backprop::GradStore,
         lr: f64,
         max_norm: f64,
+        stream: &crate::model::Stream,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         {
             use crate::ops::adamw::{multi, AdamWTensor};
             let t = self.step + 1;
-            let items: Vec<AdamWTensor<'_>> = self
-                .plan(grads, lr, t)
+            let plan = self.plan(grads, lr, t);
+            let shadows: Vec<Option<Tensor>> = plan
+                .iter()
+                .map(|(i, _)| stream.shadow_of(self.params[*i].var.as_tensor()))
+                .collect();
+            let items: Vec<AdamWTensor<'_>> = plan
                 .into_iter()
-                .map(|(i, step)| {
+                .zip(&shadows)
+                .map(|((i, step), shadow)| {
                     let p = &self.params[i];
                     AdamWTensor {
                         param: p.var.as_tensor(),
@@ -171,6 +181,7 @@ impl AdamW {
                             .get(p.var.as_tensor())
                             .expect("planned with a gradient"),
                         anchor: step.recadam.and(p.anchor.as_ref()),
+                        shadow: shadow.as_ref(),
                         step,
                     }
                 })
@@ -183,6 +194,7 @@ impl AdamW {
         let norm = grad_norm(grads, &self.params)?;
         let scale = clip_scale(&norm, max_norm)?;
         self.step(grads, lr, scale.as_ref())?;
+        stream.refresh_shadows()?;
         Ok(norm)
     }
 
@@ -404,13 +416,12 @@ pub fn add_param_grads(
     for p in params {
         let t = p.var.as_tensor();
         if let Some(g) = from.get(t) {
-            let g = if scale == 1.0 {
-                g.clone()
-            } else {
-                (g * scale)?
-            };
+            // In the parameter's dtype: mixed precision's bf16 weight
+            // gradients are summed (and scaled) in f32.
+            let g = g.to_dtype(p.var.dtype())?;
+            let g = if scale == 1.0 { g } else { (g * scale)? };
             let sum = match into.get(t) {
-                Some(a) => (a + g)?,
+                Some(a) => (a.to_dtype(p.var.dtype())? + g)?,
                 None => g,
             };
             into.insert(t, sum);

@@ -127,7 +127,12 @@ impl Run {
             Precision::F32 => false,
             Precision::Auto => device.is_cuda(),
         };
-        bert.stream.set_compute_dtype(bf16.then_some(DType::BF16));
+        // Persistent bf16 weight copies (`Stream::compute_weight`), unless
+        // `TUNEFUSE_CAST_PER_USE` is set: a diagnostic switch back to one
+        // cast per weight use, which the tests compare against.
+        let copies = std::env::var_os("TUNEFUSE_CAST_PER_USE").is_none();
+        bert.stream
+            .set_compute_dtype(bf16.then_some(DType::BF16), copies);
         let pretrained = params::snapshot(&varmap)?;
         let freezing = Freezing::new(
             methods::freezes_backbone(&methods),

@@ -68,6 +68,7 @@ impl Run {
                 let _r = crate::nvtx::range("backward");
                 loss.backward()?
             };
+            self.bert.stream.route_grads(&mut g)?;
             if let Some(pre) = &obj.grads {
                 add_param_grads(&mut g, pre, &self.opt.params, share)?;
             }
@@ -85,7 +86,8 @@ impl Run {
         let _cache = crate::upload_cache(&self.device);
         let norm = {
             let _r = crate::nvtx::range("gradient norm, clipping, optimizer step");
-            self.opt.clip_and_step(&grads, lr, self.cfg.clip)?
+            self.opt
+                .clip_and_step(&grads, lr, self.cfg.clip, &self.bert.stream)?
         };
         phases.mark("gradient norm, clipping, optimizer step")?;
         phases.step_done();

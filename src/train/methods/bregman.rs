@@ -90,6 +90,7 @@ impl<'a> Swapped<'a> {
         for (p, t) in params.iter().zip(values) {
             p.var.set(t)?;
         }
+        stream.refresh_shadows()?;
         stream.set_train(false);
         Ok(guard)
     }
@@ -102,6 +103,9 @@ impl Drop for Swapped<'_> {
             // Same shape and dtype as the value taken from it: cannot fail.
             let _ = p.var.set(t);
         }
+        // As the values put back are θ's own, this only rewrites the bf16
+        // copies with what they held before the teacher pass.
+        let _ = self.stream.refresh_shadows();
     }
 }
 

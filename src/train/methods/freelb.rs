@@ -102,7 +102,8 @@ impl Estimator for FreeLb {
             let _r = crate::nvtx::range("freelb ascent step");
             let d = Var::from_tensor(&delta)?;
             let loss = pass(d.as_tensor())?;
-            let g = loss.backward()?;
+            let mut g = loss.backward()?;
+            ctx.model.bert.stream.route_grads(&mut g)?;
             add_param_grads(&mut grads, &g, ctx.params, 1.0)?;
             done = Some(match done {
                 None => loss.detach(),

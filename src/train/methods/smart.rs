@@ -141,6 +141,8 @@ impl Term for Smart {
             let ctx = &*ctx;
             smart.run(&[bsz, len, hid], mask, embeds.dtype(), &mut rng, |delta| {
                 let _r = crate::nvtx::range("smart ascent step");
+                // Only δ's gradient is used: the weights' are not computed.
+                let _off = ctx.model.bert.stream.without_weight_grads();
                 let d = Var::from_tensor(delta)?;
                 let adv = ctx.forward(&(&clean + d.as_tensor())?)?;
                 let inner = ctx.head().ascent_loss(&adv, &target)?;
