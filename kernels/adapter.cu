@@ -500,6 +500,20 @@ __device__ void bwd_weights(const T* __restrict__ x, const T* __restrict__ dy,
         for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;              \
              i += (long long)gridDim.x * blockDim.x)                                             \
             dst[i] = tf::from_f32<T>(src[i]);                                                    \
+    }                                                                                            \
+    /* The activation alone, elementwise (src/ops/adapter.rs, activation): */                    \
+    /* y = act(x), and dx = g * act'(x), in f32, rounded once. */                                \
+    extern "C" __global__ void act_fwd_##SFX(const T* __restrict__ x, T* __restrict__ y,         \
+                                             long long n, int act) {                             \
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;              \
+             i += (long long)gridDim.x * blockDim.x)                                             \
+            y[i] = tf::from_f32<T>(tfa::act_f(act, tf::to_f32(x[i])));                              \
+    }                                                                                            \
+    extern "C" __global__ void act_bwd_##SFX(const T* __restrict__ x, const T* __restrict__ g,   \
+                                             T* __restrict__ dx, long long n, int act) {         \
+        for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;              \
+             i += (long long)gridDim.x * blockDim.x)                                             \
+            dx[i] = tf::from_f32<T>(tf::to_f32(g[i]) * tfa::act_df(act, tf::to_f32(x[i])));        \
     }
 
 TF_ADAPTER_ALL(float, f32)

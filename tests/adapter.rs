@@ -386,3 +386,96 @@ fn bad_inputs_are_errors() {
     )
     .contains("scale"));
 }
+
+/// The activation op (one kernel each way on CUDA) against its composition
+/// from candle's ops, in f64 (the two compute the same formulas: agreement
+/// to a few f64 ulps), its gradient by finite differences, and in f32 / bf16
+/// rounded once from the f64 value.
+#[test]
+fn activation_op_matches_the_composition_and_finite_differences() {
+    use tunefuse::ops::adapter::activation;
+    let cpu = Device::Cpu;
+    // Values across the activations' bends, including 0 and large |x|.
+    let mut vals = randn(61, 7, 2.5);
+    vals.extend([0.0, -0.0, 1e-8, -12.0, 12.0, 40.0, -40.0]);
+    let n = vals.len();
+    let w = randn(n, 8, 1.0);
+    for act in [Act::GeluErf, Act::GeluTanh, Act::Relu, Act::Silu] {
+        let x = Var::from_tensor(&tensor(&vals, &[n], DType::F64, &cpu)).unwrap();
+        let wt = tensor(&w, &[n], DType::F64, &cpu);
+        let y = activation(x.as_tensor(), act).unwrap();
+        let yc = act.composed(x.as_tensor()).unwrap();
+        assert_close(
+            &format!("{act:?} value"),
+            &to_f64(&y),
+            &to_f64(&yc),
+            1e-15,
+            1e-14,
+        );
+        let g = (&y * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = to_f64(g.get(x.as_tensor()).unwrap());
+        let gc = (&yc * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+        let gcx = to_f64(gc.get(x.as_tensor()).unwrap());
+        // Relu's derivative at exactly ±0 is 0 here (PyTorch's, and the
+        // adapter kernels'), 1 in candle's backward (x ≥ 0): compared
+        // elsewhere.
+        let keep = |v: &[f64]| -> Vec<f64> {
+            v.iter()
+                .zip(&vals)
+                .filter(|(_, x)| act != Act::Relu || **x != 0.0)
+                .map(|(g, _)| *g)
+                .collect()
+        };
+        assert_close(
+            &format!("{act:?} gradient"),
+            &keep(&gx),
+            &keep(&gcx),
+            1e-14,
+            1e-13,
+        );
+        if act == Act::Relu {
+            assert!(vals.iter().zip(&gx).all(|(x, g)| *x != 0.0 || *g == 0.0));
+        }
+        let f = |v: &[f64]| -> f64 {
+            let t = tensor(v, &[n], DType::F64, &cpu);
+            let y = to_f64(&activation(&t, act).unwrap());
+            y.iter().zip(&w).map(|(a, b)| a * b).sum()
+        };
+        // Away from Relu's kink at 0 (entries 61.. hold 0 and ±0).
+        check_fd(
+            &format!("{act:?}"),
+            &vals,
+            &[0, 5, 17, 33, 60, 64, 65],
+            &gx,
+            1e-7,
+            1e-6,
+            f,
+        );
+        for dt in [DType::F32, DType::BF16] {
+            let xd = tensor(&vals, &[n], dt, &cpu);
+            // The f64 value of the dtype's inputs, rounded once to the dtype.
+            let want = act
+                .composed(&xd.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let got = activation(&xd, act).unwrap();
+            assert_eq!(got.dtype(), dt);
+            let (a, b) = (to_f64(&got), to_f64(&want));
+            // Equal, except where the f64 composition and the op's f64 value
+            // straddle a rounding boundary of the dtype (one ulp).
+            let ulp = if dt == DType::BF16 {
+                2f64.powi(-7)
+            } else {
+                2f64.powi(-23)
+            };
+            for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+                assert!(
+                    (p - q).abs() <= ulp * q.abs().max(1e-30),
+                    "{act:?} {dt:?} element {i} (x = {}): {p} vs {q}",
+                    vals[i]
+                );
+            }
+        }
+    }
+}

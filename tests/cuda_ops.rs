@@ -1630,3 +1630,63 @@ fn upload_cache_leaves_strided_ops_bit_identical() {
     }
     // The guard (`cache`) lives to here.
 }
+
+/// The activation kernels (`act_fwd_*`, `act_bwd_*`) against the CPU op
+/// (f64, rounded once). Allowance per element: 8 f32 ulps of the value
+/// (erff / tanhf / expf and a few f32 operations), an absolute 1e-6·(1 +
+/// |g|) for the gradient's terms of size about 1 that cancel where GELU's
+/// f' crosses zero (5e-7 for the value's), and for bf16 / f16 one ulp of
+/// the dtype (the f32 and the f64 value may round to neighbours).
+#[test]
+fn activation_kernels_match_the_cpu_op() {
+    use tunefuse::ops::adapter::activation;
+    let Some(dev) = cuda_device() else { return };
+    let n = if quick() { 4099 } else { (1 << 20) | 5 };
+    let mut vals = randn(n, 11, 3.0);
+    vals[..6].copy_from_slice(&[0.0, -0.0, 12.0, -12.0, 40.0, -40.0]);
+    let gvals = randn(n, 12, 1.0);
+    let mut fails = Failures::default();
+    for act in [Act::GeluErf, Act::GeluTanh, Act::Relu, Act::Silu] {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            fails.check(|| {
+                let ulp = match dt {
+                    DType::F32 => 0.0,
+                    DType::BF16 => 2f64.powi(-7),
+                    _ => 2f64.powi(-10),
+                };
+                let rel = 8.0 * 2f64.powi(-23) + ulp;
+                let x = Var::from_tensor(&tensor(&vals, &[n], dt, &dev)).unwrap();
+                let xc = Var::from_tensor(&tensor(&vals, &[n], dt, &Device::Cpu)).unwrap();
+                let g = tensor(&gvals, &[n], dt, &dev);
+                let gc = tensor(&gvals, &[n], dt, &Device::Cpu);
+                let gv = to_f64(&gc);
+                let y = activation(x.as_tensor(), act).unwrap();
+                let yc = to_f64(&activation(xc.as_tensor(), act).unwrap());
+                let tag = format!("{act:?} {dt:?}");
+                assert_within(
+                    &format!("{tag} value"),
+                    &to_f64(&y),
+                    &yc,
+                    |i| 5e-7 + rel * yc[i].abs(),
+                    |i| format!("x = {}", vals[i]),
+                );
+                let dx = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+                let dxc = (activation(xc.as_tensor(), act).unwrap() * &gc)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let want = to_f64(dxc.get(xc.as_tensor()).unwrap());
+                assert_within(
+                    &format!("{tag} gradient"),
+                    &to_f64(dx.get(x.as_tensor()).unwrap()),
+                    &want,
+                    |i| 1e-6 * (1.0 + gv[i].abs()) + rel * want[i].abs(),
+                    |i| format!("x = {}, g = {}", vals[i], gv[i]),
+                );
+            });
+        }
+    }
+    fails.finish("activation kernels");
+}

@@ -21,7 +21,7 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::cpu::{from_f64, to_f64};
 use crate::error::{check_float_dtype, param_err, shape_err, Error, Result};
@@ -37,12 +37,24 @@ pub enum Act {
 }
 
 impl Act {
-    /// The activation on a tensor. Under autograd both GELUs are composed
-    /// from erf / tanh, whose backward passes are exact, because candle's
-    /// fused `gelu_erf` and `gelu` backward passes use 6-digit constants
-    /// (0.398942 for 1/√(2π), 0.797885 for √(2/π)): a relative gradient
-    /// error near 1e-6, which the adapter golden test against PyTorch exposed.
+    /// The activation on a tensor: [`activation`] (one kernel forward, one
+    /// backward) wherever it has a kernel, which is every dtype on the CPU
+    /// and f32 / bf16 / f16 on CUDA. Otherwise (f64 on CUDA) composed from
+    /// candle's ops, the GELUs under autograd from erf / tanh, whose
+    /// backward passes are exact, because candle's fused `gelu_erf` and
+    /// `gelu` backward passes use 6-digit constants (0.398942 for 1/√(2π),
+    /// 0.797885 for √(2/π)): a relative gradient error near 1e-6, which the
+    /// adapter golden test against PyTorch exposed.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        if self != Act::Identity && (!x.device().is_cuda() || x.dtype() != DType::F64) {
+            return activation(x, self);
+        }
+        self.composed(x)
+    }
+
+    /// The activation composed from candle's ops (the path before the fused
+    /// op, kept as its comparison and for f64 on CUDA).
+    pub fn composed(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Act::GeluErf if x.track_op() => {
                 ((x * 0.5)? * ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)?)?
@@ -96,6 +108,94 @@ impl Act {
 
 /// √(2/π).
 const K_TANH: f64 = 0.797_884_560_802_865_4;
+
+/// `act(x)` elementwise, with a backward of its own: `dx = g·act'(x)`.
+///
+/// Semantics (the CPU op): each element in f64, `f` and `f'` exactly as
+/// written in [`Act`]'s formulas (erf, tanh, exp in f64), rounded once to
+/// x's dtype; the gradient `g·f'(x)` likewise. On CUDA one kernel each way
+/// (`act_fwd_*`, `act_bwd_*` of kernels/adapter.cu, the adapter's own
+/// activation code), in f32 with erff / tanhf / expf, rounded once. The
+/// composition from candle's ops costs five kernels forward and about a
+/// dozen backward for GELU, which the BERT encoder runs in every layer.
+pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
+    check_float_dtype("activation", "x", x.dtype())?;
+    if act == Act::Identity {
+        return Ok(x.clone());
+    }
+    let x = x.contiguous()?;
+    Ok(x.apply_op1(ActOp(act))?)
+}
+
+/// The forward of [`activation`].
+struct ActOp(Act);
+/// Its backward: `(x, g) ↦ g·act'(x)`.
+struct ActGrad(Act);
+
+impl candle_core::CustomOp1 for ActOp {
+    fn name(&self) -> &'static str {
+        "tunefuse-act"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = to_f64(s, l)?;
+        let y: Vec<f64> = x.par_iter().map(|&h| self.0.f(h)).collect();
+        Ok((from_f64(y, s.dtype()), l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::act(self.0, (s, l), None)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            x.apply_op2_no_bwd(&g.contiguous()?, &ActGrad(self.0))?,
+        ))
+    }
+}
+
+impl CustomOp2 for ActGrad {
+    fn name(&self) -> &'static str {
+        "tunefuse-act-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (x, g) = (to_f64(xs, xl)?, to_f64(gs, gl)?);
+        let dx: Vec<f64> = x
+            .par_iter()
+            .zip(&g)
+            .map(|(&h, &gi)| gi * self.0.df(h))
+            .collect();
+        Ok((from_f64(dx, xs.dtype()), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            cuda::act(self.0, (xs, xl), Some((gs, gl)))?,
+            xl.shape().clone(),
+        ))
+    }
+}
 
 /// erf in f64 (candle's implementation, the one its erf op uses).
 fn erf(x: f64) -> f64 {
@@ -637,6 +737,51 @@ mod cuda {
     const MODULE: &str = "tunefuse_adapter";
     const ROWS: usize = 64;
     const THREADS: u32 = 128;
+
+    /// `act_fwd_<dtype>` (y = act(x)), or with a gradient g `act_bwd_<dtype>`
+    /// (dx = g·act'(x)); contiguous inputs of one dtype and shape.
+    pub(super) fn act(
+        act: super::Act,
+        x: (&CudaStorage, &Layout),
+        g: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<CudaStorage> {
+        let dev = x.0.device.clone();
+        let n = x.1.shape().elem_count();
+        let dtype = x.0.dtype();
+        let which = if g.is_some() { "bwd" } else { "fwd" };
+        if let Some((gs, gl)) = g {
+            if gs.dtype() != dtype || gl.shape() != x.1.shape() {
+                candle_core::bail!(
+                    "activation: gradient {:?} {:?} for x {dtype:?} {:?}",
+                    gs.dtype(),
+                    gl.dims(),
+                    x.1.dims()
+                );
+            }
+        }
+        let f = k::func(
+            &dev,
+            MODULE,
+            ptx::ADAPTER,
+            &format!("act_{which}_{}", k::suffix("activation", dtype)?),
+        )?;
+        k::with_float_type!("activation", dtype, T => {
+            let xv = k::view::<T>("activation", x.0, x.1)?;
+            let gv = g.map(|(s, l)| k::view::<T>("activation", s, l)).transpose()?;
+            let mut y = k::alloc::<T>(&dev, n)?;
+            if n > 0 {
+                let (n64, code) = (n as i64, act as i32);
+                let mut b = f.builder();
+                b.arg(&xv);
+                if let Some(gv) = gv.as_ref() {
+                    b.arg(gv);
+                }
+                b.arg(&mut y).arg(&n64).arg(&code);
+                k::launch(&mut b, k::grid_for(n, 256), 256)?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        })
+    }
 
     /// What the launches of one call share.
     struct Geometry {
