@@ -1690,3 +1690,102 @@ fn activation_kernels_match_the_cpu_op() {
     }
     fails.finish("activation kernels");
 }
+
+/// The attention-probabilities kernels against the CPU op, with and without
+/// dropout, at encoder shapes (one key, a warp's worth, several warps per
+/// row; a padded example). The dropout mask must be the same element for
+/// element; values within 8 f32 ulps (expf and the row sum) plus, for bf16
+/// / f16, one unit of the dtype; gradients within 8 f32 ulps of the terms
+/// of `scale·p·(d − Σ d·p)` (which cancel) plus one unit of the dtype.
+#[test]
+fn attention_probs_kernels_match_the_cpu_op() {
+    use tunefuse::ops::attention_probs;
+    let Some(dev) = cuda_device() else { return };
+    let mut fails = Failures::default();
+    let shapes: &[(usize, usize, usize)] = &[(2, 3, 1), (2, 4, 32), (3, 2, 77), (2, 12, 128)];
+    for &(b, h, l) in shapes {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            for drop in [None, Some((0.1, Rng { seed: 5, offset: 3 }))] {
+                fails.check(|| {
+                    let n = b * h * l * l;
+                    let sv = randn(n, 21, 3.0);
+                    let mut bias = vec![0.0; b * l];
+                    // Example 0 pads its last third.
+                    bias[l - l / 3..l].fill(-30000.0);
+                    let gv = randn(n, 22, 1.0);
+                    let scale = 0.125;
+                    let shape = [b, h, l, l];
+                    let run = |d: &Device| {
+                        let s = Var::from_tensor(&tensor(&sv, &shape, dt, d)).unwrap();
+                        let bt = tensor(&bias, &[b, 1, 1, l], dt, d);
+                        let g = tensor(&gv, &shape, dt, d);
+                        let y = attention_probs(s.as_tensor(), &bt, scale, drop).unwrap();
+                        let grads = (&y * &g)
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .backward()
+                            .unwrap();
+                        (to_f64(&y), to_f64(grads.get(s.as_tensor()).unwrap()))
+                    };
+                    let (y, ds) = run(&dev);
+                    let (yc, dsc) = run(&Device::Cpu);
+                    let tag = format!("[{b}, {h}, {l}, {l}] {dt:?} dropout {drop:?}");
+                    let ulp = match dt {
+                        DType::F32 => 0.0,
+                        DType::BF16 => 2f64.powi(-7),
+                        _ => 2f64.powi(-10),
+                    };
+                    let u32_ = 8.0 * 2f64.powi(-23);
+                    for (i, (a, c)) in y.iter().zip(&yc).enumerate() {
+                        assert!(
+                            (*a == 0.0) == (*c == 0.0) || c.abs() < 1e-30,
+                            "{tag}: element {i} dropped on one side only ({a} vs {c})"
+                        );
+                    }
+                    assert_within(
+                        &format!("{tag} value"),
+                        &y,
+                        &yc,
+                        |i| (u32_ + ulp) * yc[i].abs() + 1e-30,
+                        |i| format!("row {}", i / l),
+                    );
+                    // The probabilities before dropout, and per row Σ|g·p|,
+                    // which bounds the cancelling terms.
+                    let pc = to_f64(
+                        &attention_probs(
+                            &tensor(&sv, &shape, dt, &Device::Cpu),
+                            &tensor(&bias, &[b, 1, 1, l], dt, &Device::Cpu),
+                            scale,
+                            None,
+                        )
+                        .unwrap(),
+                    );
+                    let k = drop.map_or(1.0, |(p, _)| 1.0 / (1.0 - p));
+                    let row_mag: Vec<f64> = (0..n / l)
+                        .map(|r| {
+                            (0..l)
+                                .map(|j| (gv[r * l + j] * k * pc[r * l + j]).abs())
+                                .sum()
+                        })
+                        .collect();
+                    assert_within(
+                        &format!("{tag} gradient"),
+                        &ds,
+                        &dsc,
+                        |i| {
+                            let p = pc[i].abs().max(1e-30);
+                            u32_ * scale * p * (gv[i].abs() * k + row_mag[i / l])
+                                + ulp * dsc[i].abs()
+                                + 1e-30
+                        },
+                        |i| format!("row {}", i / l),
+                    );
+                });
+            }
+        }
+    }
+    fails.finish("attention probabilities");
+}

@@ -464,13 +464,13 @@ impl Bert {
         let mut hidden = want.hidden_states.then(|| vec![x.clone()]);
         let mut attns = want.attentions.then(Vec::new);
         for layer in &self.layers {
-            let (y, probs) = self.layer_forward(layer, &x, &bias)?;
+            let (y, probs) = self.layer_forward(layer, &x, &bias, want.attentions)?;
             x = y;
             if let Some(hs) = hidden.as_mut() {
                 hs.push(x.clone());
             }
-            if let Some(a) = attns.as_mut() {
-                a.push(probs);
+            if let (Some(a), Some(p)) = (attns.as_mut(), probs) {
+                a.push(p);
             }
         }
         Ok(EncoderOutput {
@@ -492,7 +492,15 @@ impl Bert {
         self.forward_from_embeddings(&e, attention_mask, want)
     }
 
-    fn layer_forward(&self, layer: &Layer, x: &Tensor, bias: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// One encoder layer; with `want_probs`, also its attention
+    /// probabilities (before dropout).
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let s = &self.stream;
         let (b, l, h) = x.dims3()?;
         let heads = self.config.num_attention_heads;
@@ -505,10 +513,22 @@ impl Bert {
         let q = split(layer.query.forward(x, s)?)?;
         let k = split(layer.key.forward(x, s)?)?;
         let v = split(layer.value.forward(x, s)?)?;
-        let scores =
-            (q.matmul(&k.t()?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(bias)?;
-        let probs = super::layers::softmax_last_dim(&scores)?;
-        let p = s.dropout(&probs, self.config.attention_probs_dropout_prob)?;
+        // k's transposed view goes to the GEMM as it is (a transposed
+        // operand), not copied.
+        let scores = q.matmul(&k.t()?)?;
+        let (scale, drop) = (
+            1.0 / (dh as f64).sqrt(),
+            self.config.attention_probs_dropout_prob,
+        );
+        // The scale, the mask, softmax and dropout in one op; the
+        // probabilities before dropout (for `Outputs::attentions`) are the
+        // same op without dropout, then the same dropout draws.
+        let (p, probs) = if want_probs {
+            let probs = s.attention_probs(&scores, bias, scale, 0.0)?;
+            (s.dropout(&probs, drop)?, Some(probs))
+        } else {
+            (s.attention_probs(&scores, bias, scale, drop)?, None)
+        };
         let ctx = p
             .matmul(&v)?
             .transpose(1, 2)?

@@ -222,6 +222,20 @@ impl Stream {
         }
         dropout(x, p, self.take(x.elem_count()), true)
     }
+
+    /// The attention probabilities `softmax(scores·scale + bias)` with
+    /// [`Stream::dropout`]'s dropout (the same draws) in one op
+    /// ([`crate::ops::attention_probs`]).
+    pub fn attention_probs(
+        &self,
+        scores: &Tensor,
+        bias: &Tensor,
+        scale: f64,
+        p: f64,
+    ) -> Result<Tensor> {
+        let drop = (self.train() && p != 0.0).then(|| (p, self.take(scores.elem_count())));
+        crate::ops::attention_probs(scores, bias, scale, drop)
+    }
 }
 
 /// `x·Wᵀ + b` over the last dimension of `x` (any leading shape), in the

@@ -52,13 +52,13 @@ pub struct Rng {
 
 /// Parameters checked once: probability and its derived constants.
 #[derive(Clone, Copy, Debug)]
-struct DropParams {
-    threshold: u32,
-    scale: f32,
-    rng: Rng,
+pub(crate) struct DropParams {
+    pub(crate) threshold: u32,
+    pub(crate) scale: f32,
+    pub(crate) rng: Rng,
 }
 
-fn drop_params(op: &'static str, p: f64, rng: Rng) -> Result<DropParams> {
+pub(crate) fn drop_params(op: &'static str, p: f64, rng: Rng) -> Result<DropParams> {
     if p.is_nan() {
         return Err(param_err(op, "p is NaN; it must be in [0, 1)"));
     }

@@ -2,6 +2,7 @@
 //! custom op whose `cpu_fwd` is the reference, the CUDA launch and backward.
 pub mod adamw;
 pub mod adapter;
+pub mod attention;
 mod cpu;
 pub mod layer_norm;
 pub mod mixout;
@@ -9,6 +10,7 @@ pub mod perturb;
 pub mod sym_kl;
 
 pub use adamw::{adamw_state, adamw_step, AdamWStep};
+pub use attention::attention_probs;
 pub use layer_norm::layer_norm;
 pub use mixout::{dropout, mixout, Rng};
 pub use perturb::{

@@ -1,0 +1,360 @@
+//! Attention probabilities in one op: `dropout(softmax(s·scale + bias))`
+//! over the last dimension, with its own backward.
+//!
+//! The encoder's attention computed them with four kernels forward (the
+//! scale, the mask add, softmax, dropout) and about nine backward
+//! (dropout's, softmax's closed form in f32 with its casts, the scale's);
+//! this op is one kernel each way on CUDA (kernels/attention.cu), and its
+//! backward recomputes the probabilities from the scores instead of
+//! keeping them.
+//!
+//! # Semantics (the CPU op)
+//! For scores `s` `[.., L]` (rows `R`, any float dtype T) and `bias`
+//! `[B, L]` in any shape with `B·L` elements, `R` a multiple of `B` (row r
+//! takes bias row `r / (R/B)`: the `[B, 1, 1, L]` mask of `[B, H, L, L]`
+//! scores):
+//!
+//! ```text
+//! z = s·scale + bias                      in f64
+//! p = round_T(exp(z − max z) / Σ exp(z − max z))
+//! y = p                                    without dropout
+//! y = keep ? round_T(p ·₃₂ k) : 0          with dropout (k = 1/(1 − prob) in f32,
+//!                                          ·₃₂ an f32 product; f64 for f64)
+//! ```
+//!
+//! `keep` is the dropout op's mask for the `R·L` elements with the given
+//! [`Rng`] ([`crate::ops::mixout::dropout`] on `p` draws the same bits), so
+//! with dropout the op equals that composition given the same `p`. The
+//! backward, for an incoming gradient `g`:
+//!
+//! ```text
+//! d = keep ? round_T(g ·₃₂ k) : 0          (g without dropout)
+//! ds = round_T(scale · p · (d − Σ d·p))    in f64
+//! ```
+//!
+//! and no gradient for `bias` (the mask). The CUDA kernels compute the same
+//! in f32 (expf), within a few f32 ulps before the rounding to T.
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu::{bf16_rn, f16_rn, from_f64, to_f64};
+use super::mixout::{drop_params, DropParams, Rng};
+use crate::error::{check_float_dtype, param_err, shape_err, Error, Result};
+use crate::philox;
+
+/// `dropout(softmax(scores·scale + bias))` over the last dimension (see the
+/// module docs). `dropout`: `Some((p, rng))` applies dropout with
+/// probability `p` drawn from `rng` (the caller advances its stream by
+/// [`philox::counters_for`] of the element count, as for the dropout op);
+/// `None` or `p = 0` returns the probabilities.
+pub fn attention_probs(
+    scores: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+    dropout: Option<(f64, Rng)>,
+) -> Result<Tensor> {
+    const OP: &str = "attention_probs";
+    check_float_dtype(OP, "scores", scores.dtype())?;
+    if bias.dtype() != scores.dtype() {
+        return Err(Error::DType {
+            op: OP,
+            msg: format!(
+                "bias is {:?}, scores {:?}; they must match",
+                bias.dtype(),
+                scores.dtype()
+            ),
+        });
+    }
+    if !bias.device().same_device(scores.device()) {
+        return Err(Error::Device {
+            op: OP,
+            msg: "bias is not on the scores' device".into(),
+        });
+    }
+    if !scale.is_finite() {
+        return Err(param_err(OP, format!("scale must be finite, got {scale}")));
+    }
+    let l = *scores
+        .dims()
+        .last()
+        .ok_or_else(|| shape_err(OP, "scores must have at least one dimension"))?;
+    let rows = scores.elem_count() / l.max(1);
+    let brows = bias.elem_count() / l.max(1);
+    if l == 0 || rows == 0 {
+        return Ok(scores.clone());
+    }
+    if bias.elem_count() != brows * l || brows == 0 || !rows.is_multiple_of(brows) {
+        return Err(shape_err(
+            OP,
+            format!(
+                "bias {:?} is not [B, {l}] rows for scores {:?} (rows a multiple of B)",
+                bias.dims(),
+                scores.dims()
+            ),
+        ));
+    }
+    if l > i32::MAX as usize {
+        return Err(shape_err(OP, format!("rows of {l} elements are too long")));
+    }
+    let drop = match dropout {
+        Some((p, rng)) if p != 0.0 => Some(drop_params(OP, p, rng)?),
+        Some((p, rng)) => {
+            drop_params(OP, p, rng)?;
+            None
+        }
+        None => None,
+    };
+    let op = Probs(Cfg {
+        scale,
+        l,
+        rows_per_bias: rows / brows,
+        drop,
+    });
+    Ok(scores.contiguous()?.apply_op2(&bias.contiguous()?, op)?)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Cfg {
+    scale: f64,
+    l: usize,
+    rows_per_bias: usize,
+    drop: Option<DropParams>,
+}
+
+struct Probs(Cfg);
+struct ProbsGrad(Cfg);
+
+/// `x` rounded to `dtype` (as an f64).
+fn round(dtype: DType, x: f64) -> f64 {
+    match dtype {
+        DType::F64 => x,
+        DType::F32 => x as f32 as f64,
+        DType::BF16 => bf16_rn(x).to_f64(),
+        _ => f16_rn(x).to_f64(),
+    }
+}
+
+/// `x ·₃₂ k` rounded to `dtype`: the dropout op's product (f64 for f64).
+fn dropped(dtype: DType, x: f64, d: &DropParams) -> f64 {
+    match dtype {
+        DType::F64 => x * (d.scale as f64),
+        _ => round(dtype, ((x as f32) * d.scale) as f64),
+    }
+}
+
+impl Cfg {
+    /// Row `r`'s probabilities, rounded to `dtype`.
+    fn probs(&self, dtype: DType, s: &[f64], bias: &[f64], r: usize, out: &mut [f64]) {
+        let l = self.l;
+        let b = &bias[(r / self.rows_per_bias) * l..][..l];
+        let z: Vec<f64> = s[r * l..][..l]
+            .iter()
+            .zip(b)
+            .map(|(x, m)| x * self.scale + m)
+            .collect();
+        let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
+        for (o, v) in out.iter_mut().zip(&z) {
+            *o = round(dtype, (v - m).exp() / sum);
+        }
+    }
+
+    /// The keep mask of row `r`.
+    fn keep(&self, d: &DropParams, r: usize) -> Vec<bool> {
+        // fill_words starts at a whole Philox block (a multiple of 4).
+        let first = r * self.l;
+        let skip = first % 4;
+        let mut words = vec![0u32; skip + self.l];
+        philox::fill_words(d.rng.seed, d.rng.offset, (first - skip) as u64, &mut words);
+        words[skip..]
+            .iter()
+            .map(|&w| philox::kept(w, d.threshold))
+            .collect()
+    }
+
+    fn forward_cpu(&self, dtype: DType, s: &[f64], bias: &[f64]) -> Vec<f64> {
+        let mut y = vec![0.0; s.len()];
+        y.par_chunks_mut(self.l).enumerate().for_each(|(r, out)| {
+            self.probs(dtype, s, bias, r, out);
+            if let Some(d) = &self.drop {
+                for (o, k) in out.iter_mut().zip(self.keep(d, r)) {
+                    *o = if k { dropped(dtype, *o, d) } else { 0.0 };
+                }
+            }
+        });
+        y
+    }
+
+    fn backward_cpu(&self, dtype: DType, s: &[f64], bias: &[f64], g: &[f64]) -> Vec<f64> {
+        let l = self.l;
+        let mut ds = vec![0.0; s.len()];
+        ds.par_chunks_mut(l).enumerate().for_each(|(r, out)| {
+            let mut p = vec![0.0; l];
+            self.probs(dtype, s, bias, r, &mut p);
+            let gr = &g[r * l..][..l];
+            let d: Vec<f64> = match &self.drop {
+                None => gr.to_vec(),
+                Some(dp) => gr
+                    .iter()
+                    .zip(self.keep(dp, r))
+                    .map(|(&x, k)| if k { dropped(dtype, x, dp) } else { 0.0 })
+                    .collect(),
+            };
+            let dot: f64 = d.iter().zip(&p).map(|(a, b)| a * b).sum();
+            for ((o, di), pi) in out.iter_mut().zip(&d).zip(&p) {
+                *o = round(dtype, self.scale * pi * (di - dot));
+            }
+        });
+        ds
+    }
+}
+
+impl CustomOp2 for Probs {
+    fn name(&self) -> &'static str {
+        "tunefuse-attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dtype = s1.dtype();
+        let y = self
+            .0
+            .forward_cpu(dtype, &to_f64(s1, l1)?, &to_f64(s2, l2)?);
+        Ok((from_f64(y, dtype), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            cuda::launch(&self.0, (s1, l1), (s2, l2), None)?,
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        s: &Tensor,
+        bias: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = s.apply_op3_no_bwd(bias, &g.contiguous()?, &ProbsGrad(self.0))?;
+        Ok((Some(ds), None))
+    }
+}
+
+impl CustomOp3 for ProbsGrad {
+    fn name(&self) -> &'static str {
+        "tunefuse-attention-probs-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dtype = s1.dtype();
+        let ds = self
+            .0
+            .backward_cpu(dtype, &to_f64(s1, l1)?, &to_f64(s2, l2)?, &to_f64(s3, l3)?);
+        Ok((from_f64(ds, dtype), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            cuda::launch(&self.0, (s1, l1), (s2, l2), Some((s3, l3)))?,
+            l1.shape().clone(),
+        ))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::Cfg;
+    use crate::cuda::{self as k, ptx};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{CudaStorage, Layout, Result};
+
+    const MODULE: &str = "tunefuse_attention";
+    /// Four warps, one row each.
+    const BLOCK: u32 = 128;
+
+    /// `attn_probs_fwd_<dtype>`, or with the incoming gradient
+    /// `attn_probs_bwd_<dtype>`.
+    pub(super) fn launch(
+        c: &Cfg,
+        s: (&CudaStorage, &Layout),
+        bias: (&CudaStorage, &Layout),
+        g: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<CudaStorage> {
+        const OP: &str = "attention_probs";
+        let dev = s.0.device.clone();
+        let dtype = s.0.dtype();
+        let n = s.1.shape().elem_count();
+        let rows = n / c.l;
+        let which = if g.is_some() { "bwd" } else { "fwd" };
+        let f = k::func(
+            &dev,
+            MODULE,
+            ptx::ATTENTION,
+            &format!("attn_probs_{which}_{}", k::suffix(OP, dtype)?),
+        )?;
+        k::with_float_type!(OP, dtype, T => {
+            let sv = k::view::<T>(OP, s.0, s.1)?;
+            let bv = k::view::<T>(OP, bias.0, bias.1)?;
+            let gv = g.map(|(gs, gl)| k::view::<T>(OP, gs, gl)).transpose()?;
+            let mut y = k::alloc::<T>(&dev, n)?;
+            let (rows64, l32, rpb) = (rows as i64, c.l as i32, c.rows_per_bias as i64);
+            let scale = c.scale as f32;
+            let drop = i32::from(c.drop.is_some());
+            let (seed, offset, threshold, dscale) = match &c.drop {
+                Some(d) => (d.rng.seed, d.rng.offset, d.threshold, d.scale),
+                None => (0u64, 0u64, 0u32, 1f32),
+            };
+            let mut b = f.builder();
+            b.arg(&sv).arg(&bv);
+            if let Some(gv) = gv.as_ref() {
+                b.arg(gv);
+            }
+            b.arg(&mut y)
+                .arg(&rows64)
+                .arg(&l32)
+                .arg(&rpb)
+                .arg(&scale)
+                .arg(&drop)
+                .arg(&seed)
+                .arg(&offset)
+                .arg(&threshold)
+                .arg(&dscale);
+            let warps = (BLOCK / 32) as usize;
+            k::launch(&mut b, rows.div_ceil(warps) as u32, BLOCK)?;
+            Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
+        })
+    }
+}
