@@ -659,3 +659,51 @@ fn a_model_too_large_for_host_memory_is_refused_with_both_sizes() {
     // This machine reports what it has (Linux).
     assert!(tunefuse::model::config::available_host_memory().is_some_and(|b| b > 0));
 }
+
+/// The fused activation and attention-probability ops (CUDA's default)
+/// against the compositions the CPU runs by default, through the whole
+/// encoder in train mode (dropout on, the same draws) and its backward: the
+/// two differ only in f32 rounding.
+#[test]
+fn fused_ops_match_the_compositions_in_the_encoder() {
+    use tunefuse::ops::mixout::Rng;
+    let vm = VarMap::new();
+    let bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
+    let (ids, mask) = inputs();
+    let run = |fused: bool, attentions: bool| {
+        bert.stream.set_fused_ops(Some(fused));
+        bert.stream.set_train(true);
+        bert.stream.set_position(Rng { seed: 3, offset: 0 });
+        let want = Outputs {
+            attentions,
+            ..Outputs::default()
+        };
+        let out = bert.forward(&ids, None, &mask, want).unwrap();
+        let g = out
+            .last_hidden
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gw = |t: &Tensor| to_f64(g.get(t).expect("a weight gradient"));
+        let l0 = &bert.layers[0];
+        (
+            to_f64(&out.last_hidden),
+            [gw(&l0.query.weight), gw(&l0.intermediate.weight)].concat(),
+            out.attentions
+                .map(|a| a.iter().flat_map(to_f64).collect::<Vec<_>>()),
+        )
+    };
+    let (h1, g1, _) = run(true, false);
+    let (h0, g0, _) = run(false, false);
+    assert_close("hidden states", &h1, &h0, 1e-5, 1e-5);
+    assert_close("weight gradients", &g1, &g0, 1e-5, 1e-4);
+    // Asking for the attention probabilities takes the same dropout draws.
+    let (h2, _, a1) = run(true, true);
+    let (_, _, a0) = run(false, true);
+    assert_eq!(h2, h1, "asking for attentions changed the forward");
+    assert_close("attentions", &a1.unwrap(), &a0.unwrap(), 1e-6, 1e-5);
+    bert.stream.set_fused_ops(None);
+}

@@ -513,9 +513,15 @@ impl Bert {
         let q = split(layer.query.forward(x, s)?)?;
         let k = split(layer.key.forward(x, s)?)?;
         let v = split(layer.value.forward(x, s)?)?;
-        // k's transposed view goes to the GEMM as it is (a transposed
-        // operand), not copied.
-        let scores = q.matmul(&k.t()?)?;
+        // With the fused ops (CUDA), k's transposed view goes to the GEMM as
+        // it is (a transposed operand), not copied; the CPU path keeps the
+        // copy, and with it the results of earlier versions bit for bit.
+        let kt = if s.fused_for(&k) {
+            k.t()?
+        } else {
+            k.t()?.contiguous()?
+        };
+        let scores = q.matmul(&kt)?;
         let (scale, drop) = (
             1.0 / (dh as f64).sqrt(),
             self.config.attention_probs_dropout_prob,
@@ -542,7 +548,7 @@ impl Bert {
             a = ad.forward(&a, s)?;
         }
         let h1 = layer.attn_norm.forward(&(a + x)?, s)?;
-        let i = activation(&layer.intermediate.forward(&h1, s)?, self.act)?;
+        let i = activation(&layer.intermediate.forward(&h1, s)?, self.act, s)?;
         let mut o = s.dropout(
             &layer.output.forward(&i, s)?,
             self.config.hidden_dropout_prob,

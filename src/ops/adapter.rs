@@ -21,9 +21,9 @@
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
-use super::cpu::{from_f64, to_f64};
+use super::cpu::{from_f64, to_f32, to_f64};
 use crate::error::{check_float_dtype, param_err, shape_err, Error, Result};
 
 /// The activation of the bottleneck.
@@ -37,24 +37,13 @@ pub enum Act {
 }
 
 impl Act {
-    /// The activation on a tensor: [`activation`] (one kernel forward, one
-    /// backward) wherever it has a kernel, which is every dtype on the CPU
-    /// and f32 / bf16 / f16 on CUDA. Otherwise (f64 on CUDA) composed from
-    /// candle's ops, the GELUs under autograd from erf / tanh, whose
-    /// backward passes are exact, because candle's fused `gelu_erf` and
-    /// `gelu` backward passes use 6-digit constants (0.398942 for 1/√(2π),
-    /// 0.797885 for √(2/π)): a relative gradient error near 1e-6, which the
-    /// adapter golden test against PyTorch exposed.
+    /// The activation on a tensor, composed from candle's ops (the fused
+    /// form is [`activation`]). Under autograd both GELUs are composed from
+    /// erf / tanh, whose backward passes are exact, because candle's fused
+    /// `gelu_erf` and `gelu` backward passes use 6-digit constants (0.398942
+    /// for 1/√(2π), 0.797885 for √(2/π)): a relative gradient error near
+    /// 1e-6, which the adapter golden test against PyTorch exposed.
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        if self != Act::Identity && (!x.device().is_cuda() || x.dtype() != DType::F64) {
-            return activation(x, self);
-        }
-        self.composed(x)
-    }
-
-    /// The activation composed from candle's ops (the path before the fused
-    /// op, kept as its comparison and for f64 on CUDA).
-    pub fn composed(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Act::GeluErf if x.track_op() => {
                 ((x * 0.5)? * ((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)?)?
@@ -109,13 +98,56 @@ impl Act {
 /// √(2/π).
 const K_TANH: f64 = 0.797_884_560_802_865_4;
 
+impl Act {
+    /// [`Act::f`] in f32, as `act_f` of kernels/adapter.cu computes it.
+    fn f32(self, h: f32) -> f32 {
+        use candle_core::cpu::erf::erf_f32;
+        match self {
+            Act::GeluErf => 0.5 * h * (1.0 + erf_f32(h * std::f32::consts::FRAC_1_SQRT_2)),
+            Act::GeluTanh => 0.5 * h * (1.0 + (K_TANH as f32 * (h + 0.044715 * h * h * h)).tanh()),
+            Act::Relu => h.max(0.0),
+            Act::Silu => h / (1.0 + (-h).exp()),
+            Act::Identity => h,
+        }
+    }
+
+    /// [`Act::df`] in f32, as `act_df` of kernels/adapter.cu computes it.
+    fn df32(self, h: f32) -> f32 {
+        use candle_core::cpu::erf::erf_f32;
+        match self {
+            Act::GeluErf => {
+                0.5 * (1.0 + erf_f32(h * std::f32::consts::FRAC_1_SQRT_2))
+                    + h * (-0.5 * h * h).exp() * 0.398_942_3
+            }
+            Act::GeluTanh => {
+                let t = (K_TANH as f32 * (h + 0.044715 * h * h * h)).tanh();
+                0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * K_TANH as f32 * (1.0 + 0.134145 * h * h)
+            }
+            Act::Relu => {
+                if h > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Act::Silu => {
+                let sg = 1.0 / (1.0 + (-h).exp());
+                sg * (1.0 + h * (1.0 - sg))
+            }
+            Act::Identity => 1.0,
+        }
+    }
+}
+
 /// `act(x)` elementwise, with a backward of its own: `dx = g·act'(x)`.
 ///
-/// Semantics (the CPU op): each element in f64, `f` and `f'` exactly as
-/// written in [`Act`]'s formulas (erf, tanh, exp in f64), rounded once to
-/// x's dtype; the gradient `g·f'(x)` likewise. On CUDA one kernel each way
-/// (`act_fwd_*`, `act_bwd_*` of kernels/adapter.cu, the adapter's own
-/// activation code), in f32 with erff / tanhf / expf, rounded once. The
+/// Semantics (the CPU op): each element in W (f64 for f64 tensors, f32
+/// otherwise), `f` and `f'` as written in [`Act`]'s formulas, rounded once
+/// to x's dtype; the gradient `g·f'(x)` likewise. In f32 the formulas and
+/// constants are the CUDA kernels' (`act_fwd_*`, `act_bwd_*` of
+/// kernels/adapter.cu, the adapter's own activation code: one kernel each
+/// way), which differ from the CPU only in the erff / tanhf / expf
+/// implementations. The
 /// composition from candle's ops costs five kernels forward and about a
 /// dozen backward for GELU, which the BERT encoder runs in every layer.
 pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
@@ -139,8 +171,11 @@ impl candle_core::CustomOp1 for ActOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let x = to_f64(s, l)?;
-        let y: Vec<f64> = x.par_iter().map(|&h| self.0.f(h)).collect();
+        let a = self.0;
+        let y: Vec<f64> = match s {
+            CpuStorage::F64(_) => to_f64(s, l)?.par_iter().map(|&h| a.f(h)).collect(),
+            _ => to_f32(s, l)?.par_iter().map(|&h| a.f32(h) as f64).collect(),
+        };
         Ok((from_f64(y, s.dtype()), l.shape().clone()))
     }
 
@@ -173,12 +208,20 @@ impl CustomOp2 for ActGrad {
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         use rayon::prelude::*;
-        let (x, g) = (to_f64(xs, xl)?, to_f64(gs, gl)?);
-        let dx: Vec<f64> = x
-            .par_iter()
-            .zip(&g)
-            .map(|(&h, &gi)| gi * self.0.df(h))
-            .collect();
+        let a = self.0;
+        let dx: Vec<f64> = match xs {
+            CpuStorage::F64(_) => {
+                let (x, g) = (to_f64(xs, xl)?, to_f64(gs, gl)?);
+                x.par_iter().zip(&g).map(|(&h, &gi)| gi * a.df(h)).collect()
+            }
+            _ => {
+                let (x, g) = (to_f32(xs, xl)?, to_f32(gs, gl)?);
+                x.par_iter()
+                    .zip(&g)
+                    .map(|(&h, &gi)| (gi * a.df32(h)) as f64)
+                    .collect()
+            }
+        };
         Ok((from_f64(dx, xs.dtype()), xl.shape().clone()))
     }
 

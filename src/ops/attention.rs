@@ -15,8 +15,8 @@
 //! scores):
 //!
 //! ```text
-//! z = s·scale + bias                      in f64
-//! p = round_T(exp(z − max z) / Σ exp(z − max z))
+//! z = s·scale + bias                      in W (f64 for f64, else f32)
+//! p = round_T(exp(z − max z) / Σ exp(z − max z))   in W
 //! y = p                                    without dropout
 //! y = keep ? round_T(p ·₃₂ k) : 0          with dropout (k = 1/(1 − prob) in f32,
 //!                                          ·₃₂ an f32 product; f64 for f64)
@@ -29,16 +29,18 @@
 //!
 //! ```text
 //! d = keep ? round_T(g ·₃₂ k) : 0          (g without dropout)
-//! ds = round_T(scale · p · (d − Σ d·p))    in f64
+//! ds = round_T(scale · p · (d − Σ d·p))    in W
 //! ```
 //!
-//! and no gradient for `bias` (the mask). The CUDA kernels compute the same
-//! in f32 (expf), within a few f32 ulps before the rounding to T.
+//! and no gradient for `bias` (the mask). W is the arithmetic of the CUDA
+//! kernels too (f32); they differ from the CPU op in the exp
+//! implementation and the order of the row sums, by a few f32 ulps before
+//! the rounding to T.
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu::{bf16_rn, f16_rn, from_f64, to_f64};
+use super::cpu::{bf16_rn, f16_rn, from_f64, to_f32, to_f64};
 use super::mixout::{drop_params, DropParams, Rng};
 use crate::error::{check_float_dtype, param_err, shape_err, Error, Result};
 use crate::philox;
@@ -143,20 +145,73 @@ fn dropped(dtype: DType, x: f64, d: &DropParams) -> f64 {
     }
 }
 
+/// The arithmetic type of the CPU op: f64 for f64 tensors, f32 otherwise
+/// (what the kernels use).
+trait Real:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+{
+    const ZERO: Self;
+    const NEG_INF: Self;
+    fn of(x: f64) -> Self;
+    fn wide(self) -> f64;
+    fn exp(self) -> Self;
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const NEG_INF: Self = f32::NEG_INFINITY;
+    fn of(x: f64) -> Self {
+        x as f32
+    }
+    fn wide(self) -> f64 {
+        self as f64
+    }
+    fn exp(self) -> Self {
+        f32::exp(self)
+    }
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const NEG_INF: Self = f64::NEG_INFINITY;
+    fn of(x: f64) -> Self {
+        x
+    }
+    fn wide(self) -> f64 {
+        self
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+}
+
 impl Cfg {
     /// Row `r`'s probabilities, rounded to `dtype`.
-    fn probs(&self, dtype: DType, s: &[f64], bias: &[f64], r: usize, out: &mut [f64]) {
+    fn probs<R: Real>(&self, dtype: DType, s: &[R], bias: &[R], r: usize, out: &mut [R]) {
         let l = self.l;
         let b = &bias[(r / self.rows_per_bias) * l..][..l];
-        let z: Vec<f64> = s[r * l..][..l]
+        let scale = R::of(self.scale);
+        for ((o, &x), &m) in out.iter_mut().zip(&s[r * l..][..l]).zip(b) {
+            *o = x * scale + m;
+        }
+        let m = out
             .iter()
-            .zip(b)
-            .map(|(x, m)| x * self.scale + m)
-            .collect();
-        let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
-        for (o, v) in out.iter_mut().zip(&z) {
-            *o = round(dtype, (v - m).exp() / sum);
+            .copied()
+            .fold(R::NEG_INF, |a, b| if b > a { b } else { a });
+        let mut sum = R::ZERO;
+        for o in out.iter_mut() {
+            *o = (*o - m).exp();
+            sum = sum + *o;
+        }
+        for o in out.iter_mut() {
+            *o = R::of(round(dtype, (*o / sum).wide()));
         }
     }
 
@@ -173,10 +228,14 @@ impl Cfg {
             .collect()
     }
 
-    fn forward_cpu(&self, dtype: DType, s: &[f64], bias: &[f64]) -> Vec<f64> {
+    fn forward_cpu<R: Real>(&self, dtype: DType, s: &[R], bias: &[R]) -> Vec<f64> {
         let mut y = vec![0.0; s.len()];
         y.par_chunks_mut(self.l).enumerate().for_each(|(r, out)| {
-            self.probs(dtype, s, bias, r, out);
+            let mut p = vec![R::ZERO; self.l];
+            self.probs(dtype, s, bias, r, &mut p);
+            for (o, pi) in out.iter_mut().zip(&p) {
+                *o = pi.wide();
+            }
             if let Some(d) = &self.drop {
                 for (o, k) in out.iter_mut().zip(self.keep(d, r)) {
                     *o = if k { dropped(dtype, *o, d) } else { 0.0 };
@@ -186,24 +245,28 @@ impl Cfg {
         y
     }
 
-    fn backward_cpu(&self, dtype: DType, s: &[f64], bias: &[f64], g: &[f64]) -> Vec<f64> {
+    fn backward_cpu<R: Real>(&self, dtype: DType, s: &[R], bias: &[R], g: &[f64]) -> Vec<f64> {
         let l = self.l;
+        let scale = R::of(self.scale);
         let mut ds = vec![0.0; s.len()];
         ds.par_chunks_mut(l).enumerate().for_each(|(r, out)| {
-            let mut p = vec![0.0; l];
+            let mut p = vec![R::ZERO; l];
             self.probs(dtype, s, bias, r, &mut p);
             let gr = &g[r * l..][..l];
-            let d: Vec<f64> = match &self.drop {
-                None => gr.to_vec(),
+            let d: Vec<R> = match &self.drop {
+                None => gr.iter().map(|&x| R::of(x)).collect(),
                 Some(dp) => gr
                     .iter()
                     .zip(self.keep(dp, r))
-                    .map(|(&x, k)| if k { dropped(dtype, x, dp) } else { 0.0 })
+                    .map(|(&x, k)| R::of(if k { dropped(dtype, x, dp) } else { 0.0 }))
                     .collect(),
             };
-            let dot: f64 = d.iter().zip(&p).map(|(a, b)| a * b).sum();
-            for ((o, di), pi) in out.iter_mut().zip(&d).zip(&p) {
-                *o = round(dtype, self.scale * pi * (di - dot));
+            let mut dot = R::ZERO;
+            for (a, b) in d.iter().zip(&p) {
+                dot = dot + *a * *b;
+            }
+            for ((o, &di), &pi) in out.iter_mut().zip(&d).zip(&p) {
+                *o = round(dtype, (scale * pi * (di - dot)).wide());
             }
         });
         ds
@@ -223,9 +286,13 @@ impl CustomOp2 for Probs {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dtype = s1.dtype();
-        let y = self
-            .0
-            .forward_cpu(dtype, &to_f64(s1, l1)?, &to_f64(s2, l2)?);
+        let y = if dtype == DType::F64 {
+            self.0
+                .forward_cpu(dtype, &to_f64(s1, l1)?, &to_f64(s2, l2)?)
+        } else {
+            self.0
+                .forward_cpu(dtype, &to_f32(s1, l1)?, &to_f32(s2, l2)?)
+        };
         Ok((from_f64(y, dtype), l1.shape().clone()))
     }
 
@@ -270,9 +337,14 @@ impl CustomOp3 for ProbsGrad {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dtype = s1.dtype();
-        let ds = self
-            .0
-            .backward_cpu(dtype, &to_f64(s1, l1)?, &to_f64(s2, l2)?, &to_f64(s3, l3)?);
+        let g = to_f64(s3, l3)?;
+        let ds = if dtype == DType::F64 {
+            self.0
+                .backward_cpu(dtype, &to_f64(s1, l1)?, &to_f64(s2, l2)?, &g)
+        } else {
+            self.0
+                .backward_cpu(dtype, &to_f32(s1, l1)?, &to_f32(s2, l2)?, &g)
+        };
         Ok((from_f64(ds, dtype), l1.shape().clone()))
     }
 

@@ -26,6 +26,20 @@ pub(crate) fn to_f64(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f64>
     }
 }
 
+/// An f32 / bf16 / f16 storage's elements as f32 (exact): the arithmetic
+/// type of the ops whose reference computes in f32 below f64.
+pub(crate) fn to_f32(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
+    Ok(match s {
+        CpuStorage::F32(v) => contiguous(v, l)?.to_vec(),
+        CpuStorage::BF16(v) => contiguous(v, l)?.iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => contiguous(v, l)?.iter().map(|x| x.to_f32()).collect(),
+        other => candle_core::bail!(
+            "expected f32, bf16 or f16, got {:?}",
+            candle_core::backend::BackendStorage::dtype(other)
+        ),
+    })
+}
+
 /// A CPU storage of a float `dtype` from f64 values, each rounded once to
 /// nearest-even, as the kernels' `__float2bfloat16_rn` / `__float2half_rn`
 /// round their f32 results (an f32 value passes through unchanged).
