@@ -210,6 +210,7 @@ impl Stream {
         }
         Ok(())
     }
+
     pub fn compute_dtype(&self) -> Option<DType> {
         self.compute.get()
     }
@@ -269,25 +270,107 @@ impl Stream {
 
 /// `x·Wᵀ + b` over the last dimension of `x` (any leading shape), in the
 /// dtype of `x`. When `W` and `b` take no gradient (a frozen layer: the
-/// backbone under adapters or LoRA, gradual unfreezing) but `x` does, the
-/// backward computes `dx = g·W` alone: candle's matmul backward would also
-/// compute the weight's gradient (a second GEMM of the same size) and add it
-/// into a zeroed buffer, only to have it dropped.
+/// backbone under adapters or LoRA, gradual unfreezing, SMART's ascent
+/// pass) but `x` does, the product is an op of `x` alone ([`FrozenMatmul`])
+/// whose backward computes `dx = g·W` only: candle's matmul backward would
+/// also compute the weight's gradient (a second GEMM of the same size),
+/// only to have it dropped.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let frozen = !w.track_op() && b.is_none_or(|b| !b.track_op());
     if !(frozen && x.track_op()) {
         return linear_value(x, w, b);
     }
+    let dims = x.dims().to_vec();
+    let (din, dout) = (dims[dims.len() - 1], w.dim(0)?);
+    let rows = x.elem_count() / din.max(1);
+    if w.dims() != [dout, din] {
+        return Err(crate::error::shape_err(
+            "linear",
+            format!("weight {:?} for inputs {:?}", w.dims(), dims),
+        ));
+    }
+    if b.is_some_and(|b| b.dims() != [dout]) {
+        return Err(crate::error::shape_err(
+            "linear",
+            format!("bias {:?} for {dout} outputs", b.map(|b| b.dims())),
+        ));
+    }
     // Cast once (mixed precision): the value and the backward share it.
-    let w = w.to_dtype(x.dtype())?;
-    let y = linear_value(&x.detach(), &w, b)?;
-    let xdims = x.dims().to_vec();
-    value_with_grad(x, y, move |_, g| {
-        let dout = w.dim(0)?;
-        g.reshape((g.elem_count() / dout.max(1), dout))?
-            .matmul(&w)?
-            .reshape(xdims.as_slice())
-    })
+    let w = w.to_dtype(x.dtype())?.contiguous()?;
+    let b = b.map(|b| b.to_dtype(x.dtype())).transpose()?;
+    let y = x.reshape((rows, din))?.apply_op1(FrozenMatmul(w, b))?;
+    let mut out = dims;
+    *out.last_mut().unwrap() = dout;
+    Ok(y.reshape(out)?)
+}
+
+/// `x·Wᵀ + b` for `x` `[m, k]`, a weight `W` `[n, k]` and a bias `b` `[n]`
+/// that take no gradient, as an op of `x` alone: the same GEMM and
+/// broadcast add as `x.matmul(&W.t())?.broadcast_add(b)` (candle's
+/// storage-level ops, with W's transposed and b's broadcast layouts), and a
+/// backward `dx = g·W` only.
+struct FrozenMatmul(Tensor, Option<Tensor>);
+
+impl FrozenMatmul {
+    /// The product on `x`'s storage, `W`'s storage of the same backend
+    /// taken out by `pick`.
+    fn product<S: candle_core::backend::BackendStorage>(
+        &self,
+        x: &S,
+        xl: &candle_core::Layout,
+        pick: impl Fn(&candle_core::Storage) -> Option<&S>,
+    ) -> candle_core::Result<(S, candle_core::Shape)> {
+        let (ws, wl) = self.0.storage_and_layout();
+        let Some(w) = pick(&ws) else {
+            candle_core::bail!("linear: the weight is on another device than the input")
+        };
+        let (m, k) = xl.shape().dims2()?;
+        let n = wl.dims()[0];
+        let y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let Some(bias) = &self.1 else {
+            return Ok((y, (m, n).into()));
+        };
+        let (bs, bl) = bias.storage_and_layout();
+        let Some(b) = pick(&bs) else {
+            candle_core::bail!("linear: the bias is on another device than the input")
+        };
+        let yl = candle_core::Layout::contiguous((m, n));
+        let y = y.binary_impl::<candle_core::op::Add>(b, &yl, &bl.broadcast_as((m, n))?)?;
+        Ok((y, (m, n).into()))
+    }
+}
+
+impl candle_core::CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "tunefuse-frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.product(s, l, |st| match st {
+            candle_core::Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        self.product(s, l, |st| match st {
+            candle_core::Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.matmul(&self.0)?))
+    }
 }
 
 fn linear_value(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
