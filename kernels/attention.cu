@@ -5,7 +5,8 @@
 // scores; the row is read from global memory once per pass (the row max,
 // the sum, the output), which stays in L1/L2 at the lengths an encoder
 // runs (up to a few hundred keys). The backward recomputes the
-// probabilities from the scores instead of saving them.
+// probabilities from the scores instead of saving them (once per element,
+// parked in its output until the row's dot product is known).
 //
 // The dropout mask is the dropout op's (kernels/mixout.cu): element e of
 // the [rows, L] probabilities is kept when word e % 4 of Philox group e / 4
@@ -87,17 +88,18 @@ __device__ void bwd(const T* __restrict__ s, const T* __restrict__ bias, const T
                    ? tf::to_f32(tf::from_f32<T>(__fmul_rn(tf::to_f32(g[j]), dscale)))
                    : 0.f;
     };
+    // p (rounded to T, as the forward returned it) is parked in ds between
+    // the two passes: each lane reads back only the elements it wrote.
+    T* out = ds + row * L;
     float dot = 0.f;
     for (int j = lane; j < L; j += 32) {
-        const float p = tf::to_f32(tf::from_f32<T>(expf(r.z(j) - m) / sum));
-        dot += dp_at(j) * p;
+        const T p = tf::from_f32<T>(expf(r.z(j) - m) / sum);
+        out[j] = p;
+        dot += dp_at(j) * tf::to_f32(p);
     }
     dot = tf::warp_sum(dot);
-    T* out = ds + row * L;
-    for (int j = lane; j < L; j += 32) {
-        const float p = tf::to_f32(tf::from_f32<T>(expf(r.z(j) - m) / sum));
-        out[j] = tf::from_f32<T>(scale * p * (dp_at(j) - dot));
-    }
+    for (int j = lane; j < L; j += 32)
+        out[j] = tf::from_f32<T>(scale * tf::to_f32(out[j]) * (dp_at(j) - dot));
 }
 
 }  // namespace

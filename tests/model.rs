@@ -350,6 +350,17 @@ fn bf16_compute_stays_near_the_golden() {
 
 #[test]
 fn mixed_precision_keeps_f32_master_weights() {
+    // The gradients of Σ h² (in f32) for hidden states h.
+    let sq_grads = |h: &Tensor| {
+        h.to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    };
     let vm = VarMap::new();
     let bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
     let (ids, mask) = inputs();
@@ -367,15 +378,7 @@ fn mixed_precision_keeps_f32_master_weights() {
     assert_eq!(h.dtype(), DType::BF16);
     // bf16 activations through 2 layers: a few bf16 ulps (2^-8) of the O(1) outputs.
     assert_close("bf16 vs f32 activations", &to_f64(&h), &f32_out, 0.1, 0.0);
-    let g = h
-        .to_dtype(DType::F32)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let g = sq_grads(&h);
     let gq = g
         .get(&bert.layers[1].intermediate.weight)
         .expect("a gradient for the f32 weight");
@@ -393,15 +396,7 @@ fn mixed_precision_keeps_f32_master_weights() {
     let w = &bert.layers[1].intermediate.weight;
     let copy = bert.stream.shadow_of(w).expect("a copy made on first use");
     assert_eq!(copy.dtype(), DType::BF16);
-    let mut g2 = h2
-        .to_dtype(DType::F32)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    let mut g2 = sq_grads(&h2);
     assert!(g2.get(w).is_none() && g2.get(&copy).is_some());
     bert.stream.route_grads(&mut g2).unwrap();
     assert!(g2.get(&copy).is_none(), "the copy's gradient stays behind");

@@ -79,9 +79,13 @@ impl Stream {
         self.fused.set(on)
     }
 
-    /// Whether the fused ops apply to `x` (see [`Stream::set_fused_ops`]).
+    /// Whether the fused ops apply to `x` (see [`Stream::set_fused_ops`]):
+    /// chosen for its device, and with a kernel for its dtype (every dtype
+    /// on the CPU; f32, bf16, f16 on CUDA).
     pub fn fused_for(&self, x: &Tensor) -> bool {
-        self.fused.get().unwrap_or_else(|| x.device().is_cuda())
+        let cuda = x.device().is_cuda();
+        let kernel = !cuda || x.dtype() != DType::F64;
+        self.fused.get().unwrap_or(cuda) && kernel
     }
 
     /// Until the guard is dropped, the layers use their weights detached:
@@ -257,9 +261,7 @@ impl Stream {
         scale: f64,
         p: f64,
     ) -> Result<Tensor> {
-        let kernel = !scores.device().is_cuda() || scores.dtype() != DType::F64;
-        let fused = self.fused_for(scores) && kernel;
-        if !fused {
+        if !self.fused_for(scores) {
             let probs = softmax_last_dim(&(scores * scale)?.broadcast_add(bias)?)?;
             return self.dropout(&probs, p);
         }
@@ -418,8 +420,7 @@ type Backward = dyn Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor> + Send +
 /// `y`, computed without autograd, as a function of `x` for the backward
 /// pass: the result has `y`'s value (one copy) and sends `bwd(y, g)` to `x`
 /// as its gradient. How a fused forward without a backward of its own
-/// (candle's softmax) or a forward whose autograd backward does too much (a
-/// frozen layer's matmul) gets a hand-written backward.
+/// (candle's softmax) gets a hand-written backward.
 fn value_with_grad(
     x: &Tensor,
     y: Tensor,
@@ -481,8 +482,7 @@ impl candle_core::CustomOp2 for GradOf {
 /// dtype has a kernel, else [`Act::apply`] (the adapters' composition).
 pub fn activation(x: &Tensor, act: Activation, s: &Stream) -> Result<Tensor> {
     let a = Act::from(act);
-    let kernel = !x.device().is_cuda() || x.dtype() != DType::F64;
-    if s.fused_for(x) && kernel {
+    if s.fused_for(x) {
         crate::ops::adapter::activation(x, a)
     } else {
         a.apply(x)

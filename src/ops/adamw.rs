@@ -673,24 +673,20 @@ pub mod multi {
                 Some(d0) if d0.same_device(&d) => {}
                 Some(_) => return Ok(None),
             }
-            // The in-place operands own their memory.
-            let own = [storage_addr(it.param), storage_addr(it.state)];
-            if it.shadow.is_some_and(|s| {
-                let a = storage_addr(s);
-                own.contains(&a)
-                    || [it.grad]
-                        .into_iter()
-                        .chain(it.anchor)
-                        .any(|t| storage_addr(t) == a)
-            }) {
-                return Ok(None);
-            }
+            // The in-place operands (the parameter, its state, its copy)
+            // own their memory.
+            let own: Vec<usize> = [Some(it.param), Some(it.state), it.shadow]
+                .into_iter()
+                .flatten()
+                .map(storage_addr)
+                .collect();
             let others = [Some(it.grad), it.anchor]
                 .into_iter()
                 .flatten()
                 .map(storage_addr)
                 .collect::<Vec<_>>();
-            if own[0] == own[1] || own.iter().any(|a| others.contains(a)) {
+            let shared = own.iter().enumerate().any(|(i, a)| own[..i].contains(a));
+            if shared || own.iter().any(|a| others.contains(a)) {
                 return Ok(None);
             }
             let (lam, pull) = st.recadam.unwrap_or((1.0, 0.0));

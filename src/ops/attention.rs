@@ -162,6 +162,8 @@ trait Real:
     fn of(x: f64) -> Self;
     fn wide(self) -> f64;
     fn exp(self) -> Self;
+    /// A storage's elements in this type (exact).
+    fn read(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<Self>>;
 }
 
 impl Real for f32 {
@@ -176,6 +178,9 @@ impl Real for f32 {
     fn exp(self) -> Self {
         f32::exp(self)
     }
+    fn read(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<Self>> {
+        to_f32(s, l)
+    }
 }
 
 impl Real for f64 {
@@ -189,6 +194,9 @@ impl Real for f64 {
     }
     fn exp(self) -> Self {
         f64::exp(self)
+    }
+    fn read(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<Self>> {
+        to_f64(s, l)
     }
 }
 
@@ -226,6 +234,35 @@ impl Cfg {
             .iter()
             .map(|&w| philox::kept(w, d.threshold))
             .collect()
+    }
+
+    /// The CPU op on storages, in the arithmetic type of their dtype: the
+    /// forward, or with the incoming gradient `g` the backward.
+    fn cpu(
+        &self,
+        s: (&CpuStorage, &Layout),
+        bias: (&CpuStorage, &Layout),
+        g: Option<&[f64]>,
+    ) -> candle_core::Result<CpuStorage> {
+        fn go<R: Real>(
+            c: &Cfg,
+            s: (&CpuStorage, &Layout),
+            bias: (&CpuStorage, &Layout),
+            g: Option<&[f64]>,
+        ) -> candle_core::Result<Vec<f64>> {
+            let dtype = s.0.dtype();
+            let (s, b) = (R::read(s.0, s.1)?, R::read(bias.0, bias.1)?);
+            Ok(match g {
+                None => c.forward_cpu(dtype, &s, &b),
+                Some(g) => c.backward_cpu(dtype, &s, &b, g),
+            })
+        }
+        let dtype = s.0.dtype();
+        let out = match dtype {
+            DType::F64 => go::<f64>(self, s, bias, g)?,
+            _ => go::<f32>(self, s, bias, g)?,
+        };
+        Ok(from_f64(out, dtype))
     }
 
     fn forward_cpu<R: Real>(&self, dtype: DType, s: &[R], bias: &[R]) -> Vec<f64> {
@@ -285,15 +322,7 @@ impl CustomOp2 for Probs {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dtype = s1.dtype();
-        let y = if dtype == DType::F64 {
-            self.0
-                .forward_cpu(dtype, &to_f64(s1, l1)?, &to_f64(s2, l2)?)
-        } else {
-            self.0
-                .forward_cpu(dtype, &to_f32(s1, l1)?, &to_f32(s2, l2)?)
-        };
-        Ok((from_f64(y, dtype), l1.shape().clone()))
+        Ok((self.0.cpu((s1, l1), (s2, l2), None)?, l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -336,16 +365,11 @@ impl CustomOp3 for ProbsGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dtype = s1.dtype();
         let g = to_f64(s3, l3)?;
-        let ds = if dtype == DType::F64 {
-            self.0
-                .backward_cpu(dtype, &to_f64(s1, l1)?, &to_f64(s2, l2)?, &g)
-        } else {
-            self.0
-                .backward_cpu(dtype, &to_f32(s1, l1)?, &to_f32(s2, l2)?, &g)
-        };
-        Ok((from_f64(ds, dtype), l1.shape().clone()))
+        Ok((
+            self.0.cpu((s1, l1), (s2, l2), Some(&g))?,
+            l1.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]
