@@ -185,9 +185,14 @@ fn resume_reproduces_an_uninterrupted_run() {
         .all(|v| v.is_finite() && *v >= 0.0));
     assert!(term(&full, "smart").iter().all(|v| *v > 0.0));
     // The best checkpoint evaluates to the recorded score.
-    let ev =
-        tunefuse::train::trainer::evaluate_checkpoint(&full.output.join("best"), None, "dev", None)
-            .unwrap();
+    let ev = tunefuse::train::trainer::evaluate_checkpoint(
+        &full.output.join("best"),
+        None,
+        "dev",
+        None,
+        None,
+    )
+    .unwrap();
     let s: tunefuse::train::trainer::Summary =
         serde_json::from_str(&std::fs::read_to_string(full.output.join("summary.json")).unwrap())
             .unwrap();
@@ -881,9 +886,14 @@ fn a_diverged_run_stops_with_an_error_and_keeps_its_checkpoints() {
     cfg.eval_every = 1;
     let e = error_of(&cfg);
     assert!(e.contains("training diverged"), "{e}");
-    let ev =
-        tunefuse::train::trainer::evaluate_checkpoint(&cfg.output.join("best"), None, "dev", None)
-            .unwrap();
+    let ev = tunefuse::train::trainer::evaluate_checkpoint(
+        &cfg.output.join("best"),
+        None,
+        "dev",
+        None,
+        None,
+    )
+    .unwrap();
     assert!(ev.accuracy.is_finite() && ev.nll.is_finite(), "{ev:?}");
     let evals = lines(&cfg)
         .into_iter()

@@ -52,10 +52,14 @@ enum Cmd {
         /// Task to evaluate on (default: the checkpoint's).
         #[arg(long)]
         task: Option<String>,
-        #[arg(long, default_value = "dev")]
+        #[arg(long, default_value = "dev", conflicts_with = "file")]
         split: String,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// A data file (CSV, TSV, JSON Lines) in the columns of the
+        /// checkpoint's own training file, evaluated instead of its dev split.
+        #[arg(long, conflicts_with = "task")]
+        file: Option<PathBuf>,
     },
     /// Copy a Hugging Face model directory with its weights cast to another
     /// dtype (e.g. bf16, to halve what travels to a GPU machine).
@@ -127,12 +131,36 @@ struct FinetuneArgs {
     /// Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// sst2, cola, rte, mrpc, amazon:<domain>, trec, snli, agnews, sst5, cr, mpqa, subj.
+    /// sst2, cola, rte, mrpc, amazon:<domain>, trec, snli, agnews, sst5, cr,
+    /// mpqa, subj; or files (the default with --train-file).
     #[arg(long)]
     task: Option<String>,
-    /// The data folder (default: $TUNEFUSE_DATA).
+    /// The data folder of the built-in tasks (default: $TUNEFUSE_DATA).
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Your own training data: a .csv, .tsv or .jsonl file with a header
+    /// (CSV/TSV) or one object per line (JSON Lines).
+    #[arg(long)]
+    train_file: Option<PathBuf>,
+    /// Your own evaluation data (the dev split), in the training file's columns.
+    #[arg(long)]
+    dev_file: Option<PathBuf>,
+    /// Your own test data (evaluated on with `--set eval_split=test`).
+    #[arg(long)]
+    test_file: Option<PathBuf>,
+    /// The text column (default: sentence1, else the first non-label column).
+    #[arg(long)]
+    text_column: Option<String>,
+    /// A second text column for pair tasks (default: sentence2 with sentence1).
+    #[arg(long)]
+    text_pair_column: Option<String>,
+    /// The label column (default: label).
+    #[arg(long)]
+    label_column: Option<String>,
+    /// The label set in index order, comma-separated (default: the training
+    /// file's labels, sorted).
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
     /// Where the run writes its config, metrics, summary, checkpoints and
     /// plots (default: runs/out).
     #[arg(long)]
@@ -210,6 +238,21 @@ fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
     }
     if a.data_dir.is_some() {
         cfg.data_dir = a.data_dir.clone();
+    }
+    macro_rules! set_some {
+        ($($f:ident),*) => { $( if a.$f.is_some() { cfg.$f = a.$f.clone(); } )* };
+    }
+    set_some!(
+        train_file,
+        dev_file,
+        test_file,
+        text_column,
+        text_pair_column,
+        label_column,
+        labels
+    );
+    if a.train_file.is_some() && a.task.is_none() {
+        cfg.task = tunefuse::train::config::FILES_TASK.into();
     }
     if a.train_examples.is_some() {
         cfg.train_examples = a.train_examples;
@@ -371,12 +414,14 @@ fn run(cli: Cli) -> Result<(), String> {
             task,
             split,
             data_dir,
+            file,
         } => {
             let ev = tunefuse::train::trainer::evaluate_checkpoint(
                 &checkpoint,
                 task.as_deref(),
                 &split,
                 data_dir.as_deref(),
+                file.as_deref(),
             )
             .map_err(|e| e.to_string())?;
             println!("{}", serde_json::to_string_pretty(&ev).unwrap());

@@ -30,6 +30,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::data::{Split, Task};
+use super::files::DataFiles;
 use super::methods::{self, Method};
 use super::optim::{RecAdam, Schedule};
 use super::task::HeadKind;
@@ -106,10 +107,26 @@ impl Metric {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// A data reader's task name (`sst2`, `amazon:books`, …).
+    /// A data reader's task name (`sst2`, `amazon:books`, …), or `files`
+    /// for the user's own data in `train_file` / `dev_file` / `test_file`
+    /// (the default when `train_file` is given).
     pub task: String,
     pub model: PathBuf,
     pub data_dir: Option<PathBuf>,
+    /// Own data (task `files`): CSV, TSV or JSON Lines, one file per split
+    /// (see [`super::files`] for the formats and the column defaults).
+    pub train_file: Option<PathBuf>,
+    pub dev_file: Option<PathBuf>,
+    pub test_file: Option<PathBuf>,
+    /// The text column (default `sentence1`, else the first non-label one).
+    pub text_column: Option<String>,
+    /// A second text, for pair tasks (default `sentence2` with `sentence1`).
+    pub text_pair_column: Option<String>,
+    /// The label column (default `label`).
+    pub label_column: Option<String>,
+    /// The label set in index order (default: the training file's labels,
+    /// sorted).
+    pub labels: Option<Vec<String>>,
     pub output: PathBuf,
     pub seed: u64,
     pub epochs: usize,
@@ -181,6 +198,13 @@ impl Default for Config {
             task: "sst2".into(),
             model: PathBuf::new(),
             data_dir: None,
+            train_file: None,
+            dev_file: None,
+            test_file: None,
+            text_column: None,
+            text_pair_column: None,
+            label_column: None,
+            labels: None,
             output: PathBuf::from("runs/out"),
             seed: 1,
             epochs: 3,
@@ -216,6 +240,9 @@ impl Default for Config {
         }
     }
 }
+
+/// The task name of the user's own data files.
+pub const FILES_TASK: &str = "files";
 
 /// Config keys that belong to one session of a run, not to the run: a
 /// resumed run may change them (where the files are, on which device it
@@ -389,10 +416,53 @@ impl Config {
         keys
     }
 
+    /// The user's data files, when the task is `files`.
+    pub fn data_files(&self) -> Option<DataFiles> {
+        (self.task == FILES_TASK).then(|| DataFiles {
+            train: self.train_file.clone().unwrap_or_default(),
+            dev: self.dev_file.clone(),
+            test: self.test_file.clone(),
+            text_column: self.text_column.clone(),
+            text_pair_column: self.text_pair_column.clone(),
+            label_column: self.label_column.clone(),
+            labels: self.labels.clone(),
+            regression: self.head == HeadKind::Regression,
+        })
+    }
+
     /// Every check that can fail before training starts.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(param_err("config", m));
-        self.task.parse::<Task>()?;
+        match self.data_files() {
+            Some(f) => {
+                if self.train_file.is_none() {
+                    return bad(format!(
+                        "task = \"{FILES_TASK}\" reads your own data: give train_file \
+                         (--train-file) and dev_file or test_file"
+                    ));
+                }
+                f.validate()?;
+            }
+            None => {
+                self.task.parse::<Task>()?;
+                let own = [
+                    ("train_file", self.train_file.is_some()),
+                    ("dev_file", self.dev_file.is_some()),
+                    ("test_file", self.test_file.is_some()),
+                    ("text_column", self.text_column.is_some()),
+                    ("text_pair_column", self.text_pair_column.is_some()),
+                    ("label_column", self.label_column.is_some()),
+                    ("labels", self.labels.is_some()),
+                ];
+                if let Some((key, _)) = own.iter().find(|(_, set)| *set) {
+                    return bad(format!(
+                        "{key} belongs to your own data files (task = \"{FILES_TASK}\"), \
+                         and the task is the built-in reader {:?}: drop one of them",
+                        self.task
+                    ));
+                }
+            }
+        }
         for m in &self.methods {
             m.validate()?;
         }
@@ -475,6 +545,10 @@ impl Config {
 /// names the method (`smart: unknown field `lamda``).
 fn normalise(t: &mut toml::Table, reading: Reading) -> Result<()> {
     let bad = |m: String| Err(param_err("config", m));
+    // A file that names its training data reads it without `task = "files"`.
+    if t.contains_key("train_file") && !t.contains_key("task") {
+        t.insert("task".into(), FILES_TASK.into());
+    }
     if let Some(v) = t.remove("regression") {
         match v {
             toml::Value::Boolean(true) => {

@@ -17,8 +17,13 @@ use crate::philox;
 pub struct Example {
     pub text: String,
     pub pair: Option<String>,
-    /// Index into [`Dataset::labels`].
+    /// Index into [`Dataset::labels`] (0 for a regression file, whose
+    /// label set is empty).
     pub label: usize,
+    /// The real-valued target a regression head trains towards: the label
+    /// index for the built-in readers (SST-5's 0–4 scale), the number in
+    /// the label column for a regression data file.
+    pub value: f64,
 }
 
 /// Examples with their label names.
@@ -145,12 +150,17 @@ fn decode(bytes: &[u8]) -> String {
         Ok(s) => s.to_string(),
         Err(_) => bytes
             .split(|&b| b == b'\n')
-            .map(|l| match std::str::from_utf8(l) {
-                Ok(s) => s.to_string(),
-                Err(_) => l.iter().map(|&b| b as char).collect(),
-            })
+            .map(decode_line)
             .collect::<Vec<_>>()
             .join("\n"),
+    }
+}
+
+/// UTF-8, or Latin-1 (each byte its code point) when it is not valid UTF-8.
+pub(crate) fn decode_line(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => bytes.iter().map(|&b| b as char).collect(),
     }
 }
 
@@ -311,6 +321,7 @@ pub fn load(task: &Task, split: Split, dir: &Path) -> Result<Dataset> {
         text: text.trim().to_string(),
         pair: pair.map(|s| s.trim().to_string()),
         label,
+        value: label as f64,
     };
     match task {
         Task::Sst2 => {
@@ -581,6 +592,15 @@ impl Dataset {
     /// error naming it: quietly taking fewer would run another experiment
     /// (an unbalanced, smaller set) than the one asked for.
     pub fn k_per_class(&self, k: usize, seed: u64) -> Result<Dataset> {
+        if self.labels.is_empty() {
+            return Err(param_err(
+                "k_per_class",
+                format!(
+                    "k_per_class needs classes, and {} holds regression targets",
+                    self.name
+                ),
+            ));
+        }
         let mut have = vec![0usize; self.labels.len()];
         for e in &self.examples {
             have[e.label] += 1;

@@ -10,7 +10,7 @@ use super::config::{Config, Metric, Reading};
 use super::data::{Dataset, Split};
 use super::metrics;
 use super::run::Run;
-use crate::error::{format_err, io_err, Error, Result};
+use crate::error::{format_err, io_err, param_err, Error, Result};
 
 /// f64 values that may be NaN (a metric undefined for the run, e.g. F1 of a
 /// multi-class task or accuracy of a regression): JSON has no NaN, so it is
@@ -174,19 +174,20 @@ impl Run {
                 probs[first]
             )));
         }
-        let labels: Vec<usize> = ds.examples.iter().map(|e| e.label).collect();
-        self.head.metrics(&probs, &labels, ds.labels.len())
+        self.head.metrics(&probs, ds)
     }
 }
 
 /// Evaluates a `best/` checkpoint: rebuilds the run from the configuration
 /// stored with it (base model, methods), loads the trained parameters and
-/// evaluates on `split` of `task` (default: the checkpoint's task).
+/// evaluates on `split` of `task` (default: the checkpoint's task), or on
+/// `file`, a data file in the columns of the checkpoint's own data files.
 pub fn evaluate_checkpoint(
     dir: &Path,
     task: Option<&str>,
     split: &str,
     data_dir: Option<&Path>,
+    file: Option<&Path>,
 ) -> Result<Eval> {
     let meta_path = dir.join("checkpoint.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
@@ -201,10 +202,34 @@ pub fn evaluate_checkpoint(
     let text = toml::to_string(&table).map_err(|e| format_err(&meta_path, e.to_string()))?;
     let mut cfg = Config::from_toml(&text, Reading::Record)
         .map_err(|e| format_err(&meta_path, e.to_string()))?;
-    if let Some(t) = task {
-        cfg.task = t.to_string();
-    }
     cfg.eval_split = split.parse::<Split>()?;
+    if let Some(t) = task {
+        // Another task's data: the checkpoint's own files do not apply.
+        if t != cfg.task {
+            cfg.task = t.to_string();
+            cfg.train_file = None;
+            cfg.dev_file = None;
+            cfg.test_file = None;
+            cfg.text_column = None;
+            cfg.text_pair_column = None;
+            cfg.label_column = None;
+            cfg.labels = None;
+        }
+    }
+    if let Some(f) = file {
+        if cfg.data_files().is_none() {
+            return Err(param_err(
+                "eval",
+                format!(
+                    "--file evaluates in the columns and labels of a run on its own data \
+                     files, and this checkpoint was trained on the task {:?}",
+                    cfg.task
+                ),
+            ));
+        }
+        cfg.dev_file = Some(f.to_path_buf());
+        cfg.eval_split = Split::Dev;
+    }
     if data_dir.is_some() {
         cfg.data_dir = data_dir.map(Path::to_path_buf);
     }

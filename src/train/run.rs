@@ -36,10 +36,28 @@ impl Run {
     pub fn new(cfg: Config) -> Result<Self> {
         cfg.validate()?;
         let device = cfg.device.device()?;
-        let dir = data::data_dir(cfg.data_dir.as_deref())?;
-        let task: Task = cfg.task.parse()?;
-        let mut train = data::load(&task, Split::Train, &dir)?;
-        let mut eval = data::load(&task, cfg.eval_split, &dir)?;
+        let (mut train, mut eval, source) = match cfg.data_files() {
+            Some(files) => {
+                let name = files
+                    .train
+                    .file_stem()
+                    .map_or("files".into(), |s| s.to_string_lossy().into_owned());
+                (
+                    files.load(Split::Train, &name)?,
+                    files.load(cfg.eval_split, &name)?,
+                    "its data files".to_string(),
+                )
+            }
+            None => {
+                let dir = data::data_dir(cfg.data_dir.as_deref())?;
+                let task: Task = cfg.task.parse()?;
+                (
+                    data::load(&task, Split::Train, &dir)?,
+                    data::load(&task, cfg.eval_split, &dir)?,
+                    dir.display().to_string(),
+                )
+            }
+        };
         if let Some(n) = cfg.eval_examples {
             eval = eval.subsample(n, cfg.seed);
         }
@@ -59,7 +77,7 @@ impl Run {
                     format!(
                         "the {what} set of {} in {} is empty{}",
                         cfg.task,
-                        dir.display(),
+                        source,
                         match n {
                             Some(0) => format!(
                                 " ({}_examples = 0)",

@@ -100,7 +100,7 @@ impl TaskHead {
             )?,
             TaskHead::Regress(_) => Tensor::new(
                 idx.iter()
-                    .map(|&i| ds.examples[i].label as f32)
+                    .map(|&i| ds.examples[i].value as f32)
                     .collect::<Vec<_>>(),
                 device,
             )?,
@@ -167,17 +167,16 @@ impl TaskHead {
         })
     }
 
-    /// The metrics of predictions against `labels`, and the reliability
-    /// table for classification.
+    /// The metrics of predictions against `ds`'s labels (or regression
+    /// targets), and the reliability table for classification.
     pub fn metrics(
         &self,
         probs: &[Vec<f64>],
-        labels: &[usize],
-        classes: usize,
+        ds: &Dataset,
     ) -> Result<(Eval, Option<metrics::Calibration>)> {
         if let TaskHead::Regress(_) = self {
             let pred: Vec<f64> = probs.iter().map(|p| p[0]).collect();
-            let target: Vec<f64> = labels.iter().map(|&l| l as f64).collect();
+            let target: Vec<f64> = ds.examples.iter().map(|e| e.value).collect();
             let mse = pred
                 .iter()
                 .zip(&target)
@@ -194,6 +193,8 @@ impl TaskHead {
                 None,
             ));
         }
+        let labels: &[usize] = &ds.examples.iter().map(|e| e.label).collect::<Vec<_>>();
+        let classes = ds.labels.len();
         let preds: Vec<usize> = probs
             .iter()
             .map(|p| {
