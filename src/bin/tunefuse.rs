@@ -61,6 +61,32 @@ enum Cmd {
         #[arg(long, conflicts_with = "task")]
         file: Option<PathBuf>,
     },
+    /// Write a checkpoint (`best/`) as a Hugging Face model directory that
+    /// transformers' AutoModelForSequenceClassification loads: config.json
+    /// with the labels, model.safetensors under transformers' names, the
+    /// tokenizer. Needs a run trained with `--set pooling=pooler`.
+    Export {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        output: PathBuf,
+        /// Fold LoRA updates into the weights they change.
+        #[arg(long)]
+        merge: bool,
+        /// Replace a non-empty output directory.
+        #[arg(long)]
+        overwrite: bool,
+    },
+    /// Class probabilities (or regression values) of a checkpoint on a data
+    /// file in its run's columns, one JSON line per example.
+    Predict {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// A CSV, TSV or JSON Lines file in the columns of the checkpoint's
+        /// own training file.
+        #[arg(long)]
+        file: PathBuf,
+    },
     /// Copy a Hugging Face model directory with its weights cast to another
     /// dtype (e.g. bf16, to halve what travels to a GPU machine).
     ConvertCheckpoint {
@@ -425,6 +451,38 @@ fn run(cli: Cli) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
             println!("{}", serde_json::to_string_pretty(&ev).unwrap());
+            Ok(())
+        }
+        Cmd::Export {
+            checkpoint,
+            output,
+            merge,
+            overwrite,
+        } => {
+            let e = tunefuse::train::export::export(&checkpoint, &output, merge, overwrite)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "wrote {} ({} tensors, labels {:?}{})",
+                output.display(),
+                e.tensors,
+                e.labels,
+                if e.merged > 0 {
+                    format!(", {} LoRA updates merged", e.merged)
+                } else {
+                    String::new()
+                }
+            );
+            Ok(())
+        }
+        Cmd::Predict { checkpoint, file } => {
+            let rows = tunefuse::train::evaluate::predict_checkpoint(&checkpoint, &file)
+                .map_err(|e| e.to_string())?;
+            let mut out = std::io::stdout().lock();
+            for r in rows {
+                use std::io::Write;
+                writeln!(out, "{}", serde_json::to_string(&r).unwrap())
+                    .map_err(|e| format!("cannot write the predictions: {e}"))?;
+            }
             Ok(())
         }
         Cmd::ConvertCheckpoint {

@@ -199,9 +199,18 @@ impl Bert {
         }
         let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
             .map_err(|e| format_err(&path, format!("not a readable safetensors file: {e}")))?;
+        // A checkpoint of a model with a task head (`BertForSequenceClassification`,
+        // `BertForMaskedLM`, a tunefuse export) keeps the encoder under
+        // `bert.`; its head (`classifier.*`, `cls.*`) is not the encoder's
+        // and is left out, as transformers' `BertModel` does.
+        let headed = tensors.keys().any(|k| k.starts_with("bert."));
         let tensors: HashMap<String, Tensor> = tensors
             .into_iter()
-            .map(|(k, v)| (k.strip_prefix("bert.").map(str::to_string).unwrap_or(k), v))
+            .filter_map(|(k, v)| match k.strip_prefix("bert.") {
+                Some(s) => Some((s.to_string(), v)),
+                None if headed => None,
+                None => Some((k, v)),
+            })
             .collect();
         // A configuration that describes a much larger model than the
         // checkpoint holds (a mistyped intermediate_size, a layer count off

@@ -14,19 +14,54 @@ pub enum Pooling {
     Cls,
     /// The mean over real tokens.
     Mean,
+    /// `tanh(pooler.dense([CLS]))`: Hugging Face's `BertForSequenceClassification`
+    /// head, with the checkpoint's pooler (a new one when it has none)
+    /// trained as part of the head. The form a model exported to
+    /// transformers computes.
+    Pooler,
 }
 
-fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling) -> Result<Tensor> {
-    match pooling {
-        Pooling::Cls => Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?),
-        Pooling::Mean => mean_pool(hidden, mask),
+/// How a head turns the last hidden states into one vector per example:
+/// the pooling, and the pooler's dense layer for [`Pooling::Pooler`]
+/// (the encoder's `pooler.dense` parameters, shared through the varmap).
+#[derive(Debug)]
+pub struct Pool {
+    pub pooling: Pooling,
+    pub pooler: Option<Dense>,
+}
+
+impl Pool {
+    fn new(vb: &candle_nn::VarBuilder, hidden: usize, pooling: Pooling) -> Result<Self> {
+        let pooler = match pooling {
+            Pooling::Pooler => Some(Dense::new(&vb.pp("pooler"), "dense", hidden, hidden)?),
+            _ => None,
+        };
+        Ok(Self { pooling, pooler })
+    }
+
+    fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
+        let cls = || -> Result<Tensor> { Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?) };
+        match (&self.pooler, self.pooling) {
+            (Some(d), _) => Ok(d.forward(&cls()?, s)?.tanh()?),
+            (None, Pooling::Mean) => mean_pool(hidden, mask),
+            (None, _) => cls(),
+        }
+    }
+
+    /// The name prefixes of the pooling's own parameters.
+    pub fn prefixes(&self) -> &'static [&'static str] {
+        if self.pooler.is_some() {
+            &["pooler."]
+        } else {
+            &[]
+        }
     }
 }
 
 /// Pooling, dropout, linear: logits `[B, classes]` (`classifier.*` parameters).
 #[derive(Debug)]
 pub struct ClassifierHead {
-    pub pooling: Pooling,
+    pub pool: Pool,
     pub dropout: f64,
     pub linear: Dense,
 }
@@ -49,14 +84,14 @@ impl ClassifierHead {
         }
         let vb = candle_nn::VarBuilder::from_varmap(varmap, dtype, device);
         Ok(Self {
-            pooling,
+            pool: Pool::new(&vb, hidden, pooling)?,
             dropout,
             linear: Dense::new(&vb, "classifier", hidden, classes)?,
         })
     }
 
     pub fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
-        let x = s.dropout(&pool(hidden, mask, self.pooling)?, self.dropout)?;
+        let x = s.dropout(&self.pool.forward(hidden, mask, s)?, self.dropout)?;
         self.linear.forward(&x, s)
     }
 }
@@ -64,7 +99,7 @@ impl ClassifierHead {
 /// Pooling, dropout, linear to one value: predictions `[B]` (`regressor.*`).
 #[derive(Debug)]
 pub struct RegressionHead {
-    pub pooling: Pooling,
+    pub pool: Pool,
     pub dropout: f64,
     pub linear: Dense,
 }
@@ -80,14 +115,14 @@ impl RegressionHead {
     ) -> Result<Self> {
         let vb = candle_nn::VarBuilder::from_varmap(varmap, dtype, device);
         Ok(Self {
-            pooling,
+            pool: Pool::new(&vb, hidden, pooling)?,
             dropout,
             linear: Dense::new(&vb, "regressor", hidden, 1)?,
         })
     }
 
     pub fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
-        let x = s.dropout(&pool(hidden, mask, self.pooling)?, self.dropout)?;
+        let x = s.dropout(&self.pool.forward(hidden, mask, s)?, self.dropout)?;
         Ok(self.linear.forward(&x, s)?.squeeze(1)?)
     }
 }

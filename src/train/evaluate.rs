@@ -6,11 +6,11 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
-use super::config::{Config, Metric, Reading};
+use super::config::Metric;
 use super::data::{Dataset, Split};
 use super::metrics;
 use super::run::Run;
-use crate::error::{format_err, io_err, param_err, Error, Result};
+use crate::error::{param_err, Error, Result};
 
 /// f64 values that may be NaN (a metric undefined for the run, e.g. F1 of a
 /// multi-class task or accuracy of a regression): JSON has no NaN, so it is
@@ -189,20 +189,73 @@ pub fn evaluate_checkpoint(
     data_dir: Option<&Path>,
     file: Option<&Path>,
 ) -> Result<Eval> {
-    let meta_path = dir.join("checkpoint.json");
-    let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
-    let meta: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format_err(&meta_path, e.to_string()))?;
-    // The configuration as TOML, so a checkpoint of any version reads
-    // through the one legacy-aware reader.
-    let table = match json_to_toml(&meta["config"]) {
-        Some(toml::Value::Table(t)) => t,
-        _ => return Err(format_err(&meta_path, "lacks the run's config")),
-    };
-    let text = toml::to_string(&table).map_err(|e| format_err(&meta_path, e.to_string()))?;
-    let mut cfg = Config::from_toml(&text, Reading::Record)
-        .map_err(|e| format_err(&meta_path, e.to_string()))?;
-    cfg.eval_split = split.parse::<Split>()?;
+    let run = checkpoint_run(dir, task, split.parse::<Split>()?, data_dir, file)?;
+    Ok(run.evaluate(&run.eval)?.0)
+}
+
+/// One example's prediction: its label (or target) and the model's class
+/// probabilities (or predicted value).
+#[derive(Clone, Debug, Serialize)]
+pub struct Prediction {
+    pub text: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pair: Option<String>,
+    /// The label's name (classification) or the target (regression).
+    pub label: serde_json::Value,
+    /// The most probable label (classification) or the predicted value.
+    pub predicted: serde_json::Value,
+    /// Class probabilities in label order (empty for regression).
+    pub probabilities: Vec<f64>,
+}
+
+/// The predictions of a `best/` checkpoint on `file`, a data file in the
+/// columns of the checkpoint's own data files.
+pub fn predict_checkpoint(dir: &Path, file: &Path) -> Result<Vec<Prediction>> {
+    let run = checkpoint_run(dir, None, Split::Dev, None, Some(file))?;
+    let probs = run.predict(&run.eval)?;
+    let regression = run.cfg.head == super::task::HeadKind::Regression;
+    Ok(run
+        .eval
+        .examples
+        .iter()
+        .zip(probs)
+        .map(|(e, p)| {
+            let (label, predicted, probabilities) = if regression {
+                (e.value.into(), p[0].into(), vec![])
+            } else {
+                let best = p
+                    .iter()
+                    .enumerate()
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map_or(0, |m| m.0);
+                (
+                    run.eval.labels[e.label].clone().into(),
+                    run.eval.labels[best].clone().into(),
+                    p,
+                )
+            };
+            Prediction {
+                text: e.text.clone(),
+                pair: e.pair.clone(),
+                label,
+                predicted,
+                probabilities,
+            }
+        })
+        .collect())
+}
+
+/// The run of a `best/` checkpoint with its trained parameters, evaluating
+/// on `split` of `task` (default: the checkpoint's) or on `file`.
+fn checkpoint_run(
+    dir: &Path,
+    task: Option<&str>,
+    split: Split,
+    data_dir: Option<&Path>,
+    file: Option<&Path>,
+) -> Result<Run> {
+    let mut cfg = super::export::read_checkpoint(dir)?.cfg;
+    cfg.eval_split = split;
     if let Some(t) = task {
         // Another task's data: the checkpoint's own files do not apply.
         if t != cfg.task {
@@ -221,7 +274,7 @@ pub fn evaluate_checkpoint(
             return Err(param_err(
                 "eval",
                 format!(
-                    "--file evaluates in the columns and labels of a run on its own data \
+                    "--file reads a file in the columns and labels of a run on its own data \
                      files, and this checkpoint was trained on the task {:?}",
                     cfg.task
                 ),
@@ -235,11 +288,11 @@ pub fn evaluate_checkpoint(
     }
     let run = Run::new(cfg)?;
     checkpoint::load_params(&run, &dir.join("model.safetensors"))?;
-    Ok(run.evaluate(&run.eval)?.0)
+    Ok(run)
 }
 
 /// JSON as TOML: nulls (unset options) are left out, as TOML has none.
-fn json_to_toml(v: &serde_json::Value) -> Option<toml::Value> {
+pub(crate) fn json_to_toml(v: &serde_json::Value) -> Option<toml::Value> {
     use serde_json::Value as J;
     Some(match v {
         J::Null => return None,

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod evaluate;
+pub mod export;
 pub mod files;
 pub mod fit;
 pub mod methods;

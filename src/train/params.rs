@@ -79,15 +79,17 @@ impl Freezing {
     }
 
     /// Whether the optimiser updates `name` (a parameter of the backbone,
-    /// the head, or a transform's).
-    fn trains(&self, name: &str, transforms: &[Box<dyn ModelTransform>], head: &str) -> bool {
+    /// the head, or a transform's). `head`: the head's name prefixes; the
+    /// encoder's pooler trains only when the head pools through it.
+    fn trains(&self, name: &str, transforms: &[Box<dyn ModelTransform>], head: &[&str]) -> bool {
+        let in_head = head.iter().any(|h| name.starts_with(h));
         if name.starts_with("pooler.") {
-            return false;
+            return in_head;
         }
         match *self {
             Freezing::Backbone { layernorm } => {
                 transforms.iter().any(|t| t.owns(name))
-                    || name.starts_with(head)
+                    || in_head
                     || (layernorm && name.contains("LayerNorm"))
             }
             Freezing::None | Freezing::Gradual { .. } => true,
@@ -115,7 +117,7 @@ pub fn trainable(
     pretrained: &HashMap<String, Tensor>,
     freezing: Freezing,
     transforms: &[Box<dyn ModelTransform>],
-    head_prefix: &str,
+    head_prefix: &[&str],
     layer_lr_decay: Option<f64>,
     layers: usize,
 ) -> Vec<Param> {

@@ -178,7 +178,7 @@ impl Run {
             &pretrained,
             freezing,
             &transforms,
-            head.prefix(),
+            &head.prefixes(),
             cfg.layer_lr_decay,
             bert.layers.len(),
         );

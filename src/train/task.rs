@@ -73,12 +73,16 @@ impl TaskHead {
         })
     }
 
-    /// The prefix of the head's parameter names.
-    pub fn prefix(&self) -> &'static str {
-        match self {
-            TaskHead::Classify { .. } => "classifier.",
-            TaskHead::Regress(_) => "regressor.",
-        }
+    /// The prefixes of the head's parameter names: its linear layer's, and
+    /// the pooler's when it pools through one.
+    pub fn prefixes(&self) -> Vec<&'static str> {
+        let (linear, pool) = match self {
+            TaskHead::Classify { head, .. } => ("classifier.", &head.pool),
+            TaskHead::Regress(r) => ("regressor.", &r.pool),
+        };
+        let mut v = vec![linear];
+        v.extend(pool.prefixes());
+        v
     }
 
     pub fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {

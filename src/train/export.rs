@@ -1,0 +1,311 @@
+//! `tunefuse export`: a `best/` checkpoint as a Hugging Face model
+//! directory that `AutoModelForSequenceClassification.from_pretrained`
+//! loads and that predicts what tunefuse predicts.
+//!
+//! The directory holds `config.json` (the base model's, with
+//! `architectures = ["BertForSequenceClassification"]`, `id2label`,
+//! `label2id`, `problem_type`), `model.safetensors` (f32, under
+//! transformers' names: the encoder's under `bert.`, the pooler's under
+//! `bert.pooler.`, the head's under `classifier.`; `format = pt` in the
+//! metadata, as transformers expects) and the base model's tokenizer files.
+//!
+//! What can be exported: a run whose head is `BertForSequenceClassification`'s,
+//! i.e. `pooling = "pooler"` (tanh of the pooler's dense layer on [CLS],
+//! dropout, linear). A head that reads [CLS] or the mean directly has no
+//! counterpart in transformers and is refused with that reason. LoRA is
+//! merged into the weights it updates (`W + (α/r)·B·A`, with `merge`).
+//! Bottleneck adapters add modules that `BertForSequenceClassification`
+//! does not have, and are refused. Mixout, SMART, R3F, FreeLB and the
+//! Bregman term change only how the weights were trained.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::checkpoint::atomic_dir;
+use super::config::{Config, Reading};
+use super::methods::Method;
+use super::task::HeadKind;
+use crate::error::{format_err, io_err, param_err, Result};
+use crate::model::Pooling;
+
+/// What an export wrote.
+#[derive(Debug)]
+pub struct Exported {
+    pub tensors: usize,
+    pub labels: Vec<String>,
+    /// LoRA updates merged into their weights.
+    pub merged: usize,
+}
+
+/// The tokenizer files transformers reads, copied when the base has them.
+const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "added_tokens.json",
+];
+
+/// The checkpoint's recorded configuration, labels and base model.
+pub(crate) struct Recorded {
+    pub cfg: Config,
+    pub labels: Vec<String>,
+    pub base: PathBuf,
+}
+
+/// Reads `dir/checkpoint.json` (the configuration through the one
+/// legacy-aware reader).
+pub(crate) fn read_checkpoint(dir: &Path) -> Result<Recorded> {
+    let meta_path = dir.join("checkpoint.json");
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format_err(&meta_path, e.to_string()))?;
+    let table = match super::evaluate::json_to_toml(&meta["config"]) {
+        Some(toml::Value::Table(t)) => t,
+        _ => return Err(format_err(&meta_path, "lacks the run's config")),
+    };
+    let text = toml::to_string(&table).map_err(|e| format_err(&meta_path, e.to_string()))?;
+    let cfg = Config::from_toml(&text, Reading::Record)
+        .map_err(|e| format_err(&meta_path, e.to_string()))?;
+    let labels = meta["labels"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .ok_or_else(|| format_err(&meta_path, "lacks the label names (labels)"))?;
+    let base = cfg.model.clone();
+    Ok(Recorded { cfg, labels, base })
+}
+
+/// Exports the `best/` checkpoint in `checkpoint` to `output` (see the
+/// module docs). `output` must not exist or be empty, unless `overwrite`.
+pub fn export(checkpoint: &Path, output: &Path, merge: bool, overwrite: bool) -> Result<Exported> {
+    let rec = read_checkpoint(checkpoint)?;
+    let cfg = &rec.cfg;
+    let bad = |m: String| Err(param_err("export", m));
+    if cfg.pooling != Pooling::Pooler {
+        return bad(format!(
+            "this run's head reads {} directly, and transformers' \
+             BertForSequenceClassification passes [CLS] through the pooler (dense + tanh) \
+             first, so no transformers model computes what it computes; train with \
+             --set pooling=pooler to export",
+            match cfg.pooling {
+                Pooling::Mean => "the mean of the hidden states",
+                _ => "the [CLS] hidden state",
+            }
+        ));
+    }
+    let mut lora = None;
+    for m in &cfg.methods {
+        match m {
+            Method::Adapter(_) => {
+                return bad("bottleneck adapters add modules that transformers' \
+                            BertForSequenceClassification does not have; they cannot be \
+                            exported to it"
+                    .into())
+            }
+            Method::Lora(c) if !merge => {
+                return bad(format!(
+                    "this run trained LoRA (r = {}): pass --merge to fold its updates into \
+                     the weights (a PEFT adapter directory is not written yet)",
+                    c.r
+                ))
+            }
+            Method::Lora(c) => lora = Some(c.alpha / c.r as f64),
+            _ => {}
+        }
+    }
+    if output.exists()
+        && !overwrite
+        && std::fs::read_dir(output)
+            .map_err(|e| io_err(output, e))?
+            .next()
+            .is_some()
+    {
+        return Err(io_err(
+            output,
+            "exists and is not empty: choose a new directory, or pass --overwrite to replace it",
+        ));
+    }
+    let base = &rec.base;
+    let base_weights = base.join("model.safetensors");
+    if !base_weights.exists() {
+        return Err(io_err(
+            &base_weights,
+            "the checkpoint's base model is not there (its config records this path)",
+        ));
+    }
+    let load = |p: &Path| {
+        candle_core::safetensors::load(p, &Device::Cpu)
+            .map_err(|e| format_err(p, format!("not a readable safetensors file: {e}")))
+    };
+    // The encoder's tensors under the names tunefuse uses (no `bert.`).
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    let prefixed = |k: &str| k.starts_with("bert.");
+    let base_t = load(&base_weights)?;
+    let any_prefixed = base_t.keys().any(|k| prefixed(k));
+    for (k, v) in base_t {
+        match k.strip_prefix("bert.") {
+            Some(s) => {
+                tensors.insert(s.to_string(), v);
+            }
+            // A base with a task head (`bert.` + head names): the head is
+            // not the encoder's.
+            None if any_prefixed => {}
+            None => {
+                tensors.insert(k, v);
+            }
+        }
+    }
+    tensors.remove("embeddings.position_ids");
+    let trained_path = checkpoint.join("model.safetensors");
+    let trained = load(&trained_path)?;
+    let mut lora_parts: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
+    for (k, v) in trained {
+        if let Some(layer) = k.strip_suffix(".lora_A") {
+            lora_parts.entry(layer.to_string()).or_default().0 = Some(v);
+        } else if let Some(layer) = k.strip_suffix(".lora_B") {
+            lora_parts.entry(layer.to_string()).or_default().1 = Some(v);
+        } else if let Some(h) = k.strip_prefix("regressor.") {
+            tensors.insert(format!("classifier.{h}"), v);
+        } else {
+            let head = k.starts_with("classifier.") || k.starts_with("pooler.");
+            if !head && !tensors.contains_key(&k) {
+                return Err(format_err(
+                    &trained_path,
+                    format!(
+                        "holds {k}, which the base model {} does not have",
+                        base.display()
+                    ),
+                ));
+            }
+            tensors.insert(k, v);
+        }
+    }
+    let mut merged = 0;
+    for (layer, parts) in lora_parts {
+        let (Some(a), Some(b)) = parts else {
+            return Err(format_err(
+                &trained_path,
+                format!("holds only one of {layer}.lora_A and {layer}.lora_B"),
+            ));
+        };
+        let key = format!("{layer}.weight");
+        let w = tensors.get(&key).ok_or_else(|| {
+            format_err(
+                &trained_path,
+                format!("has a LoRA update of {layer}, which the base model lacks"),
+            )
+        })?;
+        let scale = lora.ok_or_else(|| {
+            format_err(
+                &trained_path,
+                format!("has a LoRA update of {layer}, and the run's config lists no lora"),
+            )
+        })?;
+        let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
+        let w = (w.to_dtype(DType::F32)? + delta)?;
+        tensors.insert(key, w);
+        merged += 1;
+    }
+    for need in [
+        "pooler.dense.weight",
+        "pooler.dense.bias",
+        "classifier.weight",
+    ] {
+        if !tensors.contains_key(need) {
+            return Err(format_err(&trained_path, format!("lacks {need}")));
+        }
+    }
+    let out: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            let name = if k.starts_with("classifier.") {
+                k
+            } else {
+                format!("bert.{k}")
+            };
+            Ok((name, v.to_dtype(DType::F32)?))
+        })
+        .collect::<Result<_>>()?;
+    let config = hf_config(base, cfg, &rec.labels)?;
+    let n = out.len();
+    let write = |tmp: &Path| -> Result<()> {
+        let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+        safetensors::serialize_to_file(
+            out.iter().map(|(k, v)| (k.as_str(), v)),
+            Some(meta),
+            &tmp.join("model.safetensors"),
+        )
+        .map_err(|e| io_err(tmp, e))?;
+        let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
+        std::fs::write(tmp.join("config.json"), text).map_err(|e| io_err(tmp, e))?;
+        for f in TOKENIZER_FILES {
+            let src = base.join(f);
+            if src.exists() {
+                std::fs::copy(&src, tmp.join(f)).map_err(|e| io_err(&src, e))?;
+            }
+        }
+        Ok(())
+    };
+    atomic_dir(output, write)?;
+    Ok(Exported {
+        tensors: n,
+        labels: rec.labels,
+        merged,
+    })
+}
+
+/// The base model's `config.json` with the classification fields.
+fn hf_config(base: &Path, cfg: &Config, labels: &[String]) -> Result<serde_json::Value> {
+    let path = base.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
+    let mut c: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format_err(&path, e.to_string()))?;
+    let obj = c
+        .as_object_mut()
+        .ok_or_else(|| format_err(&path, "is not a JSON object"))?;
+    if obj.get("model_type").and_then(|v| v.as_str()) != Some("bert") {
+        return Err(format_err(
+            &path,
+            format!(
+                "model_type is {}; export writes BERT models",
+                obj.get("model_type").unwrap_or(&serde_json::Value::Null)
+            ),
+        ));
+    }
+    let names: Vec<String> = match cfg.head {
+        HeadKind::Regression => vec!["LABEL_0".into()],
+        HeadKind::Classification => labels.to_vec(),
+    };
+    let id2label: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i.to_string(), l.clone().into()))
+        .collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = names
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), i.into()))
+        .collect();
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!(["BertForSequenceClassification"]),
+    );
+    obj.insert("id2label".into(), id2label.into());
+    obj.insert("label2id".into(), label2id.into());
+    obj.insert(
+        "problem_type".into(),
+        match cfg.head {
+            HeadKind::Regression => "regression",
+            HeadKind::Classification => "single_label_classification",
+        }
+        .into(),
+    );
+    obj.insert("torch_dtype".into(), "float32".into());
+    obj.remove("_name_or_path");
+    Ok(c)
+}

@@ -1,0 +1,343 @@
+//! `tunefuse export`: the directory has transformers' layout and names, and
+//! a forward pass written the way transformers' BertForSequenceClassification
+//! computes (encoder, tanh of the pooler on [CLS], linear) over the exported
+//! weights alone gives the probabilities `tunefuse predict` gives for the
+//! checkpoint: for full fine-tuning and for merged LoRA. What cannot be
+//! exported is refused with the reason.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device};
+use common::{scratch, tiny_model_dir};
+use tunefuse::model::{Bert, Outputs, TextTokenizer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tunefuse");
+
+fn s(p: &Path) -> String {
+    p.to_str().unwrap().to_string()
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "tunefuse {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn refused(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(!o.status.success(), "tunefuse {args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Three-label training and dev files.
+fn data(dir: &Path) -> (PathBuf, PathBuf) {
+    let mut train = String::from("text,label\n");
+    for i in 0..24 {
+        let (t, l) = [
+            ("great, would buy again", "good"),
+            ("broke after a day", "bad"),
+            ("it is a product", "meh"),
+        ][i % 3];
+        train.push_str(&format!("\"{t} {i}\",{l}\n"));
+    }
+    let dev = "text,label\n\"great, truly\",good\nbroke at once,bad\nit is,meh\nfine I guess,meh\n";
+    let (t, d) = (dir.join("train.csv"), dir.join("dev.csv"));
+    std::fs::write(&t, train).unwrap();
+    std::fs::write(&d, dev).unwrap();
+    (t, d)
+}
+
+fn finetune(model: &Path, train: &Path, dev: &Path, out: &Path, extra: &[&str]) {
+    let mut a = vec![
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--train-file",
+        train.to_str().unwrap(),
+        "--dev-file",
+        dev.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-len",
+        "16",
+        "--set",
+        "pooling=pooler",
+        "--lr",
+        "1e-3",
+    ];
+    a.extend(extra);
+    ok(&a);
+}
+
+/// transformers' BertForSequenceClassification forward in eval mode, over
+/// the exported directory's files only.
+fn hf_style_probs(export: &Path, texts: &[&str]) -> Vec<Vec<f64>> {
+    let vm = candle_nn::VarMap::new();
+    let bert = Bert::from_pretrained(export, &vm, DType::F32, &Device::Cpu).unwrap();
+    let tok = TextTokenizer::from_file(&export.join("tokenizer.json"), 16).unwrap();
+    let pairs: Vec<(&str, Option<&str>)> = texts.iter().map(|t| (*t, None)).collect();
+    let b = tok.batch(&pairs, &Device::Cpu).unwrap();
+    let out = bert
+        .forward(&b.ids, Some(&b.token_types), &b.mask, Outputs::default())
+        .unwrap();
+    let pooled = bert
+        .pool(&out.last_hidden)
+        .unwrap()
+        .expect("exported pooler");
+    let st =
+        candle_core::safetensors::load(export.join("model.safetensors"), &Device::Cpu).unwrap();
+    let logits = pooled
+        .matmul(&st["classifier.weight"].t().unwrap())
+        .unwrap()
+        .broadcast_add(&st["classifier.bias"])
+        .unwrap();
+    candle_nn::ops::softmax_last_dim(&logits)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+fn predicted(checkpoint: &Path, file: &Path) -> (Vec<String>, Vec<Vec<f64>>) {
+    let out = ok(&[
+        "predict",
+        "--checkpoint",
+        &s(checkpoint),
+        "--file",
+        &s(file),
+    ]);
+    out.lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["text"].as_str().unwrap().to_string(),
+                v["probabilities"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_f64().unwrap())
+                    .collect(),
+            )
+        })
+        .unzip()
+}
+
+fn check_same_predictions(checkpoint: &Path, export: &Path, dev: &Path) {
+    let (texts, ours) = predicted(checkpoint, dev);
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let theirs = hf_style_probs(export, &texts);
+    assert_eq!(ours.len(), theirs.len());
+    for (a, b) in ours.iter().zip(&theirs) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+        }
+    }
+    // Not a constant model: the check would pass for any weights that all
+    // give one output.
+    assert!(
+        ours.iter().any(|p| (p[0] - ours[0][0]).abs() > 1e-4),
+        "{ours:?}"
+    );
+}
+
+#[test]
+fn full_finetune_exports_with_transformers_names_and_predictions() {
+    let dir = scratch("export-full");
+    let model = tiny_model_dir(dir.path());
+    let (train, dev) = data(dir.path());
+    let out = dir.path().join("run");
+    finetune(&model, &train, &dev, &out, &[]);
+    let export = dir.path().join("hf");
+    ok(&[
+        "export",
+        "--checkpoint",
+        &s(&out.join("best")),
+        "--output",
+        &s(&export),
+    ]);
+
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["architectures"][0], "BertForSequenceClassification");
+    assert_eq!(
+        cfg["id2label"],
+        serde_json::json!({"0": "bad", "1": "good", "2": "meh"})
+    );
+    assert_eq!(
+        cfg["label2id"],
+        serde_json::json!({"bad": 0, "good": 1, "meh": 2})
+    );
+    assert_eq!(cfg["problem_type"], "single_label_classification");
+    assert_eq!(cfg["hidden_size"], 32, "the base model's own settings kept");
+    assert!(export.join("tokenizer.json").exists());
+
+    // Names: the base's, under `bert.`, plus the pooler and the classifier.
+    let base =
+        candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    let exported =
+        candle_core::safetensors::load(export.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut want: Vec<String> = base.keys().map(|k| format!("bert.{k}")).collect();
+    want.extend(
+        [
+            "bert.pooler.dense.weight",
+            "bert.pooler.dense.bias",
+            "classifier.weight",
+            "classifier.bias",
+        ]
+        .map(String::from),
+    );
+    want.sort();
+    let mut got: Vec<String> = exported.keys().cloned().collect();
+    got.sort();
+    assert_eq!(got, want);
+    // transformers reads the `format` metadata.
+    let bytes = std::fs::read(export.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["__metadata__"]["format"], "pt");
+    // The trained values, not the base's.
+    let trained =
+        candle_core::safetensors::load(out.join("best/model.safetensors"), &Device::Cpu).unwrap();
+    let diff = (&exported["bert.encoder.layer.0.attention.self.query.weight"]
+        - &trained["encoder.layer.0.attention.self.query.weight"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0);
+
+    check_same_predictions(&out.join("best"), &export, &dev);
+
+    // An existing export is not replaced without --overwrite.
+    let e = refused(&[
+        "export",
+        "--checkpoint",
+        &s(&out.join("best")),
+        "--output",
+        &s(&export),
+    ]);
+    assert!(e.contains("not empty") && e.contains("--overwrite"), "{e}");
+    ok(&[
+        "export",
+        "--checkpoint",
+        &s(&out.join("best")),
+        "--output",
+        &s(&export),
+        "--overwrite",
+    ]);
+    // The export is a base model tunefuse fine-tunes from (its head left out).
+    let again = dir.path().join("again");
+    finetune(&export, &train, &dev, &again, &[]);
+}
+
+#[test]
+fn lora_merges_and_what_cannot_be_exported_is_refused() {
+    let dir = scratch("export-lora");
+    let model = tiny_model_dir(dir.path());
+    let (train, dev) = data(dir.path());
+    let out = dir.path().join("lora");
+    finetune(
+        &model,
+        &train,
+        &dev,
+        &out,
+        &["--method", "lora", "--set", "lora.alpha=32"],
+    );
+    let best = out.join("best");
+    let export = dir.path().join("hf-lora");
+    let e = refused(&["export", "--checkpoint", &s(&best), "--output", &s(&export)]);
+    assert!(e.contains("--merge"), "{e}");
+    let said = ok(&[
+        "export",
+        "--checkpoint",
+        &s(&best),
+        "--output",
+        &s(&export),
+        "--merge",
+    ]);
+    assert!(said.contains("6 LoRA updates merged"), "{said}");
+    // W + (α/r)·B·A, computed here from the two files.
+    let base =
+        candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    let t = candle_core::safetensors::load(best.join("model.safetensors"), &Device::Cpu).unwrap();
+    let e_ =
+        candle_core::safetensors::load(export.join("model.safetensors"), &Device::Cpu).unwrap();
+    let l = "encoder.layer.1.attention.self.value";
+    let want = (&base[&format!("{l}.weight")]
+        + (t[&format!("{l}.lora_B")]
+            .matmul(&t[&format!("{l}.lora_A")])
+            .unwrap()
+            * (32.0 / 8.0))
+            .unwrap())
+    .unwrap();
+    let diff: f32 = (want - &e_[&format!("bert.{l}.weight")])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(diff < 1e-6, "{diff}");
+    let b_norm: f32 = t[&format!("{l}.lora_B")]
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(
+        b_norm > 0.0,
+        "LoRA's B moved from zero, so the merge changes the weight"
+    );
+    check_same_predictions(&best, &export, &dev);
+
+    // A head without the pooler, and adapters, are refused with the reason.
+    let cls = dir.path().join("cls");
+    finetune(&model, &train, &dev, &cls, &["--set", "pooling=cls"]);
+    let e = refused(&[
+        "export",
+        "--checkpoint",
+        &s(&cls.join("best")),
+        "--output",
+        &s(&dir.path().join("x")),
+    ]);
+    assert!(e.contains("pooling=pooler") && e.contains("[CLS]"), "{e}");
+    let ad = dir.path().join("adapter");
+    finetune(
+        &model,
+        &train,
+        &dev,
+        &ad,
+        &["--method", "adapter", "--set", "adapter.r=8"],
+    );
+    let e = refused(&[
+        "export",
+        "--checkpoint",
+        &s(&ad.join("best")),
+        "--output",
+        &s(&dir.path().join("y")),
+    ]);
+    assert!(e.contains("adapters"), "{e}");
+}
