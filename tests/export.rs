@@ -341,3 +341,58 @@ fn lora_merges_and_what_cannot_be_exported_is_refused() {
     ]);
     assert!(e.contains("adapters"), "{e}");
 }
+
+/// A checkpoint finds its base model after the run and the model moved
+/// together (the path relative to the checkpoint), refuses a different
+/// model at the recorded path, naming what it looked at, and takes
+/// `--base-model`.
+#[test]
+fn checkpoints_find_a_moved_base_model_and_refuse_another() {
+    let dir = scratch("export-base");
+    let home = dir.path().join("a");
+    std::fs::create_dir_all(&home).unwrap();
+    let model = tiny_model_dir(&home);
+    let (train, dev) = data(dir.path());
+    let out = home.join("run");
+    finetune(&model, &train, &dev, &out, &[]);
+    let eval = |best: &Path, extra: &[&str]| {
+        let mut a = vec!["eval", "--checkpoint", best.to_str().unwrap()];
+        a.extend(extra);
+        run(&a)
+    };
+    let before = ok(&["eval", "--checkpoint", &s(&out.join("best"))]);
+    // Move the run and the model together.
+    let moved = dir.path().join("b");
+    std::fs::rename(&home, &moved).unwrap();
+    let best = moved.join("run/best");
+    let o = eval(&best, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), before);
+    // Another model of the same shape where the run points.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(moved.join("tiny-bert").join(f), other.join(f)).unwrap();
+    }
+    let mut st = std::fs::read(moved.join("tiny-bert/model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    st[8 + n..].reverse();
+    std::fs::write(other.join("model.safetensors"), &st).unwrap();
+    std::fs::remove_dir_all(moved.join("tiny-bert")).unwrap();
+    std::fs::rename(&other, moved.join("tiny-bert")).unwrap();
+    let o = eval(&best, &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success()
+            && e.contains("not found")
+            && e.contains("a different model")
+            && e.contains("--base-model"),
+        "{e}"
+    );
+    // The right model, given explicitly.
+    let right = dir.path().join("right");
+    let back = tiny_model_dir(&right);
+    let o = eval(&best, &["--base-model", back.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8(o.stdout).unwrap(), before);
+}

@@ -191,6 +191,7 @@ fn resume_reproduces_an_uninterrupted_run() {
         "dev",
         None,
         None,
+        None,
     )
     .unwrap();
     let s: tunefuse::train::trainer::Summary =
@@ -890,6 +891,7 @@ fn a_diverged_run_stops_with_an_error_and_keeps_its_checkpoints() {
         &cfg.output.join("best"),
         None,
         "dev",
+        None,
         None,
         None,
     )

@@ -60,6 +60,10 @@ enum Cmd {
         /// checkpoint's own training file, evaluated instead of its dev split.
         #[arg(long, conflicts_with = "task")]
         file: Option<PathBuf>,
+        /// The base model directory, when it is no longer where the
+        /// checkpoint records it (checked against its fingerprint).
+        #[arg(long)]
+        base_model: Option<PathBuf>,
     },
     /// Write a checkpoint (`best/`) as a Hugging Face model directory that
     /// transformers' AutoModelForSequenceClassification loads: config.json
@@ -76,6 +80,10 @@ enum Cmd {
         /// Replace a non-empty output directory.
         #[arg(long)]
         overwrite: bool,
+        /// The base model directory, when it is no longer where the
+        /// checkpoint records it (checked against its fingerprint).
+        #[arg(long)]
+        base_model: Option<PathBuf>,
     },
     /// Class probabilities (or regression values) of a checkpoint on a data
     /// file in its run's columns, one JSON line per example.
@@ -86,6 +94,10 @@ enum Cmd {
         /// own training file.
         #[arg(long)]
         file: PathBuf,
+        /// The base model directory, when it is no longer where the
+        /// checkpoint records it (checked against its fingerprint).
+        #[arg(long)]
+        base_model: Option<PathBuf>,
     },
     /// Copy a Hugging Face model directory with its weights cast to another
     /// dtype (e.g. bf16, to halve what travels to a GPU machine).
@@ -441,6 +453,7 @@ fn run(cli: Cli) -> Result<(), String> {
             split,
             data_dir,
             file,
+            base_model,
         } => {
             let ev = tunefuse::train::trainer::evaluate_checkpoint(
                 &checkpoint,
@@ -448,6 +461,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 &split,
                 data_dir.as_deref(),
                 file.as_deref(),
+                base_model.as_deref(),
             )
             .map_err(|e| e.to_string())?;
             println!("{}", serde_json::to_string_pretty(&ev).unwrap());
@@ -458,9 +472,16 @@ fn run(cli: Cli) -> Result<(), String> {
             output,
             merge,
             overwrite,
+            base_model,
         } => {
-            let e = tunefuse::train::export::export(&checkpoint, &output, merge, overwrite)
-                .map_err(|e| e.to_string())?;
+            let e = tunefuse::train::export::export(
+                &checkpoint,
+                base_model.as_deref(),
+                &output,
+                merge,
+                overwrite,
+            )
+            .map_err(|e| e.to_string())?;
             println!(
                 "wrote {} ({} tensors, labels {:?}{})",
                 output.display(),
@@ -474,9 +495,17 @@ fn run(cli: Cli) -> Result<(), String> {
             );
             Ok(())
         }
-        Cmd::Predict { checkpoint, file } => {
-            let rows = tunefuse::train::evaluate::predict_checkpoint(&checkpoint, &file)
-                .map_err(|e| e.to_string())?;
+        Cmd::Predict {
+            checkpoint,
+            file,
+            base_model,
+        } => {
+            let rows = tunefuse::train::evaluate::predict_checkpoint(
+                &checkpoint,
+                &file,
+                base_model.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
             let mut out = std::io::stdout().lock();
             for r in rows {
                 use std::io::Write;

@@ -232,9 +232,71 @@ pub fn save_params(run: &Run, dir: &Path) -> Result<()> {
     atomic_dir(dir, |tmp| {
         candle_core::safetensors::save(&tensors, tmp.join("model.safetensors"))
             .map_err(|e| io_err(tmp, e))?;
-        let meta = serde_json::json!({"base_model": run.cfg.model, "labels": run.train.labels, "config": run.cfg});
+        let meta = serde_json::json!({
+            "base_model": run.cfg.model,
+            "base_model_relative": relative_to(&run.cfg.model, dir),
+            "base_fingerprint": run.base_fingerprint,
+            "labels": run.train.labels,
+            "config": run.cfg,
+        });
         std::fs::write(tmp.join("checkpoint.json"), meta.to_string()).map_err(|e| io_err(tmp, e))
     })
+}
+
+/// The path of `target` relative to the directory `dir` (both made
+/// absolute first), so a checkpoint finds its base model after the run and
+/// the model move together; `None` when either cannot be resolved.
+fn relative_to(target: &Path, dir: &Path) -> Option<std::path::PathBuf> {
+    let target = std::fs::canonicalize(target).ok()?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    let dir = std::fs::canonicalize(parent.unwrap_or(Path::new(".")))
+        .ok()?
+        .join(dir.file_name()?);
+    let (t, d): (Vec<_>, Vec<_>) = (target.components().collect(), dir.components().collect());
+    let common = t.iter().zip(&d).take_while(|(a, b)| a == b).count();
+    let mut rel = std::path::PathBuf::new();
+    for _ in common..d.len() {
+        rel.push("..");
+    }
+    for c in &t[common..] {
+        rel.push(c);
+    }
+    Some(rel)
+}
+
+/// A fingerprint of a model directory's `model.safetensors`: FNV-1a over
+/// its size, its header (every tensor's name, dtype, shape and offsets)
+/// and 16 samples of 4 KiB spread over the data. It tells whether a
+/// directory holds the base model a checkpoint was trained from without
+/// reading gigabytes; it is not a cryptographic hash.
+pub fn fingerprint(model_dir: &Path) -> Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let path = model_dir.join("model.safetensors");
+    let mut f = std::fs::File::open(&path).map_err(|e| io_err(&path, e))?;
+    let size = f.metadata().map_err(|e| io_err(&path, e))?.len();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(&size.to_le_bytes());
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|e| io_err(&path, e))?;
+    let header = u64::from_le_bytes(n).min(size.saturating_sub(8));
+    let mut buf = vec![0u8; header as usize];
+    f.read_exact(&mut buf).map_err(|e| io_err(&path, e))?;
+    eat(&buf);
+    let data = 8 + header;
+    let span = size - data;
+    let mut sample = vec![0u8; 4096.min(span as usize)];
+    for i in 0..16u64 {
+        let at = data + (span - sample.len() as u64) * i / 15;
+        f.seek(SeekFrom::Start(at)).map_err(|e| io_err(&path, e))?;
+        f.read_exact(&mut sample).map_err(|e| io_err(&path, e))?;
+        eat(&sample);
+    }
+    Ok(format!("{h:016x}"))
 }
 
 /// Loads the parameters of a `best/` checkpoint into `run`, checking names

@@ -182,14 +182,16 @@ impl Run {
 /// stored with it (base model, methods), loads the trained parameters and
 /// evaluates on `split` of `task` (default: the checkpoint's task), or on
 /// `file`, a data file in the columns of the checkpoint's own data files.
+/// `base`: the base model, when it is not where the checkpoint records it.
 pub fn evaluate_checkpoint(
     dir: &Path,
     task: Option<&str>,
     split: &str,
     data_dir: Option<&Path>,
     file: Option<&Path>,
+    base: Option<&Path>,
 ) -> Result<Eval> {
-    let run = checkpoint_run(dir, task, split.parse::<Split>()?, data_dir, file)?;
+    let run = checkpoint_run(dir, task, split.parse::<Split>()?, data_dir, file, base)?;
     Ok(run.evaluate(&run.eval)?.0)
 }
 
@@ -210,8 +212,9 @@ pub struct Prediction {
 
 /// The predictions of a `best/` checkpoint on `file`, a data file in the
 /// columns of the checkpoint's own data files.
-pub fn predict_checkpoint(dir: &Path, file: &Path) -> Result<Vec<Prediction>> {
-    let run = checkpoint_run(dir, None, Split::Dev, None, Some(file))?;
+/// `base`: the base model, when it is not where the checkpoint records it.
+pub fn predict_checkpoint(dir: &Path, file: &Path, base: Option<&Path>) -> Result<Vec<Prediction>> {
+    let run = checkpoint_run(dir, None, Split::Dev, None, Some(file), base)?;
     let probs = run.predict(&run.eval)?;
     let regression = run.cfg.head == super::task::HeadKind::Regression;
     Ok(run
@@ -253,8 +256,9 @@ fn checkpoint_run(
     split: Split,
     data_dir: Option<&Path>,
     file: Option<&Path>,
+    base: Option<&Path>,
 ) -> Result<Run> {
-    let mut cfg = super::export::read_checkpoint(dir)?.cfg;
+    let mut cfg = super::export::read_checkpoint(dir, base)?.cfg;
     cfg.eval_split = split;
     if let Some(t) = task {
         // Another task's data: the checkpoint's own files do not apply.

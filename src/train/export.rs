@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use super::checkpoint::atomic_dir;
+use super::checkpoint::{self, atomic_dir};
 use super::config::{Config, Reading};
 use super::methods::Method;
 use super::task::HeadKind;
@@ -49,14 +49,19 @@ const TOKENIZER_FILES: [&str; 5] = [
 
 /// The checkpoint's recorded configuration, labels and base model.
 pub(crate) struct Recorded {
+    /// The run's configuration, its `model` the base model found.
     pub cfg: Config,
     pub labels: Vec<String>,
     pub base: PathBuf,
 }
 
 /// Reads `dir/checkpoint.json` (the configuration through the one
-/// legacy-aware reader).
-pub(crate) fn read_checkpoint(dir: &Path) -> Result<Recorded> {
+/// legacy-aware reader) and finds the base model: `base` when given, else
+/// the path the run was given, else the path relative to the checkpoint
+/// (where it is when the run and the model moved together); each checked
+/// against the recorded fingerprint, so a moved or replaced base is an
+/// error that says what is missing rather than a silently different model.
+pub(crate) fn read_checkpoint(dir: &Path, base: Option<&Path>) -> Result<Recorded> {
     let meta_path = dir.join("checkpoint.json");
     let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
     let meta: serde_json::Value =
@@ -66,7 +71,7 @@ pub(crate) fn read_checkpoint(dir: &Path) -> Result<Recorded> {
         _ => return Err(format_err(&meta_path, "lacks the run's config")),
     };
     let text = toml::to_string(&table).map_err(|e| format_err(&meta_path, e.to_string()))?;
-    let cfg = Config::from_toml(&text, Reading::Record)
+    let mut cfg = Config::from_toml(&text, Reading::Record)
         .map_err(|e| format_err(&meta_path, e.to_string()))?;
     let labels = meta["labels"]
         .as_array()
@@ -76,14 +81,60 @@ pub(crate) fn read_checkpoint(dir: &Path) -> Result<Recorded> {
                 .collect()
         })
         .ok_or_else(|| format_err(&meta_path, "lacks the label names (labels)"))?;
-    let base = cfg.model.clone();
-    Ok(Recorded { cfg, labels, base })
+    let want = meta["base_fingerprint"].as_str();
+    let mut candidates: Vec<(PathBuf, &str)> = vec![];
+    match base {
+        Some(b) => candidates.push((b.to_path_buf(), "given with --base-model")),
+        None => {
+            candidates.push((cfg.model.clone(), "as the run was given it"));
+            if let Some(rel) = meta["base_model_relative"].as_str() {
+                candidates.push((dir.join(rel), "relative to the checkpoint"));
+            }
+        }
+    }
+    let mut tried = vec![];
+    for (path, how) in &candidates {
+        if !path.join("model.safetensors").is_file() {
+            tried.push(format!("{} ({how}): no model.safetensors", path.display()));
+            continue;
+        }
+        match want {
+            Some(w) if checkpoint::fingerprint(path)? != w => tried.push(format!(
+                "{} ({how}): a different model (its fingerprint is not {w})",
+                path.display()
+            )),
+            _ => {
+                cfg.model = path.clone();
+                return Ok(Recorded {
+                    base: path.clone(),
+                    cfg,
+                    labels,
+                });
+            }
+        }
+    }
+    Err(format_err(
+        &meta_path,
+        format!(
+            "the base model this checkpoint was trained from is not found: {}; pass \
+             --base-model DIR with the model directory it was trained from",
+            tried.join("; ")
+        ),
+    ))
 }
 
 /// Exports the `best/` checkpoint in `checkpoint` to `output` (see the
 /// module docs). `output` must not exist or be empty, unless `overwrite`.
-pub fn export(checkpoint: &Path, output: &Path, merge: bool, overwrite: bool) -> Result<Exported> {
-    let rec = read_checkpoint(checkpoint)?;
+/// `base`: the base model directory, when it is not where the checkpoint
+/// records it.
+pub fn export(
+    checkpoint: &Path,
+    base: Option<&Path>,
+    output: &Path,
+    merge: bool,
+    overwrite: bool,
+) -> Result<Exported> {
+    let rec = read_checkpoint(checkpoint, base)?;
     let cfg = &rec.cfg;
     let bad = |m: String| Err(param_err("export", m));
     if cfg.pooling != Pooling::Pooler {
@@ -132,12 +183,6 @@ pub fn export(checkpoint: &Path, output: &Path, merge: bool, overwrite: bool) ->
     }
     let base = &rec.base;
     let base_weights = base.join("model.safetensors");
-    if !base_weights.exists() {
-        return Err(io_err(
-            &base_weights,
-            "the checkpoint's base model is not there (its config records this path)",
-        ));
-    }
     let load = |p: &Path| {
         candle_core::safetensors::load(p, &Device::Cpu)
             .map_err(|e| format_err(p, format!("not a readable safetensors file: {e}")))

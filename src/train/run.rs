@@ -29,6 +29,9 @@ pub struct Run {
     pub device: Device,
     /// The random stream of the input perturbations.
     pub noise: Rng,
+    /// [`super::checkpoint::fingerprint`] of the base model, recorded with
+    /// every `best/` checkpoint so it finds its base again.
+    pub base_fingerprint: String,
 }
 
 impl Run {
@@ -124,6 +127,7 @@ impl Run {
         }
         let varmap = VarMap::new();
         let mut bert = Bert::from_pretrained(&cfg.model, &varmap, DType::F32, &device)?;
+        let base_fingerprint = super::checkpoint::fingerprint(&cfg.model)?;
         let tok = TextTokenizer::from_file(&cfg.model.join("tokenizer.json"), cfg.max_len)?;
         tok.check_fits(&bert.config, cfg.max_len, &cfg.model)?;
         let method_dropout = transforms.iter().find_map(|t| t.default_dropout());
@@ -211,6 +215,7 @@ impl Run {
             freezing,
             device,
             noise,
+            base_fingerprint,
         })
     }
 

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Fine-tunes the real all-MiniLM-L6-v2 briefly on SST-2 read as the user's
+# own TSV files (--train-file / --dev-file), fully and with LoRA, exports
+# both (LoRA merged) with `tunefuse export`, and checks each export against
+# transformers: AutoModelForSequenceClassification must load it without a
+# warning and give tunefuse's probabilities on the 872 dev sentences
+# (scripts/check-export.py). Prints one JSON line per case.
+#
+# Environment: HF_PYTHON (a python with torch and transformers; default
+# python3), TUNEFUSE_DATA (the data folder, default ../shared/data),
+# CARGO_TARGET_DIR as for the build. About 3 minutes on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${HF_PYTHON:-python3}
+data=${TUNEFUSE_DATA:-../shared/data}
+sst=$data/glue/SST-2
+"$py" -c "import torch, transformers" 2>/dev/null ||
+  { echo "check-export: $py cannot import torch and transformers (set HF_PYTHON)" >&2; exit 2; }
+model=$(scripts/fetch-model.sh)
+cargo build --release --quiet
+bin=${CARGO_TARGET_DIR:-target}/release/tunefuse
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail=0
+for case in full lora; do
+  extra=()
+  merge=()
+  if [ "$case" = lora ]; then
+    extra=(--method lora --lr 1e-3)
+    merge=(--merge)
+  fi
+  "$bin" finetune --model "$model" --train-file "$sst/train.tsv" --dev-file "$sst/dev.tsv" \
+    --train-examples 400 --epochs 1 --batch-size 16 --device cpu --set pooling=pooler \
+    --output "$work/$case" "${extra[@]}" >/dev/null 2>&1
+  "$bin" export --checkpoint "$work/$case/best" --output "$work/$case-hf" "${merge[@]}" >/dev/null
+  "$bin" predict --checkpoint "$work/$case/best" --file "$sst/dev.tsv" >"$work/$case.jsonl"
+  out=$("$py" scripts/check-export.py --export "$work/$case-hf" --predictions "$work/$case.jsonl" 2>/dev/null) ||
+    fail=1
+  echo "{\"case\": \"$case\", \"check\": $out}"
+done
+exit "$fail"
