@@ -39,7 +39,7 @@ pub fn mixout_composed(w: &Tensor, u: &Tensor, p: f64) -> Result<Tensor> {
 
 /// LayerNorm composed from candle ops, as the model ran it before the fused
 /// op: statistics in f32 (f64 for f64 x), x̂ rounded to x's dtype, then the
-/// weight and bias cast to it. The baseline of [`crate::ops::layer_norm`].
+/// weight and bias cast to it. The baseline of [`crate::ops::layer_norm()`].
 pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     use candle_core::D;
     let dtype = x.dtype();

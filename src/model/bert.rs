@@ -79,7 +79,7 @@ pub struct Bert {
     pub config: BertConfig,
     pub embeddings: Embeddings,
     pub layers: Vec<Layer>,
-    /// `pooler.dense` when the checkpoint has one (tanh of [CLS]).
+    /// `pooler.dense` when the checkpoint has one (tanh of \[CLS\]).
     pub pooler: Option<Dense>,
     act: Activation,
     /// Dropout / mixout stream and train/eval mode.
@@ -585,7 +585,7 @@ impl Bert {
 
 /// Copies `tensors` into the variables of `varmap` whose names `select`
 /// accepts: every selected variable must be present with its shape, and
-/// every tensor must be used (buffers in [`IGNORED`] aside).
+/// every tensor must be used (buffers in `IGNORED` aside).
 pub fn load_into(
     varmap: &VarMap,
     tensors: &HashMap<String, Tensor>,

@@ -10,7 +10,7 @@ use crate::error::{param_err, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Pooling {
-    /// The [CLS] (first) token.
+    /// The \[CLS\] (first) token.
     Cls,
     /// The mean over real tokens.
     Mean,

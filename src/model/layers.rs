@@ -273,7 +273,7 @@ impl Stream {
 /// `x·Wᵀ + b` over the last dimension of `x` (any leading shape), in the
 /// dtype of `x`. When `W` and `b` take no gradient (a frozen layer: the
 /// backbone under adapters or LoRA, gradual unfreezing, SMART's ascent
-/// pass) but `x` does, the product is an op of `x` alone ([`FrozenMatmul`])
+/// pass) but `x` does, the product is an op of `x` alone (`FrozenMatmul`)
 /// whose backward computes `dx = g·W` only: candle's matmul backward would
 /// also compute the weight's gradient (a second GEMM of the same size),
 /// only to have it dropped.
@@ -649,7 +649,7 @@ impl LayerNorm {
         })
     }
 
-    /// The fused [`crate::ops::layer_norm`] (f32 statistics, the f32
+    /// The fused [`crate::ops::layer_norm()`] (f32 statistics, the f32
     /// weights used as they are, y rounded once to x's dtype).
     pub fn forward(&self, x: &Tensor, s: &Stream) -> Result<Tensor> {
         let w = s.use_weight(self.weight.clone(), self.frozen);

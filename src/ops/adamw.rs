@@ -216,7 +216,7 @@ pub fn adamw_step(
     Ok(())
 }
 
-/// One tensor of a multi-tensor step ([`multi::clip_and_step`]).
+/// One tensor of a multi-tensor step (`multi::clip_and_step`).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWTensor<'a> {
     pub param: &'a Tensor,

@@ -10,8 +10,8 @@
 //! metadata, as transformers expects) and the base model's tokenizer files.
 //!
 //! What can be exported: a run whose head is `BertForSequenceClassification`'s,
-//! i.e. `pooling = "pooler"` (tanh of the pooler's dense layer on [CLS],
-//! dropout, linear). A head that reads [CLS] or the mean directly has no
+//! i.e. `pooling = "pooler"` (tanh of the pooler's dense layer on \[CLS\],
+//! dropout, linear). A head that reads \[CLS\] or the mean directly has no
 //! counterpart in transformers and is refused with that reason. LoRA is
 //! merged into the weights it updates (`W + (α/r)·B·A`, with `merge`).
 //! Bottleneck adapters add modules that `BertForSequenceClassification`

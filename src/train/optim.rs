@@ -148,7 +148,7 @@ impl AdamW {
     /// (0: no clipping). The same as [`grad_norm`], [`clip_scale`] and
     /// [`Self::step`] in turn; on CUDA, with f32 parameters, all three in
     /// three launches for every tensor at once
-    /// ([`crate::ops::adamw::multi::clip_and_step`]).
+    /// (`crate::ops::adamw::multi::clip_and_step`).
     ///
     /// The mixed-precision weight copies of `stream`
     /// ([`crate::model::Stream::compute_weight`]) are rewritten from the
