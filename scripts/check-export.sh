@@ -4,11 +4,14 @@
 # both (LoRA merged) with `tunefuse export`, and checks each export against
 # transformers: AutoModelForSequenceClassification must load it without a
 # warning and give tunefuse's probabilities on the 872 dev sentences
-# (scripts/check-export.py). Prints one JSON line per case.
+# (scripts/check-export.py). Then the same for tiny random RoBERTa,
+# XLM-RoBERTa, ELECTRA and DistilBERT base models that transformers itself
+# saves (MiniLM's tokenizer), trained briefly with SMART + LoRA and
+# exported merged. Prints one JSON line per case.
 #
 # Environment: HF_PYTHON (a python with torch and transformers; default
 # python3), TUNEFUSE_DATA (the data folder, default ../shared/data),
-# CARGO_TARGET_DIR as for the build. About 3 minutes on 2 CPU cores.
+# CARGO_TARGET_DIR as for the build. About 5 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${HF_PYTHON:-python3}
@@ -36,6 +39,39 @@ for case in full lora; do
   "$bin" predict --checkpoint "$work/$case/best" --file "$sst/dev.tsv" >"$work/$case.jsonl"
   out=$("$py" scripts/check-export.py --export "$work/$case-hf" --predictions "$work/$case.jsonl" 2>/dev/null) ||
     fail=1
+  echo "{\"case\": \"$case\", \"check\": $out}"
+done
+
+# The other families: base models saved by transformers.
+"$py" - "$work" "$model/tokenizer.json" <<'PY' 2>/dev/null
+import json, shutil, sys, torch
+from transformers import (RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel,
+    ElectraConfig, ElectraModel, DistilBertConfig, DistilBertModel)
+work, tok = sys.argv[1], sys.argv[2]
+c = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+         intermediate_size=64, max_position_embeddings=64)
+torch.manual_seed(0)
+for name, m in {
+    "roberta": RobertaModel(RobertaConfig(**c, type_vocab_size=1, pad_token_id=1)),
+    "xlm-roberta": XLMRobertaModel(XLMRobertaConfig(**c, type_vocab_size=1, pad_token_id=1)),
+    "electra": ElectraModel(ElectraConfig(**c, embedding_size=16)),
+    "distilbert": DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=2,
+        n_heads=4, hidden_dim=64, max_position_embeddings=64)),
+}.items():
+    d = f"{work}/base-{name}"
+    m.save_pretrained(d)
+    shutil.copy(tok, f"{d}/tokenizer.json")
+    json.dump({"tokenizer_class": "BertTokenizerFast", "do_lower_case": True},
+              open(f"{d}/tokenizer_config.json", "w"))
+PY
+for case in roberta xlm-roberta electra distilbert; do
+  "$bin" finetune --model "$work/base-$case" --train-file "$sst/train.tsv" --dev-file "$sst/dev.tsv" \
+    --train-examples 64 --epochs 1 --batch-size 16 --max-len 32 --device cpu --lr 1e-3 \
+    --method smart,lora --set pooling=pooler --output "$work/$case" >/dev/null 2>&1
+  "$bin" export --merge --checkpoint "$work/$case/best" --output "$work/$case-hf" >/dev/null
+  "$bin" predict --checkpoint "$work/$case/best" --file "$sst/dev.tsv" >"$work/$case.jsonl"
+  out=$("$py" scripts/check-export.py --export "$work/$case-hf" --predictions "$work/$case.jsonl" \
+    --max-len 32 2>/dev/null) || fail=1
   echo "{\"case\": \"$case\", \"check\": $out}"
 done
 exit "$fail"

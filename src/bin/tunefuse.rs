@@ -166,7 +166,7 @@ enum Cmd {
 /// `finetune` flags; each overrides the TOML config, which overrides the defaults.
 #[derive(clap::Args)]
 struct FinetuneArgs {
-    /// Hugging Face BERT directory (config.json, model.safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, model.safetensors, tokenizer.json) of BERT, RoBERTa, XLM-RoBERTa, ELECTRA or DistilBERT.
     #[arg(long)]
     model: Option<PathBuf>,
     /// sst2, cola, rte, mrpc, amazon:<domain>, trec, snli, agnews, sst5, cr,

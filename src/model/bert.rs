@@ -10,16 +10,24 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 
 use super::config::{Activation, BertConfig};
+use super::family::Family;
 use super::layers::{activation, Adapter, AdapterPlacement, Dense, LayerNorm, Lora, Stream};
 use crate::error::{format_err, io_err, shape_err, Result};
 
-/// Embeddings: word + position + token type, LayerNorm, dropout.
+/// Embeddings: word + position + token type, LayerNorm, dropout, and
+/// ELECTRA's projection to the encoder's width.
 #[derive(Debug)]
 pub struct Embeddings {
     pub word: Tensor,
     pub position: Tensor,
-    pub token_type: Tensor,
+    /// None for a family without token types (DistilBERT).
+    pub token_type: Option<Tensor>,
     pub norm: LayerNorm,
+    /// ELECTRA's `embeddings_project`, when its embeddings are narrower
+    /// than the encoder.
+    pub project: Option<Dense>,
+    /// The position of the first token (RoBERTa: the padding id + 1).
+    pub position_offset: usize,
     pub frozen: bool,
 }
 
@@ -77,9 +85,12 @@ pub struct Outputs {
 #[derive(Debug)]
 pub struct Bert {
     pub config: BertConfig,
+    pub family: Family,
     pub embeddings: Embeddings,
     pub layers: Vec<Layer>,
-    /// `pooler.dense` when the checkpoint has one (tanh of \[CLS\]).
+    /// `pooler.dense` when the checkpoint has one: BERT's pooler, or the
+    /// dense layer of the family's classification head (see
+    /// [`super::family`]).
     pub pooler: Option<Dense>,
     act: Activation,
     /// Dropout / mixout stream and train/eval mode.
@@ -109,6 +120,8 @@ impl Bert {
             stdev: 0.02,
         };
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+        let family = config.family()?;
+        let width = config.embedding_width();
         let dense = |vb: &VarBuilder, name: &str, din: usize, dout: usize| -> Result<Dense> {
             let v = vb.pp(name);
             Ok(Dense {
@@ -122,18 +135,28 @@ impl Bert {
         };
         let e = vb.pp("embeddings");
         let embeddings = Embeddings {
-            word: e.get_with_hints((config.vocab_size, h), "word_embeddings.weight", init)?,
+            word: e.get_with_hints((config.vocab_size, width), "word_embeddings.weight", init)?,
             position: e.get_with_hints(
-                (config.max_position_embeddings, h),
+                (config.max_position_embeddings, width),
                 "position_embeddings.weight",
                 init,
             )?,
-            token_type: e.get_with_hints(
-                (config.type_vocab_size, h),
-                "token_type_embeddings.weight",
-                init,
-            )?,
-            norm: LayerNorm::new(&e, h, eps)?,
+            token_type: if config.type_vocab_size > 0 {
+                Some(e.get_with_hints(
+                    (config.type_vocab_size, width),
+                    "token_type_embeddings.weight",
+                    init,
+                )?)
+            } else {
+                None
+            },
+            norm: LayerNorm::new(&e, width, eps)?,
+            project: if width != h {
+                Some(dense(&vb, "embeddings_project", width, h)?)
+            } else {
+                None
+            },
+            position_offset: family.position_offset(config.pad_token_id),
             frozen: false,
         };
         let mut layers = Vec::new();
@@ -164,6 +187,7 @@ impl Bert {
         };
         Ok(Self {
             config: config.clone(),
+            family,
             embeddings,
             layers,
             pooler,
@@ -172,10 +196,12 @@ impl Bert {
         })
     }
 
-    /// Loads a Hugging Face BERT directory (`config.json`,
+    /// Loads a Hugging Face model directory of any supported family (`config.json`,
     /// `model.safetensors`): builds the encoder in `varmap` and copies the
-    /// checkpoint into it. Tensor names may carry a `bert.` prefix; a pooler
-    /// is built when the checkpoint has one. Missing, unexpected and
+    /// checkpoint into it. Names are the family's (`model_type` in
+    /// `config.json`), with or without its prefix (`bert.`, `roberta.`, …),
+    /// mapped to the encoder's by [`Family::internal_names`]; a pooler is
+    /// built when the checkpoint has one (or its head's dense layer). Missing, unexpected and
     /// mis-shaped tensors are one error listing them all.
     pub fn from_pretrained(
         dir: &Path,
@@ -186,7 +212,7 @@ impl Bert {
         if !dir.is_dir() {
             return Err(io_err(
                 dir,
-                "no such directory (--model must be a Hugging Face BERT directory)",
+                "no such directory (--model must be a Hugging Face model directory)",
             ));
         }
         let config = BertConfig::from_file(&dir.join("config.json"))?;
@@ -199,19 +225,7 @@ impl Bert {
         }
         let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
             .map_err(|e| format_err(&path, format!("not a readable safetensors file: {e}")))?;
-        // A checkpoint of a model with a task head (`BertForSequenceClassification`,
-        // `BertForMaskedLM`, a tunefuse export) keeps the encoder under
-        // `bert.`; its head (`classifier.*`, `cls.*`) is not the encoder's
-        // and is left out, as transformers' `BertModel` does.
-        let headed = tensors.keys().any(|k| k.starts_with("bert."));
-        let tensors: HashMap<String, Tensor> = tensors
-            .into_iter()
-            .filter_map(|(k, v)| match k.strip_prefix("bert.") {
-                Some(s) => Some((s.to_string(), v)),
-                None if headed => None,
-                None => Some((k, v)),
-            })
-            .collect();
+        let tensors = config.family()?.internal_names(tensors);
         // A configuration that describes a much larger model than the
         // checkpoint holds (a mistyped intermediate_size, a layer count off
         // by orders of magnitude) is refused before anything is allocated,
@@ -286,6 +300,9 @@ impl Bert {
         if unit == 0 {
             self.embeddings.frozen = frozen;
             self.embeddings.norm.frozen = frozen;
+            if let Some(p) = &mut self.embeddings.project {
+                p.frozen = frozen;
+            }
             return Ok(());
         }
         let n = self.layers.len();
@@ -406,37 +423,47 @@ impl Bert {
                 format!("token ids must be [B, L], got {:?}", ids.dims()),
             )
         })?;
-        if l > self.config.max_position_embeddings {
+        let e = &self.embeddings;
+        if l + e.position_offset > self.config.max_position_embeddings {
             return Err(shape_err(
                 "bert",
                 format!(
-                    "sequence length {l} exceeds max_position_embeddings {}",
-                    self.config.max_position_embeddings
+                    "sequence length {l} exceeds max_position_embeddings {}{}",
+                    self.config.max_position_embeddings,
+                    if e.position_offset > 0 {
+                        format!(" less the first position {}", e.position_offset)
+                    } else {
+                        String::new()
+                    }
                 ),
             ));
         }
-        let e = &self.embeddings;
         let frz = |t: &Tensor| if e.frozen { t.detach() } else { t.clone() };
         let words = frz(&e.word)
             .embedding(&ids.flatten_all()?)?
             .reshape((b, l, ()))?;
-        let pos = frz(&e.position).narrow(0, 0, l)?;
-        let types = match token_types {
-            Some(t) => frz(&e.token_type)
-                .embedding(&t.flatten_all()?)?
-                .reshape((b, l, ()))?,
-            None => frz(&e.token_type)
-                .get(0)?
-                .reshape((1, 1, ()))?
-                .broadcast_as((b, l, self.config.hidden_size))?,
-        };
-        let x = words.broadcast_add(&pos)?.add(&types)?;
+        let pos = frz(&e.position).narrow(0, e.position_offset, l)?;
+        let mut x = words.broadcast_add(&pos)?;
+        if let Some(tt) = &e.token_type {
+            let types = match token_types {
+                Some(t) => frz(tt).embedding(&t.flatten_all()?)?.reshape((b, l, ()))?,
+                None => frz(tt)
+                    .get(0)?
+                    .reshape((1, 1, ()))?
+                    .broadcast_as(x.dims())?,
+            };
+            x = x.add(&types)?;
+        }
         let x = e.norm.forward(&x, &self.stream)?;
         let x = match self.stream.compute_dtype() {
             Some(dt) => x.to_dtype(dt)?,
             None => x,
         };
-        self.stream.dropout(&x, self.config.hidden_dropout_prob)
+        let x = self.stream.dropout(&x, self.config.hidden_dropout_prob)?;
+        match &e.project {
+            Some(p) => p.forward(&x, &self.stream),
+            None => Ok(x),
+        }
     }
 
     /// The encoder from given input embeddings `[B, L, H]` and an attention
@@ -568,17 +595,16 @@ impl Bert {
         Ok((layer.out_norm.forward(&(o + h1)?, s)?, probs))
     }
 
-    /// `tanh(pooler.dense([CLS]))`, when the model has a pooler.
+    /// `act(pooler.dense([CLS]))` with the family's head activation (BERT's
+    /// pooler: tanh), when the model has the dense layer.
     pub fn pool(&self, last_hidden: &Tensor) -> Result<Option<Tensor>> {
         match &self.pooler {
             None => Ok(None),
-            Some(p) => Ok(Some(
-                p.forward(
-                    &last_hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?,
-                    &self.stream,
-                )?
-                .tanh()?,
-            )),
+            Some(p) => {
+                let cls = last_hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+                let y = p.forward(&cls, &self.stream)?;
+                Ok(Some(self.family.head_activation().apply(&y, &self.stream)?))
+            }
         }
     }
 }

@@ -3,6 +3,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::family::Family;
 use crate::error::{Error, Result};
 
 /// The activation of the feed-forward block.
@@ -16,19 +17,35 @@ pub enum Activation {
     Silu,
 }
 
-/// The fields of a Hugging Face BERT `config.json` the encoder uses.
+/// The fields of a Hugging Face `config.json` the encoder uses, for every
+/// family of [`super::family::Family`] (DistilBERT's own spellings, `dim`,
+/// `n_layers`, …, read as aliases).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct BertConfig {
+    /// `bert`, `roberta`, `xlm-roberta`, `electra` or `distilbert`.
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
     pub vocab_size: usize,
+    #[serde(alias = "dim")]
     pub hidden_size: usize,
+    #[serde(alias = "n_layers")]
     pub num_hidden_layers: usize,
+    #[serde(alias = "n_heads")]
     pub num_attention_heads: usize,
+    #[serde(alias = "hidden_dim")]
     pub intermediate_size: usize,
-    #[serde(default = "default_act")]
+    /// ELECTRA: the width of the embeddings, projected to `hidden_size`
+    /// by `embeddings_project` when the two differ.
+    #[serde(default)]
+    pub embedding_size: Option<usize>,
+    /// DistilBERT's fixed sinusoidal positions (not supported).
+    #[serde(default)]
+    pub sinusoidal_pos_embds: bool,
+    #[serde(default = "default_act", alias = "activation")]
     pub hidden_act: String,
-    #[serde(default = "default_dropout")]
+    #[serde(default = "default_dropout", alias = "dropout")]
     pub hidden_dropout_prob: f64,
-    #[serde(default = "default_dropout")]
+    #[serde(default = "default_dropout", alias = "attention_dropout")]
     pub attention_probs_dropout_prob: f64,
     #[serde(default = "default_positions")]
     pub max_position_embeddings: usize,
@@ -114,6 +131,9 @@ pub fn available_host_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+fn default_model_type() -> String {
+    "bert".into()
+}
 fn default_act() -> String {
     "gelu".into()
 }
@@ -137,10 +157,14 @@ impl BertConfig {
             path: path.display().to_string(),
             msg: e.to_string(),
         })?;
-        let cfg: BertConfig = serde_json::from_str(&text).map_err(|e| Error::Format {
+        let mut cfg: BertConfig = serde_json::from_str(&text).map_err(|e| Error::Format {
             path: path.display().to_string(),
             msg: e.to_string(),
         })?;
+        // DistilBERT has no token types.
+        if cfg.model_type == "distilbert" {
+            cfg.type_vocab_size = 0;
+        }
         cfg.validate().map_err(|e| Error::Format {
             path: path.display().to_string(),
             msg: e.to_string(),
@@ -151,6 +175,9 @@ impl BertConfig {
     /// BERT-base (110M parameters), for benchmarks without weights.
     pub fn bert_base() -> Self {
         Self {
+            model_type: default_model_type(),
+            embedding_size: None,
+            sinusoidal_pos_embds: false,
             vocab_size: 30522,
             hidden_size: 768,
             num_hidden_layers: 12,
@@ -179,6 +206,17 @@ impl BertConfig {
         }
     }
 
+    /// The encoder family of `model_type`.
+    pub fn family(&self) -> Result<Family> {
+        Family::from_model_type(&self.model_type)
+    }
+
+    /// The width of the embedding tables (ELECTRA's may be narrower than
+    /// the encoder).
+    pub fn embedding_width(&self) -> usize {
+        self.embedding_size.unwrap_or(self.hidden_size)
+    }
+
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| {
             Err(Error::Param {
@@ -186,6 +224,15 @@ impl BertConfig {
                 msg,
             })
         };
+        self.family()?;
+        if self.sinusoidal_pos_embds {
+            return bad(
+                "sinusoidal_pos_embds (DistilBERT's fixed positions) is not supported".into(),
+            );
+        }
+        if self.embedding_size == Some(0) {
+            return bad("embedding_size must be positive".into());
+        }
         if self.hidden_size == 0
             || self.num_attention_heads == 0
             || !self.hidden_size.is_multiple_of(self.num_attention_heads)

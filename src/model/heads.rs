@@ -3,6 +3,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
 use super::bert::mean_pool;
+use super::family::HeadActivation;
 use super::layers::{Dense, Stream};
 use crate::error::{param_err, Result};
 
@@ -14,10 +15,11 @@ pub enum Pooling {
     Cls,
     /// The mean over real tokens.
     Mean,
-    /// `tanh(pooler.dense([CLS]))`: Hugging Face's `BertForSequenceClassification`
-    /// head, with the checkpoint's pooler (a new one when it has none)
-    /// trained as part of the head. The form a model exported to
-    /// transformers computes.
+    /// `act(pooler.dense([CLS]))`: the family's own sequence-classification
+    /// head (BERT: tanh of the pooler; RoBERTa: `classifier.dense`, tanh;
+    /// ELECTRA: GELU; DistilBERT: `pre_classifier`, ReLU), with the
+    /// checkpoint's dense layer (a new one when it has none) trained as
+    /// part of the head. The form a model exported to transformers computes.
     Pooler,
 }
 
@@ -28,21 +30,32 @@ pub enum Pooling {
 pub struct Pool {
     pub pooling: Pooling,
     pub pooler: Option<Dense>,
+    /// The family's head activation after the pooler's dense layer.
+    pub act: HeadActivation,
 }
 
 impl Pool {
-    fn new(vb: &candle_nn::VarBuilder, hidden: usize, pooling: Pooling) -> Result<Self> {
+    fn new(
+        vb: &candle_nn::VarBuilder,
+        hidden: usize,
+        pooling: Pooling,
+        act: HeadActivation,
+    ) -> Result<Self> {
         let pooler = match pooling {
             Pooling::Pooler => Some(Dense::new(&vb.pp("pooler"), "dense", hidden, hidden)?),
             _ => None,
         };
-        Ok(Self { pooling, pooler })
+        Ok(Self {
+            pooling,
+            pooler,
+            act,
+        })
     }
 
     fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
         let cls = || -> Result<Tensor> { Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?) };
         match (&self.pooler, self.pooling) {
-            (Some(d), _) => Ok(d.forward(&cls()?, s)?.tanh()?),
+            (Some(d), _) => self.act.apply(&d.forward(&cls()?, s)?, s),
             (None, Pooling::Mean) => mean_pool(hidden, mask),
             (None, _) => cls(),
         }
@@ -67,11 +80,13 @@ pub struct ClassifierHead {
 }
 
 impl ClassifierHead {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         varmap: &VarMap,
         hidden: usize,
         classes: usize,
         pooling: Pooling,
+        act: HeadActivation,
         dropout: f64,
         dtype: DType,
         device: &Device,
@@ -84,7 +99,7 @@ impl ClassifierHead {
         }
         let vb = candle_nn::VarBuilder::from_varmap(varmap, dtype, device);
         Ok(Self {
-            pool: Pool::new(&vb, hidden, pooling)?,
+            pool: Pool::new(&vb, hidden, pooling, act)?,
             dropout,
             linear: Dense::new(&vb, "classifier", hidden, classes)?,
         })
@@ -109,13 +124,14 @@ impl RegressionHead {
         varmap: &VarMap,
         hidden: usize,
         pooling: Pooling,
+        act: HeadActivation,
         dropout: f64,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let vb = candle_nn::VarBuilder::from_varmap(varmap, dtype, device);
         Ok(Self {
-            pool: Pool::new(&vb, hidden, pooling)?,
+            pool: Pool::new(&vb, hidden, pooling, act)?,
             dropout,
             linear: Dense::new(&vb, "regressor", hidden, 1)?,
         })

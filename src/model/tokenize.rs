@@ -37,7 +37,15 @@ impl TextTokenizer {
         }
         let mut inner = Tokenizer::from_file(path)
             .map_err(|e| format_err(path, format!("not a tokenizer.json: {e}")))?;
-        let pad_id = inner.get_padding().map(|p| p.pad_id).unwrap_or(0);
+        // The padding id: the file's padding settings, else its pad token
+        // (`[PAD]` in BERT's vocabularies, `<pad>` in RoBERTa's, where it is
+        // 1), else 0.
+        let pad_id = inner
+            .get_padding()
+            .map(|p| p.pad_id)
+            .or_else(|| inner.token_to_id("[PAD]"))
+            .or_else(|| inner.token_to_id("<pad>"))
+            .unwrap_or(0);
         inner.with_padding(None);
         inner
             .with_truncation(Some(TruncationParams {
@@ -76,13 +84,21 @@ impl TextTokenizer {
                 ),
             ));
         }
-        if max_len > config.max_position_embeddings {
+        // RoBERTa's positions start after the padding id.
+        let first = config.family()?.position_offset(config.pad_token_id);
+        let room = config.max_position_embeddings.saturating_sub(first);
+        if max_len > room {
             return Err(format_err(
                 &cfg,
                 format!(
-                    "max_position_embeddings {} is shorter than max_len {max_len}: lower \
-                     max_len to at most {}",
-                    config.max_position_embeddings, config.max_position_embeddings
+                    "max_position_embeddings {}{} leaves room for {room} tokens, fewer than \
+                     max_len {max_len}: lower max_len to at most {room}",
+                    config.max_position_embeddings,
+                    if first > 0 {
+                        format!(" (positions start at {first})")
+                    } else {
+                        String::new()
+                    }
                 ),
             ));
         }

@@ -286,6 +286,9 @@ fn checkpoint_run(
         }
         cfg.dev_file = Some(f.to_path_buf());
         cfg.eval_split = Split::Dev;
+        // The whole file: the run's evaluation subsample was of its own
+        // dev file.
+        cfg.eval_examples = None;
     }
     if data_dir.is_some() {
         cfg.data_dir = data_dir.map(Path::to_path_buf);

@@ -3,16 +3,17 @@
 //! loads and that predicts what tunefuse predicts.
 //!
 //! The directory holds `config.json` (the base model's, with
-//! `architectures = ["BertForSequenceClassification"]`, `id2label`,
-//! `label2id`, `problem_type`), `model.safetensors` (f32, under
-//! transformers' names: the encoder's under `bert.`, the pooler's under
-//! `bert.pooler.`, the head's under `classifier.`; `format = pt` in the
-//! metadata, as transformers expects) and the base model's tokenizer files.
+//! `architectures` the family's sequence-classification class, e.g.
+//! `BertForSequenceClassification`, and `id2label`, `label2id`,
+//! `problem_type`), `model.safetensors` (f32, under transformers' names of
+//! that class, see [`crate::model::family`]; `format = pt` in the metadata,
+//! as transformers expects) and the base model's tokenizer files.
 //!
-//! What can be exported: a run whose head is `BertForSequenceClassification`'s,
-//! i.e. `pooling = "pooler"` (tanh of the pooler's dense layer on \[CLS\],
-//! dropout, linear). A head that reads \[CLS\] or the mean directly has no
-//! counterpart in transformers and is refused with that reason. LoRA is
+//! What can be exported: a run whose head is the family's own
+//! classification head, i.e. `pooling = "pooler"` (the dense layer on the
+//! first token, the family's activation, dropout, linear). A head that
+//! reads \[CLS\] or the mean directly has no counterpart in transformers
+//! and is refused with that reason. LoRA is
 //! merged into the weights it updates (`W + (α/r)·B·A`, with `merge`).
 //! Bottleneck adapters add modules that `BertForSequenceClassification`
 //! does not have, and are refused. Mixout, SMART, R3F, FreeLB and the
@@ -27,7 +28,7 @@ use super::config::{Config, Reading};
 use super::methods::Method;
 use super::task::HeadKind;
 use crate::error::{format_err, io_err, param_err, Result};
-use crate::model::Pooling;
+use crate::model::{Family, Pooling};
 
 /// What an export wrote.
 #[derive(Debug)]
@@ -187,24 +188,10 @@ pub fn export(
         candle_core::safetensors::load(p, &Device::Cpu)
             .map_err(|e| format_err(p, format!("not a readable safetensors file: {e}")))
     };
-    // The encoder's tensors under the names tunefuse uses (no `bert.`).
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    let prefixed = |k: &str| k.starts_with("bert.");
-    let base_t = load(&base_weights)?;
-    let any_prefixed = base_t.keys().any(|k| prefixed(k));
-    for (k, v) in base_t {
-        match k.strip_prefix("bert.") {
-            Some(s) => {
-                tensors.insert(s.to_string(), v);
-            }
-            // A base with a task head (`bert.` + head names): the head is
-            // not the encoder's.
-            None if any_prefixed => {}
-            None => {
-                tensors.insert(k, v);
-            }
-        }
-    }
+    let family = crate::model::BertConfig::from_file(&base.join("config.json"))?.family()?;
+    // The encoder's tensors under the names tunefuse uses (see
+    // `model::family`), the base's own classification dense layer included.
+    let mut tensors = family.internal_names(load(&base_weights)?);
     tensors.remove("embeddings.position_ids");
     let trained_path = checkpoint.join("model.safetensors");
     let trained = load(&trained_path)?;
@@ -267,16 +254,9 @@ pub fn export(
     }
     let out: Vec<(String, Tensor)> = tensors
         .into_iter()
-        .map(|(k, v)| {
-            let name = if k.starts_with("classifier.") {
-                k
-            } else {
-                format!("bert.{k}")
-            };
-            Ok((name, v.to_dtype(DType::F32)?))
-        })
+        .map(|(k, v)| Ok((family.to_hf(&k), v.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
-    let config = hf_config(base, cfg, &rec.labels)?;
+    let config = hf_config(base, cfg, &rec.labels, family)?;
     let n = out.len();
     let write = |tmp: &Path| -> Result<()> {
         let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
@@ -305,7 +285,12 @@ pub fn export(
 }
 
 /// The base model's `config.json` with the classification fields.
-fn hf_config(base: &Path, cfg: &Config, labels: &[String]) -> Result<serde_json::Value> {
+fn hf_config(
+    base: &Path,
+    cfg: &Config,
+    labels: &[String],
+    family: Family,
+) -> Result<serde_json::Value> {
     let path = base.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
     let mut c: serde_json::Value =
@@ -313,15 +298,6 @@ fn hf_config(base: &Path, cfg: &Config, labels: &[String]) -> Result<serde_json:
     let obj = c
         .as_object_mut()
         .ok_or_else(|| format_err(&path, "is not a JSON object"))?;
-    if obj.get("model_type").and_then(|v| v.as_str()) != Some("bert") {
-        return Err(format_err(
-            &path,
-            format!(
-                "model_type is {}; export writes BERT models",
-                obj.get("model_type").unwrap_or(&serde_json::Value::Null)
-            ),
-        ));
-    }
     let names: Vec<String> = match cfg.head {
         HeadKind::Regression => vec!["LABEL_0".into()],
         HeadKind::Classification => labels.to_vec(),
@@ -338,7 +314,7 @@ fn hf_config(base: &Path, cfg: &Config, labels: &[String]) -> Result<serde_json:
         .collect();
     obj.insert(
         "architectures".into(),
-        serde_json::json!(["BertForSequenceClassification"]),
+        serde_json::json!([family.architecture()]),
     );
     obj.insert("id2label".into(), id2label.into());
     obj.insert("label2id".into(), label2id.into());

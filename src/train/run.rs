@@ -99,7 +99,16 @@ impl Run {
             if !cfg.model.join(f).exists() {
                 return Err(io_err(
                     &cfg.model.join(f),
-                    "missing: --model must be a Hugging Face BERT directory",
+                    format!(
+                        "missing: --model must be a Hugging Face model directory with \
+                         config.json, model.safetensors and tokenizer.json{}",
+                        if f == "tokenizer.json" {
+                            " (the fast tokenizer's file: transformers writes it with \
+                             AutoTokenizer.from_pretrained(name).save_pretrained(dir))"
+                        } else {
+                            ""
+                        }
+                    ),
                 ));
             }
         }
@@ -172,6 +181,7 @@ impl Run {
             bert.config.hidden_size,
             train.labels.len(),
             cfg.pooling,
+            bert.family.head_activation(),
             hidden,
             cfg.label_smoothing,
             &device,

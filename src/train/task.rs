@@ -10,6 +10,7 @@ use super::data::Dataset;
 use super::evaluate::Eval;
 use super::metrics;
 use crate::error::Result;
+use crate::model::family::HeadActivation;
 use crate::model::{ClassifierHead, Pooling, RegressionHead, Stream};
 use crate::ops::sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
 
@@ -45,6 +46,7 @@ impl TaskHead {
         hidden: usize,
         classes: usize,
         pooling: Pooling,
+        act: HeadActivation,
         dropout: f64,
         label_smoothing: f64,
         device: &Device,
@@ -56,6 +58,7 @@ impl TaskHead {
                     hidden,
                     classes,
                     pooling,
+                    act,
                     dropout,
                     DType::F32,
                     device,
@@ -66,6 +69,7 @@ impl TaskHead {
                 varmap,
                 hidden,
                 pooling,
+                act,
                 dropout,
                 DType::F32,
                 device,
