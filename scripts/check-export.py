@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Checks a `tunefuse export` directory against transformers.
 
-Loads DIR with AutoModelForSequenceClassification and AutoTokenizer,
-failing on any warning transformers logs while loading (missing or
-unexpected weights, a newly initialised head, ...), then compares its
+Loads DIR with AutoModelForSequenceClassification and AutoTokenizer (a
+PEFT adapter directory: its base model with --labels, then
+PeftModel.from_pretrained), failing on any warning logged while loading
+(missing or unexpected weights, a newly initialised head, ...; for an
+adapter, while the adapter loads), then compares its
 class probabilities on the examples of PREDICTIONS (the JSON lines of
 `tunefuse predict`) with tunefuse's, and its id2label with tunefuse's label
 names.
@@ -25,6 +27,8 @@ ap.add_argument("--export", required=True)
 ap.add_argument("--predictions", required=True)
 ap.add_argument("--max-len", type=int, default=128)
 ap.add_argument("--atol", type=float, default=1e-4)
+ap.add_argument("--labels", help="comma-separated label names, for a PEFT adapter directory "
+                "(its base model is loaded with them; only the adapter's load is checked)")
 a = ap.parse_args()
 
 import torch  # noqa: E402
@@ -44,11 +48,32 @@ class Catch(logging.Handler):
 catch = Catch()
 transformers.logging.get_logger().addHandler(catch)
 transformers.logging.set_verbosity_warning()
+import os  # noqa: E402
+
+peft_dir = os.path.exists(os.path.join(a.export, "adapter_config.json"))
+if peft_dir:
+    # The base model gets a new head here (transformers warns about it);
+    # PeftModel then replaces it with the adapter's saved head.
+    from peft import PeftModel  # noqa: E402
+    base_path = json.load(open(os.path.join(a.export, "adapter_config.json")))["base_model_name_or_path"]
+    labels = a.labels.split(",")
+    base = AutoModelForSequenceClassification.from_pretrained(
+        base_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        label2id={l: i for i, l in enumerate(labels)})
+    catch.seen.clear()
 with warnings.catch_warnings(record=True) as py_warnings:
     warnings.simplefilter("always")
-    model = AutoModelForSequenceClassification.from_pretrained(a.export).eval()
+    if peft_dir:
+        model = PeftModel.from_pretrained(base, a.export).eval()
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(a.export).eval()
     tok = AutoTokenizer.from_pretrained(a.export)
-problems = catch.seen + [str(w.message) for w in py_warnings]
+# Deprecation notices from the libraries' own code (peft calling a renamed
+# transformers method, say) say nothing about the files and are reported
+# apart; every other warning fails the check.
+deprecation = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+problems = catch.seen + [str(w.message) for w in py_warnings if not issubclass(w.category, deprecation)]
+notices = [str(w.message) for w in py_warnings if issubclass(w.category, deprecation)]
 
 rows = [json.loads(l) for l in open(a.predictions) if l.strip()]
 texts = [r["text"] for r in rows]
@@ -64,7 +89,8 @@ with torch.no_grad():
 theirs = torch.cat(theirs)
 diff = (ours - theirs).abs().max().item()
 agree = (ours.argmax(-1) == theirs.argmax(-1)).double().mean().item()
-labels_ok = all(model.config.id2label[ours_i] == r["predicted"]
+config = model.base_model.model.config if peft_dir else model.config
+labels_ok = all(config.id2label[ours_i] == r["predicted"]
                 for ours_i, r in zip(ours.argmax(-1).tolist(), rows))
 out = {
     "examples": len(rows),
@@ -72,6 +98,7 @@ out = {
     "argmax_agreement": agree,
     "id2label_matches": labels_ok,
     "load_warnings": problems,
+    "library_deprecation_notices": notices,
     "transformers": transformers.__version__,
     "torch": torch.__version__,
 }

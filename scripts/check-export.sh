@@ -9,16 +9,16 @@
 # saves (MiniLM's tokenizer), trained briefly with SMART + LoRA and
 # exported merged. Prints one JSON line per case.
 #
-# Environment: HF_PYTHON (a python with torch and transformers; default
-# python3), TUNEFUSE_DATA (the data folder, default ../shared/data),
+# Environment: HF_PYTHON (a python with torch, transformers and peft;
+# default python3), TUNEFUSE_DATA (the data folder, default ../shared/data),
 # CARGO_TARGET_DIR as for the build. About 5 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${HF_PYTHON:-python3}
 data=${TUNEFUSE_DATA:-../shared/data}
 sst=$data/glue/SST-2
-"$py" -c "import torch, transformers" 2>/dev/null ||
-  { echo "check-export: $py cannot import torch and transformers (set HF_PYTHON)" >&2; exit 2; }
+"$py" -c "import torch, transformers, peft" 2>/dev/null ||
+  { echo "check-export: $py cannot import torch, transformers and peft (set HF_PYTHON)" >&2; exit 2; }
 model=$(scripts/fetch-model.sh)
 cargo build --release --quiet
 bin=${CARGO_TARGET_DIR:-target}/release/tunefuse
@@ -41,6 +41,11 @@ for case in full lora; do
     fail=1
   echo "{\"case\": \"$case\", \"check\": $out}"
 done
+# The LoRA run again, as a PEFT adapter directory on the base model.
+"$bin" export --checkpoint "$work/lora/best" --output "$work/lora-peft" >/dev/null
+out=$("$py" scripts/check-export.py --export "$work/lora-peft" --predictions "$work/lora.jsonl" \
+  --labels 0,1 2>/dev/null) || fail=1
+echo "{\"case\": \"lora-peft\", \"check\": $out}"
 
 # The other families: base models saved by transformers.
 "$py" - "$work" "$model/tokenizer.json" <<'PY' 2>/dev/null

@@ -266,8 +266,45 @@ fn lora_merges_and_what_cannot_be_exported_is_refused() {
     );
     let best = out.join("best");
     let export = dir.path().join("hf-lora");
-    let e = refused(&["export", "--checkpoint", &s(&best), "--output", &s(&export)]);
-    assert!(e.contains("--merge"), "{e}");
+    // Without --merge: a PEFT adapter directory, PEFT's names and config.
+    let peft = dir.path().join("peft");
+    let said = ok(&["export", "--checkpoint", &s(&best), "--output", &s(&peft)]);
+    assert!(said.contains("PEFT"), "{said}");
+    let ac: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(ac["peft_type"], "LORA");
+    assert_eq!(ac["task_type"], "SEQ_CLS");
+    assert_eq!(
+        (ac["r"].as_u64(), ac["lora_alpha"].as_f64()),
+        (Some(8), Some(32.0))
+    );
+    assert_eq!(
+        ac["modules_to_save"],
+        serde_json::json!(["bert.pooler", "classifier"])
+    );
+    assert_eq!(
+        ac["target_modules"].as_array().unwrap().len(),
+        6,
+        "query and value of 3 layers"
+    );
+    let st = candle_core::safetensors::load(peft.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
+    let mut names: Vec<&String> = st.keys().collect();
+    names.sort();
+    assert!(
+        st.contains_key("base_model.model.bert.encoder.layer.1.attention.self.value.lora_A.weight"),
+        "{names:?}"
+    );
+    assert!(
+        st.contains_key("base_model.model.bert.pooler.dense.weight"),
+        "{names:?}"
+    );
+    assert!(
+        st.contains_key("base_model.model.classifier.weight"),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 6 * 2 + 4, "{names:?}");
     let said = ok(&[
         "export",
         "--checkpoint",

@@ -110,6 +110,15 @@ fn column_defaults_and_choices() {
     let ds = files(&p).load(Split::Train, "t").unwrap();
     assert_eq!(ds.labels, vec!["2", "10"]);
     assert_eq!(ds.class_counts(), vec![2, 1]);
+    // "The first column" of JSON Lines is the first written, not the first
+    // in alphabetical order.
+    let p = write(
+        dir.path(),
+        "o.jsonl",
+        b"{\"review\": \"nice\", \"aaa_id\": 7, \"label\": \"a\"}\n{\"review\": \"bad\", \"aaa_id\": 8, \"label\": \"b\"}\n",
+    );
+    let ds = files(&p).load(Split::Train, "t").unwrap();
+    assert_eq!(ds.examples[0].text, "nice");
 }
 
 #[test]

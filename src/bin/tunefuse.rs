@@ -74,7 +74,8 @@ enum Cmd {
         checkpoint: PathBuf,
         #[arg(long)]
         output: PathBuf,
-        /// Fold LoRA updates into the weights they change.
+        /// Fold LoRA updates into the weights they change (a whole model);
+        /// without it a LoRA run is written as a PEFT adapter directory.
         #[arg(long)]
         merge: bool,
         /// Replace a non-empty output directory.
@@ -483,8 +484,9 @@ fn run(cli: Cli) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
             println!(
-                "wrote {} ({} tensors, labels {:?}{})",
+                "wrote {} ({}{} tensors, labels {:?}{})",
                 output.display(),
+                if e.peft { "a PEFT LoRA adapter, " } else { "" },
                 e.tensors,
                 e.labels,
                 if e.merged > 0 {

@@ -107,6 +107,16 @@ impl Family {
         }
     }
 
+    /// The modules of the family's classification head in transformers'
+    /// class: what a PEFT adapter saves beside its LoRA matrices.
+    pub fn head_modules(self) -> &'static [&'static str] {
+        match self {
+            Family::Bert => &["bert.pooler", "classifier"],
+            Family::Roberta | Family::XlmRoberta | Family::Electra => &["classifier"],
+            Family::DistilBert => &["pre_classifier", "classifier"],
+        }
+    }
+
     /// The position of the first token: RoBERTa counts positions from the
     /// padding id + 1 (its `create_position_ids_from_input_ids`, for
     /// right-padded rows); the others from 0.

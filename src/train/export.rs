@@ -13,10 +13,12 @@
 //! classification head, i.e. `pooling = "pooler"` (the dense layer on the
 //! first token, the family's activation, dropout, linear). A head that
 //! reads \[CLS\] or the mean directly has no counterpart in transformers
-//! and is refused with that reason. LoRA is
-//! merged into the weights it updates (`W + (α/r)·B·A`, with `merge`).
-//! Bottleneck adapters add modules that `BertForSequenceClassification`
-//! does not have, and are refused. Mixout, SMART, R3F, FreeLB and the
+//! and is refused with that reason. LoRA is merged into the weights it
+//! updates (`W + (α/r)·B·A`, with `merge`), or written as a PEFT adapter
+//! directory (`adapter_config.json`, `adapter_model.safetensors`, the head
+//! as `modules_to_save`) that `PeftModel.from_pretrained` puts on the base
+//! model. Bottleneck adapters add modules that transformers' classes do
+//! not have, and are refused. Mixout, SMART, R3F, FreeLB and the
 //! Bregman term change only how the weights were trained.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +27,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::{self, atomic_dir};
 use super::config::{Config, Reading};
-use super::methods::Method;
+use super::methods::{LoraConfig, Method};
 use super::task::HeadKind;
 use crate::error::{format_err, io_err, param_err, Result};
 use crate::model::{Family, Pooling};
@@ -37,6 +39,8 @@ pub struct Exported {
     pub labels: Vec<String>,
     /// LoRA updates merged into their weights.
     pub merged: usize,
+    /// Written as a PEFT LoRA adapter directory.
+    pub peft: bool,
 }
 
 /// The tokenizer files transformers reads, copied when the base has them.
@@ -155,20 +159,16 @@ pub fn export(
         match m {
             Method::Adapter(_) => {
                 return bad("bottleneck adapters add modules that transformers' \
-                            BertForSequenceClassification does not have; they cannot be \
-                            exported to it"
+                            …ForSequenceClassification classes do not have; they cannot be \
+                            exported to them"
                     .into())
             }
-            Method::Lora(c) if !merge => {
-                return bad(format!(
-                    "this run trained LoRA (r = {}): pass --merge to fold its updates into \
-                     the weights (a PEFT adapter directory is not written yet)",
-                    c.r
-                ))
-            }
-            Method::Lora(c) => lora = Some(c.alpha / c.r as f64),
+            Method::Lora(c) => lora = Some(c.clone()),
             _ => {}
         }
+    }
+    if merge && lora.is_none() {
+        return bad("--merge folds LoRA updates into the weights, and this run has no LoRA".into());
     }
     if output.exists()
         && !overwrite
@@ -195,6 +195,9 @@ pub fn export(
     tensors.remove("embeddings.position_ids");
     let trained_path = checkpoint.join("model.safetensors");
     let trained = load(&trained_path)?;
+    if let (Some(l), false) = (&lora, merge) {
+        return write_peft(output, base, family, l, trained, &trained_path, &rec.labels);
+    }
     let mut lora_parts: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
     for (k, v) in trained {
         if let Some(layer) = k.strip_suffix(".lora_A") {
@@ -232,7 +235,7 @@ pub fn export(
                 format!("has a LoRA update of {layer}, which the base model lacks"),
             )
         })?;
-        let scale = lora.ok_or_else(|| {
+        let scale = lora.as_ref().map(|c| c.alpha / c.r as f64).ok_or_else(|| {
             format_err(
                 &trained_path,
                 format!("has a LoRA update of {layer}, and the run's config lists no lora"),
@@ -258,16 +261,42 @@ pub fn export(
         .collect::<Result<_>>()?;
     let config = hf_config(base, cfg, &rec.labels, family)?;
     let n = out.len();
-    let write = |tmp: &Path| -> Result<()> {
+    write_dir(
+        output,
+        base,
+        &out,
+        "model.safetensors",
+        &[("config.json", config)],
+    )?;
+    Ok(Exported {
+        tensors: n,
+        labels: rec.labels,
+        merged,
+        peft: false,
+    })
+}
+
+/// Fills `output` atomically: the tensors (f32, `format = pt`) as
+/// `weights`, the JSON files, the base model's tokenizer files.
+fn write_dir(
+    output: &Path,
+    base: &Path,
+    tensors: &[(String, Tensor)],
+    weights: &str,
+    json: &[(&str, serde_json::Value)],
+) -> Result<()> {
+    atomic_dir(output, |tmp| {
         let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
         safetensors::serialize_to_file(
-            out.iter().map(|(k, v)| (k.as_str(), v)),
+            tensors.iter().map(|(k, v)| (k.as_str(), v)),
             Some(meta),
-            &tmp.join("model.safetensors"),
+            &tmp.join(weights),
         )
         .map_err(|e| io_err(tmp, e))?;
-        let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
-        std::fs::write(tmp.join("config.json"), text).map_err(|e| io_err(tmp, e))?;
+        for (name, value) in json {
+            let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+            std::fs::write(tmp.join(name), text).map_err(|e| io_err(tmp, e))?;
+        }
         for f in TOKENIZER_FILES {
             let src = base.join(f);
             if src.exists() {
@@ -275,12 +304,82 @@ pub fn export(
             }
         }
         Ok(())
+    })
+}
+
+/// A LoRA run as a PEFT adapter directory (`adapter_config.json`,
+/// `adapter_model.safetensors`): the LoRA matrices under PEFT's names
+/// (`base_model.model.<module>.lora_A.weight`), the trained head as
+/// `modules_to_save`. Refused when the run trained anything else of the
+/// encoder (LayerNorms), which a LoRA adapter cannot carry.
+fn write_peft(
+    output: &Path,
+    base: &Path,
+    family: Family,
+    lora: &LoraConfig,
+    trained: HashMap<String, Tensor>,
+    trained_path: &Path,
+    labels: &[String],
+) -> Result<Exported> {
+    let module = |internal: &str| -> String {
+        let hf = family.to_hf(&format!("{internal}.weight"));
+        hf.strip_suffix(".weight").unwrap_or(&hf).to_string()
     };
-    atomic_dir(output, write)?;
+    let mut out = vec![];
+    let mut targets = std::collections::BTreeSet::new();
+    for (k, v) in trained {
+        let name = if let Some(layer) = k.strip_suffix(".lora_A") {
+            targets.insert(module(layer));
+            format!("base_model.model.{}.lora_A.weight", module(layer))
+        } else if let Some(layer) = k.strip_suffix(".lora_B") {
+            format!("base_model.model.{}.lora_B.weight", module(layer))
+        } else if k.starts_with("classifier.") || k.starts_with("pooler.") {
+            format!("base_model.model.{}", family.to_hf(&k))
+        } else if let Some(h) = k.strip_prefix("regressor.") {
+            format!(
+                "base_model.model.{}",
+                family.to_hf(&format!("classifier.{h}"))
+            )
+        } else {
+            return Err(format_err(
+                trained_path,
+                format!(
+                    "holds {k}, trained beside LoRA, which a PEFT LoRA adapter cannot carry: \
+                     pass --merge to write a whole model instead"
+                ),
+            ));
+        };
+        out.push((name, v.to_dtype(DType::F32)?));
+    }
+    let base_path = std::fs::canonicalize(base).map_err(|e| io_err(base, e))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "SEQ_CLS",
+        "base_model_name_or_path": base_path,
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "modules_to_save": family.head_modules(),
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "use_rslora": false,
+    });
+    let n = out.len();
+    write_dir(
+        output,
+        base,
+        &out,
+        "adapter_model.safetensors",
+        &[("adapter_config.json", config)],
+    )?;
     Ok(Exported {
         tensors: n,
-        labels: rec.labels,
-        merged,
+        labels: labels.to_vec(),
+        merged: 0,
+        peft: true,
     })
 }
 

@@ -162,11 +162,14 @@ fn read_json_lines(path: &Path) -> Result<Table> {
             continue;
         }
         let at = |m: String| format_err(path, format!("line {}: {m}", i + 1));
-        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| at(e.to_string()))?;
-        let serde_json::Value::Object(obj) = v else {
-            return Err(at("expected a JSON object per line".into()));
-        };
-        for k in obj.keys() {
+        let Ordered(obj) = serde_json::from_str(text).map_err(|e| {
+            at(if text.starts_with('{') {
+                e.to_string()
+            } else {
+                format!("expected a JSON object per line ({e})")
+            })
+        })?;
+        for (k, _) in &obj {
             if !columns.contains(k) {
                 columns.push(k.clone());
             }
@@ -178,7 +181,7 @@ fn read_json_lines(path: &Path) -> Result<Table> {
         let mut row = Vec::with_capacity(columns.len());
         for c in &columns {
             use serde_json::Value as J;
-            row.push(match obj.get(c) {
+            row.push(match obj.iter().find(|(k, _)| k == c).map(|(_, v)| v) {
                 None | Some(J::Null) => Cell::Missing,
                 Some(J::String(s)) => Cell::Text(s.clone()),
                 Some(v @ (J::Number(_) | J::Bool(_))) => Cell::Text(v.to_string()),
@@ -189,6 +192,34 @@ fn read_json_lines(path: &Path) -> Result<Table> {
         rows.push((line, row));
     }
     Ok(Table { columns, rows })
+}
+
+/// A JSON object's entries in the order the line writes them (serde_json's
+/// own map sorts its keys), so that "the first column" means the first
+/// written.
+struct Ordered(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for Ordered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Ordered;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Ordered, A::Error> {
+                let mut v = Vec::new();
+                while let Some(entry) = m.next_entry()? {
+                    v.push(entry);
+                }
+                Ok(Ordered(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// The columns a file's examples come from.
