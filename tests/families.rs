@@ -1,10 +1,11 @@
 //! The encoder families against transformers: tiny randomly initialised
-//! RoBERTa, ELECTRA and DistilBERT sequence classifiers from
+//! RoBERTa, ELECTRA, DistilBERT and DeBERTa-v2 (relative attention with
+//! log buckets, both relative terms) sequence classifiers from
 //! `../shared/golden/encoders` (saved by transformers, with its float32
 //! outputs on padded id sequences), loaded through their own names. The
 //! embedding output, the last hidden states and the logits of the family's
-//! own head must agree at about 1e-5. DeBERTa-v2 and ModernBERT are refused
-//! with a message that names them.
+//! own head must agree at about 1e-5. ModernBERT is refused with a message
+//! that names it.
 mod common;
 
 use std::path::PathBuf;
@@ -103,18 +104,20 @@ fn distilbert_matches_transformers() {
 }
 
 #[test]
+fn deberta_v2_matches_transformers() {
+    check_family("deberta_v2", "classifier");
+}
+
+#[test]
 fn unsupported_families_are_refused_by_name() {
-    for (name, model_type) in [("deberta_v2", "deberta-v2"), ("modernbert", "modernbert")] {
-        let vm = candle_nn::VarMap::new();
-        let e = Bert::from_pretrained(&dir(name), &vm, DType::F32, &Device::Cpu)
-            .err()
-            .unwrap_or_else(|| panic!("{name} should be refused"))
-            .to_string();
-        assert!(
-            e.contains(model_type) && e.contains("not supported") && e.contains("roberta"),
-            "{e}"
-        );
-    }
+    let vm = candle_nn::VarMap::new();
+    let e = Bert::from_pretrained(&dir("modernbert"), &vm, DType::F32, &Device::Cpu)
+        .expect_err("ModernBERT should be refused")
+        .to_string();
+    assert!(
+        e.contains("modernbert") && e.contains("not supported") && e.contains("deberta-v2"),
+        "{e}"
+    );
 }
 
 /// A tiny random model of `family` in that family's own names and config
@@ -129,6 +132,7 @@ fn tiny_family_dir(parent: &std::path::Path, family: tunefuse::model::Family) ->
         Family::XlmRoberta => ("xlm-roberta", 1),
         Family::Electra => ("electra", 0),
         Family::DistilBert => ("distilbert", 0),
+        Family::DebertaV2 => ("deberta-v2", 0),
     };
     let d = parent.join(format!("tiny-{model_type}"));
     std::fs::create_dir_all(&d).unwrap();
@@ -137,6 +141,14 @@ fn tiny_family_dir(parent: &std::path::Path, family: tunefuse::model::Family) ->
             "model_type": "distilbert", "vocab_size": 30522, "dim": 32, "n_layers": 2,
             "n_heads": 4, "hidden_dim": 64, "activation": "gelu", "dropout": 0.1,
             "attention_dropout": 0.1, "max_position_embeddings": 64, "pad_token_id": 0,
+        }),
+        Family::DebertaV2 => serde_json::json!({
+            "model_type": "deberta-v2", "vocab_size": 30522, "hidden_size": 32,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+            "max_position_embeddings": 64, "pad_token_id": 0, "type_vocab_size": 0,
+            "relative_attention": true, "position_buckets": 16, "max_relative_positions": -1,
+            "pos_att_type": ["p2c", "c2p"], "position_biased_input": false,
+            "norm_rel_ebd": "layer_norm", "share_att_key": true, "layer_norm_eps": 1e-7,
         }),
         _ => serde_json::json!({
             "model_type": model_type, "vocab_size": 30522, "hidden_size": 32,
@@ -196,6 +208,7 @@ fn every_family_trains_and_exports() {
         Family::XlmRoberta,
         Family::Electra,
         Family::DistilBert,
+        Family::DebertaV2,
     ] {
         let model = tiny_family_dir(dir.path(), family);
         for (tag, extra) in [
@@ -259,10 +272,17 @@ fn every_family_trains_and_exports() {
         assert!(
             names.iter().all(|n| n.starts_with(prefix)
                 || n.starts_with("classifier")
-                || n.starts_with("pre_classifier")),
+                || n.starts_with("pre_classifier")
+                || (family == Family::DebertaV2 && n.starts_with("pooler."))),
             "{names:?}"
         );
         let head = match family {
+            Family::DebertaV2 => vec![
+                "classifier.bias",
+                "classifier.weight",
+                "pooler.dense.bias",
+                "pooler.dense.weight",
+            ],
             Family::DistilBert => vec![
                 "classifier.bias",
                 "classifier.weight",

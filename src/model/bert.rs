@@ -19,7 +19,8 @@ use crate::error::{format_err, io_err, shape_err, Result};
 #[derive(Debug)]
 pub struct Embeddings {
     pub word: Tensor,
-    pub position: Tensor,
+    /// None for DeBERTa without absolute positions (v3).
+    pub position: Option<Tensor>,
     /// None for a family without token types (DistilBERT).
     pub token_type: Option<Tensor>,
     pub norm: LayerNorm,
@@ -29,6 +30,78 @@ pub struct Embeddings {
     /// The position of the first token (RoBERTa: the padding id + 1).
     pub position_offset: usize,
     pub frozen: bool,
+}
+
+/// DeBERTa's disentangled relative attention: a table of relative-position
+/// embeddings (`encoder.rel_embeddings`, 2·span rows, normalised by
+/// `encoder.LayerNorm`) that each layer projects with its own query and key
+/// projections, adding content→position and position→content terms to the
+/// attention scores.
+#[derive(Debug)]
+pub struct Relative {
+    pub embeddings: Tensor,
+    pub norm: Option<LayerNorm>,
+    /// Rows per side: relative positions are clamped to [−span, span).
+    pub span: usize,
+    /// Log buckets (DeBERTa-v2's `position_buckets`; 0: none).
+    pub buckets: usize,
+    pub max_position: usize,
+    pub c2p: bool,
+    pub p2c: bool,
+    pub frozen: bool,
+}
+
+impl Relative {
+    /// DeBERTa's bucketed relative position of query i and key j
+    /// (`make_log_bucket_position`, in f32 as transformers computes it).
+    fn bucket(&self, rel: i64) -> i64 {
+        if self.buckets == 0 {
+            return rel;
+        }
+        let mid = (self.buckets / 2) as i64;
+        let abs = if rel < mid && rel > -mid {
+            mid - 1
+        } else {
+            rel.abs()
+        };
+        if abs <= mid {
+            return rel;
+        }
+        let log = ((abs as f32 / mid as f32).ln()
+            / ((self.max_position as f32 - 1.0) / mid as f32).ln()
+            * (mid - 1) as f32)
+            .ceil()
+            + mid as f32;
+        (log * rel.signum() as f32) as i64
+    }
+
+    /// The gather indices `[L, L]` of the two terms: content→position
+    /// `clamp(bucket(q − k) + span)` and position→content, laid out by key
+    /// row, `[k, q] = clamp(span − bucket(k − q))`.
+    fn indices(&self, l: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        let span = self.span as i64;
+        let clamp = |v: i64| v.clamp(0, 2 * span - 1) as u32;
+        let mut c2p = Vec::with_capacity(l * l);
+        let mut p2c = Vec::with_capacity(l * l);
+        for a in 0..l as i64 {
+            for b in 0..l as i64 {
+                c2p.push(clamp(self.bucket(a - b) + span));
+                p2c.push(clamp(span - self.bucket(a - b)));
+            }
+        }
+        Ok((
+            Tensor::from_vec(c2p, (l, l), device)?,
+            Tensor::from_vec(p2c, (l, l), device)?,
+        ))
+    }
+}
+
+/// What every layer's relative terms share in one forward pass.
+struct RelativeInputs {
+    /// The normalised table `[2·span, H]` in the activations' dtype.
+    table: Tensor,
+    c2p: Tensor,
+    p2c: Tensor,
 }
 
 /// One encoder layer.
@@ -88,6 +161,8 @@ pub struct Bert {
     pub family: Family,
     pub embeddings: Embeddings,
     pub layers: Vec<Layer>,
+    /// DeBERTa's relative attention.
+    pub relative: Option<Relative>,
     /// `pooler.dense` when the checkpoint has one: BERT's pooler, or the
     /// dense layer of the family's classification head (see
     /// [`super::family`]).
@@ -136,11 +211,15 @@ impl Bert {
         let e = vb.pp("embeddings");
         let embeddings = Embeddings {
             word: e.get_with_hints((config.vocab_size, width), "word_embeddings.weight", init)?,
-            position: e.get_with_hints(
-                (config.max_position_embeddings, width),
-                "position_embeddings.weight",
-                init,
-            )?,
+            position: if config.absolute_positions() {
+                Some(e.get_with_hints(
+                    (config.max_position_embeddings, width),
+                    "position_embeddings.weight",
+                    init,
+                )?)
+            } else {
+                None
+            },
             token_type: if config.type_vocab_size > 0 {
                 Some(e.get_with_hints(
                     (config.type_vocab_size, width),
@@ -185,11 +264,41 @@ impl Bert {
         } else {
             None
         };
+        let relative = if config.relative_attention {
+            let (c2p, p2c) = config.relative_terms()?;
+            let span = config.relative_span();
+            let enc = vb.pp("encoder");
+            Some(Relative {
+                embeddings: enc.get_with_hints((2 * span, h), "rel_embeddings.weight", init)?,
+                norm: if config
+                    .norm_rel_ebd
+                    .as_deref()
+                    .is_some_and(|n| n.contains("layer_norm"))
+                {
+                    Some(LayerNorm::new(&enc, h, eps)?)
+                } else {
+                    None
+                },
+                span,
+                buckets: config.position_buckets.max(0) as usize,
+                max_position: if config.max_relative_positions > 0 {
+                    config.max_relative_positions as usize
+                } else {
+                    config.max_position_embeddings
+                },
+                c2p,
+                p2c,
+                frozen: false,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             config: config.clone(),
             family,
             embeddings,
             layers,
+            relative,
             pooler,
             act: config.activation()?,
             stream: Stream::new(0),
@@ -300,6 +409,13 @@ impl Bert {
         if unit == 0 {
             self.embeddings.frozen = frozen;
             self.embeddings.norm.frozen = frozen;
+            // DeBERTa's relative-position table freezes with the embeddings.
+            if let Some(r) = &mut self.relative {
+                r.frozen = frozen;
+                if let Some(n) = &mut r.norm {
+                    n.frozen = frozen;
+                }
+            }
             if let Some(p) = &mut self.embeddings.project {
                 p.frozen = frozen;
             }
@@ -442,8 +558,10 @@ impl Bert {
         let words = frz(&e.word)
             .embedding(&ids.flatten_all()?)?
             .reshape((b, l, ()))?;
-        let pos = frz(&e.position).narrow(0, e.position_offset, l)?;
-        let mut x = words.broadcast_add(&pos)?;
+        let mut x = match &e.position {
+            Some(p) => words.broadcast_add(&frz(p).narrow(0, e.position_offset, l)?)?,
+            None => words,
+        };
         if let Some(tt) = &e.token_type {
             let types = match token_types {
                 Some(t) => frz(tt).embedding(&t.flatten_all()?)?.reshape((b, l, ()))?,
@@ -496,11 +614,30 @@ impl Bert {
         let bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * -MASKED)?
             .to_dtype(dtype)?
             .reshape((b, 1, 1, l))?;
+        let rel = match &self.relative {
+            None => None,
+            Some(r) => {
+                let t = if r.frozen {
+                    r.embeddings.detach()
+                } else {
+                    r.embeddings.clone()
+                };
+                let t = match &r.norm {
+                    Some(n) => n.forward(&t, &self.stream)?,
+                    None => t,
+                };
+                let t = self
+                    .stream
+                    .dropout(&t.to_dtype(dtype)?, self.config.hidden_dropout_prob)?;
+                let (c2p, p2c) = r.indices(l, embeds.device())?;
+                Some(RelativeInputs { table: t, c2p, p2c })
+            }
+        };
         let mut x = embeds.clone();
         let mut hidden = want.hidden_states.then(|| vec![x.clone()]);
         let mut attns = want.attentions.then(Vec::new);
         for layer in &self.layers {
-            let (y, probs) = self.layer_forward(layer, &x, &bias, want.attentions)?;
+            let (y, probs) = self.layer_forward(layer, &x, &bias, rel.as_ref(), want.attentions)?;
             x = y;
             if let Some(hs) = hidden.as_mut() {
                 hs.push(x.clone());
@@ -535,6 +672,7 @@ impl Bert {
         layer: &Layer,
         x: &Tensor,
         bias: &Tensor,
+        rel: Option<&RelativeInputs>,
         want_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let s = &self.stream;
@@ -557,9 +695,40 @@ impl Bert {
         } else {
             k.t()?.contiguous()?
         };
-        let scores = q.matmul(&kt)?;
+        let mut scores = q.matmul(&kt)?;
+        let mut terms = 1.0;
+        if let (Some(ri), Some(r)) = (rel, &self.relative) {
+            // The table through this layer's own query and key projections,
+            // per head: [1, heads, 2·span, dh].
+            let rows = ri.table.dim(0)?;
+            let per_head = |t: Tensor| -> Result<Tensor> {
+                Ok(t.reshape((1, rows, heads, dh))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let gather = |t: &Tensor, idx: &Tensor| -> Result<Tensor> {
+                let idx = idx
+                    .reshape((1, 1, l, l))?
+                    .broadcast_as((b, heads, l, l))?
+                    .contiguous()?;
+                Ok(t.contiguous()?.gather(&idx, 3)?)
+            };
+            if r.c2p {
+                let pk = per_head(layer.key.forward(&ri.table, s)?)?;
+                let c2p = q.broadcast_matmul(&pk.t()?)?;
+                scores = (scores + gather(&c2p, &ri.c2p)?)?;
+                terms += 1.0;
+            }
+            if r.p2c {
+                let pq = per_head(layer.query.forward(&ri.table, s)?)?;
+                let p2c = k.broadcast_matmul(&pq.t()?)?;
+                scores = (scores + gather(&p2c, &ri.p2c)?.transpose(2, 3)?)?;
+                terms += 1.0;
+            }
+        }
+        // DeBERTa scales by √(dh·(1 + number of relative terms)).
         let (scale, drop) = (
-            1.0 / (dh as f64).sqrt(),
+            1.0 / (dh as f64 * terms).sqrt(),
             self.config.attention_probs_dropout_prob,
         );
         // The scale, the mask, softmax and dropout in one op; the

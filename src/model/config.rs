@@ -55,6 +55,31 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub pad_token_id: u32,
+    /// DeBERTa-v2/v3: disentangled relative attention.
+    #[serde(default)]
+    pub relative_attention: bool,
+    /// DeBERTa: log-bucketed relative positions (0 or less: none).
+    #[serde(default)]
+    pub position_buckets: i64,
+    /// DeBERTa: the largest relative distance (below 1: max_position_embeddings).
+    #[serde(default = "minus_one")]
+    pub max_relative_positions: i64,
+    /// DeBERTa: the relative terms, `["p2c", "c2p"]` or `"p2c|c2p"`.
+    #[serde(default)]
+    pub pos_att_type: Option<serde_json::Value>,
+    /// DeBERTa: absolute position embeddings added to the input (v3: false).
+    #[serde(default)]
+    pub position_biased_input: Option<bool>,
+    /// DeBERTa: `layer_norm` normalises the relative embeddings.
+    #[serde(default)]
+    pub norm_rel_ebd: Option<String>,
+    /// DeBERTa: the relative terms use the layer's own query and key
+    /// projections (the only form supported).
+    #[serde(default)]
+    pub share_att_key: bool,
+    /// DeBERTa's convolution beside the first layer (not supported).
+    #[serde(default)]
+    pub conv_kernel_size: usize,
 }
 
 impl BertConfig {
@@ -131,6 +156,9 @@ pub fn available_host_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+fn minus_one() -> i64 {
+    -1
+}
 fn default_model_type() -> String {
     "bert".into()
 }
@@ -190,6 +218,61 @@ impl BertConfig {
             type_vocab_size: 2,
             layer_norm_eps: 1e-12,
             pad_token_id: 0,
+            relative_attention: false,
+            position_buckets: 0,
+            max_relative_positions: -1,
+            pos_att_type: None,
+            position_biased_input: None,
+            norm_rel_ebd: None,
+            share_att_key: false,
+            conv_kernel_size: 0,
+        }
+    }
+
+    /// DeBERTa's relative terms: (content→position, position→content).
+    pub fn relative_terms(&self) -> Result<(bool, bool)> {
+        let names: Vec<String> = match &self.pos_att_type {
+            None | Some(serde_json::Value::Null) => vec![],
+            Some(serde_json::Value::String(s)) => {
+                s.split('|').map(|t| t.trim().to_lowercase()).collect()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_lowercase))
+                .collect(),
+            Some(other) => {
+                return Err(Error::Param {
+                    op: "bert config",
+                    msg: format!("pos_att_type must be a list or \"p2c|c2p\", got {other}"),
+                })
+            }
+        };
+        if let Some(bad) = names.iter().find(|n| !["c2p", "p2c"].contains(&n.as_str())) {
+            return Err(Error::Param {
+                op: "bert config",
+                msg: format!("pos_att_type {bad:?} is not supported (c2p, p2c)"),
+            });
+        }
+        Ok((
+            names.iter().any(|n| n == "c2p"),
+            names.iter().any(|n| n == "p2c"),
+        ))
+    }
+
+    /// Whether absolute position embeddings are added to the input (all
+    /// families but DeBERTa with `position_biased_input = false`).
+    pub fn absolute_positions(&self) -> bool {
+        self.position_biased_input.unwrap_or(true)
+    }
+
+    /// DeBERTa: the number of relative-embedding rows per side.
+    pub fn relative_span(&self) -> usize {
+        if self.position_buckets > 0 {
+            self.position_buckets as usize
+        } else if self.max_relative_positions > 0 {
+            self.max_relative_positions as usize
+        } else {
+            self.max_position_embeddings
         }
     }
 
@@ -224,7 +307,25 @@ impl BertConfig {
                 msg,
             })
         };
-        self.family()?;
+        let family = self.family()?;
+        if family == Family::DebertaV2 {
+            if self.relative_attention && !self.share_att_key {
+                return bad(
+                    "DeBERTa with share_att_key = false (separate position projections) is \
+                     not supported; DeBERTa-v3 shares them"
+                        .into(),
+                );
+            }
+            if self.conv_kernel_size > 0 {
+                return bad(
+                    "DeBERTa's convolution layer (conv_kernel_size > 0) is not supported".into(),
+                );
+            }
+            if self.embedding_size.is_some_and(|e| e != self.hidden_size) {
+                return bad("DeBERTa with embedding_size != hidden_size is not supported".into());
+            }
+            self.relative_terms()?;
+        }
         if self.sinusoidal_pos_embds {
             return bad(
                 "sinusoidal_pos_embds (DistilBERT's fixed positions) is not supported".into(),

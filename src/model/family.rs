@@ -1,8 +1,9 @@
 //! The encoder families loaded into the one BERT-shaped encoder: BERT,
-//! RoBERTa, XLM-RoBERTa, ELECTRA (the discriminator) and DistilBERT share
-//! its layer (post-LayerNorm self-attention and feed-forward blocks) and
-//! differ in names, positions, token types, an embedding projection and
-//! the classification head. A family maps its Hugging Face tensor names to
+//! RoBERTa, XLM-RoBERTa, ELECTRA (the discriminator), DistilBERT and
+//! DeBERTa-v2/v3 share its layer (post-LayerNorm self-attention and
+//! feed-forward blocks) and differ in names, positions, token types, an
+//! embedding projection, DeBERTa's relative attention (see
+//! [`super::bert::Relative`]) and the classification head. A family maps its Hugging Face tensor names to
 //! the encoder's (BERT's, without a prefix) and back, so every method
 //! (perturbations of the embedding output, adapters, LoRA, mixout,
 //! freezing) addresses the same layers in every family.
@@ -10,7 +11,8 @@
 //! The classification head of each family is one dense layer on the first
 //! token, an activation and a linear layer to the labels: BERT's pooler
 //! (tanh), RoBERTa's `classifier.dense` (tanh), ELECTRA's
-//! `classifier.dense` (GELU), DistilBERT's `pre_classifier` (ReLU). The
+//! `classifier.dense` (GELU), DistilBERT's `pre_classifier` (ReLU),
+//! DeBERTa's `pooler.dense` (GELU). The
 //! dense layer lives under the encoder's name `pooler.dense`, the label
 //! layer under `classifier`.
 use std::collections::HashMap;
@@ -30,6 +32,9 @@ pub enum Family {
     XlmRoberta,
     Electra,
     DistilBert,
+    /// DeBERTa-v2 and v3: disentangled relative attention, no absolute
+    /// positions (v3), no token types.
+    DebertaV2,
 }
 
 /// The activation of a family's classification head.
@@ -63,8 +68,15 @@ const DISTILBERT_LAYER: [(&str, &str); 8] = [
     ("output_layer_norm.", "output.LayerNorm."),
 ];
 
+/// DeBERTa's layer names and the encoder's, inside `…layer.{i}.`.
+const DEBERTA_LAYER: [(&str, &str); 3] = [
+    ("attention.self.query_proj.", "attention.self.query."),
+    ("attention.self.key_proj.", "attention.self.key."),
+    ("attention.self.value_proj.", "attention.self.value."),
+];
+
 /// The model types that load.
-pub const SUPPORTED: &str = "bert, roberta, xlm-roberta, electra, distilbert";
+pub const SUPPORTED: &str = "bert, roberta, xlm-roberta, electra, distilbert, deberta-v2";
 
 impl Family {
     pub fn from_model_type(t: &str) -> Result<Self> {
@@ -74,12 +86,13 @@ impl Family {
             "xlm-roberta" => Family::XlmRoberta,
             "electra" => Family::Electra,
             "distilbert" => Family::DistilBert,
+            "deberta-v2" => Family::DebertaV2,
             other => {
                 return Err(param_err(
                     "model",
                     format!(
                         "model_type {other:?} is not supported: tunefuse loads {SUPPORTED} \
-                         (DeBERTa-v2/v3 and ModernBERT are not implemented yet)"
+                         (ModernBERT and DeBERTa v1 are not implemented yet)"
                     ),
                 ))
             }
@@ -93,6 +106,7 @@ impl Family {
             Family::Roberta | Family::XlmRoberta => "roberta.",
             Family::Electra => "electra.",
             Family::DistilBert => "distilbert.",
+            Family::DebertaV2 => "deberta.",
         }
     }
 
@@ -104,6 +118,7 @@ impl Family {
             Family::XlmRoberta => "XLMRobertaForSequenceClassification",
             Family::Electra => "ElectraForSequenceClassification",
             Family::DistilBert => "DistilBertForSequenceClassification",
+            Family::DebertaV2 => "DebertaV2ForSequenceClassification",
         }
     }
 
@@ -114,6 +129,7 @@ impl Family {
             Family::Bert => &["bert.pooler", "classifier"],
             Family::Roberta | Family::XlmRoberta | Family::Electra => &["classifier"],
             Family::DistilBert => &["pre_classifier", "classifier"],
+            Family::DebertaV2 => &["pooler", "classifier"],
         }
     }
 
@@ -130,7 +146,7 @@ impl Family {
     pub fn head_activation(self) -> HeadActivation {
         match self {
             Family::Bert | Family::Roberta | Family::XlmRoberta => HeadActivation::Tanh,
-            Family::Electra => HeadActivation::GeluErf,
+            Family::Electra | Family::DebertaV2 => HeadActivation::GeluErf,
             Family::DistilBert => HeadActivation::Relu,
         }
     }
@@ -142,6 +158,8 @@ impl Family {
             Family::Bert => None,
             Family::Roberta | Family::XlmRoberta | Family::Electra => Some("classifier.dense."),
             Family::DistilBert => Some("pre_classifier."),
+            // ContextPooler, outside the `deberta.` prefix.
+            Family::DebertaV2 => Some("pooler.dense."),
         }
     }
 
@@ -156,10 +174,10 @@ impl Family {
     /// The encoder's name of a tensor named `name` inside the family's
     /// prefix (or in a checkpoint without a task head).
     pub fn body_to_internal(self, name: &str) -> String {
-        if self == Family::DistilBert {
-            if let Some(rest) = name.strip_prefix("transformer.layer.") {
+        if let Some((layers, map)) = self.layer_names() {
+            if let Some(rest) = name.strip_prefix(layers) {
                 if let Some((i, tail)) = rest.split_once('.') {
-                    for (theirs, ours) in DISTILBERT_LAYER {
+                    for (theirs, ours) in map {
                         if let Some(param) = tail.strip_prefix(theirs) {
                             return format!("encoder.layer.{i}.{ours}{param}");
                         }
@@ -168,6 +186,15 @@ impl Family {
             }
         }
         name.to_string()
+    }
+
+    /// Where a family's layers are and the names that differ from BERT's.
+    fn layer_names(self) -> Option<(&'static str, &'static [(&'static str, &'static str)])> {
+        match self {
+            Family::DistilBert => Some(("transformer.layer.", &DISTILBERT_LAYER)),
+            Family::DebertaV2 => Some(("encoder.layer.", &DEBERTA_LAYER)),
+            _ => None,
+        }
     }
 
     /// The encoder's name of a head tensor outside the prefix: the head's
@@ -219,12 +246,12 @@ impl Family {
         if let Some(p) = internal.strip_prefix("classifier.") {
             return format!("{}{p}", self.head_out());
         }
-        if self == Family::DistilBert {
+        if let Some((layers, map)) = self.layer_names() {
             if let Some(rest) = internal.strip_prefix("encoder.layer.") {
                 if let Some((i, tail)) = rest.split_once('.') {
-                    for (theirs, ours) in DISTILBERT_LAYER {
+                    for (theirs, ours) in map {
                         if let Some(param) = tail.strip_prefix(ours) {
-                            return format!("distilbert.transformer.layer.{i}.{theirs}{param}");
+                            return format!("{}{layers}{i}.{theirs}{param}", self.prefix());
                         }
                     }
                 }

@@ -1,5 +1,5 @@
 //! The BERT-shaped encoder and the families it loads (BERT, RoBERTa,
-//! XLM-RoBERTa, ELECTRA, DistilBERT), its heads, tokenisation and
+//! XLM-RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2/v3), its heads, tokenisation and
 //! checkpoint loading.
 pub mod bert;
 pub mod config;
