@@ -5,7 +5,7 @@
 # transformers: AutoModelForSequenceClassification must load it without a
 # warning and give tunefuse's probabilities on the 872 dev sentences
 # (scripts/check-export.py). Then the same for tiny random RoBERTa,
-# XLM-RoBERTa, ELECTRA and DistilBERT base models that transformers itself
+# XLM-RoBERTa, ELECTRA, DistilBERT and DeBERTa-v3-style base models that transformers itself
 # saves (MiniLM's tokenizer), trained briefly with SMART + LoRA and
 # exported merged. Prints one JSON line per case.
 #
@@ -51,7 +51,7 @@ echo "{\"case\": \"lora-peft\", \"check\": $out}"
 "$py" - "$work" "$model/tokenizer.json" <<'PY' 2>/dev/null
 import json, shutil, sys, torch
 from transformers import (RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel,
-    ElectraConfig, ElectraModel, DistilBertConfig, DistilBertModel)
+    ElectraConfig, ElectraModel, DistilBertConfig, DistilBertModel, DebertaV2Config, DebertaV2Model)
 work, tok = sys.argv[1], sys.argv[2]
 c = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
          intermediate_size=64, max_position_embeddings=64)
@@ -62,6 +62,12 @@ for name, m in {
     "electra": ElectraModel(ElectraConfig(**c, embedding_size=16)),
     "distilbert": DistilBertModel(DistilBertConfig(vocab_size=30522, dim=32, n_layers=2,
         n_heads=4, hidden_dim=64, max_position_embeddings=64)),
+    # DeBERTa-v3's settings: relative attention with log buckets, both
+    # relative terms, shared projections, no absolute positions or types.
+    "deberta-v2": DebertaV2Model(DebertaV2Config(**c, type_vocab_size=0, relative_attention=True,
+        position_buckets=16, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
+        position_biased_input=False, norm_rel_ebd="layer_norm", share_att_key=True,
+        layer_norm_eps=1e-7)),
 }.items():
     d = f"{work}/base-{name}"
     m.save_pretrained(d)
@@ -69,7 +75,7 @@ for name, m in {
     json.dump({"tokenizer_class": "BertTokenizerFast", "do_lower_case": True},
               open(f"{d}/tokenizer_config.json", "w"))
 PY
-for case in roberta xlm-roberta electra distilbert; do
+for case in roberta xlm-roberta electra distilbert deberta-v2; do
   "$bin" finetune --model "$work/base-$case" --train-file "$sst/train.tsv" --dev-file "$sst/dev.tsv" \
     --train-examples 64 --epochs 1 --batch-size 16 --max-len 32 --device cpu --lr 1e-3 \
     --method smart,lora --set pooling=pooler --output "$work/$case" >/dev/null 2>&1
