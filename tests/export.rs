@@ -58,31 +58,10 @@ fn data(dir: &Path) -> (PathBuf, PathBuf) {
 }
 
 fn finetune(model: &Path, train: &Path, dev: &Path, out: &Path, extra: &[&str]) {
-    let mut a = vec![
-        "finetune",
-        "--model",
-        model.to_str().unwrap(),
-        "--train-file",
-        train.to_str().unwrap(),
-        "--dev-file",
-        dev.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--max-len",
-        "16",
-        "--set",
-        "pooling=pooler",
-        "--lr",
-        "1e-3",
-    ];
-    a.extend(extra);
-    ok(&a);
+    let mut more = vec!["--set", "pooling=pooler", "--lr", "1e-3"];
+    more.extend(extra);
+    let a = common::own_data_args(model, train, dev, out, &more);
+    ok(&a.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
 /// transformers' BertForSequenceClassification forward in eval mode, over

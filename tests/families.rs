@@ -223,26 +223,7 @@ fn every_family_trains_and_exports() {
             ("mixout", &["--method", "mixout"][..]),
         ] {
             let out = dir.path().join(format!("{family:?}-{tag}"));
-            let mut a = vec![
-                "finetune",
-                "--model",
-                model.to_str().unwrap(),
-                "--train-file",
-                data.to_str().unwrap(),
-                "--dev-file",
-                data.to_str().unwrap(),
-                "--output",
-                out.to_str().unwrap(),
-                "--device",
-                "cpu",
-                "--epochs",
-                "1",
-                "--batch-size",
-                "8",
-                "--max-len",
-                "16",
-            ];
-            a.extend(extra);
+            let a = common::own_data_args(&model, &data, &data, &out, extra);
             let o = std::process::Command::new(bin).args(&a).output().unwrap();
             assert!(
                 o.status.success(),

@@ -300,30 +300,17 @@ fn finetune_trains_on_own_files() {
     let out = dir.path().join("run");
     let bin = env!("CARGO_BIN_EXE_tunefuse");
     let s = |p: &Path| p.to_str().unwrap().to_string();
-    let args = [
-        "finetune",
-        "--model",
-        &s(&model),
-        "--train-file",
-        &s(&train),
-        "--dev-file",
-        &s(&dev),
-        "--text-column",
-        "review",
-        "--label-column",
-        "stars",
-        "--output",
-        &s(&out),
-        "--device",
-        "cpu",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--max-len",
-        "16",
-    ];
-    let o = std::process::Command::new(bin).args(args).output().unwrap();
+    let args = common::own_data_args(
+        &model,
+        &train,
+        &dev,
+        &out,
+        &["--text-column", "review", "--label-column", "stars"],
+    );
+    let o = std::process::Command::new(bin)
+        .args(&args)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let cfg = std::fs::read_to_string(out.join("config.toml")).unwrap();
     assert!(cfg.contains("task = \"files\""), "{cfg}");
@@ -356,7 +343,7 @@ fn finetune_trains_on_own_files() {
     let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(ev["accuracy"], summary["best"], "{ev}");
     // A built-in task with the files is refused, naming both.
-    let mut a: Vec<&str> = args.to_vec();
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
     a.extend(["--task", "sst2", "--overwrite"]);
     let o = std::process::Command::new(bin).args(&a).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);

@@ -434,3 +434,41 @@ pub fn finetune_args(
     a.extend(extra.iter().map(|x| x.to_string()));
     a
 }
+
+/// The arguments of `tunefuse finetune` of `model` on the user's own data
+/// files `train` and `dev` into `out`: one CPU epoch, batch 8, max length
+/// 16, then `extra` (which may add flags, not repeat these).
+pub fn own_data_args(
+    model: &std::path::Path,
+    train: &std::path::Path,
+    dev: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let mut a: Vec<String> = vec![
+        "finetune".into(),
+        "--model".into(),
+        path(model),
+        "--train-file".into(),
+        path(train),
+        "--dev-file".into(),
+        path(dev),
+        "--output".into(),
+        path(out),
+    ];
+    for x in [
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-len",
+        "16",
+    ] {
+        a.push(x.into());
+    }
+    a.extend(extra.iter().map(|x| x.to_string()));
+    a
+}
