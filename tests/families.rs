@@ -286,3 +286,53 @@ fn every_family_trains_and_exports() {
         assert_eq!(back.family, family);
     }
 }
+
+/// With LoRA's `layernorm`, DeBERTa's norm of its relative-position table
+/// trains with the backbone's other LayerNorms (it froze with the table).
+#[test]
+fn deberta_relative_norm_trains_with_the_layernorms() {
+    use tunefuse::model::Family;
+    let dir = common::scratch("families-deberta-ln");
+    let model = tiny_family_dir(dir.path(), Family::DebertaV2);
+    let mut train = String::from("text,label\n");
+    for i in 0..16 {
+        train.push_str(&["a fine film,pos\n", "a dull film,neg\n"][i % 2]);
+    }
+    let data = dir.path().join("t.csv");
+    std::fs::write(&data, train).unwrap();
+    let out = dir.path().join("run");
+    let a = common::own_data_args(
+        &model,
+        &data,
+        &data,
+        &out,
+        &[
+            "--method",
+            "lora",
+            "--set",
+            "lora.layernorm=true",
+            "--lr",
+            "1e-2",
+        ],
+    );
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tunefuse"))
+        .args(&a)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let load = |p: PathBuf| candle_core::safetensors::load(p, &Device::Cpu).unwrap();
+    let (base, best) = (
+        load(model.join("model.safetensors")),
+        load(out.join("best/model.safetensors")),
+    );
+    let moved: f32 = (&best["encoder.LayerNorm.weight"]
+        - &base["deberta.encoder.LayerNorm.weight"])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(moved > 0.0, "encoder.LayerNorm did not train");
+}

@@ -53,6 +53,10 @@ impl Freezing {
             bert.freeze_all()?;
             if layernorm {
                 bert.embeddings.norm.frozen = false;
+                // DeBERTa's norm of its relative-position table.
+                if let Some(n) = bert.relative.as_mut().and_then(|r| r.norm.as_mut()) {
+                    n.frozen = false;
+                }
                 for l in &mut bert.layers {
                     l.attn_norm.frozen = false;
                     l.out_norm.frozen = false;
