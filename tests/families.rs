@@ -296,7 +296,7 @@ fn deberta_relative_norm_trains_with_the_layernorms() {
     let model = tiny_family_dir(dir.path(), Family::DebertaV2);
     let mut train = String::from("text,label\n");
     for i in 0..16 {
-        train.push_str(&["a fine film,pos\n", "a dull film,neg\n"][i % 2]);
+        train.push_str(["a fine film,pos\n", "a dull film,neg\n"][i % 2]);
     }
     let data = dir.path().join("t.csv");
     std::fs::write(&data, train).unwrap();
