@@ -258,7 +258,8 @@ fn checkpoint_run(
     file: Option<&Path>,
     base: Option<&Path>,
 ) -> Result<Run> {
-    let mut cfg = super::export::read_checkpoint(dir, base)?.cfg;
+    let rec = super::export::read_checkpoint(dir, base)?;
+    let mut cfg = rec.cfg;
     cfg.eval_split = split;
     if let Some(t) = task {
         // Another task's data: the checkpoint's own files do not apply.
@@ -293,7 +294,9 @@ fn checkpoint_run(
     if data_dir.is_some() {
         cfg.data_dir = data_dir.map(Path::to_path_buf);
     }
-    let run = Run::new(cfg)?;
+    // Only the evaluation data is read: the checkpoint's labels size the
+    // head, so the run's training data need not be there any more.
+    let run = Run::for_checkpoint(cfg, rec.labels)?;
     checkpoint::load_params(&run, &dir.join("model.safetensors"))?;
     Ok(run)
 }

@@ -38,63 +38,23 @@ impl Run {
     /// Validates, loads data, model and tokenizer, applies the methods.
     pub fn new(cfg: Config) -> Result<Self> {
         cfg.validate()?;
+        let (train, eval) = load_sets(&cfg, None)?;
+        Self::with_data(cfg, train, eval)
+    }
+
+    /// The run of a saved checkpoint, for evaluation and prediction: only
+    /// the evaluation split is read. The training set is empty and carries
+    /// the checkpoint's label names, which size the head, so neither the
+    /// training file nor the task's training split needs to be there.
+    pub fn for_checkpoint(cfg: Config, labels: Vec<String>) -> Result<Self> {
+        cfg.validate()?;
+        let (train, eval) = load_sets(&cfg, Some(labels))?;
+        Self::with_data(cfg, train, eval)
+    }
+
+    /// The model, head, optimiser and objective of `cfg` over loaded data.
+    fn with_data(cfg: Config, train: Dataset, eval: Dataset) -> Result<Self> {
         let device = cfg.device.device()?;
-        let (mut train, mut eval, source) = match cfg.data_files() {
-            Some(files) => {
-                let name = files
-                    .train
-                    .file_stem()
-                    .map_or("files".into(), |s| s.to_string_lossy().into_owned());
-                (
-                    files.load(Split::Train, &name)?,
-                    files.load(cfg.eval_split, &name)?,
-                    "its data files".to_string(),
-                )
-            }
-            None => {
-                let dir = data::data_dir(cfg.data_dir.as_deref())?;
-                let task: Task = cfg.task.parse()?;
-                (
-                    data::load(&task, Split::Train, &dir)?,
-                    data::load(&task, cfg.eval_split, &dir)?,
-                    dir.display().to_string(),
-                )
-            }
-        };
-        if let Some(n) = cfg.eval_examples {
-            eval = eval.subsample(n, cfg.seed);
-        }
-        if let Some(k) = cfg.k_per_class {
-            train = train.k_per_class(k, cfg.seed)?;
-        }
-        if let Some(n) = cfg.train_examples {
-            train = train.subsample(n, cfg.seed);
-        }
-        for (what, set, n) in [
-            ("training", &train, cfg.train_examples),
-            ("evaluation", &eval, cfg.eval_examples),
-        ] {
-            if set.examples.is_empty() {
-                return Err(param_err(
-                    "data",
-                    format!(
-                        "the {what} set of {} in {} is empty{}",
-                        cfg.task,
-                        source,
-                        match n {
-                            Some(0) => format!(
-                                " ({}_examples = 0)",
-                                if what == "training" { "train" } else { "eval" }
-                            ),
-                            _ if what == "training" && cfg.k_per_class.is_some() => {
-                                " (after k_per_class)".to_string()
-                            }
-                            _ => " (the data file holds no example)".to_string(),
-                        }
-                    ),
-                ));
-            }
-        }
         for f in ["config.json", "model.safetensors", "tokenizer.json"] {
             if !cfg.model.join(f).exists() {
                 return Err(io_err(
@@ -251,4 +211,90 @@ impl Run {
             labels: self.head.labels(ds, idx, &self.device)?,
         })
     }
+}
+
+/// The training and evaluation sets of `cfg`, subsampled as it says. With
+/// `labels` (a checkpoint's), only the evaluation split is read and the
+/// training set is those labels without examples.
+fn load_sets(cfg: &Config, labels: Option<Vec<String>>) -> Result<(Dataset, Dataset)> {
+    let checkpoint = labels.is_some();
+    let labels_only = |name: &str, labels: Vec<String>| Dataset {
+        name: name.to_string(),
+        labels,
+        examples: vec![],
+    };
+    let (mut train, mut eval, source) = match cfg.data_files() {
+        Some(mut files) => {
+            let name = files
+                .train
+                .file_stem()
+                .map_or("files".into(), |s| s.to_string_lossy().into_owned());
+            let train = match labels {
+                Some(l) => {
+                    // The checkpoint's label set, not the training file's.
+                    if !files.regression {
+                        files.labels = Some(l.clone());
+                    }
+                    labels_only(&name, l)
+                }
+                None => files.load(Split::Train, &name)?,
+            };
+            (
+                train,
+                files.load(cfg.eval_split, &name)?,
+                "its data files".to_string(),
+            )
+        }
+        None => {
+            let dir = data::data_dir(cfg.data_dir.as_deref())?;
+            let task: Task = cfg.task.parse()?;
+            let train = match labels {
+                Some(l) => labels_only(&cfg.task, l),
+                None => data::load(&task, Split::Train, &dir)?,
+            };
+            (
+                train,
+                data::load(&task, cfg.eval_split, &dir)?,
+                dir.display().to_string(),
+            )
+        }
+    };
+    if let Some(n) = cfg.eval_examples {
+        eval = eval.subsample(n, cfg.seed);
+    }
+    if !checkpoint {
+        if let Some(k) = cfg.k_per_class {
+            train = train.k_per_class(k, cfg.seed)?;
+        }
+        if let Some(n) = cfg.train_examples {
+            train = train.subsample(n, cfg.seed);
+        }
+    }
+    let sets = [
+        ("training", &train, cfg.train_examples),
+        ("evaluation", &eval, cfg.eval_examples),
+    ];
+    for (what, set, n) in sets.into_iter().skip(usize::from(checkpoint)) {
+        if set.examples.is_empty() {
+            return Err(param_err(
+                "data",
+                format!(
+                    "the {what} set of {} in {} is empty{}",
+                    cfg.task,
+                    source,
+                    match n {
+                        Some(0) => format!(
+                            " ({}_examples = 0)",
+                            if what == "training" { "train" } else { "eval" }
+                        ),
+                        _ if what == "training" && cfg.k_per_class.is_some() => {
+                            " (after k_per_class)".to_string()
+                        }
+                        _ => " (the data file holds no example)".to_string(),
+                    }
+                ),
+            ));
+        }
+    }
+    Ok((train, eval))
 }
