@@ -26,11 +26,16 @@ use crate::error::{param_err, Result};
 /// An encoder family, from `config.json`'s `model_type`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Family {
+    /// `bert` (and BERT-shaped models such as MiniLM).
     #[default]
     Bert,
+    /// `roberta`: positions from the padding id + 1, one token type.
     Roberta,
+    /// `xlm-roberta`: RoBERTa's layout with a multilingual vocabulary.
     XlmRoberta,
+    /// `electra` (the discriminator): embeddings projected to the hidden size.
     Electra,
+    /// `distilbert`: its own layer names and config keys, no token types.
     DistilBert,
     /// DeBERTa-v2 and v3: disentangled relative attention, no absolute
     /// positions (v3), no token types.
@@ -40,8 +45,11 @@ pub enum Family {
 /// The activation of a family's classification head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeadActivation {
+    /// BERT's pooler, RoBERTa's classification head.
     Tanh,
+    /// The exact (erf) GELU: ELECTRA's and DeBERTa's heads.
     GeluErf,
+    /// DistilBERT's `pre_classifier`.
     Relu,
 }
 
@@ -79,6 +87,8 @@ const DEBERTA_LAYER: [(&str, &str); 3] = [
 pub const SUPPORTED: &str = "bert, roberta, xlm-roberta, electra, distilbert, deberta-v2";
 
 impl Family {
+    /// The family of `config.json`'s `model_type`; an error naming the
+    /// supported types for any other.
     pub fn from_model_type(t: &str) -> Result<Self> {
         Ok(match t {
             "bert" => Family::Bert,
@@ -143,6 +153,7 @@ impl Family {
         }
     }
 
+    /// The activation of the family's classification head.
     pub fn head_activation(self) -> HeadActivation {
         match self {
             Family::Bert | Family::Roberta | Family::XlmRoberta => HeadActivation::Tanh,

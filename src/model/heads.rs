@@ -28,7 +28,9 @@ pub enum Pooling {
 /// (the encoder's `pooler.dense` parameters, shared through the varmap).
 #[derive(Debug)]
 pub struct Pool {
+    /// Which vector stands for the sequence.
     pub pooling: Pooling,
+    /// The dense layer of [`Pooling::Pooler`] (`pooler.dense.*`).
     pub pooler: Option<Dense>,
     /// The family's head activation after the pooler's dense layer.
     pub act: HeadActivation,
@@ -74,12 +76,17 @@ impl Pool {
 /// Pooling, dropout, linear: logits `[B, classes]` (`classifier.*` parameters).
 #[derive(Debug)]
 pub struct ClassifierHead {
+    /// Hidden states `[B, L, H]` to one vector `[B, H]` per example.
     pub pool: Pool,
+    /// Dropout before the linear layer (train mode).
     pub dropout: f64,
+    /// `classifier.*`: `[classes, H]` and `[classes]`.
     pub linear: Dense,
 }
 
 impl ClassifierHead {
+    /// A new head in `varmap` for `classes` labels over hidden size
+    /// `hidden`; fewer than 2 classes is an error.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         varmap: &VarMap,
@@ -105,6 +112,8 @@ impl ClassifierHead {
         })
     }
 
+    /// Logits `[B, classes]` from hidden states `[B, L, H]` and the
+    /// attention mask `[B, L]`.
     pub fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
         let x = s.dropout(&self.pool.forward(hidden, mask, s)?, self.dropout)?;
         self.linear.forward(&x, s)
@@ -114,12 +123,16 @@ impl ClassifierHead {
 /// Pooling, dropout, linear to one value: predictions `[B]` (`regressor.*`).
 #[derive(Debug)]
 pub struct RegressionHead {
+    /// Hidden states `[B, L, H]` to one vector `[B, H]` per example.
     pub pool: Pool,
+    /// Dropout before the linear layer (train mode).
     pub dropout: f64,
+    /// `regressor.*`: `[1, H]` and `[1]`.
     pub linear: Dense,
 }
 
 impl RegressionHead {
+    /// A new one-output head in `varmap` over hidden size `hidden`.
     pub fn new(
         varmap: &VarMap,
         hidden: usize,
@@ -137,6 +150,8 @@ impl RegressionHead {
         })
     }
 
+    /// Predictions `[B]` from hidden states `[B, L, H]` and the attention
+    /// mask `[B, L]`.
     pub fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
         let x = s.dropout(&self.pool.forward(hidden, mask, s)?, self.dropout)?;
         Ok(self.linear.forward(&x, s)?.squeeze(1)?)

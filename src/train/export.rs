@@ -35,7 +35,9 @@ use crate::model::{Family, Pooling};
 /// What an export wrote.
 #[derive(Debug)]
 pub struct Exported {
+    /// Tensors written.
     pub tensors: usize,
+    /// The label names, in index order (`id2label`).
     pub labels: Vec<String>,
     /// LoRA updates merged into their weights.
     pub merged: usize,

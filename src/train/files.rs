@@ -30,11 +30,17 @@ use crate::error::{format_err, io_err, param_err, Result};
 /// Where a run's own data is and which columns it reads.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DataFiles {
+    /// The training file (also the source of the default label set).
     pub train: PathBuf,
+    /// The dev split's file.
     pub dev: Option<PathBuf>,
+    /// The test split's file.
     pub test: Option<PathBuf>,
+    /// The text column (default: `sentence1`, else the first non-label one).
     pub text_column: Option<String>,
+    /// A second text column for pairs (default: `sentence2` beside `sentence1`).
     pub text_pair_column: Option<String>,
+    /// The label column (default: `label`).
     pub label_column: Option<String>,
     /// The label set, in index order (default: the training file's).
     pub labels: Option<Vec<String>>,
