@@ -18,17 +18,20 @@ use crate::error::{format_err, io_err, shape_err, Result};
 /// ELECTRA's projection to the encoder's width.
 #[derive(Debug)]
 pub struct Embeddings {
+    /// `word_embeddings.weight`, `[vocab, E]` (E: the embedding width).
     pub word: Tensor,
     /// None for DeBERTa without absolute positions (v3).
     pub position: Option<Tensor>,
     /// None for a family without token types (DistilBERT).
     pub token_type: Option<Tensor>,
+    /// The embeddings' LayerNorm, over E.
     pub norm: LayerNorm,
     /// ELECTRA's `embeddings_project`, when its embeddings are narrower
     /// than the encoder.
     pub project: Option<Dense>,
     /// The position of the first token (RoBERTa: the padding id + 1).
     pub position_offset: usize,
+    /// No gradients reach the tables (freezing, gradual unfreezing).
     pub frozen: bool,
 }
 
@@ -39,15 +42,21 @@ pub struct Embeddings {
 /// attention scores.
 #[derive(Debug)]
 pub struct Relative {
+    /// `encoder.rel_embeddings.weight`, `[2·span, H]`.
     pub embeddings: Tensor,
+    /// `encoder.LayerNorm` over the table (`norm_rel_ebd = "layer_norm"`).
     pub norm: Option<LayerNorm>,
     /// Rows per side: relative positions are clamped to [−span, span).
     pub span: usize,
     /// Log buckets (DeBERTa-v2's `position_buckets`; 0: none).
     pub buckets: usize,
+    /// The largest relative distance the log buckets cover.
     pub max_position: usize,
+    /// The content→position term is on.
     pub c2p: bool,
+    /// The position→content term is on.
     pub p2c: bool,
+    /// No gradients reach the table (it freezes with the embeddings).
     pub frozen: bool,
 }
 
@@ -107,13 +116,21 @@ struct RelativeInputs {
 /// One encoder layer.
 #[derive(Debug)]
 pub struct Layer {
+    /// `attention.self.query`, `[H, H]`.
     pub query: Dense,
+    /// `attention.self.key`, `[H, H]`.
     pub key: Dense,
+    /// `attention.self.value`, `[H, H]`.
     pub value: Dense,
+    /// `attention.output.dense`, `[H, H]`.
     pub attn_out: Dense,
+    /// `attention.output.LayerNorm`, after the attention's residual.
     pub attn_norm: LayerNorm,
+    /// `intermediate.dense`, `[I, H]`, then the activation.
     pub intermediate: Dense,
+    /// `output.dense`, `[H, I]`.
     pub output: Dense,
+    /// `output.LayerNorm`, after the feed-forward residual.
     pub out_norm: LayerNorm,
     /// Houlsby adapter after the attention output projection.
     pub attn_adapter: Option<Adapter>,
@@ -150,16 +167,23 @@ pub struct EncoderOutput {
 /// Which extra outputs to return.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Outputs {
+    /// The embedding output and every layer's output.
     pub hidden_states: bool,
+    /// Every layer's attention probabilities (before dropout).
     pub attentions: bool,
 }
 
 /// The BERT encoder.
 #[derive(Debug)]
 pub struct Bert {
+    /// The configuration it was built from (dropouts may be changed before
+    /// training).
     pub config: BertConfig,
+    /// The family its checkpoint's names and head follow.
     pub family: Family,
+    /// Word, position and token-type tables and their LayerNorm.
     pub embeddings: Embeddings,
+    /// The encoder layers, bottom first.
     pub layers: Vec<Layer>,
     /// DeBERTa's relative attention.
     pub relative: Option<Relative>,

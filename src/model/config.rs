@@ -13,7 +13,9 @@ pub enum Activation {
     GeluErf,
     /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation.
     GeluTanh,
+    /// `relu`.
     Relu,
+    /// `silu` / `swish`.
     Silu,
 }
 
@@ -25,13 +27,18 @@ pub struct BertConfig {
     /// `bert`, `roberta`, `xlm-roberta`, `electra` or `distilbert`.
     #[serde(default = "default_model_type")]
     pub model_type: String,
+    /// Rows of the word-embedding table.
     pub vocab_size: usize,
+    /// H, the width of every layer (DistilBERT: `dim`).
     #[serde(alias = "dim")]
     pub hidden_size: usize,
+    /// The number of encoder layers (DistilBERT: `n_layers`).
     #[serde(alias = "n_layers")]
     pub num_hidden_layers: usize,
+    /// Heads per attention layer; H must be a multiple (DistilBERT: `n_heads`).
     #[serde(alias = "n_heads")]
     pub num_attention_heads: usize,
+    /// I, the feed-forward width (DistilBERT: `hidden_dim`).
     #[serde(alias = "hidden_dim")]
     pub intermediate_size: usize,
     /// ELECTRA: the width of the embeddings, projected to `hidden_size`
@@ -41,18 +48,25 @@ pub struct BertConfig {
     /// DistilBERT's fixed sinusoidal positions (not supported).
     #[serde(default)]
     pub sinusoidal_pos_embds: bool,
+    /// The feed-forward activation: `gelu`, `gelu_new`, `relu`, `silu`.
     #[serde(default = "default_act", alias = "activation")]
     pub hidden_act: String,
+    /// Dropout on the embeddings and every residual branch, in [0, 1).
     #[serde(default = "default_dropout", alias = "dropout")]
     pub hidden_dropout_prob: f64,
+    /// Dropout on the attention probabilities, in [0, 1).
     #[serde(default = "default_dropout", alias = "attention_dropout")]
     pub attention_probs_dropout_prob: f64,
+    /// Rows of the position table (RoBERTa's start after the padding id).
     #[serde(default = "default_positions")]
     pub max_position_embeddings: usize,
+    /// Rows of the token-type table (0: none, DistilBERT and DeBERTa-v3).
     #[serde(default = "default_types")]
     pub type_vocab_size: usize,
+    /// ε of every LayerNorm.
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// The padding token's id.
     #[serde(default)]
     pub pad_token_id: u32,
     /// DeBERTa-v2/v3: disentangled relative attention.
@@ -276,6 +290,8 @@ impl BertConfig {
         }
     }
 
+    /// The feed-forward activation of `hidden_act`; an error naming the
+    /// supported ones for any other.
     pub fn activation(&self) -> Result<Activation> {
         match self.hidden_act.as_str() {
             "gelu" => Ok(Activation::GeluErf),
@@ -300,6 +316,9 @@ impl BertConfig {
         self.embedding_size.unwrap_or(self.hidden_size)
     }
 
+    /// Checks the sizes (positive, H a multiple of the heads), the
+    /// dropouts, ε, the activation and the family's own settings; each
+    /// error names the field.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| {
             Err(Error::Param {
