@@ -15,7 +15,9 @@ use crate::philox;
 /// One example.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Example {
+    /// The (first) text, trimmed.
     pub text: String,
+    /// The second text of a pair task.
     pub pair: Option<String>,
     /// Index into [`Dataset::labels`] (0 for a regression file, whose
     /// label set is empty).
@@ -29,26 +31,40 @@ pub struct Example {
 /// Examples with their label names.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
+    /// The task's name (`sst2`, `amazon:books`, a data file's stem).
     pub name: String,
+    /// The label names in index order (empty for regression targets).
     pub labels: Vec<String>,
+    /// The examples, in file order until shuffled.
     pub examples: Vec<Example>,
 }
 
 /// The tasks with readers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Task {
+    /// GLUE SST-2: binary sentiment (train, dev).
     Sst2,
+    /// GLUE CoLA: grammatical acceptability (train + val, dev).
     Cola,
+    /// GLUE RTE: entailment of sentence pairs (train + val, dev).
     Rte,
+    /// MRPC: paraphrase pairs (train, dev, test).
     Mrpc,
     /// Amazon multi-domain sentiment: books, dvd, electronics or kitchen.
     Amazon(String),
+    /// TREC question classification, 6 coarse classes (train, test).
     Trec,
+    /// SNLI: 3-way entailment (dev, test).
     Snli,
+    /// AG News: 4 topics (dev, test).
     AgNews,
+    /// SST-5: 5-point sentiment (train, dev, test).
     Sst5,
+    /// CR customer reviews: binary sentiment (train only).
     Cr,
+    /// MPQA opinion polarity (train only).
     Mpqa,
+    /// SUBJ: subjective vs objective (train only).
     Subj,
 }
 
@@ -56,9 +72,12 @@ pub enum Task {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
+    /// The training split.
     Train,
     #[serde(alias = "validation")]
+    /// The development (validation) split.
     Dev,
+    /// The test split.
     Test,
 }
 
@@ -92,6 +111,7 @@ impl std::str::FromStr for Task {
 }
 
 impl Split {
+    /// The split's name in configurations and messages.
     pub fn name(self) -> &'static str {
         match self {
             Split::Train => "train",

@@ -38,18 +38,25 @@ pub(crate) mod nan_as_null {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Eval {
     #[serde(with = "nan_as_null")]
+    /// Fraction of correct predictions.
     pub accuracy: f64,
     #[serde(with = "nan_as_null")]
+    /// F1 averaged over classes.
     pub macro_f1: f64,
     #[serde(with = "nan_as_null")]
+    /// F1 of the positive class (binary tasks; NaN otherwise).
     pub f1: f64,
     #[serde(with = "nan_as_null")]
+    /// Matthews correlation coefficient.
     pub mcc: f64,
     #[serde(with = "nan_as_null")]
+    /// Mean negative log-likelihood of the true class.
     pub nll: f64,
     #[serde(with = "nan_as_null")]
+    /// Multiclass Brier score: mean over examples of Σ_k (p_k − 1[y = k])².
     pub brier: f64,
     #[serde(with = "nan_as_null")]
+    /// Expected calibration error over 15 equal-width bins.
     pub ece: f64,
     /// Mean confidence (largest class probability); above the accuracy
     /// the model is over-confident, below it under-confident. Absent
@@ -57,10 +64,13 @@ pub struct Eval {
     #[serde(with = "nan_as_null", default = "nan")]
     pub confidence: f64,
     #[serde(with = "nan_as_null", default = "nan")]
+    /// Pearson correlation of predictions and targets (regression).
     pub pearson: f64,
     #[serde(with = "nan_as_null", default = "nan")]
+    /// Spearman rank correlation (regression).
     pub spearman: f64,
     #[serde(with = "nan_as_null", default = "nan")]
+    /// Mean squared error (regression).
     pub mse: f64,
 }
 
@@ -199,8 +209,10 @@ pub fn evaluate_checkpoint(
 /// probabilities (or predicted value).
 #[derive(Clone, Debug, Serialize)]
 pub struct Prediction {
+    /// The example's text.
     pub text: String,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// Its second text, for pair tasks.
     pub pair: Option<String>,
     /// The label's name (classification) or the target (regression).
     pub label: serde_json::Value,

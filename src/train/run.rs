@@ -16,16 +16,27 @@ use crate::ops::mixout::Rng;
 
 /// The model, head, optimiser and objective of a run.
 pub struct Run {
+    /// The validated configuration.
     pub cfg: Config,
+    /// The encoder with the methods' transforms applied.
     pub bert: Bert,
+    /// The task head.
     pub head: TaskHead,
+    /// Every parameter, under its Hugging Face-style name.
     pub varmap: VarMap,
+    /// The checkpoint's tokenizer, truncating to `max_len`.
     pub tok: TextTokenizer,
+    /// The optimiser over the trainable parameters.
     pub opt: AdamW,
+    /// The training set (empty in a checkpoint's evaluation run).
     pub train: Dataset,
+    /// The evaluation set.
     pub eval: Dataset,
+    /// The loss: estimator plus the methods' terms.
     pub objective: Objective,
+    /// What is frozen, and gradual unfreezing's stages.
     pub freezing: Freezing,
+    /// Where the run computes.
     pub device: Device,
     /// The random stream of the input perturbations.
     pub noise: Rng,
