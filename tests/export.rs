@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device};
-use common::{scratch, tiny_model_dir};
+use common::{max_abs_diff, scratch, tiny_model_dir, to_f64};
 use tunefuse::model::{Bert, Outputs, TextTokenizer};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tunefuse");
@@ -195,15 +195,10 @@ fn full_finetune_exports_with_transformers_names_and_predictions() {
     // The trained values, not the base's.
     let trained =
         candle_core::safetensors::load(out.join("best/model.safetensors"), &Device::Cpu).unwrap();
-    let diff = (&exported["bert.encoder.layer.0.attention.self.query.weight"]
-        - &trained["encoder.layer.0.attention.self.query.weight"])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_abs_diff(
+        &to_f64(&exported["bert.encoder.layer.0.attention.self.query.weight"]),
+        &to_f64(&trained["encoder.layer.0.attention.self.query.weight"]),
+    );
     assert_eq!(diff, 0.0);
 
     check_same_predictions(&out.join("best"), &export, &dev);
@@ -307,22 +302,11 @@ fn lora_merges_and_what_cannot_be_exported_is_refused() {
             * (32.0 / 8.0))
             .unwrap())
     .unwrap();
-    let diff: f32 = (want - &e_[&format!("bert.{l}.weight")])
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff = max_abs_diff(&to_f64(&want), &to_f64(&e_[&format!("bert.{l}.weight")]));
     assert!(diff < 1e-6, "{diff}");
-    let b_norm: f32 = t[&format!("{l}.lora_B")]
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let b_norm = to_f64(&t[&format!("{l}.lora_B")])
+        .iter()
+        .fold(0.0, |m: f64, x| m.max(x.abs()));
     assert!(
         b_norm > 0.0,
         "LoRA's B moved from zero, so the merge changes the weight"

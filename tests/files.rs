@@ -329,35 +329,26 @@ fn finetune_trains_on_own_files() {
     assert_eq!(w, Some(vec![3, 32]), "three labels: bad, good, meh");
     // `eval --file` reads another file in the run's columns and labels:
     // the dev file again gives the run's own final evaluation.
-    let o = std::process::Command::new(bin)
-        .args([
-            "eval",
-            "--checkpoint",
-            &s(&out.join("best")),
-            "--file",
-            &s(&dev),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let eval_dev = || -> serde_json::Value {
+        let o = std::process::Command::new(bin)
+            .args([
+                "eval",
+                "--checkpoint",
+                &s(&out.join("best")),
+                "--file",
+                &s(&dev),
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let ev = eval_dev();
     assert_eq!(ev["accuracy"], summary["best"], "{ev}");
     // The checkpoint keeps its labels: evaluating it needs no training file.
     let moved = dir.path().join("train-moved.csv");
     std::fs::rename(&train, &moved).unwrap();
-    let o = std::process::Command::new(bin)
-        .args([
-            "eval",
-            "--checkpoint",
-            &s(&out.join("best")),
-            "--file",
-            &s(&dev),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let again: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(again, ev);
+    assert_eq!(eval_dev(), ev);
     std::fs::rename(&moved, &train).unwrap();
     // A built-in task with the files is refused, naming both.
     let mut a: Vec<&str> = args.iter().map(String::as_str).collect();

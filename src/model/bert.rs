@@ -84,10 +84,18 @@ impl Relative {
         (log * rel.signum() as f32) as i64
     }
 
-    /// The gather indices `[L, L]` of the two terms: content→position
-    /// `clamp(bucket(q − k) + span)` and position→content, laid out by key
-    /// row, `[k, q] = clamp(span − bucket(k − q))`.
-    fn indices(&self, l: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    /// The gather indices of the two terms for `b` rows of `heads` heads,
+    /// `[b, heads, L, L]` (one copy per batch and head, as `gather` takes
+    /// them): content→position `clamp(bucket(q − k) + span)` and
+    /// position→content, laid out by key row, `[k, q] = clamp(span −
+    /// bucket(k − q))`.
+    fn indices(
+        &self,
+        b: usize,
+        heads: usize,
+        l: usize,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let span = self.span as i64;
         let clamp = |v: i64| v.clamp(0, 2 * span - 1) as u32;
         let mut c2p = Vec::with_capacity(l * l);
@@ -98,10 +106,12 @@ impl Relative {
                 p2c.push(clamp(span - self.bucket(a - b)));
             }
         }
-        Ok((
-            Tensor::from_vec(c2p, (l, l), device)?,
-            Tensor::from_vec(p2c, (l, l), device)?,
-        ))
+        let expand = |v: Vec<u32>| -> Result<Tensor> {
+            Ok(Tensor::from_vec(v, (1, 1, l, l), device)?
+                .broadcast_as((b, heads, l, l))?
+                .contiguous()?)
+        };
+        Ok((expand(c2p)?, expand(p2c)?))
     }
 }
 
@@ -109,6 +119,7 @@ impl Relative {
 struct RelativeInputs {
     /// The normalised table `[2·span, H]` in the activations' dtype.
     table: Tensor,
+    /// [`Relative::indices`], built once for all layers.
     c2p: Tensor,
     p2c: Tensor,
 }
@@ -305,11 +316,7 @@ impl Bert {
                 },
                 span,
                 buckets: config.position_buckets.max(0) as usize,
-                max_position: if config.max_relative_positions > 0 {
-                    config.max_relative_positions as usize
-                } else {
-                    config.max_position_embeddings
-                },
+                max_position: config.relative_max_position(),
                 c2p,
                 p2c,
                 frozen: false,
@@ -653,7 +660,8 @@ impl Bert {
                 let t = self
                     .stream
                     .dropout(&t.to_dtype(dtype)?, self.config.hidden_dropout_prob)?;
-                let (c2p, p2c) = r.indices(l, embeds.device())?;
+                let heads = self.config.num_attention_heads;
+                let (c2p, p2c) = r.indices(b, heads, l, embeds.device())?;
                 Some(RelativeInputs { table: t, c2p, p2c })
             }
         };
@@ -731,11 +739,7 @@ impl Bert {
                     .contiguous()?)
             };
             let gather = |t: &Tensor, idx: &Tensor| -> Result<Tensor> {
-                let idx = idx
-                    .reshape((1, 1, l, l))?
-                    .broadcast_as((b, heads, l, l))?
-                    .contiguous()?;
-                Ok(t.contiguous()?.gather(&idx, 3)?)
+                Ok(t.contiguous()?.gather(idx, 3)?)
             };
             if r.c2p {
                 let pk = per_head(layer.key.forward(&ri.table, s)?)?;
@@ -794,8 +798,7 @@ impl Bert {
         match &self.pooler {
             None => Ok(None),
             Some(p) => {
-                let cls = last_hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
-                let y = p.forward(&cls, &self.stream)?;
+                let y = p.forward(&first_token(last_hidden)?, &self.stream)?;
                 Ok(Some(self.family.head_activation().apply(&y, &self.stream)?))
             }
         }
@@ -935,6 +938,11 @@ fn first_few<S: AsRef<str>>(items: &[S], sep: &str) -> String {
         s.push_str(&format!("{sep}… and {} more", items.len() - SHOWN));
     }
     s
+}
+
+/// The first (\[CLS\]) token's states `[B, H]` of `hidden` `[B, L, H]`.
+pub fn first_token(hidden: &Tensor) -> Result<Tensor> {
+    Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?)
 }
 
 /// Mean of `hidden` `[B, L, H]` over the tokens where `mask` `[B, L]` is 1.

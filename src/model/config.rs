@@ -279,14 +279,23 @@ impl BertConfig {
         self.position_biased_input.unwrap_or(true)
     }
 
-    /// DeBERTa: the number of relative-embedding rows per side.
-    pub fn relative_span(&self) -> usize {
-        if self.position_buckets > 0 {
-            self.position_buckets as usize
-        } else if self.max_relative_positions > 0 {
+    /// DeBERTa: the largest relative distance (`max_relative_positions`,
+    /// or `max_position_embeddings` when below 1).
+    pub fn relative_max_position(&self) -> usize {
+        if self.max_relative_positions > 0 {
             self.max_relative_positions as usize
         } else {
             self.max_position_embeddings
+        }
+    }
+
+    /// DeBERTa: the number of relative-embedding rows per side (the
+    /// buckets, or every distance without them).
+    pub fn relative_span(&self) -> usize {
+        if self.position_buckets > 0 {
+            self.position_buckets as usize
+        } else {
+            self.relative_max_position()
         }
     }
 

@@ -2,7 +2,7 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
-use super::bert::mean_pool;
+use super::bert::{first_token, mean_pool};
 use super::family::HeadActivation;
 use super::layers::{Dense, Stream};
 use crate::error::{param_err, Result};
@@ -55,11 +55,10 @@ impl Pool {
     }
 
     fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
-        let cls = || -> Result<Tensor> { Ok(hidden.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?) };
         match (&self.pooler, self.pooling) {
-            (Some(d), _) => self.act.apply(&d.forward(&cls()?, s)?, s),
+            (Some(d), _) => self.act.apply(&d.forward(&first_token(hidden)?, s)?, s),
             (None, Pooling::Mean) => mean_pool(hidden, mask),
-            (None, _) => cls(),
+            (None, _) => first_token(hidden),
         }
     }
 

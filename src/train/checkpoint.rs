@@ -5,7 +5,7 @@
 //! directory and renamed into place, so a crash never leaves a half-written
 //! checkpoint where a good one was.
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
@@ -180,7 +180,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
+    let tmp = PathBuf::from(tmp);
     let mut f = std::fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
     f.write_all(bytes).map_err(|e| io_err(&tmp, e))?;
     f.sync_all().map_err(|e| io_err(&tmp, e))?;
@@ -246,7 +246,7 @@ pub fn save_params(run: &Run, dir: &Path) -> Result<()> {
 /// The path of `target` relative to the directory `dir` (both made
 /// absolute first), so a checkpoint finds its base model after the run and
 /// the model move together; `None` when either cannot be resolved.
-fn relative_to(target: &Path, dir: &Path) -> Option<std::path::PathBuf> {
+fn relative_to(target: &Path, dir: &Path) -> Option<PathBuf> {
     let target = std::fs::canonicalize(target).ok()?;
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
     let dir = std::fs::canonicalize(parent.unwrap_or(Path::new(".")))
@@ -254,7 +254,7 @@ fn relative_to(target: &Path, dir: &Path) -> Option<std::path::PathBuf> {
         .join(dir.file_name()?);
     let (t, d): (Vec<_>, Vec<_>) = (target.components().collect(), dir.components().collect());
     let common = t.iter().zip(&d).take_while(|(a, b)| a == b).count();
-    let mut rel = std::path::PathBuf::new();
+    let mut rel = PathBuf::new();
     for _ in common..d.len() {
         rel.push("..");
     }
@@ -297,6 +297,102 @@ pub fn fingerprint(model_dir: &Path) -> Result<String> {
         eat(&sample);
     }
     Ok(format!("{h:016x}"))
+}
+
+/// The checkpoint's recorded configuration, labels and base model.
+pub(crate) struct Recorded {
+    /// The run's configuration, its `model` the base model found.
+    pub cfg: Config,
+    pub labels: Vec<String>,
+    pub base: PathBuf,
+}
+
+/// Reads `dir/checkpoint.json` (the configuration through the one
+/// legacy-aware reader) and finds the base model: `base` when given, else
+/// the path the run was given, else the path relative to the checkpoint
+/// (where it is when the run and the model moved together); each checked
+/// against the recorded fingerprint, so a moved or replaced base is an
+/// error that says what is missing rather than a silently different model.
+pub(crate) fn read_checkpoint(dir: &Path, base: Option<&Path>) -> Result<Recorded> {
+    let meta_path = dir.join("checkpoint.json");
+    let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format_err(&meta_path, e.to_string()))?;
+    let table = match json_to_toml(&meta["config"]) {
+        Some(toml::Value::Table(t)) => t,
+        _ => return Err(format_err(&meta_path, "lacks the run's config")),
+    };
+    let text = toml::to_string(&table).map_err(|e| format_err(&meta_path, e.to_string()))?;
+    let mut cfg = Config::from_toml(&text, Reading::Record)
+        .map_err(|e| format_err(&meta_path, e.to_string()))?;
+    let labels = meta["labels"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .ok_or_else(|| format_err(&meta_path, "lacks the label names (labels)"))?;
+    let want = meta["base_fingerprint"].as_str();
+    let mut candidates: Vec<(PathBuf, &str)> = vec![];
+    match base {
+        Some(b) => candidates.push((b.to_path_buf(), "given with --base-model")),
+        None => {
+            candidates.push((cfg.model.clone(), "as the run was given it"));
+            if let Some(rel) = meta["base_model_relative"].as_str() {
+                candidates.push((dir.join(rel), "relative to the checkpoint"));
+            }
+        }
+    }
+    let mut tried = vec![];
+    for (path, how) in &candidates {
+        if !path.join("model.safetensors").is_file() {
+            tried.push(format!("{} ({how}): no model.safetensors", path.display()));
+            continue;
+        }
+        match want {
+            Some(w) if fingerprint(path)? != w => tried.push(format!(
+                "{} ({how}): a different model (its fingerprint is not {w})",
+                path.display()
+            )),
+            _ => {
+                cfg.model = path.clone();
+                return Ok(Recorded {
+                    base: path.clone(),
+                    cfg,
+                    labels,
+                });
+            }
+        }
+    }
+    Err(format_err(
+        &meta_path,
+        format!(
+            "the base model this checkpoint was trained from is not found: {}; pass \
+             --base-model DIR with the model directory it was trained from",
+            tried.join("; ")
+        ),
+    ))
+}
+
+/// JSON as TOML: nulls (unset options) are left out, as TOML has none.
+fn json_to_toml(v: &serde_json::Value) -> Option<toml::Value> {
+    use serde_json::Value as J;
+    Some(match v {
+        J::Null => return None,
+        J::Bool(b) => toml::Value::Boolean(*b),
+        J::Number(n) => match n.as_i64() {
+            Some(i) => toml::Value::Integer(i),
+            None => toml::Value::Float(n.as_f64()?),
+        },
+        J::String(s) => toml::Value::String(s.clone()),
+        J::Array(a) => toml::Value::Array(a.iter().filter_map(json_to_toml).collect()),
+        J::Object(o) => toml::Value::Table(
+            o.iter()
+                .filter_map(|(k, v)| Some((k.clone(), json_to_toml(v)?)))
+                .collect(),
+        ),
+    })
 }
 
 /// Loads the parameters of a `best/` checkpoint into `run`, checking names

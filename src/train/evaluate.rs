@@ -270,7 +270,7 @@ fn checkpoint_run(
     file: Option<&Path>,
     base: Option<&Path>,
 ) -> Result<Run> {
-    let rec = super::export::read_checkpoint(dir, base)?;
+    let rec = checkpoint::read_checkpoint(dir, base)?;
     let mut cfg = rec.cfg;
     cfg.eval_split = split;
     if let Some(t) = task {
@@ -311,24 +311,4 @@ fn checkpoint_run(
     let run = Run::for_checkpoint(cfg, rec.labels)?;
     checkpoint::load_params(&run, &dir.join("model.safetensors"))?;
     Ok(run)
-}
-
-/// JSON as TOML: nulls (unset options) are left out, as TOML has none.
-pub(crate) fn json_to_toml(v: &serde_json::Value) -> Option<toml::Value> {
-    use serde_json::Value as J;
-    Some(match v {
-        J::Null => return None,
-        J::Bool(b) => toml::Value::Boolean(*b),
-        J::Number(n) => match n.as_i64() {
-            Some(i) => toml::Value::Integer(i),
-            None => toml::Value::Float(n.as_f64()?),
-        },
-        J::String(s) => toml::Value::String(s.clone()),
-        J::Array(a) => toml::Value::Array(a.iter().filter_map(json_to_toml).collect()),
-        J::Object(o) => toml::Value::Table(
-            o.iter()
-                .filter_map(|(k, v)| Some((k.clone(), json_to_toml(v)?)))
-                .collect(),
-        ),
-    })
 }

@@ -21,12 +21,12 @@
 //! not have, and are refused. Mixout, SMART, R3F, FreeLB and the
 //! Bregman term change only how the weights were trained.
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::checkpoint::{self, atomic_dir};
-use super::config::{Config, Reading};
+use super::config::Config;
 use super::methods::{LoraConfig, Method};
 use super::task::HeadKind;
 use crate::error::{format_err, io_err, param_err, Result};
@@ -54,82 +54,6 @@ const TOKENIZER_FILES: [&str; 5] = [
     "added_tokens.json",
 ];
 
-/// The checkpoint's recorded configuration, labels and base model.
-pub(crate) struct Recorded {
-    /// The run's configuration, its `model` the base model found.
-    pub cfg: Config,
-    pub labels: Vec<String>,
-    pub base: PathBuf,
-}
-
-/// Reads `dir/checkpoint.json` (the configuration through the one
-/// legacy-aware reader) and finds the base model: `base` when given, else
-/// the path the run was given, else the path relative to the checkpoint
-/// (where it is when the run and the model moved together); each checked
-/// against the recorded fingerprint, so a moved or replaced base is an
-/// error that says what is missing rather than a silently different model.
-pub(crate) fn read_checkpoint(dir: &Path, base: Option<&Path>) -> Result<Recorded> {
-    let meta_path = dir.join("checkpoint.json");
-    let text = std::fs::read_to_string(&meta_path).map_err(|e| io_err(&meta_path, e))?;
-    let meta: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| format_err(&meta_path, e.to_string()))?;
-    let table = match super::evaluate::json_to_toml(&meta["config"]) {
-        Some(toml::Value::Table(t)) => t,
-        _ => return Err(format_err(&meta_path, "lacks the run's config")),
-    };
-    let text = toml::to_string(&table).map_err(|e| format_err(&meta_path, e.to_string()))?;
-    let mut cfg = Config::from_toml(&text, Reading::Record)
-        .map_err(|e| format_err(&meta_path, e.to_string()))?;
-    let labels = meta["labels"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        })
-        .ok_or_else(|| format_err(&meta_path, "lacks the label names (labels)"))?;
-    let want = meta["base_fingerprint"].as_str();
-    let mut candidates: Vec<(PathBuf, &str)> = vec![];
-    match base {
-        Some(b) => candidates.push((b.to_path_buf(), "given with --base-model")),
-        None => {
-            candidates.push((cfg.model.clone(), "as the run was given it"));
-            if let Some(rel) = meta["base_model_relative"].as_str() {
-                candidates.push((dir.join(rel), "relative to the checkpoint"));
-            }
-        }
-    }
-    let mut tried = vec![];
-    for (path, how) in &candidates {
-        if !path.join("model.safetensors").is_file() {
-            tried.push(format!("{} ({how}): no model.safetensors", path.display()));
-            continue;
-        }
-        match want {
-            Some(w) if checkpoint::fingerprint(path)? != w => tried.push(format!(
-                "{} ({how}): a different model (its fingerprint is not {w})",
-                path.display()
-            )),
-            _ => {
-                cfg.model = path.clone();
-                return Ok(Recorded {
-                    base: path.clone(),
-                    cfg,
-                    labels,
-                });
-            }
-        }
-    }
-    Err(format_err(
-        &meta_path,
-        format!(
-            "the base model this checkpoint was trained from is not found: {}; pass \
-             --base-model DIR with the model directory it was trained from",
-            tried.join("; ")
-        ),
-    ))
-}
-
 /// Exports the `best/` checkpoint in `checkpoint` to `output` (see the
 /// module docs). `output` must not exist or be empty, unless `overwrite`.
 /// `base`: the base model directory, when it is not where the checkpoint
@@ -141,19 +65,22 @@ pub fn export(
     merge: bool,
     overwrite: bool,
 ) -> Result<Exported> {
-    let rec = read_checkpoint(checkpoint, base)?;
+    let rec = checkpoint::read_checkpoint(checkpoint, base)?;
     let cfg = &rec.cfg;
+    let base = &rec.base;
+    let family = crate::model::BertConfig::from_file(&base.join("config.json"))?.family()?;
     let bad = |m: String| Err(param_err("export", m));
     if cfg.pooling != Pooling::Pooler {
         return bad(format!(
-            "this run's head reads {} directly, and transformers' \
-             BertForSequenceClassification passes [CLS] through the pooler (dense + tanh) \
-             first, so no transformers model computes what it computes; train with \
-             --set pooling=pooler to export",
+            "this run's head reads {} directly, and transformers' {} passes the [CLS] \
+             hidden state through its head's dense layer and activation first, so no \
+             transformers model computes what it computes; train with --set \
+             pooling=pooler to export",
             match cfg.pooling {
                 Pooling::Mean => "the mean of the hidden states",
                 _ => "the [CLS] hidden state",
-            }
+            },
+            family.architecture()
         ));
     }
     let mut lora = None;
@@ -184,30 +111,34 @@ pub fn export(
             "exists and is not empty: choose a new directory, or pass --overwrite to replace it",
         ));
     }
-    let base = &rec.base;
-    let base_weights = base.join("model.safetensors");
     let load = |p: &Path| {
         candle_core::safetensors::load(p, &Device::Cpu)
             .map_err(|e| format_err(p, format!("not a readable safetensors file: {e}")))
     };
-    let family = crate::model::BertConfig::from_file(&base.join("config.json"))?.family()?;
-    // The encoder's tensors under the names tunefuse uses (see
-    // `model::family`), the base's own classification dense layer included.
-    let mut tensors = family.internal_names(load(&base_weights)?);
-    tensors.remove("embeddings.position_ids");
     let trained_path = checkpoint.join("model.safetensors");
-    let trained = load(&trained_path)?;
+    // The head under the classifier's name whether it classifies or
+    // regresses (transformers' classes call both `classifier`).
+    let trained: HashMap<String, Tensor> = load(&trained_path)?
+        .into_iter()
+        .map(|(k, v)| match k.strip_prefix("regressor.") {
+            Some(h) => (format!("classifier.{h}"), v),
+            None => (k, v),
+        })
+        .collect();
+    // A PEFT adapter holds only what was trained: the base is not read.
     if let (Some(l), false) = (&lora, merge) {
         return write_peft(output, base, family, l, trained, &trained_path, &rec.labels);
     }
+    // The encoder's tensors under the names tunefuse uses (see
+    // `model::family`), the base's own classification dense layer included.
+    let mut tensors = family.internal_names(load(&base.join("model.safetensors"))?);
+    tensors.remove("embeddings.position_ids");
     let mut lora_parts: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
     for (k, v) in trained {
         if let Some(layer) = k.strip_suffix(".lora_A") {
             lora_parts.entry(layer.to_string()).or_default().0 = Some(v);
         } else if let Some(layer) = k.strip_suffix(".lora_B") {
             lora_parts.entry(layer.to_string()).or_default().1 = Some(v);
-        } else if let Some(h) = k.strip_prefix("regressor.") {
-            tensors.insert(format!("classifier.{h}"), v);
         } else {
             let head = k.starts_with("classifier.") || k.starts_with("pooler.");
             if !head && !tensors.contains_key(&k) {
@@ -337,11 +268,6 @@ fn write_peft(
             format!("base_model.model.{}.lora_B.weight", module(layer))
         } else if k.starts_with("classifier.") || k.starts_with("pooler.") {
             format!("base_model.model.{}", family.to_hf(&k))
-        } else if let Some(h) = k.strip_prefix("regressor.") {
-            format!(
-                "base_model.model.{}",
-                family.to_hf(&format!("classifier.{h}"))
-            )
         } else {
             return Err(format_err(
                 trained_path,

@@ -298,15 +298,23 @@ impl DataFiles {
     }
 
     /// The label set: `labels`, or the training file's labels sorted.
-    fn label_set(&self) -> Result<Vec<String>> {
+    /// `train`: the training file's table, when the caller has read it.
+    fn label_set(&self, train: Option<&Table>) -> Result<Vec<String>> {
         if let Some(l) = &self.labels {
             return Ok(l.clone());
         }
-        let t = read_table(&self.train)?;
-        let c = self.columns(&self.train, &t)?;
+        let read;
+        let t = match train {
+            Some(t) => t,
+            None => {
+                read = read_table(&self.train)?;
+                &read
+            }
+        };
+        let c = self.columns(&self.train, t)?;
         let mut set = BTreeSet::new();
         for (line, row) in &t.rows {
-            set.insert(cell(&self.train, &t, *line, row, c.label, "label")?.to_string());
+            set.insert(cell(&self.train, t, *line, row, c.label, "label")?.to_string());
         }
         let mut v: Vec<String> = set.into_iter().collect();
         if v.iter().all(|l| l.parse::<i64>().is_ok()) {
@@ -351,12 +359,34 @@ impl DataFiles {
 
     /// Reads `split`'s file into a dataset named `name`.
     pub fn load(&self, split: Split, name: &str) -> Result<Dataset> {
+        self.read(split, name, None)
+    }
+
+    /// Reads `split`'s file against `train_labels`, the training set's
+    /// label set as [`DataFiles::load`] found it (or a checkpoint
+    /// recorded it), without reading the training file again.
+    pub fn load_against(
+        &self,
+        split: Split,
+        name: &str,
+        train_labels: &[String],
+    ) -> Result<Dataset> {
+        self.read(split, name, Some(train_labels))
+    }
+
+    fn read(&self, split: Split, name: &str, train_labels: Option<&[String]>) -> Result<Dataset> {
         self.validate()?;
         let path = self.path(split)?;
+        let t = read_table(path)?;
         let labels = if self.regression {
             vec![]
         } else {
-            let l = self.label_set()?;
+            // Configured labels win (and errors say so); else the training
+            // set's, as given or read.
+            let l = match train_labels {
+                Some(l) if self.labels.is_none() => l.to_vec(),
+                _ => self.label_set((split == Split::Train).then_some(&t))?,
+            };
             if l.len() < 2 {
                 return Err(format_err(
                     &self.train,
@@ -368,7 +398,6 @@ impl DataFiles {
             }
             l
         };
-        let t = read_table(path)?;
         let c = self.columns(path, &t)?;
         let mut examples = Vec::with_capacity(t.rows.len());
         for (line, row) in &t.rows {

@@ -235,26 +235,20 @@ fn load_sets(cfg: &Config, labels: Option<Vec<String>>) -> Result<(Dataset, Data
         examples: vec![],
     };
     let (mut train, mut eval, source) = match cfg.data_files() {
-        Some(mut files) => {
+        Some(files) => {
             let name = files
                 .train
                 .file_stem()
                 .map_or("files".into(), |s| s.to_string_lossy().into_owned());
+            // The training set's labels (a checkpoint's, or those the
+            // training file holds) are what the evaluation file is read
+            // against: the training file is read at most once.
             let train = match labels {
-                Some(l) => {
-                    // The checkpoint's label set, not the training file's.
-                    if !files.regression {
-                        files.labels = Some(l.clone());
-                    }
-                    labels_only(&name, l)
-                }
+                Some(l) => labels_only(&name, l),
                 None => files.load(Split::Train, &name)?,
             };
-            (
-                train,
-                files.load(cfg.eval_split, &name)?,
-                "its data files".to_string(),
-            )
+            let eval = files.load_against(cfg.eval_split, &name, &train.labels)?;
+            (train, eval, "its data files".to_string())
         }
         None => {
             let dir = data::data_dir(cfg.data_dir.as_deref())?;
