@@ -5,9 +5,10 @@
 # transformers: AutoModelForSequenceClassification must load it without a
 # warning and give tunefuse's probabilities on the 872 dev sentences
 # (scripts/check-export.py). Then the same for tiny random RoBERTa,
-# XLM-RoBERTa, ELECTRA, DistilBERT and DeBERTa-v3-style base models that transformers itself
-# saves (MiniLM's tokenizer), trained briefly with SMART + LoRA and
-# exported merged. Prints one JSON line per case.
+# XLM-RoBERTa, ELECTRA, DistilBERT, DeBERTa-v3-style and ModernBERT base
+# models that transformers itself saves (MiniLM's tokenizer), trained
+# briefly with SMART + LoRA and exported merged. Prints one JSON line per
+# case.
 #
 # Environment: HF_PYTHON (a python with torch, transformers and peft;
 # default python3), TUNEFUSE_DATA (the data folder, default ../shared/data),
@@ -51,7 +52,8 @@ echo "{\"case\": \"lora-peft\", \"check\": $out}"
 "$py" - "$work" "$model/tokenizer.json" <<'PY' 2>/dev/null
 import json, shutil, sys, torch
 from transformers import (RobertaConfig, RobertaModel, XLMRobertaConfig, XLMRobertaModel,
-    ElectraConfig, ElectraModel, DistilBertConfig, DistilBertModel, DebertaV2Config, DebertaV2Model)
+    ElectraConfig, ElectraModel, DistilBertConfig, DistilBertModel, DebertaV2Config, DebertaV2Model,
+    ModernBertConfig, ModernBertModel)
 work, tok = sys.argv[1], sys.argv[2]
 c = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
          intermediate_size=64, max_position_embeddings=64)
@@ -68,6 +70,13 @@ for name, m in {
         position_buckets=16, max_relative_positions=-1, pos_att_type=["p2c", "c2p"],
         position_biased_input=False, norm_rel_ebd="layer_norm", share_att_key=True,
         layer_norm_eps=1e-7)),
+    # Local layers of ±4 tokens (sentences of up to 32 tokens cross them),
+    # mean pooling in the head.
+    "modernbert": ModernBertModel(ModernBertConfig(vocab_size=30522, hidden_size=32,
+        num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, global_attn_every_n_layers=3, local_attention=8,
+        pad_token_id=0, cls_token_id=101, sep_token_id=102, bos_token_id=101,
+        eos_token_id=102, classifier_pooling="mean")),
 }.items():
     d = f"{work}/base-{name}"
     m.save_pretrained(d)
@@ -75,7 +84,7 @@ for name, m in {
     json.dump({"tokenizer_class": "BertTokenizerFast", "do_lower_case": True},
               open(f"{d}/tokenizer_config.json", "w"))
 PY
-for case in roberta xlm-roberta electra distilbert deberta-v2; do
+for case in roberta xlm-roberta electra distilbert deberta-v2 modernbert; do
   "$bin" finetune --model "$work/base-$case" --train-file "$sst/train.tsv" --dev-file "$sst/dev.tsv" \
     --train-examples 64 --epochs 1 --batch-size 16 --max-len 32 --device cpu --lr 1e-3 \
     --method smart,lora --set pooling=pooler --output "$work/$case" >/dev/null 2>&1

@@ -76,7 +76,7 @@ fn hf_style_probs(export: &Path, texts: &[&str]) -> Vec<Vec<f64>> {
         .forward(&b.ids, Some(&b.token_types), &b.mask, Outputs::default())
         .unwrap();
     let pooled = bert
-        .pool(&out.last_hidden)
+        .pool(&out.last_hidden, &b.mask)
         .unwrap()
         .expect("exported pooler");
     let st =

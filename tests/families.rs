@@ -1,11 +1,13 @@
 //! The encoder families against transformers: tiny randomly initialised
-//! RoBERTa, ELECTRA, DistilBERT and DeBERTa-v2 (relative attention with
-//! log buckets, both relative terms) sequence classifiers from
+//! RoBERTa, ELECTRA, DistilBERT, DeBERTa-v2 (relative attention with
+//! log buckets, both relative terms) and ModernBERT (rotary positions, a
+//! global layer and two sliding-window layers whose window the longest
+//! sequence exceeds, GeGLU, mean pooling) sequence classifiers from
 //! `../shared/golden/encoders` (saved by transformers, with its float32
 //! outputs on padded id sequences), loaded through their own names. The
 //! embedding output, the last hidden states and the logits of the family's
-//! own head must agree at about 1e-5. ModernBERT is refused with a message
-//! that names it.
+//! own head must agree at about 1e-5. An unsupported family is refused
+//! with a message that names it.
 mod common;
 
 use std::path::PathBuf;
@@ -58,10 +60,10 @@ fn check_family(name: &str, label_layer: &str) {
         .forward_from_embeddings(&emb, &mask, Outputs::default())
         .unwrap();
     let h = worst_on_tokens(&out.last_hidden, &g["last_hidden_state"]);
-    // The family's head: the dense layer on the first token (loaded as the
-    // encoder's pooler), its activation, then the label layer.
+    // The family's head: the dense layer on the pooled states (loaded as
+    // the encoder's pooler), its activation (and norm), then the label layer.
     let pooled = bert
-        .pool(&out.last_hidden)
+        .pool(&out.last_hidden, &mask)
         .unwrap()
         .expect("head dense layer");
     let st = candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
@@ -109,15 +111,75 @@ fn deberta_v2_matches_transformers() {
 }
 
 #[test]
+fn modernbert_matches_transformers() {
+    check_family("modernbert", "classifier");
+}
+
+#[test]
 fn unsupported_families_are_refused_by_name() {
+    let scratch = common::scratch("families-refused");
+    let d = scratch.path().join("deberta-v1");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(
+        dir("modernbert").join("model.safetensors"),
+        d.join("model.safetensors"),
+    )
+    .unwrap();
+    let cfg = serde_json::json!({
+        "model_type": "deberta", "vocab_size": 1000, "hidden_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+    });
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
     let vm = candle_nn::VarMap::new();
-    let e = Bert::from_pretrained(&dir("modernbert"), &vm, DType::F32, &Device::Cpu)
-        .expect_err("ModernBERT should be refused")
+    let e = Bert::from_pretrained(&d, &vm, DType::F32, &Device::Cpu)
+        .expect_err("DeBERTa v1 should be refused")
         .to_string();
     assert!(
-        e.contains("modernbert") && e.contains("not supported") && e.contains("deberta-v2"),
+        e.contains("\"deberta\"") && e.contains("not supported") && e.contains("modernbert"),
         "{e}"
     );
+}
+
+/// ModernBERT's configuration errors name the field.
+#[test]
+fn modernbert_config_errors_name_the_field() {
+    let scratch = common::scratch("families-modernbert-cfg");
+    let base: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir("modernbert").join("config.json")).unwrap(),
+    )
+    .unwrap();
+    for (key, value, says) in [
+        ("local_attention", serde_json::json!(7), "local_attention"),
+        (
+            "classifier_pooling",
+            serde_json::json!("max"),
+            "classifier_pooling",
+        ),
+        (
+            "layer_types",
+            serde_json::json!(["full_attention"]),
+            "layer_types",
+        ),
+        (
+            "layer_types",
+            serde_json::json!(["full_attention", "chunked", "full_attention"]),
+            "chunked",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"full_attention": {"rope_type": "yarn", "rope_theta": 1e4}}),
+            "yarn",
+        ),
+    ] {
+        let mut cfg = base.clone();
+        cfg[key] = value;
+        let p = scratch.path().join("config.json");
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let e = tunefuse::model::BertConfig::from_file(&p)
+            .expect_err(key)
+            .to_string();
+        assert!(e.contains(says), "{key}: {e}");
+    }
 }
 
 /// A tiny random model of `family` in that family's own names and config
@@ -133,6 +195,7 @@ fn tiny_family_dir(parent: &std::path::Path, family: tunefuse::model::Family) ->
         Family::Electra => ("electra", 0),
         Family::DistilBert => ("distilbert", 0),
         Family::DebertaV2 => ("deberta-v2", 0),
+        Family::ModernBert => ("modernbert", 0),
     };
     let d = parent.join(format!("tiny-{model_type}"));
     std::fs::create_dir_all(&d).unwrap();
@@ -150,6 +213,16 @@ fn tiny_family_dir(parent: &std::path::Path, family: tunefuse::model::Family) ->
             "pos_att_type": ["p2c", "c2p"], "position_biased_input": false,
             "norm_rel_ebd": "layer_norm", "share_att_key": true, "layer_norm_eps": 1e-7,
         }),
+        // Windows of ±2 tokens in the local layers, so that short
+        // sentences cross them.
+        Family::ModernBert => serde_json::json!({
+            "model_type": "modernbert", "vocab_size": 30522, "hidden_size": 32,
+            "num_hidden_layers": 3, "num_attention_heads": 4, "intermediate_size": 48,
+            "max_position_embeddings": 64, "pad_token_id": 0, "global_attn_every_n_layers": 3,
+            "local_attention": 4, "classifier_pooling": "mean", "norm_eps": 1e-5,
+            "global_rope_theta": 160000.0, "local_rope_theta": 10000.0,
+            "mlp_dropout": 0.1, "attention_dropout": 0.1,
+        }),
         _ => serde_json::json!({
             "model_type": model_type, "vocab_size": 30522, "hidden_size": 32,
             "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
@@ -164,9 +237,9 @@ fn tiny_family_dir(parent: &std::path::Path, family: tunefuse::model::Family) ->
     Bert::new(&bc, &vm, DType::F32, &Device::Cpu, false).unwrap();
     // Values from a fixed stream, written under the family's names.
     let data = vm.data().lock().unwrap();
-    let mut named = std::collections::HashMap::new();
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
+    let mut internal = Vec::new();
     for (i, n) in names.into_iter().enumerate() {
         let v = &data[n];
         let vals = common::randn(v.elem_count(), 500 + i as u64, 0.05);
@@ -175,11 +248,16 @@ fn tiny_family_dir(parent: &std::path::Path, family: tunefuse::model::Family) ->
         } else {
             vals
         };
-        named.insert(
-            family.to_hf(n),
+        internal.push((
+            n.clone(),
             common::tensor(&vals, v.dims(), DType::F32, &Device::Cpu),
-        );
+        ));
     }
+    let named: std::collections::HashMap<String, Tensor> = family
+        .tensors_to_hf(internal)
+        .unwrap()
+        .into_iter()
+        .collect();
     candle_core::safetensors::save(&named, d.join("model.safetensors")).unwrap();
     std::fs::copy(base.join("tokenizer.json"), d.join("tokenizer.json")).unwrap();
     d
@@ -209,6 +287,7 @@ fn every_family_trains_and_exports() {
         Family::Electra,
         Family::DistilBert,
         Family::DebertaV2,
+        Family::ModernBert,
     ] {
         let model = tiny_family_dir(dir.path(), family);
         for (tag, extra) in [
@@ -254,7 +333,8 @@ fn every_family_trains_and_exports() {
             names.iter().all(|n| n.starts_with(prefix)
                 || n.starts_with("classifier")
                 || n.starts_with("pre_classifier")
-                || (family == Family::DebertaV2 && n.starts_with("pooler."))),
+                || (family == Family::DebertaV2 && n.starts_with("pooler."))
+                || (family == Family::ModernBert && n.starts_with("head."))),
             "{names:?}"
         );
         let head = match family {
@@ -269,6 +349,14 @@ fn every_family_trains_and_exports() {
                 "classifier.weight",
                 "pre_classifier.bias",
                 "pre_classifier.weight",
+            ],
+            Family::ModernBert => vec![
+                "classifier.bias",
+                "classifier.weight",
+                "head.dense.weight",
+                "head.norm.weight",
+                "model.layers.0.attn.Wqkv.weight",
+                "model.final_norm.weight",
             ],
             _ => vec![
                 "classifier.dense.bias",

@@ -9,8 +9,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 
-use super::config::{Activation, BertConfig};
-use super::family::Family;
+use super::config::{Activation, BertConfig, LayerAttention};
+use super::family::{Family, HeadSpec};
 use super::layers::{activation, Adapter, AdapterPlacement, Dense, LayerNorm, Lora, Stream};
 use crate::error::{format_err, io_err, shape_err, Result};
 
@@ -124,6 +124,37 @@ struct RelativeInputs {
     p2c: Tensor,
 }
 
+/// The rotary tables of one base θ, `[L, dh]` in f32: cos and sin of
+/// position · θ^(−2j/dh), the halves repeated (transformers' layout).
+struct Rotary {
+    theta: f64,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// What the layers of one forward pass share: DeBERTa's relative terms,
+/// the rotary tables and the sliding-window scores (ModernBERT).
+#[derive(Default)]
+struct Shared {
+    relative: Option<RelativeInputs>,
+    rotary: Vec<Rotary>,
+    /// `(half window, [1, 1, L, L])`: 0 inside the window, [`MASKED`] outside.
+    windows: Vec<(usize, Tensor)>,
+}
+
+/// Rotates the pairs (j, j + dh/2) of every head vector of `x`
+/// `[B, heads, L, dh]` by the angles of `r` (transformers'
+/// `apply_rotary_pos_emb`: `x·cos + rotate_half(x)·sin`, in f32).
+fn rotate(x: &Tensor, r: &Rotary) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let half = x.dim(D::Minus1)? / 2;
+    let (x1, x2) = (x.narrow(3, 0, half)?, x.narrow(3, half, half)?);
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+    let y = (x.broadcast_mul(&r.cos)? + rotated.broadcast_mul(&r.sin)?)?;
+    Ok(y.to_dtype(dt)?)
+}
+
 /// One encoder layer.
 #[derive(Debug)]
 pub struct Layer {
@@ -135,14 +166,20 @@ pub struct Layer {
     pub value: Dense,
     /// `attention.output.dense`, `[H, H]`.
     pub attn_out: Dense,
-    /// `attention.output.LayerNorm`, after the attention's residual.
-    pub attn_norm: LayerNorm,
-    /// `intermediate.dense`, `[I, H]`, then the activation.
+    /// `attention.output.LayerNorm`: after the attention's residual, or
+    /// before the attention in a pre-norm family (ModernBERT's `attn_norm`,
+    /// absent in its first layer).
+    pub attn_norm: Option<LayerNorm>,
+    /// `intermediate.dense`, `[I, H]`, then the activation (a gated
+    /// unit's: `[2·I, H]`, see [`BertConfig::gated`]).
     pub intermediate: Dense,
     /// `output.dense`, `[H, I]`.
     pub output: Dense,
-    /// `output.LayerNorm`, after the feed-forward residual.
+    /// `output.LayerNorm`: after the feed-forward residual, or before the
+    /// feed-forward block in a pre-norm family (ModernBERT's `mlp_norm`).
     pub out_norm: LayerNorm,
+    /// Rotary positions and a sliding window, where the family has them.
+    pub attention: LayerAttention,
     /// Houlsby adapter after the attention output projection.
     pub attn_adapter: Option<Adapter>,
     /// Adapter after the feed-forward output (Houlsby and Pfeiffer).
@@ -202,6 +239,12 @@ pub struct Bert {
     /// dense layer of the family's classification head (see
     /// [`super::family`]).
     pub pooler: Option<Dense>,
+    /// The LayerNorm after the pooler's activation (ModernBERT's head).
+    pub pooler_norm: Option<LayerNorm>,
+    /// The LayerNorm after the last layer of a pre-norm family.
+    pub final_norm: Option<LayerNorm>,
+    /// The family's classification head (pooling, bias, activation, norm).
+    pub head: HeadSpec,
     act: Activation,
     /// Dropout / mixout stream and train/eval mode.
     pub stream: Stream,
@@ -231,13 +274,23 @@ impl Bert {
         };
         let (h, eps) = (config.hidden_size, config.layer_norm_eps);
         let family = config.family()?;
+        let head = config.head()?;
         let width = config.embedding_width();
-        let dense = |vb: &VarBuilder, name: &str, din: usize, dout: usize| -> Result<Dense> {
+        let (norm_bias, attn_bias, mlp_bias) = (
+            config.norm_has_bias(),
+            config.attention_has_bias(),
+            config.mlp_has_bias(),
+        );
+        let dense = |vb: &VarBuilder, name: &str, din: usize, dout: usize, bias: bool| {
             let v = vb.pp(name);
-            Ok(Dense {
+            Ok::<_, crate::error::Error>(Dense {
                 name: format!("{}.{name}", vb.prefix()),
                 weight: v.get_with_hints((dout, din), "weight", init)?,
-                bias: Some(v.get_with_hints(dout, "bias", Init::Const(0.0))?),
+                bias: if bias {
+                    Some(v.get_with_hints(dout, "bias", Init::Const(0.0))?)
+                } else {
+                    None
+                },
                 frozen: false,
                 mixout: None,
                 lora: None,
@@ -264,9 +317,9 @@ impl Bert {
             } else {
                 None
             },
-            norm: LayerNorm::new(&e, width, eps)?,
+            norm: LayerNorm::new_with(&e, width, eps, norm_bias)?,
             project: if width != h {
-                Some(dense(&vb, "embeddings_project", width, h)?)
+                Some(dense(&vb, "embeddings_project", width, h, true)?)
             } else {
                 None
             },
@@ -281,21 +334,45 @@ impl Bert {
                 l.pp("attention.self"),
                 l.pp("output"),
             );
+            let i_size = config.intermediate_size;
+            let i_out = if config.gated() { 2 * i_size } else { i_size };
             layers.push(Layer {
-                query: dense(&selfa, "query", h, h)?,
-                key: dense(&selfa, "key", h, h)?,
-                value: dense(&selfa, "value", h, h)?,
-                attn_out: dense(&att, "dense", h, h)?,
-                attn_norm: LayerNorm::new(&att, h, eps)?,
-                intermediate: dense(&l.pp("intermediate"), "dense", h, config.intermediate_size)?,
-                output: dense(&out, "dense", config.intermediate_size, h)?,
-                out_norm: LayerNorm::new(&out, h, eps)?,
+                query: dense(&selfa, "query", h, h, attn_bias)?,
+                key: dense(&selfa, "key", h, h, attn_bias)?,
+                value: dense(&selfa, "value", h, h, attn_bias)?,
+                attn_out: dense(&att, "dense", h, h, attn_bias)?,
+                // ModernBERT's first layer takes the normalised embeddings
+                // as they are.
+                attn_norm: if config.pre_norm() && i == 0 {
+                    None
+                } else {
+                    Some(LayerNorm::new_with(&att, h, eps, norm_bias)?)
+                },
+                intermediate: dense(&l.pp("intermediate"), "dense", h, i_out, mlp_bias)?,
+                output: dense(&out, "dense", i_size, h, mlp_bias)?,
+                out_norm: LayerNorm::new_with(&out, h, eps, norm_bias)?,
+                attention: config.layer_attention(i)?,
                 attn_adapter: None,
                 ffn_adapter: None,
             });
         }
-        let pooler = if pooler {
-            Some(dense(&vb.pp("pooler"), "dense", h, h)?)
+        let (pooler, pooler_norm) = if pooler {
+            let p = vb.pp("pooler");
+            let norm = match head.norm {
+                Some((eps, bias)) => Some(LayerNorm::new_with(&p, h, eps, bias)?),
+                None => None,
+            };
+            (Some(dense(&p, "dense", h, h, head.bias)?), norm)
+        } else {
+            (None, None)
+        };
+        let final_norm = if config.pre_norm() {
+            Some(LayerNorm::new_with(
+                &vb.pp("encoder.final_norm"),
+                h,
+                eps,
+                norm_bias,
+            )?)
         } else {
             None
         };
@@ -331,6 +408,9 @@ impl Bert {
             layers,
             relative,
             pooler,
+            pooler_norm,
+            final_norm,
+            head,
             act: config.activation()?,
             stream: Stream::new(0),
         })
@@ -365,7 +445,7 @@ impl Bert {
         }
         let tensors = candle_core::safetensors::load(&path, &Device::Cpu)
             .map_err(|e| format_err(&path, format!("not a readable safetensors file: {e}")))?;
-        let tensors = config.family()?.internal_names(tensors);
+        let tensors = config.family()?.internal_names(tensors)?;
         // A configuration that describes a much larger model than the
         // checkpoint holds (a mistyped intermediate_size, a layer count off
         // by orders of magnitude) is refused before anything is allocated,
@@ -462,9 +542,31 @@ impl Bert {
         for d in l.dense_mut() {
             d.frozen = frozen;
         }
-        l.attn_norm.frozen = frozen;
+        if let Some(n) = &mut l.attn_norm {
+            n.frozen = frozen;
+        }
         l.out_norm.frozen = frozen;
+        // A pre-norm family's final norm belongs to its last layer.
+        if unit == n {
+            if let Some(f) = &mut self.final_norm {
+                f.frozen = frozen;
+            }
+        }
         Ok(())
+    }
+
+    /// Every LayerNorm of the encoder (the pooler's aside): the
+    /// embeddings', DeBERTa's relative table's, each layer's and a
+    /// pre-norm family's final one.
+    pub fn layer_norms_mut(&mut self) -> Vec<&mut LayerNorm> {
+        let mut v = vec![&mut self.embeddings.norm];
+        v.extend(self.relative.as_mut().and_then(|r| r.norm.as_mut()));
+        for l in &mut self.layers {
+            v.extend(l.attn_norm.as_mut());
+            v.push(&mut l.out_norm);
+        }
+        v.extend(self.final_norm.as_mut());
+        v
     }
 
     /// Freezes the whole encoder (adapters, LoRA and heads stay trainable).
@@ -474,6 +576,9 @@ impl Bert {
         }
         if let Some(p) = &mut self.pooler {
             p.frozen = true;
+        }
+        if let Some(n) = &mut self.pooler_norm {
+            n.frozen = true;
         }
         Ok(())
     }
@@ -608,7 +713,8 @@ impl Bert {
             Some(dt) => x.to_dtype(dt)?,
             None => x,
         };
-        let x = self.stream.dropout(&x, self.config.hidden_dropout_prob)?;
+        let p = (self.config.embedding_dropout).unwrap_or(self.config.hidden_dropout_prob);
+        let x = self.stream.dropout(&x, p)?;
         match &e.project {
             Some(p) => p.forward(&x, &self.stream),
             None => Ok(x),
@@ -645,7 +751,12 @@ impl Bert {
         let bias = ((attention_mask.to_dtype(DType::F32)? - 1.0)? * -MASKED)?
             .to_dtype(dtype)?
             .reshape((b, 1, 1, l))?;
-        let rel = match &self.relative {
+        let mut shared = Shared {
+            rotary: self.rotary_tables(l, embeds.device())?,
+            windows: self.window_scores(l, dtype, embeds.device())?,
+            ..Shared::default()
+        };
+        shared.relative = match &self.relative {
             None => None,
             Some(r) => {
                 let t = if r.frozen {
@@ -669,13 +780,21 @@ impl Bert {
         let mut hidden = want.hidden_states.then(|| vec![x.clone()]);
         let mut attns = want.attentions.then(Vec::new);
         for layer in &self.layers {
-            let (y, probs) = self.layer_forward(layer, &x, &bias, rel.as_ref(), want.attentions)?;
+            let (y, probs) = self.layer_forward(layer, &x, &bias, &shared, want.attentions)?;
             x = y;
             if let Some(hs) = hidden.as_mut() {
                 hs.push(x.clone());
             }
             if let (Some(a), Some(p)) = (attns.as_mut(), probs) {
                 a.push(p);
+            }
+        }
+        if let Some(n) = &self.final_norm {
+            x = n.forward(&x, &self.stream)?;
+            // As transformers reports it, the last hidden state is the
+            // normalised one.
+            if let Some(last) = hidden.as_mut().and_then(|hs| hs.last_mut()) {
+                *last = x.clone();
             }
         }
         Ok(EncoderOutput {
@@ -697,17 +816,89 @@ impl Bert {
         self.forward_from_embeddings(&e, attention_mask, want)
     }
 
+    /// The rotary tables of the layers' distinct bases for `l` positions
+    /// (none for a family without rotary positions), computed in f32 as
+    /// transformers does.
+    fn rotary_tables(&self, l: usize, device: &Device) -> Result<Vec<Rotary>> {
+        let dh = self.config.hidden_size / self.config.num_attention_heads;
+        let mut out: Vec<Rotary> = Vec::new();
+        for theta in self.layers.iter().filter_map(|x| x.attention.rotary_theta) {
+            if out.iter().any(|r| r.theta == theta) {
+                continue;
+            }
+            let inv: Vec<f32> = (0..dh / 2)
+                .map(|j| 1.0 / (theta as f32).powf((2 * j) as f32 / dh as f32))
+                .collect();
+            let (mut cos, mut sin) = (Vec::with_capacity(l * dh), Vec::with_capacity(l * dh));
+            for p in 0..l {
+                for _ in 0..2 {
+                    for f in &inv {
+                        let a = p as f32 * f;
+                        cos.push(a.cos());
+                        sin.push(a.sin());
+                    }
+                }
+            }
+            out.push(Rotary {
+                theta,
+                cos: Tensor::from_vec(cos, (l, dh), device)?,
+                sin: Tensor::from_vec(sin, (l, dh), device)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The sliding-window scores of the layers' distinct windows, for
+    /// sequences of `l` tokens: none where a window covers every pair.
+    fn window_scores(
+        &self,
+        l: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Vec<(usize, Tensor)>> {
+        let mut out: Vec<(usize, Tensor)> = Vec::new();
+        for w in self.layers.iter().filter_map(|x| x.attention.half_window) {
+            if w + 1 >= l || out.iter().any(|(v, _)| *v == w) {
+                continue;
+            }
+            let v: Vec<f32> = (0..l * l)
+                .map(|k| {
+                    let (i, j) = (k / l, k % l);
+                    if i.abs_diff(j) > w {
+                        MASKED as f32
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            let t = Tensor::from_vec(v, (1, 1, l, l), device)?.to_dtype(dtype)?;
+            out.push((w, t));
+        }
+        Ok(out)
+    }
+
     /// One encoder layer; with `want_probs`, also its attention
     /// probabilities (before dropout).
     fn layer_forward(
         &self,
         layer: &Layer,
-        x: &Tensor,
+        input: &Tensor,
         bias: &Tensor,
-        rel: Option<&RelativeInputs>,
+        shared: &Shared,
         want_probs: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let s = &self.stream;
+        let pre_norm = self.config.pre_norm();
+        // A pre-norm layer attends to its normalised input and adds the
+        // result to the input itself.
+        let normed;
+        let x = match (&layer.attn_norm, pre_norm) {
+            (Some(n), true) => {
+                normed = n.forward(input, s)?;
+                &normed
+            }
+            _ => input,
+        };
         let (b, l, h) = x.dims3()?;
         let heads = self.config.num_attention_heads;
         let dh = h / heads;
@@ -716,9 +907,18 @@ impl Bert {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let q = split(layer.query.forward(x, s)?)?;
-        let k = split(layer.key.forward(x, s)?)?;
+        let mut q = split(layer.query.forward(x, s)?)?;
+        let mut k = split(layer.key.forward(x, s)?)?;
         let v = split(layer.value.forward(x, s)?)?;
+        if let Some(theta) = layer.attention.rotary_theta {
+            let r = shared
+                .rotary
+                .iter()
+                .find(|r| r.theta == theta)
+                .expect("a table per base");
+            q = rotate(&q, r)?;
+            k = rotate(&k, r)?;
+        }
         // With the fused ops (CUDA), k's transposed view goes to the GEMM as
         // it is (a transposed operand), not copied; the CPU path keeps the
         // copy, and with it the results of earlier versions bit for bit.
@@ -728,8 +928,15 @@ impl Bert {
             k.t()?.contiguous()?
         };
         let mut scores = q.matmul(&kt)?;
+        if let Some(w) = layer.attention.half_window {
+            // Added before the op's scaling: MASKED·scale is still far
+            // below any real score, and stays finite in f16.
+            if let Some((_, t)) = shared.windows.iter().find(|(v, _)| *v == w) {
+                scores = scores.broadcast_add(t)?;
+            }
+        }
         let mut terms = 1.0;
-        if let (Some(ri), Some(r)) = (rel, &self.relative) {
+        if let (Some(ri), Some(r)) = (&shared.relative, &self.relative) {
             // The table through this layer's own query and key projections,
             // per head: [1, heads, 2·span, dh].
             let rows = ri.table.dim(0)?;
@@ -773,34 +980,68 @@ impl Bert {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, l, h))?;
-        let mut a = s.dropout(
-            &layer.attn_out.forward(&ctx, s)?,
-            self.config.hidden_dropout_prob,
-        )?;
+        let hidden_p = self.config.hidden_dropout_prob;
+        // ModernBERT drops the attention output at the attention rate.
+        let out_p = if pre_norm { drop } else { hidden_p };
+        let mut a = s.dropout(&layer.attn_out.forward(&ctx, s)?, out_p)?;
         if let Some(ad) = &layer.attn_adapter {
             a = ad.forward(&a, s)?;
         }
-        let h1 = layer.attn_norm.forward(&(a + x)?, s)?;
-        let i = activation(&layer.intermediate.forward(&h1, s)?, self.act, s)?;
-        let mut o = s.dropout(
-            &layer.output.forward(&i, s)?,
-            self.config.hidden_dropout_prob,
-        )?;
+        if pre_norm {
+            let h1 = (a + input)?;
+            let m = layer.out_norm.forward(&h1, s)?;
+            let i = self.feed_forward_inner(&layer.intermediate.forward(&m, s)?)?;
+            // ModernBERT's dropout is on the gated unit, before `Wo`.
+            let mut o = layer.output.forward(&s.dropout(&i, hidden_p)?, s)?;
+            if let Some(ad) = &layer.ffn_adapter {
+                o = ad.forward(&o, s)?;
+            }
+            return Ok(((h1 + o)?, probs));
+        }
+        let attn_norm = layer
+            .attn_norm
+            .as_ref()
+            .expect("post-norm layers have both norms");
+        let h1 = attn_norm.forward(&(a + input)?, s)?;
+        let i = self.feed_forward_inner(&layer.intermediate.forward(&h1, s)?)?;
+        let mut o = s.dropout(&layer.output.forward(&i, s)?, hidden_p)?;
         if let Some(ad) = &layer.ffn_adapter {
             o = ad.forward(&o, s)?;
         }
         Ok((layer.out_norm.forward(&(o + h1)?, s)?, probs))
     }
 
-    /// `act(pooler.dense([CLS]))` with the family's head activation (BERT's
-    /// pooler: tanh), when the model has the dense layer.
-    pub fn pool(&self, last_hidden: &Tensor) -> Result<Option<Tensor>> {
+    /// The activation of the feed-forward unit on the intermediate
+    /// layer's output: `act(u)`, or for a gated unit `act(u₁)·u₂` of its
+    /// halves (ModernBERT's GeGLU).
+    fn feed_forward_inner(&self, u: &Tensor) -> Result<Tensor> {
+        let s = &self.stream;
+        if !self.config.gated() {
+            return activation(u, self.act, s);
+        }
+        let half = u.dim(D::Minus1)? / 2;
+        let (x, gate) = (
+            u.narrow(D::Minus1, 0, half)?,
+            u.narrow(D::Minus1, half, half)?,
+        );
+        Ok((activation(&x.contiguous()?, self.act, s)? * gate)?)
+    }
+
+    /// The family's head before its label layer, when the model has the
+    /// dense layer: `act(pooler.dense([CLS]))` (BERT's pooler: tanh), or
+    /// ModernBERT's `norm(act(dense(pool)))` over the first token or the
+    /// mean over `mask` `[B, L]`.
+    pub fn pool(&self, last_hidden: &Tensor, mask: &Tensor) -> Result<Option<Tensor>> {
         match &self.pooler {
             None => Ok(None),
-            Some(p) => {
-                let y = p.forward(&first_token(last_hidden)?, &self.stream)?;
-                Ok(Some(self.family.head_activation().apply(&y, &self.stream)?))
-            }
+            Some(p) => Ok(Some(super::heads::family_pool(
+                last_hidden,
+                mask,
+                p,
+                self.pooler_norm.as_ref(),
+                &self.head,
+                &self.stream,
+            )?)),
         }
     }
 }

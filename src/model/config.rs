@@ -3,7 +3,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::family::Family;
+use super::family::{Family, HeadActivation, HeadSpec};
 use crate::error::{Error, Result};
 
 /// The activation of the feed-forward block.
@@ -17,6 +17,16 @@ pub enum Activation {
     Relu,
     /// `silu` / `swish`.
     Silu,
+}
+
+/// How one layer attends beyond BERT's global, position-free attention.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LayerAttention {
+    /// The rotary base θ when queries and keys are rotated (ModernBERT).
+    pub rotary_theta: Option<f64>,
+    /// A sliding window: a token attends to the tokens at most this many
+    /// positions away (ModernBERT's local layers).
+    pub half_window: Option<usize>,
 }
 
 /// The fields of a Hugging Face `config.json` the encoder uses, for every
@@ -48,8 +58,14 @@ pub struct BertConfig {
     /// DistilBERT's fixed sinusoidal positions (not supported).
     #[serde(default)]
     pub sinusoidal_pos_embds: bool,
-    /// The feed-forward activation: `gelu`, `gelu_new`, `relu`, `silu`.
-    #[serde(default = "default_act", alias = "activation")]
+    /// The feed-forward activation: `gelu`, `gelu_new`, `relu`, `silu`
+    /// (DistilBERT: `activation`; ModernBERT: `hidden_activation`, the
+    /// activation of its gated unit).
+    #[serde(
+        default = "default_act",
+        alias = "activation",
+        alias = "hidden_activation"
+    )]
     pub hidden_act: String,
     /// Dropout on the embeddings and every residual branch, in [0, 1).
     #[serde(default = "default_dropout", alias = "dropout")]
@@ -63,8 +79,8 @@ pub struct BertConfig {
     /// Rows of the token-type table (0: none, DistilBERT and DeBERTa-v3).
     #[serde(default = "default_types")]
     pub type_vocab_size: usize,
-    /// ε of every LayerNorm.
-    #[serde(default = "default_eps")]
+    /// ε of every LayerNorm (ModernBERT: `norm_eps`).
+    #[serde(default = "default_eps", alias = "norm_eps")]
     pub layer_norm_eps: f64,
     /// The padding token's id.
     #[serde(default)]
@@ -94,6 +110,50 @@ pub struct BertConfig {
     /// DeBERTa's convolution beside the first layer (not supported).
     #[serde(default)]
     pub conv_kernel_size: usize,
+    /// ModernBERT: every n-th layer (from the first) attends globally,
+    /// the others within the sliding window (when `layer_types` is absent).
+    #[serde(default)]
+    pub global_attn_every_n_layers: usize,
+    /// ModernBERT: the sliding window's width; a token of a local layer
+    /// attends to the tokens at most `local_attention / 2` positions away.
+    #[serde(default)]
+    pub local_attention: usize,
+    /// ModernBERT: `full_attention` or `sliding_attention` per layer.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
+    /// ModernBERT: the rotary base per layer type
+    /// (`{"full_attention": {"rope_theta": …, "rope_type": "default"}, …}`).
+    #[serde(default)]
+    pub rope_parameters: Option<serde_json::Value>,
+    /// ModernBERT (older configurations): the global layers' rotary base.
+    #[serde(default)]
+    pub global_rope_theta: Option<f64>,
+    /// ModernBERT (older configurations): the local layers' rotary base.
+    #[serde(default)]
+    pub local_rope_theta: Option<f64>,
+    /// Whether the LayerNorms have a bias (ModernBERT's default: no).
+    #[serde(default)]
+    pub norm_bias: Option<bool>,
+    /// Whether the attention projections have biases (ModernBERT's default: no).
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    /// Whether the feed-forward layers have biases (ModernBERT's default: no).
+    #[serde(default)]
+    pub mlp_bias: Option<bool>,
+    /// Whether the classification head's dense layer has a bias
+    /// (ModernBERT's default: no).
+    #[serde(default)]
+    pub classifier_bias: Option<bool>,
+    /// ModernBERT: the head pools `cls` (the first token) or `mean`.
+    #[serde(default)]
+    pub classifier_pooling: Option<String>,
+    /// ModernBERT: the activation of the head's dense layer.
+    #[serde(default)]
+    pub classifier_activation: Option<String>,
+    /// ModernBERT: dropout on the embeddings (the residual branches take
+    /// `mlp_dropout`, read as `hidden_dropout_prob`).
+    #[serde(default)]
+    pub embedding_dropout: Option<f64>,
 }
 
 impl BertConfig {
@@ -101,13 +161,18 @@ impl BertConfig {
     /// saturating: the size a model built from this configuration allocates.
     pub fn parameter_count(&self) -> u128 {
         let (h, i) = (self.hidden_size as u128, self.intermediate_size as u128);
-        let embeddings = (self.vocab_size as u128
-            + self.max_position_embeddings as u128
-            + self.type_vocab_size as u128)
+        let positions = if self.absolute_positions() {
+            self.max_position_embeddings as u128
+        } else {
+            0
+        };
+        // A gated unit's first layer has two halves.
+        let i_in = if self.gated() { 2 * i } else { i };
+        let embeddings = (self.vocab_size as u128 + positions + self.type_vocab_size as u128)
             .saturating_mul(h)
             .saturating_add(2 * h);
         let layer = (4 * (h * h + h) + 2 * h)
-            .saturating_add(i.saturating_mul(h).saturating_add(i))
+            .saturating_add(i_in.saturating_mul(h).saturating_add(i_in))
             .saturating_add(h.saturating_mul(i).saturating_add(h))
             .saturating_add(2 * h);
         embeddings
@@ -199,12 +264,23 @@ impl BertConfig {
             path: path.display().to_string(),
             msg: e.to_string(),
         })?;
-        let mut cfg: BertConfig = serde_json::from_str(&text).map_err(|e| Error::Format {
+        let format = |e: serde_json::Error| Error::Format {
             path: path.display().to_string(),
             msg: e.to_string(),
-        })?;
-        // DistilBERT has no token types.
-        if cfg.model_type == "distilbert" {
+        };
+        let mut raw: serde_json::Value = serde_json::from_str(&text).map_err(format)?;
+        if raw["model_type"] == "modernbert" {
+            // ModernBERT's residual dropout is `mlp_dropout`, and its
+            // dropouts default to 0 (BERT's to 0.1).
+            if let Some(o) = raw.as_object_mut() {
+                let mlp = o.get("mlp_dropout").cloned().unwrap_or(0.0.into());
+                o.entry("hidden_dropout_prob").or_insert(mlp);
+                o.entry("attention_dropout").or_insert(0.0.into());
+            }
+        }
+        let mut cfg: BertConfig = serde_json::from_value(raw).map_err(format)?;
+        // DistilBERT and ModernBERT have no token types.
+        if matches!(cfg.model_type.as_str(), "distilbert" | "modernbert") {
             cfg.type_vocab_size = 0;
         }
         cfg.validate().map_err(|e| Error::Format {
@@ -240,6 +316,19 @@ impl BertConfig {
             norm_rel_ebd: None,
             share_att_key: false,
             conv_kernel_size: 0,
+            global_attn_every_n_layers: 0,
+            local_attention: 0,
+            layer_types: None,
+            rope_parameters: None,
+            global_rope_theta: None,
+            local_rope_theta: None,
+            norm_bias: None,
+            attention_bias: None,
+            mlp_bias: None,
+            classifier_bias: None,
+            classifier_pooling: None,
+            classifier_activation: None,
+            embedding_dropout: None,
         }
     }
 
@@ -276,7 +365,147 @@ impl BertConfig {
     /// Whether absolute position embeddings are added to the input (all
     /// families but DeBERTa with `position_biased_input = false`).
     pub fn absolute_positions(&self) -> bool {
-        self.position_biased_input.unwrap_or(true)
+        !self.modern() && self.position_biased_input.unwrap_or(true)
+    }
+
+    /// ModernBERT: pre-LayerNorm blocks, rotary positions, a gated
+    /// feed-forward unit, bias-free layers by default.
+    fn modern(&self) -> bool {
+        self.model_type == "modernbert"
+    }
+
+    /// Whether each block normalises its input (ModernBERT: pre-LayerNorm,
+    /// with a final LayerNorm after the last layer) rather than its output
+    /// after the residual (BERT's post-LayerNorm).
+    pub fn pre_norm(&self) -> bool {
+        self.modern()
+    }
+
+    /// Whether the feed-forward unit is gated (ModernBERT's GeGLU):
+    /// `intermediate.dense` has 2·I outputs, `act(first half) · second half`.
+    pub fn gated(&self) -> bool {
+        self.modern()
+    }
+
+    /// Whether the LayerNorms have biases (`norm_bias`; ModernBERT: no).
+    pub fn norm_has_bias(&self) -> bool {
+        self.norm_bias.unwrap_or(!self.modern())
+    }
+
+    /// Whether the attention projections have biases (`attention_bias`).
+    pub fn attention_has_bias(&self) -> bool {
+        self.attention_bias.unwrap_or(!self.modern())
+    }
+
+    /// Whether the feed-forward layers have biases (`mlp_bias`).
+    pub fn mlp_has_bias(&self) -> bool {
+        self.mlp_bias.unwrap_or(!self.modern())
+    }
+
+    /// How layer `i` attends: rotary positions (ModernBERT, with the base
+    /// of the layer's type) and a sliding window (its local layers).
+    pub fn layer_attention(&self, i: usize) -> Result<LayerAttention> {
+        if !self.modern() {
+            return Ok(LayerAttention::default());
+        }
+        let bad = |msg: String| Error::Param {
+            op: "bert config",
+            msg,
+        };
+        let kind = match &self.layer_types {
+            Some(t) => t
+                .get(i)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "layer_types has {} entries for {} layers",
+                        t.len(),
+                        self.num_hidden_layers
+                    ))
+                })?
+                .clone(),
+            None if self.global_attn_every_n_layers == 0 => {
+                return Err(bad(
+                    "ModernBERT needs layer_types or global_attn_every_n_layers > 0".into(),
+                ))
+            }
+            None if i.is_multiple_of(self.global_attn_every_n_layers) => "full_attention".into(),
+            None => "sliding_attention".into(),
+        };
+        let (global, fallback) = match kind.as_str() {
+            "full_attention" => (true, self.global_rope_theta.unwrap_or(160_000.0)),
+            "sliding_attention" => (false, self.local_rope_theta.unwrap_or(10_000.0)),
+            other => {
+                return Err(bad(format!(
+                    "layer_types[{i}] is {other:?}: full_attention or sliding_attention"
+                )))
+            }
+        };
+        let theta = match self.rope_parameters.as_ref().map(|r| &r[kind.as_str()]) {
+            None | Some(serde_json::Value::Null) => fallback,
+            Some(p) => {
+                let t = p["rope_type"].as_str().unwrap_or("default");
+                if t != "default" {
+                    return Err(bad(format!(
+                        "rope_parameters.{kind}.rope_type {t:?} is not supported (default)"
+                    )));
+                }
+                p["rope_theta"].as_f64().unwrap_or(fallback)
+            }
+        };
+        if !(theta.is_finite() && theta > 1.0) {
+            return Err(bad(format!(
+                "the rotary base of {kind} must be a finite number > 1, got {theta}"
+            )));
+        }
+        if !global && (self.local_attention < 2 || self.local_attention % 2 == 1) {
+            return Err(bad(format!(
+                "local_attention must be an even number ≥ 2, got {}",
+                self.local_attention
+            )));
+        }
+        Ok(LayerAttention {
+            rotary_theta: Some(theta),
+            half_window: (!global).then_some(self.local_attention / 2),
+        })
+    }
+
+    /// The family's sequence-classification head: what it pools, the
+    /// dense layer's bias and activation, and ModernBERT's LayerNorm.
+    pub fn head(&self) -> Result<HeadSpec> {
+        let family = self.family()?;
+        if !self.modern() {
+            return Ok(HeadSpec {
+                act: family.head_activation(),
+                mean: false,
+                bias: true,
+                norm: None,
+            });
+        }
+        let bad = |msg: String| Error::Param {
+            op: "bert config",
+            msg,
+        };
+        let mean = match self.classifier_pooling.as_deref().unwrap_or("cls") {
+            "cls" => false,
+            "mean" => true,
+            other => {
+                return Err(bad(format!(
+                    "classifier_pooling {other:?} is not supported (cls, mean)"
+                )))
+            }
+        };
+        let name = self.classifier_activation.as_deref().unwrap_or("gelu");
+        let act = HeadActivation::from_name(name).ok_or_else(|| {
+            bad(format!(
+                "classifier_activation {name:?} is not supported (gelu, gelu_new, relu, silu, tanh)"
+            ))
+        })?;
+        Ok(HeadSpec {
+            act,
+            mean,
+            bias: self.classifier_bias.unwrap_or(false),
+            norm: Some((self.layer_norm_eps, self.norm_has_bias())),
+        })
     }
 
     /// DeBERTa: the largest relative distance (`max_relative_positions`,
@@ -353,6 +582,23 @@ impl BertConfig {
                 return bad("DeBERTa with embedding_size != hidden_size is not supported".into());
             }
             self.relative_terms()?;
+        }
+        if self.modern() {
+            if self.hidden_size / self.num_attention_heads.max(1) % 2 == 1 {
+                return bad(format!(
+                    "rotary positions need an even head size, got hidden_size {} / {} heads",
+                    self.hidden_size, self.num_attention_heads
+                ));
+            }
+            for i in 0..self.num_hidden_layers {
+                self.layer_attention(i)?;
+            }
+            self.head()?;
+            if let Some(p) = self.embedding_dropout {
+                if !(0.0..1.0).contains(&p) {
+                    return bad(format!("embedding_dropout must be in [0, 1), got {p}"));
+                }
+            }
         }
         if self.sinusoidal_pos_embds {
             return bad(

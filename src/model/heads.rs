@@ -3,8 +3,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
 use super::bert::{first_token, mean_pool};
-use super::family::HeadActivation;
-use super::layers::{Dense, Stream};
+use super::family::HeadSpec;
+use super::layers::{Dense, LayerNorm, Stream};
 use crate::error::{param_err, Result};
 
 /// How a sequence becomes one vector.
@@ -17,23 +17,50 @@ pub enum Pooling {
     Mean,
     /// `act(pooler.dense([CLS]))`: the family's own sequence-classification
     /// head (BERT: tanh of the pooler; RoBERTa: `classifier.dense`, tanh;
-    /// ELECTRA: GELU; DistilBERT: `pre_classifier`, ReLU), with the
+    /// ELECTRA: GELU; DistilBERT: `pre_classifier`, ReLU; ModernBERT:
+    /// `head.norm(act(head.dense(pool)))` over its configured pooling), with the
     /// checkpoint's dense layer (a new one when it has none) trained as
     /// part of the head. The form a model exported to transformers computes.
     Pooler,
 }
 
+/// A family's head before its label layer: `norm(act(dense(pool)))` with
+/// `spec`'s pooling (the first token, or the mean over `mask` `[B, L]`)
+/// and activation, and the norm where the family has one.
+pub fn family_pool(
+    hidden: &Tensor,
+    mask: &Tensor,
+    dense: &Dense,
+    norm: Option<&LayerNorm>,
+    spec: &HeadSpec,
+    s: &Stream,
+) -> Result<Tensor> {
+    let pooled = if spec.mean {
+        mean_pool(hidden, mask)?
+    } else {
+        first_token(hidden)?
+    };
+    let y = spec.act.apply(&dense.forward(&pooled, s)?, s)?;
+    match norm {
+        Some(n) => n.forward(&y, s),
+        None => Ok(y),
+    }
+}
+
 /// How a head turns the last hidden states into one vector per example:
-/// the pooling, and the pooler's dense layer for [`Pooling::Pooler`]
-/// (the encoder's `pooler.dense` parameters, shared through the varmap).
+/// the pooling, and the pooler's dense layer (and norm) for
+/// [`Pooling::Pooler`] (the encoder's `pooler.*` parameters, shared
+/// through the varmap).
 #[derive(Debug)]
 pub struct Pool {
     /// Which vector stands for the sequence.
     pub pooling: Pooling,
     /// The dense layer of [`Pooling::Pooler`] (`pooler.dense.*`).
     pub pooler: Option<Dense>,
-    /// The family's head activation after the pooler's dense layer.
-    pub act: HeadActivation,
+    /// The norm after the activation (`pooler.LayerNorm.*`, ModernBERT).
+    pub norm: Option<LayerNorm>,
+    /// The family's head: pooling, dense bias, activation and norm.
+    pub spec: HeadSpec,
 }
 
 impl Pool {
@@ -41,22 +68,33 @@ impl Pool {
         vb: &candle_nn::VarBuilder,
         hidden: usize,
         pooling: Pooling,
-        act: HeadActivation,
+        spec: HeadSpec,
     ) -> Result<Self> {
-        let pooler = match pooling {
-            Pooling::Pooler => Some(Dense::new(&vb.pp("pooler"), "dense", hidden, hidden)?),
-            _ => None,
+        let (pooler, norm) = match pooling {
+            Pooling::Pooler => {
+                let p = vb.pp("pooler");
+                let norm = match spec.norm {
+                    Some((eps, bias)) => Some(LayerNorm::new_with(&p, hidden, eps, bias)?),
+                    None => None,
+                };
+                (
+                    Some(Dense::new_with(&p, "dense", hidden, hidden, spec.bias)?),
+                    norm,
+                )
+            }
+            _ => (None, None),
         };
         Ok(Self {
             pooling,
             pooler,
-            act,
+            norm,
+            spec,
         })
     }
 
     fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
         match (&self.pooler, self.pooling) {
-            (Some(d), _) => self.act.apply(&d.forward(&first_token(hidden)?, s)?, s),
+            (Some(d), _) => family_pool(hidden, mask, d, self.norm.as_ref(), &self.spec, s),
             (None, Pooling::Mean) => mean_pool(hidden, mask),
             (None, _) => first_token(hidden),
         }
@@ -92,7 +130,7 @@ impl ClassifierHead {
         hidden: usize,
         classes: usize,
         pooling: Pooling,
-        act: HeadActivation,
+        spec: HeadSpec,
         dropout: f64,
         dtype: DType,
         device: &Device,
@@ -105,7 +143,7 @@ impl ClassifierHead {
         }
         let vb = candle_nn::VarBuilder::from_varmap(varmap, dtype, device);
         Ok(Self {
-            pool: Pool::new(&vb, hidden, pooling, act)?,
+            pool: Pool::new(&vb, hidden, pooling, spec)?,
             dropout,
             linear: Dense::new(&vb, "classifier", hidden, classes)?,
         })
@@ -136,14 +174,14 @@ impl RegressionHead {
         varmap: &VarMap,
         hidden: usize,
         pooling: Pooling,
-        act: HeadActivation,
+        spec: HeadSpec,
         dropout: f64,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
         let vb = candle_nn::VarBuilder::from_varmap(varmap, dtype, device);
         Ok(Self {
-            pool: Pool::new(&vb, hidden, pooling, act)?,
+            pool: Pool::new(&vb, hidden, pooling, spec)?,
             dropout,
             linear: Dense::new(&vb, "regressor", hidden, 1)?,
         })

@@ -578,7 +578,20 @@ pub struct Dense {
 }
 
 impl Dense {
+    /// `name.weight` `[dout, din]` (Kaiming normal) and `name.bias`
+    /// (uniform ±1/√din, as torch's `nn.Linear`) under `vb`.
     pub fn new(vb: &VarBuilder, name: &str, din: usize, dout: usize) -> Result<Self> {
+        Self::new_with(vb, name, din, dout, true)
+    }
+
+    /// As [`Dense::new`], without the bias when `bias` is false.
+    pub fn new_with(
+        vb: &VarBuilder,
+        name: &str,
+        din: usize,
+        dout: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let vb = vb.pp(name);
         let bound = 1.0 / (din as f64).sqrt();
         let weight = vb.get_with_hints(
@@ -586,18 +599,22 @@ impl Dense {
             "weight",
             candle_nn::init::DEFAULT_KAIMING_NORMAL,
         )?;
-        let bias = vb.get_with_hints(
-            dout,
-            "bias",
-            Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
+        let bias = if bias {
+            Some(vb.get_with_hints(
+                dout,
+                "bias",
+                Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
+            )?)
+        } else {
+            None
+        };
         Ok(Self {
             name: name.to_string(),
             weight,
-            bias: Some(bias),
+            bias,
             frozen: false,
             mixout: None,
             lora: None,
@@ -632,20 +649,43 @@ impl Dense {
 /// LayerNorm over the last dimension with HF names `LayerNorm.weight/bias`.
 #[derive(Clone, Debug)]
 pub struct LayerNorm {
+    /// γ, `[size]`.
     pub weight: Tensor,
-    pub bias: Tensor,
+    /// β, `[size]`; None for a norm without one (ModernBERT's).
+    pub bias: Option<Tensor>,
+    /// Added to the variance.
     pub eps: f64,
+    /// No gradients reach γ and β.
     pub frozen: bool,
+    /// The zeros the fused op takes in place of a missing β (a constant,
+    /// not a parameter).
+    zero_bias: Option<Tensor>,
 }
 
 impl LayerNorm {
+    /// `LayerNorm.weight` (ones) and `LayerNorm.bias` (zeros) under `vb`.
     pub fn new(vb: &VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Self::new_with(vb, size, eps, true)
+    }
+
+    /// As [`LayerNorm::new`], without the bias when `bias` is false.
+    pub fn new_with(vb: &VarBuilder, size: usize, eps: f64, bias: bool) -> Result<Self> {
         let vb = vb.pp("LayerNorm");
+        let weight = vb.get_with_hints(size, "weight", Init::Const(1.0))?;
+        let (bias, zero_bias) = if bias {
+            (
+                Some(vb.get_with_hints(size, "bias", Init::Const(0.0))?),
+                None,
+            )
+        } else {
+            (None, Some(weight.zeros_like()?))
+        };
         Ok(Self {
-            weight: vb.get_with_hints(size, "weight", Init::Const(1.0))?,
-            bias: vb.get_with_hints(size, "bias", Init::Const(0.0))?,
+            weight,
+            bias,
             eps,
             frozen: false,
+            zero_bias,
         })
     }
 
@@ -653,7 +693,11 @@ impl LayerNorm {
     /// weights used as they are, y rounded once to x's dtype).
     pub fn forward(&self, x: &Tensor, s: &Stream) -> Result<Tensor> {
         let w = s.use_weight(self.weight.clone(), self.frozen);
-        let b = s.use_weight(self.bias.clone(), self.frozen);
+        let b = match (&self.bias, &self.zero_bias) {
+            (Some(b), _) => s.use_weight(b.clone(), self.frozen),
+            (None, Some(z)) => z.clone(),
+            (None, None) => self.weight.zeros_like()?,
+        };
         crate::ops::layer_norm(x, &w, &b, self.eps)
     }
 }

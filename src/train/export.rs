@@ -68,11 +68,12 @@ pub fn export(
     let rec = checkpoint::read_checkpoint(checkpoint, base)?;
     let cfg = &rec.cfg;
     let base = &rec.base;
-    let family = crate::model::BertConfig::from_file(&base.join("config.json"))?.family()?;
+    let base_cfg = crate::model::BertConfig::from_file(&base.join("config.json"))?;
+    let family = base_cfg.family()?;
     let bad = |m: String| Err(param_err("export", m));
     if cfg.pooling != Pooling::Pooler {
         return bad(format!(
-            "this run's head reads {} directly, and transformers' {} passes the [CLS] \
+            "this run's head reads {} directly, and transformers' {} passes the pooled \
              hidden state through its head's dense layer and activation first, so no \
              transformers model computes what it computes; train with --set \
              pooling=pooler to export",
@@ -131,7 +132,7 @@ pub fn export(
     }
     // The encoder's tensors under the names tunefuse uses (see
     // `model::family`), the base's own classification dense layer included.
-    let mut tensors = family.internal_names(load(&base.join("model.safetensors"))?);
+    let mut tensors = family.internal_names(load(&base.join("model.safetensors"))?)?;
     tensors.remove("embeddings.position_ids");
     let mut lora_parts: HashMap<String, (Option<Tensor>, Option<Tensor>)> = HashMap::new();
     for (k, v) in trained {
@@ -179,19 +180,24 @@ pub fn export(
         tensors.insert(key, w);
         merged += 1;
     }
-    for need in [
-        "pooler.dense.weight",
-        "pooler.dense.bias",
-        "classifier.weight",
-    ] {
+    let head = base_cfg.head()?;
+    let mut need = vec!["pooler.dense.weight", "classifier.weight"];
+    if head.bias {
+        need.push("pooler.dense.bias");
+    }
+    if head.norm.is_some() {
+        need.push("pooler.LayerNorm.weight");
+    }
+    for need in need {
         if !tensors.contains_key(need) {
             return Err(format_err(&trained_path, format!("lacks {need}")));
         }
     }
     let out: Vec<(String, Tensor)> = tensors
         .into_iter()
-        .map(|(k, v)| Ok((family.to_hf(&k), v.to_dtype(DType::F32)?)))
+        .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?)))
         .collect::<Result<_>>()?;
+    let out = family.tensors_to_hf(out)?;
     let config = hf_config(base, cfg, &rec.labels, family)?;
     let n = out.len();
     write_dir(
@@ -261,6 +267,18 @@ fn write_peft(
     let mut out = vec![];
     let mut targets = std::collections::BTreeSet::new();
     for (k, v) in trained {
+        let lora_matrix = k.ends_with(".lora_A") || k.ends_with(".lora_B");
+        if family.fused_qkv() && lora_matrix && k.contains(".attention.self.") {
+            return Err(format_err(
+                trained_path,
+                format!(
+                    "holds a LoRA update of {}, a part of {}'s fused Wqkv projection, which a \
+                     PEFT adapter cannot address: pass --merge to write a whole model instead",
+                    k.rsplit_once('.').map_or(k.as_str(), |(l, _)| l),
+                    family.architecture()
+                ),
+            ));
+        }
         let name = if let Some(layer) = k.strip_suffix(".lora_A") {
             targets.insert(module(layer));
             format!("base_model.model.{}.lora_A.weight", module(layer))

@@ -52,14 +52,8 @@ impl Freezing {
         if let Freezing::Backbone { layernorm } = *self {
             bert.freeze_all()?;
             if layernorm {
-                bert.embeddings.norm.frozen = false;
-                // DeBERTa's norm of its relative-position table.
-                if let Some(n) = bert.relative.as_mut().and_then(|r| r.norm.as_mut()) {
+                for n in bert.layer_norms_mut() {
                     n.frozen = false;
-                }
-                for l in &mut bert.layers {
-                    l.attn_norm.frozen = false;
-                    l.out_norm.frozen = false;
                 }
             }
         }

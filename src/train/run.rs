@@ -116,6 +116,11 @@ impl Run {
             .or(method_dropout)
             .unwrap_or(bert.config.hidden_dropout_prob);
         bert.config.hidden_dropout_prob = hidden;
+        // A rate set for the run is the embeddings' too (ModernBERT's
+        // configuration has its own).
+        if cfg.dropout.or(method_dropout).is_some() {
+            bert.config.embedding_dropout = None;
+        }
         bert.config.attention_probs_dropout_prob = cfg
             .dropout
             .or(method_dropout)
@@ -152,7 +157,7 @@ impl Run {
             bert.config.hidden_size,
             train.labels.len(),
             cfg.pooling,
-            bert.family.head_activation(),
+            bert.head,
             hidden,
             cfg.label_smoothing,
             &device,

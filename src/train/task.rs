@@ -10,7 +10,7 @@ use super::data::Dataset;
 use super::evaluate::Eval;
 use super::metrics;
 use crate::error::Result;
-use crate::model::family::HeadActivation;
+use crate::model::family::HeadSpec;
 use crate::model::{ClassifierHead, Pooling, RegressionHead, Stream};
 use crate::ops::sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
 
@@ -46,7 +46,7 @@ impl TaskHead {
         hidden: usize,
         classes: usize,
         pooling: Pooling,
-        act: HeadActivation,
+        spec: HeadSpec,
         dropout: f64,
         label_smoothing: f64,
         device: &Device,
@@ -58,7 +58,7 @@ impl TaskHead {
                     hidden,
                     classes,
                     pooling,
-                    act,
+                    spec,
                     dropout,
                     DType::F32,
                     device,
@@ -69,7 +69,7 @@ impl TaskHead {
                 varmap,
                 hidden,
                 pooling,
-                act,
+                spec,
                 dropout,
                 DType::F32,
                 device,
