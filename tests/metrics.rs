@@ -268,3 +268,146 @@ fn results_table_aggregates_seeds() {
     let e = collect(dir).unwrap_err().to_string();
     assert!(e.contains("oops"), "{e}");
 }
+
+/// A fixed pseudo-random stream in [0, 1) (a 64-bit LCG's top bits).
+fn uniform(n: usize, seed: u64) -> Vec<f64> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 11) as f64 / (1u64 << 53) as f64
+        })
+        .collect()
+}
+
+/// NBAUCC, AUROC and FPR@95 against direct computations from their
+/// definitions: F1 from precision and recall at each τ of the grid, AUROC
+/// as the fraction of (positive, negative) pairs ranked right (ties ½),
+/// FPR@95 as the least false-positive rate over every threshold that
+/// keeps 95 % of the positives.
+#[test]
+fn detection_metrics_match_brute_force() {
+    let n = 300;
+    // Confidences on a coarse grid, so that ties and τ boundaries occur.
+    let conf: Vec<f64> = uniform(n, 1)
+        .iter()
+        .map(|u| (0.3 + 0.7 * u) * 50.0)
+        .map(|v| v.round() / 50.0)
+        .collect();
+    let flag: Vec<bool> = uniform(n, 2)
+        .iter()
+        .zip(&conf)
+        .map(|(u, c)| *u > *c - 0.1)
+        .collect();
+    for tau_max in [0.5, 1.0] {
+        let mut sum = 0.0;
+        for i in 0..=((tau_max / 0.02) as usize) {
+            let tau = i as f64 * 0.02;
+            let pred: Vec<bool> = conf.iter().map(|&c| c < tau).collect();
+            let tp = pred.iter().zip(&flag).filter(|(p, f)| **p && **f).count() as f64;
+            let predicted = pred.iter().filter(|p| **p).count() as f64;
+            let actual = flag.iter().filter(|f| **f).count() as f64;
+            let f1 = if tp == 0.0 {
+                0.0
+            } else {
+                let (prec, rec) = (tp / predicted, tp / actual);
+                2.0 * prec * rec / (prec + rec)
+            };
+            sum += f1 * 0.02;
+        }
+        let got = nbaucc(&conf, &flag, tau_max).unwrap();
+        assert!(
+            (got - sum / tau_max).abs() < 1e-12,
+            "{got} vs {}",
+            sum / tau_max
+        );
+        assert!(got > 0.0 && got < 1.0, "{got}");
+    }
+    let (mut right, mut pairs) = (0.0, 0.0);
+    for i in 0..n {
+        for j in 0..n {
+            if flag[i] && !flag[j] {
+                pairs += 1.0;
+                right += if conf[i] > conf[j] {
+                    1.0
+                } else if conf[i] == conf[j] {
+                    0.5
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+    close(auroc(&conf, &flag).unwrap(), right / pairs);
+    let pos: Vec<f64> = conf
+        .iter()
+        .zip(&flag)
+        .filter(|(_, f)| **f)
+        .map(|(c, _)| *c)
+        .collect();
+    let neg: Vec<f64> = conf
+        .iter()
+        .zip(&flag)
+        .filter(|(_, f)| !**f)
+        .map(|(c, _)| *c)
+        .collect();
+    let mut best = f64::INFINITY;
+    for &t in &conf {
+        let kept = pos.iter().filter(|&&p| p >= t).count() as f64 / pos.len() as f64;
+        if kept >= 0.95 {
+            best = best.min(neg.iter().filter(|&&v| v >= t).count() as f64 / neg.len() as f64);
+        }
+    }
+    close(fpr_at_tpr(&pos, &neg, 0.95).unwrap(), best);
+    assert!(nbaucc(&conf, &flag, 0.3).is_ok());
+    assert!(nbaucc(&conf, &flag, 0.55).is_err());
+    assert!(fpr_at_tpr(&pos, &[], 0.95).is_err());
+}
+
+/// Temperature scaling of an over-confident model lowers the NLL and
+/// leaves every prediction (so the accuracy) as it was; t = 1 changes
+/// nothing.
+#[test]
+fn temperature_scaling_lowers_nll_and_keeps_predictions() {
+    let n = 400;
+    let u = uniform(3 * n, 7);
+    let mut probs = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..n {
+        // Sharp logits, right 70 % of the time.
+        let z: Vec<f64> = (0..3).map(|k| 8.0 * u[3 * i + k]).collect();
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+        let s: f64 = e.iter().sum();
+        let p: Vec<f64> = e.iter().map(|v| v / s).collect();
+        let top = (0..3).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap();
+        labels.push(if u[3 * i] < 0.7 { top } else { (top + 1) % 3 });
+        probs.push(p);
+    }
+    let t = fit_temperature(&probs, &labels).unwrap();
+    let scaled = apply_temperature(&probs, t);
+    assert!(t > 1.0, "an over-confident model is softened: t = {t}");
+    assert!(nll(&scaled, &labels).unwrap() < nll(&probs, &labels).unwrap());
+    let pred = |p: &[Vec<f64>]| -> Vec<usize> {
+        p.iter()
+            .map(|r| (0..r.len()).max_by(|&a, &b| r[a].total_cmp(&r[b])).unwrap())
+            .collect()
+    };
+    assert_eq!(pred(&scaled), pred(&probs));
+    // The fitted t is the minimum: a little either side is worse.
+    let at = |t: f64| nll(&apply_temperature(&probs, t), &labels).unwrap();
+    assert!(at(t) <= at(t * 1.01) && at(t) <= at(t / 1.01));
+    for (a, b) in apply_temperature(&probs, 1.0)
+        .iter()
+        .flatten()
+        .zip(probs.iter().flatten())
+    {
+        assert!((a - b).abs() < 1e-12);
+    }
+    let m = misclassification(&probs, &labels).unwrap();
+    assert!(m.auroc > 0.0 && m.auroc < 1.0 && m.nbaucc_05 >= 0.0);
+}

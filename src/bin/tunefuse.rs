@@ -64,6 +64,44 @@ enum Cmd {
         /// checkpoint records it (checked against its fingerprint).
         #[arg(long)]
         base_model: Option<PathBuf>,
+        /// Out-of-distribution tasks whose test sets are scored against the
+        /// evaluation split (e.g. trec,snli,agnews): AUROC, AUPR, FPR at 95 %
+        /// TPR and NBAUCC of the largest probability.
+        #[arg(long, value_delimiter = ',')]
+        ood: Vec<String>,
+        /// Score at most this many examples of each OOD set (seeded subsample).
+        #[arg(long)]
+        ood_examples: Option<usize>,
+        /// Monte-Carlo dropout: average the probabilities of this many
+        /// passes with dropout on.
+        #[arg(long, default_value_t = 1)]
+        mc_dropout: usize,
+        /// Ignore the temperature `calibrate` stored with the checkpoint.
+        #[arg(long)]
+        no_temperature: bool,
+        /// Write confidence histograms (in-distribution and each OOD set)
+        /// to this path stem (.png and .svg).
+        #[arg(long)]
+        plot: Option<PathBuf>,
+    },
+    /// Fit a temperature (Guo et al. 2017) on a split of a checkpoint's
+    /// task (or a file) by minimising the NLL, and store it in the
+    /// checkpoint directory (temperature.json), where `eval` applies it.
+    Calibrate {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The split to fit on (fit on dev, evaluate on test where the task
+        /// has both).
+        #[arg(long, default_value = "dev", conflicts_with = "file")]
+        split: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// A data file in the columns of the checkpoint's own files.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// The base model directory, when it has moved.
+        #[arg(long)]
+        base_model: Option<PathBuf>,
     },
     /// Write a checkpoint (`best/`) as a Hugging Face model directory that
     /// transformers' AutoModelForSequenceClassification loads: config.json
@@ -455,17 +493,62 @@ fn run(cli: Cli) -> Result<(), String> {
             data_dir,
             file,
             base_model,
+            ood,
+            ood_examples,
+            mc_dropout,
+            no_temperature,
+            plot,
         } => {
-            let ev = tunefuse::train::trainer::evaluate_checkpoint(
+            let opts = tunefuse::train::evaluate::EvalOptions {
+                ood,
+                ood_examples,
+                mc_dropout,
+                temperature: !no_temperature,
+                plot,
+            };
+            let report = tunefuse::train::evaluate::report_checkpoint(
                 &checkpoint,
                 task.as_deref(),
                 &split,
                 data_dir.as_deref(),
                 file.as_deref(),
                 base_model.as_deref(),
+                &opts,
             )
             .map_err(|e| e.to_string())?;
-            println!("{}", serde_json::to_string_pretty(&ev).unwrap());
+            println!("{}", serde_json::to_string_pretty(&report).unwrap());
+            Ok(())
+        }
+        Cmd::Calibrate {
+            checkpoint,
+            split,
+            data_dir,
+            file,
+            base_model,
+        } => {
+            let t = tunefuse::train::evaluate::calibrate_checkpoint(
+                &checkpoint,
+                &split,
+                data_dir.as_deref(),
+                file.as_deref(),
+                base_model.as_deref(),
+            )
+            .map_err(|e| e.to_string())?;
+            eprintln!(
+                "temperature {:.4} on {} examples of {}: NLL {:.4} -> {:.4}, ECE {:.4} -> {:.4}; \
+                 stored in {}",
+                t.temperature,
+                t.examples,
+                t.fitted_on,
+                t.nll_before,
+                t.nll_after,
+                t.ece_before,
+                t.ece_after,
+                checkpoint
+                    .join(tunefuse::train::evaluate::TEMPERATURE_FILE)
+                    .display()
+            );
+            println!("{}", serde_json::to_string_pretty(&t).unwrap());
             Ok(())
         }
         Cmd::Export {

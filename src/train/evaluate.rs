@@ -1,6 +1,10 @@
 //! Evaluation: predictions of a run's model on a dataset, the metrics its
-//! task head computes from them, and the evaluation of a saved checkpoint.
-use std::path::Path;
+//! task head computes from them, and the evaluation of a saved checkpoint:
+//! with its fitted temperature (`calibrate`), Monte-Carlo dropout,
+//! misclassification detection and out-of-distribution detection against
+//! other tasks' test sets.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use serde::{Deserialize, Serialize};
@@ -150,8 +154,23 @@ impl Run {
     /// Class probabilities on a dataset (eval mode); for regression, one
     /// predicted value per example.
     pub fn predict(&self, ds: &Dataset) -> Result<Vec<Vec<f64>>> {
+        self.predict_passes(ds, false, 1)
+    }
+
+    /// Monte-Carlo dropout (Gal & Ghahramani 2016): the class
+    /// probabilities averaged over `passes` forward passes with dropout on
+    /// (the fused dropout of every layer and of the head, drawn from the
+    /// run's stream; a mixout run also samples its mixing).
+    pub fn predict_sampled(&self, ds: &Dataset, passes: usize) -> Result<Vec<Vec<f64>>> {
+        if passes == 0 {
+            return Err(param_err("mc_dropout", "needs at least one pass"));
+        }
+        self.predict_passes(ds, true, passes)
+    }
+
+    fn predict_passes(&self, ds: &Dataset, dropout: bool, passes: usize) -> Result<Vec<Vec<f64>>> {
         let was = self.bert.stream.train();
-        self.bert.stream.set_train(false);
+        self.bert.stream.set_train(dropout);
         let mut out = Vec::with_capacity(ds.examples.len());
         let idx: Vec<usize> = (0..ds.examples.len()).collect();
         let result = (|| -> Result<()> {
@@ -159,9 +178,26 @@ impl Run {
             for chunk in idx.chunks(64) {
                 let b = self.batch(ds, chunk)?;
                 let _cache = crate::upload_cache(&self.device);
-                let logits = model.forward(&model.embed(&b)?, &b.mask)?;
-                let p = self.head.predictions(&logits)?;
-                out.extend(p.to_dtype(DType::F64)?.to_vec2::<f64>()?);
+                let mut sum: Option<Vec<Vec<f64>>> = None;
+                for _ in 0..passes {
+                    let logits = model.forward(&model.embed(&b)?, &b.mask)?;
+                    let p = self.head.predictions(&logits.detach())?;
+                    let p = p.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                    sum = Some(match sum {
+                        None => p,
+                        Some(mut s) => {
+                            for (a, b) in s.iter_mut().flatten().zip(p.iter().flatten()) {
+                                *a += b;
+                            }
+                            s
+                        }
+                    });
+                }
+                let mut mean = sum.unwrap_or_default();
+                if passes > 1 {
+                    mean.iter_mut().flatten().for_each(|v| *v /= passes as f64);
+                }
+                out.extend(mean);
             }
             Ok(())
         })();
@@ -172,26 +208,298 @@ impl Run {
     /// Metrics on a dataset, and the reliability table (classification).
     pub fn evaluate(&self, ds: &Dataset) -> Result<(Eval, Option<metrics::Calibration>)> {
         let probs = self.predict(ds)?;
-        let bad: Vec<usize> = (0..probs.len())
-            .filter(|&i| probs[i].iter().any(|p| !p.is_finite()))
-            .collect();
-        if let Some(&first) = bad.first() {
-            return Err(Error::NotFinite(format!(
-                "the model's outputs are not finite for {} of {} examples (the first: \
-                 example {first}, {:?}): its weights hold NaN or infinity",
-                bad.len(),
-                probs.len(),
-                probs[first]
-            )));
-        }
+        check_finite(&probs)?;
         self.head.metrics(&probs, ds)
     }
+}
+
+/// An error naming the examples whose outputs are not finite.
+fn check_finite(probs: &[Vec<f64>]) -> Result<()> {
+    let bad: Vec<usize> = (0..probs.len())
+        .filter(|&i| probs[i].iter().any(|p| !p.is_finite()))
+        .collect();
+    match bad.first() {
+        None => Ok(()),
+        Some(&first) => Err(Error::NotFinite(format!(
+            "the model's outputs are not finite for {} of {} examples (the first: \
+             example {first}, {:?}): its weights hold NaN or infinity",
+            bad.len(),
+            probs.len(),
+            probs[first]
+        ))),
+    }
+}
+
+/// What `eval` does beyond the metrics of one deterministic pass.
+#[derive(Clone, Debug)]
+pub struct EvalOptions {
+    /// Built-in tasks whose test sets are scored as out-of-distribution
+    /// inputs against the evaluation split (e.g. `trec`, `snli`, `agnews`).
+    pub ood: Vec<String>,
+    /// Score at most this many examples of each OOD set (a seeded subsample).
+    pub ood_examples: Option<usize>,
+    /// Monte-Carlo dropout passes (1: one deterministic pass).
+    pub mc_dropout: usize,
+    /// Apply the temperature `calibrate` stored with the checkpoint, when
+    /// it has one.
+    pub temperature: bool,
+    /// Write the confidence histograms (in-distribution and each OOD set)
+    /// to this path stem (`.png` and `.svg`).
+    pub plot: Option<PathBuf>,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            ood: vec![],
+            ood_examples: None,
+            mc_dropout: 1,
+            temperature: true,
+            plot: None,
+        }
+    }
+}
+
+/// `eval`'s report: the metrics (at the top level, as [`Eval`]), how the
+/// probabilities were made, and the detection scores.
+#[derive(Clone, Debug, Serialize)]
+pub struct EvalReport {
+    /// The metrics of the evaluation split.
+    #[serde(flatten)]
+    pub eval: Eval,
+    /// The temperature applied (from `calibrate`), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// The Monte-Carlo dropout passes averaged, when more than one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mc_dropout: Option<usize>,
+    /// Misclassification detection by confidence (classification with both
+    /// right and wrong predictions).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub misclassification: Option<metrics::Misclassification>,
+    /// OOD detection by the largest probability, per OOD task.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ood: BTreeMap<String, metrics::OodScores>,
+}
+
+/// The temperature fitted by `calibrate`, stored beside the checkpoint's
+/// weights (`temperature.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Temperature {
+    /// The fitted temperature t (probabilities become softmax(z / t)).
+    pub temperature: f64,
+    /// What it was fitted on: the task and split, or the file.
+    pub fitted_on: String,
+    /// The examples it was fitted on.
+    pub examples: usize,
+    /// NLL on them before and after.
+    pub nll_before: f64,
+    /// NLL after scaling.
+    pub nll_after: f64,
+    /// ECE (15 bins) before scaling.
+    pub ece_before: f64,
+    /// ECE after scaling.
+    pub ece_after: f64,
+    /// [`checkpoint::fingerprint`] of the weights it was fitted for: a
+    /// checkpoint rewritten since (a resumed run's new best) does not
+    /// inherit it.
+    pub model_fingerprint: String,
+}
+
+/// The file `calibrate` writes into a checkpoint directory.
+pub const TEMPERATURE_FILE: &str = "temperature.json";
+
+/// Reads a checkpoint's stored temperature, if it has one; an error when
+/// the file is unreadable or was fitted for other weights.
+pub fn read_temperature(dir: &Path) -> Result<Option<Temperature>> {
+    let path = dir.join(TEMPERATURE_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| crate::error::io_err(&path, e))?;
+    let t: Temperature =
+        serde_json::from_str(&text).map_err(|e| crate::error::format_err(&path, e.to_string()))?;
+    if t.model_fingerprint != checkpoint::fingerprint(dir)? {
+        return Err(crate::error::format_err(
+            &path,
+            "was fitted for other weights than this checkpoint's model.safetensors (the \
+             checkpoint was rewritten since): run `tunefuse calibrate` again, or pass \
+             --no-temperature",
+        ));
+    }
+    if !(t.temperature.is_finite() && t.temperature > 0.0) {
+        return Err(crate::error::format_err(
+            &path,
+            format!(
+                "temperature must be a finite number > 0, got {}",
+                t.temperature
+            ),
+        ));
+    }
+    Ok(Some(t))
+}
+
+/// Fits a temperature on `split` of the checkpoint's task (or `file`) and
+/// stores it in the checkpoint directory (written atomically), where
+/// `eval` applies it. Evaluating on the split it was fitted on measures
+/// the fit, not calibration on new data: fit on dev, evaluate on test,
+/// where the task has both.
+pub fn calibrate_checkpoint(
+    dir: &Path,
+    split: &str,
+    data_dir: Option<&Path>,
+    file: Option<&Path>,
+    base: Option<&Path>,
+) -> Result<Temperature> {
+    let run = checkpoint_run(dir, None, split.parse::<Split>()?, data_dir, file, base)?;
+    if run.cfg.head == super::task::HeadKind::Regression {
+        return Err(param_err(
+            "calibrate",
+            "temperature scaling applies to a classifier's probabilities; this checkpoint regresses",
+        ));
+    }
+    let probs = run.predict(&run.eval)?;
+    check_finite(&probs)?;
+    let labels: Vec<usize> = run.eval.examples.iter().map(|e| e.label).collect();
+    let t = metrics::fit_temperature(&probs, &labels)?;
+    let scaled = metrics::apply_temperature(&probs, t);
+    let rec = Temperature {
+        temperature: t,
+        fitted_on: match file {
+            Some(f) => f.display().to_string(),
+            None => format!("{} {}", run.cfg.task, run.cfg.eval_split.name()),
+        },
+        examples: labels.len(),
+        nll_before: metrics::nll(&probs, &labels)?,
+        nll_after: metrics::nll(&scaled, &labels)?,
+        ece_before: metrics::calibration(&probs, &labels, 15)?.ece,
+        ece_after: metrics::calibration(&scaled, &labels, 15)?.ece,
+        model_fingerprint: checkpoint::fingerprint(dir)?,
+    };
+    let text = serde_json::to_string_pretty(&rec).expect("serialisable");
+    checkpoint::atomic_write(&dir.join(TEMPERATURE_FILE), text.as_bytes())?;
+    Ok(rec)
+}
+
+/// Evaluates a `best/` checkpoint as [`evaluate_checkpoint`] does, with
+/// `opts`: its stored temperature, Monte-Carlo dropout, misclassification
+/// detection, OOD detection against other tasks' test sets (the
+/// in-distribution side is the evaluation split; a pair of texts is read
+/// as its first text by a model of single texts), confidence histograms.
+#[allow(clippy::too_many_arguments)]
+pub fn report_checkpoint(
+    dir: &Path,
+    task: Option<&str>,
+    split: &str,
+    data_dir: Option<&Path>,
+    file: Option<&Path>,
+    base: Option<&Path>,
+    opts: &EvalOptions,
+) -> Result<EvalReport> {
+    let run = checkpoint_run(dir, task, split.parse::<Split>()?, data_dir, file, base)?;
+    let classifies = run.cfg.head != super::task::HeadKind::Regression;
+    let bad = |m: String| Err(param_err("eval", m));
+    if !classifies && (opts.mc_dropout > 1 || !opts.ood.is_empty()) {
+        return bad(
+            "Monte-Carlo dropout and OOD detection score a classifier's probabilities; this \
+             checkpoint regresses"
+                .into(),
+        );
+    }
+    if opts.mc_dropout == 0 {
+        return bad("--mc-dropout needs at least one pass".into());
+    }
+    let temperature = if opts.temperature && classifies {
+        read_temperature(dir)?.map(|t| t.temperature)
+    } else {
+        None
+    };
+    if temperature.is_some() && opts.mc_dropout > 1 {
+        return bad(format!(
+            "the checkpoint has a fitted temperature ({TEMPERATURE_FILE}) and Monte-Carlo \
+             dropout was asked for: they are separate baselines; pass --no-temperature to \
+             evaluate MC dropout"
+        ));
+    }
+    let own = run.cfg.task.parse::<super::data::Task>().ok();
+    let mut sets = Vec::new();
+    for name in &opts.ood {
+        let task = name.parse::<super::data::Task>()?;
+        if own.as_ref() == Some(&task) {
+            return bad(format!(
+                "--ood {name} is the checkpoint's own task: out-of-distribution data must \
+                 come from another task"
+            ));
+        }
+        let dir = super::data::data_dir(run.cfg.data_dir.as_deref())?;
+        let mut ds = super::data::load(&task, Split::Test, &dir)?;
+        if let Some(n) = opts.ood_examples {
+            ds = ds.subsample(n, run.cfg.seed);
+        }
+        if ds.examples.is_empty() {
+            return bad(format!("the OOD set {name} is empty"));
+        }
+        // Its labels are not the model's: every example is scored, none is
+        // compared with a label.
+        let single = run.eval.examples.iter().all(|e| e.pair.is_none());
+        for e in &mut ds.examples {
+            e.label = 0;
+            if single {
+                e.pair = None;
+            }
+        }
+        ds.labels = run.eval.labels.clone();
+        sets.push((name.clone(), ds));
+    }
+    let probs_of = |ds: &Dataset| -> Result<Vec<Vec<f64>>> {
+        let p = if opts.mc_dropout > 1 {
+            run.predict_sampled(ds, opts.mc_dropout)?
+        } else {
+            run.predict(ds)?
+        };
+        check_finite(&p)?;
+        Ok(match temperature {
+            Some(t) => metrics::apply_temperature(&p, t),
+            None => p,
+        })
+    };
+    let probs = probs_of(&run.eval)?;
+    let (eval, _) = run.head.metrics(&probs, &run.eval)?;
+    let labels: Vec<usize> = run.eval.examples.iter().map(|e| e.label).collect();
+    let misclassification = if classifies {
+        metrics::misclassification(&probs, &labels).ok()
+    } else {
+        None
+    };
+    let mut ood = BTreeMap::new();
+    let mut hist: Vec<(String, Vec<f64>)> =
+        vec![("in-distribution".into(), metrics::max_prob(&probs))];
+    for (name, ds) in &sets {
+        let p = probs_of(ds)?;
+        ood.insert(
+            name.clone(),
+            metrics::ood_detection(&probs, &p, metrics::OodScore::MaxProb)?,
+        );
+        hist.push((name.clone(), metrics::max_prob(&p)));
+    }
+    if let Some(stem) = &opts.plot {
+        let sets: Vec<(&str, &[f64])> = hist.iter().map(|(n, v)| (n.as_str(), &v[..])).collect();
+        metrics::plot_histograms(stem, &sets, "confidence (largest probability)")?;
+    }
+    Ok(EvalReport {
+        eval,
+        temperature,
+        mc_dropout: (opts.mc_dropout > 1).then_some(opts.mc_dropout),
+        misclassification,
+        ood,
+    })
 }
 
 /// Evaluates a `best/` checkpoint: rebuilds the run from the configuration
 /// stored with it (base model, methods), loads the trained parameters and
 /// evaluates on `split` of `task` (default: the checkpoint's task), or on
-/// `file`, a data file in the columns of the checkpoint's own data files.
+/// `file`, a data file in the columns of the checkpoint's own data files,
+/// with the temperature `calibrate` stored with it (when it has one).
 /// `base`: the base model, when it is not where the checkpoint records it.
 pub fn evaluate_checkpoint(
     dir: &Path,
@@ -201,8 +509,8 @@ pub fn evaluate_checkpoint(
     file: Option<&Path>,
     base: Option<&Path>,
 ) -> Result<Eval> {
-    let run = checkpoint_run(dir, task, split.parse::<Split>()?, data_dir, file, base)?;
-    Ok(run.evaluate(&run.eval)?.0)
+    let opts = EvalOptions::default();
+    Ok(report_checkpoint(dir, task, split, data_dir, file, base, &opts)?.eval)
 }
 
 /// One example's prediction: its label (or target) and the model's class
@@ -223,12 +531,18 @@ pub struct Prediction {
 }
 
 /// The predictions of a `best/` checkpoint on `file`, a data file in the
-/// columns of the checkpoint's own data files.
+/// columns of the checkpoint's own data files (with the temperature
+/// `calibrate` stored with it, when it has one).
 /// `base`: the base model, when it is not where the checkpoint records it.
 pub fn predict_checkpoint(dir: &Path, file: &Path, base: Option<&Path>) -> Result<Vec<Prediction>> {
     let run = checkpoint_run(dir, None, Split::Dev, None, Some(file), base)?;
-    let probs = run.predict(&run.eval)?;
     let regression = run.cfg.head == super::task::HeadKind::Regression;
+    let mut probs = run.predict(&run.eval)?;
+    if !regression {
+        if let Some(t) = read_temperature(dir)? {
+            probs = metrics::apply_temperature(&probs, t.temperature);
+        }
+    }
     Ok(run
         .eval
         .examples

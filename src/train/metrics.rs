@@ -341,6 +341,161 @@ pub fn entropy(probs: &[Vec<f64>]) -> Vec<f64> {
         .collect()
 }
 
+/// The false-positive rate at a true-positive rate of at least `tpr`:
+/// with the in-distribution examples as positives and a higher `score`
+/// meaning "in", the threshold is the highest score that keeps at least
+/// `tpr` of `positives` at or above it, and the rate is the fraction of
+/// `negatives` at or above that threshold (FPR at 95 % TPR for
+/// `tpr = 0.95`, Hendrycks & Gimpel's convention).
+pub fn fpr_at_tpr(positives: &[f64], negatives: &[f64], tpr: f64) -> Result<f64> {
+    if positives.is_empty() || negatives.is_empty() {
+        return Err(param_err(
+            "fpr_at_tpr",
+            "needs both positive and negative examples",
+        ));
+    }
+    if !(tpr > 0.0 && tpr <= 1.0) {
+        return Err(param_err(
+            "fpr_at_tpr",
+            format!("tpr must be in (0, 1], got {tpr}"),
+        ));
+    }
+    let mut pos = positives.to_vec();
+    pos.sort_by(|a, b| b.total_cmp(a));
+    // The k-th highest positive score keeps k of them (ties keep more).
+    let k = ((tpr * pos.len() as f64).ceil() as usize).clamp(1, pos.len());
+    let threshold = pos[k - 1];
+    let above = negatives.iter().filter(|&&s| s >= threshold).count();
+    Ok(above as f64 / negatives.len() as f64)
+}
+
+/// Kong et al.'s (EMNLP 2020) normalised bounded area under the
+/// calibration curve: an example whose `confidence` is below τ is flagged
+/// (as out of distribution, or as misclassified); the F1 of flagging the
+/// examples where `flag` is true is averaged over τ = 0, 0.02, …, `tau_max`
+/// as their reference code sums it (F1(τ)·0.02 over the grid, divided by
+/// `tau_max`; F1 is 0 where nothing is flagged correctly). `tau_max` must be
+/// a multiple of 0.02 in (0, 1].
+pub fn nbaucc(confidence: &[f64], flag: &[bool], tau_max: f64) -> Result<f64> {
+    check_len("nbaucc", confidence.len(), flag.len())?;
+    let steps = (tau_max / 0.02).round();
+    if !(tau_max > 0.0 && tau_max <= 1.0) || (steps * 0.02 - tau_max).abs() > 1e-9 {
+        return Err(param_err(
+            "nbaucc",
+            format!("tau_max must be a multiple of 0.02 in (0, 1], got {tau_max}"),
+        ));
+    }
+    let positives = flag.iter().filter(|&&f| f).count() as f64;
+    let mut sum = 0.0;
+    for i in 0..=steps as usize {
+        let tau = i as f64 * 0.02;
+        let (mut tp, mut fp) = (0.0, 0.0);
+        for (&c, &f) in confidence.iter().zip(flag) {
+            if c < tau {
+                if f {
+                    tp += 1.0
+                } else {
+                    fp += 1.0
+                }
+            }
+        }
+        let fnn = positives - tp;
+        let f1 = if tp == 0.0 {
+            0.0
+        } else {
+            2.0 * tp / (2.0 * tp + fp + fnn)
+        };
+        sum += f1 * 0.02;
+    }
+    Ok(sum / tau_max)
+}
+
+/// How well confidence tells misclassified examples from correct ones.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Misclassification {
+    /// AUROC of the confidence (largest probability) for correct vs wrong.
+    pub auroc: f64,
+    /// [`nbaucc`] of flagging the wrong predictions, τ up to 0.5.
+    pub nbaucc_05: f64,
+    /// [`nbaucc`], τ up to 1.
+    pub nbaucc_1: f64,
+}
+
+/// Misclassification detection by confidence (Hendrycks & Gimpel 2017;
+/// Kong et al. 2020): needs both correct and wrong predictions.
+pub fn misclassification(probs: &[Vec<f64>], labels: &[usize]) -> Result<Misclassification> {
+    check_probs("misclassification", probs, labels)?;
+    let conf = max_prob(probs);
+    let correct: Vec<bool> = probs
+        .iter()
+        .zip(labels)
+        .map(|(p, &y)| argmax(p) == y)
+        .collect();
+    let wrong: Vec<bool> = correct.iter().map(|c| !c).collect();
+    Ok(Misclassification {
+        auroc: auroc(&conf, &correct)?,
+        nbaucc_05: nbaucc(&conf, &wrong, 0.5)?,
+        nbaucc_1: nbaucc(&conf, &wrong, 1.0)?,
+    })
+}
+
+/// The index of the largest value (the first of ties).
+fn argmax(p: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, v) in p.iter().enumerate() {
+        if *v > p[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Temperature scaling of predictive distributions: `softmax(log p / t)`,
+/// which is `softmax(z / t)` of the logits z the probabilities came from
+/// (the log-probabilities differ from the logits by one constant per row).
+/// A zero probability stays zero.
+pub fn apply_temperature(probs: &[Vec<f64>], t: f64) -> Vec<Vec<f64>> {
+    probs
+        .iter()
+        .map(|p| {
+            let z: Vec<f64> = p.iter().map(|v| v.ln() / t).collect();
+            let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.into_iter().map(|v| v / sum).collect()
+        })
+        .collect()
+}
+
+/// The temperature in [0.05, 20] that minimises the negative
+/// log-likelihood of `labels` under [`apply_temperature`] (Guo et al.
+/// 2017): a golden-section search over log t, where the likelihood is
+/// unimodal (it is convex in 1/t). Needs at least one example.
+pub fn fit_temperature(probs: &[Vec<f64>], labels: &[usize]) -> Result<f64> {
+    check_probs("temperature", probs, labels)?;
+    if probs.is_empty() {
+        return Err(param_err("temperature", "needs at least one example"));
+    }
+    let loss = |u: f64| nll(&apply_temperature(probs, u.exp()), labels);
+    let (mut a, mut b) = (0.05f64.ln(), 20f64.ln());
+    let r = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut c, mut d) = (b - r * (b - a), a + r * (b - a));
+    let (mut fc, mut fd) = (loss(c)?, loss(d)?);
+    // 60 steps shrink the bracket by 0.618⁶⁰ ≈ 3e-13 of its width.
+    for _ in 0..60 {
+        if fc <= fd {
+            (b, d, fd) = (d, c, fc);
+            c = b - r * (b - a);
+            fc = loss(c)?;
+        } else {
+            (a, c, fc) = (c, d, fd);
+            d = a + r * (b - a);
+            fd = loss(d)?;
+        }
+    }
+    Ok(((a + b) / 2.0).exp())
+}
+
 /// Out-of-distribution detection from in- and out-of-distribution
 /// predictive distributions.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -351,6 +506,14 @@ pub struct OodScores {
     pub aupr_in: f64,
     /// AUPR with OOD as positive.
     pub aupr_out: f64,
+    /// The fraction of OOD examples kept when 95 % of the in-distribution
+    /// ones are ([`fpr_at_tpr`]).
+    pub fpr_at_95_tpr: f64,
+    /// [`nbaucc`] of flagging OOD examples by confidence (the largest
+    /// probability, whatever the score), τ up to 0.5.
+    pub nbaucc_05: f64,
+    /// The same, τ up to 1.
+    pub nbaucc_1: f64,
 }
 
 /// Which per-example score detects OOD inputs.
@@ -362,6 +525,9 @@ pub enum OodScore {
     Entropy,
 }
 
+/// OOD detection by `score`: the out-of-distribution examples are the
+/// positives of AUROC and AUPR-out, the in-distribution ones of AUPR-in
+/// and of the true-positive rate of FPR@95.
 pub fn ood_detection(
     in_probs: &[Vec<f64>],
     out_probs: &[Vec<f64>],
@@ -376,10 +542,18 @@ pub fn ood_detection(
     let is_out: Vec<bool> = (0..scores.len()).map(|i| i >= in_probs.len()).collect();
     let neg: Vec<f64> = scores.iter().map(|s| -s).collect();
     let is_in: Vec<bool> = is_out.iter().map(|o| !o).collect();
+    let conf: Vec<f64> = max_prob(in_probs)
+        .into_iter()
+        .chain(max_prob(out_probs))
+        .collect();
+    let (inn, out) = neg.split_at(in_probs.len());
     Ok(OodScores {
         auroc: auroc(&scores, &is_out)?,
         aupr_in: aupr(&neg, &is_in)?,
         aupr_out: aupr(&scores, &is_out)?,
+        fpr_at_95_tpr: fpr_at_tpr(inn, out, 0.95)?,
+        nbaucc_05: nbaucc(&conf, &is_out, 0.5)?,
+        nbaucc_1: nbaucc(&conf, &is_out, 1.0)?,
     })
 }
 

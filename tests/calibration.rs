@@ -1,0 +1,157 @@
+//! `calibrate` and `eval`'s calibration and detection options on a tiny
+//! model trained on a CSV file: the stored temperature is applied (the
+//! accuracy unchanged, the dev NLL the fitted one), refused for other
+//! weights and beside MC dropout; MC dropout averages stochastic passes;
+//! OOD detection against TREC's test set (from ../shared/data) reports
+//! every score and writes the histograms.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn tunefuse(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tunefuse"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> serde_json::Value {
+    let o = tunefuse(args);
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn err(args: &[&str]) -> String {
+    let o = tunefuse(args);
+    assert!(!o.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn temperature_mc_dropout_and_ood_detection() {
+    let dir = common::scratch("calibration");
+    let model = common::tiny_model_dir(dir.path());
+    let mut train = String::from("text,label\n");
+    for i in 0..48 {
+        let (t, l) = [
+            ("a fine moving film", "pos"),
+            ("a dull tired film", "neg"),
+            ("fine acting and a warm story", "pos"),
+            ("tired jokes and a dull plot", "neg"),
+        ][i % 4];
+        train.push_str(&format!("{t} {i},{l}\n"));
+    }
+    let data = dir.path().join("t.csv");
+    std::fs::write(&data, train).unwrap();
+    let out = dir.path().join("run");
+    let args = common::own_data_args(&model, &data, &data, &out, &["--lr", "1e-3"]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = tunefuse(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let best = out.join("best");
+    let best = s(&best);
+
+    let predict = || -> Vec<serde_json::Value> {
+        let o = tunefuse(&["predict", "--checkpoint", best, "--file", s(&data)]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let before = predict();
+    let plain = ok(&["eval", "--checkpoint", best]);
+    assert!(plain.get("temperature").is_none(), "{plain}");
+    let t = ok(&["calibrate", "--checkpoint", best]);
+    let temp = t["temperature"].as_f64().unwrap();
+    assert!(temp > 0.05 && temp < 20.0, "{t}");
+    assert!(t["nll_after"].as_f64() <= t["nll_before"].as_f64(), "{t}");
+    // eval applies it: the accuracy is the same, the NLL the fitted one.
+    let scaled = ok(&["eval", "--checkpoint", best]);
+    assert_eq!(scaled["temperature"].as_f64(), Some(temp));
+    assert_eq!(scaled["accuracy"], plain["accuracy"]);
+    let (nll, fitted) = (
+        scaled["nll"].as_f64().unwrap(),
+        t["nll_after"].as_f64().unwrap(),
+    );
+    assert!((nll - fitted).abs() < 1e-9, "{nll} vs {fitted}");
+    assert_eq!(
+        ok(&["eval", "--checkpoint", best, "--no-temperature"])["nll"],
+        plain["nll"]
+    );
+    // predict applies it too: the same predictions, softened or sharpened
+    // probabilities.
+    let after = predict();
+    for (a, b) in after.iter().zip(&before) {
+        assert_eq!(a["predicted"], b["predicted"]);
+    }
+    assert_ne!(after[0]["probabilities"], before[0]["probabilities"]);
+    // MC dropout is a separate baseline.
+    let e = err(&["eval", "--checkpoint", best, "--mc-dropout", "4"]);
+    assert!(e.contains("--no-temperature"), "{e}");
+    let mc = ok(&[
+        "eval",
+        "--checkpoint",
+        best,
+        "--mc-dropout",
+        "4",
+        "--no-temperature",
+    ]);
+    assert_eq!(mc["mc_dropout"], 4);
+    assert_ne!(
+        mc["nll"], plain["nll"],
+        "dropout passes change the probabilities"
+    );
+    // OOD detection against TREC's test questions.
+    let data_root = common::data_root();
+    let stem = dir.path().join("conf");
+    let r = ok(&[
+        "eval",
+        "--checkpoint",
+        best,
+        "--ood",
+        "trec",
+        "--ood-examples",
+        "40",
+        "--data-dir",
+        s(&data_root),
+        "--plot",
+        s(&stem),
+    ]);
+    let trec = &r["ood"]["trec"];
+    for k in [
+        "auroc",
+        "aupr_in",
+        "aupr_out",
+        "fpr_at_95_tpr",
+        "nbaucc_05",
+        "nbaucc_1",
+    ] {
+        let v = trec[k].as_f64().unwrap_or_else(|| panic!("{k}: {r}"));
+        assert!((0.0..=1.0).contains(&v), "{k} = {v}");
+    }
+    assert!(stem.with_extension("png").exists() && stem.with_extension("svg").exists());
+    let e = err(&["eval", "--checkpoint", best, "--ood", "imdb"]);
+    assert!(e.contains("imdb") && e.contains("trec"), "{e}");
+    // A temperature fitted for other weights is refused.
+    let tf = Path::new(best).join("temperature.json");
+    let mut rec: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&tf).unwrap()).unwrap();
+    rec["model_fingerprint"] = "0000".into();
+    std::fs::write(&tf, rec.to_string()).unwrap();
+    let e = err(&["eval", "--checkpoint", best]);
+    assert!(
+        e.contains("calibrate") && e.contains("other weights"),
+        "{e}"
+    );
+}
