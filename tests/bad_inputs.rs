@@ -693,6 +693,18 @@ fn toml_cases() -> Vec<Case> {
         ),
         case(
             c,
+            "freeze_layers with lora",
+            |x| x.toml("methods = [\"lora\"]\nfreeze_layers = -1\n"),
+            Refuse(&["freeze_layers", "lora"]),
+        ),
+        case(
+            c,
+            "freeze_layers beyond the model",
+            |x| x.toml("freeze_layers = -9\n"),
+            Refuse(&["freeze_layers", "-9", "layers"]),
+        ),
+        case(
+            c,
             "gradual unfreezing with adapters",
             |x| x.toml("methods = [\"adapter\"]\ngradual_unfreezing = true\n"),
             Refuse(&["gradual_unfreezing", "adapter"]),

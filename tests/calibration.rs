@@ -155,3 +155,78 @@ fn temperature_mc_dropout_and_ood_detection() {
         "{e}"
     );
 }
+
+/// `freeze_layers`: −1 leaves the top layer as it was, +1 the embeddings
+/// and the bottom layer; every other weight of the backbone trains.
+#[test]
+fn freeze_layers_keeps_those_layers_pretrained() {
+    let dir = common::scratch("freeze-layers");
+    let model = common::tiny_model_dir(dir.path());
+    let mut train = String::from("text,label\n");
+    for i in 0..16 {
+        train.push_str(["a fine film,pos\n", "a dull film,neg\n"][i % 2]);
+    }
+    let data = dir.path().join("t.csv");
+    std::fs::write(&data, train).unwrap();
+    let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
+    let base = load(&model.join("model.safetensors"));
+    let layers = base
+        .keys()
+        .filter_map(|k| {
+            k.strip_prefix("encoder.layer.")?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .unwrap()
+        + 1;
+    for k in [-1i64, 1] {
+        let out = dir.path().join(format!("run{k}"));
+        let args = common::own_data_args(
+            &model,
+            &data,
+            &data,
+            &out,
+            &["--lr", "1e-2", "--set", &format!("freeze_layers={k}")],
+        );
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = tunefuse(&a);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let best = load(&out.join("best/model.safetensors"));
+        let frozen = |name: &str| -> bool {
+            let layer = name
+                .strip_prefix("encoder.layer.")
+                .and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+            match (k, layer) {
+                (-1, Some(l)) => l + 1 == layers,
+                (1, Some(l)) => l == 0,
+                (1, None) => name.starts_with("embeddings."),
+                _ => false,
+            }
+        };
+        let (mut kept, mut moved) = (0, 0);
+        // The checkpoint holds what the optimiser trained: a frozen
+        // parameter is absent, or (were it saved) unchanged.
+        for (name, w) in &base {
+            let d = best
+                .get(name)
+                .map(|t| common::max_abs_diff(&common::to_f64(t), &common::to_f64(w)));
+            if frozen(name) {
+                assert!(
+                    d.is_none_or(|d| d == 0.0),
+                    "freeze_layers={k}: {name} moved by {d:?}"
+                );
+                kept += 1;
+            } else if name.contains(".weight") && !name.starts_with("pooler.") {
+                assert!(d.is_some(), "freeze_layers={k}: {name} was not trained");
+                moved += usize::from(d.is_some_and(|d| d > 0.0));
+            }
+        }
+        assert!(
+            kept > 0 && moved > 0,
+            "freeze_layers={k}: {kept} kept, {moved} moved"
+        );
+    }
+}

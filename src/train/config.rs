@@ -142,6 +142,10 @@ pub struct Config {
     /// With gradual unfreezing: unfreeze one more layer every N optimiser
     /// steps instead of every epoch.
     pub unfreeze_every_steps: Option<u64>,
+    /// Layer freezing as Grießhaber et al. (COLING 2020) study it: +k
+    /// freezes the embeddings and the k encoder layers nearest the input,
+    /// −k the k layers nearest the output, for the whole run (0: none).
+    pub freeze_layers: i64,
     /// RecAdam's annealed pull towards the pretrained weights. It acts
     /// through the optimiser's update (the authors' form), not through a
     /// loss term, so it is an optimiser setting rather than a method.
@@ -216,6 +220,7 @@ impl Default for Config {
             layer_lr_decay: None,
             gradual_unfreezing: false,
             unfreeze_every_steps: None,
+            freeze_layers: 0,
             recadam: None,
             max_len: 128,
             clip: 1.0,
@@ -467,6 +472,23 @@ impl Config {
             m.validate()?;
         }
         methods::check_composition(&self.methods)?;
+        if self.freeze_layers != 0 {
+            let other = if self.gradual_unfreezing {
+                Some("gradual_unfreezing".to_string())
+            } else {
+                self.methods
+                    .iter()
+                    .find(|m| m.props().freezes_backbone)
+                    .map(|m| m.name().to_string())
+            };
+            if let Some(other) = other {
+                return bad(format!(
+                    "freeze_layers = {} freezes fixed layers, and {other} decides what the \
+                     backbone trains itself: use one or the other",
+                    self.freeze_layers
+                ));
+            }
+        }
         if self.gradual_unfreezing {
             if let Some(m) = self.methods.iter().find(|m| m.props().freezes_backbone) {
                 return bad(format!(

@@ -26,6 +26,14 @@ pub enum Freezing {
     /// Stage s trains the top s + 1 layers (and the head); a stage is an
     /// epoch, or `every_steps` optimiser steps.
     Gradual { every_steps: Option<u64> },
+    /// Units `from..=to` (0: the embeddings, i: encoder layer i − 1) of a
+    /// model of `layers` layers are frozen for the whole run
+    /// ([`Freezing::layers`]).
+    Units {
+        from: usize,
+        to: usize,
+        layers: usize,
+    },
 }
 
 impl Freezing {
@@ -47,8 +55,39 @@ impl Freezing {
         }
     }
 
+    /// `freeze_layers = k` of a model with `layers` encoder layers: +k
+    /// freezes the embeddings and the k lowest layers, −k the k highest;
+    /// an error when |k| exceeds the layer count.
+    pub fn layers(k: i64, layers: usize) -> Result<Self> {
+        let n = k.unsigned_abs() as usize;
+        if n > layers {
+            return Err(crate::error::param_err(
+                "freeze_layers",
+                format!("{k} asks for {n} of a model of {layers} layers"),
+            ));
+        }
+        Ok(match k {
+            0 => Freezing::None,
+            k if k > 0 => Freezing::Units {
+                from: 0,
+                to: n,
+                layers,
+            },
+            _ => Freezing::Units {
+                from: layers - n + 1,
+                to: layers,
+                layers,
+            },
+        })
+    }
+
     /// Before the transforms add their parameters (which stay trainable).
     pub fn apply_initial(&self, bert: &mut Bert) -> Result<()> {
+        if let Freezing::Units { from, to, .. } = *self {
+            for unit in from..=to {
+                bert.set_frozen(unit, true)?;
+            }
+        }
         if let Freezing::Backbone { layernorm } = *self {
             bert.freeze_all()?;
             if layernorm {
@@ -89,6 +128,9 @@ impl Freezing {
                 transforms.iter().any(|t| t.owns(name))
                     || in_head
                     || (layernorm && name.contains("LayerNorm"))
+            }
+            Freezing::Units { from, to, layers } => {
+                in_head || unit_of(name, layers).is_none_or(|u| !(from..=to).contains(&u))
             }
             Freezing::None | Freezing::Gradual { .. } => true,
         }
@@ -134,6 +176,33 @@ pub fn trainable(
             anchor: pretrained.get(n).cloned(),
         })
         .collect()
+}
+
+/// The unit of [`Bert::set_frozen`] a backbone parameter freezes with: 0
+/// for the embeddings (with ELECTRA's projection and DeBERTa's
+/// relative-position table and its norm), i + 1 for encoder layer i,
+/// `layers` for a pre-norm family's final norm; None for the rest (head,
+/// pooler, a transform's parameters).
+fn unit_of(name: &str, layers: usize) -> Option<usize> {
+    if name.contains(".adapter.") || name.contains(".lora_") {
+        return None;
+    }
+    if [
+        "embeddings.",
+        "embeddings_project.",
+        "encoder.rel_embeddings.",
+        "encoder.LayerNorm.",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+    {
+        return Some(0);
+    }
+    if name.starts_with("encoder.final_norm.") {
+        return Some(layers);
+    }
+    let i = name.strip_prefix("encoder.layer.")?.split('.').next()?;
+    i.parse::<usize>().ok().map(|i| i + 1)
 }
 
 /// Layer index of a parameter for discriminative rates: embeddings 0,
