@@ -230,3 +230,94 @@ fn freeze_layers_keeps_those_layers_pretrained() {
         );
     }
 }
+
+/// Kong et al.'s pieces: soft cross-entropy on one-hot targets is the
+/// cross-entropy; −H reaches −log K at uniform outputs; mixed labels are
+/// distributions; a signed step stays in its box.
+#[test]
+fn manifold_smoothing_pieces() {
+    use candle_core::{Device, Tensor};
+    use tunefuse::train::methods::manifold::*;
+    let dev = Device::Cpu;
+    let logits = Tensor::new(&[[1.0f32, -0.5, 2.0], [0.3, 0.1, -1.0]], &dev).unwrap();
+    let labels = Tensor::new(&[2u32, 0], &dev).unwrap();
+    let y = mixed_labels(&[2, 0], &[0, 2], 3, 0.0);
+    let y = Tensor::from_vec(y, (2, 3), &dev).unwrap();
+    let soft: f32 = soft_cross_entropy(&logits, &y)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let hard: f32 = tunefuse::train::trainer::cross_entropy(&logits, &labels, 0.0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!((soft - hard).abs() < 1e-6, "{soft} vs {hard}");
+    let flat = Tensor::zeros((4, 5), candle_core::DType::F32, &dev).unwrap();
+    let h: f32 = neg_entropy(&flat).unwrap().to_scalar().unwrap();
+    assert!((h + 5f32.ln()).abs() < 1e-6, "{h}");
+    let sharp = Tensor::new(&[[50.0f32, 0.0]], &dev).unwrap();
+    let h: f32 = neg_entropy(&sharp).unwrap().to_scalar().unwrap();
+    assert!(h.abs() < 1e-6 && h <= 0.0, "{h}");
+    let m = mixed_labels(&[1, 0, 2], &[2, 0, 1], 3, 0.1);
+    for row in m.chunks(3) {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{row:?}");
+    }
+    assert_eq!(&m[3..6], &[1.0, 0.0, 0.0], "a partner of the same class");
+    let centre = Tensor::new(&[0.5f32, -0.2, 0.0, 1.0], &dev).unwrap();
+    let start = Tensor::new(&[0.50008f32, -0.20009, 0.00002, 0.99991], &dev).unwrap();
+    let g = Tensor::new(&[1.0f32, -3.0, 0.0, 2.0], &dev).unwrap();
+    let x: Vec<f32> = signed_step(&start, &g, 1e-4, &centre, 1e-4)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let c: Vec<f32> = centre.to_vec1().unwrap();
+    for (a, b) in x.iter().zip(&c) {
+        assert!(
+            (a - b).abs() <= 1e-4 + 1e-7,
+            "{x:?} left the box around {c:?}"
+        );
+    }
+    // The step went the gradient's way where the box allowed.
+    assert!(x[2] > 0.0 && x[1] < -0.2);
+}
+
+/// The manifold term trains a classifier, logs under its name, and is
+/// refused for a regression head.
+#[test]
+fn manifold_smoothing_trains_and_refuses_regression() {
+    let dir = common::scratch("manifold");
+    let model = common::tiny_model_dir(dir.path());
+    let mut train = String::from("text,label\n");
+    for i in 0..16 {
+        train.push_str(["a fine film,1\n", "a dull film,0\n"][i % 2]);
+    }
+    let data = dir.path().join("t.csv");
+    std::fs::write(&data, train).unwrap();
+    let out = dir.path().join("run");
+    let args = common::own_data_args(&model, &data, &data, &out, &["--method", "manifold"]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = tunefuse(&a);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let step: serde_json::Value = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l.get("terms").is_some())
+        .unwrap();
+    let v = step["terms"]["manifold"].as_f64().unwrap();
+    assert!(v.is_finite(), "{step}");
+    let out = dir.path().join("reg");
+    let args = common::own_data_args(
+        &model,
+        &data,
+        &data,
+        &out,
+        &["--method", "manifold", "--regression"],
+    );
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let e = err(&a);
+    assert!(
+        e.contains("manifold") && e.contains("classification"),
+        "{e}"
+    );
+}

@@ -237,8 +237,10 @@ fn methods_compose_and_log_each_term_under_its_name() {
         "mixout",
         "adapter",
         "lora",
+        "manifold",
         "smart,r3f",
         "smart,freelb",
+        "manifold,lora",
         "smart,bregman,adapter,lora",
         "r3f,mixout",
     ] {
@@ -258,7 +260,7 @@ fn methods_compose_and_log_each_term_under_its_name() {
         let l = &lines(&cfg)[0];
         let terms = l["terms"].as_object().unwrap();
         // (serde_json writes an object's keys sorted.)
-        let want: Vec<&str> = ["bregman", "r3f", "smart"]
+        let want: Vec<&str> = ["bregman", "manifold", "r3f", "smart"]
             .into_iter()
             .filter(|t| methods.contains(t))
             .collect();

@@ -242,8 +242,8 @@ struct FinetuneArgs {
     /// plots (default: runs/out).
     #[arg(long)]
     output: Option<PathBuf>,
-    /// Comma-separated: vanilla (none), smart, r3f, freelb, bregman, mixout,
-    /// adapter, lora. A method the config file lists keeps its settings.
+    /// Comma-separated: vanilla (none), smart, r3f, freelb, bregman,
+    /// manifold, mixout, adapter, lora. A method the config file lists keeps its settings.
     #[arg(long)]
     method: Option<String>,
     /// Any setting, as `key=value` (repeatable): `lr=2e-5`,

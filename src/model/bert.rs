@@ -669,10 +669,36 @@ impl Bert {
     /// The embeddings output `[B, L, H]` for token ids `[B, L]` (u32) and
     /// token types (zeros when `None`): where SMART adds its perturbation.
     pub fn forward_embeddings(&self, ids: &Tensor, token_types: Option<&Tensor>) -> Result<Tensor> {
+        self.embed_words(&self.word_embeddings(ids)?, token_types)
+    }
+
+    /// The rows of the word-embedding table for token ids `[B, L]` (u32):
+    /// `[B, L, E]`, before positions, token types and the LayerNorm (what
+    /// transformers calls the input embeddings, where Kong et al. perturb).
+    pub fn word_embeddings(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, l) = ids.dims2().map_err(|_| {
             shape_err(
                 "bert",
                 format!("token ids must be [B, L], got {:?}", ids.dims()),
+            )
+        })?;
+        let e = &self.embeddings;
+        let table = if e.frozen {
+            e.word.detach()
+        } else {
+            e.word.clone()
+        };
+        Ok(table.embedding(&ids.flatten_all()?)?.reshape((b, l, ()))?)
+    }
+
+    /// The embeddings output from word embeddings `[B, L, E]` (see
+    /// [`Bert::word_embeddings`]): positions and token types added, the
+    /// LayerNorm, dropout and ELECTRA's projection.
+    pub fn embed_words(&self, words: &Tensor, token_types: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l, _) = words.dims3().map_err(|_| {
+            shape_err(
+                "bert",
+                format!("word embeddings must be [B, L, E], got {:?}", words.dims()),
             )
         })?;
         let e = &self.embeddings;
@@ -691,12 +717,9 @@ impl Bert {
             ));
         }
         let frz = |t: &Tensor| if e.frozen { t.detach() } else { t.clone() };
-        let words = frz(&e.word)
-            .embedding(&ids.flatten_all()?)?
-            .reshape((b, l, ()))?;
         let mut x = match &e.position {
             Some(p) => words.broadcast_add(&frz(p).narrow(0, e.position_offset, l)?)?,
-            None => words,
+            None => words.clone(),
         };
         if let Some(tt) = &e.token_type {
             let types = match token_types {

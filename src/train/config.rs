@@ -472,6 +472,19 @@ impl Config {
             m.validate()?;
         }
         methods::check_composition(&self.methods)?;
+        if self.head == HeadKind::Regression {
+            if let Some(m) = self
+                .methods
+                .iter()
+                .find(|m| matches!(m, Method::Manifold(_)))
+            {
+                return bad(format!(
+                    "{} (manifold smoothing) trains towards class distributions: it needs a \
+                     classification head, and this run regresses",
+                    m.name()
+                ));
+            }
+        }
         if self.freeze_layers != 0 {
             let other = if self.gradual_unfreezing {
                 Some("gradual_unfreezing".to_string())

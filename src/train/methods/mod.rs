@@ -3,7 +3,7 @@
 //! A method is one of three kinds, each a small trait of
 //! [`crate::train::objective`]:
 //! - a **term** adds a weighted loss to the objective (SMART, R3F, the
-//!   Bregman proximal term);
+//!   Bregman proximal term, Kong et al.'s manifold smoothing);
 //! - an **estimator** replaces how the task loss is estimated (FreeLB's K
 //!   perturbed passes); a run has at most one;
 //! - a **model transform** changes the model and owns the parameters it
@@ -23,6 +23,7 @@ pub mod adapter;
 pub mod bregman;
 pub mod freelb;
 pub mod lora;
+pub mod manifold;
 pub mod mixout;
 pub mod r3f;
 pub mod smart;
@@ -31,12 +32,14 @@ pub use adapter::AdapterConfig;
 pub use bregman::BregmanConfig;
 pub use freelb::FreeLbConfig;
 pub use lora::LoraConfig;
+pub use manifold::ManifoldConfig;
 pub use mixout::MixoutConfig;
 pub use r3f::R3fConfig;
 pub use smart::{SmartConfig, SmartMode, SmartReduction};
 
 /// One method and its settings. In TOML: `[[methods]]` tables with a `kind`
-/// (`smart`, `r3f`, `freelb`, `bregman`, `mixout`, `adapter`, `lora`) and the
+/// (`smart`, `r3f`, `freelb`, `bregman`, `manifold`, `mixout`, `adapter`,
+/// `lora`) and the
 /// method's settings beside it. The variants are in the order the objective
 /// applies them, whatever order a configuration lists them in.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -46,14 +49,15 @@ pub enum Method {
     R3f(R3fConfig),
     Freelb(FreeLbConfig),
     Bregman(BregmanConfig),
+    Manifold(ManifoldConfig),
     Mixout(MixoutConfig),
     Adapter(AdapterConfig),
     Lora(LoraConfig),
 }
 
 /// The names [`Method::from_name`] takes (and `vanilla`, no method).
-pub const NAMES: [&str; 7] = [
-    "smart", "r3f", "freelb", "bregman", "mixout", "adapter", "lora",
+pub const NAMES: [&str; 8] = [
+    "smart", "r3f", "freelb", "bregman", "manifold", "mixout", "adapter", "lora",
 ];
 
 /// What a method is, for composition rules and assembly.
@@ -102,6 +106,7 @@ impl Method {
             Method::R3f(_) => "r3f",
             Method::Freelb(_) => "freelb",
             Method::Bregman(_) => "bregman",
+            Method::Manifold(_) => "manifold",
             Method::Mixout(_) => "mixout",
             Method::Adapter(_) => "adapter",
             Method::Lora(_) => "lora",
@@ -115,6 +120,7 @@ impl Method {
             Method::R3f(c) => c.validate(),
             Method::Freelb(c) => c.validate(),
             Method::Bregman(c) => c.validate(),
+            Method::Manifold(c) => c.validate(),
             Method::Mixout(c) => c.validate(),
             Method::Adapter(c) => c.validate(),
             Method::Lora(c) => c.validate(),
@@ -123,7 +129,9 @@ impl Method {
 
     pub fn props(&self) -> Props {
         let (role, freezes_backbone, needs_trained_backbone) = match self {
-            Method::Smart(_) | Method::R3f(_) | Method::Bregman(_) => (Role::Term, false, None),
+            Method::Smart(_) | Method::R3f(_) | Method::Bregman(_) | Method::Manifold(_) => {
+                (Role::Term, false, None)
+            }
             Method::Freelb(_) => (Role::Estimator, false, None),
             Method::Mixout(_) => (Role::Transform, false, Some(mixout::NEEDS_FULL_WEIGHTS)),
             Method::Adapter(_) | Method::Lora(_) => (Role::Transform, true, None),
@@ -141,6 +149,7 @@ impl Method {
             Method::Smart(c) => Built::Term(Box::new(smart::Smart::new(c.clone()))),
             Method::R3f(c) => Built::Term(Box::new(r3f::R3f::new(c.clone()))),
             Method::Bregman(c) => Built::Term(Box::new(bregman::Bregman::new(c.clone()))),
+            Method::Manifold(c) => Built::Term(Box::new(manifold::Manifold::new(c.clone()))),
             Method::Freelb(c) => Built::Estimator(Box::new(freelb::FreeLb::new(c.clone()))),
             Method::Mixout(c) => Built::Transform(Box::new(c.clone())),
             Method::Adapter(c) => Built::Transform(Box::new(c.clone())),
