@@ -11,7 +11,9 @@
 #   3. sst2-full: smart-sum, seed 1,
 #   4. rte: the other methods (and SMART's direction-step variant), seeds
 #      1-3 (the CPU takes 20-95 minutes a run here),
-#   5. sst2-1k: every recipe, seeds 1-3.
+#   5. sst2-1k: every recipe, seeds 1-3,
+#   6. calibration and OOD detection (scripts/calibration-results.sh):
+#      vanilla and manifold smoothing, seeds 1-3.
 # A run cut by the deadline is left unfinished (scripts/results.sh resumes
 # it). Runs already recorded under bench/runs/<card> are not run again; add
 # the new ones there afterwards (summary.json, metrics.jsonl, config.toml,
@@ -52,6 +54,17 @@ for spec in "sst2-full:1:vanilla" "sst2-full:1:smart" "rte:1 2 3:vanilla smart s
   METHODS="$methods" timeout "$left" scripts/results.sh "$row" $seeds || echo "== $row: stopped (deadline or failure)"
   [ -d "$runs/$row" ] && "$TUNEFUSE_BIN" results "$runs/$row" | tee "$runs/results-$row.md"
 done
+# 6. Calibration and OOD detection (vanilla and manifold smoothing, seeds
+# 1-3, each as is, with MC dropout and with a held-out temperature).
+left=$(( deadline - ($(date +%s) - start) ))
+if [ "$left" -gt 60 ]; then
+  echo "== calibration, seeds 1 2 3 (${left} s left)"
+  SEEDS="1 2 3" OUT="$runs/calibration" timeout "$left" scripts/calibration-results.sh ||
+    echo "== calibration: stopped (deadline or failure)"
+  cp "$runs/calibration/calibration.jsonl" "$out/" 2>/dev/null || true
+else
+  echo "== calibration: skipped, the ${deadline}-s budget is spent"
+fi
 tar -C "$runs" -cJf "$out/results-runs.tar.xz" \
   $(cd "$runs" && find . -maxdepth 3 \( -name summary.json -o -name metrics.jsonl -o -name config.toml -o -name '*.log' -o -name 'results-*.md' \) | sort) 2>/dev/null
 echo "gpu-results: done in $(( $(date +%s) - start )) s"
