@@ -4,6 +4,7 @@ pub mod adamw;
 pub mod adapter;
 pub mod attention;
 mod cpu;
+pub mod grad_reverse;
 pub mod layer_norm;
 pub mod mixout;
 pub mod perturb;
@@ -11,6 +12,7 @@ pub mod sym_kl;
 
 pub use adamw::{adamw_state, adamw_step, AdamWStep};
 pub use attention::attention_probs;
+pub use grad_reverse::{dann_lambda, grad_reverse};
 pub use layer_norm::layer_norm;
 pub use mixout::{dropout, mixout, Rng};
 pub use perturb::{
