@@ -50,11 +50,14 @@ impl Drop for WeightGradsOff<'_> {
 /// A master weight and its copy in the compute dtype.
 #[derive(Debug)]
 pub struct Shadow {
+    /// The f32 master weight the optimiser updates.
     pub master: Tensor,
+    /// Its copy in the compute dtype, refreshed after each step.
     pub copy: Var,
 }
 
 impl Stream {
+    /// A stream in evaluation mode, f32, drawing from `seed` at offset 0.
     pub fn new(seed: u64) -> Self {
         Self {
             train: Cell::new(false),
@@ -215,12 +218,15 @@ impl Stream {
         Ok(())
     }
 
+    /// The dtype activations are computed in (None: the weights' own, f32).
     pub fn compute_dtype(&self) -> Option<DType> {
         self.compute.get()
     }
+    /// Whether the model is in training mode (dropout and mixout on).
     pub fn train(&self) -> bool {
         self.train.get()
     }
+    /// Training mode on or off (`predict` turns it off, MC dropout on).
     pub fn set_train(&self, on: bool) {
         self.train.set(on)
     }
@@ -231,6 +237,7 @@ impl Stream {
             offset: self.offset.get(),
         }
     }
+    /// Moves the stream to a saved position (resuming a checkpoint).
     pub fn set_position(&self, r: Rng) {
         self.seed.set(r.seed);
         self.offset.set(r.offset);
@@ -505,12 +512,17 @@ impl From<Activation> for Act {
 /// 2021).
 #[derive(Clone, Debug)]
 pub struct Lora {
+    /// A, `[r, in]`: `lora_A`.
     pub a: Tensor,
+    /// B, `[out, r]`: `lora_B`.
     pub b: Tensor,
+    /// s = α / r.
     pub scale: f64,
 }
 
 impl Lora {
+    /// `lora_A` and `lora_B` under `vb` for a layer of `din` inputs and
+    /// `dout` outputs, rank `r`, scale α/r; r = 0 is an error.
     pub fn new(vb: &VarBuilder, din: usize, dout: usize, r: usize, alpha: f64) -> Result<Self> {
         if r == 0 {
             return Err(crate::error::param_err("lora", "rank r must be at least 1"));
@@ -567,13 +579,17 @@ impl Lora {
 /// `encoder.layer.3.attention.self.query`).
 #[derive(Clone, Debug)]
 pub struct Dense {
+    /// The Hugging Face name (`encoder.layer.3.attention.self.query`).
     pub name: String,
+    /// `[out, in]`.
     pub weight: Tensor,
+    /// `[out]`; None for a layer without one (ModernBERT's).
     pub bias: Option<Tensor>,
     /// Gradients stop here (frozen backbone, gradual unfreezing).
     pub frozen: bool,
     /// Mixout towards this pretrained weight with probability p (train mode).
     pub mixout: Option<(Tensor, f64)>,
+    /// A LoRA delta added to the output.
     pub lora: Option<Lora>,
 }
 
@@ -621,6 +637,8 @@ impl Dense {
         })
     }
 
+    /// `x·Wᵀ + b` with mixout (training mode), frozen weights detached
+    /// and the LoRA delta added; in `x`'s dtype.
     pub fn forward(&self, x: &Tensor, s: &Stream) -> Result<Tensor> {
         let dt = x.dtype();
         // Mixout mixes the master weight (its result is cast per use).
@@ -721,15 +739,21 @@ pub enum AdapterPlacement {
 pub struct Adapter {
     /// `[r, d]`.
     pub w_down: Tensor,
+    /// `[r]`.
     pub b_down: Tensor,
     /// `[d, r]`.
     pub w_up: Tensor,
+    /// `[d]`.
     pub b_up: Tensor,
+    /// The bottleneck's activation (the model's).
     pub act: Activation,
+    /// The scale s of the adapter's output.
     pub scale: f64,
 }
 
 impl Adapter {
+    /// `down.*` and `up.*` under `vb` for width `d` and bottleneck `r`;
+    /// r = 0 is an error.
     pub fn new(vb: &VarBuilder, d: usize, r: usize, act: Activation, scale: f64) -> Result<Self> {
         if r == 0 {
             return Err(crate::error::param_err(

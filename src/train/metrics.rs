@@ -193,8 +193,11 @@ pub fn brier(probs: &[Vec<f64>], labels: &[usize]) -> Result<f64> {
 /// One bin of a reliability table.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Bin {
+    /// The bin's lower confidence bound (exclusive).
     pub lower: f64,
+    /// Its upper bound (inclusive).
     pub upper: f64,
+    /// Examples in the bin.
     pub count: usize,
     /// Accuracy of the examples in the bin (0 when empty).
     pub accuracy: f64,
@@ -205,7 +208,9 @@ pub struct Bin {
 /// Expected calibration error and its per-bin table.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Calibration {
+    /// Σ over bins of (count / n)·|accuracy − confidence|.
     pub ece: f64,
+    /// The bins, lowest confidence first.
     pub bins: Vec<Bin>,
 }
 

@@ -16,15 +16,21 @@ use crate::ops::mixout::Rng;
 
 /// One batch on the device, plus its labels.
 pub struct Batch {
+    /// Token ids `[B, L]` (u32).
     pub ids: Tensor,
+    /// Token types `[B, L]`.
     pub types: Tensor,
+    /// Attention mask `[B, L]`: 1 for tokens, 0 for padding.
     pub mask: Tensor,
+    /// Class indices `[B]` (u32), or regression targets `[B]` (f32).
     pub labels: Tensor,
 }
 
 /// The encoder and its head: the model a run trains.
 pub struct TaskModel<'a> {
+    /// The encoder.
     pub bert: &'a Bert,
+    /// The task head on its last hidden states.
     pub head: &'a TaskHead,
 }
 
@@ -46,7 +52,9 @@ impl TaskModel<'_> {
 
 /// What a method may use to compute its part of one batch's objective.
 pub struct Ctx<'a> {
+    /// The encoder and head.
     pub model: TaskModel<'a>,
+    /// The batch the objective is computed on.
     pub batch: &'a Batch,
     /// The optimised parameters (in the optimiser's order).
     pub params: &'a [Param],
@@ -58,6 +66,8 @@ pub struct Ctx<'a> {
 }
 
 impl<'a> Ctx<'a> {
+    /// A context for one batch; the embeddings and clean outputs are
+    /// computed on first request.
     pub fn new(
         model: TaskModel<'a>,
         batch: &'a Batch,
@@ -74,6 +84,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// The task head.
     pub fn head(&self) -> &TaskHead {
         self.model.head
     }
@@ -125,6 +136,8 @@ impl TermOut {
 pub trait Term {
     /// The name its value is logged under in `metrics.jsonl`.
     fn name(&self) -> &'static str;
+    /// Its loss for the batch in `ctx` (weighted, in the graph) and the
+    /// value to log, or [`TermOut::skipped`].
     fn term(&mut self, ctx: &mut Ctx<'_>) -> Result<TermOut>;
     /// After every optimiser step (Bregman's θ̃ follows θ).
     fn after_step(&mut self, _params: &[Param]) -> Result<()> {
@@ -152,12 +165,15 @@ pub trait Term {
 /// How the task loss of a batch is estimated, with parameter gradients of
 /// passes the estimator already back-propagated.
 pub struct Estimate {
+    /// The task loss (in the graph).
     pub loss: Tensor,
+    /// Gradients of passes already back-propagated, to add to the loss's.
     pub grads: Option<GradStore>,
 }
 
 /// A method that replaces how the task loss is estimated (FreeLB).
 pub trait Estimator {
+    /// The batch's task loss as this estimator estimates it.
     fn task_loss(&mut self, ctx: &mut Ctx<'_>) -> Result<Estimate>;
 }
 
@@ -206,7 +222,9 @@ pub struct BatchLoss {
 
 /// The estimator and the terms of a run.
 pub struct Objective {
+    /// How the task loss is estimated ([`Plain`] without FreeLB).
     pub estimator: Box<dyn Estimator>,
+    /// The weighted terms, in registry order.
     pub terms: Vec<Box<dyn Term>>,
 }
 

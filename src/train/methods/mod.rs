@@ -45,13 +45,21 @@ pub use smart::{SmartConfig, SmartMode, SmartReduction};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Method {
+    /// SMART's smoothness-inducing adversarial regulariser.
     Smart(SmartConfig),
+    /// R3F's noise-only smoothness term.
     R3f(R3fConfig),
+    /// FreeLB's K-step adversarial estimator of the task loss.
     Freelb(FreeLbConfig),
+    /// The Bregman proximal point term (SMART's mean teacher).
     Bregman(BregmanConfig),
+    /// Kong et al.'s on- and off-manifold calibration terms.
     Manifold(ManifoldConfig),
+    /// Mixout towards the pretrained weights.
     Mixout(MixoutConfig),
+    /// Bottleneck adapters (backbone frozen).
     Adapter(AdapterConfig),
+    /// LoRA deltas (backbone frozen).
     Lora(LoraConfig),
 }
 
@@ -63,8 +71,11 @@ pub const NAMES: [&str; 8] = [
 /// What a method is, for composition rules and assembly.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
+    /// Adds a weighted loss to the objective.
     Term,
+    /// Replaces how the task loss is estimated (at most one per run).
     Estimator,
+    /// Changes the model and owns the parameters it adds.
     Transform,
 }
 
@@ -72,6 +83,7 @@ pub enum Role {
 /// these alone which combinations are refused.
 #[derive(Clone, Copy, Debug)]
 pub struct Props {
+    /// Term, estimator or transform.
     pub role: Role,
     /// Freezes the pretrained backbone (only new parameters train).
     pub freezes_backbone: bool,
@@ -82,8 +94,11 @@ pub struct Props {
 
 /// A built method, ready for the objective or the model.
 pub enum Built {
+    /// A term of the objective.
     Term(Box<dyn Term>),
+    /// The task loss's estimator.
     Estimator(Box<dyn Estimator>),
+    /// A change to the model.
     Transform(Box<dyn ModelTransform>),
 }
 
@@ -100,6 +115,7 @@ impl Method {
         })
     }
 
+    /// The method's name (`--method`, the `kind` of its TOML table, its log key).
     pub fn name(&self) -> &'static str {
         match self {
             Method::Smart(_) => "smart",
@@ -127,6 +143,7 @@ impl Method {
         }
     }
 
+    /// The properties composition is decided from.
     pub fn props(&self) -> Props {
         let (role, freezes_backbone, needs_trained_backbone) = match self {
             Method::Smart(_) | Method::R3f(_) | Method::Bregman(_) | Method::Manifold(_) => {
