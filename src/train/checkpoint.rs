@@ -19,15 +19,23 @@ use crate::ops::mixout::Rng;
 /// The trainer's own state, saved with every checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct State {
+    /// The epoch in progress.
     pub epoch: usize,
     /// Batches done in `epoch`.
     pub batch: usize,
+    /// Optimiser steps done.
     pub step: u64,
+    /// The dropout stream's (seed, offset).
     pub dropout_rng: (u64, u64),
+    /// The perturbations' stream's (seed, offset).
     pub noise_rng: (u64, u64),
+    /// The best selection metric so far.
     pub best: Option<f64>,
+    /// The step it was reached at.
     pub best_step: u64,
+    /// Evaluations since then (early stopping's patience).
     pub evals_since_best: usize,
+    /// Every evaluation's (step, metric).
     pub history: Vec<(u64, f64)>,
     /// Wall seconds of the run up to this checkpoint, summed over the
     /// sessions a resumed run took (0 in checkpoints older than the field).

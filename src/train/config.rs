@@ -44,11 +44,14 @@ pub enum DeviceKind {
     /// CUDA device 0 when present, else the CPU.
     #[default]
     Auto,
+    /// The CPU.
     Cpu,
+    /// CUDA device 0 (an error without one).
     Cuda,
 }
 
 impl DeviceKind {
+    /// The candle device this kind names.
     pub fn device(self) -> Result<Device> {
         Ok(match self {
             DeviceKind::Cpu => Device::Cpu,
@@ -65,7 +68,9 @@ pub enum Precision {
     /// bf16 on CUDA, f32 on the CPU.
     #[default]
     Auto,
+    /// f32 activations.
     F32,
+    /// bf16 activations (CUDA).
     Bf16,
 }
 
@@ -74,7 +79,9 @@ pub enum Precision {
 #[serde(rename_all = "snake_case")]
 pub enum Metric {
     #[default]
+    /// Fraction of correct predictions.
     Accuracy,
+    /// F1 averaged over classes.
     MacroF1,
     /// F1 of the positive class (binary tasks).
     F1,
@@ -82,10 +89,12 @@ pub enum Metric {
     Mcc,
     /// Regression heads select on a correlation.
     Pearson,
+    /// Spearman's rank correlation (regression).
     Spearman,
 }
 
 impl Metric {
+    /// The metric's name in configurations, logs and summaries.
     pub fn name(self) -> &'static str {
         match self {
             Metric::Accuracy => "accuracy",
@@ -111,12 +120,17 @@ pub struct Config {
     /// for the user's own data in `train_file` / `dev_file` / `test_file`
     /// (the default when `train_file` is given).
     pub task: String,
+    /// The pretrained model directory (Hugging Face layout).
     pub model: PathBuf,
+    /// Where the built-in tasks' data lives (default: `TUNEFUSE_DATA`, else
+    /// `../shared/data`).
     pub data_dir: Option<PathBuf>,
     /// Own data (task `files`): CSV, TSV or JSON Lines, one file per split
     /// (see [`super::files`] for the formats and the column defaults).
     pub train_file: Option<PathBuf>,
+    /// The evaluation file of own data.
     pub dev_file: Option<PathBuf>,
+    /// The test file of own data (`eval --split test`).
     pub test_file: Option<PathBuf>,
     /// The text column (default `sentence1`, else the first non-label one).
     pub text_column: Option<String>,
@@ -127,13 +141,22 @@ pub struct Config {
     /// The label set in index order (default: the training file's labels,
     /// sorted).
     pub labels: Option<Vec<String>>,
+    /// The run directory: `metrics.jsonl`, `summary.json`, `config.toml`,
+    /// `best/`, `last/`.
     pub output: PathBuf,
+    /// Seeds data order, subsampling, initialisation, dropout and noise.
     pub seed: u64,
+    /// Passes over the training set.
     pub epochs: usize,
+    /// Examples per optimiser step (before accumulation).
     pub batch_size: usize,
+    /// Batches accumulated per optimiser step.
     pub grad_accum: usize,
+    /// Peak learning rate.
     pub lr: f64,
+    /// AdamW's decoupled weight decay.
     pub weight_decay: f64,
+    /// The learning-rate schedule.
     pub schedule: Schedule,
     /// Discriminative fine-tuning: lr of layer l is lr·ξ^(L−l) (ULMFiT uses 1/2.6).
     pub layer_lr_decay: Option<f64>,
@@ -150,6 +173,7 @@ pub struct Config {
     /// through the optimiser's update (the authors' form), not through a
     /// loss term, so it is an optimiser setting rather than a method.
     pub recadam: Option<RecAdam>,
+    /// Tokens per example (longer ones are truncated).
     pub max_len: usize,
     /// Gradient clipping by global norm (0 = off).
     pub clip: f64,
@@ -163,6 +187,7 @@ pub struct Config {
     pub k_per_class: Option<usize>,
     /// Subsample the evaluation set to this many examples (by seed).
     pub eval_examples: Option<usize>,
+    /// The split evaluated during training (`dev`, or `test`).
     pub eval_split: Split,
     /// The task head: classification or regression (each example's label
     /// index as a real-valued target, e.g. SST-5's 0–4 scale).
@@ -171,12 +196,16 @@ pub struct Config {
     pub metric: Metric,
     /// Stop after this many evaluations without improvement.
     pub patience: Option<usize>,
+    /// Label smoothing ε of the cross-entropy.
     pub label_smoothing: f64,
+    /// How the head pools the hidden states (`cls`, `mean`, `pooler`).
     pub pooling: Pooling,
     /// Hidden and attention dropout; default: the model's (or what a
     /// method asks for: none with mixout).
     pub dropout: Option<f64>,
+    /// Where the run computes.
     pub device: DeviceKind,
+    /// The activations' dtype.
     pub precision: Precision,
     /// Stop after the first checkpoint at or past this many optimiser steps
     /// (time-boxing; the run can be continued with `--resume`).

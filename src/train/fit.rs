@@ -18,15 +18,22 @@ use crate::error::{io_err, Error, Result};
 /// What a run reports at the end.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Summary {
+    /// The task (or `files`).
     pub task: String,
+    /// The methods' names, in registry order.
     pub methods: Vec<String>,
+    /// Optimiser steps taken.
     pub steps: u64,
+    /// The step of the best evaluation (`best/`).
     pub best_step: u64,
     #[serde(with = "nan_as_null")]
+    /// The best value of the selection metric.
     pub best: f64,
+    /// The selection metric's name.
     pub metric: String,
     /// Evaluation of the final weights.
     pub last: Eval,
+    /// Training examples after subsampling.
     pub train_examples: usize,
     /// Wall seconds of training and evaluation (from the start of `fit`, the
     /// model loaded), summed over the sessions of a resumed run; the time

@@ -23,12 +23,16 @@ use crate::ops::{adamw_state, adamw_step, AdamWStep};
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecAdam {
+    /// The sigmoid's steepness k.
     pub k: f64,
+    /// The step t₀ where λ = ½.
     pub t0: f64,
+    /// The pull's strength γ towards the pretrained weights.
     pub gamma: f64,
 }
 
 impl RecAdam {
+    /// λ(t) = 1 / (1 + e^(−k·(t − t₀))).
     pub fn lambda(&self, t: u64) -> f64 {
         1.0 / (1.0 + (-self.k * (t as f64 - self.t0)).exp())
     }
@@ -37,10 +41,15 @@ impl RecAdam {
 /// AdamW hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWParams {
+    /// Learning rate.
     pub lr: f64,
+    /// β₁ of the first moment.
     pub beta1: f64,
+    /// β₂ of the second moment.
     pub beta2: f64,
+    /// ε added to √v̂.
     pub eps: f64,
+    /// Decoupled weight decay.
     pub weight_decay: f64,
 }
 
@@ -58,7 +67,9 @@ impl Default for AdamWParams {
 
 /// One trainable parameter.
 pub struct Param {
+    /// The parameter's name in the varmap.
     pub name: String,
+    /// The variable the step updates in place.
     pub var: Var,
     /// Multiplier of the base learning rate (discriminative fine-tuning).
     pub lr_scale: f64,
@@ -70,8 +81,11 @@ pub struct Param {
 
 /// AdamW with parameter groups and optional RecAdam.
 pub struct AdamW {
+    /// The trainable parameters, sorted by name.
     pub params: Vec<Param>,
+    /// Hyper-parameters.
     pub hp: AdamWParams,
+    /// RecAdam's annealing, when on.
     pub recadam: Option<RecAdam>,
     /// Completed steps.
     pub step: u64,
@@ -80,6 +94,8 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// An optimiser over `params`; hyper-parameters out of range are an
+    /// error naming them.
     pub fn new(params: Vec<Param>, hp: AdamWParams, recadam: Option<RecAdam>) -> Result<Self> {
         let ok = hp.lr >= 0.0
             && hp.lr.is_finite()
@@ -334,24 +350,31 @@ pub fn clip_scale(norm: &Tensor, max_norm: f64) -> Result<Option<Tensor>> {
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Schedule {
+    /// The same rate throughout.
     Constant,
     /// Linear warm-up over `warmup` of the steps, then linear decay to 0.
     Linear {
+        /// Fraction of the steps spent warming up.
         warmup: f64,
     },
     /// Linear warm-up, then cosine decay to 0.
     Cosine {
+        /// Fraction of the steps spent warming up.
         warmup: f64,
     },
     /// ULMFiT's slanted triangular rates (Howard & Ruder 2018): rise for
     /// `cut_frac` of the steps, fall after, from lr/ratio to lr and back.
     SlantedTriangular {
+        /// Fraction of the steps spent rising.
         cut_frac: f64,
+        /// How much smaller the lowest rate is than the peak.
         ratio: f64,
     },
 }
 
 impl Schedule {
+    /// Warm-up in [0, 1), cut_frac in (0, 1), ratio ≥ 1; otherwise an error
+    /// showing the schedule.
     pub fn validate(&self) -> Result<()> {
         let ok = match *self {
             Schedule::Constant => true,
