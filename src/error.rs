@@ -7,23 +7,53 @@ use candle_core::DType;
 pub enum Error {
     /// Tensor shapes that do not fit together.
     #[error("{op}: {msg}")]
-    Shape { op: &'static str, msg: String },
+    Shape {
+        /// The op or component that refused.
+        op: &'static str,
+        /// What is wrong, with the values.
+        msg: String,
+    },
     /// A dtype the op does not support, or two inputs with different dtypes.
     #[error("{op}: {msg}")]
-    DType { op: &'static str, msg: String },
+    DType {
+        /// The op or component that refused.
+        op: &'static str,
+        /// What is wrong, with the values.
+        msg: String,
+    },
     /// A parameter outside its range.
     #[error("{op}: {msg}")]
-    Param { op: &'static str, msg: String },
+    Param {
+        /// The op or component that refused.
+        op: &'static str,
+        /// What is wrong, with the values.
+        msg: String,
+    },
     /// Tensors on different devices.
     #[error("{op}: {msg}")]
-    Device { op: &'static str, msg: String },
+    Device {
+        /// The op or component that refused.
+        op: &'static str,
+        /// What is wrong, with the values.
+        msg: String,
+    },
     /// A file that cannot be read or written.
     #[error("cannot access {path}: {msg}")]
-    Io { path: String, msg: String },
+    Io {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// A file whose content is malformed (the message names the line or
     /// tensor).
     #[error("{path}: {msg}")]
-    Format { path: String, msg: String },
+    Format {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        msg: String,
+    },
     /// Training produced values that are not finite (a diverged run), or a
     /// model's outputs are not finite.
     #[error("{0}")]

@@ -45,16 +45,24 @@ use crate::philox;
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Noise {
     /// N(0, σ²).
-    Normal { sigma: f64 },
+    Normal {
+        /// σ.
+        sigma: f64,
+    },
     /// U(−σ, σ).
-    Uniform { sigma: f64 },
+    Uniform {
+        /// σ.
+        sigma: f64,
+    },
 }
 
 /// The norm of an ascent step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Norm {
+    /// Steps normalised by the Euclidean norm; PGD projects onto the l2 ball.
     L2,
+    /// Steps normalised by the largest |value|; PGD clamps to ±ε.
     Linf,
 }
 
@@ -72,12 +80,21 @@ pub enum Granularity {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum StepMode {
     /// δ + η·g/‖g‖, then projected onto the ε-ball when `eps` is set (FreeLB, PGD).
-    Pgd { eps: Option<f64> },
+    Pgd {
+        /// The ball's radius ε (None: no projection).
+        eps: Option<f64>,
+    },
     /// η·g/(‖g‖ + ε₀): a step of size η (VAT; the SMART of mt-dnn's first release).
-    Direction { eps0: f64 },
+    Direction {
+        /// ε₀ added to the norm.
+        eps0: f64,
+    },
     /// (δ + η·g)/(‖δ + η·g‖ + ε₀): a step of size 1 (smart-pytorch; mt-dnn's
     /// current SMART).
-    NormalizedStep { eps0: f64 },
+    NormalizedStep {
+        /// ε₀ added to the norm.
+        eps0: f64,
+    },
 }
 
 /// One ascent step's configuration.
@@ -85,8 +102,11 @@ pub enum StepMode {
 pub struct AscentStep {
     /// Step size η.
     pub eta: f64,
+    /// The norm the step is normalised by.
     pub norm: Norm,
+    /// Whether the norm is per token or per example.
     pub granularity: Granularity,
+    /// The update rule.
     pub mode: StepMode,
 }
 
@@ -429,7 +449,9 @@ impl CustomOp3 for StepOp {
 /// R3F and the calibration regulariser share.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Perturbation {
+    /// The initial δ's distribution.
     pub noise: Noise,
+    /// Each ascent step.
     pub step: AscentStep,
     /// K, the number of ascent steps (0 = noise only, as in R3F).
     pub steps: usize,
