@@ -15,7 +15,9 @@ use crate::error::{io_err, Result};
 /// Whether the run goes on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Control {
+    /// Go on training.
     Continue,
+    /// Stop after this point (early stopping, time-boxing).
     Stop,
 }
 
@@ -25,14 +27,20 @@ pub enum Event<'a> {
     /// After every optimiser step; `logged` on the steps written to
     /// `metrics.jsonl` (every `log_every`).
     Step {
+        /// Optimiser steps done.
         step: u64,
+        /// Steps the run will take.
         total: u64,
+        /// The epoch in progress.
         epoch: usize,
         /// The step's loss, on logged steps only (reading it back every
         /// step would make the host wait for the device).
         loss: Option<f64>,
+        /// The learning rate of the step.
         lr: f64,
+        /// Training throughput over the last steps.
         examples_per_s: f64,
+        /// Whether the step was written to `metrics.jsonl`.
         logged: bool,
     },
     /// Evaluations, checkpoints, early stopping, resumption.
@@ -41,10 +49,15 @@ pub enum Event<'a> {
 
 /// One optimiser step, as the callbacks see it.
 pub struct StepInfo<'a> {
+    /// Optimiser steps done.
     pub step: u64,
+    /// Steps the run will take.
     pub total: u64,
+    /// The epoch in progress.
     pub epoch: usize,
+    /// The learning rate of the step.
     pub lr: f64,
+    /// Training throughput over the last steps.
     pub examples_per_s: f64,
     /// Whether this step is logged (then `values` holds its values).
     pub logged: bool,
@@ -56,9 +69,13 @@ pub struct StepInfo<'a> {
 
 /// One evaluation.
 pub struct EvalInfo<'a> {
+    /// The step evaluated after.
     pub step: u64,
+    /// The epoch in progress.
     pub epoch: usize,
+    /// The metrics.
     pub eval: &'a Eval,
+    /// The reliability table (classification).
     pub calibration: Option<&'a Calibration>,
     /// The selection metric's value.
     pub score: f64,
@@ -67,10 +84,15 @@ pub struct EvalInfo<'a> {
 /// Where progress goes (the CLI's bar, a test's collector).
 pub type Sink<'a> = &'a mut dyn FnMut(Event<'_>);
 
+/// Something a run does at its steps, evaluations and checkpoints
+/// (logging, progress, the best checkpoint, early stopping); every method
+/// has a default that does nothing.
 pub trait Callback {
+    /// After every optimiser step.
     fn on_step(&mut self, _run: &Run, _st: &mut State, _s: &StepInfo, _on: Sink) -> Result<()> {
         Ok(())
     }
+    /// After every evaluation; [`Control::Stop`] ends the run.
     fn on_eval(
         &mut self,
         _run: &Run,
@@ -242,6 +264,7 @@ impl Callback for BestCheckpoint {
 
 /// Stops after `patience` evaluations without improvement.
 pub struct EarlyStopping {
+    /// Evaluations without improvement tolerated.
     pub patience: usize,
 }
 
@@ -260,6 +283,7 @@ impl Callback for EarlyStopping {
 
 /// Time-boxing: stops at the first checkpoint at or past `step`.
 pub struct StopAfter {
+    /// The step from which the next checkpoint ends the run.
     pub step: u64,
 }
 
