@@ -84,6 +84,25 @@ enum Cmd {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// Compare a checkpoint with its pretrained base on the same inputs:
+    /// per-layer linear CKA and cosine distance of token representations,
+    /// per-head JS divergence of attention distributions.
+    Analyze {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// The split of the checkpoint's task to read.
+        #[arg(long, default_value = "dev", conflicts_with = "file")]
+        split: String,
+        /// A data file in the columns of the checkpoint's own files.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Read at most this many examples.
+        #[arg(long, default_value_t = 256)]
+        examples: usize,
+        /// The base model directory, when it has moved.
+        #[arg(long)]
+        base_model: Option<PathBuf>,
+    },
     /// Fit a temperature (Guo et al. 2017) on a split of a checkpoint's
     /// task (or a file) by minimising the NLL, and store it in the
     /// checkpoint directory (temperature.json), where `eval` applies it.
@@ -517,6 +536,41 @@ fn run(cli: Cli) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
             println!("{}", serde_json::to_string_pretty(&report).unwrap());
+            Ok(())
+        }
+        Cmd::Analyze {
+            checkpoint,
+            split,
+            file,
+            examples,
+            base_model,
+        } => {
+            let a = tunefuse::train::analyze::analyze_checkpoint(
+                &checkpoint,
+                &split,
+                file.as_deref(),
+                base_model.as_deref(),
+                examples,
+            )
+            .map_err(|e| e.to_string())?;
+            eprintln!(
+                "{} examples, {} tokens: layer, linear CKA, cosine distance, mean attention JS",
+                a.examples, a.tokens
+            );
+            for l in &a.layers {
+                let js = match l.layer {
+                    0 => String::from("-"),
+                    i => {
+                        let row = &a.attention_js[i - 1];
+                        format!("{:.4}", row.iter().sum::<f64>() / row.len().max(1) as f64)
+                    }
+                };
+                eprintln!(
+                    "  {:>2}  {:.4}  {:.4}  {js}",
+                    l.layer, l.cka, l.cosine_distance
+                );
+            }
+            println!("{}", serde_json::to_string_pretty(&a).unwrap());
             Ok(())
         }
         Cmd::Calibrate {

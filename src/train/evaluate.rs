@@ -576,7 +576,7 @@ pub fn predict_checkpoint(dir: &Path, file: &Path, base: Option<&Path>) -> Resul
 
 /// The run of a `best/` checkpoint with its trained parameters, evaluating
 /// on `split` of `task` (default: the checkpoint's) or on `file`.
-fn checkpoint_run(
+pub(crate) fn checkpoint_run(
     dir: &Path,
     task: Option<&str>,
     split: Split,

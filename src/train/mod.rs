@@ -2,6 +2,7 @@
 //! callbacks, one optimiser step, checkpoints, evaluation, the objective and
 //! the methods it combines, task heads, data readers, metrics, optimisers,
 //! and the results table of a grid of runs.
+pub mod analyze;
 pub mod callbacks;
 pub mod checkpoint;
 pub mod config;
