@@ -208,12 +208,17 @@ pub fn ascent_step_composed(
 /// One benchmark: a closure running the op once, and the minimum bytes it
 /// must move (what the GB/s figures are computed from).
 pub struct Case {
+    /// The op's name in the table.
     pub op: &'static str,
+    /// The shape, as the table prints it.
     pub shape: String,
+    /// The dtype.
     pub dtype: DType,
+    /// The minimum bytes one run reads and writes.
     pub bytes: usize,
     /// Floating-point operations of one run, for ops with matrix products.
     pub flops: Option<f64>,
+    /// Runs the op once.
     pub run: Box<dyn FnMut() -> Result<()>>,
 }
 
@@ -440,10 +445,15 @@ pub fn device_name(dev: &Device) -> String {
 /// One measured row of the table.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Row {
+    /// The op's name.
     pub op: String,
+    /// The shape.
     pub shape: String,
+    /// The dtype.
     pub dtype: String,
+    /// Median milliseconds per run.
     pub ms: f64,
+    /// Achieved GB/s of the minimum bytes.
     pub gbps: f64,
     /// Achieved TFLOP/s, for ops with matrix products.
     #[serde(default)]

@@ -40,10 +40,13 @@ pub const COUNTS: [&str; 13] = [
 /// One census case: a method combination at a batch shape.
 #[derive(Clone, Debug)]
 pub struct Case {
+    /// The case's name in the table and in `bench/step_census.json`.
     pub name: &'static str,
     /// `--method` form: comma-separated, empty for vanilla.
     pub methods: &'static str,
+    /// The task whose data the steps run on.
     pub task: &'static str,
+    /// Tokens per example.
     pub max_len: usize,
     /// Further `--set` assignments.
     pub sets: &'static [&'static str],
@@ -89,12 +92,19 @@ const fn case(
 /// The census library's running totals.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Totals {
+    /// "stand-in" or "interposer".
     pub mode: String,
+    /// Nanoseconds spent inside the counted libraries.
     pub inside_ns: u64,
+    /// Calls per category (kernels, memsets, allocations, copies, syncs, …).
     pub categories: BTreeMap<String, u64>,
+    /// Bytes per category (copies and memsets).
     pub bytes: BTreeMap<String, u64>,
+    /// Floating-point operations of the GEMMs asked for.
     pub gemm_flops: u64,
+    /// Calls per library function.
     pub calls: BTreeMap<String, u64>,
+    /// Launches per kernel name.
     pub kernels: BTreeMap<String, u64>,
 }
 
@@ -132,10 +142,15 @@ pub fn read() -> Result<Totals> {
 /// What one case's steady-state steps asked for, per step.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaseCensus {
+    /// The case's name.
     pub name: String,
+    /// Its methods (`--method` form).
     pub methods: String,
+    /// Its task.
     pub task: String,
+    /// Examples per step.
     pub batch_size: usize,
+    /// Tokens per example.
     pub max_len: usize,
     /// Mean per measured step of each of [`COUNTS`] and the other categories.
     pub per_step: BTreeMap<String, f64>,
@@ -147,7 +162,9 @@ pub struct CaseCensus {
     pub host_us: f64,
     /// Wall time per step including the libraries, microseconds.
     pub wall_us: f64,
+    /// Bytes per step of each category.
     pub bytes_per_step: BTreeMap<String, f64>,
+    /// GEMM work per step, GFLOP.
     pub gemm_gflop_per_step: f64,
     /// The most launched kernels, launches per step.
     pub top_kernels: Vec<(String, f64)>,
@@ -289,8 +306,11 @@ pub struct Census {
     pub stamp: String,
     /// The host that ran it (CPU model and cores; the GPU when interposed).
     pub machine: String,
+    /// Steps run before counting.
     pub warmup: usize,
+    /// Steps counted.
     pub steps: usize,
+    /// Every case.
     pub cases: Vec<CaseCensus>,
 }
 

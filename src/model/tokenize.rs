@@ -17,8 +17,11 @@ pub struct TextTokenizer {
 /// One padded batch: ids, token types and attention mask, all `[B, L]` u32.
 #[derive(Debug)]
 pub struct Batch {
+    /// Token ids.
     pub ids: Tensor,
+    /// Token types (0 for the first text, 1 for the second).
     pub token_types: Tensor,
+    /// 1 for tokens, 0 for padding.
     pub mask: Tensor,
 }
 

@@ -35,11 +35,15 @@ use crate::error::{check_same, param_err, shape_err, Error, Result};
 /// parameter's dtype by the op).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
+    /// β₁.
     pub beta1: f64,
+    /// β₂.
     pub beta2: f64,
+    /// ε.
     pub eps: f64,
     /// Bias corrections `1 − β₁ᵗ` and `1 − β₂ᵗ` of step t (1-based).
     pub c1: f64,
+    /// `1 − β₂ᵗ`.
     pub c2: f64,
     /// This tensor's learning rate.
     pub lr: f64,
@@ -219,6 +223,7 @@ pub fn adamw_step(
 /// One tensor of a multi-tensor step (`multi::clip_and_step`).
 #[derive(Clone, Copy, Debug)]
 pub struct AdamWTensor<'a> {
+    /// The parameter, updated in place.
     pub param: &'a Tensor,
     /// Its `[m; v]` from [`adamw_state`].
     pub state: &'a Tensor,
@@ -229,6 +234,7 @@ pub struct AdamWTensor<'a> {
     /// A bf16 copy of the parameter, rewritten as `bf16(new value)` in the
     /// same pass (`crate::model::Stream::compute_weight`).
     pub shadow: Option<&'a Tensor>,
+    /// The step's constants.
     pub step: AdamWStep,
 }
 

@@ -29,10 +29,15 @@ use crate::error::{check_float_dtype, param_err, shape_err, Error, Result};
 /// The activation of the bottleneck.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Act {
+    /// The exact (erf) GELU.
     GeluErf,
+    /// The tanh approximation of GELU.
     GeluTanh,
+    /// max(0, x).
     Relu,
+    /// x·σ(x).
     Silu,
+    /// No activation (LoRA).
     Identity,
 }
 
@@ -257,7 +262,9 @@ pub struct AdapterWeights {
     pub w_up: Tensor,
     /// `[n]`, or none (LoRA).
     pub b_up: Option<Tensor>,
+    /// The bottleneck's activation.
     pub act: Act,
+    /// The scale s of the up-projection's output.
     pub scale: f64,
 }
 

@@ -44,6 +44,7 @@ use rayon::prelude::*;
 /// The random stream of one call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rng {
+    /// The Philox key.
     pub seed: u64,
     /// First Philox counter of the call; advance it by
     /// [`philox::counters_for`]`(n)` between calls that share a seed.

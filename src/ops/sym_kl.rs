@@ -87,7 +87,9 @@ pub enum Reduction {
 /// Options of [`sym_kl`].
 #[derive(Clone, Debug)]
 pub struct SymKlOptions {
+    /// Which sides the gradient flows to.
     pub grad: SymKlGrad,
+    /// How rows are reduced.
     pub reduction: Reduction,
     /// One entry per row (shape = leading dims of the logits); 0 drops a row.
     pub row_mask: Option<Tensor>,

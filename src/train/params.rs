@@ -20,18 +20,25 @@ use crate::ops::mixout::Rng;
 pub enum Freezing {
     /// Every parameter trains.
     None,
-    /// The backbone is frozen for the whole run; `layernorm`: its
-    /// LayerNorms still train.
-    Backbone { layernorm: bool },
-    /// Stage s trains the top s + 1 layers (and the head); a stage is an
-    /// epoch, or `every_steps` optimiser steps.
-    Gradual { every_steps: Option<u64> },
+    /// The backbone is frozen for the whole run.
+    Backbone {
+        /// Its LayerNorms still train.
+        layernorm: bool,
+    },
+    /// Stage s trains the top s + 1 layers (and the head).
+    Gradual {
+        /// Optimiser steps per stage (None: an epoch).
+        every_steps: Option<u64>,
+    },
     /// Units `from..=to` (0: the embeddings, i: encoder layer i − 1) of a
     /// model of `layers` layers are frozen for the whole run
     /// ([`Freezing::layers`]).
     Units {
+        /// The first frozen unit.
         from: usize,
+        /// The last frozen unit.
         to: usize,
+        /// The model's encoder layers.
         layers: usize,
     },
 }

@@ -15,8 +15,11 @@ use crate::train::fit::Summary;
 /// One finished run.
 #[derive(Clone, Debug)]
 pub struct RunResult {
+    /// The run's label in the table (its method recipe).
     pub label: String,
+    /// Its seed.
     pub seed: u64,
+    /// Its `summary.json`.
     pub summary: Summary,
     /// The settings the run resolved (its `config.toml`).
     pub config: Config,

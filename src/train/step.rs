@@ -115,6 +115,8 @@ pub struct PhaseTimes {
 }
 
 impl PhaseTimes {
+    /// Timing on `dev` when `on` (each mark synchronises the device), or a
+    /// no-op.
     pub fn new(dev: &Device, on: bool) -> Self {
         Self {
             dev: on.then(|| dev.clone()),
@@ -138,6 +140,7 @@ impl PhaseTimes {
         Ok(())
     }
 
+    /// Counts one finished step (the per-step averages' denominator).
     pub fn step_done(&mut self) {
         self.steps += 1;
     }

@@ -30,10 +30,14 @@ pub enum HeadKind {
 
 /// A built head and its loss settings.
 pub enum TaskHead {
+    /// Class logits, trained with cross-entropy.
     Classify {
+        /// The head.
         head: ClassifierHead,
+        /// Label smoothing ε of the cross-entropy.
         label_smoothing: f64,
     },
+    /// One value per example, trained with the squared error.
     Regress(RegressionHead),
 }
 
@@ -89,6 +93,8 @@ impl TaskHead {
         v
     }
 
+    /// Logits `[B, classes]` or predictions `[B]` from hidden states
+    /// `[B, L, H]` and the attention mask `[B, L]`.
     pub fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
         match self {
             TaskHead::Classify { head, .. } => head.forward(hidden, mask, s),

@@ -11,6 +11,7 @@ use crate::train::objective::ModelTransform;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+/// Bottleneck adapters' settings (Houlsby et al. 2019; Pfeiffer et al. 2021).
 pub struct AdapterConfig {
     /// The bottleneck width r (>= 1).
     pub r: usize,
@@ -32,6 +33,7 @@ impl Default for AdapterConfig {
 }
 
 impl AdapterConfig {
+    /// r ≥ 1; an error naming it.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
             return Err(param_err("adapter", "r must be >= 1"));

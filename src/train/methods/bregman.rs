@@ -14,6 +14,7 @@ use crate::train::optim::Param;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+/// The Bregman proximal point term's settings (SMART's mean teacher).
 pub struct BregmanConfig {
     /// μ, the weight of the proximal term (0: skipped, logged as 0).
     pub mu: f64,
@@ -31,6 +32,7 @@ impl Default for BregmanConfig {
 }
 
 impl BregmanConfig {
+    /// μ finite and ≥ 0, β in [0, 1); otherwise an error showing both.
     pub fn validate(&self) -> Result<()> {
         if !(self.mu >= 0.0 && self.mu.is_finite() && (0.0..1.0).contains(&self.beta)) {
             return Err(param_err(
@@ -45,6 +47,7 @@ impl BregmanConfig {
     }
 }
 
+/// The proximal term μ·KL_S(f(θ), f(θ̃)) with θ̃ the momentum average of θ.
 pub struct Bregman {
     cfg: BregmanConfig,
     /// θ̃, one tensor per optimised parameter (in the optimiser's order).
@@ -52,6 +55,7 @@ pub struct Bregman {
 }
 
 impl Bregman {
+    /// A term with these settings.
     pub fn new(cfg: BregmanConfig) -> Self {
         Self {
             cfg,

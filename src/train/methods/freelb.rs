@@ -16,6 +16,7 @@ use crate::train::optim::add_param_grads;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+/// FreeLB's settings (Zhu et al., ICLR 2020).
 pub struct FreeLbConfig {
     /// K, the number of perturbed passes (>= 1).
     pub steps: usize,
@@ -39,6 +40,8 @@ impl Default for FreeLbConfig {
 }
 
 impl FreeLbConfig {
+    /// K ≥ 1 and η, ε, the initial width finite and ≥ 0; otherwise an error
+    /// showing the settings.
     pub fn validate(&self) -> Result<()> {
         let nonneg = |v: f64| v >= 0.0 && v.is_finite();
         if !(self.steps > 0 && nonneg(self.eta) && nonneg(self.eps) && nonneg(self.init)) {
@@ -51,11 +54,13 @@ impl FreeLbConfig {
     }
 }
 
+/// The estimator: the task loss averaged over K perturbed passes.
 pub struct FreeLb {
     cfg: FreeLbConfig,
 }
 
 impl FreeLb {
+    /// An estimator with these settings.
     pub fn new(cfg: FreeLbConfig) -> Self {
         Self { cfg }
     }

@@ -11,6 +11,7 @@ use crate::train::objective::ModelTransform;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+/// LoRA's settings (Hu et al. 2021).
 pub struct LoraConfig {
     /// The rank r (>= 1).
     pub r: usize,
@@ -34,6 +35,7 @@ impl Default for LoraConfig {
 }
 
 impl LoraConfig {
+    /// r ≥ 1, a finite α, at least one target; otherwise an error showing them.
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 || !(self.alpha.is_finite()) || self.targets.is_empty() {
             return Err(param_err(

@@ -15,6 +15,7 @@ pub const NEEDS_FULL_WEIGHTS: &str =
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+/// Mixout's settings (Lee et al., ICLR 2020).
 pub struct MixoutConfig {
     /// The probability p of taking the pretrained value, in [0, 1).
     pub p: f64,
@@ -27,6 +28,7 @@ impl Default for MixoutConfig {
 }
 
 impl MixoutConfig {
+    /// p in [0, 1); an error naming it.
     pub fn validate(&self) -> Result<()> {
         if !(0.0..1.0).contains(&self.p) {
             return Err(param_err(

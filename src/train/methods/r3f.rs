@@ -9,10 +9,13 @@ use crate::train::objective::{Ctx, Term, TermOut};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+/// R3F's settings (Aghajanyan et al., ICLR 2021).
 pub struct R3fConfig {
     /// Weight λ (0: the term is skipped).
     pub lambda: f64,
+    /// σ, the noise's scale.
     pub sigma: f64,
+    /// The noise's distribution.
     pub noise: R3fNoise,
 }
 
@@ -37,16 +40,19 @@ impl Default for R3fConfig {
 }
 
 impl R3fConfig {
+    /// λ and σ finite and ≥ 0; an error naming the field.
     pub fn validate(&self) -> Result<()> {
         super::check_noise_and_weight("r3f", self.sigma, self.lambda)
     }
 }
 
+/// The R3F term.
 pub struct R3f {
     cfg: R3fConfig,
 }
 
 impl R3f {
+    /// A term with these settings.
     pub fn new(cfg: R3fConfig) -> Self {
         Self { cfg }
     }

@@ -25,11 +25,15 @@ pub struct SmartConfig {
     pub eta: f64,
     /// Number of ascent steps K.
     pub steps: usize,
+    /// The norm of the ascent step.
     pub norm: Norm,
+    /// Per token or per example.
     pub granularity: Granularity,
+    /// The ascent step's rule.
     pub mode: SmartMode,
     /// ε₀ of direction / normalized_step, or the pgd radius.
     pub eps: f64,
+    /// How the penalty reduces the batch's rows.
     pub reduction: SmartReduction,
 }
 
@@ -75,6 +79,7 @@ impl Default for SmartConfig {
 }
 
 impl SmartConfig {
+    /// The ascent step these settings describe.
     pub fn step(&self) -> AscentStep {
         AscentStep {
             eta: self.eta,
@@ -90,6 +95,7 @@ impl SmartConfig {
         }
     }
 
+    /// Every setting in range; an error naming the field.
     pub fn validate(&self) -> Result<()> {
         // Without an ascent step the term is random-noise smoothing: that
         // is r3f, not a SMART run with its adversarial part switched off.
@@ -105,11 +111,13 @@ impl SmartConfig {
     }
 }
 
+/// The SMART term.
 pub struct Smart {
     cfg: SmartConfig,
 }
 
 impl Smart {
+    /// A term with these settings.
     pub fn new(cfg: SmartConfig) -> Self {
         Self { cfg }
     }
