@@ -62,12 +62,11 @@ fn linear_cka_matches_its_definition_and_invariances() {
 fn analyze_sees_what_training_changed() {
     let dir = common::scratch("analyze");
     let model = common::tiny_model_dir(dir.path());
-    let mut train = String::from("text,label\n");
-    for i in 0..16 {
-        train.push_str(["a fine moving film,pos\n", "a dull tired film,neg\n"][i % 2]);
-    }
-    let data = dir.path().join("t.csv");
-    std::fs::write(&data, train).unwrap();
+    let data = common::labelled_csv(
+        dir.path(),
+        &["a fine moving film,pos", "a dull tired film,neg"],
+        16,
+    );
     let bin = env!("CARGO_BIN_EXE_tunefuse");
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();

@@ -162,12 +162,7 @@ fn temperature_mc_dropout_and_ood_detection() {
 fn freeze_layers_keeps_those_layers_pretrained() {
     let dir = common::scratch("freeze-layers");
     let model = common::tiny_model_dir(dir.path());
-    let mut train = String::from("text,label\n");
-    for i in 0..16 {
-        train.push_str(["a fine film,pos\n", "a dull film,neg\n"][i % 2]);
-    }
-    let data = dir.path().join("t.csv");
-    std::fs::write(&data, train).unwrap();
+    let data = common::labelled_csv(dir.path(), &["a fine film,pos", "a dull film,neg"], 16);
     let load = |p: &Path| candle_core::safetensors::load(p, &candle_core::Device::Cpu).unwrap();
     let base = load(&model.join("model.safetensors"));
     let layers = base
@@ -287,12 +282,7 @@ fn manifold_smoothing_pieces() {
 fn manifold_smoothing_trains_and_refuses_regression() {
     let dir = common::scratch("manifold");
     let model = common::tiny_model_dir(dir.path());
-    let mut train = String::from("text,label\n");
-    for i in 0..16 {
-        train.push_str(["a fine film,1\n", "a dull film,0\n"][i % 2]);
-    }
-    let data = dir.path().join("t.csv");
-    std::fs::write(&data, train).unwrap();
+    let data = common::labelled_csv(dir.path(), &["a fine film,1", "a dull film,0"], 16);
     let out = dir.path().join("run");
     let args = common::own_data_args(&model, &data, &data, &out, &["--method", "manifold"]);
     let a: Vec<&str> = args.iter().map(String::as_str).collect();

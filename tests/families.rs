@@ -270,16 +270,7 @@ fn tiny_family_dir(parent: &std::path::Path, family: tunefuse::model::Family) ->
 fn every_family_trains_and_exports() {
     use tunefuse::model::Family;
     let dir = common::scratch("families-train");
-    let mut train = String::from("text,label\n");
-    for i in 0..16 {
-        train.push_str(&format!(
-            "{},{}\n",
-            ["a fine film", "a dull film"][i % 2],
-            ["pos", "neg"][i % 2]
-        ));
-    }
-    let data = dir.path().join("t.csv");
-    std::fs::write(&data, train).unwrap();
+    let data = common::labelled_csv(dir.path(), &["a fine film,pos", "a dull film,neg"], 16);
     let bin = env!("CARGO_BIN_EXE_tunefuse");
     for family in [
         Family::Roberta,
@@ -382,12 +373,7 @@ fn deberta_relative_norm_trains_with_the_layernorms() {
     use tunefuse::model::Family;
     let dir = common::scratch("families-deberta-ln");
     let model = tiny_family_dir(dir.path(), Family::DebertaV2);
-    let mut train = String::from("text,label\n");
-    for i in 0..16 {
-        train.push_str(["a fine film,pos\n", "a dull film,neg\n"][i % 2]);
-    }
-    let data = dir.path().join("t.csv");
-    std::fs::write(&data, train).unwrap();
+    let data = common::labelled_csv(dir.path(), &["a fine film,pos", "a dull film,neg"], 16);
     let out = dir.path().join("run");
     let a = common::own_data_args(
         &model,

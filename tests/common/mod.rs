@@ -472,3 +472,17 @@ pub fn own_data_args(
     a.extend(extra.iter().map(|x| x.to_string()));
     a
 }
+
+/// `dir/t.csv`: a `text,label` header and `n` rows cycling through `rows`
+/// (each `text,label`): the small own-data training file the CLI tests use.
+#[allow(dead_code)]
+pub fn labelled_csv(dir: &std::path::Path, rows: &[&str], n: usize) -> PathBuf {
+    let mut text = String::from("text,label\n");
+    for i in 0..n {
+        text.push_str(rows[i % rows.len()]);
+        text.push('\n');
+    }
+    let path = dir.join("t.csv");
+    std::fs::write(&path, text).unwrap();
+    path
+}
