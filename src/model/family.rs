@@ -111,18 +111,6 @@ pub struct HeadSpec {
     pub norm: Option<(f64, bool)>,
 }
 
-impl Default for HeadSpec {
-    /// BERT's pooler: tanh of a biased dense layer on the first token.
-    fn default() -> Self {
-        Self {
-            act: HeadActivation::Tanh,
-            mean: false,
-            bias: true,
-            norm: None,
-        }
-    }
-}
-
 /// DistilBERT's layer names and the encoder's, inside `…layer.{i}.`.
 const DISTILBERT_LAYER: [(&str, &str); 8] = [
     ("attention.q_lin.", "attention.self.query."),
@@ -295,11 +283,9 @@ impl Family {
     /// The encoder's name of a tensor named `name` inside the family's
     /// prefix (or in a checkpoint without a task head).
     pub fn body_to_internal(self, name: &str) -> String {
-        if self == Family::ModernBert {
-            for (theirs, ours) in MODERNBERT_OTHER {
-                if let Some(param) = name.strip_prefix(theirs) {
-                    return format!("{ours}{param}");
-                }
+        for (theirs, ours) in self.other_names() {
+            if let Some(param) = name.strip_prefix(theirs) {
+                return format!("{ours}{param}");
             }
         }
         if let Some((layers, map)) = self.layer_names() {
@@ -314,6 +300,15 @@ impl Family {
             }
         }
         name.to_string()
+    }
+
+    /// The family's names outside its layers that differ from BERT's
+    /// (theirs, the encoder's).
+    fn other_names(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Family::ModernBert => &MODERNBERT_OTHER,
+            _ => &[],
+        }
     }
 
     /// Where a family's layers are and the names that differ from BERT's.
@@ -436,11 +431,9 @@ impl Family {
         if let (Some(n), Some(p)) = (self.head_norm(), internal.strip_prefix("pooler.LayerNorm.")) {
             return format!("{n}{p}");
         }
-        if self == Family::ModernBert {
-            for (theirs, ours) in MODERNBERT_OTHER {
-                if let Some(param) = internal.strip_prefix(ours) {
-                    return format!("{}{theirs}{param}", self.prefix());
-                }
+        for (theirs, ours) in self.other_names() {
+            if let Some(param) = internal.strip_prefix(ours) {
+                return format!("{}{theirs}{param}", self.prefix());
             }
         }
         if let Some(p) = internal.strip_prefix("pooler.dense.") {

@@ -82,52 +82,58 @@ pub fn linear_cka_from_sums(
 
 /// Linear CKA of paired rows `x` `[n, p]` and `y` `[n, q]`.
 pub fn linear_cka(x: &Tensor, y: &Tensor) -> Result<f64> {
-    let (x, y) = (x.to_dtype(DType::F64)?, y.to_dtype(DType::F64)?);
     let n = x.dim(0)?;
     if y.dim(0)? != n {
         return Err(param_err("cka", format!("{n} rows against {}", y.dim(0)?)));
     }
-    linear_cka_from_sums(
-        &x.t()?.matmul(&y)?,
-        &x.t()?.matmul(&x)?,
-        &y.t()?.matmul(&y)?,
-        &x.sum(0)?,
-        &y.sum(0)?,
-        n,
-    )
+    let mut sums = Sums::new(x.dim(1)?, y.dim(1)?, x.device())?;
+    sums.add(x, y)?;
+    sums.cka()
 }
 
-/// Running sums of one layer's CKA and cosine distance.
-struct LayerSums {
+/// Running sums of paired rows for CKA (and the cosine distance, when
+/// both sides have one width).
+struct Sums {
     sxy: Tensor,
     sxx: Tensor,
     syy: Tensor,
     sx: Tensor,
     sy: Tensor,
+    n: usize,
     cos: f64,
 }
 
-impl LayerSums {
-    fn new(h: usize, device: &Device) -> Result<Self> {
+impl Sums {
+    fn new(p: usize, q: usize, device: &Device) -> Result<Self> {
         let z = |d: &[usize]| Tensor::zeros(d, DType::F64, device);
         Ok(Self {
-            sxy: z(&[h, h])?,
-            sxx: z(&[h, h])?,
-            syy: z(&[h, h])?,
-            sx: z(&[h])?,
-            sy: z(&[h])?,
+            sxy: z(&[p, q])?,
+            sxx: z(&[p, p])?,
+            syy: z(&[q, q])?,
+            sx: z(&[p])?,
+            sy: z(&[q])?,
+            n: 0,
             cos: 0.0,
         })
     }
 
-    /// Adds the rows of `x` and `y` `[n, h]`.
+    /// Linear CKA of the rows added so far.
+    fn cka(&self) -> Result<f64> {
+        linear_cka_from_sums(&self.sxy, &self.sxx, &self.syy, &self.sx, &self.sy, self.n)
+    }
+
+    /// Adds the rows of `x` `[n, p]` and `y` `[n, q]`.
     fn add(&mut self, x: &Tensor, y: &Tensor) -> Result<()> {
         let (x, y) = (x.to_dtype(DType::F64)?, y.to_dtype(DType::F64)?);
+        self.n += x.dim(0)?;
         self.sxy = (&self.sxy + x.t()?.matmul(&y)?)?;
         self.sxx = (&self.sxx + x.t()?.matmul(&x)?)?;
         self.syy = (&self.syy + y.t()?.matmul(&y)?)?;
         self.sx = (&self.sx + x.sum(0)?)?;
         self.sy = (&self.sy + y.sum(0)?)?;
+        if x.dim(1)? != y.dim(1)? {
+            return Ok(());
+        }
         let dot = (&x * &y)?.sum(1)?;
         let norms =
             (x.sqr()?.sum(1)?.sqrt()? * y.sqr()?.sum(1)?.sqrt()?)?.clamp(1e-12, f64::INFINITY)?;
@@ -190,7 +196,7 @@ pub fn analyze_checkpoint(
     let heads = run.bert.config.num_attention_heads;
     let n_layers = run.bert.layers.len();
     let mut sums = (0..=n_layers)
-        .map(|_| LayerSums::new(h, &run.device))
+        .map(|_| Sums::new(h, h, &run.device))
         .collect::<Result<Vec<_>>>()?;
     let mut js = vec![vec![0.0; heads]; n_layers];
     let (mut tokens, mut read) = (0usize, 0usize);
@@ -241,7 +247,7 @@ pub fn analyze_checkpoint(
         .map(|(layer, s)| {
             Ok(LayerChange {
                 layer,
-                cka: linear_cka_from_sums(&s.sxy, &s.sxx, &s.syy, &s.sx, &s.sy, tokens)?,
+                cka: s.cka()?,
                 cosine_distance: s.cos / tokens as f64,
             })
         })

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
@@ -178,26 +178,26 @@ impl Run {
             for chunk in idx.chunks(64) {
                 let b = self.batch(ds, chunk)?;
                 let _cache = crate::upload_cache(&self.device);
-                let mut sum: Option<Vec<Vec<f64>>> = None;
+                // The passes are summed on the device: one read-back a chunk.
+                let mut sum: Option<Tensor> = None;
                 for _ in 0..passes {
                     let logits = model.forward(&model.embed(&b)?, &b.mask)?;
-                    let p = self.head.predictions(&logits.detach())?;
-                    let p = p.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                    let p = self
+                        .head
+                        .predictions(&logits.detach())?
+                        .to_dtype(DType::F64)?;
                     sum = Some(match sum {
                         None => p,
-                        Some(mut s) => {
-                            for (a, b) in s.iter_mut().flatten().zip(p.iter().flatten()) {
-                                *a += b;
-                            }
-                            s
-                        }
+                        Some(s) => (s + p)?,
                     });
                 }
-                let mut mean = sum.unwrap_or_default();
-                if passes > 1 {
-                    mean.iter_mut().flatten().for_each(|v| *v /= passes as f64);
-                }
-                out.extend(mean);
+                let sum = sum.ok_or_else(|| param_err("predict", "needs at least one pass"))?;
+                let mean = if passes > 1 {
+                    (sum / passes as f64)?
+                } else {
+                    sum
+                };
+                out.extend(mean.to_vec2::<f64>()?);
             }
             Ok(())
         })();
@@ -292,7 +292,7 @@ pub struct Temperature {
     pub fitted_on: String,
     /// The examples it was fitted on.
     pub examples: usize,
-    /// NLL on them before and after.
+    /// NLL before scaling.
     pub nll_before: f64,
     /// NLL after scaling.
     pub nll_after: f64,
@@ -337,6 +337,15 @@ pub fn read_temperature(dir: &Path) -> Result<Option<Temperature>> {
         ));
     }
     Ok(Some(t))
+}
+
+/// The temperature `eval` and `predict` apply to the run of checkpoint
+/// `dir`: the stored one, for a classifier ([`read_temperature`]).
+fn applied_temperature(run: &Run, dir: &Path) -> Result<Option<f64>> {
+    if run.cfg.head == super::task::HeadKind::Regression {
+        return Ok(None);
+    }
+    Ok(read_temperature(dir)?.map(|t| t.temperature))
 }
 
 /// Fits a temperature on `split` of the checkpoint's task (or `file`) and
@@ -409,8 +418,8 @@ pub fn report_checkpoint(
     if opts.mc_dropout == 0 {
         return bad("--mc-dropout needs at least one pass".into());
     }
-    let temperature = if opts.temperature && classifies {
-        read_temperature(dir)?.map(|t| t.temperature)
+    let temperature = if opts.temperature {
+        applied_temperature(&run, dir)?
     } else {
         None
     };
@@ -422,6 +431,8 @@ pub fn report_checkpoint(
         ));
     }
     let own = run.cfg.task.parse::<super::data::Task>().ok();
+    // A model of single texts reads a pair task's examples as their first text.
+    let single = run.eval.examples.iter().all(|e| e.pair.is_none());
     let mut sets = Vec::new();
     for name in &opts.ood {
         let task = name.parse::<super::data::Task>()?;
@@ -431,8 +442,8 @@ pub fn report_checkpoint(
                  come from another task"
             ));
         }
-        let dir = super::data::data_dir(run.cfg.data_dir.as_deref())?;
-        let mut ds = super::data::load(&task, Split::Test, &dir)?;
+        let data = super::data::data_dir(run.cfg.data_dir.as_deref())?;
+        let mut ds = super::data::load(&task, Split::Test, &data)?;
         if let Some(n) = opts.ood_examples {
             ds = ds.subsample(n, run.cfg.seed);
         }
@@ -441,7 +452,6 @@ pub fn report_checkpoint(
         }
         // Its labels are not the model's: every example is scored, none is
         // compared with a label.
-        let single = run.eval.examples.iter().all(|e| e.pair.is_none());
         for e in &mut ds.examples {
             e.label = 0;
             if single {
@@ -538,10 +548,8 @@ pub fn predict_checkpoint(dir: &Path, file: &Path, base: Option<&Path>) -> Resul
     let run = checkpoint_run(dir, None, Split::Dev, None, Some(file), base)?;
     let regression = run.cfg.head == super::task::HeadKind::Regression;
     let mut probs = run.predict(&run.eval)?;
-    if !regression {
-        if let Some(t) = read_temperature(dir)? {
-            probs = metrics::apply_temperature(&probs, t.temperature);
-        }
+    if let Some(t) = applied_temperature(&run, dir)? {
+        probs = metrics::apply_temperature(&probs, t);
     }
     Ok(run
         .eval
@@ -552,11 +560,7 @@ pub fn predict_checkpoint(dir: &Path, file: &Path, base: Option<&Path>) -> Resul
             let (label, predicted, probabilities) = if regression {
                 (e.value.into(), p[0].into(), vec![])
             } else {
-                let best = p
-                    .iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map_or(0, |m| m.0);
+                let best = metrics::argmax(&p);
                 (
                     run.eval.labels[e.label].clone().into(),
                     run.eval.labels[best].clone().into(),

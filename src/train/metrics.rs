@@ -240,11 +240,8 @@ pub fn calibration(probs: &[Vec<f64>], labels: &[usize], n_bins: usize) -> Resul
     let mut correct = vec![0.0; n_bins];
     let mut conf = vec![0.0; n_bins];
     for (p, &l) in probs.iter().zip(labels) {
-        let (arg, &c) = p
-            .iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .unwrap();
+        let arg = argmax(p);
+        let c = p[arg];
         let b = ((c * n_bins as f64).ceil() as usize).clamp(1, n_bins) - 1;
         count[b] += 1;
         correct[b] += f64::from(u8::from(arg == l));
@@ -444,15 +441,14 @@ pub fn misclassification(probs: &[Vec<f64>], labels: &[usize]) -> Result<Misclas
     })
 }
 
-/// The index of the largest value (the first of ties).
-fn argmax(p: &[f64]) -> usize {
-    let mut best = 0;
-    for (i, v) in p.iter().enumerate() {
-        if *v > p[best] {
-            best = i;
-        }
-    }
-    best
+/// The predicted class of a probability row: the index of the largest
+/// value (the last of ties, as every metric here counts it; 0 for an empty
+/// row).
+pub fn argmax(p: &[f64]) -> usize {
+    p.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |m| m.0)
 }
 
 /// Temperature scaling of predictive distributions: `softmax(log p / t)`,

@@ -44,22 +44,29 @@ pub enum Freezing {
 }
 
 impl Freezing {
-    /// `frozen_backbone`: a method freezes it ([`super::methods::Props`]).
+    /// What `cfg` freezes in a model of `layers` encoder layers:
+    /// `frozen_backbone` when a method freezes it
+    /// ([`super::methods::Props`]), else `freeze_layers` ([`Freezing::layers`]),
+    /// else gradual unfreezing (the configuration refuses the combinations).
     pub fn new(
         frozen_backbone: bool,
         transforms: &[Box<dyn ModelTransform>],
-        gradual: bool,
-        every: Option<u64>,
-    ) -> Self {
-        if frozen_backbone {
+        cfg: &super::config::Config,
+        layers: usize,
+    ) -> Result<Self> {
+        Ok(if frozen_backbone {
             Freezing::Backbone {
                 layernorm: transforms.iter().any(|t| t.trains_layernorm()),
             }
-        } else if gradual {
-            Freezing::Gradual { every_steps: every }
+        } else if cfg.freeze_layers != 0 {
+            Freezing::layers(cfg.freeze_layers, layers)?
+        } else if cfg.gradual_unfreezing {
+            Freezing::Gradual {
+                every_steps: cfg.unfreeze_every_steps,
+            }
         } else {
             Freezing::None
-        }
+        })
     }
 
     /// `freeze_layers = k` of a model with `layers` encoder layers: +k

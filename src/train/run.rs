@@ -141,16 +141,12 @@ impl Run {
         bert.stream
             .set_compute_dtype(bf16.then_some(DType::BF16), copies);
         let pretrained = params::snapshot(&varmap)?;
-        let freezing = if cfg.freeze_layers != 0 {
-            Freezing::layers(cfg.freeze_layers, bert.layers.len())?
-        } else {
-            Freezing::new(
-                methods::freezes_backbone(&methods),
-                &transforms,
-                cfg.gradual_unfreezing,
-                cfg.unfreeze_every_steps,
-            )
-        };
+        let freezing = Freezing::new(
+            methods::freezes_backbone(&methods),
+            &transforms,
+            &cfg,
+            bert.layers.len(),
+        )?;
         freezing.apply_initial(&mut bert)?;
         for t in &transforms {
             t.apply(&mut bert, &varmap)?;

@@ -209,15 +209,7 @@ impl TaskHead {
         }
         let labels: &[usize] = &ds.examples.iter().map(|e| e.label).collect::<Vec<_>>();
         let classes = ds.labels.len();
-        let preds: Vec<usize> = probs
-            .iter()
-            .map(|p| {
-                p.iter()
-                    .enumerate()
-                    .max_by(|a, b| a.1.total_cmp(b.1))
-                    .map_or(0, |m| m.0)
-            })
-            .collect();
+        let preds: Vec<usize> = probs.iter().map(|p| metrics::argmax(p)).collect();
         let cal = metrics::calibration(probs, labels, 15)?;
         Ok((
             Eval {

@@ -412,17 +412,59 @@ pub fn finetune_args(
     out: &std::path::Path,
     extra: &[&str],
 ) -> Vec<String> {
-    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let mut a: Vec<String> = vec![
-        "finetune".into(),
-        "--model".into(),
-        path(model),
-        "--data-dir".into(),
-        path(data),
-        "--output".into(),
-        path(out),
-    ];
-    for pair in BASE.chunks(2) {
+    with_defaults(
+        &[("--model", model), ("--data-dir", data), ("--output", out)],
+        &BASE,
+        extra,
+    )
+}
+
+/// The arguments of `tunefuse finetune` of `model` on the user's own data
+/// files `train` and `dev` into `out`: one CPU epoch, batch 8, max length
+/// 16, then `extra` (a flag of these that `extra` gives again is taken
+/// from `extra`).
+pub fn own_data_args(
+    model: &std::path::Path,
+    train: &std::path::Path,
+    dev: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    with_defaults(
+        &[
+            ("--model", model),
+            ("--train-file", train),
+            ("--dev-file", dev),
+            ("--output", out),
+        ],
+        &[
+            "--device",
+            "cpu",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--max-len",
+            "16",
+        ],
+        extra,
+    )
+}
+
+/// `finetune`, the `paths` flags, the `defaults` flag pairs that `extra`
+/// does not give again (`--set` pairs always stay: later ones win), then
+/// `extra`.
+fn with_defaults(
+    paths: &[(&str, &std::path::Path)],
+    defaults: &[&str],
+    extra: &[&str],
+) -> Vec<String> {
+    let mut a: Vec<String> = vec!["finetune".into()];
+    for (flag, p) in paths {
+        a.push(flag.to_string());
+        a.push(p.to_str().unwrap().to_string());
+    }
+    for pair in defaults.chunks(2) {
         let overridden = pair[0] != "--set"
             && extra
                 .iter()
@@ -435,47 +477,8 @@ pub fn finetune_args(
     a
 }
 
-/// The arguments of `tunefuse finetune` of `model` on the user's own data
-/// files `train` and `dev` into `out`: one CPU epoch, batch 8, max length
-/// 16, then `extra` (which may add flags, not repeat these).
-pub fn own_data_args(
-    model: &std::path::Path,
-    train: &std::path::Path,
-    dev: &std::path::Path,
-    out: &std::path::Path,
-    extra: &[&str],
-) -> Vec<String> {
-    let path = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let mut a: Vec<String> = vec![
-        "finetune".into(),
-        "--model".into(),
-        path(model),
-        "--train-file".into(),
-        path(train),
-        "--dev-file".into(),
-        path(dev),
-        "--output".into(),
-        path(out),
-    ];
-    for x in [
-        "--device",
-        "cpu",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "8",
-        "--max-len",
-        "16",
-    ] {
-        a.push(x.into());
-    }
-    a.extend(extra.iter().map(|x| x.to_string()));
-    a
-}
-
 /// `dir/t.csv`: a `text,label` header and `n` rows cycling through `rows`
 /// (each `text,label`): the small own-data training file the CLI tests use.
-#[allow(dead_code)]
 pub fn labelled_csv(dir: &std::path::Path, rows: &[&str], n: usize) -> PathBuf {
     let mut text = String::from("text,label\n");
     for i in 0..n {

@@ -25,7 +25,7 @@ use crate::error::{param_err, Result};
 use crate::model::bert::mean_pool;
 use crate::model::Outputs;
 use crate::ops::perturb::{noise_init, Noise};
-use crate::train::objective::{Ctx, Term, TermOut};
+use crate::train::objective::{Ctx, TaskModel, Term, TermOut};
 use crate::train::task::TaskHead;
 
 /// Kong et al.'s settings, with their reference's defaults.
@@ -161,12 +161,9 @@ impl Term for Manifold {
         let types = Some(&batch.types);
         let words = bert.word_embeddings(&batch.ids)?.detach();
         let b = words.dim(0)?;
-        let logits_of = |w: &Tensor, mask: &Tensor, types: Option<&Tensor>| -> Result<Tensor> {
-            let h = bert
-                .forward_from_embeddings(&bert.embed_words(w, types)?, mask, Outputs::default())?
-                .last_hidden;
-            head.forward(&h, mask, s)
-        };
+        // The batch's outputs from word embeddings `w`.
+        let model = TaskModel { bert, head };
+        let logits_of = |w: &Tensor| model.forward(&bert.embed_words(w, types)?, &batch.mask);
         let labels: Vec<u32> = batch.labels.to_vec1()?;
         let rev: Vec<u32> = (0..b as u32).rev().collect();
         let rev_t = Tensor::new(rev.as_slice(), &device)?;
@@ -188,14 +185,9 @@ impl Term for Manifold {
                 let x = Var::from_tensor(&start)?;
                 let pooled =
                     |w: &Tensor, mask: &Tensor, types: Option<&Tensor>| -> Result<Tensor> {
-                        let h = bert
-                            .forward_from_embeddings(
-                                &bert.embed_words(w, types)?,
-                                mask,
-                                Outputs::default(),
-                            )?
-                            .last_hidden;
-                        mean_pool(&h, mask)
+                        let e = bert.embed_words(w, types)?;
+                        let h = bert.forward_from_embeddings(&e, mask, Outputs::default())?;
+                        mean_pool(&h.last_hidden, mask)
                     };
                 let (p_mask, p_types) = (
                     batch.mask.index_select(&rev_t, 0)?,
@@ -213,10 +205,7 @@ impl Term for Manifold {
             };
             let off = if c.beta_off > 0.0 {
                 let x = Var::from_tensor(&words)?;
-                let loss = head.loss(
-                    &logits_of(x.as_tensor(), &batch.mask, types)?,
-                    &batch.labels,
-                )?;
+                let loss = head.loss(&logits_of(x.as_tensor())?, &batch.labels)?;
                 let g = loss.backward()?;
                 let g = g.get(x.as_tensor()).cloned().unwrap_or(words.zeros_like()?);
                 Some(signed_step(&words, &g, c.eps_out, &words, c.eps_out)?.detach())
@@ -236,7 +225,7 @@ impl Term for Manifold {
             Ok(())
         };
         if let Some(x) = on {
-            let logits = logits_of(&x, &batch.mask, types)?;
+            let logits = logits_of(&x)?;
             let k = logits.dim(D::Minus1)?;
             let y = mixed_labels(
                 &labels,
@@ -248,7 +237,7 @@ impl Term for Manifold {
             add((soft_cross_entropy(&logits, &y)? * c.beta_on)?)?;
         }
         if let Some(x) = off {
-            add((neg_entropy(&logits_of(&x, &batch.mask, types)?)? * c.beta_off)?)?;
+            add((neg_entropy(&logits_of(&x)?)? * c.beta_off)?)?;
         }
         // Both weights are in: the log shows the weighted sum.
         let loss = total.expect("at least one term is on");
