@@ -45,6 +45,24 @@ enum Cmd {
     },
     /// Fine-tune a pretrained BERT model on a task.
     Finetune(Box<FinetuneArgs>),
+    /// Pool-based active learning: fine-tune on a few labelled examples,
+    /// score the unlabelled rest of the training set, label the top
+    /// `--query`, repeat; writes active.json (resumable at a round
+    /// boundary) and the learning curve (curve.png, curve.svg). Every
+    /// `finetune` flag sets the rounds' fine-tuning.
+    Active(Box<ActiveArgs>),
+    /// The learning curves of active-learning runs (folders named
+    /// `<name>-s<seed>` holding active.json): mean ± std over seeds of the
+    /// metric at each label count, per name, as a table, JSON and a plot.
+    Curves {
+        /// Folders of active-learning runs (or folders holding them).
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+        /// Write the curves as JSON here, and plot them to the same stem
+        /// (.png, .svg).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Evaluate a checkpoint written by `finetune` (its `best/` directory).
     Eval {
         #[arg(long)]
@@ -319,6 +337,37 @@ struct FinetuneArgs {
     phase_times: bool,
 }
 
+/// `active` flags: the acquisition loop's, then every `finetune` flag.
+#[derive(clap::Args)]
+struct ActiveArgs {
+    /// random, least_confidence, margin, entropy or bald.
+    #[arg(long, default_value = "random")]
+    strategy: String,
+    /// Labelled examples before the first round (a seeded draw from the
+    /// training set).
+    #[arg(long, default_value_t = 10)]
+    start: usize,
+    /// Examples labelled per round.
+    #[arg(long, default_value_t = 100)]
+    query: usize,
+    /// Acquisition rounds (the run trains rounds + 1 models); may grow on
+    /// --resume to extend a finished run.
+    #[arg(long, default_value_t = 9)]
+    rounds: usize,
+    /// Score at most this many unlabelled examples a round (a seeded draw).
+    #[arg(long, default_value_t = 20_000)]
+    pool_cap: usize,
+    /// BALD's Monte-Carlo dropout passes.
+    #[arg(long, default_value_t = 50)]
+    passes: usize,
+    /// Where BALD's dropout acts: head (features computed once, only the
+    /// head's dropout re-run) or full (every dropout, full passes).
+    #[arg(long, default_value = "head")]
+    mc_scope: String,
+    #[command(flatten)]
+    finetune: FinetuneArgs,
+}
+
 fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
     let mut cfg = match &a.config {
         Some(p) => Config::from_file(p, Reading::Strict).map_err(|e| e.to_string())?,
@@ -502,6 +551,43 @@ fn run(cli: Cli) -> Result<(), String> {
                 for (phase, ms) in phases {
                     println!("  {ms:9.3} ms  {phase}");
                 }
+            }
+            Ok(())
+        }
+        Cmd::Active(a) => {
+            let cfg = finetune_config(&a.finetune)?;
+            let err = |e: tunefuse::Error| e.to_string();
+            let settings = tunefuse::train::active::Settings {
+                strategy: a.strategy.parse().map_err(err)?,
+                start: a.start,
+                query: a.query,
+                rounds: a.rounds,
+                pool_cap: Some(a.pool_cap),
+                passes: a.passes,
+                scope: a.mc_scope.parse().map_err(err)?,
+            };
+            tunefuse::interrupt::install();
+            let rec =
+                tunefuse::train::active::active_learn(cfg, settings, a.finetune.resume, progress())
+                    .map_err(|e| match e {
+                        tunefuse::Error::Interrupted(m) => format!("{m}:\n  {}", resume_command()),
+                        e => e.to_string(),
+                    })?;
+            println!("round  labels  {:>9}  acquired classes", rec.metric);
+            for r in &rec.rounds {
+                println!(
+                    "{:5}  {:6}  {:9.4}  {:?}",
+                    r.round, r.labels, r.metric, r.acquired_classes
+                );
+            }
+            Ok(())
+        }
+        Cmd::Curves { dirs, output } => {
+            let curves =
+                tunefuse::train::active::collect_curves(&dirs).map_err(|e| e.to_string())?;
+            print!("{}", tunefuse::train::active::curves_table(&curves));
+            if let Some(path) = output {
+                tunefuse::train::active::write_curves(&path, &curves).map_err(|e| e.to_string())?;
             }
             Ok(())
         }

@@ -150,10 +150,22 @@ impl ClassifierHead {
     }
 
     /// Logits `[B, classes]` from hidden states `[B, L, H]` and the
-    /// attention mask `[B, L]`.
+    /// attention mask `[B, L]`: [`Self::pooled`], then [`Self::logits`].
     pub fn forward(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
-        let x = s.dropout(&self.pool.forward(hidden, mask, s)?, self.dropout)?;
-        self.linear.forward(&x, s)
+        self.logits(&self.pooled(hidden, mask, s)?, s)
+    }
+
+    /// The pooled vector `[B, H]` of each example: the head's part before
+    /// its only random draw.
+    pub fn pooled(&self, hidden: &Tensor, mask: &Tensor, s: &Stream) -> Result<Tensor> {
+        self.pool.forward(hidden, mask, s)
+    }
+
+    /// Logits `[B, classes]` from pooled vectors: dropout (train mode),
+    /// then the linear layer. Monte-Carlo dropout over the head alone
+    /// re-runs only this on features computed once.
+    pub fn logits(&self, pooled: &Tensor, s: &Stream) -> Result<Tensor> {
+        self.linear.forward(&s.dropout(pooled, self.dropout)?, s)
     }
 }
 

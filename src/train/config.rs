@@ -179,6 +179,10 @@ pub struct Config {
     pub clip: f64,
     /// Evaluate every N optimiser steps (0 = at the end of each epoch only).
     pub eval_every: usize,
+    /// Evaluate (and checkpoint) at the end of every epoch; when false, at
+    /// the end of training only (and every `eval_every` steps). Active
+    /// learning's rounds use only their final weights.
+    pub eval_epochs: bool,
     /// Log every N optimiser steps.
     pub log_every: usize,
     /// Subsample the training set to this many examples (by seed).
@@ -254,6 +258,7 @@ impl Default for Config {
             max_len: 128,
             clip: 1.0,
             eval_every: 0,
+            eval_epochs: true,
             log_every: 10,
             train_examples: None,
             k_per_class: None,

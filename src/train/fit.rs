@@ -150,7 +150,14 @@ impl Run {
                 }
                 let epoch_end = st.batch >= batches.len();
                 let every = self.cfg.eval_every as u64;
-                if !(every > 0 && st.step.is_multiple_of(every) || epoch_end) {
+                let at_epoch_end =
+                    epoch_end && (self.cfg.eval_epochs || st.epoch + 1 >= self.cfg.epochs);
+                if !(every > 0 && st.step.is_multiple_of(every) || at_epoch_end) {
+                    if epoch_end {
+                        st.epoch += 1;
+                        st.batch = 0;
+                        break;
+                    }
                     continue;
                 }
                 // Nothing diverged is evaluated or saved: the steps' losses

@@ -1,7 +1,8 @@
-//! Fine-tuning: configuration, assembly of a run, the loop and its
+//! Fine-tuning: configuration, active learning, assembly of a run, the loop and its
 //! callbacks, one optimiser step, checkpoints, evaluation, the objective and
 //! the methods it combines, task heads, data readers, metrics, optimisers,
 //! and the results table of a grid of runs.
+pub mod active;
 pub mod analyze;
 pub mod callbacks;
 pub mod checkpoint;

@@ -179,28 +179,40 @@ pub fn plot_histograms(stem: &Path, sets: &[(&str, &[f64])], title: &str) -> Res
     .map_err(|m| io_err(&svg, m))
 }
 
-fn draw_curve<DB: DrawingBackend>(
+/// One line of a curve plot: (x, mean, std) points; a std above 0 draws
+/// an error bar of ± std.
+#[derive(Clone, Debug)]
+pub struct Series {
+    /// The legend entry (none when empty).
+    pub name: String,
+    /// (x, mean, std), x ascending.
+    pub points: Vec<(f64, f64, f64)>,
+}
+
+fn draw_curves<DB: DrawingBackend>(
     root: DrawingArea<DB, plotters::coord::Shift>,
     title: &str,
-    pts: &[(u64, f64)],
+    x_desc: &str,
+    series: &[Series],
 ) -> std::result::Result<(), String>
 where
     DB::ErrorType: 'static,
 {
     let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
     root.fill(&WHITE).map_err(e)?;
-    let (x0, x1) = pts
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
-            (a.min(p.0 as f64), b.max(p.0 as f64))
-        });
-    let (y0, y1) = pts
-        .iter()
-        .map(|p| p.1)
-        .filter(|v| v.is_finite())
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(v), b.max(v))
-        });
+    let finite = || {
+        series
+            .iter()
+            .flat_map(|s| s.points.iter())
+            .filter(|p| p.1.is_finite())
+    };
+    let (x0, x1) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+        (a.min(p.0), b.max(p.0))
+    });
+    let (y0, y1) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+        let sd = if p.2.is_finite() { p.2 } else { 0.0 };
+        (a.min(p.1 - sd), b.max(p.1 + sd))
+    });
     // One point, or none (a resumed run with nothing left to train): a
     // unit range, never an infinite one (plotters would not return).
     let (x0, x1) = if x1 > x0 {
@@ -224,32 +236,64 @@ where
         .y_label_area_size(50)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(e)?;
-    chart.configure_mesh().x_desc("step").draw().map_err(e)?;
-    chart
-        .draw_series(LineSeries::new(
-            pts.iter()
-                .filter(|p| p.1.is_finite())
-                .map(|p| (p.0 as f64, p.1)),
-            BLUE,
-        ))
-        .map_err(e)?;
+    chart.configure_mesh().x_desc(x_desc).draw().map_err(e)?;
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    for (i, s) in series.iter().enumerate() {
+        let colour = colours[i % colours.len()];
+        let pts = || s.points.iter().filter(|p| p.1.is_finite());
+        let line = chart
+            .draw_series(LineSeries::new(pts().map(|p| (p.0, p.1)), colour))
+            .map_err(e)?;
+        if !s.name.is_empty() {
+            line.label(s.name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], colour));
+        }
+        chart
+            .draw_series(
+                pts()
+                    .filter(|p| p.2 > 0.0)
+                    .map(|p| ErrorBar::new_vertical(p.0, p.1 - p.2, p.1, p.1 + p.2, colour, 6)),
+            )
+            .map_err(e)?;
+    }
+    if series.iter().any(|s| !s.name.is_empty()) {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(e)?;
+    }
     root.present().map_err(e)
+}
+
+/// Writes curves (one line per series, ± std as error bars) to
+/// `<stem>.png` and `<stem>.svg`, `x_desc` naming the x axis.
+pub fn plot_curves(stem: &Path, title: &str, x_desc: &str, series: &[Series]) -> Result<()> {
+    register_plot_font()?;
+    let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
+    draw_curves(
+        BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
+        title,
+        x_desc,
+        series,
+    )
+    .map_err(|m| io_err(&png, m))?;
+    draw_curves(
+        SVGBackend::new(&svg, (640, 480)).into_drawing_area(),
+        title,
+        x_desc,
+        series,
+    )
+    .map_err(|m| io_err(&svg, m))
 }
 
 /// Writes a curve (step, value) to `<stem>.png` and `<stem>.svg`.
 pub fn plot_curve(stem: &Path, title: &str, pts: &[(u64, f64)]) -> Result<()> {
-    register_plot_font()?;
-    let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
-    draw_curve(
-        BitMapBackend::new(&png, (640, 480)).into_drawing_area(),
-        title,
-        pts,
-    )
-    .map_err(|m| io_err(&png, m))?;
-    draw_curve(
-        SVGBackend::new(&svg, (640, 480)).into_drawing_area(),
-        title,
-        pts,
-    )
-    .map_err(|m| io_err(&svg, m))
+    let series = Series {
+        name: String::new(),
+        points: pts.iter().map(|p| (p.0 as f64, p.1, 0.0)).collect(),
+    };
+    plot_curves(stem, title, "step", &[series])
 }

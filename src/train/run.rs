@@ -64,7 +64,7 @@ impl Run {
     }
 
     /// The model, head, optimiser and objective of `cfg` over loaded data.
-    fn with_data(cfg: Config, train: Dataset, eval: Dataset) -> Result<Self> {
+    pub(crate) fn with_data(cfg: Config, train: Dataset, eval: Dataset) -> Result<Self> {
         let device = cfg.device.device()?;
         for f in ["config.json", "model.safetensors", "tokenizer.json"] {
             if !cfg.model.join(f).exists() {
@@ -232,7 +232,7 @@ impl Run {
 /// The training and evaluation sets of `cfg`, subsampled as it says. With
 /// `labels` (a checkpoint's), only the evaluation split is read and the
 /// training set is those labels without examples.
-fn load_sets(cfg: &Config, labels: Option<Vec<String>>) -> Result<(Dataset, Dataset)> {
+pub(crate) fn load_sets(cfg: &Config, labels: Option<Vec<String>>) -> Result<(Dataset, Dataset)> {
     let checkpoint = labels.is_some();
     let labels_only = |name: &str, labels: Vec<String>| Dataset {
         name: name.to_string(),
