@@ -1,11 +1,14 @@
 //! `analyze`: linear CKA against the kernel (Gram-matrix) form of its
-//! definition and its invariances; a checkpoint whose encoder did not move
-//! (every layer frozen, only the head trained) has CKA 1, cosine distance
-//! 0 and attention JS 0 at every layer, one that trained does not.
+//! definition and its invariances; RSA's; a checkpoint whose encoder did
+//! not move (every layer frozen, only the head trained) has CKA and RSA 1,
+//! cosine distance 0 and attention JS 0 at every layer and a layer × layer
+//! CKA matrix with 1 on its diagonal, one that trained does not; the layer
+//! ablation of the unmoved encoder changes nothing; the files and plots of
+//! --output.
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use tunefuse::train::analyze::linear_cka;
+use tunefuse::train::analyze::{linear_cka, rsa};
 
 fn matrix(n: usize, p: usize, seed: u64) -> Tensor {
     let v = common::randn(n * p, seed, 1.0);
@@ -59,6 +62,29 @@ fn linear_cka_matches_its_definition_and_invariances() {
 }
 
 #[test]
+fn rsa_is_one_for_the_same_geometry() {
+    let x = matrix(30, 4, 1);
+    assert!((rsa(&x, &x).unwrap() - 1.0).abs() < 1e-12);
+    // Cosine distances ignore rotations and scale.
+    let q = Tensor::new(
+        &[
+            [0.6f64, 0.8, 0.0, 0.0],
+            [-0.8, 0.6, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+            [0.0, 0.0, 1.0, 0.0],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let z = (x.matmul(&q).unwrap() * 2.5).unwrap();
+    assert!((rsa(&x, &z).unwrap() - 1.0).abs() < 1e-12);
+    let r = rsa(&x, &matrix(30, 4, 2)).unwrap();
+    assert!(r.abs() < 0.5, "{r}");
+    assert!(rsa(&x, &matrix(29, 4, 2)).is_err());
+    assert!(rsa(&matrix(2, 4, 1), &matrix(2, 4, 2)).is_err());
+}
+
+#[test]
 fn analyze_sees_what_training_changed() {
     let dir = common::scratch("analyze");
     let model = common::tiny_model_dir(dir.path());
@@ -87,6 +113,11 @@ fn analyze_sees_what_training_changed() {
                 best.to_str().unwrap(),
                 "--examples",
                 "8",
+                "--sample-tokens",
+                "40",
+                "--ablate",
+                "--output",
+                out.join("analysis").to_str().unwrap(),
             ])
             .output()
             .unwrap();
@@ -98,8 +129,47 @@ fn analyze_sees_what_training_changed() {
     assert!(layers.len() >= 2 && same["tokens"].as_u64().unwrap() > 8);
     for l in layers {
         assert!((l["cka"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{l}");
+        assert!((l["rsa"].as_f64().unwrap() - 1.0).abs() < 1e-9, "{l}");
         assert!(l["cosine_distance"].as_f64().unwrap().abs() < 1e-9, "{l}");
     }
+    assert_eq!(same["sample_tokens"], 40);
+    let m = same["cka_matrix"].as_array().unwrap();
+    assert_eq!(m.len(), layers.len());
+    for (i, row) in m.iter().enumerate() {
+        let row = row.as_array().unwrap();
+        assert_eq!(row.len(), layers.len());
+        assert!((row[i].as_f64().unwrap() - 1.0).abs() < 1e-9, "{same}");
+        assert!(row
+            .iter()
+            .all(|v| (0.0..=1.0 + 1e-9).contains(&v.as_f64().unwrap())));
+    }
+    // Restoring pretrained layers the encoder never left changes nothing.
+    let abl = same["ablation"].as_array().unwrap();
+    assert_eq!(abl.len(), layers.len());
+    assert!(
+        abl.iter().all(|a| a["metric"] == abl[0]["metric"]),
+        "{same}"
+    );
+    let files = dir.path().join("run-frozen/analysis");
+    for f in [
+        "analysis.json",
+        "layers.csv",
+        "attention_js.csv",
+        "cka_matrix.csv",
+        "ablation.csv",
+        "layers.png",
+        "attention_js.svg",
+        "cka_matrix.png",
+        "ablation.svg",
+    ] {
+        assert!(files.join(f).is_file(), "{f} missing");
+    }
+    let csv = std::fs::read_to_string(files.join("layers.csv")).unwrap();
+    assert_eq!(csv.lines().count(), layers.len() + 1);
+    assert!(
+        csv.starts_with("layer,cka,rsa,cosine_distance\n0,1"),
+        "{csv}"
+    );
     for v in same["attention_js"]
         .as_array()
         .unwrap()
@@ -112,6 +182,23 @@ fn analyze_sees_what_training_changed() {
     let top = moved["layers"].as_array().unwrap().last().unwrap().clone();
     assert!(top["cka"].as_f64().unwrap() < 0.999, "{moved}");
     assert!(top["cosine_distance"].as_f64().unwrap() > 1e-4, "{moved}");
+    assert!(top["rsa"].as_f64().unwrap() < 0.999, "{moved}");
+    let diag_top = moved["cka_matrix"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .as_array()
+        .unwrap();
+    assert!(
+        diag_top.last().unwrap().as_f64().unwrap() < 0.999,
+        "{moved}"
+    );
+    let abl = moved["ablation"].as_array().unwrap();
+    assert_eq!(abl.len(), layers.len());
+    assert!(abl
+        .iter()
+        .all(|a| a["metric"].as_f64().unwrap().is_finite()));
     let js_top: f64 = moved["attention_js"]
         .as_array()
         .unwrap()

@@ -103,8 +103,9 @@ enum Cmd {
         plot: Option<PathBuf>,
     },
     /// Compare a checkpoint with its pretrained base on the same inputs:
-    /// per-layer linear CKA and cosine distance of token representations,
-    /// per-head JS divergence of attention distributions.
+    /// per-layer linear CKA, RSA and cosine distance of token
+    /// representations, the layer × layer CKA matrix, per-head JS
+    /// divergence of attention distributions, optionally the layer ablation.
     Analyze {
         #[arg(long)]
         checkpoint: PathBuf,
@@ -120,6 +121,16 @@ enum Cmd {
         /// The base model directory, when it has moved.
         #[arg(long)]
         base_model: Option<PathBuf>,
+        /// Tokens sampled for RSA and the layer × layer CKA matrix.
+        #[arg(long, default_value_t = 1024)]
+        sample_tokens: usize,
+        /// Also the layer ablation: the metric on the whole evaluation
+        /// split with the top n layers pretrained again, n = 0 … layers.
+        #[arg(long)]
+        ablate: bool,
+        /// Write the numbers (JSON, CSV) and the plots (PNG, SVG) here.
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
     /// Fit a temperature (Guo et al. 2017) on a split of a checkpoint's
     /// task (or a file) by minimising the NLL, and store it in the
@@ -630,18 +641,29 @@ fn run(cli: Cli) -> Result<(), String> {
             file,
             examples,
             base_model,
+            sample_tokens,
+            ablate,
+            output,
         } => {
             let a = tunefuse::train::analyze::analyze_checkpoint(
                 &checkpoint,
                 &split,
                 file.as_deref(),
                 base_model.as_deref(),
-                examples,
+                tunefuse::train::analyze::AnalyzeOptions {
+                    examples,
+                    sample_tokens,
+                    ablate,
+                },
             )
             .map_err(|e| e.to_string())?;
+            if let Some(dir) = &output {
+                tunefuse::train::analyze::write_analysis(dir, &a).map_err(|e| e.to_string())?;
+            }
             eprintln!(
-                "{} examples, {} tokens: layer, linear CKA, cosine distance, mean attention JS",
-                a.examples, a.tokens
+                "{} examples, {} tokens ({} sampled for RSA): layer, linear CKA, RSA, cosine \
+                 distance, mean attention JS",
+                a.examples, a.tokens, a.sample_tokens
             );
             for l in &a.layers {
                 let js = match l.layer {
@@ -652,8 +674,14 @@ fn run(cli: Cli) -> Result<(), String> {
                     }
                 };
                 eprintln!(
-                    "  {:>2}  {:.4}  {:.4}  {js}",
-                    l.layer, l.cka, l.cosine_distance
+                    "  {:>2}  {:.4}  {:.4}  {:.4}  {js}",
+                    l.layer, l.cka, l.rsa, l.cosine_distance
+                );
+            }
+            for x in &a.ablation {
+                eprintln!(
+                    "top {} layers pretrained again: {} {:.4}",
+                    x.restored, a.metric, x.metric
                 );
             }
             println!("{}", serde_json::to_string_pretty(&a).unwrap());

@@ -10,6 +10,16 @@
 //!   token over the real keys, averaged over tokens and sentences (Zhao &
 //!   Bethard, ACL 2020).
 //!
+//! - On a sample of the tokens (the first `sample_tokens` real tokens read),
+//!   per layer RSA (representational similarity analysis, as Merchant et
+//!   al. use it): the Pearson correlation of the two models' pairwise
+//!   cosine-distance matrices over the sampled tokens; and the layer × layer
+//!   matrix of linear CKA between every pretrained layer and every
+//!   fine-tuned one.
+//! - Optionally, Merchant et al.'s layer ablation: the top n fine-tuned
+//!   layers replaced by the pretrained ones, n = 0 … L, and the task metric
+//!   of each on the evaluation split.
+//!
 //! CKA is accumulated from sums (Σxyᵀ, Σx, Σy, n per layer), so any number
 //! of examples needs only three H×H matrices a layer.
 use std::path::Path;
@@ -31,6 +41,17 @@ pub struct LayerChange {
     pub cka: f64,
     /// Mean over tokens of 1 − cos(pretrained, fine-tuned).
     pub cosine_distance: f64,
+    /// RSA of the two models' representations of the sampled tokens.
+    pub rsa: f64,
+}
+
+/// The task metric with the top `restored` layers pretrained again.
+#[derive(Clone, Debug, Serialize)]
+pub struct Ablation {
+    /// Encoder layers (counted from the top) replaced by the pretrained ones.
+    pub restored: usize,
+    /// The selection metric on the evaluation split.
+    pub metric: f64,
 }
 
 /// The analysis of one checkpoint.
@@ -45,6 +66,41 @@ pub struct Analysis {
     /// `[layer][head]`: mean JS divergence (bits) of the attention
     /// distributions, encoder layers bottom first.
     pub attention_js: Vec<Vec<f64>>,
+    /// Tokens in the sample of RSA and the layer × layer matrix.
+    pub sample_tokens: usize,
+    /// `[pretrained layer][fine-tuned layer]`: linear CKA on the sampled
+    /// tokens, the embeddings output first.
+    pub cka_matrix: Vec<Vec<f64>>,
+    /// The selection metric's name (of the ablation).
+    pub metric: String,
+    /// The layer ablation, when asked for: `restored` = 0 … layers.
+    pub ablation: Vec<Ablation>,
+}
+
+/// RSA of paired rows `x` `[n, p]` and `y` `[n, q]`: the Pearson
+/// correlation, over the pairs i < j, of 1 − cos(xᵢ, xⱼ) and
+/// 1 − cos(yᵢ, yⱼ).
+pub fn rsa(x: &Tensor, y: &Tensor) -> Result<f64> {
+    let n = x.dim(0)?;
+    if y.dim(0)? != n {
+        return Err(param_err("rsa", format!("{n} rows against {}", y.dim(0)?)));
+    }
+    if n < 3 {
+        return Err(param_err("rsa", "needs at least three rows"));
+    }
+    let distances = |t: &Tensor| -> Result<Vec<f64>> {
+        let t = t.to_dtype(DType::F64)?;
+        let norm = t
+            .sqr()?
+            .sum_keepdim(1)?
+            .sqrt()?
+            .clamp(1e-12, f64::INFINITY)?;
+        let u = t.broadcast_div(&norm)?;
+        let d = u.matmul(&u.t()?)?.affine(-1.0, 1.0)?.to_vec2::<f64>()?;
+        Ok((0..n).flat_map(|i| d[i][i + 1..].to_vec()).collect())
+    };
+    let (a, b) = (distances(x)?, distances(y)?);
+    super::metrics::pearson(&a, &b)
 }
 
 /// Linear CKA from accumulated sums of paired rows x (dimension p) and y
@@ -164,26 +220,70 @@ fn js_per_head(p: &Tensor, q: &Tensor, mask: &Tensor) -> Result<Vec<f64>> {
     Ok(per_head.to_vec1()?)
 }
 
-/// Compares a `best/` checkpoint with its pretrained base on at most
-/// `examples` examples of `split` of its task (or of `file`): see the
-/// module docs. `base`: the base model, when it has moved.
+/// What `analyze` reads and computes beyond the per-layer CKA, distance
+/// and attention JS.
+#[derive(Clone, Copy, Debug)]
+pub struct AnalyzeOptions {
+    /// Read at most this many examples.
+    pub examples: usize,
+    /// Tokens sampled for RSA and the layer × layer CKA matrix (their
+    /// pairwise distances are an n × n matrix).
+    pub sample_tokens: usize,
+    /// Run the layer ablation (one evaluation of the whole evaluation
+    /// split per layer).
+    pub ablate: bool,
+}
+
+impl Default for AnalyzeOptions {
+    fn default() -> Self {
+        Self {
+            examples: 256,
+            sample_tokens: 1024,
+            ablate: false,
+        }
+    }
+}
+
+/// Compares a `best/` checkpoint with its pretrained base on examples of
+/// `split` of its task (or of `file`): see the module docs. `base`: the
+/// base model, when it has moved.
 pub fn analyze_checkpoint(
     dir: &Path,
     split: &str,
     file: Option<&Path>,
     base: Option<&Path>,
-    examples: usize,
+    opts: AnalyzeOptions,
 ) -> Result<Analysis> {
-    if examples == 0 {
+    if opts.examples == 0 {
         return Err(param_err("analyze", "--examples must be at least 1"));
     }
+    if opts.sample_tokens < 3 {
+        return Err(param_err(
+            "analyze",
+            "--sample-tokens must be at least 3 (RSA correlates pairwise distances)",
+        ));
+    }
+    let examples = opts.examples;
     let run = checkpoint_run(dir, None, split.parse()?, None, file, base)?;
     let varmap = candle_nn::VarMap::new();
     let pre = Bert::from_pretrained(&run.cfg.model, &varmap, DType::F32, &run.device)?;
-    if pre.layers.len() != run.bert.layers.len() {
+    let (a, b) = (&pre.config, &run.bert.config);
+    let shape =
+        |c: &crate::model::BertConfig| (c.num_hidden_layers, c.hidden_size, c.num_attention_heads);
+    if pre.layers.len() != run.bert.layers.len() || shape(a) != shape(b) {
         return Err(param_err(
             "analyze",
-            "the base model and the checkpoint have different layer counts",
+            format!(
+                "the base model {} ({} layers, hidden {}, {} heads) is not the checkpoint's \
+                 architecture ({} layers, hidden {}, {} heads)",
+                run.cfg.model.display(),
+                pre.layers.len(),
+                a.hidden_size,
+                a.num_attention_heads,
+                run.bert.layers.len(),
+                b.hidden_size,
+                b.num_attention_heads
+            ),
         ));
     }
     let was = run.bert.stream.train();
@@ -199,6 +299,9 @@ pub fn analyze_checkpoint(
         .map(|_| Sums::new(h, h, &run.device))
         .collect::<Result<Vec<_>>>()?;
     let mut js = vec![vec![0.0; heads]; n_layers];
+    // (pretrained, fine-tuned) rows of the sampled tokens, per layer.
+    let mut sample: Vec<(Vec<Tensor>, Vec<Tensor>)> = vec![(vec![], vec![]); n_layers + 1];
+    let mut sampled = 0usize;
     let (mut tokens, mut read) = (0usize, 0usize);
     let n = run.eval.examples.len().min(examples);
     let idx: Vec<usize> = (0..n).collect();
@@ -220,11 +323,18 @@ pub fn analyze_checkpoint(
                 ft.hidden_states.expect("asked for"),
                 pt.hidden_states.expect("asked for"),
             );
+            let take = (opts.sample_tokens - sampled).min(rows.dim(0)?);
             for (l, (x, y)) in ph.iter().zip(&fh).enumerate() {
                 let pick =
                     |t: &Tensor| -> Result<Tensor> { Ok(t.flatten_to(1)?.index_select(&rows, 0)?) };
-                sums[l].add(&pick(x)?, &pick(y)?)?;
+                let (x, y) = (pick(x)?, pick(y)?);
+                sums[l].add(&x, &y)?;
+                if take > 0 {
+                    sample[l].0.push(x.narrow(0, 0, take)?);
+                    sample[l].1.push(y.narrow(0, 0, take)?);
+                }
             }
+            sampled += take;
             let (fa, pa) = (
                 ft.attentions.expect("asked for"),
                 pt.attentions.expect("asked for"),
@@ -241,17 +351,43 @@ pub fn analyze_checkpoint(
     })();
     run.bert.stream.set_train(was);
     result?;
+    if sampled < 3 {
+        return Err(param_err(
+            "analyze",
+            format!("the examples read hold {sampled} tokens: RSA needs at least 3"),
+        ));
+    }
+    let sample = sample
+        .into_iter()
+        .map(|(x, y)| Ok((Tensor::cat(&x, 0)?, Tensor::cat(&y, 0)?)))
+        .collect::<Result<Vec<_>>>()?;
     let layers = sums
         .iter()
+        .zip(&sample)
         .enumerate()
-        .map(|(layer, s)| {
+        .map(|(layer, (s, (x, y)))| {
             Ok(LayerChange {
                 layer,
                 cka: s.cka()?,
                 cosine_distance: s.cos / tokens as f64,
+                rsa: rsa(x, y)?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let cka_matrix = sample
+        .iter()
+        .map(|(x, _)| {
+            sample
+                .iter()
+                .map(|(_, y)| linear_cka(x, y))
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ablation = if opts.ablate {
+        ablate(&run, &varmap)?
+    } else {
+        vec![]
+    };
     for row in &mut js {
         for v in row.iter_mut() {
             *v /= tokens as f64;
@@ -262,5 +398,145 @@ pub fn analyze_checkpoint(
         tokens,
         layers,
         attention_js: js,
+        sample_tokens: sampled,
+        cka_matrix,
+        metric: run.cfg.metric.name().to_string(),
+        ablation,
     })
+}
+
+/// Merchant et al.'s layer ablation: the metric on the whole evaluation
+/// split with the top n encoder layers' parameters set back to the
+/// pretrained ones (`base`), n = 0 … layers. A method's own parameters in a
+/// restored layer (adapters, LoRA) are zeroed, which removes their
+/// contribution. Leaves `run` with every layer restored.
+fn ablate(run: &crate::train::run::Run, base: &candle_nn::VarMap) -> Result<Vec<Ablation>> {
+    let metric = run.cfg.metric;
+    let mut out = vec![Ablation {
+        restored: 0,
+        metric: run.evaluate(&run.eval)?.0.get(metric),
+    }];
+    let n_layers = run.bert.layers.len();
+    let pretrained = base.data().lock().expect("varmap lock").clone();
+    let ours = run.varmap.data().lock().expect("varmap lock").clone();
+    for n in 1..=n_layers {
+        let prefix = format!("encoder.layer.{}.", n_layers - n);
+        for (name, var) in ours.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+            match pretrained.get(name) {
+                Some(p) => var.set(&p.as_tensor().to_dtype(var.dtype())?)?,
+                None => var.set(&var.as_tensor().zeros_like()?)?,
+            }
+        }
+        run.bert.stream.refresh_shadows()?;
+        out.push(Ablation {
+            restored: n,
+            metric: run.evaluate(&run.eval)?.0.get(metric),
+        });
+    }
+    Ok(out)
+}
+
+/// Writes an analysis into `dir`: analysis.json; layers.csv (layer, CKA,
+/// RSA, cosine distance), attention_js.csv (layer × head), cka_matrix.csv
+/// (pretrained layer × fine-tuned layer), ablation.csv when there is one;
+/// and as PNG and SVG: layers (the per-layer measures), attention_js and
+/// cka_matrix (heatmaps), ablation (the metric by restored layers).
+pub fn write_analysis(dir: &Path, a: &Analysis) -> Result<()> {
+    use super::checkpoint::atomic_write;
+    use super::plots::{plot_curves, plot_heatmap, Series};
+    std::fs::create_dir_all(dir).map_err(|e| crate::error::io_err(dir, e))?;
+    atomic_write(
+        &dir.join("analysis.json"),
+        serde_json::to_string_pretty(a).unwrap().as_bytes(),
+    )?;
+    let grid = |header: &str, rows: &[Vec<f64>]| -> String {
+        let mut t = format!("{header}\n");
+        for (i, r) in rows.iter().enumerate() {
+            let cells: Vec<String> = r.iter().map(|v| format!("{v}")).collect();
+            t.push_str(&format!("{i},{}\n", cells.join(",")));
+        }
+        t
+    };
+    let layer_rows: Vec<Vec<f64>> = a
+        .layers
+        .iter()
+        .map(|l| vec![l.cka, l.rsa, l.cosine_distance])
+        .collect();
+    atomic_write(
+        &dir.join("layers.csv"),
+        grid("layer,cka,rsa,cosine_distance", &layer_rows).as_bytes(),
+    )?;
+    let heads = a.attention_js.first().map_or(0, Vec::len);
+    let head_cols: Vec<String> = (0..heads).map(|h| format!("head{h}")).collect();
+    // Encoder layers count from 1 in the file, as in the table.
+    let js_text = grid(&format!("layer,{}", head_cols.join(",")), &a.attention_js);
+    let js_text: String = js_text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| match (i, l.split_once(',')) {
+            (0, _) | (_, None) => format!("{l}\n"),
+            (_, Some((n, rest))) => format!("{},{rest}\n", n.parse::<usize>().unwrap_or(0) + 1),
+        })
+        .collect();
+    atomic_write(&dir.join("attention_js.csv"), js_text.as_bytes())?;
+    let cols: Vec<String> = (0..a.cka_matrix.len()).map(|l| format!("ft{l}")).collect();
+    atomic_write(
+        &dir.join("cka_matrix.csv"),
+        grid(
+            &format!("pretrained_layer,{}", cols.join(",")),
+            &a.cka_matrix,
+        )
+        .as_bytes(),
+    )?;
+    let per_layer = |name: &str, f: fn(&LayerChange) -> f64| Series {
+        name: name.to_string(),
+        points: a
+            .layers
+            .iter()
+            .map(|l| (l.layer as f64, f(l), 0.0))
+            .collect(),
+    };
+    plot_curves(
+        &dir.join("layers"),
+        "pretrained vs fine-tuned, per layer",
+        "layer (0: embeddings)",
+        &[
+            per_layer("linear CKA", |l| l.cka),
+            per_layer("RSA", |l| l.rsa),
+            per_layer("cosine distance", |l| l.cosine_distance),
+        ],
+    )?;
+    plot_heatmap(
+        &dir.join("attention_js"),
+        "attention JS divergence (bits)",
+        ("head", "encoder layer (bottom: 1)"),
+        &a.attention_js,
+    )?;
+    plot_heatmap(
+        &dir.join("cka_matrix"),
+        "linear CKA",
+        ("fine-tuned layer", "pretrained layer"),
+        &a.cka_matrix,
+    )?;
+    if !a.ablation.is_empty() {
+        let mut t = format!("restored,{}\n", a.metric);
+        for x in &a.ablation {
+            t.push_str(&format!("{},{}\n", x.restored, x.metric));
+        }
+        atomic_write(&dir.join("ablation.csv"), t.as_bytes())?;
+        plot_curves(
+            &dir.join("ablation"),
+            &format!("{} with the top layers pretrained again", a.metric),
+            "top layers restored",
+            &[Series {
+                name: String::new(),
+                points: a
+                    .ablation
+                    .iter()
+                    .map(|x| (x.restored as f64, x.metric, 0.0))
+                    .collect(),
+            }],
+        )?;
+    }
+    Ok(())
 }

@@ -297,3 +297,80 @@ pub fn plot_curve(stem: &Path, title: &str, pts: &[(u64, f64)]) -> Result<()> {
     };
     plot_curves(stem, title, "step", &[series])
 }
+
+fn draw_heatmap<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    axes: (&str, &str),
+    values: &[Vec<f64>],
+) -> std::result::Result<(), String>
+where
+    DB::ErrorType: 'static,
+{
+    let e = |x: DrawingAreaErrorKind<DB::ErrorType>| x.to_string();
+    root.fill(&WHITE).map_err(e)?;
+    let rows = values.len();
+    let cols = values.iter().map(Vec::len).max().unwrap_or(0);
+    let finite = || values.iter().flatten().copied().filter(|v| v.is_finite());
+    let lo = finite().fold(f64::INFINITY, f64::min);
+    let hi = finite().fold(f64::NEG_INFINITY, f64::max);
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{title} (white {lo:.3}, dark blue {hi:.3})"),
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(44)
+        .build_cartesian_2d(0f64..cols.max(1) as f64, 0f64..rows.max(1) as f64)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc(axes.0)
+        .y_desc(axes.1)
+        .x_labels(cols.min(16))
+        .y_labels(rows.min(16))
+        .draw()
+        .map_err(e)?;
+    let cells = values.iter().enumerate().flat_map(|(r, row)| {
+        row.iter().enumerate().map(move |(c, &v)| {
+            let t = if v.is_finite() { (v - lo) / span } else { 0.0 };
+            let shade = |full: f64| (255.0 - t * (255.0 - full)) as u8;
+            Rectangle::new(
+                [(c as f64, r as f64), (c as f64 + 1.0, r as f64 + 1.0)],
+                RGBColor(shade(16.0), shade(48.0), shade(160.0)).filled(),
+            )
+        })
+    });
+    chart.draw_series(cells).map_err(e)?;
+    root.present().map_err(e)
+}
+
+/// Writes a heatmap of `values[row][column]` (row 0 at the bottom) to
+/// `<stem>.png` and `<stem>.svg`; `axes` names the x (column) and y (row)
+/// axes. The title states the values of the lightest and darkest cells.
+pub fn plot_heatmap(
+    stem: &Path,
+    title: &str,
+    axes: (&str, &str),
+    values: &[Vec<f64>],
+) -> Result<()> {
+    register_plot_font()?;
+    let (png, svg) = (stem.with_extension("png"), stem.with_extension("svg"));
+    draw_heatmap(
+        BitMapBackend::new(&png, (640, 520)).into_drawing_area(),
+        title,
+        axes,
+        values,
+    )
+    .map_err(|m| io_err(&png, m))?;
+    draw_heatmap(
+        SVGBackend::new(&svg, (640, 520)).into_drawing_area(),
+        title,
+        axes,
+        values,
+    )
+    .map_err(|m| io_err(&svg, m))
+}
