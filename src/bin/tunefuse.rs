@@ -132,6 +132,47 @@ enum Cmd {
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Linear probes on every layer's [CLS] and mean-pooled vectors of a
+    /// checkpoint and of its pretrained base: test accuracy per layer on a
+    /// SentEval-style task (sentlen, bshift, wc) built from the data
+    /// folder's sentences, or on a SentEval probing file.
+    Probe {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// sentlen, bshift or wc, built from --sentences.
+        #[arg(long, default_value = "sentlen", conflicts_with = "senteval")]
+        task: String,
+        /// A SentEval probing file (`tr|va|te<TAB>label<TAB>sentence`).
+        #[arg(long)]
+        senteval: Option<PathBuf>,
+        /// The tasks whose texts the probing task is built from.
+        #[arg(long, value_delimiter = ',', default_value = "sst2,agnews")]
+        sentences: Vec<String>,
+        /// The data folder (default: $TUNEFUSE_DATA).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Examples to build for the probe's training split.
+        #[arg(long, default_value_t = 2000)]
+        train: usize,
+        /// … its dev split (chooses the probe's training step).
+        #[arg(long, default_value_t = 500)]
+        dev: usize,
+        /// … its test split (the reported accuracy).
+        #[arg(long, default_value_t = 500)]
+        test: usize,
+        /// The number of words of the word-content task.
+        #[arg(long, default_value_t = 30)]
+        words: usize,
+        /// Seeds the construction.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The base model directory, when it has moved.
+        #[arg(long)]
+        base_model: Option<PathBuf>,
+        /// Write <task>.json, .csv, .png and .svg here.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
     /// Fit a temperature (Guo et al. 2017) on a split of a checkpoint's
     /// task (or a file) by minimising the NLL, and store it in the
     /// checkpoint directory (temperature.json), where `eval` applies it.
@@ -633,6 +674,68 @@ fn run(cli: Cli) -> Result<(), String> {
             )
             .map_err(|e| e.to_string())?;
             println!("{}", serde_json::to_string_pretty(&report).unwrap());
+            Ok(())
+        }
+        Cmd::Probe {
+            checkpoint,
+            task,
+            senteval,
+            sentences,
+            data_dir,
+            train,
+            dev,
+            test,
+            words,
+            seed,
+            base_model,
+            output,
+        } => {
+            use tunefuse::train::probing;
+            let err = |e: tunefuse::Error| e.to_string();
+            let set = match &senteval {
+                Some(f) => probing::read_senteval(f).map_err(err)?,
+                None => {
+                    let dir = tunefuse::train::data::data_dir(data_dir.as_deref()).map_err(err)?;
+                    let tasks = sentences
+                        .iter()
+                        .map(|t| t.parse())
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(err)?;
+                    let texts = probing::task_sentences(&tasks, &dir).map_err(err)?;
+                    probing::build(
+                        task.parse().map_err(err)?,
+                        &texts,
+                        (train, dev, test),
+                        words,
+                        seed,
+                    )
+                    .map_err(err)?
+                }
+            };
+            eprintln!(
+                "probing {}: {} labels, {}/{}/{} examples",
+                set.name,
+                set.labels.len(),
+                set.train.len(),
+                set.dev.len(),
+                set.test.len()
+            );
+            let r =
+                probing::probe_checkpoint(&checkpoint, &set, base_model.as_deref()).map_err(err)?;
+            if let Some(dir) = &output {
+                probing::write_probe(dir, &r).map_err(err)?;
+            }
+            eprintln!(
+                "test accuracy (majority {:.3}): layer, pretrained [CLS], mean; fine-tuned [CLS], mean",
+                r.majority
+            );
+            for (p, f) in r.pretrained.iter().zip(&r.fine_tuned) {
+                eprintln!(
+                    "  {:>2}  {:.3}  {:.3}  {:.3}  {:.3}",
+                    p.layer, p.cls, p.mean, f.cls, f.mean
+                );
+            }
+            println!("{}", serde_json::to_string_pretty(&r).unwrap());
             Ok(())
         }
         Cmd::Analyze {

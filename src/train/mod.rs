@@ -18,6 +18,7 @@ pub mod objective;
 pub mod optim;
 pub mod params;
 pub mod plots;
+pub mod probing;
 pub mod report;
 pub mod run;
 pub mod step;
