@@ -13,7 +13,10 @@
 #      1-3 (the CPU takes 20-95 minutes a run here),
 #   5. sst2-1k: every recipe, seeds 1-3,
 #   6. calibration and OOD detection (scripts/calibration-results.sh):
-#      vanilla and manifold smoothing, seeds 1-3.
+#      vanilla and manifold smoothing, seeds 1-3,
+#   7. active-learning curves on SST-2 (scripts/active-results.sh): random,
+#      entropy and BALD at freezing 0 and -3, seeds 1-3, the paper's pool
+#      cap of 20 000 (active.json of each run and the pooled curves).
 # A run cut by the deadline is left unfinished (scripts/results.sh resumes
 # it). Runs already recorded under bench/runs/<card> are not run again; add
 # the new ones there afterwards (summary.json, metrics.jsonl, config.toml,
@@ -65,6 +68,16 @@ if [ "$left" -gt 60 ]; then
 else
   echo "== calibration: skipped, the ${deadline}-s budget is spent"
 fi
+# 7. Active-learning learning curves (a cut run resumes at its round).
+left=$(( deadline - ($(date +%s) - start) ))
+if [ "$left" -gt 60 ]; then
+  echo "== active learning, seeds 1 2 3 (${left} s left)"
+  SEEDS="1 2 3" OUT="$runs/active" timeout "$left" scripts/active-results.sh ||
+    echo "== active learning: stopped (deadline or failure)"
+  "$TUNEFUSE_BIN" curves "$runs/active" --output "$out/active-curves" 2>/dev/null || true
+else
+  echo "== active learning: skipped, the ${deadline}-s budget is spent"
+fi
 tar -C "$runs" -cJf "$out/results-runs.tar.xz" \
-  $(cd "$runs" && find . -maxdepth 3 \( -name summary.json -o -name metrics.jsonl -o -name config.toml -o -name '*.log' -o -name 'results-*.md' \) | sort) 2>/dev/null
+  $(cd "$runs" && find . -maxdepth 3 \( -name summary.json -o -name metrics.jsonl -o -name config.toml -o -name '*.log' -o -name 'results-*.md' -o -name active.json \) | sort) 2>/dev/null
 echo "gpu-results: done in $(( $(date +%s) - start )) s"
