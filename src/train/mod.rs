@@ -14,6 +14,7 @@ pub mod files;
 pub mod fit;
 pub mod methods;
 pub mod metrics;
+pub mod ner;
 pub mod objective;
 pub mod optim;
 pub mod params;

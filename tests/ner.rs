@@ -1,0 +1,157 @@
+//! Named entities: entity extraction and scores equal seqeval's (1.2.2,
+//! default mode) on hand-made sequences (IOB1, IOB2, partial matches, type
+//! mismatches, across sentences) and random ones (tests/data/seqeval.json,
+//! written by scripts/seqeval-golden.py); the CoNLL reader on the data
+//! folder's three corpora and its errors; first-subword label alignment.
+mod common;
+
+use std::path::Path;
+
+use tunefuse::train::ner::{align_first_subword, entities, entity_scores, read_conll, Scheme};
+
+fn strings(v: &serde_json::Value) -> Vec<Vec<String>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s.as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn entity_scores_equal_seqeval() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/seqeval.json");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    assert!(cases.len() >= 16);
+    for c in &cases {
+        let name = c["name"].as_str().unwrap();
+        let (truth, pred) = (strings(&c["truth"]), strings(&c["pred"]));
+        let want: Vec<(String, usize, usize)> = c["entities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e[0].as_str().unwrap().to_string(),
+                    e[1].as_u64().unwrap() as usize,
+                    e[2].as_u64().unwrap() as usize,
+                )
+            })
+            .collect();
+        assert_eq!(entities(&truth), want, "{name}");
+        let s = entity_scores(&truth, &pred).unwrap();
+        for (got, key) in [
+            (s.micro.precision, "precision"),
+            (s.micro.recall, "recall"),
+            (s.micro.f1, "f1"),
+        ] {
+            let want = c[key].as_f64().unwrap();
+            assert!((got - want).abs() < 1e-12, "{name} {key}: {got} vs {want}");
+        }
+        let types = c["per_type"].as_object().unwrap();
+        assert_eq!(
+            s.per_type.keys().collect::<Vec<_>>(),
+            types.keys().collect::<Vec<_>>(),
+            "{name}"
+        );
+        for (ty, v) in types {
+            let got = s.per_type[ty];
+            assert!(
+                (got.f1 - v["f1"].as_f64().unwrap()).abs() < 1e-12,
+                "{name} {ty}"
+            );
+            assert!((got.precision - v["precision"].as_f64().unwrap()).abs() < 1e-12);
+            assert_eq!(
+                got.support as u64,
+                v["support"].as_u64().unwrap(),
+                "{name} {ty}"
+            );
+        }
+    }
+    assert!(entity_scores(&[vec!["O".into()]], &[]).is_err());
+    assert!(entity_scores(&[vec!["O".into()]], &[vec![]]).is_err());
+}
+
+#[test]
+fn conll_files_read_and_bad_ones_named() {
+    let data = common::data_root().join("ner");
+    let conll = read_conll(&data.join("conll2003/dev.txt"), Scheme::Iob2, true).unwrap();
+    // The data README's counts: 3,250 sentences, 5,942 entities, 51,362 tokens.
+    assert_eq!(conll.len(), 3250);
+    assert_eq!(conll.iter().map(|s| s.words.len()).sum::<usize>(), 51_362);
+    let tags: Vec<Vec<String>> = conll.iter().map(|s| s.tags.clone()).collect();
+    assert_eq!(entities(&tags).len(), 5942);
+    assert_eq!(conll[0].words[0], "CRICKET");
+    let ncbi = read_conll(&data.join("ncbi-disease/dev.txt"), Scheme::Iob2, true).unwrap();
+    assert_eq!(ncbi.len(), 923);
+    let ncbi_tags: Vec<Vec<String>> = ncbi.iter().map(|s| s.tags.clone()).collect();
+    assert_eq!(entities(&ncbi_tags).len(), 787);
+    // SciERC is IOB1: strict IOB2 refuses it, IOB1 reads it.
+    let sci = data.join("sciie/dev.txt");
+    let e = read_conll(&sci, Scheme::Iob2, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("strict IOB2") && e.contains("line "), "{e}");
+    let sci = read_conll(&sci, Scheme::Iob1, true).unwrap();
+    assert_eq!(sci.len(), 275);
+    let sci_tags: Vec<Vec<String>> = sci.iter().map(|s| s.tags.clone()).collect();
+    assert_eq!(entities(&sci_tags).len(), 808);
+
+    let dir = common::scratch("conll");
+    let write = |text: &str| {
+        let p = dir.path().join("bad.txt");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let e = read_conll(&write("EU NNP B-ORG\nrejects VBZ\n"), Scheme::Iob2, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("line 2: 2 columns") && e.contains("bad.txt"),
+        "{e}"
+    );
+    let e = read_conll(&write("EU NNP X-ORG\n"), Scheme::Iob2, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 1: unknown tag \"X-ORG\""), "{e}");
+    let e = read_conll(&write("EU O\nrejects I-ORG\n"), Scheme::Iob2, true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("line 2: I-ORG after O"), "{e}");
+    assert!(read_conll(&write("EU O\nrejects I-ORG\n"), Scheme::Iob2, false).is_ok());
+    let e = read_conll(&write("-DOCSTART- -X- O\n\n"), Scheme::Iob2, false)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no sentence"), "{e}");
+}
+
+#[test]
+fn labels_go_on_the_first_subword() {
+    // [CLS] Hawking ##s visited Cam ##bri ##dge [SEP]
+    let word_ids = [
+        None,
+        Some(0),
+        Some(0),
+        Some(1),
+        Some(2),
+        Some(2),
+        Some(2),
+        None,
+    ];
+    let got = align_first_subword(&word_ids, &[3, 0, 5]);
+    assert_eq!(
+        got,
+        [None, Some(3), None, Some(0), Some(5), None, None, None]
+    );
+    // Words cut by truncation have no label position at all.
+    assert_eq!(
+        align_first_subword(&[None, Some(0), None], &[1, 2]),
+        [None, Some(1), None]
+    );
+}
