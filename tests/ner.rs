@@ -155,3 +155,154 @@ fn labels_go_on_the_first_subword() {
         [None, Some(1), None]
     );
 }
+
+#[test]
+fn token_loss_is_the_mean_over_labelled_positions() {
+    use candle_core::{DType, Device, Tensor};
+    let logits_v = common::randn(2 * 3 * 4, 5, 1.0);
+    let logits = common::tensor(&logits_v, &[2, 3, 4], DType::F32, &Device::Cpu);
+    let labels = Tensor::new(&[[2f32, -1.0, 0.0], [-1.0, 3.0, -1.0]], &Device::Cpu).unwrap();
+    let got = tunefuse::train::task::token_cross_entropy(&logits, &labels, 0.0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let nll = |row: usize, tag: usize| {
+        let z = &logits_v[row * 4..row * 4 + 4];
+        let lse = z.iter().map(|v| v.exp()).sum::<f64>().ln();
+        lse - z[tag]
+    };
+    let want = (nll(0, 2) + nll(2, 0) + nll(4, 3)) / 3.0;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
+
+fn tunefuse_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tunefuse"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn named_entities_train_evaluate_and_refuse_what_they_cannot() {
+    use tunefuse::train::trainer::{Config, HeadKind, Metric, Run};
+    let dir = common::scratch("ner-run");
+    let model = common::tiny_model_dir(dir.path());
+    // The batch's labels: each kept word's tag on its first subword, −1
+    // elsewhere ([CLS], later subwords, [SEP], padding).
+    let cfg = Config {
+        task: "ner:conll2003".into(),
+        head: HeadKind::Token,
+        metric: Metric::EntityF1,
+        train_examples: Some(16),
+        eval_examples: Some(16),
+        ..common::small_run(&dir, "lib", model.clone())
+    };
+    let run = Run::new(cfg.clone()).unwrap();
+    let b = run.batch(&run.train, &[0, 1, 2, 3]).unwrap();
+    let labels: Vec<Vec<f32>> = b.labels.to_vec2().unwrap();
+    for (r, row) in labels.iter().enumerate() {
+        let e = &run.train.examples[r];
+        assert_eq!(row[0], -1.0);
+        let tagged: Vec<usize> = row
+            .iter()
+            .filter(|&&v| v >= 0.0)
+            .map(|&v| v as usize)
+            .collect();
+        assert_eq!(tagged, e.tags[..tagged.len()], "row {r}");
+        assert!(
+            tagged.len() == e.tags.len() || row.len() == 32,
+            "words lost untruncated"
+        );
+    }
+    // The library refuses a sentence head on a token task, and the smoothness terms.
+    let e = Run::new(Config {
+        head: HeadKind::Classification,
+        metric: Metric::Accuracy,
+        ..cfg.clone()
+    })
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("head = \"token\""), "{e}");
+
+    let out = dir.path().join("cli");
+    let data = common::data_root();
+    let base = [
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "ner:conll2003",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--train-examples",
+        "24",
+        "--set",
+        "eval_examples=24",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--max-len",
+        "32",
+        "--lr",
+        "1e-3",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    let o = tunefuse_cli(&base);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["metric"], "entity_f1");
+    let f1 = summary["last"]["entity_f1"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&f1));
+    assert!(summary["last"]["accuracy"].as_f64().unwrap() > 0.0);
+    // eval of the best checkpoint reproduces the best evaluation.
+    let best = out.join("best");
+    let o = tunefuse_cli(&["eval", "--checkpoint", best.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        ev["entity_f1"].as_f64().unwrap(),
+        summary["best"].as_f64().unwrap()
+    );
+    for (args, want) in [
+        (
+            vec![
+                "eval",
+                "--checkpoint",
+                best.to_str().unwrap(),
+                "--mc-dropout",
+                "4",
+            ],
+            "tags words",
+        ),
+        (
+            vec!["calibrate", "--checkpoint", best.to_str().unwrap()],
+            "sentence tasks",
+        ),
+        (
+            vec![
+                "export",
+                "--checkpoint",
+                best.to_str().unwrap(),
+                "--output",
+                "x",
+            ],
+            "not exported yet",
+        ),
+    ] {
+        let o = tunefuse_cli(&args);
+        assert!(!o.status.success(), "{args:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    let mut smart = base.to_vec();
+    smart.extend(["--method", "smart", "--overwrite"]);
+    let o = tunefuse_cli(&smart);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("per-token form"), "{e}");
+}

@@ -298,7 +298,9 @@ struct FinetuneArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// sst2, cola, rte, mrpc, amazon:<domain>, trec, snli, agnews, sst5, cr,
-    /// mpqa, subj; or files (the default with --train-file).
+    /// mpqa, subj; ner:conll2003, ner:ncbi-disease, ner:sciie (named
+    /// entities: a tag per word, selected on entity F1); or files (the
+    /// default with --train-file).
     #[arg(long)]
     task: Option<String>,
     /// The data folder of the built-in tasks (default: $TUNEFUSE_DATA).
@@ -341,7 +343,7 @@ struct FinetuneArgs {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
     /// Model-selection metric: accuracy, macro_f1, f1, mcc (classification);
-    /// pearson, spearman (regression).
+    /// pearson, spearman (regression); entity_f1, accuracy (token tasks).
     #[arg(long)]
     metric: Option<String>,
     /// Regression on the label index as a real-valued score (e.g. SST-5's
@@ -456,6 +458,19 @@ fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
     }
     cfg.phase_times |= a.phase_times;
     cfg.overwrite |= a.overwrite;
+    // A token task (named entities) implies the token head and selects on
+    // entity F1, unless the flags below say otherwise.
+    let token_task = cfg.data_files().is_none()
+        && cfg
+            .task
+            .parse::<tunefuse::train::data::Task>()
+            .is_ok_and(|t| t.is_token_task());
+    if token_task && cfg.head == HeadKind::Classification {
+        cfg.head = HeadKind::Token;
+        if cfg.metric == tunefuse::train::trainer::Metric::Accuracy {
+            cfg.metric = tunefuse::train::trainer::Metric::EntityF1;
+        }
+    }
     if a.regression && cfg.head != HeadKind::Regression {
         cfg.head = HeadKind::Regression;
         cfg.metric = tunefuse::train::trainer::Metric::Pearson;
@@ -585,6 +600,18 @@ fn run(cli: Cli) -> Result<(), String> {
                 run.eval.examples.len(),
                 run.opt.params.len()
             );
+            if run.cfg.head == HeadKind::Token {
+                for (what, ds) in [("training", &run.train), ("evaluation", &run.eval)] {
+                    let (n, words) = run.truncated_words(ds).map_err(|e| e.to_string())?;
+                    if n > 0 {
+                        eprintln!(
+                            "warning: max_len {} truncates {n} {what} sentences ({words} words: \
+                             not trained on / predicted O); raise --max-len to keep them",
+                            run.cfg.max_len
+                        );
+                    }
+                }
+            }
             let s = run.fit(a.resume, progress()).map_err(|e| match e {
                 tunefuse::Error::Interrupted(m) => format!("{m}:\n  {}", resume_command()),
                 e => e.to_string(),

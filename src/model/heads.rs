@@ -206,3 +206,47 @@ impl RegressionHead {
         Ok(self.linear.forward(&x, s)?.squeeze(1)?)
     }
 }
+
+/// Dropout and a linear layer on every token: logits `[B, L, classes]`
+/// (`classifier.*`, as transformers' `*ForTokenClassification` names it).
+#[derive(Debug)]
+pub struct TokenHead {
+    /// Dropout before the linear layer (train mode).
+    pub dropout: f64,
+    /// `classifier.*`: `[classes, H]` and `[classes]`.
+    pub linear: Dense,
+}
+
+impl TokenHead {
+    /// A new head in `varmap` for `classes` tags over hidden size `hidden`;
+    /// fewer than 2 tags is an error.
+    pub fn new(
+        varmap: &VarMap,
+        hidden: usize,
+        classes: usize,
+        dropout: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if classes < 2 {
+            return Err(param_err(
+                "classifier",
+                format!("token classification needs at least 2 tags, got {classes}"),
+            ));
+        }
+        let vb = candle_nn::VarBuilder::from_varmap(varmap, dtype, device);
+        Ok(Self {
+            dropout,
+            linear: Dense::new(&vb, "classifier", hidden, classes)?,
+        })
+    }
+
+    /// Logits `[B, L, classes]` from hidden states `[B, L, H]`.
+    pub fn forward(&self, hidden: &Tensor, s: &Stream) -> Result<Tensor> {
+        let (b, l, h) = hidden.dims3()?;
+        let x = s.dropout(&hidden.reshape((b * l, h))?, self.dropout)?;
+        let y = self.linear.forward(&x, s)?;
+        let c = y.dim(1)?;
+        Ok(y.reshape((b, l, c))?)
+    }
+}

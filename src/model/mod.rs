@@ -11,6 +11,6 @@ pub mod tokenize;
 pub use bert::{Bert, EncoderOutput, Outputs};
 pub use config::BertConfig;
 pub use family::Family;
-pub use heads::{ClassifierHead, Pooling, RegressionHead};
+pub use heads::{ClassifierHead, Pooling, RegressionHead, TokenHead};
 pub use layers::{Adapter, AdapterPlacement, Dense, Lora, Stream};
-pub use tokenize::{Batch, TextTokenizer};
+pub use tokenize::{Batch, TextTokenizer, WordBatch};

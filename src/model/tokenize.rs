@@ -8,6 +8,18 @@ use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::error::{format_err, io_err, param_err, Result};
 
+/// A padded batch of pre-split sentences with its word alignment.
+#[derive(Debug)]
+pub struct WordBatch {
+    /// The padded batch.
+    pub batch: Batch,
+    /// Per row and token, the index of the word it belongs to (`None`: a
+    /// special token or padding).
+    pub word_ids: Vec<Vec<Option<usize>>>,
+    /// Per row, the words truncation cut off.
+    pub lost: Vec<usize>,
+}
+
 /// A tokenizer that pads each batch to its longest row.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -108,6 +120,34 @@ impl TextTokenizer {
         Ok(())
     }
 
+    /// A batch of pre-split sentences (token classification), padded to
+    /// its longest row, with each row's word ids (`None`: a special token
+    /// or padding) and the number of words each row lost to truncation.
+    pub fn batch_words(&self, sents: &[&[String]], device: &Device) -> Result<WordBatch> {
+        let mut enc = Vec::with_capacity(sents.len());
+        let (mut word_ids, mut lost) = (vec![], vec![]);
+        for words in sents {
+            let e = self
+                .inner
+                .encode(*words, true)
+                .map_err(|e| param_err("tokenizer", format!("cannot encode {words:?}: {e}")))?;
+            let ids: Vec<Option<usize>> = e
+                .get_word_ids()
+                .iter()
+                .map(|w| w.map(|w| w as usize))
+                .collect();
+            let kept = ids.iter().flatten().max().map_or(0, |m| m + 1);
+            lost.push(words.len() - kept.min(words.len()));
+            word_ids.push(ids);
+            enc.push((e.get_ids().to_vec(), e.get_type_ids().to_vec()));
+        }
+        Ok(WordBatch {
+            batch: self.pad(&enc, device)?,
+            word_ids,
+            lost,
+        })
+    }
+
     /// Token ids of single sentences or (first, second) pairs, unpadded.
     pub fn encode(&self, texts: &[(&str, Option<&str>)]) -> Result<Vec<(Vec<u32>, Vec<u32>)>> {
         let mut out = Vec::with_capacity(texts.len());
@@ -127,7 +167,14 @@ impl TextTokenizer {
         if texts.is_empty() {
             return Err(param_err("tokenizer", "empty batch"));
         }
-        let enc = self.encode(texts)?;
+        self.pad(&self.encode(texts)?, device)
+    }
+
+    /// Encoded rows padded to the longest.
+    fn pad(&self, enc: &[(Vec<u32>, Vec<u32>)], device: &Device) -> Result<Batch> {
+        if enc.is_empty() {
+            return Err(param_err("tokenizer", "empty batch"));
+        }
         let l = enc.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
         let b = enc.len();
         let (mut ids, mut types, mut mask) = (

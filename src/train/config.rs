@@ -91,6 +91,8 @@ pub enum Metric {
     Pearson,
     /// Spearman's rank correlation (regression).
     Spearman,
+    /// Entity-level micro F1 as seqeval computes it (token classification).
+    EntityF1,
 }
 
 impl Metric {
@@ -103,12 +105,19 @@ impl Metric {
             Metric::Mcc => "mcc",
             Metric::Pearson => "pearson",
             Metric::Spearman => "spearman",
+            Metric::EntityF1 => "entity_f1",
         }
     }
 
     /// Whether a head of `kind` can be selected on this metric.
     fn fits(self, kind: HeadKind) -> bool {
-        matches!(self, Metric::Pearson | Metric::Spearman) == (kind == HeadKind::Regression)
+        match kind {
+            HeadKind::Regression => matches!(self, Metric::Pearson | Metric::Spearman),
+            HeadKind::Token => matches!(self, Metric::EntityF1 | Metric::Accuracy),
+            HeadKind::Classification => {
+                !matches!(self, Metric::Pearson | Metric::Spearman | Metric::EntityF1)
+            }
+        }
     }
 }
 
@@ -519,6 +528,39 @@ impl Config {
                 ));
             }
         }
+        let token_task = match self.data_files() {
+            Some(_) => false,
+            None => self.task.parse::<Task>()?.is_token_task(),
+        };
+        if token_task != (self.head == HeadKind::Token) {
+            return bad(if token_task {
+                format!(
+                    "{} labels every word: it needs head = \"token\" (the command line sets \
+                     it for a token task)",
+                    self.task
+                )
+            } else {
+                format!(
+                    "head = \"token\" labels every word, and {} is not a token \
+                     classification task (ner:conll2003, ner:ncbi-disease, ner:sciie)",
+                    self.task
+                )
+            });
+        }
+        if self.head == HeadKind::Token {
+            if let Some(m) = self
+                .methods
+                .iter()
+                .find(|m| m.props().role != methods::Role::Transform)
+            {
+                return bad(format!(
+                    "{} measures a divergence between sentence-level outputs, and its \
+                     per-token form is not implemented: token classification trains with \
+                     the model transforms (mixout, adapter, lora) and schedules only",
+                    m.name()
+                ));
+            }
+        }
         if self.freeze_layers != 0 {
             let other = if self.gradual_unfreezing {
                 Some("gradual_unfreezing".to_string())
@@ -548,10 +590,12 @@ impl Config {
         if !self.metric.fits(self.head) {
             return bad(format!(
                 "a {} head cannot select on {}: classification takes accuracy, macro_f1, f1 or \
-                 mcc, regression pearson or spearman",
+                 mcc, regression pearson or spearman, token classification entity_f1 or \
+                 accuracy",
                 match self.head {
                     HeadKind::Classification => "classification",
                     HeadKind::Regression => "regression",
+                    HeadKind::Token => "token",
                 },
                 self.metric.name()
             ));

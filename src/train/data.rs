@@ -13,7 +13,7 @@ use crate::error::{format_err, io_err, param_err, Error, Result};
 use crate::philox;
 
 /// One example.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Example {
     /// The (first) text, trimmed.
     pub text: String,
@@ -26,6 +26,12 @@ pub struct Example {
     /// index for the built-in readers (SST-5's 0–4 scale), the number in
     /// the label column for a regression data file.
     pub value: f64,
+    /// Token classification: the sentence's words (`text` is them joined
+    /// by spaces); empty for sentence tasks.
+    pub words: Vec<String>,
+    /// Token classification: each word's tag, an index into
+    /// [`Dataset::labels`].
+    pub tags: Vec<usize>,
 }
 
 /// Examples with their label names.
@@ -66,6 +72,23 @@ pub enum Task {
     Mpqa,
     /// SUBJ: subjective vs objective (train only).
     Subj,
+    /// Named entities of a CoNLL-style corpus of the data folder's `ner/`:
+    /// `conll2003`, `ncbi-disease` or `sciie` (train, dev, test); a token
+    /// classification task.
+    Ner(String),
+}
+
+const NER: [(&str, crate::train::ner::Scheme); 3] = [
+    ("conll2003", crate::train::ner::Scheme::Iob2),
+    ("ncbi-disease", crate::train::ner::Scheme::Iob2),
+    ("sciie", crate::train::ner::Scheme::Iob1),
+];
+
+impl Task {
+    /// Whether the task labels every word (token classification).
+    pub fn is_token_task(&self) -> bool {
+        matches!(self, Task::Ner(_))
+    }
 }
 
 /// A split; not every task has every split (errors say which exist).
@@ -100,10 +123,13 @@ impl std::str::FromStr for Task {
             "mpqa" => Task::Mpqa,
             "subj" => Task::Subj,
             d if d.starts_with("amazon:") && AMAZON.contains(&&d[7..]) => Task::Amazon(d[7..].to_string()),
+            d if d.starts_with("ner:") && NER.iter().any(|(c, _)| *c == &d[4..]) => {
+                Task::Ner(d[4..].to_string())
+            }
             _ => {
                 return Err(param_err(
                     "task",
-                    format!("unknown task {s:?}: sst2, cola, rte, mrpc, amazon:<books|dvd|electronics|kitchen>, trec, snli, agnews, sst5, cr, mpqa, subj"),
+                    format!("unknown task {s:?}: sst2, cola, rte, mrpc, amazon:<books|dvd|electronics|kitchen>, trec, snli, agnews, sst5, cr, mpqa, subj, ner:<conll2003|ncbi-disease|sciie>"),
                 ))
             }
         })
@@ -342,8 +368,59 @@ pub fn load(task: &Task, split: Split, dir: &Path) -> Result<Dataset> {
         pair: pair.map(|s| s.trim().to_string()),
         label,
         value: label as f64,
+        ..Default::default()
     };
     match task {
+        Task::Ner(corpus) => {
+            let scheme = NER
+                .iter()
+                .find(|(c, _)| c == corpus)
+                .map(|(_, s)| *s)
+                .ok_or_else(|| param_err("task", format!("unknown NER corpus {corpus:?}")))?;
+            let file = |s: Split| p(&format!("ner/{corpus}/{}.txt", s.name()));
+            // The tag set is that of the three files, "O" first then
+            // sorted, so every split (and a checkpoint) indexes tags alike
+            // (SciERC's few B- tags are not in every split).
+            let strict = scheme == crate::train::ner::Scheme::Iob2;
+            let mut all = [Train, Dev, Test]
+                .iter()
+                .map(|&s| crate::train::ner::read_conll(&file(s), scheme, strict))
+                .collect::<Result<Vec<_>>>()?;
+            let mut labels: Vec<String> =
+                all.iter().flatten().flat_map(|s| s.tags.clone()).collect();
+            labels.sort_by(|a, b| (a != "O", a).cmp(&(b != "O", b)));
+            labels.dedup();
+            let sents = std::mem::take(&mut all[split as usize]);
+            let mut v = Vec::with_capacity(sents.len());
+            for (n, s) in sents.into_iter().enumerate() {
+                let tags = s
+                    .tags
+                    .iter()
+                    .map(|t| {
+                        labels.iter().position(|l| l == t).ok_or_else(|| {
+                            format_err(
+                                &file(split),
+                                format!(
+                                    "sentence {}: tag {t:?} is not in the corpus's tag set",
+                                    n + 1
+                                ),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                v.push(Example {
+                    text: s.words.join(" "),
+                    words: s.words,
+                    tags,
+                    ..Default::default()
+                });
+            }
+            Ok(Dataset {
+                name: format!("ner:{corpus}"),
+                labels,
+                examples: v,
+            })
+        }
         Task::Sst2 => {
             need_split("sst2", split, &[Train, Dev])?;
             let path = p(if split == Train {

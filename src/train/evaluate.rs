@@ -76,6 +76,19 @@ pub struct Eval {
     #[serde(with = "nan_as_null", default = "nan")]
     /// Mean squared error (regression).
     pub mse: f64,
+    #[serde(with = "nan_as_null", default = "nan")]
+    /// Entity-level micro F1, seqeval's (token classification; `accuracy`
+    /// is then the accuracy over words).
+    pub entity_f1: f64,
+    #[serde(with = "nan_as_null", default = "nan")]
+    /// Entity-level micro precision (token classification).
+    pub entity_precision: f64,
+    #[serde(with = "nan_as_null", default = "nan")]
+    /// Entity-level micro recall (token classification).
+    pub entity_recall: f64,
+    /// Entity F1 per type (token classification).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub entity_f1_by_type: std::collections::BTreeMap<String, f64>,
 }
 
 fn nan() -> f64 {
@@ -97,6 +110,9 @@ impl PartialEq for Eval {
                 e.pearson,
                 e.spearman,
                 e.mse,
+                e.entity_f1,
+                e.entity_precision,
+                e.entity_recall,
             ]
             .map(f64::to_bits)
         };
@@ -119,12 +135,21 @@ impl Eval {
             pearson: f64::NAN,
             spearman: f64::NAN,
             mse: f64::NAN,
+            entity_f1: f64::NAN,
+            entity_precision: f64::NAN,
+            entity_recall: f64::NAN,
+            entity_f1_by_type: Default::default(),
         }
     }
 
     /// One line for logs: the classification or the regression metrics.
     pub fn brief(&self) -> String {
-        if self.accuracy.is_nan() && !self.pearson.is_nan() {
+        if !self.entity_f1.is_nan() {
+            format!(
+                "entity F1 {:.4} (P {:.4}, R {:.4}), word accuracy {:.4}",
+                self.entity_f1, self.entity_precision, self.entity_recall, self.accuracy
+            )
+        } else if self.accuracy.is_nan() && !self.pearson.is_nan() {
             format!(
                 "Pearson {:.4}, Spearman {:.4}, MSE {:.4}",
                 self.pearson, self.spearman, self.mse
@@ -146,6 +171,7 @@ impl Eval {
             Metric::Mcc => self.mcc,
             Metric::Pearson => self.pearson,
             Metric::Spearman => self.spearman,
+            Metric::EntityF1 => self.entity_f1,
         }
     }
 }
@@ -169,6 +195,14 @@ impl Run {
     }
 
     fn predict_passes(&self, ds: &Dataset, dropout: bool, passes: usize) -> Result<Vec<Vec<f64>>> {
+        if let super::task::TaskHead::Tokens { .. } = self.head {
+            return Err(param_err(
+                "predict",
+                "per-example class probabilities: a token-classification run is evaluated by \
+                 its entity scores (eval), and predict, calibrate, MC dropout, OOD detection and \
+                 active learning take sentence tasks",
+            ));
+        }
         let was = self.bert.stream.train();
         self.bert.stream.set_train(dropout);
         let mut out = vec![vec![]; ds.examples.len()];
@@ -208,9 +242,93 @@ impl Run {
 
     /// Metrics on a dataset, and the reliability table (classification).
     pub fn evaluate(&self, ds: &Dataset) -> Result<(Eval, Option<metrics::Calibration>)> {
+        if let super::task::TaskHead::Tokens { .. } = self.head {
+            return Ok((self.evaluate_tokens(ds)?, None));
+        }
         let probs = self.predict(ds)?;
         check_finite(&probs)?;
         self.head.metrics(&probs, ds)
+    }
+}
+
+impl Run {
+    /// Token classification: each word's tag is the argmax at its first
+    /// subword; the words truncation cut off are predicted `O` (their
+    /// entities count as missed). Word accuracy, the NLL over the labelled
+    /// subwords, entity precision, recall and F1 as seqeval computes them,
+    /// and F1 per entity type.
+    fn evaluate_tokens(&self, ds: &Dataset) -> Result<Eval> {
+        let was = self.bert.stream.train();
+        self.bert.stream.set_train(false);
+        let result = (|| -> Result<Eval> {
+            let model = self.model();
+            let o = ds.labels.iter().position(|l| l == "O").unwrap_or(0);
+            let mut preds: Vec<Vec<usize>> = vec![vec![]; ds.examples.len()];
+            let (mut nll, mut counted) = (0.0f64, 0usize);
+            for chunk in by_length(ds).chunks(64) {
+                let sents: Vec<&[String]> = chunk
+                    .iter()
+                    .map(|&i| ds.examples[i].words.as_slice())
+                    .collect();
+                let crate::model::WordBatch {
+                    batch: b, word_ids, ..
+                } = self.tok.batch_words(&sents, &self.device)?;
+                let _cache = crate::upload_cache(&self.device);
+                let embeds = self.bert.forward_embeddings(&b.ids, Some(&b.token_types))?;
+                let logits = model.forward(&embeds, &b.mask)?.to_dtype(DType::F32)?;
+                let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+                let best: Vec<Vec<u32>> = logp.argmax(candle_core::D::Minus1)?.to_vec2()?;
+                let logp: Vec<Vec<Vec<f32>>> = logp.to_vec3()?;
+                for (r, &i) in chunk.iter().enumerate() {
+                    let tags = &ds.examples[i].tags;
+                    let mut pred = vec![o; tags.len()];
+                    let mut prev = None;
+                    for (t, w) in word_ids[r].iter().enumerate() {
+                        if let Some(w) = *w {
+                            if prev != Some(w) && w < tags.len() {
+                                pred[w] = best[r][t] as usize;
+                                nll -= f64::from(logp[r][t][tags[w]]);
+                                counted += 1;
+                            }
+                        }
+                        prev = *w;
+                    }
+                    preds[i] = pred;
+                }
+            }
+            if !nll.is_finite() {
+                return Err(Error::NotFinite(format!(
+                    "the model's token log-probabilities are not finite (NLL {nll}): its \
+                     weights hold NaN or infinity"
+                )));
+            }
+            let names = |v: &[usize]| v.iter().map(|&c| ds.labels[c].clone()).collect::<Vec<_>>();
+            let truth: Vec<Vec<String>> = ds.examples.iter().map(|e| names(&e.tags)).collect();
+            let pred: Vec<Vec<String>> = preds.iter().map(|p| names(p)).collect();
+            let scores = super::ner::entity_scores(&truth, &pred)?;
+            let words: usize = ds.examples.iter().map(|e| e.tags.len()).sum();
+            let right: usize = ds
+                .examples
+                .iter()
+                .zip(&preds)
+                .map(|(e, p)| e.tags.iter().zip(p).filter(|(a, b)| a == b).count())
+                .sum();
+            Ok(Eval {
+                accuracy: right as f64 / words.max(1) as f64,
+                nll: nll / counted.max(1) as f64,
+                entity_f1: scores.micro.f1,
+                entity_precision: scores.micro.precision,
+                entity_recall: scores.micro.recall,
+                entity_f1_by_type: scores
+                    .per_type
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.f1))
+                    .collect(),
+                ..Eval::undefined()
+            })
+        })();
+        self.bert.stream.set_train(was);
+        result
     }
 }
 
@@ -421,6 +539,22 @@ pub fn report_checkpoint(
     let run = checkpoint_run(dir, task, split.parse::<Split>()?, data_dir, file, base)?;
     let classifies = run.cfg.head != super::task::HeadKind::Regression;
     let bad = |m: String| Err(param_err("eval", m));
+    if run.cfg.head == super::task::HeadKind::Token {
+        if opts.mc_dropout > 1 || !opts.ood.is_empty() || opts.plot.is_some() {
+            return bad(
+                "Monte-Carlo dropout, OOD detection and confidence plots score sentence \
+                 classifiers; this checkpoint tags words"
+                    .into(),
+            );
+        }
+        return Ok(EvalReport {
+            eval: run.evaluate(&run.eval)?.0,
+            temperature: None,
+            mc_dropout: None,
+            misclassification: None,
+            ood: BTreeMap::new(),
+        });
+    }
     if !classifies && (opts.mc_dropout > 1 || !opts.ood.is_empty()) {
         return bad(
             "Monte-Carlo dropout and OOD detection score a classifier's probabilities; this \

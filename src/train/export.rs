@@ -71,6 +71,13 @@ pub fn export(
     let base_cfg = crate::model::BertConfig::from_file(&base.join("config.json"))?;
     let family = base_cfg.family()?;
     let bad = |m: String| Err(param_err("export", m));
+    if cfg.head == HeadKind::Token {
+        return bad(
+            "token classification checkpoints are not exported yet (transformers' \
+             …ForTokenClassification layout)"
+                .into(),
+        );
+    }
     if cfg.pooling != Pooling::Pooler {
         return bad(format!(
             "this run's head reads {} directly, and transformers' {} passes the pooled \
@@ -345,7 +352,7 @@ fn hf_config(
         .ok_or_else(|| format_err(&path, "is not a JSON object"))?;
     let names: Vec<String> = match cfg.head {
         HeadKind::Regression => vec!["LABEL_0".into()],
-        HeadKind::Classification => labels.to_vec(),
+        HeadKind::Classification | HeadKind::Token => labels.to_vec(),
     };
     let id2label: serde_json::Map<String, serde_json::Value> = names
         .iter()
@@ -367,7 +374,7 @@ fn hf_config(
         "problem_type".into(),
         match cfg.head {
             HeadKind::Regression => "regression",
-            HeadKind::Classification => "single_label_classification",
+            HeadKind::Classification | HeadKind::Token => "single_label_classification",
         }
         .into(),
     );

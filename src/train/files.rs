@@ -445,6 +445,7 @@ impl DataFiles {
                 pair: pair.map(str::to_string),
                 label,
                 value,
+                ..Default::default()
             });
         }
         Ok(Dataset {

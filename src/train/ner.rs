@@ -66,7 +66,7 @@ pub fn read_conll(path: &Path, scheme: Scheme, strict: bool) -> Result<Vec<Sente
         tags: vec![],
     };
     let mut columns: Option<usize> = None;
-    let mut flush = |cur: &mut Sentence, out: &mut Vec<Sentence>| {
+    let flush = |cur: &mut Sentence, out: &mut Vec<Sentence>| {
         if !cur.words.is_empty() {
             out.push(std::mem::replace(
                 cur,

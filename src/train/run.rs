@@ -213,8 +213,53 @@ impl Run {
         }
     }
 
+    /// Token classification: the sentences of `ds` that `max_len`
+    /// truncates, and the words they lose (no label is trained on them,
+    /// and evaluation predicts `O` for them).
+    pub fn truncated_words(&self, ds: &Dataset) -> Result<(usize, usize)> {
+        let (mut sentences, mut words) = (0, 0);
+        for chunk in ds.examples.chunks(256) {
+            let sents: Vec<&[String]> = chunk.iter().map(|e| e.words.as_slice()).collect();
+            for lost in self
+                .tok
+                .batch_words(&sents, &candle_core::Device::Cpu)?
+                .lost
+            {
+                sentences += usize::from(lost > 0);
+                words += lost;
+            }
+        }
+        Ok((sentences, words))
+    }
+
     /// Examples `idx` of `ds` tokenised on the device, with their labels.
     pub fn batch(&self, ds: &Dataset, idx: &[usize]) -> Result<Batch> {
+        if let TaskHead::Tokens { .. } = self.head {
+            // Each word's tag on its first subword, −1 elsewhere.
+            let sents: Vec<&[String]> = idx
+                .iter()
+                .map(|&i| ds.examples[i].words.as_slice())
+                .collect();
+            let crate::model::WordBatch {
+                batch: b, word_ids, ..
+            } = self.tok.batch_words(&sents, &self.device)?;
+            let l = b.ids.dim(1)?;
+            let mut labels = vec![-1f32; idx.len() * l];
+            for (r, (&i, w)) in idx.iter().zip(&word_ids).enumerate() {
+                let aligned = super::ner::align_first_subword(w, &ds.examples[i].tags);
+                for (t, tag) in aligned.into_iter().enumerate() {
+                    if let Some(c) = tag {
+                        labels[r * l + t] = c as f32;
+                    }
+                }
+            }
+            return Ok(Batch {
+                ids: b.ids,
+                types: b.token_types,
+                mask: b.mask,
+                labels: candle_core::Tensor::from_vec(labels, (idx.len(), l), &self.device)?,
+            });
+        }
         let texts: Vec<(&str, Option<&str>)> = idx
             .iter()
             .map(|&i| (ds.examples[i].text.as_str(), ds.examples[i].pair.as_deref()))

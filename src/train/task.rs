@@ -11,7 +11,7 @@ use super::evaluate::Eval;
 use super::metrics;
 use crate::error::Result;
 use crate::model::family::HeadSpec;
-use crate::model::{ClassifierHead, Pooling, RegressionHead, Stream};
+use crate::model::{ClassifierHead, Pooling, RegressionHead, Stream, TokenHead};
 use crate::ops::sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
 
 /// The kind of task head a run trains.
@@ -26,6 +26,10 @@ pub enum HeadKind {
     /// smoothness terms measure squared error instead of KL (SMART's
     /// regression form).
     Regression,
+    /// A tag for every word (named entities): logits `[B, L, tags]` on
+    /// every subword, cross-entropy on each word's first subword, entity
+    /// scores as seqeval computes them.
+    Token,
 }
 
 /// A built head and its loss settings.
@@ -39,6 +43,14 @@ pub enum TaskHead {
     },
     /// One value per example, trained with the squared error.
     Regress(RegressionHead),
+    /// A tag per token, trained with the cross-entropy of the labelled
+    /// (first) subwords.
+    Tokens {
+        /// The head.
+        head: TokenHead,
+        /// Label smoothing ε of the cross-entropy.
+        label_smoothing: f64,
+    },
 }
 
 impl TaskHead {
@@ -69,6 +81,10 @@ impl TaskHead {
                 )?,
                 label_smoothing,
             },
+            HeadKind::Token => TaskHead::Tokens {
+                head: TokenHead::new(varmap, hidden, classes, dropout, DType::F32, device)?,
+                label_smoothing,
+            },
             HeadKind::Regression => TaskHead::Regress(RegressionHead::new(
                 varmap,
                 hidden,
@@ -87,6 +103,7 @@ impl TaskHead {
         let (linear, pool) = match self {
             TaskHead::Classify { head, .. } => ("classifier.", &head.pool),
             TaskHead::Regress(r) => ("regressor.", &r.pool),
+            TaskHead::Tokens { .. } => return vec!["classifier."],
         };
         let mut v = vec![linear];
         v.extend(pool.prefixes());
@@ -99,6 +116,7 @@ impl TaskHead {
         match self {
             TaskHead::Classify { head, .. } => head.forward(hidden, mask, s),
             TaskHead::Regress(r) => r.forward(hidden, mask, s),
+            TaskHead::Tokens { head, .. } => head.forward(hidden, s),
         }
     }
 
@@ -106,6 +124,12 @@ impl TaskHead {
     /// real-valued targets (f32).
     pub fn labels(&self, ds: &Dataset, idx: &[usize], device: &Device) -> Result<Tensor> {
         Ok(match self {
+            TaskHead::Tokens { .. } => {
+                return Err(crate::error::param_err(
+                    "labels",
+                    "token labels follow the tokenisation's word ids: Run::batch builds them",
+                ))
+            }
             TaskHead::Classify { .. } => Tensor::new(
                 idx.iter()
                     .map(|&i| ds.examples[i].label as u32)
@@ -129,6 +153,9 @@ impl TaskHead {
                 label_smoothing, ..
             } => cross_entropy(out, labels, *label_smoothing),
             TaskHead::Regress(_) => squared_error(out, labels),
+            TaskHead::Tokens {
+                label_smoothing, ..
+            } => token_cross_entropy(out, labels, *label_smoothing),
         }
     }
 
@@ -146,6 +173,9 @@ impl TaskHead {
         reduction: Reduction,
         weight: f64,
     ) -> Result<Tensor> {
+        if let TaskHead::Tokens { .. } = self {
+            return Err(no_token_divergence());
+        }
         if let TaskHead::Regress(_) = self {
             let mse = squared_error(a, b)?;
             return Ok(match reduction {
@@ -168,6 +198,7 @@ impl TaskHead {
         match self {
             TaskHead::Classify { .. } => kl(adv, target, Reduction::BatchMean, None),
             TaskHead::Regress(_) => squared_error(adv, target),
+            TaskHead::Tokens { .. } => Err(no_token_divergence()),
         }
     }
 
@@ -176,7 +207,9 @@ impl TaskHead {
     pub fn predictions(&self, out: &Tensor) -> Result<Tensor> {
         let out = out.to_dtype(DType::F32)?;
         Ok(match self {
-            TaskHead::Classify { .. } => candle_nn::ops::softmax_last_dim(&out)?,
+            TaskHead::Classify { .. } | TaskHead::Tokens { .. } => {
+                candle_nn::ops::softmax_last_dim(&out)?
+            }
             TaskHead::Regress(_) => out.unsqueeze(1)?,
         })
     }
@@ -188,6 +221,12 @@ impl TaskHead {
         probs: &[Vec<f64>],
         ds: &Dataset,
     ) -> Result<(Eval, Option<metrics::Calibration>)> {
+        if let TaskHead::Tokens { .. } = self {
+            return Err(crate::error::param_err(
+                "metrics",
+                "token classification is scored per word (Run::evaluate), not per example",
+            ));
+        }
         if let TaskHead::Regress(_) = self {
             let pred: Vec<f64> = probs.iter().map(|p| p[0]).collect();
             let target: Vec<f64> = ds.examples.iter().map(|e| e.value).collect();
@@ -230,6 +269,35 @@ impl TaskHead {
             Some(cal),
         ))
     }
+}
+
+fn no_token_divergence() -> crate::Error {
+    crate::error::param_err(
+        "method",
+        "the smoothness terms' per-token divergence is not implemented for token classification",
+    )
+}
+
+/// Token cross-entropy with label smoothing ε over logits `[B, L, C]` and
+/// labels `[B, L]` (f32: the tag index, −1 where no label is: later
+/// subwords, special tokens, padding): the mean over labelled positions.
+pub fn token_cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> Result<Tensor> {
+    let (b, l, c) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(
+        &logits.to_dtype(DType::F32)?.reshape((b * l, c))?,
+        D::Minus1,
+    )?;
+    let labels = labels.to_dtype(DType::F32)?.reshape(b * l)?;
+    let valid = labels.ge(0.0)?.to_dtype(DType::F32)?;
+    let safe = labels.relu()?.to_dtype(DType::U32)?;
+    let count = valid.sum_all()?.clamp(1.0, f64::INFINITY)?;
+    let nll = logp.gather(&safe.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    let mut loss = (nll * &valid)?.sum_all()?;
+    if smoothing > 0.0 {
+        let uniform = (logp.mean(D::Minus1)?.neg()? * &valid)?.sum_all()?;
+        loss = ((loss * (1.0 - smoothing))? + (uniform * smoothing)?)?;
+    }
+    Ok(loss.broadcast_div(&count)?)
 }
 
 /// Mean over the batch of `(a − b)²` (f32), for outputs `[B]`.
