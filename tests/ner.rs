@@ -2,7 +2,9 @@
 //! default mode) on hand-made sequences (IOB1, IOB2, partial matches, type
 //! mismatches, across sentences) and random ones (tests/data/seqeval.json,
 //! written by scripts/seqeval-golden.py); the CoNLL reader on the data
-//! folder's three corpora and its errors; first-subword label alignment.
+//! folder's three corpora and its errors; first-subword label alignment;
+//! the token loss and divergence count the labelled tokens only; a token
+//! task trains (plain, SMART, R3F), evaluates and refuses what it cannot.
 mod common;
 
 use std::path::Path;
@@ -300,9 +302,82 @@ fn named_entities_train_evaluate_and_refuse_what_they_cannot() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains(want), "{args:?}: {e}");
     }
-    let mut smart = base.to_vec();
-    smart.extend(["--method", "smart", "--overwrite"]);
-    let o = tunefuse_cli(&smart);
+    // SMART and R3F regularise every labelled token's distribution.
+    for m in ["smart", "r3f"] {
+        let mut args = base.to_vec();
+        args.extend(["--method", m, "--overwrite"]);
+        let o = tunefuse_cli(&args);
+        assert!(
+            o.status.success(),
+            "{m}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let log = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let term: Vec<f64> = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["terms"][m].as_f64())
+            .collect();
+        assert!(
+            !term.is_empty() && term.iter().all(|t| t.is_finite() && *t > 0.0),
+            "{m}: {log}"
+        );
+    }
+    let mut manifold = base.to_vec();
+    manifold.extend(["--method", "manifold", "--overwrite"]);
+    let o = tunefuse_cli(&manifold);
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && e.contains("per-token form"), "{e}");
+    assert!(
+        !o.status.success() && e.contains("mixes sentence labels"),
+        "{e}"
+    );
+}
+
+#[test]
+fn the_token_divergence_counts_labelled_tokens_only() {
+    use candle_core::{DType, Device, Tensor};
+    use tunefuse::ops::sym_kl::{Reduction, SymKlGrad};
+    use tunefuse::train::trainer::{Config, HeadKind, Metric, Run};
+    let dir = common::scratch("ner-div");
+    let cfg = Config {
+        task: "ner:conll2003".into(),
+        head: HeadKind::Token,
+        metric: Metric::EntityF1,
+        train_examples: Some(8),
+        eval_examples: Some(8),
+        ..common::small_run(&dir, "div", common::tiny_model_dir(dir.path()))
+    };
+    let run = Run::new(cfg).unwrap();
+    let (b, l, c) = (2, 3, run.train.labels.len());
+    let av = common::randn(b * l * c, 1, 1.0);
+    let bv = common::randn(b * l * c, 2, 1.0);
+    let a = common::tensor(&av, &[b, l, c], DType::F32, &Device::Cpu);
+    let bb = common::tensor(&bv, &[b, l, c], DType::F32, &Device::Cpu);
+    let labels = Tensor::new(&[[-1f32, 2.0, 0.0], [1.0, -1.0, -1.0]], &Device::Cpu).unwrap();
+    let rows = run.head.divergence_rows(&labels).unwrap();
+    let got = run
+        .head
+        .divergence(
+            &a,
+            &bb,
+            SymKlGrad::Full,
+            Reduction::BatchMean,
+            1.0,
+            rows.as_ref(),
+        )
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let softmax = |z: &[f64]| {
+        let e: Vec<f64> = z.iter().map(|v| v.exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.into_iter().map(|v| v / s).collect::<Vec<_>>()
+    };
+    let sym = |r: usize| {
+        let (x, y) = (&av[r * c..(r + 1) * c], &bv[r * c..(r + 1) * c]);
+        let (p, q) = (softmax(x), softmax(y));
+        (0..c).map(|k| (p[k] - q[k]) * (x[k] - y[k])).sum::<f64>()
+    };
+    let want = (sym(1) + sym(2) + sym(3)) / 3.0;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
 }

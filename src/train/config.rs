@@ -551,12 +551,11 @@ impl Config {
             if let Some(m) = self
                 .methods
                 .iter()
-                .find(|m| m.props().role != methods::Role::Transform)
+                .find(|m| matches!(m, Method::Manifold(_)))
             {
                 return bad(format!(
-                    "{} measures a divergence between sentence-level outputs, and its \
-                     per-token form is not implemented: token classification trains with \
-                     the model transforms (mixout, adapter, lora) and schedules only",
+                    "{} (manifold smoothing) mixes sentence labels: it needs a sentence \
+                     classification head, and this run tags words",
                     m.name()
                 ));
             }

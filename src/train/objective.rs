@@ -89,6 +89,29 @@ impl<'a> Ctx<'a> {
         self.model.head
     }
 
+    /// The head's divergence between outputs `a` and `b` over the rows
+    /// this batch counts (every example; for token classification every
+    /// labelled token): see [`TaskHead::divergence`].
+    pub fn divergence(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        grad: crate::ops::sym_kl::SymKlGrad,
+        reduction: crate::ops::sym_kl::Reduction,
+        weight: f64,
+    ) -> Result<Tensor> {
+        let rows = self.head().divergence_rows(&self.batch.labels)?;
+        self.head()
+            .divergence(a, b, grad, reduction, weight, rows.as_ref())
+    }
+
+    /// The loss an adversarial ascent climbs, over the rows this batch
+    /// counts: see [`TaskHead::ascent_loss`].
+    pub fn ascent_loss(&self, adv: &Tensor, target: &Tensor) -> Result<Tensor> {
+        let rows = self.head().divergence_rows(&self.batch.labels)?;
+        self.head().ascent_loss(adv, target, rows.as_ref())
+    }
+
     /// The batch's input embeddings (in the graph), computed once.
     pub fn embeds(&mut self) -> Result<Tensor> {
         if self.embeds.is_none() {

@@ -164,7 +164,9 @@ impl TaskHead {
     /// `reduction` says, the op's expected incoming gradient `weight`) for
     /// classification; the mean squared error for regression (its
     /// gradient, 2(a − b)/B and the opposite, is what both gradient modes
-    /// give there), times the number of rows B for `sum`.
+    /// give there), times the number of rows B for `sum`. For token
+    /// classification the rows are the tokens `[B, L]`, and `rows` (1 on
+    /// labelled tokens) says which count: the mean is over them.
     pub fn divergence(
         &self,
         a: &Tensor,
@@ -172,10 +174,8 @@ impl TaskHead {
         grad: SymKlGrad,
         reduction: Reduction,
         weight: f64,
+        rows: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if let TaskHead::Tokens { .. } = self {
-            return Err(no_token_divergence());
-        }
         if let TaskHead::Regress(_) = self {
             let mse = squared_error(a, b)?;
             return Ok(match reduction {
@@ -187,19 +187,36 @@ impl TaskHead {
             grad,
             reduction,
             expected_grad: weight as f32,
-            ..Default::default()
+            row_mask: rows.cloned(),
         };
         sym_kl(a, b, &opts)
     }
 
     /// The loss an adversarial ascent climbs: KL(target ‖ adv) (batch
-    /// mean), or the squared error for regression.
-    pub fn ascent_loss(&self, adv: &Tensor, target: &Tensor) -> Result<Tensor> {
+    /// mean; for tokens, the mean over the `rows` that count), or the
+    /// squared error for regression.
+    pub fn ascent_loss(
+        &self,
+        adv: &Tensor,
+        target: &Tensor,
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
         match self {
-            TaskHead::Classify { .. } => kl(adv, target, Reduction::BatchMean, None),
+            TaskHead::Classify { .. } | TaskHead::Tokens { .. } => {
+                kl(adv, target, Reduction::BatchMean, rows)
+            }
             TaskHead::Regress(_) => squared_error(adv, target),
-            TaskHead::Tokens { .. } => Err(no_token_divergence()),
         }
+    }
+
+    /// The rows a divergence counts for this batch's `labels`: for token
+    /// classification the labelled tokens (1, else 0) `[B, L]`; every row
+    /// (`None`) otherwise.
+    pub fn divergence_rows(&self, labels: &Tensor) -> Result<Option<Tensor>> {
+        Ok(match self {
+            TaskHead::Tokens { .. } => Some(labels.ge(0.0)?.to_dtype(DType::F32)?),
+            _ => None,
+        })
     }
 
     /// What evaluation reads from one batch's outputs: class probabilities,
@@ -269,13 +286,6 @@ impl TaskHead {
             Some(cal),
         ))
     }
-}
-
-fn no_token_divergence() -> crate::Error {
-    crate::error::param_err(
-        "method",
-        "the smoothness terms' per-token divergence is not implemented for token classification",
-    )
 }
 
 /// Token cross-entropy with label smoothing ε over logits `[B, L, C]` and

@@ -138,7 +138,7 @@ impl Term for Bregman {
         };
         let logits = ctx.clean()?;
         let mu = self.cfg.mu;
-        let prox = ctx.head().divergence(
+        let prox = ctx.divergence(
             &logits,
             &teacher,
             SymKlGrad::Detached,

@@ -83,7 +83,7 @@ impl Term for R3f {
         )?;
         ctx.noise.offset += crate::philox::counters_for(delta.elem_count());
         let adv = ctx.forward(&(&embeds + delta)?)?;
-        let pen = ctx.head().divergence(
+        let pen = ctx.divergence(
             &adv,
             &logits,
             SymKlGrad::Full,

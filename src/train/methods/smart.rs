@@ -153,7 +153,7 @@ impl Term for Smart {
                 let _off = ctx.model.bert.stream.without_weight_grads();
                 let d = Var::from_tensor(delta)?;
                 let adv = ctx.forward(&(&clean + d.as_tensor())?)?;
-                let inner = ctx.head().ascent_loss(&adv, &target)?;
+                let inner = ctx.ascent_loss(&adv, &target)?;
                 Ok(inner
                     .backward()?
                     .get(d.as_tensor())
@@ -177,9 +177,7 @@ impl Term for Smart {
             SmartReduction::Batchmean => Reduction::BatchMean,
             SmartReduction::Sum => Reduction::Sum,
         };
-        let pen = ctx
-            .head()
-            .divergence(&adv, &logits, SymKlGrad::Detached, red, s.lambda)?;
+        let pen = ctx.divergence(&adv, &logits, SymKlGrad::Detached, red, s.lambda)?;
         let weighted = (&pen * s.lambda)?;
         let pen = pen.detach();
         Ok(TermOut {
