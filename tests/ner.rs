@@ -9,7 +9,9 @@ mod common;
 
 use std::path::Path;
 
-use tunefuse::train::ner::{align_first_subword, entities, entity_scores, read_conll, Scheme};
+use tunefuse::train::ner::{
+    align_first_subword, entities, entity_scores, mentions, read_conll, robustness, Scheme,
+};
 
 fn strings(v: &serde_json::Value) -> Vec<Vec<String>> {
     v.as_array()
@@ -271,6 +273,18 @@ fn named_entities_train_evaluate_and_refuse_what_they_cannot() {
         ev["entity_f1"].as_f64().unwrap(),
         summary["best"].as_f64().unwrap()
     );
+    let o = tunefuse_cli(&[
+        "eval",
+        "--checkpoint",
+        best.to_str().unwrap(),
+        "--resplits",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let r = &ev["ner_robustness"];
+    assert_eq!(r["resplit_f1"].as_array().unwrap().len(), 3, "{ev}");
+    assert!(r["seen"]["support"].as_u64().unwrap() + r["unseen"]["support"].as_u64().unwrap() > 0);
     for (args, want) in [
         (
             vec![
@@ -380,4 +394,38 @@ fn the_token_divergence_counts_labelled_tokens_only() {
     };
     let want = (sym(1) + sym(2) + sym(3)) / 3.0;
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+}
+
+#[test]
+fn robustness_splits_seen_and_unseen_mentions() {
+    let v = |x: &[&str]| x.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let train = mentions(&[(v(&["John", "Smith", "said"]), v(&["B-PER", "I-PER", "O"]))]);
+    assert!(train.contains(&("PER".to_string(), "John Smith".to_string())));
+    let words = vec![
+        v(&["John", "Smith", "met", "Acme"]),
+        v(&["Acme", "hired", "Jane"]),
+    ];
+    let truth = vec![
+        v(&["B-PER", "I-PER", "O", "B-ORG"]),
+        v(&["B-ORG", "O", "B-PER"]),
+    ];
+    let pred = vec![
+        v(&["B-PER", "I-PER", "O", "O"]),
+        v(&["B-ORG", "O", "B-LOC"]),
+    ];
+    let r = robustness(&words, &truth, &pred, &train, 4, 1).unwrap();
+    // Seen: John Smith, predicted right.
+    assert_eq!(
+        (r.seen.precision, r.seen.recall, r.seen.support),
+        (1.0, 1.0, 1)
+    );
+    // Unseen: Acme twice and Jane; one Acme found, Jane predicted as LOC.
+    assert_eq!(r.unseen.support, 3);
+    assert!((r.unseen.recall - 1.0 / 3.0).abs() < 1e-12);
+    assert!((r.unseen.precision - 0.5).abs() < 1e-12);
+    assert_eq!(r.resplit_f1.len(), 4);
+    // A perfect tagger scores 1 on every half.
+    let r = robustness(&words, &truth, &truth, &train, 5, 2).unwrap();
+    assert!(r.resplit_f1.iter().all(|&f| f == 1.0) && r.resplit_std == 0.0);
+    assert!(robustness(&words[..1], &truth[..1], &truth[..1], &train, 2, 1).is_err());
 }

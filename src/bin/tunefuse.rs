@@ -101,6 +101,10 @@ enum Cmd {
         /// to this path stem (.png and .svg).
         #[arg(long)]
         plot: Option<PathBuf>,
+        /// Token classification: entity F1 on this many random halves of
+        /// the split (mean, std), and on mentions seen / unseen in training.
+        #[arg(long, default_value_t = 0)]
+        resplits: usize,
     },
     /// Compare a checkpoint with its pretrained base on the same inputs:
     /// per-layer linear CKA, RSA and cosine distance of token
@@ -682,6 +686,7 @@ fn run(cli: Cli) -> Result<(), String> {
             mc_dropout,
             no_temperature,
             plot,
+            resplits,
         } => {
             let opts = tunefuse::train::evaluate::EvalOptions {
                 ood,
@@ -689,6 +694,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 mc_dropout,
                 temperature: !no_temperature,
                 plot,
+                resplits,
             };
             let report = tunefuse::train::evaluate::report_checkpoint(
                 &checkpoint,

@@ -258,9 +258,14 @@ impl Run {
     /// subwords, entity precision, recall and F1 as seqeval computes them,
     /// and F1 per entity type.
     fn evaluate_tokens(&self, ds: &Dataset) -> Result<Eval> {
+        Ok(self.tag(ds)?.0)
+    }
+
+    /// [`Self::evaluate_tokens`], and each sentence's predicted tags.
+    pub fn tag(&self, ds: &Dataset) -> Result<(Eval, Vec<Vec<usize>>)> {
         let was = self.bert.stream.train();
         self.bert.stream.set_train(false);
-        let result = (|| -> Result<Eval> {
+        let result = (|| -> Result<(Eval, Vec<Vec<usize>>)> {
             let model = self.model();
             let o = ds.labels.iter().position(|l| l == "O").unwrap_or(0);
             let mut preds: Vec<Vec<usize>> = vec![vec![]; ds.examples.len()];
@@ -313,19 +318,22 @@ impl Run {
                 .zip(&preds)
                 .map(|(e, p)| e.tags.iter().zip(p).filter(|(a, b)| a == b).count())
                 .sum();
-            Ok(Eval {
-                accuracy: right as f64 / words.max(1) as f64,
-                nll: nll / counted.max(1) as f64,
-                entity_f1: scores.micro.f1,
-                entity_precision: scores.micro.precision,
-                entity_recall: scores.micro.recall,
-                entity_f1_by_type: scores
-                    .per_type
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.f1))
-                    .collect(),
-                ..Eval::undefined()
-            })
+            Ok((
+                Eval {
+                    accuracy: right as f64 / words.max(1) as f64,
+                    nll: nll / counted.max(1) as f64,
+                    entity_f1: scores.micro.f1,
+                    entity_precision: scores.micro.precision,
+                    entity_recall: scores.micro.recall,
+                    entity_f1_by_type: scores
+                        .per_type
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.f1))
+                        .collect(),
+                    ..Eval::undefined()
+                },
+                preds,
+            ))
         })();
         self.bert.stream.set_train(was);
         result
@@ -377,6 +385,10 @@ pub struct EvalOptions {
     /// Write the confidence histograms (in-distribution and each OOD set)
     /// to this path stem (`.png` and `.svg`).
     pub plot: Option<PathBuf>,
+    /// Token classification: entity F1 on this many random halves of the
+    /// evaluation sentences, and the scores on mentions seen and unseen in
+    /// training (0: neither).
+    pub resplits: usize,
 }
 
 impl Default for EvalOptions {
@@ -387,6 +399,7 @@ impl Default for EvalOptions {
             mc_dropout: 1,
             temperature: true,
             plot: None,
+            resplits: 0,
         }
     }
 }
@@ -411,6 +424,10 @@ pub struct EvalReport {
     /// OOD detection by the largest probability, per OOD task.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub ood: BTreeMap<String, metrics::OodScores>,
+    /// Token classification with `resplits`: the spread over re-splits and
+    /// the seen / unseen mention scores.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ner_robustness: Option<super::ner::Robustness>,
 }
 
 /// The temperature fitted by `calibrate`, stored beside the checkpoint's
@@ -547,13 +564,51 @@ pub fn report_checkpoint(
                     .into(),
             );
         }
+        let (eval, preds) = run.tag(&run.eval)?;
+        let ner_robustness = if opts.resplits > 0 {
+            let data = super::data::data_dir(run.cfg.data_dir.as_deref())?;
+            let task: super::data::Task = run.cfg.task.parse()?;
+            let train = super::data::load(&task, Split::Train, &data)?;
+            let named = |ds: &Dataset, tags: &[usize]| {
+                tags.iter()
+                    .map(|&t| ds.labels[t].clone())
+                    .collect::<Vec<_>>()
+            };
+            let seen = super::ner::mentions(
+                &train
+                    .examples
+                    .iter()
+                    .map(|e| (e.words.clone(), named(&train, &e.tags)))
+                    .collect::<Vec<_>>(),
+            );
+            let ds = &run.eval;
+            let words: Vec<Vec<String>> = ds.examples.iter().map(|e| e.words.clone()).collect();
+            let truth: Vec<Vec<String>> = ds.examples.iter().map(|e| named(ds, &e.tags)).collect();
+            let pred: Vec<Vec<String>> = preds.iter().map(|p| named(ds, p)).collect();
+            Some(super::ner::robustness(
+                &words,
+                &truth,
+                &pred,
+                &seen,
+                opts.resplits,
+                run.cfg.seed,
+            )?)
+        } else {
+            None
+        };
         return Ok(EvalReport {
-            eval: run.evaluate(&run.eval)?.0,
+            eval,
             temperature: None,
             mc_dropout: None,
             misclassification: None,
             ood: BTreeMap::new(),
+            ner_robustness,
         });
+    }
+    if opts.resplits > 0 {
+        return bad(
+            "--resplits analyses entity scores: it needs a token-classification checkpoint".into(),
+        );
     }
     if !classifies && (opts.mc_dropout > 1 || !opts.ood.is_empty()) {
         return bad(
@@ -649,6 +704,7 @@ pub fn report_checkpoint(
         mc_dropout: (opts.mc_dropout > 1).then_some(opts.mc_dropout),
         misclassification,
         ood,
+        ner_robustness: None,
     })
 }
 

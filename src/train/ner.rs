@@ -272,3 +272,97 @@ pub fn align_first_subword(
         })
         .collect()
 }
+
+/// The robustness analysis the "Rigorous Study" of NER evaluation asks for:
+/// the spread of entity F1 over random re-splits of the evaluation set, and
+/// the scores on mentions seen and unseen in training.
+#[derive(Clone, Debug, Serialize)]
+pub struct Robustness {
+    /// Entity F1 of each random half of the evaluation sentences.
+    pub resplit_f1: Vec<f64>,
+    /// Their mean.
+    pub resplit_mean: f64,
+    /// Their sample standard deviation.
+    pub resplit_std: f64,
+    /// Entities whose (type, words) occur among the training set's
+    /// entities: precision over the predicted such entities, recall over
+    /// the true ones.
+    pub seen: Prf,
+    /// The other entities.
+    pub unseen: Prf,
+}
+
+/// The entities of one sentence's tags as (type, first word, last word).
+fn sentence_entities(tags: &[String]) -> Vec<(String, usize, usize)> {
+    entities(std::slice::from_ref(&tags.to_vec()))
+}
+
+/// The (type, surface) of every entity of tagged sentences.
+pub fn mentions(sents: &[(Vec<String>, Vec<String>)]) -> HashSet<(String, String)> {
+    sents
+        .iter()
+        .flat_map(|(words, tags)| {
+            sentence_entities(tags)
+                .into_iter()
+                .map(move |(t, a, b)| (t, words[a..=b].join(" ")))
+        })
+        .collect()
+}
+
+/// See [`Robustness`]: `words`, `truth` and `pred` per sentence, `train`
+/// the training set's mentions; `resplits` random halves drawn by `seed`.
+pub fn robustness(
+    words: &[Vec<String>],
+    truth: &[Vec<String>],
+    pred: &[Vec<String>],
+    train: &HashSet<(String, String)>,
+    resplits: usize,
+    seed: u64,
+) -> Result<Robustness> {
+    let n = truth.len();
+    if resplits > 0 && n < 2 {
+        return Err(param_err(
+            "resplits",
+            "re-splitting needs at least two evaluation sentences",
+        ));
+    }
+    let mut resplit_f1 = vec![];
+    for k in 0..resplits {
+        let mut idx: Vec<usize> = (0..n).collect();
+        super::data::shuffle(&mut idx, seed.wrapping_add(k as u64) ^ 0x0e5e_9117);
+        idx.truncate(n / 2);
+        let t: Vec<Vec<String>> = idx.iter().map(|&i| truth[i].clone()).collect();
+        let p: Vec<Vec<String>> = idx.iter().map(|&i| pred[i].clone()).collect();
+        resplit_f1.push(entity_scores(&t, &p)?.micro.f1);
+    }
+    let (resplit_mean, resplit_std) = if resplit_f1.is_empty() {
+        (f64::NAN, f64::NAN)
+    } else {
+        super::report::mean_std(&resplit_f1)
+    };
+    // Per sentence, the entities as sets, each marked seen or not.
+    let (mut correct, mut predicted, mut true_n) = ([0usize; 2], [0usize; 2], [0usize; 2]);
+    for i in 0..n {
+        let seen = |e: &(String, usize, usize)| -> usize {
+            usize::from(!train.contains(&(e.0.clone(), words[i][e.1..=e.2].join(" "))))
+        };
+        let t: HashSet<_> = sentence_entities(&truth[i]).into_iter().collect();
+        let p: HashSet<_> = sentence_entities(&pred[i]).into_iter().collect();
+        for e in &t {
+            true_n[seen(e)] += 1;
+            if p.contains(e) {
+                correct[seen(e)] += 1;
+            }
+        }
+        for e in &p {
+            predicted[seen(e)] += 1;
+        }
+    }
+    Ok(Robustness {
+        resplit_f1,
+        resplit_mean,
+        resplit_std,
+        seen: prf(correct[0], predicted[0], true_n[0]),
+        unseen: prf(correct[1], predicted[1], true_n[1]),
+    })
+}
