@@ -22,6 +22,7 @@ pub mod plots;
 pub mod probing;
 pub mod report;
 pub mod run;
+pub mod scoring;
 pub mod step;
 pub mod task;
 pub mod trainer;
