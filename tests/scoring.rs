@@ -117,3 +117,118 @@ fn asap_files_are_read_and_bad_ones_named() {
         .to_string()
         .contains("domain1_score"));
 }
+
+fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tunefuse"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_score_head_trains_with_the_schedule() {
+    use tunefuse::train::task::HeadKind;
+    use tunefuse::train::trainer::{Config, Metric, Run};
+    let dir = common::scratch("score");
+    let model = common::tiny_model_dir(dir.path());
+    // The loss is τ·MSE + (1 − τ)·ListNet with the epoch's τ.
+    let cfg = Config {
+        task: "sst5".into(),
+        head: HeadKind::Score,
+        metric: Metric::Qwk,
+        epochs: 4,
+        train_examples: Some(16),
+        eval_examples: Some(16),
+        ..common::small_run(&dir, "lib", model.clone())
+    };
+    let run = Run::new(cfg).unwrap();
+    let b = run.batch(&run.train, &[0, 1, 2, 3, 4, 5]).unwrap();
+    let labels = common::to_f64(&b.labels);
+    assert!(labels.iter().all(|v| (0.0..=1.0).contains(v)));
+    let want: Vec<f64> = (0..6)
+        .map(|i| run.train.examples[i].label as f64 / 4.0)
+        .collect();
+    common::assert_close("normalised targets", &labels, &want, 1e-6, 0.0);
+    let out = common::tensor(
+        &[0.2, 0.5, 0.9, 0.1, 0.4, 0.6],
+        &[6],
+        DType::F32,
+        &Device::Cpu,
+    );
+    let mse = tunefuse::train::task::squared_error(&out, &b.labels)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    let rank = listnet_loss(&out, &b.labels)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    for epoch in 0..4 {
+        run.head.at_epoch(epoch, 4).unwrap();
+        let tau = r2bert_tau(epoch + 1, 4).unwrap();
+        let got = run
+            .head
+            .loss(&out, &b.labels)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(
+            (got - (tau * mse + (1.0 - tau) * rank)).abs() < 1e-5,
+            "epoch {epoch}"
+        );
+    }
+
+    let out = dir.path().join("cli");
+    let data = common::data_root();
+    let base = [
+        "finetune",
+        "--model",
+        model.to_str().unwrap(),
+        "--task",
+        "sst5",
+        "--score",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--train-examples",
+        "24",
+        "--set",
+        "eval_examples=24",
+        "--batch-size",
+        "8",
+        "--max-len",
+        "16",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--epochs", "3"]);
+    let o = cli(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(s["metric"], "qwk");
+    let qwk = s["last"]["qwk"].as_f64().unwrap();
+    assert!((-1.0..=1.0).contains(&qwk), "{s}");
+    assert!(s["last"]["pearson"].as_f64().unwrap().is_finite());
+    let mut args = base.to_vec();
+    args.extend(["--epochs", "2", "--overwrite"]);
+    let e = String::from_utf8_lossy(&cli(&args).stderr).into_owned();
+    assert!(e.contains("at least 3 epochs"), "{e}");
+    args.extend(["--set", "score_ranking=false"]);
+    let o = cli(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = String::from_utf8_lossy(
+        &cli(&[
+            "export",
+            "--checkpoint",
+            out.join("best").to_str().unwrap(),
+            "--output",
+            "x",
+        ])
+        .stderr,
+    )
+    .into_owned();
+    assert!(e.contains("sigmoid"), "{e}");
+}

@@ -353,8 +353,14 @@ struct FinetuneArgs {
     /// Regression on the label index as a real-valued score (e.g. SST-5's
     /// 0–4 scale): one-output head, MSE, squared-error smoothness terms;
     /// selects on pearson unless --metric says otherwise.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "score")]
     regression: bool,
+    /// Score the label scale as R2BERT does (e.g. SST-5's 0–4): sigmoid of
+    /// a linear layer, targets index / (labels − 1), τ_e·MSE +
+    /// (1 − τ_e)·ListNet (`--set score_ranking=false`: MSE alone); selects
+    /// on quadratic weighted kappa unless --metric says otherwise.
+    #[arg(long)]
+    score: bool,
     /// A TOML file with any of the run's settings.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -474,6 +480,10 @@ fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
         if cfg.metric == tunefuse::train::trainer::Metric::Accuracy {
             cfg.metric = tunefuse::train::trainer::Metric::EntityF1;
         }
+    }
+    if a.score && cfg.head != HeadKind::Score {
+        cfg.head = HeadKind::Score;
+        cfg.metric = tunefuse::train::trainer::Metric::Qwk;
     }
     if a.regression && cfg.head != HeadKind::Regression {
         cfg.head = HeadKind::Regression;

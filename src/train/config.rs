@@ -93,6 +93,8 @@ pub enum Metric {
     Spearman,
     /// Entity-level micro F1 as seqeval computes it (token classification).
     EntityF1,
+    /// Quadratic weighted kappa (score head).
+    Qwk,
 }
 
 impl Metric {
@@ -106,6 +108,7 @@ impl Metric {
             Metric::Pearson => "pearson",
             Metric::Spearman => "spearman",
             Metric::EntityF1 => "entity_f1",
+            Metric::Qwk => "qwk",
         }
     }
 
@@ -114,9 +117,11 @@ impl Metric {
         match kind {
             HeadKind::Regression => matches!(self, Metric::Pearson | Metric::Spearman),
             HeadKind::Token => matches!(self, Metric::EntityF1 | Metric::Accuracy),
-            HeadKind::Classification => {
-                !matches!(self, Metric::Pearson | Metric::Spearman | Metric::EntityF1)
-            }
+            HeadKind::Score => matches!(self, Metric::Qwk | Metric::Pearson | Metric::Spearman),
+            HeadKind::Classification => !matches!(
+                self,
+                Metric::Pearson | Metric::Spearman | Metric::EntityF1 | Metric::Qwk
+            ),
         }
     }
 }
@@ -188,6 +193,9 @@ pub struct Config {
     pub clip: f64,
     /// Evaluate every N optimiser steps (0 = at the end of each epoch only).
     pub eval_every: usize,
+    /// The score head's ListNet term (R2BERT's τ_e·MSE + (1 − τ_e)·ListNet);
+    /// false: MSE alone.
+    pub score_ranking: bool,
     /// Evaluate (and checkpoint) at the end of every epoch; when false, at
     /// the end of training only (and every `eval_every` steps). Active
     /// learning's rounds use only their final weights.
@@ -268,6 +276,7 @@ impl Default for Config {
             clip: 1.0,
             eval_every: 0,
             eval_epochs: true,
+            score_ranking: true,
             log_every: 10,
             train_examples: None,
             k_per_class: None,
@@ -590,14 +599,35 @@ impl Config {
             return bad(format!(
                 "a {} head cannot select on {}: classification takes accuracy, macro_f1, f1 or \
                  mcc, regression pearson or spearman, token classification entity_f1 or \
-                 accuracy",
+                 accuracy, a score head qwk, pearson or spearman",
                 match self.head {
                     HeadKind::Classification => "classification",
                     HeadKind::Regression => "regression",
                     HeadKind::Token => "token",
+                    HeadKind::Score => "score",
                 },
                 self.metric.name()
             ));
+        }
+        if self.head == HeadKind::Score && self.score_ranking && self.epochs < 3 {
+            return bad(format!(
+                "the score head's ranking schedule (R2BERT) moves from ranking at epoch 1 to \
+                 regression from epoch E/2 and needs at least 3 epochs, got {}; or set \
+                 score_ranking = false for regression alone",
+                self.epochs
+            ));
+        }
+        if self.head == HeadKind::Score
+            && self
+                .methods
+                .iter()
+                .any(|m| matches!(m, Method::Manifold(_)))
+        {
+            return bad(
+                "manifold smoothing trains towards class distributions: it needs a \
+                 classification head, and a score head regresses"
+                    .into(),
+            );
         }
         if self.head == HeadKind::Regression && self.label_smoothing > 0.0 {
             return bad("label_smoothing applies to classification, not regression".into());

@@ -86,6 +86,9 @@ pub struct Eval {
     #[serde(with = "nan_as_null", default = "nan")]
     /// Entity-level micro recall (token classification).
     pub entity_recall: f64,
+    #[serde(with = "nan_as_null", default = "nan")]
+    /// Quadratic weighted kappa of the rescaled integer scores (score head).
+    pub qwk: f64,
     /// Entity F1 per type (token classification).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub entity_f1_by_type: std::collections::BTreeMap<String, f64>,
@@ -113,6 +116,7 @@ impl PartialEq for Eval {
                 e.entity_f1,
                 e.entity_precision,
                 e.entity_recall,
+                e.qwk,
             ]
             .map(f64::to_bits)
         };
@@ -138,6 +142,7 @@ impl Eval {
             entity_f1: f64::NAN,
             entity_precision: f64::NAN,
             entity_recall: f64::NAN,
+            qwk: f64::NAN,
             entity_f1_by_type: Default::default(),
         }
     }
@@ -148,6 +153,11 @@ impl Eval {
             format!(
                 "entity F1 {:.4} (P {:.4}, R {:.4}), word accuracy {:.4}",
                 self.entity_f1, self.entity_precision, self.entity_recall, self.accuracy
+            )
+        } else if !self.qwk.is_nan() {
+            format!(
+                "QWK {:.4}, Pearson {:.4}, Spearman {:.4}",
+                self.qwk, self.pearson, self.spearman
             )
         } else if self.accuracy.is_nan() && !self.pearson.is_nan() {
             format!(
@@ -172,6 +182,7 @@ impl Eval {
             Metric::Pearson => self.pearson,
             Metric::Spearman => self.spearman,
             Metric::EntityF1 => self.entity_f1,
+            Metric::Qwk => self.qwk,
         }
     }
 }
@@ -490,7 +501,7 @@ pub fn read_temperature(dir: &Path) -> Result<Option<Temperature>> {
 /// The temperature `eval` and `predict` apply to the run of checkpoint
 /// `dir`: the stored one, for a classifier ([`read_temperature`]).
 fn applied_temperature(run: &Run, dir: &Path) -> Result<Option<f64>> {
-    if run.cfg.head == super::task::HeadKind::Regression {
+    if run.cfg.head != super::task::HeadKind::Classification {
         return Ok(None);
     }
     Ok(read_temperature(dir)?.map(|t| t.temperature))
@@ -509,10 +520,11 @@ pub fn calibrate_checkpoint(
     base: Option<&Path>,
 ) -> Result<Temperature> {
     let run = checkpoint_run(dir, None, split.parse::<Split>()?, data_dir, file, base)?;
-    if run.cfg.head == super::task::HeadKind::Regression {
+    if run.cfg.head != super::task::HeadKind::Classification {
         return Err(param_err(
             "calibrate",
-            "temperature scaling applies to a classifier's probabilities; this checkpoint regresses",
+            "temperature scaling applies to a classifier's probabilities; this checkpoint \
+             regresses, scores or tags",
         ));
     }
     let probs = run.predict(&run.eval)?;
@@ -554,7 +566,7 @@ pub fn report_checkpoint(
     opts: &EvalOptions,
 ) -> Result<EvalReport> {
     let run = checkpoint_run(dir, task, split.parse::<Split>()?, data_dir, file, base)?;
-    let classifies = run.cfg.head != super::task::HeadKind::Regression;
+    let classifies = run.cfg.head == super::task::HeadKind::Classification;
     let bad = |m: String| Err(param_err("eval", m));
     if run.cfg.head == super::task::HeadKind::Token {
         if opts.mc_dropout > 1 || !opts.ood.is_empty() || opts.plot.is_some() {
@@ -749,7 +761,10 @@ pub struct Prediction {
 /// `base`: the base model, when it is not where the checkpoint records it.
 pub fn predict_checkpoint(dir: &Path, file: &Path, base: Option<&Path>) -> Result<Vec<Prediction>> {
     let run = checkpoint_run(dir, None, Split::Dev, None, Some(file), base)?;
-    let regression = run.cfg.head == super::task::HeadKind::Regression;
+    let regression = matches!(
+        run.cfg.head,
+        super::task::HeadKind::Regression | super::task::HeadKind::Score
+    );
     let mut probs = run.predict(&run.eval)?;
     if let Some(t) = applied_temperature(&run, dir)? {
         probs = metrics::apply_temperature(&probs, t);

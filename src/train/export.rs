@@ -78,6 +78,13 @@ pub fn export(
                 .into(),
         );
     }
+    if cfg.head == HeadKind::Score {
+        return bad(
+            "a score head ends in a sigmoid that transformers' sequence-classification \
+             heads do not have: it cannot be exported to them"
+                .into(),
+        );
+    }
     if cfg.pooling != Pooling::Pooler {
         return bad(format!(
             "this run's head reads {} directly, and transformers' {} passes the pooled \
@@ -351,7 +358,7 @@ fn hf_config(
         .as_object_mut()
         .ok_or_else(|| format_err(&path, "is not a JSON object"))?;
     let names: Vec<String> = match cfg.head {
-        HeadKind::Regression => vec!["LABEL_0".into()],
+        HeadKind::Regression | HeadKind::Score => vec!["LABEL_0".into()],
         HeadKind::Classification | HeadKind::Token => labels.to_vec(),
     };
     let id2label: serde_json::Map<String, serde_json::Value> = names
@@ -373,7 +380,7 @@ fn hf_config(
     obj.insert(
         "problem_type".into(),
         match cfg.head {
-            HeadKind::Regression => "regression",
+            HeadKind::Regression | HeadKind::Score => "regression",
             HeadKind::Classification | HeadKind::Token => "single_label_classification",
         }
         .into(),

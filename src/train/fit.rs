@@ -120,6 +120,7 @@ impl Run {
                 }
                 self.bert.stream.set_train(true);
                 self.freezing.apply_at(&mut self.bert, st.epoch, st.step)?;
+                self.head.at_epoch(st.epoch, self.cfg.epochs)?;
                 let group = &batches[st.batch..(st.batch + accum).min(batches.len())];
                 let lr = self.cfg.schedule.lr(self.cfg.lr, st.step, total);
                 let s = self.step(group, lr, &mut phases)?;

@@ -160,6 +160,7 @@ impl Run {
             bert.head,
             hidden,
             cfg.label_smoothing,
+            cfg.score_ranking,
             &device,
         )?;
         params::init_new(&varmap, &pretrained, cfg.seed)?;

@@ -30,6 +30,13 @@ pub enum HeadKind {
     /// every subword, cross-entropy on each word's first subword, entity
     /// scores as seqeval computes them.
     Token,
+    /// An ordinal score (R2BERT, Yang et al. 2020): the sigmoid of a linear
+    /// layer on the pooled vector, trained towards the label index min-max
+    /// normalised over the label scale (index / (labels − 1)) with
+    /// τ_e·MSE + (1 − τ_e)·ListNet (`score_ranking`; MSE alone without);
+    /// quadratic weighted kappa on the rescaled integer scores, Pearson and
+    /// Spearman.
+    Score,
 }
 
 /// A built head and its loss settings.
@@ -43,6 +50,17 @@ pub enum TaskHead {
     },
     /// One value per example, trained with the squared error.
     Regress(RegressionHead),
+    /// A score in (0, 1), trained with MSE and ListNet.
+    Score {
+        /// The linear layer on the pooled vector (its sigmoid is the score).
+        head: RegressionHead,
+        /// Points on the label scale.
+        levels: usize,
+        /// Adds R2BERT's ListNet term.
+        ranking: bool,
+        /// τ of the current epoch (f64 bits): the weight of MSE.
+        tau: std::sync::atomic::AtomicU64,
+    },
     /// A tag per token, trained with the cross-entropy of the labelled
     /// (first) subwords.
     Tokens {
@@ -55,6 +73,7 @@ pub enum TaskHead {
 
 impl TaskHead {
     /// The head (parameters `classifier.*` or `regressor.*` in `varmap`).
+    /// `score_ranking`: the score head's ListNet term.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         kind: HeadKind,
@@ -65,6 +84,7 @@ impl TaskHead {
         spec: HeadSpec,
         dropout: f64,
         label_smoothing: f64,
+        score_ranking: bool,
         device: &Device,
     ) -> Result<Self> {
         Ok(match kind {
@@ -81,6 +101,28 @@ impl TaskHead {
                 )?,
                 label_smoothing,
             },
+            HeadKind::Score => {
+                if classes < 2 {
+                    return Err(crate::error::param_err(
+                        "head",
+                        format!("a score head needs a scale of at least 2 labels, got {classes}"),
+                    ));
+                }
+                TaskHead::Score {
+                    head: RegressionHead::new(
+                        varmap,
+                        hidden,
+                        pooling,
+                        spec,
+                        dropout,
+                        DType::F32,
+                        device,
+                    )?,
+                    levels: classes,
+                    ranking: score_ranking,
+                    tau: std::sync::atomic::AtomicU64::new(1f64.to_bits()),
+                }
+            }
             HeadKind::Token => TaskHead::Tokens {
                 head: TokenHead::new(varmap, hidden, classes, dropout, DType::F32, device)?,
                 label_smoothing,
@@ -102,7 +144,7 @@ impl TaskHead {
     pub fn prefixes(&self) -> Vec<&'static str> {
         let (linear, pool) = match self {
             TaskHead::Classify { head, .. } => ("classifier.", &head.pool),
-            TaskHead::Regress(r) => ("regressor.", &r.pool),
+            TaskHead::Regress(r) | TaskHead::Score { head: r, .. } => ("regressor.", &r.pool),
             TaskHead::Tokens { .. } => return vec!["classifier."],
         };
         let mut v = vec![linear];
@@ -116,6 +158,9 @@ impl TaskHead {
         match self {
             TaskHead::Classify { head, .. } => head.forward(hidden, mask, s),
             TaskHead::Regress(r) => r.forward(hidden, mask, s),
+            TaskHead::Score { head, .. } => {
+                Ok(candle_nn::ops::sigmoid(&head.forward(hidden, mask, s)?)?)
+            }
             TaskHead::Tokens { head, .. } => head.forward(hidden, s),
         }
     }
@@ -142,6 +187,12 @@ impl TaskHead {
                     .collect::<Vec<_>>(),
                 device,
             )?,
+            TaskHead::Score { levels, .. } => Tensor::new(
+                idx.iter()
+                    .map(|&i| ds.examples[i].label as f32 / (*levels - 1) as f32)
+                    .collect::<Vec<_>>(),
+                device,
+            )?,
         })
     }
 
@@ -153,6 +204,15 @@ impl TaskHead {
                 label_smoothing, ..
             } => cross_entropy(out, labels, *label_smoothing),
             TaskHead::Regress(_) => squared_error(out, labels),
+            TaskHead::Score { ranking, tau, .. } => {
+                let mse = squared_error(out, labels)?;
+                if !*ranking {
+                    return Ok(mse);
+                }
+                let tau = f64::from_bits(tau.load(std::sync::atomic::Ordering::Relaxed));
+                let rank = super::scoring::listnet_loss(out, labels)?;
+                Ok(((mse * tau)? + (rank * (1.0 - tau))?)?)
+            }
             TaskHead::Tokens {
                 label_smoothing, ..
             } => token_cross_entropy(out, labels, *label_smoothing),
@@ -176,7 +236,7 @@ impl TaskHead {
         weight: f64,
         rows: Option<&Tensor>,
     ) -> Result<Tensor> {
-        if let TaskHead::Regress(_) = self {
+        if let TaskHead::Regress(_) | TaskHead::Score { .. } = self {
             let mse = squared_error(a, b)?;
             return Ok(match reduction {
                 Reduction::Sum => (mse * a.dim(0)? as f64)?,
@@ -205,8 +265,21 @@ impl TaskHead {
             TaskHead::Classify { .. } | TaskHead::Tokens { .. } => {
                 kl(adv, target, Reduction::BatchMean, rows)
             }
-            TaskHead::Regress(_) => squared_error(adv, target),
+            TaskHead::Regress(_) | TaskHead::Score { .. } => squared_error(adv, target),
         }
+    }
+
+    /// Sets what depends on the epoch (0-based `epoch` of `epochs`): the
+    /// score head's τ.
+    pub fn at_epoch(&self, epoch: usize, epochs: usize) -> Result<()> {
+        if let TaskHead::Score {
+            ranking: true, tau, ..
+        } = self
+        {
+            let t = super::scoring::r2bert_tau(epoch + 1, epochs)?;
+            tau.store(t.to_bits(), std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// The rows a divergence counts for this batch's `labels`: for token
@@ -227,7 +300,7 @@ impl TaskHead {
             TaskHead::Classify { .. } | TaskHead::Tokens { .. } => {
                 candle_nn::ops::softmax_last_dim(&out)?
             }
-            TaskHead::Regress(_) => out.unsqueeze(1)?,
+            TaskHead::Regress(_) | TaskHead::Score { .. } => out.unsqueeze(1)?,
         })
     }
 
@@ -242,6 +315,33 @@ impl TaskHead {
             return Err(crate::error::param_err(
                 "metrics",
                 "token classification is scored per word (Run::evaluate), not per example",
+            ));
+        }
+        if let TaskHead::Score { levels, .. } = self {
+            let top = (*levels - 1) as f64;
+            let pred: Vec<f64> = probs.iter().map(|p| p[0]).collect();
+            let target: Vec<f64> = ds.examples.iter().map(|e| e.label as f64 / top).collect();
+            let mse = pred
+                .iter()
+                .zip(&target)
+                .map(|(p, t)| (p - t) * (p - t))
+                .sum::<f64>()
+                / pred.len() as f64;
+            let rated: Vec<i64> = pred
+                .iter()
+                .map(|p| (p.clamp(0.0, 1.0) * top).round() as i64)
+                .collect();
+            let truth: Vec<i64> = ds.examples.iter().map(|e| e.label as i64).collect();
+            return Ok((
+                Eval {
+                    qwk: super::scoring::quadratic_weighted_kappa(&rated, &truth)
+                        .unwrap_or(f64::NAN),
+                    pearson: metrics::pearson(&pred, &target)?,
+                    spearman: metrics::spearman(&pred, &target)?,
+                    mse,
+                    ..Eval::undefined()
+                },
+                None,
             ));
         }
         if let TaskHead::Regress(_) = self {
