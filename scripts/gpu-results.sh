@@ -16,7 +16,10 @@
 #      vanilla and manifold smoothing, seeds 1-3,
 #   7. active-learning curves on SST-2 (scripts/active-results.sh): random,
 #      entropy and BALD at freezing 0 and -3, seeds 1-3, the paper's pool
-#      cap of 20 000 (active.json of each run and the pooled curves).
+#      cap of 20 000 (active.json of each run and the pooled curves),
+#   8. the non-sentence tasks (scripts/task-results.sh): CoNLL-2003 and
+#      NCBI-disease NER, SST-5 scored with MSE alone and with R2BERT's
+#      ranking schedule, seed 1.
 # A run cut by the deadline is left unfinished (scripts/results.sh resumes
 # it). Runs already recorded under bench/runs/<card> are not run again; add
 # the new ones there afterwards (summary.json, metrics.jsonl, config.toml,
@@ -77,6 +80,16 @@ if [ "$left" -gt 60 ]; then
   "$TUNEFUSE_BIN" curves "$runs/active" --output "$out/active-curves" 2>/dev/null || true
 else
   echo "== active learning: skipped, the ${deadline}-s budget is spent"
+fi
+# 8. NER and essay-style scoring.
+left=$(( deadline - ($(date +%s) - start) ))
+if [ "$left" -gt 60 ]; then
+  echo "== tasks (NER, score head), seed 1 (${left} s left)"
+  SEEDS="1" OUT="$runs/tasks" timeout "$left" scripts/task-results.sh ||
+    echo "== tasks: stopped (deadline or failure)"
+  cp "$runs/tasks/tasks.jsonl" "$out/" 2>/dev/null || true
+else
+  echo "== tasks: skipped, the ${deadline}-s budget is spent"
 fi
 tar -C "$runs" -cJf "$out/results-runs.tar.xz" \
   $(cd "$runs" && find . -maxdepth 3 \( -name summary.json -o -name metrics.jsonl -o -name config.toml -o -name '*.log' -o -name 'results-*.md' -o -name active.json \) | sort) 2>/dev/null
