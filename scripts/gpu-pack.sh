@@ -11,7 +11,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tunefuse/target}"
 # Binaries: the CLI (bench table, census, fine-tuning), the CUDA tests, the
 # criterion benches; data: the goldens, SST-2 and RTE (for the fine-tuning
 # runs), Amazon books (the census's long-sequence case), the test sets of
-# TREC, SNLI and AG News (OOD detection in scripts/calibration-results.sh), and
+# TREC, SNLI and AG News (OOD detection in scripts/calibration-results.sh),
+# CoNLL-2003, NCBI-disease and SST-5 (scripts/task-results.sh), and
 # all-MiniLM-L6-v2 with bf16 weights (fp32 is 87 MiB, over what travels),
 # which the CUDA golden test and the fine-tuning runs load upcast to f32.
 targets=(--bin tunefuse --test cuda_ops --bench ops)
@@ -35,7 +36,10 @@ cp "${TUNEFUSE_GOLDEN:-../shared/golden}"/*.json .gpu/stage/golden/
 data="${TUNEFUSE_DATA:-../shared/data}"
 for f in glue/SST-2/train.tsv glue/SST-2/dev.tsv glue/RTE/train.tsv glue/RTE/val.tsv glue/RTE/dev.tsv \
     amazon/books/train.tsv amazon/books/dev.tsv ood/TREC/TREC_10.label ood/SNLI/s1.test \
-    ood/SNLI/s2.test ood/SNLI/labels.test ood/AGNews/test.tsv; do
+    ood/SNLI/s2.test ood/SNLI/labels.test ood/AGNews/test.tsv \
+    ner/conll2003/train.txt ner/conll2003/dev.txt ner/conll2003/test.txt \
+    ner/ncbi-disease/train.txt ner/ncbi-disease/dev.txt ner/ncbi-disease/test.txt \
+    extra/SST-5/sentiment-train extra/SST-5/sentiment-dev extra/SST-5/sentiment-test; do
   mkdir -p ".gpu/stage/data/$(dirname "$f")"
   cp "$data/$f" ".gpu/stage/data/$f"
 done
