@@ -125,6 +125,10 @@ enum Cmd {
         /// The base model directory, when it has moved.
         #[arg(long)]
         base_model: Option<PathBuf>,
+        /// The data folder (default: the one the checkpoint records, else
+        /// $TUNEFUSE_DATA).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
         /// Tokens sampled for RSA and the layer × layer CKA matrix.
         #[arg(long, default_value_t = 1024)]
         sample_tokens: usize,
@@ -763,8 +767,13 @@ fn run(cli: Cli) -> Result<(), String> {
                 set.dev.len(),
                 set.test.len()
             );
-            let r =
-                probing::probe_checkpoint(&checkpoint, &set, base_model.as_deref()).map_err(err)?;
+            let r = probing::probe_checkpoint(
+                &checkpoint,
+                &set,
+                data_dir.as_deref(),
+                base_model.as_deref(),
+            )
+            .map_err(err)?;
             if let Some(dir) = &output {
                 probing::write_probe(dir, &r).map_err(err)?;
             }
@@ -790,11 +799,13 @@ fn run(cli: Cli) -> Result<(), String> {
             sample_tokens,
             ablate,
             output,
+            data_dir,
         } => {
             let a = tunefuse::train::analyze::analyze_checkpoint(
                 &checkpoint,
                 &split,
                 file.as_deref(),
+                data_dir.as_deref(),
                 base_model.as_deref(),
                 tunefuse::train::analyze::AnalyzeOptions {
                     examples,

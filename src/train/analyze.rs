@@ -245,12 +245,14 @@ impl Default for AnalyzeOptions {
 }
 
 /// Compares a `best/` checkpoint with its pretrained base on examples of
-/// `split` of its task (or of `file`): see the module docs. `base`: the
+/// `split` of its task (or of `file`): see the module docs. `data_dir`:
+/// the data folder, when not the one the checkpoint records; `base`: the
 /// base model, when it has moved.
 pub fn analyze_checkpoint(
     dir: &Path,
     split: &str,
     file: Option<&Path>,
+    data_dir: Option<&Path>,
     base: Option<&Path>,
     opts: AnalyzeOptions,
 ) -> Result<Analysis> {
@@ -264,7 +266,7 @@ pub fn analyze_checkpoint(
         ));
     }
     let examples = opts.examples;
-    let run = checkpoint_run(dir, None, split.parse()?, None, file, base)?;
+    let run = checkpoint_run(dir, None, split.parse()?, data_dir, file, base)?;
     let varmap = candle_nn::VarMap::new();
     let pre = Bert::from_pretrained(&run.cfg.model, &varmap, DType::F32, &run.device)?;
     let (a, b) = (&pre.config, &run.bert.config);

@@ -511,9 +511,15 @@ pub struct ProbeReport {
 }
 
 /// Probes every layer of the `best/` checkpoint `dir` and of its base on
-/// `set`. `base`: the base model, when it has moved.
-pub fn probe_checkpoint(dir: &Path, set: &ProbeSet, base: Option<&Path>) -> Result<ProbeReport> {
-    let run = checkpoint_run(dir, None, Split::Dev, None, None, base)?;
+/// `set`. `data_dir`: the data folder, when not the one the checkpoint
+/// records; `base`: the base model, when it has moved.
+pub fn probe_checkpoint(
+    dir: &Path,
+    set: &ProbeSet,
+    data_dir: Option<&Path>,
+    base: Option<&Path>,
+) -> Result<ProbeReport> {
+    let run = checkpoint_run(dir, None, Split::Dev, data_dir, None, base)?;
     let varmap = candle_nn::VarMap::new();
     let pre = Bert::from_pretrained(&run.cfg.model, &varmap, DType::F32, &run.device)?;
     fn texts(s: &[(String, usize)]) -> Vec<&str> {
