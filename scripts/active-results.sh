@@ -15,16 +15,9 @@
 # with POOL_CAP=5000 takes about 12 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data=${TUNEFUSE_DATA:-../shared/data}
-out=${OUT:-target/active}
-if [ -z "${TUNEFUSE_BIN:-}" ]; then
-  cargo build --release --quiet
-  bin=${CARGO_TARGET_DIR:-target}/release/tunefuse
-else
-  bin=$TUNEFUSE_BIN
-fi
-model=${MODEL:-$(scripts/fetch-model.sh)}
-mkdir -p "$out"
+default_out=target/active
+# shellcheck source=scripts/results-env.sh
+source scripts/results-env.sh
 for seed in ${SEEDS:-1}; do
   for f in ${FREEZE:-0 -3}; do
     for s in ${STRATEGIES:-random entropy bald}; do

@@ -16,17 +16,10 @@
 # seed and both methods takes about 20 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data=${TUNEFUSE_DATA:-../shared/data}
+default_out=target/calibration
+# shellcheck source=scripts/results-env.sh
+source scripts/results-env.sh
 sst=$data/glue/SST-2
-out=${OUT:-target/calibration}
-if [ -z "${TUNEFUSE_BIN:-}" ]; then
-  cargo build --release --quiet
-  bin=${CARGO_TARGET_DIR:-target}/release/tunefuse
-else
-  bin=$TUNEFUSE_BIN
-fi
-model=${MODEL:-$(scripts/fetch-model.sh)}
-mkdir -p "$out"
 # The split files: training rows and held-out calibration rows of train.tsv.
 head -n 1 "$sst/train.tsv" >"$out/train-part.tsv"
 sed -n '2,20001p' "$sst/train.tsv" >>"$out/train-part.tsv"

@@ -14,16 +14,9 @@
 # an epoch; a GPU is the place for the grid.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data=${TUNEFUSE_DATA:-../shared/data}
-out=${OUT:-target/tasks}
-if [ -z "${TUNEFUSE_BIN:-}" ]; then
-  cargo build --release --quiet
-  bin=${CARGO_TARGET_DIR:-target}/release/tunefuse
-else
-  bin=$TUNEFUSE_BIN
-fi
-model=${MODEL:-$(scripts/fetch-model.sh)}
-mkdir -p "$out"
+default_out=target/tasks
+# shellcheck source=scripts/results-env.sh
+source scripts/results-env.sh
 for seed in ${SEEDS:-1}; do
   for r in ${RECIPES:-ner-conll ner-ncbi sst5-mse sst5-r2bert}; do
     case $r in

@@ -282,13 +282,9 @@ impl Run {
             let mut preds: Vec<Vec<usize>> = vec![vec![]; ds.examples.len()];
             let (mut nll, mut counted) = (0.0f64, 0usize);
             for chunk in by_length(ds).chunks(64) {
-                let sents: Vec<&[String]> = chunk
-                    .iter()
-                    .map(|&i| ds.examples[i].words.as_slice())
-                    .collect();
                 let crate::model::WordBatch {
                     batch: b, word_ids, ..
-                } = self.tok.batch_words(&sents, &self.device)?;
+                } = self.word_batch(ds, chunk)?;
                 let _cache = crate::upload_cache(&self.device);
                 let embeds = self.bert.forward_embeddings(&b.ids, Some(&b.token_types))?;
                 let logits = model.forward(&embeds, &b.mask)?.to_dtype(DType::F32)?;

@@ -233,17 +233,23 @@ impl Run {
         Ok((sentences, words))
     }
 
+    /// The words of examples `idx` of `ds` (token classification)
+    /// tokenised on the device, with their word ids.
+    pub fn word_batch(&self, ds: &Dataset, idx: &[usize]) -> Result<crate::model::WordBatch> {
+        let sents: Vec<&[String]> = idx
+            .iter()
+            .map(|&i| ds.examples[i].words.as_slice())
+            .collect();
+        self.tok.batch_words(&sents, &self.device)
+    }
+
     /// Examples `idx` of `ds` tokenised on the device, with their labels.
     pub fn batch(&self, ds: &Dataset, idx: &[usize]) -> Result<Batch> {
         if let TaskHead::Tokens { .. } = self.head {
             // Each word's tag on its first subword, −1 elsewhere.
-            let sents: Vec<&[String]> = idx
-                .iter()
-                .map(|&i| ds.examples[i].words.as_slice())
-                .collect();
             let crate::model::WordBatch {
                 batch: b, word_ids, ..
-            } = self.tok.batch_words(&sents, &self.device)?;
+            } = self.word_batch(ds, idx)?;
             let l = b.ids.dim(1)?;
             let mut labels = vec![-1f32; idx.len() * l];
             for (r, (&i, w)) in idx.iter().zip(&word_ids).enumerate() {

@@ -87,6 +87,8 @@ impl TaskHead {
         score_ranking: bool,
         device: &Device,
     ) -> Result<Self> {
+        let regressor =
+            || RegressionHead::new(varmap, hidden, pooling, spec, dropout, DType::F32, device);
         Ok(match kind {
             HeadKind::Classification => TaskHead::Classify {
                 head: ClassifierHead::new(
@@ -109,15 +111,7 @@ impl TaskHead {
                     ));
                 }
                 TaskHead::Score {
-                    head: RegressionHead::new(
-                        varmap,
-                        hidden,
-                        pooling,
-                        spec,
-                        dropout,
-                        DType::F32,
-                        device,
-                    )?,
+                    head: regressor()?,
                     levels: classes,
                     ranking: score_ranking,
                     tau: std::sync::atomic::AtomicU64::new(1f64.to_bits()),
@@ -127,15 +121,7 @@ impl TaskHead {
                 head: TokenHead::new(varmap, hidden, classes, dropout, DType::F32, device)?,
                 label_smoothing,
             },
-            HeadKind::Regression => TaskHead::Regress(RegressionHead::new(
-                varmap,
-                hidden,
-                pooling,
-                spec,
-                dropout,
-                DType::F32,
-                device,
-            )?),
+            HeadKind::Regression => TaskHead::Regress(regressor()?),
         })
     }
 
