@@ -298,7 +298,7 @@ fn named_entities_train_evaluate_and_refuse_what_they_cannot() {
         ),
         (
             vec!["calibrate", "--checkpoint", best.to_str().unwrap()],
-            "sentence tasks",
+            "regresses, scores or tags",
         ),
         (
             vec![
