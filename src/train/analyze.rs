@@ -321,9 +321,12 @@ pub fn analyze_checkpoint(
                 .map(|(i, _)| i as u32)
                 .collect();
             let rows = Tensor::new(rows.as_slice(), &run.device)?;
+            // Detached: the running sums and the token sample would
+            // otherwise keep every chunk's forward graph alive.
+            let detach = |v: Vec<Tensor>| v.iter().map(Tensor::detach).collect::<Vec<_>>();
             let (fh, ph) = (
-                ft.hidden_states.expect("asked for"),
-                pt.hidden_states.expect("asked for"),
+                detach(ft.hidden_states.expect("asked for")),
+                detach(pt.hidden_states.expect("asked for")),
             );
             let take = (opts.sample_tokens - sampled).min(rows.dim(0)?);
             for (l, (x, y)) in ph.iter().zip(&fh).enumerate() {
@@ -338,8 +341,8 @@ pub fn analyze_checkpoint(
             }
             sampled += take;
             let (fa, pa) = (
-                ft.attentions.expect("asked for"),
-                pt.attentions.expect("asked for"),
+                detach(ft.attentions.expect("asked for")),
+                detach(pt.attentions.expect("asked for")),
             );
             for (l, (p, q)) in pa.iter().zip(&fa).enumerate() {
                 for (k, v) in js_per_head(p, q, &b.mask)?.into_iter().enumerate() {

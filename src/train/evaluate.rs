@@ -272,7 +272,8 @@ impl Run {
         Ok(self.tag(ds)?.0)
     }
 
-    /// [`Self::evaluate_tokens`], and each sentence's predicted tags.
+    /// The token evaluation (see `evaluate`), and each sentence's predicted
+    /// tags.
     pub fn tag(&self, ds: &Dataset) -> Result<(Eval, Vec<Vec<usize>>)> {
         let was = self.bert.stream.train();
         self.bert.stream.set_train(false);

@@ -1,6 +1,6 @@
 //! Probing (Conneau et al. 2018; Mosbach et al. 2020, "On the Interplay
 //! Between Fine-tuning and Sentence-Level Probing"): a linear classifier
-//! trained on frozen per-layer sentence vectors ([CLS] and the mean over
+//! trained on frozen per-layer sentence vectors (\[CLS\] and the mean over
 //! real tokens) of the pretrained model and of a fine-tuned checkpoint,
 //! and its test accuracy per layer.
 //!
@@ -427,7 +427,7 @@ pub fn fit_probe(
     Ok(best)
 }
 
-/// Per layer (0: the embeddings output), the [CLS] and mean-pooled
+/// Per layer (0: the embeddings output), the \[CLS\] and mean-pooled
 /// sentence vectors `[n, H]` of `texts` under `bert` (eval mode).
 fn layer_features(
     bert: &Bert,
@@ -455,6 +455,9 @@ fn layer_features(
                 parts = vec![(vec![], vec![]); hs.len()];
             }
             for (l, h) in hs.iter().enumerate() {
+                // Detached: a kept vector would otherwise keep the graph of
+                // every chunk's forward (its activations) alive.
+                let h = &h.detach();
                 parts[l].0.push(first_token(h)?.to_dtype(DType::F32)?);
                 parts[l]
                     .1
@@ -486,7 +489,7 @@ fn layer_features(
 pub struct ProbeLayer {
     /// 0: the embeddings output; l: encoder layer l.
     pub layer: usize,
-    /// On the [CLS] vector.
+    /// On the \[CLS\] vector.
     pub cls: f64,
     /// On the mean over real tokens.
     pub mean: f64,
@@ -563,7 +566,7 @@ pub fn probe_checkpoint(
 }
 
 /// Writes a report into `dir`: `<task>.json`, `<task>.csv` (layer, then the
-/// pretrained and fine-tuned [CLS] and mean accuracies) and `<task>.png` /
+/// pretrained and fine-tuned \[CLS\] and mean accuracies) and `<task>.png` /
 /// `.svg` (the four curves by layer, the majority baseline's line).
 pub fn write_probe(dir: &Path, r: &ProbeReport) -> Result<()> {
     use super::checkpoint::atomic_write;
