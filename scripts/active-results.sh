@@ -11,8 +11,9 @@
 # scripts/fetch-model.sh), TUNEFUSE_DATA (default ../shared/data), DEVICE
 # (default cpu), SEEDS (default "1"), STRATEGIES (default "random entropy
 # bald"), FREEZE (default "0 -3"), POOL_CAP (default 20000, the paper's),
-# EPOCHS (default 3), OUT (default target/active). On 2 CPU cores one run
-# with POOL_CAP=5000 takes about 12 minutes.
+# EPOCHS (default 3), OUT (default target/active). One run (ten
+# rounds, 10 … 910 labels) with POOL_CAP=5000 took 25-37 minutes on 2 CPU
+# cores shared with other jobs (2026-12-07).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 default_out=target/active
