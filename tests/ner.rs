@@ -179,13 +179,6 @@ fn token_loss_is_the_mean_over_labelled_positions() {
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
 }
 
-fn tunefuse_cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tunefuse"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn named_entities_train_evaluate_and_refuse_what_they_cannot() {
     use tunefuse::train::trainer::{Config, HeadKind, Metric, Run};
@@ -256,7 +249,7 @@ fn named_entities_train_evaluate_and_refuse_what_they_cannot() {
         "--output",
         out.to_str().unwrap(),
     ];
-    let o = tunefuse_cli(&base);
+    let o = common::cli(&base);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -266,14 +259,14 @@ fn named_entities_train_evaluate_and_refuse_what_they_cannot() {
     assert!(summary["last"]["accuracy"].as_f64().unwrap() > 0.0);
     // eval of the best checkpoint reproduces the best evaluation.
     let best = out.join("best");
-    let o = tunefuse_cli(&["eval", "--checkpoint", best.to_str().unwrap()]);
+    let o = common::cli(&["eval", "--checkpoint", best.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ev: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
         ev["entity_f1"].as_f64().unwrap(),
         summary["best"].as_f64().unwrap()
     );
-    let o = tunefuse_cli(&[
+    let o = common::cli(&[
         "eval",
         "--checkpoint",
         best.to_str().unwrap(),
@@ -311,7 +304,7 @@ fn named_entities_train_evaluate_and_refuse_what_they_cannot() {
             "not exported yet",
         ),
     ] {
-        let o = tunefuse_cli(&args);
+        let o = common::cli(&args);
         assert!(!o.status.success(), "{args:?}");
         let e = String::from_utf8_lossy(&o.stderr);
         assert!(e.contains(want), "{args:?}: {e}");
@@ -320,7 +313,7 @@ fn named_entities_train_evaluate_and_refuse_what_they_cannot() {
     for m in ["smart", "r3f"] {
         let mut args = base.to_vec();
         args.extend(["--method", m, "--overwrite"]);
-        let o = tunefuse_cli(&args);
+        let o = common::cli(&args);
         assert!(
             o.status.success(),
             "{m}: {}",
@@ -339,7 +332,7 @@ fn named_entities_train_evaluate_and_refuse_what_they_cannot() {
     }
     let mut manifold = base.to_vec();
     manifold.extend(["--method", "manifold", "--overwrite"]);
-    let o = tunefuse_cli(&manifold);
+    let o = common::cli(&manifold);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(
         !o.status.success() && e.contains("mixes sentence labels"),

@@ -118,13 +118,6 @@ fn asap_files_are_read_and_bad_ones_named() {
         .contains("domain1_score"));
 }
 
-fn cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tunefuse"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn the_score_head_trains_with_the_schedule() {
     use tunefuse::train::task::HeadKind;
@@ -204,7 +197,7 @@ fn the_score_head_trains_with_the_schedule() {
     ];
     let mut args = base.to_vec();
     args.extend(["--epochs", "3"]);
-    let o = cli(&args);
+    let o = common::cli(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let s: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -214,13 +207,13 @@ fn the_score_head_trains_with_the_schedule() {
     assert!(s["last"]["pearson"].as_f64().unwrap().is_finite());
     let mut args = base.to_vec();
     args.extend(["--epochs", "2", "--overwrite"]);
-    let e = String::from_utf8_lossy(&cli(&args).stderr).into_owned();
+    let e = String::from_utf8_lossy(&common::cli(&args).stderr).into_owned();
     assert!(e.contains("at least 3 epochs"), "{e}");
     args.extend(["--set", "score_ranking=false"]);
-    let o = cli(&args);
+    let o = common::cli(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let e = String::from_utf8_lossy(
-        &cli(&[
+        &common::cli(&[
             "export",
             "--checkpoint",
             out.join("best").to_str().unwrap(),

@@ -303,16 +303,10 @@ impl TaskHead {
                 "token classification is scored per word (Run::evaluate), not per example",
             ));
         }
+        let pred: Vec<f64> = probs.iter().map(|p| p[0]).collect();
         if let TaskHead::Score { levels, .. } = self {
             let top = (*levels - 1) as f64;
-            let pred: Vec<f64> = probs.iter().map(|p| p[0]).collect();
             let target: Vec<f64> = ds.examples.iter().map(|e| e.label as f64 / top).collect();
-            let mse = pred
-                .iter()
-                .zip(&target)
-                .map(|(p, t)| (p - t) * (p - t))
-                .sum::<f64>()
-                / pred.len() as f64;
             let rated: Vec<i64> = pred
                 .iter()
                 .map(|p| (p.clamp(0.0, 1.0) * top).round() as i64)
@@ -322,32 +316,14 @@ impl TaskHead {
                 Eval {
                     qwk: super::scoring::quadratic_weighted_kappa(&rated, &truth)
                         .unwrap_or(f64::NAN),
-                    pearson: metrics::pearson(&pred, &target)?,
-                    spearman: metrics::spearman(&pred, &target)?,
-                    mse,
-                    ..Eval::undefined()
+                    ..regression_eval(&pred, &target)?
                 },
                 None,
             ));
         }
         if let TaskHead::Regress(_) = self {
-            let pred: Vec<f64> = probs.iter().map(|p| p[0]).collect();
             let target: Vec<f64> = ds.examples.iter().map(|e| e.value).collect();
-            let mse = pred
-                .iter()
-                .zip(&target)
-                .map(|(p, t)| (p - t) * (p - t))
-                .sum::<f64>()
-                / pred.len() as f64;
-            return Ok((
-                Eval {
-                    pearson: metrics::pearson(&pred, &target)?,
-                    spearman: metrics::spearman(&pred, &target)?,
-                    mse,
-                    ..Eval::undefined()
-                },
-                None,
-            ));
+            return Ok((regression_eval(&pred, &target)?, None));
         }
         let labels: &[usize] = &ds.examples.iter().map(|e| e.label).collect::<Vec<_>>();
         let classes = ds.labels.len();
@@ -394,6 +370,23 @@ pub fn token_cross_entropy(logits: &Tensor, labels: &Tensor, smoothing: f64) -> 
         loss = ((loss * (1.0 - smoothing))? + (uniform * smoothing)?)?;
     }
     Ok(loss.broadcast_div(&count)?)
+}
+
+/// Pearson, Spearman and mean squared error of predictions against
+/// targets (every other metric undefined).
+fn regression_eval(pred: &[f64], target: &[f64]) -> Result<Eval> {
+    let mse = pred
+        .iter()
+        .zip(target)
+        .map(|(p, t)| (p - t) * (p - t))
+        .sum::<f64>()
+        / pred.len() as f64;
+    Ok(Eval {
+        pearson: metrics::pearson(pred, target)?,
+        spearman: metrics::spearman(pred, target)?,
+        mse,
+        ..Eval::undefined()
+    })
 }
 
 /// Mean over the batch of `(a − b)²` (f32), for outputs `[B]`.

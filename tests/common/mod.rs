@@ -489,3 +489,11 @@ pub fn labelled_csv(dir: &std::path::Path, rows: &[&str], n: usize) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+/// Runs the `tunefuse` binary with `args` and returns its output.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tunefuse"))
+        .args(args)
+        .output()
+        .unwrap()
+}
