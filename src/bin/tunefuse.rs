@@ -51,6 +51,11 @@ enum Cmd {
     /// boundary) and the learning curve (curve.png, curve.svg). Every
     /// `finetune` flag sets the rounds' fine-tuning.
     Active(Box<ActiveArgs>),
+    /// Continue masked-LM training of a model on unlabelled text and write
+    /// a model directory that `--model` accepts: BERT-DAAT's post-training
+    /// (two domains or more, `--domain-task`), Tri-Train's candidate-masked
+    /// pre-fine-tuning (`--candidates`).
+    Posttrain(Box<PosttrainArgs>),
     /// The learning curves of active-learning runs (folders named
     /// `<name>-s<seed>` holding active.json): mean ± std over seeds of the
     /// metric at each label count, per name, as a table, JSON and a plot.
@@ -405,6 +410,78 @@ struct FinetuneArgs {
     phase_times: bool,
 }
 
+/// `posttrain` flags.
+#[derive(clap::Args)]
+struct PosttrainArgs {
+    /// The model directory to start from (BERT, RoBERTa or XLM-R).
+    #[arg(long)]
+    model: PathBuf,
+    /// The new model directory.
+    #[arg(long)]
+    output: PathBuf,
+    /// Unlabelled text, one domain per corpus: a task of the data folder
+    /// with an optional split (`amazon:kitchen`, `amazon:books@dev`,
+    /// `ner:ncbi-disease@train`; labels are ignored), or a text file with
+    /// one text a line. Repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', required = true)]
+    corpus: Vec<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Which words may be masked: `all`; `distant:<token task>` (words in a
+    /// span equal, ignoring case, to an entity mention of that task's
+    /// training split: Tri-Train's distant labelling); or a file of per-word
+    /// 0/1 flags in the corpus's CoNLL layout.
+    #[arg(long, default_value = "all")]
+    candidates: String,
+    /// The probability of masking a token (or candidate word).
+    #[arg(long, default_value_t = 0.15)]
+    mask_rate: f64,
+    /// Mask whole words (every subword of a chosen word).
+    #[arg(long)]
+    whole_word: bool,
+    /// BERT-DAAT's domain-distinguishing task on `[CLS] A [SEP] B` pairs
+    /// (needs two corpora or more).
+    #[arg(long)]
+    domain_task: bool,
+    /// The domain task's weight in the loss.
+    #[arg(long, default_value_t = 1.0)]
+    domain_weight: f64,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 5e-5)]
+    lr: f64,
+    /// Fraction of the steps of linear warm-up (then linear decay).
+    #[arg(long, default_value_t = 0.1)]
+    warmup: f64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Gradient clipping by global norm (0: none).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    /// Tokens per input (truncated beyond).
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    /// At most this many texts of each corpus (a seeded draw).
+    #[arg(long)]
+    max_texts: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// cpu, cuda or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (bf16 on CUDA), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    /// Report the loss every this many steps.
+    #[arg(long, default_value_t = 20)]
+    log_every: usize,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    overwrite: bool,
+}
+
 /// `active` flags: the acquisition loop's, then every `finetune` flag.
 #[derive(clap::Args)]
 struct ActiveArgs {
@@ -677,6 +754,50 @@ fn run(cli: Cli) -> Result<(), String> {
                     r.round, r.labels, r.metric, r.acquired_classes
                 );
             }
+            Ok(())
+        }
+        Cmd::Posttrain(a) => {
+            let err = |e: tunefuse::Error| e.to_string();
+            let device: tunefuse::train::config::DeviceKind =
+                serde_json::from_value(serde_json::json!(a.device))
+                    .map_err(|_| format!("--device: cpu, cuda or auto, got {:?}", a.device))?;
+            let precision: tunefuse::train::config::Precision =
+                serde_json::from_value(serde_json::json!(a.precision)).map_err(|_| {
+                    format!("--precision: auto, f32 or bf16, got {:?}", a.precision)
+                })?;
+            let settings = tunefuse::train::posttrain::Settings {
+                model: a.model,
+                output: a.output,
+                corpora: a.corpus,
+                data_dir: a.data_dir,
+                candidates: a.candidates.parse().map_err(err)?,
+                mask_rate: a.mask_rate,
+                whole_word: a.whole_word,
+                domain_task: a.domain_task,
+                domain_weight: a.domain_weight,
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                warmup: a.warmup,
+                weight_decay: a.weight_decay,
+                clip: a.clip,
+                max_len: a.max_len,
+                max_texts: a.max_texts,
+                seed: a.seed,
+                device,
+                precision,
+                log_every: a.log_every,
+                overwrite: a.overwrite,
+            };
+            tunefuse::interrupt::install();
+            let rep = tunefuse::train::posttrain::posttrain(settings, progress()).map_err(err)?;
+            println!(
+                "{} steps, {} tokens predicted, last masked-LM loss {:.4}, {:.0} s",
+                rep.steps,
+                rep.predicted_tokens,
+                rep.losses.last().map_or(f64::NAN, |l| l.1),
+                rep.seconds
+            );
             Ok(())
         }
         Cmd::Curves { dirs, output } => {

@@ -13,4 +13,4 @@ pub use config::BertConfig;
 pub use family::Family;
 pub use heads::{ClassifierHead, Pooling, RegressionHead, TokenHead};
 pub use layers::{Adapter, AdapterPlacement, Dense, Lora, Stream};
-pub use tokenize::{Batch, TextTokenizer, WordBatch};
+pub use tokenize::{Batch, Encoded, Input, TextTokenizer, WordBatch};

@@ -20,6 +20,27 @@ pub struct WordBatch {
     pub lost: Vec<usize>,
 }
 
+/// A text to encode: raw, or already split into words.
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    /// Raw text, split into words by the tokenizer's pre-tokenizer.
+    Text(&'a str),
+    /// Words (a CoNLL sentence).
+    Words(&'a [String]),
+}
+
+/// One encoded text (or pair), unpadded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    /// Token ids.
+    pub ids: Vec<u32>,
+    /// Token types.
+    pub types: Vec<u32>,
+    /// Per token, (sequence, word) of the word it belongs to; `None` for a
+    /// special token.
+    pub words: Vec<Option<(usize, usize)>>,
+}
+
 /// A tokenizer that pads each batch to its longest row.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -146,6 +167,64 @@ impl TextTokenizer {
             word_ids,
             lost,
         })
+    }
+
+    /// One text (or a pair) as token ids, token types and, per token, the
+    /// word it belongs to as (sequence, word) (`None` for special tokens):
+    /// what masked-LM masking needs to spare special tokens and to mask
+    /// whole words. Raw text is split into words by the tokenizer's
+    /// pre-tokenizer; pre-split words keep their own indices.
+    pub fn encode_spans<'a>(&self, a: Input<'a>, b: Option<Input<'a>>) -> Result<Encoded> {
+        use tokenizers::{EncodeInput, InputSequence};
+        fn seq(x: Input<'_>) -> InputSequence<'_> {
+            match x {
+                Input::Text(t) => t.into(),
+                Input::Words(w) => w.into(),
+            }
+        }
+        let input: EncodeInput<'a> = match b {
+            None => seq(a).into(),
+            Some(b) => (seq(a), seq(b)).into(),
+        };
+        let e = self
+            .inner
+            .encode(input, true)
+            .map_err(|e| param_err("tokenizer", format!("cannot encode {a:?}: {e}")))?;
+        let seqs = e.get_sequence_ids();
+        let words = e
+            .get_word_ids()
+            .iter()
+            .zip(seqs)
+            .zip(e.get_special_tokens_mask())
+            .map(|((w, s), special)| match (w, s) {
+                (Some(w), Some(s)) if *special == 0 => Some((s, *w as usize)),
+                _ => None,
+            })
+            .collect();
+        Ok(Encoded {
+            ids: e.get_ids().to_vec(),
+            types: e.get_type_ids().to_vec(),
+            words,
+        })
+    }
+
+    /// The id of the mask token (`[MASK]`, or RoBERTa's `<mask>`); an error
+    /// when the vocabulary has neither.
+    pub fn mask_id(&self) -> Result<u32> {
+        self.inner
+            .token_to_id("[MASK]")
+            .or_else(|| self.inner.token_to_id("<mask>"))
+            .ok_or_else(|| {
+                param_err(
+                    "tokenizer",
+                    "the vocabulary has no mask token ([MASK] or <mask>): masked-LM training                      needs one",
+                )
+            })
+    }
+
+    /// Rows of (ids, token types) padded to the longest into one batch.
+    pub fn pad_rows(&self, rows: &[(Vec<u32>, Vec<u32>)], device: &Device) -> Result<Batch> {
+        self.pad(rows, device)
     }
 
     /// Token ids of single sentences or (first, second) pairs, unpadded.

@@ -231,7 +231,7 @@ pub fn export(
 
 /// Fills `output` atomically: the tensors (f32, `format = pt`) as
 /// `weights`, the JSON files, the base model's tokenizer files.
-fn write_dir(
+pub(crate) fn write_dir(
     output: &Path,
     base: &Path,
     tensors: &[(String, Tensor)],

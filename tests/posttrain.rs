@@ -1,0 +1,451 @@
+//! Masked-LM post-training: the masking never chooses special tokens or
+//! non-candidates and hits its rates over many draws, whole words share one
+//! draw, the loss is the cross-entropy of the chosen tokens only (against
+//! a brute-force computation over every position), distant labelling and
+//! the candidate file; `posttrain` writes a model directory that loads as
+//! a base model and keeps its masked-LM head, lowers the MLM loss, and
+//! refuses bad settings with a message naming them.
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, D};
+use tunefuse::model::{Bert, Encoded, Outputs, TextTokenizer};
+use tunefuse::train::mlm::{
+    distant_candidates, load_head, mask, read_candidates, Draws, Masking, MlmBatch, MlmHead,
+};
+use tunefuse::train::ner::Sentence;
+use tunefuse::train::posttrain::{posttrain, Settings};
+
+const MASK: u32 = 103;
+const VOCAB: usize = 30522;
+
+/// 2,000 rows of 12 tokens: [CLS], ten word pieces of five two-piece
+/// words, [SEP] (sequence 0).
+fn synthetic() -> Encoded {
+    let mut words = vec![None];
+    for w in 0..5 {
+        words.push(Some((0, w)));
+        words.push(Some((0, w)));
+    }
+    words.push(None);
+    Encoded {
+        ids: (1000..1012).collect(),
+        types: vec![0; 12],
+        words,
+    }
+}
+
+#[test]
+fn candidate_masking_spares_specials_and_non_candidates_and_hits_its_rates() {
+    let enc = synthetic();
+    // Words 1 and 3 are candidates.
+    let cand = |(_, w): (usize, usize)| w == 1 || w == 3;
+    let m = Masking {
+        rate: 0.15,
+        whole_word: false,
+    };
+    let mut draws = Draws::new(7, 0);
+    let (mut chosen, mut masked, mut random, mut kept) = (0usize, 0usize, 0usize, 0usize);
+    let rows = 20_000;
+    for _ in 0..rows {
+        let r = mask(&enc, &cand, &m, MASK, VOCAB, &mut draws);
+        for (i, label) in r.labels.iter().enumerate() {
+            let is_cand = enc.words[i].is_some_and(cand);
+            match label {
+                None => assert_eq!(r.ids[i], enc.ids[i], "an unchosen token changed"),
+                Some(t) => {
+                    assert!(is_cand, "token {i} chosen but not a candidate (or special)");
+                    assert_eq!(*t, enc.ids[i], "the label is the original id");
+                    chosen += 1;
+                    if r.ids[i] == MASK {
+                        masked += 1;
+                    } else if r.ids[i] == enc.ids[i] {
+                        kept += 1;
+                    } else {
+                        random += 1;
+                    }
+                }
+            }
+        }
+    }
+    // 4 candidate tokens per row; binomial standard errors are ~0.1 % here.
+    let rate = chosen as f64 / (4 * rows) as f64;
+    assert!((rate - 0.15).abs() < 0.006, "chosen rate {rate}");
+    let f = |n: usize| n as f64 / chosen as f64;
+    assert!((f(masked) - 0.8).abs() < 0.015, "mask share {}", f(masked));
+    // A random replacement equals the original once in 30,522 draws.
+    assert!(
+        (f(random) - 0.1).abs() < 0.012,
+        "random share {}",
+        f(random)
+    );
+    assert!((f(kept) - 0.1).abs() < 0.012, "kept share {}", f(kept));
+}
+
+#[test]
+fn whole_word_masking_chooses_every_piece_of_a_word_together() {
+    let enc = synthetic();
+    let m = Masking {
+        rate: 0.3,
+        whole_word: true,
+    };
+    let mut draws = Draws::new(3, 1);
+    let mut words_chosen = 0;
+    for _ in 0..2_000 {
+        let r = mask(&enc, &|_| true, &m, MASK, VOCAB, &mut draws);
+        assert!(
+            r.labels[0].is_none() && r.labels[11].is_none(),
+            "a special token was chosen"
+        );
+        for w in 0..5 {
+            let (a, b) = (1 + 2 * w, 2 + 2 * w);
+            assert_eq!(
+                r.labels[a].is_some(),
+                r.labels[b].is_some(),
+                "word {w} split"
+            );
+            words_chosen += usize::from(r.labels[a].is_some());
+        }
+    }
+    let rate = words_chosen as f64 / 10_000.0;
+    assert!((rate - 0.3).abs() < 0.015, "word rate {rate}");
+}
+
+#[test]
+fn the_loss_is_the_cross_entropy_of_the_chosen_tokens_only() {
+    let dir = common::scratch("mlm-loss");
+    let model = common::tiny_model_dir(dir.path());
+    let vm = candle_nn::VarMap::new();
+    let bert = Bert::from_pretrained(&model, &vm, DType::F32, &Device::Cpu).unwrap();
+    let head = MlmHead::new(&vm, &bert.config, &Device::Cpu).unwrap();
+    let tok = TextTokenizer::from_file(&model.join("tokenizer.json"), 32).unwrap();
+    let texts = ["the film is a quiet triumph", "bad", "a b c d e f g h"];
+    let mut draws = Draws::new(1, 2);
+    let m = Masking {
+        rate: 0.5,
+        whole_word: false,
+    };
+    let rows: Vec<_> = texts
+        .iter()
+        .map(|t| {
+            let e = tok
+                .encode_spans(tunefuse::model::Input::Text(t), None)
+                .unwrap();
+            mask(&e, &|_| true, &m, MASK, VOCAB, &mut draws)
+        })
+        .collect();
+    let mb = MlmBatch::new(&tok, &rows, &Device::Cpu).unwrap();
+    assert!(mb.chosen > 0);
+    let b = &mb.batch;
+    let out = bert
+        .forward(&b.ids, Some(&b.token_types), &b.mask, Outputs::default())
+        .unwrap();
+    let loss: f32 = mb
+        .loss(&bert, &head, &out.last_hidden)
+        .unwrap()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    // Brute force: logits at every position, the NLL summed where a label is.
+    let (bs, l, h) = out.last_hidden.dims3().unwrap();
+    let all = head
+        .logits(&bert, &out.last_hidden.reshape((bs * l, h)).unwrap())
+        .unwrap();
+    let logp = candle_nn::ops::log_softmax(&all, D::Minus1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let (mut sum, mut n) = (0f64, 0usize);
+    for (r, row) in rows.iter().enumerate() {
+        for (i, t) in row.labels.iter().enumerate() {
+            if let Some(t) = t {
+                sum -= logp[r * l + i][*t as usize] as f64;
+                n += 1;
+            }
+        }
+    }
+    assert_eq!(n, mb.chosen);
+    let want = sum / n as f64;
+    assert!(
+        (loss as f64 - want).abs() < 1e-4 * want.abs(),
+        "{loss} vs {want}"
+    );
+    // A batch with nothing chosen has no loss (rather than a NaN mean).
+    let none = Masking {
+        rate: 1e-9,
+        whole_word: false,
+    };
+    let e = tok
+        .encode_spans(tunefuse::model::Input::Text("bad"), None)
+        .unwrap();
+    let r = mask(&e, &|_| true, &none, MASK, VOCAB, &mut draws);
+    let mb = MlmBatch::new(&tok, &[r], &Device::Cpu).unwrap();
+    let out = bert
+        .forward(
+            &mb.batch.ids,
+            Some(&mb.batch.token_types),
+            &mb.batch.mask,
+            Outputs::default(),
+        )
+        .unwrap();
+    assert!(mb.loss(&bert, &head, &out.last_hidden).unwrap().is_none());
+}
+
+fn words(s: &str) -> Vec<String> {
+    s.split(' ').map(String::from).collect()
+}
+
+#[test]
+fn distant_labelling_marks_spans_equal_to_training_mentions() {
+    let train = vec![Sentence {
+        words: words("Familial breast cancer and ataxia"),
+        tags: words("O B-Disease I-Disease O B-Disease"),
+    }];
+    let corpus = vec![
+        words("no Breast Cancer here but breast pain"),
+        words("ataxia"),
+    ];
+    let got = distant_candidates(&train, &corpus);
+    assert_eq!(
+        got,
+        vec![
+            vec![false, true, true, false, false, false, false],
+            vec![true]
+        ]
+    );
+}
+
+#[test]
+fn the_candidate_file_must_match_the_corpus() {
+    let dir = common::scratch("cand");
+    let corpus = vec![words("a b"), words("c")];
+    let p = dir.path().join("c.txt");
+    std::fs::write(&p, "1\n0\n\n1\n").unwrap();
+    assert_eq!(
+        read_candidates(&p, &corpus).unwrap(),
+        vec![vec![true, false], vec![true]]
+    );
+    std::fs::write(&p, "1\n0\n1\n\n1\n").unwrap();
+    let e = read_candidates(&p, &corpus).unwrap_err().to_string();
+    assert!(e.contains("line 4") && e.contains("3 flags"), "{e}");
+    std::fs::write(&p, "1\nx\n").unwrap();
+    let e = read_candidates(&p, &corpus).unwrap_err().to_string();
+    assert!(e.contains("line 2") && e.contains("\"x\""), "{e}");
+    std::fs::write(&p, "1\n0\n").unwrap();
+    let e = read_candidates(&p, &corpus).unwrap_err().to_string();
+    assert!(e.contains("1 sentences") && e.contains("has 2"), "{e}");
+}
+
+fn corpus_file(dir: &Path, name: &str, lines: &[&str]) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, lines.join("\n")).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+fn settings(model: &Path, out: &Path, corpora: Vec<String>) -> Settings {
+    Settings {
+        model: model.to_path_buf(),
+        output: out.to_path_buf(),
+        corpora,
+        epochs: 6,
+        batch_size: 8,
+        lr: 2e-3,
+        max_len: 24,
+        device: tunefuse::train::config::DeviceKind::Cpu,
+        log_every: 3,
+        ..Default::default()
+    }
+}
+
+const BOOKS: [&str; 8] = [
+    "a gripping novel with a slow start",
+    "the author writes with great warmth",
+    "i could not put this book down",
+    "the plot of the story drags in the middle",
+    "a classic of the genre worth reading twice",
+    "the characters are thin and the prose is flat",
+    "her best book so far",
+    "the chapters are short and the pages fly",
+];
+const KITCHEN: [&str; 8] = [
+    "the blender broke after a week",
+    "this pan heats evenly and cleans easily",
+    "the knife holds its edge",
+    "the lid does not fit the pot",
+    "a sturdy kettle that boils fast",
+    "the toaster burns one side of the bread",
+    "dishwasher safe and easy to store",
+    "the handle gets hot on the stove",
+];
+
+#[test]
+fn posttrain_writes_a_model_that_loads_keeps_its_head_and_lowers_the_loss() {
+    let dir = common::scratch("posttrain");
+    let model = common::tiny_model_dir(dir.path());
+    let books = corpus_file(dir.path(), "books.txt", &BOOKS);
+    let kitchen = corpus_file(dir.path(), "kitchen.txt", &KITCHEN);
+    let out = dir.path().join("post");
+    // Sixteen texts seen 25 times at a high rate: the tiny model starts at
+    // the uniform loss ln 30522 ≈ 10.3 and memorises them.
+    let s = Settings {
+        domain_task: true,
+        epochs: 25,
+        lr: 1e-2,
+        log_every: 10,
+        ..settings(&model, &out, vec![books.clone(), kitchen.clone()])
+    };
+    let rep = posttrain(s, |_| {}).unwrap();
+    assert_eq!(rep.steps, 50);
+    assert!(!rep.head_loaded, "the tiny model has no masked-LM head");
+    let first = rep.losses.first().unwrap();
+    let last = rep.losses.last().unwrap();
+    assert!(first.2.is_some(), "the domain loss is reported");
+    assert!(
+        last.1 < first.1 - 1.0,
+        "the masked-LM loss did not fall: {:?}",
+        rep.losses
+    );
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "posttrain.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "BertForMaskedLM");
+    // The directory is a base model (the head is set aside), its encoder
+    // changed; the masked-LM head is read back by the next post-training.
+    let vm = candle_nn::VarMap::new();
+    let b = Bert::from_pretrained(&out, &vm, DType::F32, &Device::Cpu).unwrap();
+    let vm0 = candle_nn::VarMap::new();
+    let b0 = Bert::from_pretrained(&model, &vm0, DType::F32, &Device::Cpu).unwrap();
+    let diff = (&b.embeddings.word - &b0.embeddings.word)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff > 0.0, "post-training left the word embeddings alone");
+    let stored =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(stored.contains_key("bert.encoder.layer.0.attention.self.query.weight"));
+    let bias = &stored["cls.predictions.bias"];
+    let head = MlmHead::new(&vm, &b.config, &Device::Cpu).unwrap();
+    assert!(load_head(&vm, &out, b.family).unwrap());
+    let d = (&head.bias - bias)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(d, 0.0);
+    let again = Settings {
+        epochs: 1,
+        ..settings(&out, &dir.path().join("post2"), vec![books])
+    };
+    assert!(posttrain(again, |_| {}).unwrap().head_loaded);
+    // An existing output is not replaced without --overwrite.
+    let e = posttrain(settings(&model, &out, vec![kitchen]), |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not empty") && e.contains("--overwrite"), "{e}");
+}
+
+#[test]
+fn candidate_masking_runs_on_a_token_corpus() {
+    let dir = common::scratch("posttrain-ner");
+    let model = common::tiny_model_dir(dir.path());
+    let s = Settings {
+        data_dir: Some(common::data_root()),
+        candidates: "distant:ner:ncbi-disease".parse().unwrap(),
+        max_texts: Some(40),
+        epochs: 1,
+        ..settings(
+            &model,
+            &dir.path().join("tri"),
+            vec!["ner:ncbi-disease@dev".into()],
+        )
+    };
+    let rep = posttrain(s, |_| {}).unwrap();
+    assert!(
+        rep.candidate_words > 0.0 && rep.candidate_words < 0.5,
+        "{}",
+        rep.candidate_words
+    );
+    assert!(rep.predicted_tokens > 0);
+}
+
+#[test]
+fn bad_settings_are_refused_with_their_name() {
+    let dir = common::scratch("posttrain-bad");
+    let model = common::tiny_model_dir(dir.path());
+    let books = corpus_file(dir.path(), "books.txt", &BOOKS);
+    let empty = corpus_file(dir.path(), "empty.txt", &["", "  "]);
+    let out = dir.path().join("o");
+    let err = |s: Settings| posttrain(s, |_| {}).unwrap_err().to_string();
+    let e = err(Settings {
+        domain_task: true,
+        ..settings(&model, &out, vec![books.clone()])
+    });
+    assert!(e.contains("domain") && e.contains("two corpora"), "{e}");
+    let e = err(settings(&model, &out, vec![empty]));
+    assert!(e.contains("holds no text"), "{e}");
+    let e = err(Settings {
+        mask_rate: 0.0,
+        ..settings(&model, &out, vec![books.clone()])
+    });
+    assert!(e.contains("mask_rate"), "{e}");
+    let e = err(Settings {
+        candidates: "distant:sst2".parse().unwrap(),
+        ..settings(&model, &out, vec![books.clone()])
+    });
+    assert!(e.contains("per word"), "{e}");
+    let e = err(Settings {
+        domain_weight: f64::NAN,
+        ..settings(&model, &out, vec![books.clone(), books.clone()])
+    });
+    assert!(e.contains("domain_weight"), "{e}");
+    let e = err(settings(&model, &out, vec!["nosuchtask".into()]));
+    assert!(e.contains("neither a file nor a task"), "{e}");
+    let e = "distant"
+        .parse::<tunefuse::train::posttrain::Candidates>()
+        .unwrap_err();
+    assert!(e.to_string().contains("distant:<token task>"), "{e}");
+    assert!(!out.exists(), "a refused run wrote its output");
+}
+
+#[test]
+fn the_cli_posttrains() {
+    let dir = common::scratch("posttrain-cli");
+    let model = common::tiny_model_dir(dir.path());
+    let books = corpus_file(dir.path(), "books.txt", &BOOKS);
+    let out = dir.path().join("cli");
+    let o = common::cli(&[
+        "posttrain",
+        "--model",
+        model.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--corpus",
+        &books,
+        "--device",
+        "cpu",
+        "--max-len",
+        "24",
+        "--batch-size",
+        "4",
+        "--whole-word",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("2 steps"), "{stdout}");
+    assert!(out.join("model.safetensors").exists());
+}
