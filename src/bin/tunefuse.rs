@@ -452,6 +452,11 @@ struct PosttrainArgs {
     batch_size: usize,
     #[arg(long, default_value_t = 5e-5)]
     lr: f64,
+    /// Peak learning rate of the new heads (masked-LM, domain classifier);
+    /// default: --lr. A model without a masked-LM head starts with a random
+    /// one: a higher rate (1e-3) lets it learn before it steers the encoder.
+    #[arg(long)]
+    head_lr: Option<f64>,
     /// Fraction of the steps of linear warm-up (then linear decay).
     #[arg(long, default_value_t = 0.1)]
     warmup: f64,
@@ -778,6 +783,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 epochs: a.epochs,
                 batch_size: a.batch_size,
                 lr: a.lr,
+                head_lr: a.head_lr,
                 warmup: a.warmup,
                 weight_decay: a.weight_decay,
                 clip: a.clip,

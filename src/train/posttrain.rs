@@ -183,6 +183,12 @@ pub struct Settings {
     pub batch_size: usize,
     /// Peak learning rate (linear warm-up and decay).
     pub lr: f64,
+    /// Peak learning rate of the new heads (the masked-LM head's transform
+    /// and bias, the domain classifier); `None`: `lr`. A checkpoint without
+    /// a masked-LM head (a sentence-embedding model) starts from a random
+    /// one, whose first gradients are noise to the encoder: a higher rate
+    /// here (1e-3, say) lets it learn before it steers the encoder.
+    pub head_lr: Option<f64>,
     /// Fraction of the steps warming up.
     pub warmup: f64,
     /// AdamW's decoupled weight decay.
@@ -220,6 +226,7 @@ impl Default for Settings {
             epochs: 1,
             batch_size: 32,
             lr: 5e-5,
+            head_lr: None,
             warmup: 0.1,
             weight_decay: 0.01,
             clip: 1.0,
@@ -268,6 +275,11 @@ impl Settings {
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             return bad("lr", format!("must be finite and > 0, got {}", self.lr));
+        }
+        if let Some(h) = self.head_lr {
+            if !(h.is_finite() && h > 0.0) {
+                return bad("head_lr", format!("must be finite and > 0, got {h}"));
+            }
         }
         if !(0.0..1.0).contains(&self.warmup) {
             return bad("warmup", format!("must be in [0, 1), got {}", self.warmup));
@@ -425,7 +437,11 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
             .map(|n| Param {
                 name: n.clone(),
                 var: data[n].clone(),
-                lr_scale: 1.0,
+                lr_scale: if n.starts_with("mlm.") || n.starts_with("classifier.") {
+                    s.head_lr.unwrap_or(s.lr) / s.lr
+                } else {
+                    1.0
+                },
                 decay: !(n.ends_with("bias") || n.contains("LayerNorm")),
                 anchor: None,
             })
