@@ -56,6 +56,11 @@ enum Cmd {
     /// (two domains or more, `--domain-task`), Tri-Train's candidate-masked
     /// pre-fine-tuning (`--candidates`).
     Posttrain(Box<PosttrainArgs>),
+    /// Unsupervised fine-tuning for text clustering: k-means on the
+    /// pretrained sentence vectors, then DEC (KL to a sharpened target) with
+    /// a masked-LM term; ACC and NMI before and after when labels are given.
+    /// Writes cluster.json and assignments.txt to --output.
+    Cluster(Box<ClusterArgs>),
     /// The learning curves of active-learning runs (folders named
     /// `<name>-s<seed>` holding active.json): mean ± std over seeds of the
     /// metric at each label count, per name, as a table, JSON and a plot.
@@ -410,6 +415,74 @@ struct FinetuneArgs {
     phase_times: bool,
 }
 
+/// `cluster` flags.
+#[derive(clap::Args)]
+struct ClusterArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// Where cluster.json and assignments.txt go.
+    #[arg(long)]
+    output: PathBuf,
+    /// A set of the data folder's clustering/stc: SearchSnippets,
+    /// StackOverflow or Biomedical (texts and labels).
+    #[arg(long, conflicts_with_all = ["texts", "labels"])]
+    stc: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// A text file, one text a line.
+    #[arg(long)]
+    texts: Option<PathBuf>,
+    /// Its labels, one a line (used for the scores only).
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Clusters (default: the number of distinct labels).
+    #[arg(long)]
+    clusters: Option<usize>,
+    /// At most this many texts (a seeded draw).
+    #[arg(long)]
+    max_texts: Option<usize>,
+    /// DEC steps (0: k-means on the pretrained vectors only).
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// The encoder's peak learning rate.
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
+    /// The learning rate of the cluster centres and the masked-LM head.
+    #[arg(long, default_value_t = 1e-3)]
+    head_lr: f64,
+    /// Steps between refreshes of DEC's target distribution.
+    #[arg(long, default_value_t = 100)]
+    update_interval: usize,
+    /// Stop when fewer than this fraction of texts changed cluster.
+    #[arg(long, default_value_t = 0.001)]
+    tol: f64,
+    /// Student's t degrees of freedom of the soft assignments.
+    #[arg(long, default_value_t = 1.0)]
+    alpha: f64,
+    /// Weight of the masked-LM term (0: DEC alone).
+    #[arg(long, default_value_t = 1.0)]
+    mlm_weight: f64,
+    #[arg(long, default_value_t = 0.15)]
+    mask_rate: f64,
+    /// k-means starts (the lowest inertia kept).
+    #[arg(long, default_value_t = 10)]
+    n_init: usize,
+    #[arg(long, default_value_t = 64)]
+    max_len: usize,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// cpu, cuda or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (bf16 on CUDA), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    #[arg(long)]
+    overwrite: bool,
+}
+
 /// `posttrain` flags.
 #[derive(clap::Args)]
 struct PosttrainArgs {
@@ -758,6 +831,74 @@ fn run(cli: Cli) -> Result<(), String> {
                     "{:5}  {:6}  {:9.4}  {:?}",
                     r.round, r.labels, r.metric, r.acquired_classes
                 );
+            }
+            Ok(())
+        }
+        Cmd::Cluster(a) => {
+            let err = |e: tunefuse::Error| e.to_string();
+            let (texts, labels) = match (&a.stc, a.texts) {
+                (Some(name), _) => {
+                    let set = tunefuse::train::cluster::STC
+                        .iter()
+                        .find(|s| s.eq_ignore_ascii_case(name))
+                        .ok_or_else(|| {
+                            format!(
+                                "--stc: {name:?} is not one of {}",
+                                tunefuse::train::cluster::STC.join(", ")
+                            )
+                        })?;
+                    let dir = tunefuse::train::data::data_dir(a.data_dir.as_deref())
+                        .map_err(err)?
+                        .join("clustering/stc");
+                    (
+                        dir.join(format!("{set}.txt")),
+                        Some(dir.join(format!("{set}_gnd.txt"))),
+                    )
+                }
+                (None, Some(t)) => (t, a.labels),
+                (None, None) => return Err("give --stc NAME or --texts FILE".into()),
+            };
+            let settings = tunefuse::train::cluster::Settings {
+                model: a.model,
+                output: a.output,
+                texts,
+                labels,
+                clusters: a.clusters,
+                max_texts: a.max_texts,
+                steps: a.steps,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                head_lr: a.head_lr,
+                update_interval: a.update_interval,
+                tol: a.tol,
+                alpha: a.alpha,
+                mlm_weight: a.mlm_weight,
+                mask_rate: a.mask_rate,
+                n_init: a.n_init,
+                max_len: a.max_len,
+                seed: a.seed,
+                device: serde_json::from_value(serde_json::json!(a.device))
+                    .map_err(|_| format!("--device: cpu, cuda or auto, got {:?}", a.device))?,
+                precision: serde_json::from_value(serde_json::json!(a.precision)).map_err(
+                    |_| format!("--precision: auto, f32 or bf16, got {:?}", a.precision),
+                )?,
+                overwrite: a.overwrite,
+            };
+            tunefuse::interrupt::install();
+            let r = tunefuse::train::cluster::cluster(settings, progress()).map_err(err)?;
+            let show = |s: Option<tunefuse::train::cluster::Scores>| {
+                s.map_or("-".to_string(), |s| {
+                    format!("ACC {:.4}  NMI {:.4}", s.acc, s.nmi)
+                })
+            };
+            println!(
+                "{} texts, {} clusters, {} DEC steps, {:.0} s",
+                r.texts, r.clusters, r.steps, r.seconds
+            );
+            println!("k-means, pretrained vectors:  {}", show(r.kmeans_before));
+            if r.steps > 0 {
+                println!("DEC assignments, fine-tuned:  {}", show(r.dec_after));
+                println!("k-means, fine-tuned vectors:  {}", show(r.kmeans_after));
             }
             Ok(())
         }

@@ -6,6 +6,7 @@ pub mod active;
 pub mod analyze;
 pub mod callbacks;
 pub mod checkpoint;
+pub mod cluster;
 pub mod config;
 pub mod data;
 pub mod evaluate;
