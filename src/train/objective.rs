@@ -42,11 +42,16 @@ impl TaskModel<'_> {
 
     /// The head's outputs from input embeddings.
     pub fn forward(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = self
+        let h = self.hidden(embeds, mask)?;
+        self.head.forward(&h, mask, &self.bert.stream)
+    }
+
+    /// The encoder's last hidden states `[B, L, H]` from input embeddings.
+    pub fn hidden(&self, embeds: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        Ok(self
             .bert
             .forward_from_embeddings(embeds, mask, Outputs::default())?
-            .last_hidden;
-        self.head.forward(&h, mask, &self.bert.stream)
+            .last_hidden)
     }
 }
 
@@ -62,6 +67,7 @@ pub struct Ctx<'a> {
     /// shared by the methods in registry order.
     pub noise: &'a mut Rng,
     embeds: Option<Tensor>,
+    clean_hidden: Option<Tensor>,
     clean: Option<Tensor>,
 }
 
@@ -80,6 +86,7 @@ impl<'a> Ctx<'a> {
             params,
             noise,
             embeds: None,
+            clean_hidden: None,
             clean: None,
         }
     }
@@ -120,11 +127,22 @@ impl<'a> Ctx<'a> {
         Ok(self.embeds.clone().expect("just set"))
     }
 
+    /// The encoder's last hidden states on the unperturbed input (in the
+    /// graph), computed once: what [`Ctx::clean`]'s head reads.
+    pub fn clean_hidden(&mut self) -> Result<Tensor> {
+        if self.clean_hidden.is_none() {
+            let e = self.embeds()?;
+            self.clean_hidden = Some(self.model.hidden(&e, &self.batch.mask)?);
+        }
+        Ok(self.clean_hidden.clone().expect("just set"))
+    }
+
     /// The outputs on the unperturbed input (in the graph), computed once.
     pub fn clean(&mut self) -> Result<Tensor> {
         if self.clean.is_none() {
-            let e = self.embeds()?;
-            self.clean = Some(self.forward(&e)?);
+            let h = self.clean_hidden()?;
+            let m = &self.model;
+            self.clean = Some(m.head.forward(&h, &self.batch.mask, &m.bert.stream)?);
         }
         Ok(self.clean.clone().expect("just set"))
     }
@@ -155,6 +173,24 @@ impl TermOut {
     }
 }
 
+/// What a term may build on before training: the run's settings, the
+/// encoder, the tokenizer and the parameter store (for parameters of its
+/// own, under the prefixes it declares in [`Term::prefixes`]).
+pub struct TermEnv<'a> {
+    /// The run's configuration.
+    pub cfg: &'a super::config::Config,
+    /// The encoder (transforms applied).
+    pub bert: &'a Bert,
+    /// The run's tokenizer.
+    pub tok: &'a crate::model::TextTokenizer,
+    /// Where new parameters go.
+    pub varmap: &'a VarMap,
+    /// Where the run computes.
+    pub device: &'a candle_core::Device,
+    /// Micro-batches the run will train on (progress schedules).
+    pub micro_batches: u64,
+}
+
 /// A method that adds a weighted loss (SMART's smoothness, R3F, Bregman).
 pub trait Term {
     /// The name its value is logged under in `metrics.jsonl`.
@@ -162,6 +198,16 @@ pub trait Term {
     /// Its loss for the batch in `ctx` (weighted, in the graph) and the
     /// value to log, or [`TermOut::skipped`].
     fn term(&mut self, ctx: &mut Ctx<'_>) -> Result<TermOut>;
+    /// Before the trainable set is chosen: reads what the term needs and
+    /// creates its parameters (AFTER's domain classifier).
+    fn setup(&mut self, _env: &TermEnv<'_>) -> Result<()> {
+        Ok(())
+    }
+    /// Name prefixes of the parameters [`Term::setup`] created (trained
+    /// whatever is frozen).
+    fn prefixes(&self) -> Vec<&'static str> {
+        vec![]
+    }
     /// After every optimiser step (Bregman's θ̃ follows θ).
     fn after_step(&mut self, _params: &[Param]) -> Result<()> {
         Ok(())

@@ -163,13 +163,29 @@ impl Run {
             cfg.score_ranking,
             &device,
         )?;
+        let micro_batches =
+            (train.examples.len().div_ceil(cfg.batch_size.max(1)) * cfg.epochs) as u64;
+        for t in &mut objective.terms {
+            t.setup(&super::objective::TermEnv {
+                cfg: &cfg,
+                bert: &bert,
+                tok: &tok,
+                varmap: &varmap,
+                device: &device,
+                micro_batches,
+            })?;
+        }
         params::init_new(&varmap, &pretrained, cfg.seed)?;
+        let mut trained_prefixes = head.prefixes();
+        for t in &objective.terms {
+            trained_prefixes.extend(t.prefixes());
+        }
         let params = params::trainable(
             &varmap,
             &pretrained,
             freezing,
             &transforms,
-            &head.prefixes(),
+            &trained_prefixes,
             cfg.layer_lr_decay,
             bert.layers.len(),
         );

@@ -3,7 +3,8 @@
 //! A method is one of three kinds, each a small trait of
 //! [`crate::train::objective`]:
 //! - a **term** adds a weighted loss to the objective (SMART, R3F, the
-//!   Bregman proximal term, Kong et al.'s manifold smoothing);
+//!   Bregman proximal term, Kong et al.'s manifold smoothing, AFTER's
+//!   domain-adversarial term);
 //! - an **estimator** replaces how the task loss is estimated (FreeLB's K
 //!   perturbed passes); a run has at most one;
 //! - a **model transform** changes the model and owns the parameters it
@@ -20,6 +21,7 @@ use crate::error::{param_err, Result};
 use crate::train::objective::{Estimator, ModelTransform, Term};
 
 pub mod adapter;
+pub mod after;
 pub mod bregman;
 pub mod freelb;
 pub mod lora;
@@ -29,6 +31,7 @@ pub mod r3f;
 pub mod smart;
 
 pub use adapter::AdapterConfig;
+pub use after::AfterConfig;
 pub use bregman::BregmanConfig;
 pub use freelb::FreeLbConfig;
 pub use lora::LoraConfig;
@@ -38,8 +41,8 @@ pub use r3f::R3fConfig;
 pub use smart::{SmartConfig, SmartMode, SmartReduction};
 
 /// One method and its settings. In TOML: `[[methods]]` tables with a `kind`
-/// (`smart`, `r3f`, `freelb`, `bregman`, `manifold`, `mixout`, `adapter`,
-/// `lora`) and the
+/// (`smart`, `r3f`, `freelb`, `bregman`, `manifold`, `after`, `mixout`,
+/// `adapter`, `lora`) and the
 /// method's settings beside it. The variants are in the order the objective
 /// applies them, whatever order a configuration lists them in.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -55,6 +58,8 @@ pub enum Method {
     Bregman(BregmanConfig),
     /// Kong et al.'s on- and off-manifold calibration terms.
     Manifold(ManifoldConfig),
+    /// AFTER's / DANN's domain-adversarial term on an auxiliary corpus.
+    After(AfterConfig),
     /// Mixout towards the pretrained weights.
     Mixout(MixoutConfig),
     /// Bottleneck adapters (backbone frozen).
@@ -64,8 +69,8 @@ pub enum Method {
 }
 
 /// The names [`Method::from_name`] takes (and `vanilla`, no method).
-pub const NAMES: [&str; 8] = [
-    "smart", "r3f", "freelb", "bregman", "manifold", "mixout", "adapter", "lora",
+pub const NAMES: [&str; 9] = [
+    "smart", "r3f", "freelb", "bregman", "manifold", "after", "mixout", "adapter", "lora",
 ];
 
 /// What a method is, for composition rules and assembly.
@@ -123,6 +128,7 @@ impl Method {
             Method::Freelb(_) => "freelb",
             Method::Bregman(_) => "bregman",
             Method::Manifold(_) => "manifold",
+            Method::After(_) => "after",
             Method::Mixout(_) => "mixout",
             Method::Adapter(_) => "adapter",
             Method::Lora(_) => "lora",
@@ -137,6 +143,7 @@ impl Method {
             Method::Freelb(c) => c.validate(),
             Method::Bregman(c) => c.validate(),
             Method::Manifold(c) => c.validate(),
+            Method::After(c) => c.validate(),
             Method::Mixout(c) => c.validate(),
             Method::Adapter(c) => c.validate(),
             Method::Lora(c) => c.validate(),
@@ -146,9 +153,11 @@ impl Method {
     /// The properties composition is decided from.
     pub fn props(&self) -> Props {
         let (role, freezes_backbone, needs_trained_backbone) = match self {
-            Method::Smart(_) | Method::R3f(_) | Method::Bregman(_) | Method::Manifold(_) => {
-                (Role::Term, false, None)
-            }
+            Method::Smart(_)
+            | Method::R3f(_)
+            | Method::Bregman(_)
+            | Method::Manifold(_)
+            | Method::After(_) => (Role::Term, false, None),
             Method::Freelb(_) => (Role::Estimator, false, None),
             Method::Mixout(_) => (Role::Transform, false, Some(mixout::NEEDS_FULL_WEIGHTS)),
             Method::Adapter(_) | Method::Lora(_) => (Role::Transform, true, None),
@@ -167,6 +176,7 @@ impl Method {
             Method::R3f(c) => Built::Term(Box::new(r3f::R3f::new(c.clone()))),
             Method::Bregman(c) => Built::Term(Box::new(bregman::Bregman::new(c.clone()))),
             Method::Manifold(c) => Built::Term(Box::new(manifold::Manifold::new(c.clone()))),
+            Method::After(c) => Built::Term(Box::new(after::After::new(c.clone()))),
             Method::Freelb(c) => Built::Estimator(Box::new(freelb::FreeLb::new(c.clone()))),
             Method::Mixout(c) => Built::Transform(Box::new(c.clone())),
             Method::Adapter(c) => Built::Transform(Box::new(c.clone())),
