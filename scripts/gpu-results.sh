@@ -19,7 +19,12 @@
 #      cap of 20 000 (active.json of each run and the pooled curves),
 #   8. the non-sentence tasks (scripts/task-results.sh): CoNLL-2003 and
 #      NCBI-disease NER, SST-5 scored with MSE alone and with R2BERT's
-#      ranking schedule, seed 1.
+#      ranking schedule, Tri-Train's candidate-masked pre-fine-tuning on
+#      NCBI-disease, seed 1,
+#   9. cross-domain Amazon sentiment (scripts/domain-results.sh): vanilla,
+#      AFTER and BERT-DAAT on all 12 source → target pairs, seeds 1-3,
+#  10. clustering (tunefuse cluster): k-means and DEC + MLM on
+#      SearchSnippets and StackOverflow, seed 1.
 # A run cut by the deadline is left unfinished (scripts/results.sh resumes
 # it). Runs already recorded under bench/runs/<card> are not run again; add
 # the new ones there afterwards (summary.json, metrics.jsonl, config.toml,
@@ -91,6 +96,29 @@ if [ "$left" -gt 60 ]; then
 else
   echo "== tasks: skipped, the ${deadline}-s budget is spent"
 fi
+# 9. Cross-domain sentiment.
+left=$(( deadline - ($(date +%s) - start) ))
+if [ "$left" -gt 60 ]; then
+  echo "== cross-domain Amazon, 12 pairs, seeds 1 2 3 (${left} s left)"
+  PAIRS=all SEEDS="1 2 3" OUT="$runs/domain" timeout "$left" scripts/domain-results.sh ||
+    echo "== domain: stopped (deadline or failure)"
+  cp "$runs/domain/domain.jsonl" "$out/" 2>/dev/null || true
+else
+  echo "== domain: skipped, the ${deadline}-s budget is spent"
+fi
+# 10. Clustering.
+for set in SearchSnippets StackOverflow; do
+  left=$(( deadline - ($(date +%s) - start) ))
+  if [ "$left" -gt 60 ]; then
+    echo "== cluster $set (${left} s left)"
+    timeout "$left" "$TUNEFUSE_BIN" cluster --model "$MODEL" --stc "$set" --data-dir "$TUNEFUSE_DATA" \
+      --device cuda --steps 1000 --output "$runs/cluster-$set" --overwrite \
+      >"$runs/cluster-$set.log" 2>&1 || echo "== cluster $set: stopped (deadline or failure)"
+    cp "$runs/cluster-$set/cluster.json" "$out/cluster-$set.json" 2>/dev/null || true
+  else
+    echo "== cluster $set: skipped, the ${deadline}-s budget is spent"
+  fi
+done
 tar -C "$runs" -cJf "$out/results-runs.tar.xz" \
-  $(cd "$runs" && find . -maxdepth 3 \( -name summary.json -o -name metrics.jsonl -o -name config.toml -o -name '*.log' -o -name 'results-*.md' -o -name active.json \) | sort) 2>/dev/null
+  $(cd "$runs" && find . -maxdepth 3 \( -name summary.json -o -name metrics.jsonl -o -name config.toml -o -name '*.log' -o -name 'results-*.md' -o -name active.json -o -name cluster.json -o -name posttrain.json \) | sort) 2>/dev/null
 echo "gpu-results: done in $(( $(date +%s) - start )) s"
