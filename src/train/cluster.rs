@@ -705,20 +705,8 @@ pub fn cluster(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
     }
     let device = s.device.device()?;
     let varmap = VarMap::new();
-    let bert = Bert::from_pretrained(&s.model, &varmap, DType::F32, &device)?;
-    let tok = TextTokenizer::from_file(&s.model.join("tokenizer.json"), s.max_len)?;
-    tok.check_fits(&bert.config, s.max_len, &s.model)?;
-    let bf16 = match s.precision {
-        Precision::Bf16 => true,
-        Precision::F32 => false,
-        Precision::Auto => device.is_cuda(),
-    };
-    bert.stream
-        .set_compute_dtype(bf16.then_some(DType::BF16), true);
-    bert.stream.set_position(crate::ops::mixout::Rng {
-        seed: s.seed,
-        offset: 0,
-    });
+    let (bert, tok) =
+        mlm::load_encoder(&s.model, &varmap, &device, s.max_len, s.precision, s.seed)?;
     let start = Instant::now();
     on(Event::Message(&format!(
         "clustering {n} texts into {k} clusters: encoding them"
@@ -758,25 +746,7 @@ pub fn cluster(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
         }
         let flat: Vec<f32> = km.centroids.iter().flatten().copied().collect();
         let mu = Var::from_tensor(&Tensor::from_vec(flat, (k, z0[0].len()), &device)?)?;
-        let mut params: Vec<Param> = {
-            let data = varmap.data().lock().unwrap();
-            let mut names: Vec<&String> = data.keys().collect();
-            names.sort();
-            names
-                .into_iter()
-                .map(|nm| Param {
-                    name: nm.clone(),
-                    var: data[nm].clone(),
-                    lr_scale: if nm.starts_with("mlm.") {
-                        s.head_lr / s.lr
-                    } else {
-                        1.0
-                    },
-                    decay: !(nm.ends_with("bias") || nm.contains("LayerNorm")),
-                    anchor: None,
-                })
-                .collect()
-        };
+        let mut params = mlm::all_params(&varmap, &["mlm."], s.lr, s.head_lr);
         params.push(Param {
             name: "dec.centroids".into(),
             var: mu.clone(),

@@ -30,6 +30,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 
 use super::ner::Sentence;
+use super::optim::Param;
 use crate::error::{format_err, param_err, Result};
 use crate::model::bert::load_into;
 use crate::model::config::Activation;
@@ -185,6 +186,57 @@ pub fn head_tensors(varmap: &VarMap, family: Family) -> Result<Vec<(String, Tens
                 .get(&ours)
                 .ok_or_else(|| param_err("mlm", format!("no variable {ours}")))?;
             Ok((theirs, v.as_tensor().to_dtype(DType::F32)?))
+        })
+        .collect()
+}
+
+/// The encoder of `model` in `varmap` on `device` with its tokenizer
+/// (truncating to `max_len`), bf16 activations where `precision` asks for
+/// them, and the dropout stream seeded by `seed`: how the masked-LM loops
+/// (`posttrain`, `cluster`) start.
+pub fn load_encoder(
+    model: &Path,
+    varmap: &VarMap,
+    device: &Device,
+    max_len: usize,
+    precision: super::config::Precision,
+    seed: u64,
+) -> Result<(Bert, TextTokenizer)> {
+    use super::config::Precision;
+    let bert = Bert::from_pretrained(model, varmap, DType::F32, device)?;
+    let tok = TextTokenizer::from_file(&model.join("tokenizer.json"), max_len)?;
+    tok.check_fits(&bert.config, max_len, model)?;
+    let bf16 = match precision {
+        Precision::Bf16 => true,
+        Precision::F32 => false,
+        Precision::Auto => device.is_cuda(),
+    };
+    bert.stream
+        .set_compute_dtype(bf16.then_some(DType::BF16), true);
+    bert.stream
+        .set_position(crate::ops::mixout::Rng { seed, offset: 0 });
+    Ok((bert, tok))
+}
+
+/// Every parameter of `varmap` for the optimiser, sorted by name: those
+/// under one of `heads` (new parameters) at `head_lr`, the rest at `lr`;
+/// no weight decay on biases and LayerNorms.
+pub fn all_params(varmap: &VarMap, heads: &[&str], lr: f64, head_lr: f64) -> Vec<Param> {
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| Param {
+            name: n.clone(),
+            var: data[n].clone(),
+            lr_scale: if heads.iter().any(|h| n.starts_with(h)) {
+                head_lr / lr
+            } else {
+                1.0
+            },
+            decay: !(n.ends_with("bias") || n.contains("LayerNorm")),
+            anchor: None,
         })
         .collect()
 }

@@ -36,10 +36,10 @@ use super::callbacks::Event;
 use super::config::{DeviceKind, Precision};
 use super::data::{self, Split, Task};
 use super::mlm::{self, Draws, Masked, Masking, MlmBatch, MlmHead};
-use super::optim::{AdamW, AdamWParams, Param, Schedule};
+use super::optim::{AdamW, AdamWParams, Schedule};
 use super::task::cross_entropy;
 use crate::error::{format_err, io_err, param_err, Error, Result};
-use crate::model::{Bert, ClassifierHead, Input, Outputs, Pooling, TextTokenizer};
+use crate::model::{Bert, ClassifierHead, Input, Outputs, Pooling};
 
 /// One unlabelled text.
 #[derive(Clone, Debug, PartialEq)]
@@ -366,9 +366,8 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
 
     let device = s.device.device()?;
     let varmap = VarMap::new();
-    let bert = Bert::from_pretrained(&s.model, &varmap, DType::F32, &device)?;
-    let tok = TextTokenizer::from_file(&s.model.join("tokenizer.json"), s.max_len)?;
-    tok.check_fits(&bert.config, s.max_len, &s.model)?;
+    let (bert, tok) =
+        mlm::load_encoder(&s.model, &varmap, &device, s.max_len, s.precision, s.seed)?;
     let mask_id = tok.mask_id()?;
     let family = bert.family;
     mlm::checkpoint_names(family)?;
@@ -417,36 +416,12 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
             "every word a candidate".into()
         }
     )));
-    let bf16 = match s.precision {
-        Precision::Bf16 => true,
-        Precision::F32 => false,
-        Precision::Auto => device.is_cuda(),
-    };
-    bert.stream
-        .set_compute_dtype(bf16.then_some(DType::BF16), true);
-    bert.stream.set_position(crate::ops::mixout::Rng {
-        seed: s.seed,
-        offset: 0,
-    });
-    let params: Vec<Param> = {
-        let data = varmap.data().lock().unwrap();
-        let mut names: Vec<&String> = data.keys().collect();
-        names.sort();
-        names
-            .into_iter()
-            .map(|n| Param {
-                name: n.clone(),
-                var: data[n].clone(),
-                lr_scale: if n.starts_with("mlm.") || n.starts_with("classifier.") {
-                    s.head_lr.unwrap_or(s.lr) / s.lr
-                } else {
-                    1.0
-                },
-                decay: !(n.ends_with("bias") || n.contains("LayerNorm")),
-                anchor: None,
-            })
-            .collect()
-    };
+    let params = mlm::all_params(
+        &varmap,
+        &["mlm.", "classifier."],
+        s.lr,
+        s.head_lr.unwrap_or(s.lr),
+    );
     let mut opt = AdamW::new(
         params,
         AdamWParams {
