@@ -22,7 +22,7 @@
 #      ranking schedule, Tri-Train's candidate-masked pre-fine-tuning on
 #      NCBI-disease, seed 1,
 #   9. cross-domain Amazon sentiment (scripts/domain-results.sh): vanilla,
-#      AFTER and BERT-DAAT on all 12 source → target pairs, seeds 1-3,
+#      AFTER, BERT-DAAT and Meta Fine-Tuning on all 12 source → target pairs, seeds 1-3,
 #  10. clustering (tunefuse cluster): k-means and DEC + MLM on
 #      SearchSnippets and StackOverflow, seed 1.
 # A run cut by the deadline is left unfinished (scripts/results.sh resumes

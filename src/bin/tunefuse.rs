@@ -61,6 +61,11 @@ enum Cmd {
     /// a masked-LM term; ACC and NMI before and after when labels are given.
     /// Writes cluster.json and assignments.txt to --output.
     Cluster(Box<ClusterArgs>),
+    /// Meta Fine-Tuning's meta-learner: train on the pooled labelled data of
+    /// several domains with typicality-weighted cross-entropy and the
+    /// domain-corruption loss, and write a model directory; then fine-tune
+    /// each domain from it (`finetune --model <dir>`).
+    Mft(Box<MftArgs>),
     /// The learning curves of active-learning runs (folders named
     /// `<name>-s<seed>` holding active.json): mean ± std over seeds of the
     /// metric at each label count, per name, as a table, JSON and a plot.
@@ -483,6 +488,55 @@ struct ClusterArgs {
     overwrite: bool,
 }
 
+/// `mft` flags.
+#[derive(clap::Args)]
+struct MftArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// The new model directory.
+    #[arg(long)]
+    output: PathBuf,
+    /// Two or more classification tasks with the same labels, one per
+    /// domain (amazon:books,amazon:dvd,amazon:electronics); their training
+    /// splits are pooled.
+    #[arg(long, value_delimiter = ',', required = true)]
+    domains: Vec<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Weight of the domain-corruption loss.
+    #[arg(long, default_value_t = 0.1)]
+    corruption_weight: f64,
+    /// Plain cross-entropy instead of the typicality-weighted one.
+    #[arg(long)]
+    no_typicality: bool,
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 2e-5)]
+    lr: f64,
+    /// Learning rate of the new heads (default: --lr).
+    #[arg(long)]
+    head_lr: Option<f64>,
+    #[arg(long, default_value_t = 128)]
+    max_len: usize,
+    /// At most this many examples of each domain (a seeded draw).
+    #[arg(long)]
+    max_examples: Option<usize>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// cpu, cuda or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (bf16 on CUDA), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    #[arg(long, default_value_t = 20)]
+    log_every: usize,
+    #[arg(long)]
+    overwrite: bool,
+}
+
 /// `posttrain` flags.
 #[derive(clap::Args)]
 struct PosttrainArgs {
@@ -716,6 +770,18 @@ fn progress() -> impl FnMut(Event<'_>) {
     }
 }
 
+/// `--device` of the masked-LM and meta-learner commands.
+fn device_kind(s: &str) -> Result<tunefuse::train::config::DeviceKind, String> {
+    serde_json::from_value(serde_json::json!(s))
+        .map_err(|_| format!("--device: cpu, cuda or auto, got {s:?}"))
+}
+
+/// `--precision` of the masked-LM and meta-learner commands.
+fn precision(s: &str) -> Result<tunefuse::train::config::Precision, String> {
+    serde_json::from_value(serde_json::json!(s))
+        .map_err(|_| format!("--precision: auto, f32 or bf16, got {s:?}"))
+}
+
 fn main() -> ExitCode {
     // Page faults were about a quarter of a CPU run's time: see the function's docs.
     tunefuse::keep_freed_memory();
@@ -877,11 +943,8 @@ fn run(cli: Cli) -> Result<(), String> {
                 n_init: a.n_init,
                 max_len: a.max_len,
                 seed: a.seed,
-                device: serde_json::from_value(serde_json::json!(a.device))
-                    .map_err(|_| format!("--device: cpu, cuda or auto, got {:?}", a.device))?,
-                precision: serde_json::from_value(serde_json::json!(a.precision)).map_err(
-                    |_| format!("--precision: auto, f32 or bf16, got {:?}", a.precision),
-                )?,
+                device: device_kind(&a.device)?,
+                precision: precision(&a.precision)?,
                 overwrite: a.overwrite,
             };
             tunefuse::interrupt::install();
@@ -902,15 +965,39 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             Ok(())
         }
+        Cmd::Mft(a) => {
+            let settings = tunefuse::train::mft::Settings {
+                model: a.model,
+                output: a.output,
+                domains: a.domains,
+                data_dir: a.data_dir,
+                corruption_weight: a.corruption_weight,
+                typicality: !a.no_typicality,
+                epochs: a.epochs,
+                batch_size: a.batch_size,
+                lr: a.lr,
+                head_lr: a.head_lr,
+                max_len: a.max_len,
+                max_examples: a.max_examples,
+                seed: a.seed,
+                device: device_kind(&a.device)?,
+                precision: precision(&a.precision)?,
+                log_every: a.log_every,
+                overwrite: a.overwrite,
+            };
+            tunefuse::interrupt::install();
+            let r = tunefuse::train::mft::meta_finetune(settings, progress())
+                .map_err(|e| e.to_string())?;
+            println!(
+                "{} steps, typicality weights {:.3} / {:.3} / {:.3} (min / mean / max), {:.0} s",
+                r.steps, r.weights.0, r.weights.1, r.weights.2, r.seconds
+            );
+            Ok(())
+        }
         Cmd::Posttrain(a) => {
             let err = |e: tunefuse::Error| e.to_string();
-            let device: tunefuse::train::config::DeviceKind =
-                serde_json::from_value(serde_json::json!(a.device))
-                    .map_err(|_| format!("--device: cpu, cuda or auto, got {:?}", a.device))?;
-            let precision: tunefuse::train::config::Precision =
-                serde_json::from_value(serde_json::json!(a.precision)).map_err(|_| {
-                    format!("--precision: auto, f32 or bf16, got {:?}", a.precision)
-                })?;
+            let device = device_kind(&a.device)?;
+            let precision = precision(&a.precision)?;
             let settings = tunefuse::train::posttrain::Settings {
                 model: a.model,
                 output: a.output,

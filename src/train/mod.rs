@@ -15,6 +15,7 @@ pub mod files;
 pub mod fit;
 pub mod methods;
 pub mod metrics;
+pub mod mft;
 pub mod mlm;
 pub mod ner;
 pub mod objective;

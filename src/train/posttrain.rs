@@ -325,18 +325,7 @@ pub struct Report {
 /// Post-trains `s.model` (see the module docs); `on` receives progress.
 pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
     s.validate()?;
-    if s.output.exists()
-        && !s.overwrite
-        && std::fs::read_dir(&s.output)
-            .map_err(|e| io_err(&s.output, e))?
-            .next()
-            .is_some()
-    {
-        return Err(io_err(
-            &s.output,
-            "exists and is not empty: choose a new directory, or pass --overwrite to replace it",
-        ));
-    }
+    refuse_nonempty(&s.output, s.overwrite)?;
     // The texts, with their domain and per-word candidate flags.
     let mut texts: Vec<(usize, Text)> = vec![];
     let mut counts = vec![];
@@ -598,6 +587,24 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
     Ok(report)
 }
 
+/// Refuses an output directory that exists and holds files, unless
+/// `overwrite`.
+pub(crate) fn refuse_nonempty(output: &Path, overwrite: bool) -> Result<()> {
+    if output.exists()
+        && !overwrite
+        && std::fs::read_dir(output)
+            .map_err(|e| io_err(output, e))?
+            .next()
+            .is_some()
+    {
+        return Err(io_err(
+            output,
+            "exists and is not empty: choose a new directory, or pass --overwrite to replace it",
+        ));
+    }
+    Ok(())
+}
+
 /// Per-word candidate flags of every text (`None`: every word is one).
 fn candidate_flags(s: &Settings, texts: &[(usize, Text)]) -> Result<Option<Vec<Vec<bool>>>> {
     if s.candidates == Candidates::All {
@@ -645,11 +652,43 @@ fn candidate_flags(s: &Settings, texts: &[(usize, Text)]) -> Result<Option<Vec<V
 /// Writes the output model directory atomically (see the module docs).
 fn save(s: &Settings, varmap: &VarMap, bert: &Bert, report: &Report) -> Result<()> {
     let family = bert.family;
+    write_model_dir(
+        &s.output,
+        &s.model,
+        varmap,
+        family,
+        &["mlm.", "classifier."],
+        mlm::head_tensors(varmap, family)?,
+        "ForMaskedLM",
+        (
+            "posttrain.json",
+            serde_json::to_value(report).expect("the report serialises"),
+        ),
+    )
+}
+
+/// Writes a model directory that `--model` accepts, atomically: the
+/// encoder's parameters of `varmap` (all but those under `skip`) under
+/// `family`'s transformers names plus `extra` tensors, the base's
+/// `config.json` with `architectures` the family's class with `class` in
+/// place of `ForSequenceClassification` (`ForMaskedLM`, `Model`),
+/// the base's tokenizer files, and a JSON report.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_model_dir(
+    output: &Path,
+    base: &Path,
+    varmap: &VarMap,
+    family: crate::model::Family,
+    skip: &[&str],
+    extra: Vec<(String, Tensor)>,
+    class: &str,
+    report: (&str, serde_json::Value),
+) -> Result<()> {
     let body: Vec<(String, Tensor)> = {
         let data = varmap.data().lock().unwrap();
         let mut names: Vec<&String> = data
             .keys()
-            .filter(|k| !k.starts_with("mlm.") && !k.starts_with("classifier."))
+            .filter(|k| !skip.iter().any(|p| k.starts_with(p)))
             .collect();
         names.sort();
         names
@@ -658,21 +697,20 @@ fn save(s: &Settings, varmap: &VarMap, bert: &Bert, report: &Report) -> Result<(
             .collect::<Result<_>>()?
     };
     let mut tensors = family.tensors_to_hf(body)?;
-    tensors.extend(mlm::head_tensors(varmap, family)?);
-    let cfg_path = s.model.join("config.json");
+    tensors.extend(extra);
+    let cfg_path = base.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| io_err(&cfg_path, e))?;
     let mut config: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| format_err(&cfg_path, format!("not JSON: {e}")))?;
     let arch = family
         .architecture()
-        .replace("SequenceClassification", "MaskedLM");
+        .replace("ForSequenceClassification", class);
     config["architectures"] = serde_json::json!([arch]);
-    let summary = serde_json::to_value(report).expect("the report serialises");
     super::export::write_dir(
-        &s.output,
-        &s.model,
+        output,
+        base,
         &tensors,
         "model.safetensors",
-        &[("config.json", config), ("posttrain.json", summary)],
+        &[("config.json", config), report],
     )
 }

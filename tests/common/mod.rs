@@ -149,7 +149,16 @@ pub fn scratch(what: &str) -> tempfile::TempDir {
 
 /// The all-MiniLM-L6-v2 directory: `TUNEFUSE_MODEL_DIR`, or fetched (once,
 /// then cached) by `scripts/fetch-model.sh`.
+///
+/// Resolved once per test process: the script hashes the 90 MB weights on
+/// every call, and tests that run in parallel would otherwise run it side
+/// by side.
 pub fn minilm_dir() -> PathBuf {
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(resolve_minilm_dir).clone()
+}
+
+fn resolve_minilm_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("TUNEFUSE_MODEL_DIR") {
         return PathBuf::from(d);
     }
