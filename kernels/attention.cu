@@ -38,12 +38,6 @@ __device__ __forceinline__ void row_stats(const Row<T>& r, float& m, float& sum)
     sum = tf::warp_sum(sum);
 }
 
-__device__ __forceinline__ bool kept(uint64_t seed, uint64_t offset, uint64_t e,
-                                     uint32_t threshold) {
-    const tf::U4 w = tf::philox_group(seed, offset, e >> 2);
-    return (tf::word(w, (int)(e & 3)) >> 8) >= threshold;
-}
-
 // y = dropout(softmax(s * scale + bias)) per row; without dropout when
 // drop == 0. bias row = row / rows_per_bias.
 template <typename T>
@@ -62,7 +56,7 @@ __device__ void fwd(const T* __restrict__ s, const T* __restrict__ bias, T* __re
             out[j] = p;
         } else {
             const uint64_t e = (uint64_t)row * L + j;
-            out[j] = kept(seed, offset, e, threshold) ? tf::from_f32<T>(__fmul_rn(tf::to_f32(p), dscale))
+            out[j] = tf::kept(seed, offset, e, threshold) ? tf::from_f32<T>(__fmul_rn(tf::to_f32(p), dscale))
                                                       : tf::from_f32<T>(0.f);
         }
     }
@@ -84,7 +78,7 @@ __device__ void bwd(const T* __restrict__ s, const T* __restrict__ bias, const T
     auto dp_at = [&](int j) -> float {
         if (!drop) return tf::to_f32(g[j]);
         const uint64_t e = (uint64_t)row * L + j;
-        return kept(seed, offset, e, threshold)
+        return tf::kept(seed, offset, e, threshold)
                    ? tf::to_f32(tf::from_f32<T>(__fmul_rn(tf::to_f32(g[j]), dscale)))
                    : 0.f;
     };

@@ -72,6 +72,15 @@ __device__ __forceinline__ uint32_t word(const U4& u, int i) {
     return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
 }
 
+// The dropout op's mask (kernels/mixout.cu): element e of a call is kept
+// when word e % 4 of Philox group e / 4, shifted right by 8, is at least
+// the threshold.
+__device__ __forceinline__ bool kept(uint64_t seed, uint64_t offset, uint64_t e,
+                                     uint32_t threshold) {
+    const U4 w = philox_group(seed, offset, e >> 2);
+    return (word(w, (int)(e & 3)) >> 8) >= threshold;
+}
+
 // ---- reductions --------------------------------------------------------------
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -1789,3 +1789,94 @@ fn attention_probs_kernels_match_the_cpu_op() {
     }
     fails.finish("attention probabilities");
 }
+
+/// The one-op self-attention's kernels (one forward, two backward) against
+/// its CPU op, on sequences from 1 token to 256, heads of 8 to 64, with and
+/// without dropout. Both compute in f32 and round to T at the same places,
+/// but `expf` and fused multiply-adds move the scores by a few f32 ulps,
+/// which can flip the rounding of a probability to T; each output is a sum
+/// over up to L such terms. Allowed: one unit of T of the element, plus
+/// (4 units of T + 256 f32 ulps) of the largest element of the tensor. A
+/// wrong row, head, mask element or index moves elements by about that
+/// largest value.
+#[test]
+fn self_attention_kernels_match_the_cpu_op() {
+    use tunefuse::ops::self_attention;
+    let Some(dev) = cuda_device() else { return };
+    let mut fails = Failures::default();
+    // (batch, heads, dh, tokens)
+    let shapes: &[(usize, usize, usize, usize)] = &[
+        (2, 2, 8, 1),
+        (2, 4, 32, 33),
+        (3, 12, 32, 128),
+        (2, 12, 64, 128),
+        (2, 6, 32, 256),
+    ];
+    for &(b, heads, dh, l) in shapes {
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            for drop in [None, Some((0.1, Rng { seed: 8, offset: 2 }))] {
+                fails.check(|| {
+                    let h = heads * dh;
+                    let n = b * l * h;
+                    let x = [randn(n, 31, 1.0), randn(n, 32, 1.0), randn(n, 33, 1.0)];
+                    let gv = randn(n, 34, 1.0);
+                    let mut bias = vec![0.0; b * l];
+                    // Example 0 pads its last third.
+                    bias[l - l / 3..l].fill(-30000.0);
+                    let scale = 1.0 / (dh as f64).sqrt();
+                    let run = |d: &Device| {
+                        let vars: Vec<Var> = x
+                            .iter()
+                            .map(|v| Var::from_tensor(&tensor(v, &[b, l, h], dt, d)).unwrap())
+                            .collect();
+                        let bt = tensor(&bias, &[b, l], dt, d);
+                        let g = tensor(&gv, &[b, l, h], dt, d);
+                        let y = self_attention(
+                            vars[0].as_tensor(),
+                            vars[1].as_tensor(),
+                            vars[2].as_tensor(),
+                            &bt,
+                            heads,
+                            scale,
+                            drop,
+                        )
+                        .unwrap();
+                        let grads = (&y * &g)
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .backward()
+                            .unwrap();
+                        let mut out = vec![to_f64(&y)];
+                        for v in &vars {
+                            out.push(to_f64(grads.get(v.as_tensor()).unwrap()));
+                        }
+                        out
+                    };
+                    let got = run(&dev);
+                    let want = run(&Device::Cpu);
+                    let ulp = match dt {
+                        DType::F32 => 0.0,
+                        DType::BF16 => 2f64.powi(-7),
+                        _ => 2f64.powi(-10),
+                    };
+                    let rel = 4.0 * ulp + 256.0 * 2f64.powi(-23);
+                    for (name, (a, c)) in ["y", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want))
+                    {
+                        let max = c.iter().fold(0f64, |m, v| m.max(v.abs()));
+                        assert_within(
+                            &format!("[{b}, {l}, {heads}x{dh}] {dt:?} dropout {drop:?} {name}"),
+                            a,
+                            c,
+                            |i| ulp * c[i].abs() + rel * max + 1e-30,
+                            |i| format!("token {}, column {}", (i / h) % l, i % h),
+                        );
+                    }
+                });
+            }
+        }
+    }
+    fails.finish("self-attention");
+}

@@ -695,10 +695,15 @@ fn fused_ops_match_the_compositions_in_the_encoder() {
     let (h0, g0, _) = run(false, false);
     assert_close("hidden states", &h1, &h0, 1e-5, 1e-5);
     assert_close("weight gradients", &g1, &g0, 1e-5, 1e-4);
-    // Asking for the attention probabilities takes the same dropout draws.
+    // Asking for the attention probabilities takes the same dropout draws:
+    // the fused path then composes the attention around the probabilities
+    // op (the one-op attention does not return them), which rounds its
+    // scores and gradients differently but must drop the same elements (a
+    // different mask would move the hidden states by far more than f32
+    // rounding).
     let (h2, _, a1) = run(true, true);
     let (_, _, a0) = run(false, true);
-    assert_eq!(h2, h1, "asking for attentions changed the forward");
+    assert_close("forward with attentions", &h2, &h1, 1e-5, 1e-5);
     assert_close("attentions", &a1.unwrap(), &a0.unwrap(), 1e-6, 1e-5);
     bert.stream.set_fused_ops(None);
 }

@@ -930,9 +930,52 @@ impl Bert {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let mut q = split(layer.query.forward(x, s)?)?;
-        let mut k = split(layer.key.forward(x, s)?)?;
-        let v = split(layer.value.forward(x, s)?)?;
+        let (q, k, v) = (
+            layer.query.forward(x, s)?,
+            layer.key.forward(x, s)?,
+            layer.value.forward(x, s)?,
+        );
+        let drop = self.config.attention_probs_dropout_prob;
+        // Plain attention (no rotary, window or relative terms, no
+        // probabilities asked for) is one op on the layers' [B, L, H]
+        // outputs where the stream fuses: no head split, no batched GEMMs.
+        let plain = layer.attention.rotary_theta.is_none()
+            && layer.attention.half_window.is_none()
+            && (shared.relative.is_none() || self.relative.is_none())
+            && !want_probs;
+        let fused = if plain {
+            let scale = 1.0 / (dh as f64).sqrt();
+            s.self_attention([&q, &k, &v], bias, heads, scale, drop)?
+        } else {
+            None
+        };
+        let (ctx, probs) = match fused {
+            Some(ctx) => (ctx, None),
+            None => self.attend(
+                layer,
+                (split(q)?, split(k)?, split(v)?),
+                bias,
+                shared,
+                want_probs,
+            )?,
+        };
+        self.layer_rest(layer, input, ctx, probs)
+    }
+
+    /// The composed attention of a layer on the heads of q, k, v
+    /// `[B, heads, L, dh]`: its context `[B, L, H]` and, with `want_probs`,
+    /// its probabilities.
+    fn attend(
+        &self,
+        layer: &Layer,
+        (mut q, mut k, v): (Tensor, Tensor, Tensor),
+        bias: &Tensor,
+        shared: &Shared,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let s = &self.stream;
+        let (b, heads, l, dh) = q.dims4()?;
+        let h = heads * dh;
         if let Some(theta) = layer.attention.rotary_theta {
             let r = shared
                 .rotary
@@ -1003,6 +1046,21 @@ impl Bert {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, l, h))?;
+        Ok((ctx, probs))
+    }
+
+    /// The rest of a layer after its attention's context: the output
+    /// projection, the residuals, the norms and the feed-forward unit.
+    fn layer_rest(
+        &self,
+        layer: &Layer,
+        input: &Tensor,
+        ctx: Tensor,
+        probs: Option<Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let s = &self.stream;
+        let pre_norm = self.config.pre_norm();
+        let drop = self.config.attention_probs_dropout_prob;
         let hidden_p = self.config.hidden_dropout_prob;
         // ModernBERT drops the attention output at the attention rate.
         let out_p = if pre_norm { drop } else { hidden_p };

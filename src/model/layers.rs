@@ -275,6 +275,32 @@ impl Stream {
         let drop = (self.train() && p != 0.0).then(|| (p, self.take(scores.elem_count())));
         crate::ops::attention_probs(scores, bias, scale, drop)
     }
+
+    /// Multi-head attention `dropout(softmax(q·kᵀ·scale + bias))·v` on the
+    /// `[B, L, H]` outputs of the query, key and value layers in one op
+    /// ([`crate::ops::self_attention`]), with the dropout draws of
+    /// [`Stream::attention_probs`] on the `[B, heads, L, L]` scores; `None`
+    /// where the stream does not use fused ops or the sequence does not fit
+    /// the op's CUDA kernels ([`crate::ops::self_attention::fits`]): the
+    /// caller then composes it.
+    pub fn self_attention(
+        &self,
+        qkv: [&Tensor; 3],
+        bias: &Tensor,
+        heads: usize,
+        scale: f64,
+        p: f64,
+    ) -> Result<Option<Tensor>> {
+        let [q, k, v] = qkv;
+        let (b, l, h) = q.dims3()?;
+        if !self.fused_for(q) || heads == 0 || !crate::ops::self_attention::fits(l, h / heads) {
+            return Ok(None);
+        }
+        let drop = (self.train() && p != 0.0).then(|| (p, self.take(b * heads * l * l)));
+        Ok(Some(crate::ops::self_attention(
+            q, k, v, bias, heads, scale, drop,
+        )?))
+    }
 }
 
 /// `x·Wᵀ + b` over the last dimension of `x` (any leading shape), in the

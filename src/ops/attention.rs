@@ -128,7 +128,7 @@ struct Probs(Cfg);
 struct ProbsGrad(Cfg);
 
 /// `x` rounded to `dtype` (as an f64).
-fn round(dtype: DType, x: f64) -> f64 {
+pub(super) fn round(dtype: DType, x: f64) -> f64 {
     match dtype {
         DType::F64 => x,
         DType::F32 => x as f32 as f64,
@@ -138,7 +138,7 @@ fn round(dtype: DType, x: f64) -> f64 {
 }
 
 /// `x ·₃₂ k` rounded to `dtype`: the dropout op's product (f64 for f64).
-fn dropped(dtype: DType, x: f64, d: &DropParams) -> f64 {
+pub(super) fn dropped(dtype: DType, x: f64, d: &DropParams) -> f64 {
     match dtype {
         DType::F64 => x * (d.scale as f64),
         _ => round(dtype, ((x as f32) * d.scale) as f64),
@@ -147,7 +147,7 @@ fn dropped(dtype: DType, x: f64, d: &DropParams) -> f64 {
 
 /// The arithmetic type of the CPU op: f64 for f64 tensors, f32 otherwise
 /// (what the kernels use).
-trait Real:
+pub(super) trait Real:
     Copy
     + Send
     + Sync
@@ -200,6 +200,18 @@ impl Real for f64 {
     }
 }
 
+/// The dropout op's keep mask of elements `first..first + n` of a call.
+pub(super) fn keep_run(d: &DropParams, first: usize, n: usize) -> Vec<bool> {
+    // fill_words starts at a whole Philox block (a multiple of 4).
+    let skip = first % 4;
+    let mut words = vec![0u32; skip + n];
+    philox::fill_words(d.rng.seed, d.rng.offset, (first - skip) as u64, &mut words);
+    words[skip..]
+        .iter()
+        .map(|&w| philox::kept(w, d.threshold))
+        .collect()
+}
+
 impl Cfg {
     /// Row `r`'s probabilities, rounded to `dtype`.
     fn probs<R: Real>(&self, dtype: DType, s: &[R], bias: &[R], r: usize, out: &mut [R]) {
@@ -225,15 +237,7 @@ impl Cfg {
 
     /// The keep mask of row `r`.
     fn keep(&self, d: &DropParams, r: usize) -> Vec<bool> {
-        // fill_words starts at a whole Philox block (a multiple of 4).
-        let first = r * self.l;
-        let skip = first % 4;
-        let mut words = vec![0u32; skip + self.l];
-        philox::fill_words(d.rng.seed, d.rng.offset, (first - skip) as u64, &mut words);
-        words[skip..]
-            .iter()
-            .map(|&w| philox::kept(w, d.threshold))
-            .collect()
+        keep_run(d, r * self.l, self.l)
     }
 
     /// The CPU op on storages, in the arithmetic type of their dtype: the

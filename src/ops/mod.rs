@@ -8,6 +8,7 @@ pub mod grad_reverse;
 pub mod layer_norm;
 pub mod mixout;
 pub mod perturb;
+pub mod self_attention;
 pub mod sym_kl;
 
 pub use adamw::{adamw_state, adamw_step, AdamWStep};
@@ -18,6 +19,7 @@ pub use mixout::{dropout, mixout, Rng};
 pub use perturb::{
     ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, Perturbation, StepMode,
 };
+pub use self_attention::self_attention;
 pub use sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
 
 /// The dtype the ops (and the model's closed-form gradients) carry their
