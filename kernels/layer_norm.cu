@@ -6,9 +6,10 @@
 // squared deviations, so a large common offset does not cancel) come from one
 // function, row_stats, in every kernel, so the forward and both backward
 // kernels see the same x_hat. The weight/bias gradients are column sums over
-// rows: chunks of CHUNK rows give partial sums (in row order), then one
-// thread per column adds the partials in chunk order, so the result does not
-// depend on scheduling (no atomics).
+// rows: chunks of CHUNK rows give partial sums (in row order), then the last
+// block to finish adds the partials in chunk order with one thread per
+// column, so the result does not depend on scheduling (the one atomic only
+// elects that block).
 #include "common.cuh"
 
 namespace {
@@ -107,16 +108,28 @@ __device__ void bwd_partial(const T* __restrict__ x, const T* __restrict__ dy, f
     }
 }
 
-}  // namespace
-
-// out[j] = sum over chunks of part[chunk][j], j < 2h, in chunk order.
-extern "C" __global__ void layer_norm_bwd_reduce(const float* part, float* out, int64_t chunks, int h2) {
-    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < h2; j += gridDim.x * blockDim.x) {
+// The last block of the partial-sum grid to finish adds the partials:
+// out[j] = sum over chunks of part[chunk][j], j < 2h, in chunk order (the
+// threadFenceReduction pattern). Every thread fences its partial writes
+// before thread 0 takes a ticket; atomicInc wraps the counter back to 0 on
+// the last ticket, so the persistent counter is ready for the next launch
+// without a memset (and a CUDA graph can replay the kernel).
+__device__ void reduce_if_last(const float* part, float* __restrict__ out, unsigned* counter, int h2) {
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicInc(counter, gridDim.x - 1) == gridDim.x - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int j = threadIdx.x; j < h2; j += blockDim.x) {
         float s = 0.f;
-        for (int64_t k = 0; k < chunks; ++k) s += part[k * h2 + j];
+        for (int64_t k = 0; k < gridDim.x; ++k) s += __ldcg(part + k * h2 + j);
         out[j] = s;
     }
 }
+
+}  // namespace
 
 #define LN_ENTRIES(SUF, T)                                                                          \
     extern "C" __global__ void layer_norm_fwd_##SUF(const T* x, const float* w, const float* b, T* y, \
@@ -127,9 +140,11 @@ extern "C" __global__ void layer_norm_bwd_reduce(const float* part, float* out, 
                                                        T* dx, int64_t rows, int h, float eps) {     \
         bwd_dx<T>(x, w, dy, dx, rows, h, eps);                                                       \
     }                                                                                               \
-    extern "C" __global__ void layer_norm_bwd_partial_##SUF(const T* x, const T* dy, float* part,    \
-                                                            int64_t rows, int h, float eps) {       \
+    extern "C" __global__ void layer_norm_bwd_wb_##SUF(const T* x, const T* dy, float* part,         \
+                                                       float* out, unsigned* counter, int64_t rows,  \
+                                                       int h, float eps) {                           \
         bwd_partial<T>(x, dy, part, rows, h, eps);                                                   \
+        reduce_if_last(part, out, counter, 2 * h);                                                   \
     }
 
 LN_ENTRIES(f32, float)

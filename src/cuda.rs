@@ -168,6 +168,26 @@ pub(crate) fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSli
     unsafe { dev.alloc::<T>(n.max(1)) }
 }
 
+/// The device's ticket counter for last-block reductions (a kernel whose
+/// last block to finish combines every block's partial result): one u32,
+/// zeroed once, which each such kernel leaves at zero again (`atomicInc`
+/// wraps on the last ticket). One stream runs them one at a time, so one
+/// counter per device serves them all, and no memset is spent per launch.
+pub(crate) fn ticket_counter(dev: &CudaDevice) -> Result<Arc<CudaSlice<u32>>> {
+    type Counters = Mutex<HashMap<DeviceId, Arc<CudaSlice<u32>>>>;
+    static COUNTERS: OnceLock<Counters> = OnceLock::new();
+    let mut map = COUNTERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(c) = map.get(&dev.id()) {
+        return Ok(c.clone());
+    }
+    let c = Arc::new(dev.alloc_zeros::<u32>(1)?);
+    map.insert(dev.id(), c.clone());
+    Ok(c)
+}
+
 /// Launch a built argument list.
 pub(crate) fn launch(b: &mut LaunchArgs<'_>, grid: u32, block: u32) -> Result<()> {
     launch_smem(b, (grid, 1), block, 0)

@@ -483,6 +483,76 @@ fn softmax_with_closed_form_backward() {
     }
 }
 
+/// A trainable layer on a fused stream (`linear_on`): the value of candle's
+/// matmul bit for bit, the input's gradient too (the same GEMM g·W), and
+/// the weight's gradient gᵀ·x equal to candle's (xᵀ·g)ᵀ up to the order of
+/// the sums, but contiguous in the weight's layout.
+#[test]
+fn trainable_linear_with_its_own_backward_matches_candles() {
+    use candle_core::Var;
+    use tunefuse::model::layers::{linear, linear_on};
+    let cpu = Device::Cpu;
+    let s = tunefuse::model::Stream::new(0);
+    s.set_fused_ops(Some(true));
+    for (xs, dout) in [
+        (vec![2usize, 5, 7], 4usize),
+        (vec![3, 33], 17),
+        (vec![1, 1, 3], 1),
+    ] {
+        let din = *xs.last().unwrap();
+        let n: usize = xs.iter().product();
+        let rows = n / din;
+        let r = tensor(
+            &randn(rows * dout, 34, 1.0),
+            &[rows, dout],
+            DType::F64,
+            &cpu,
+        );
+        for dt in [DType::F64, DType::F32] {
+            let run = |own: bool| {
+                let x = Var::from_tensor(&tensor(&randn(n, 31, 1.0), &xs, dt, &cpu)).unwrap();
+                let w =
+                    Var::from_tensor(&tensor(&randn(dout * din, 32, 0.5), &[dout, din], dt, &cpu))
+                        .unwrap();
+                let b =
+                    Var::from_tensor(&tensor(&randn(dout, 33, 0.5), &[dout], dt, &cpu)).unwrap();
+                let y = if own {
+                    linear_on(x.as_tensor(), w.as_tensor(), Some(b.as_tensor()), &s).unwrap()
+                } else {
+                    linear(x.as_tensor(), w.as_tensor(), Some(b.as_tensor())).unwrap()
+                };
+                let loss = (y
+                    .reshape((rows, dout))
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    * &r)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let g = loss.backward().unwrap();
+                let gw = g.get(w.as_tensor()).unwrap().clone();
+                (
+                    to_f64(&y),
+                    to_f64(g.get(x.as_tensor()).unwrap()),
+                    to_f64(&gw),
+                    to_f64(g.get(b.as_tensor()).unwrap()),
+                    gw.is_contiguous(),
+                )
+            };
+            let (y1, gx1, gw1, gb1, contiguous) = run(true);
+            let (y0, gx0, gw0, gb0, _) = run(false);
+            let what = format!("{xs:?} -> {dout} {dt:?}");
+            assert_eq!(y1, y0, "{what}: value");
+            assert_eq!(gx1, gx0, "{what}: input gradient");
+            assert_eq!(gb1, gb0, "{what}: bias gradient");
+            let tol = if dt == DType::F64 { 1e-13 } else { 1e-5 };
+            assert_close(&format!("{what}: weight gradient"), &gw1, &gw0, tol, tol);
+            assert!(contiguous, "{what}: the weight gradient is strided");
+        }
+    }
+}
+
 #[test]
 fn frozen_linear_backpropagates_the_input_gradient_alone() {
     use candle_core::Var;

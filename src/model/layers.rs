@@ -311,9 +311,23 @@ impl Stream {
 /// also compute the weight's gradient (a second GEMM of the same size),
 /// only to have it dropped.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    linear_impl(x, w, b, false)
+}
+
+/// [`linear`] as a layer on `s` runs it: where the stream uses fused ops, a
+/// trainable product has its own backward too (`Matmul`), which writes the
+/// weight's gradient in the weight's layout (`gᵀ·x`, `[out, in]`) where
+/// candle's matmul backward writes the transpose's (`xᵀ·g`), which the
+/// optimiser's multi-tensor kernels then copy: one layout copy saved per
+/// layer and step.
+pub fn linear_on(x: &Tensor, w: &Tensor, b: Option<&Tensor>, s: &Stream) -> Result<Tensor> {
+    linear_impl(x, w, b, s.fused_for(x))
+}
+
+fn linear_impl(x: &Tensor, w: &Tensor, b: Option<&Tensor>, own_backward: bool) -> Result<Tensor> {
     let frozen = !w.track_op() && b.is_none_or(|b| !b.track_op());
     if !(frozen && x.track_op()) {
-        return linear_value(x, w, b);
+        return linear_value(x, w, b, own_backward);
     }
     let dims = x.dims().to_vec();
     let (din, dout) = (dims[dims.len() - 1], w.dim(0)?);
@@ -339,6 +353,65 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(y.reshape(out)?)
 }
 
+/// `x·Wᵀ` for `x` `[m, k]` and a weight `W` `[n, k]` on storages: the GEMM
+/// of `x.matmul(&W.t())` (candle's storage-level matmul with W's
+/// transposed layout).
+fn gemm_xwt<S: candle_core::backend::BackendStorage>(
+    x: &S,
+    xl: &candle_core::Layout,
+    w: &S,
+    wl: &candle_core::Layout,
+) -> candle_core::Result<(S, candle_core::Shape)> {
+    let (m, k) = xl.shape().dims2()?;
+    let n = wl.dims()[0];
+    let y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+    Ok((y, (m, n).into()))
+}
+
+/// `x·Wᵀ` for `x` `[m, k]` and a trainable weight `W` `[n, k]`: the value
+/// of `x.matmul(&W.t())` bit for bit, and the backward `dx = g·W`,
+/// `dW = gᵀ·x` (contiguous in W's layout).
+struct Matmul;
+
+impl candle_core::CustomOp2 for Matmul {
+    fn name(&self) -> &'static str {
+        "tunefuse-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        gemm_xwt(x, xl, w, wl)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CudaStorage,
+        wl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        gemm_xwt(x, xl, w, wl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.track_op().then(|| g.matmul(w)).transpose()?;
+        let dw = w.track_op().then(|| g.t()?.matmul(x)).transpose()?;
+        Ok((dx, dw))
+    }
+}
+
 /// `x·Wᵀ + b` for `x` `[m, k]`, a weight `W` `[n, k]` and a bias `b` `[n]`
 /// that take no gradient, as an op of `x` alone: the same GEMM and
 /// broadcast add as `x.matmul(&W.t())?.broadcast_add(b)` (candle's
@@ -359,12 +432,11 @@ impl FrozenMatmul {
         let Some(w) = pick(&ws) else {
             candle_core::bail!("linear: the weight is on another device than the input")
         };
-        let (m, k) = xl.shape().dims2()?;
-        let n = wl.dims()[0];
-        let y = x.matmul(w, (1, m, n, k), xl, &wl.transpose(0, 1)?)?;
+        let (y, shape) = gemm_xwt(x, xl, w, wl)?;
         let Some(bias) = &self.1 else {
-            return Ok((y, (m, n).into()));
+            return Ok((y, shape));
         };
+        let (m, n) = shape.dims2()?;
         let (bs, bl) = bias.storage_and_layout();
         let Some(b) = pick(&bs) else {
             candle_core::bail!("linear: the bias is on another device than the input")
@@ -408,15 +480,19 @@ impl candle_core::CustomOp1 for FrozenMatmul {
     }
 }
 
-fn linear_value(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+fn linear_value(x: &Tensor, w: &Tensor, b: Option<&Tensor>, own_backward: bool) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (din, dout) = (dims[dims.len() - 1], w.dim(0)?);
     let rows = x.elem_count() / din.max(1);
     // Weights are cast to the activations' dtype (a no-op unless mixed
     // precision keeps f32 master weights under bf16 activations).
-    let y = x
-        .reshape((rows, din))?
-        .matmul(&w.to_dtype(x.dtype())?.t()?)?;
+    let x2 = x.reshape((rows, din))?;
+    let w = w.to_dtype(x.dtype())?;
+    let y = if own_backward && w.dims() == [dout, din] {
+        x2.contiguous()?.apply_op2(&w.contiguous()?, Matmul)?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
     let y = match b {
         Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
         None => y,
@@ -682,7 +758,7 @@ impl Dense {
         if let Some((pre, p)) = mixing {
             w = mixout(&w, pre, *p, s.take(w.elem_count()), true)?;
         }
-        let y = linear(x, &w, b.as_ref())?;
+        let y = linear_on(x, &w, b.as_ref(), s)?;
         match &self.lora {
             Some(l) => l.add_to(x, &y, s),
             None => Ok(y),

@@ -310,7 +310,8 @@ mod cuda {
         })
     }
 
-    /// `[dw; db]` in f32: partial column sums per CHUNK rows, then their sum.
+    /// `[dw; db]` in f32: partial column sums per CHUNK rows, added in
+    /// chunk order by the grid's last block, in one launch.
     pub(super) fn weight_grads(
         eps: f64,
         h: usize,
@@ -324,23 +325,26 @@ mod cuda {
         if chunks > u32::MAX as usize {
             candle_core::bail!("layer_norm: {rows} rows exceed the grid");
         }
-        let name = format!("layer_norm_bwd_partial_{}", k::suffix("layer_norm", dtype)?);
+        let name = format!("layer_norm_bwd_wb_{}", k::suffix("layer_norm", dtype)?);
         let f = k::func(&dev, MODULE, ptx::LAYER_NORM, &name)?;
         let mut part = k::alloc::<f32>(&dev, chunks * 2 * h)?;
+        let mut out = k::alloc::<f32>(&dev, 2 * h)?;
+        let counter = k::ticket_counter(&dev)?;
         k::with_float_type!("layer_norm", dtype, T => {
             let xv = k::view::<T>("layer_norm", x.0, x.1)?;
             let dv = k::view::<T>("layer_norm", dy.0, dy.1)?;
             let (rows64, h32, eps32) = (rows as i64, h as i32, eps as f32);
             let mut b = f.builder();
-            b.arg(&xv).arg(&dv).arg(&mut part).arg(&rows64).arg(&h32).arg(&eps32);
+            b.arg(&xv)
+                .arg(&dv)
+                .arg(&mut part)
+                .arg(&mut out)
+                .arg(&*counter)
+                .arg(&rows64)
+                .arg(&h32)
+                .arg(&eps32);
             k::launch(&mut b, chunks as u32, BLOCK)?;
         });
-        let f = k::func(&dev, MODULE, ptx::LAYER_NORM, "layer_norm_bwd_reduce")?;
-        let mut out = k::alloc::<f32>(&dev, 2 * h)?;
-        let (chunks64, h2) = (chunks as i64, (2 * h) as i32);
-        let mut b = f.builder();
-        b.arg(&part).arg(&mut out).arg(&chunks64).arg(&h2);
-        k::launch(&mut b, k::grid_for(2 * h, BLOCK), BLOCK)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
