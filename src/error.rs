@@ -104,6 +104,32 @@ pub(crate) fn check_float_dtype(op: &'static str, what: &str, dtype: DType) -> R
     }
 }
 
+/// A companion tensor of an op's main input (a mask, a bias) must have its
+/// dtype and be on its device.
+pub(crate) fn check_companion(
+    op: &'static str,
+    (t, name): (&candle_core::Tensor, &str),
+    (like, like_name): (&candle_core::Tensor, &str),
+) -> Result<()> {
+    if t.dtype() != like.dtype() {
+        return Err(Error::DType {
+            op,
+            msg: format!(
+                "{name} is {:?}, {like_name} {:?}; they must match",
+                t.dtype(),
+                like.dtype()
+            ),
+        });
+    }
+    if !t.device().same_device(like.device()) {
+        return Err(Error::Device {
+            op,
+            msg: format!("{name} is not on {like_name}'s device"),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn check_same(
     op: &'static str,
     a: &candle_core::Tensor,

@@ -42,7 +42,7 @@ use rayon::prelude::*;
 
 use super::cpu::{bf16_rn, f16_rn, from_f64, to_f32, to_f64};
 use super::mixout::{drop_params, DropParams, Rng};
-use crate::error::{check_float_dtype, param_err, shape_err, Error, Result};
+use crate::error::{check_companion, check_float_dtype, param_err, shape_err, Result};
 use crate::philox;
 
 /// `dropout(softmax(scores·scale + bias))` over the last dimension (see the
@@ -58,22 +58,7 @@ pub fn attention_probs(
 ) -> Result<Tensor> {
     const OP: &str = "attention_probs";
     check_float_dtype(OP, "scores", scores.dtype())?;
-    if bias.dtype() != scores.dtype() {
-        return Err(Error::DType {
-            op: OP,
-            msg: format!(
-                "bias is {:?}, scores {:?}; they must match",
-                bias.dtype(),
-                scores.dtype()
-            ),
-        });
-    }
-    if !bias.device().same_device(scores.device()) {
-        return Err(Error::Device {
-            op: OP,
-            msg: "bias is not on the scores' device".into(),
-        });
-    }
+    check_companion(OP, (bias, "bias"), (scores, "scores"))?;
     if !scale.is_finite() {
         return Err(param_err(OP, format!("scale must be finite, got {scale}")));
     }

@@ -51,7 +51,7 @@ use rayon::prelude::*;
 use super::attention::{dropped, keep_run, round, Real};
 use super::cpu::from_f64;
 use super::mixout::{drop_params, DropParams, Rng};
-use crate::error::{check_float_dtype, check_same, param_err, shape_err, Error, Result};
+use crate::error::{check_companion, check_float_dtype, check_same, param_err, shape_err, Result};
 
 const OP: &str = "self_attention";
 
@@ -107,22 +107,7 @@ pub fn self_attention(
             format!("hidden size {h} is not a multiple of {heads} heads"),
         ));
     }
-    if bias.dtype() != q.dtype() {
-        return Err(Error::DType {
-            op: OP,
-            msg: format!(
-                "bias is {:?}, q {:?}; they must match",
-                bias.dtype(),
-                q.dtype()
-            ),
-        });
-    }
-    if !bias.device().same_device(q.device()) {
-        return Err(Error::Device {
-            op: OP,
-            msg: "bias is not on q's device".into(),
-        });
-    }
+    check_companion(OP, (bias, "bias"), (q, "q"))?;
     if bias.elem_count() != b * l {
         return Err(shape_err(
             OP,
