@@ -47,6 +47,26 @@ fn corruption_layers_are_the_references_and_scale_with_depth() {
     assert_eq!(corruption_layers(1), vec![0]);
 }
 
+#[test]
+fn shuffled_domain_labels_are_a_permutation_of_the_batchs() {
+    use tunefuse::train::mft::shuffled;
+    use tunefuse::train::mlm::Draws;
+    let labels: Vec<u32> = (0..40).map(|i| (i % 3) as u32).collect();
+    let mut draws = Draws::new(7, 1);
+    let mut moved = 0;
+    for _ in 0..50 {
+        let p = shuffled(&labels, &mut draws);
+        let (mut a, mut b) = (p.clone(), labels.clone());
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b, "not a permutation of the batch's labels");
+        moved += usize::from(p != labels);
+    }
+    // Draws advance: the orders are not the identity (or all alike).
+    assert!(moved >= 45, "only {moved} of 50 shuffles moved a label");
+    assert!(shuffled(&[], &mut draws).is_empty());
+}
+
 fn settings(dir: &tempfile::TempDir, out: &str, domains: &[&str]) -> Settings {
     Settings {
         model: common::tiny_model_dir(dir.path()),

@@ -278,7 +278,7 @@ impl Stream {
 
     /// Multi-head attention `dropout(softmax(q·kᵀ·scale + bias))·v` on the
     /// `[B, L, H]` outputs of the query, key and value layers in one op
-    /// ([`crate::ops::self_attention`]), with the dropout draws of
+    /// ([`crate::ops::self_attention()`]), with the dropout draws of
     /// [`Stream::attention_probs`] on the `[B, heads, L, L]` scores; `None`
     /// where the stream does not use fused ops or the sequence does not fit
     /// the op's CUDA kernels ([`crate::ops::self_attention::fits`]): the

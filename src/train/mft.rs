@@ -210,6 +210,16 @@ pub fn typicality(emb: &[Vec<f32>], domain: &[usize], class: &[usize]) -> Vec<f6
         .collect()
 }
 
+/// The batch's domain labels in a random order (Fisher–Yates on `draws`):
+/// the corruption loss's targets, a permutation of `labels`.
+pub fn shuffled(labels: &[u32], draws: &mut Draws) -> Vec<u32> {
+    let mut perm = labels.to_vec();
+    for i in (1..perm.len()).rev() {
+        perm.swap(i, draws.below(i + 1));
+    }
+    perm
+}
+
 /// Trains the meta-learner (see the module docs); `on` receives progress.
 pub fn meta_finetune(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
     let bad = |k: &'static str, m: String| Err(param_err(k, m));
@@ -397,11 +407,7 @@ pub fn meta_finetune(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Repor
             for &l in &layers {
                 let pooled = mean_pool(&hs[l + 1], &b.mask)?.to_dtype(DType::F32)?;
                 let x = (pooled + &emb_rows)?;
-                let mut perm: Vec<u32> = d_ids.clone();
-                for i in (1..perm.len()).rev() {
-                    perm.swap(i, draws.below(i + 1));
-                }
-                let target = Tensor::from_vec(perm, idx.len(), &device)?;
+                let target = Tensor::from_vec(shuffled(&d_ids, &mut draws), idx.len(), &device)?;
                 let l_ce = cross_entropy(&dom_head.forward(&x, &bert.stream)?, &target, 0.0)?;
                 corrupt = (corrupt + l_ce)?;
             }

@@ -6,7 +6,7 @@
 //! texts of an auxiliary corpus (another domain: AFTER's auxiliary data,
 //! DAAT's target domain), read in a seeded shuffle of their own,
 //! independently of the main epochs. Both batches' sentence vectors (the
-//! [CLS] hidden state, or the mean over tokens with `pooling = "mean"`)
+//! \[CLS\] hidden state, or the mean over tokens with `pooling = "mean"`)
 //! pass through the gradient-reversal op into a linear domain classifier
 //! (`domain.classifier`, 2 outputs: main 0, auxiliary 1). The term is the
 //! mean of the two batches' domain cross-entropies: the classifier learns to
