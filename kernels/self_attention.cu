@@ -79,11 +79,17 @@ __device__ __forceinline__ void probs(const Shape& s, const float* qrow, const f
     for (int j = lane; j < s.L; j += 32) prow[j] = tf::to_f32(tf::from_f32<T>(prow[j] / sum));
 }
 
-// The probability after dropout, as the dropout op writes it.
+// A kept probability as the dropout op writes it: scaled in f32, rounded to T.
+template <typename T>
+__device__ __forceinline__ float scaled(const Drop& dr, float p) {
+    return tf::to_f32(tf::from_f32<T>(__fmul_rn(p, dr.scale)));
+}
+
+// The probability after dropout.
 template <typename T>
 __device__ __forceinline__ float dropped(const Drop& dr, float p, uint64_t e) {
     if (!dr.on) return p;
-    return dr.keep(e) ? tf::to_f32(tf::from_f32<T>(__fmul_rn(p, dr.scale))) : 0.f;
+    return dr.keep(e) ? scaled<T>(dr, p) : 0.f;
 }
 
 // y = dropout(softmax(q k^T * scale + bias)) v per head.
@@ -156,9 +162,10 @@ __device__ void bwd_rows(const T* __restrict__ q, const T* __restrict__ k,
             float dp = 0.f;
             for (int d = 0; d < s.dh; ++d) dp += grow[d] * vj[d];
             const uint64_t e = row * s.L + j;
+            // One Philox draw serves the probability and its gradient.
             const bool keep = !dr.on || dr.keep(e);
             const float dj = !dr.on ? dp : keep ? __fmul_rn(dp, dr.scale) : 0.f;
-            pd[e] = dropped<T>(dr, prow[j], e);
+            pd[e] = !dr.on ? prow[j] : keep ? scaled<T>(dr, prow[j]) : 0.f;
             drow[j] = dj;
             dot += dj * prow[j];
         }

@@ -476,16 +476,8 @@ struct ClusterArgs {
     n_init: usize,
     #[arg(long, default_value_t = 64)]
     max_len: usize,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// cpu, cuda or auto.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// auto (bf16 on CUDA), f32 or bf16.
-    #[arg(long, default_value = "auto")]
-    precision: String,
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    job: JobArgs,
 }
 
 /// `mft` flags.
@@ -523,18 +515,10 @@ struct MftArgs {
     /// At most this many examples of each domain (a seeded draw).
     #[arg(long)]
     max_examples: Option<usize>,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// cpu, cuda or auto.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// auto (bf16 on CUDA), f32 or bf16.
-    #[arg(long, default_value = "auto")]
-    precision: String,
     #[arg(long, default_value_t = 20)]
     log_every: usize,
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    job: JobArgs,
 }
 
 /// `posttrain` flags.
@@ -598,20 +582,11 @@ struct PosttrainArgs {
     /// At most this many texts of each corpus (a seeded draw).
     #[arg(long)]
     max_texts: Option<usize>,
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
-    /// cpu, cuda or auto.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// auto (bf16 on CUDA), f32 or bf16.
-    #[arg(long, default_value = "auto")]
-    precision: String,
     /// Report the loss every this many steps.
     #[arg(long, default_value_t = 20)]
     log_every: usize,
-    /// Replace a non-empty output directory.
-    #[arg(long)]
-    overwrite: bool,
+    #[command(flatten)]
+    job: JobArgs,
 }
 
 /// `active` flags: the acquisition loop's, then every `finetune` flag.
@@ -770,16 +745,36 @@ fn progress() -> impl FnMut(Event<'_>) {
     }
 }
 
-/// `--device` of the masked-LM and meta-learner commands.
-fn device_kind(s: &str) -> Result<tunefuse::train::config::DeviceKind, String> {
-    serde_json::from_value(serde_json::json!(s))
-        .map_err(|_| format!("--device: cpu, cuda or auto, got {s:?}"))
+/// The flags every standalone training command shares (`posttrain`,
+/// `cluster`, `mft`): the seed, where and in what precision it runs, and
+/// whether it may replace its output.
+#[derive(clap::Args)]
+struct JobArgs {
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// cpu, cuda or auto.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (bf16 on CUDA), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    precision: String,
+    /// Replace a non-empty output directory.
+    #[arg(long)]
+    overwrite: bool,
 }
 
-/// `--precision` of the masked-LM and meta-learner commands.
-fn precision(s: &str) -> Result<tunefuse::train::config::Precision, String> {
-    serde_json::from_value(serde_json::json!(s))
-        .map_err(|_| format!("--precision: auto, f32 or bf16, got {s:?}"))
+impl JobArgs {
+    fn device(&self) -> Result<tunefuse::train::config::DeviceKind, String> {
+        let s = &self.device;
+        serde_json::from_value(serde_json::json!(s))
+            .map_err(|_| format!("--device: cpu, cuda or auto, got {s:?}"))
+    }
+
+    fn precision(&self) -> Result<tunefuse::train::config::Precision, String> {
+        let s = &self.precision;
+        serde_json::from_value(serde_json::json!(s))
+            .map_err(|_| format!("--precision: auto, f32 or bf16, got {s:?}"))
+    }
 }
 
 fn main() -> ExitCode {
@@ -942,10 +937,10 @@ fn run(cli: Cli) -> Result<(), String> {
                 mask_rate: a.mask_rate,
                 n_init: a.n_init,
                 max_len: a.max_len,
-                seed: a.seed,
-                device: device_kind(&a.device)?,
-                precision: precision(&a.precision)?,
-                overwrite: a.overwrite,
+                seed: a.job.seed,
+                device: a.job.device()?,
+                precision: a.job.precision()?,
+                overwrite: a.job.overwrite,
             };
             tunefuse::interrupt::install();
             let r = tunefuse::train::cluster::cluster(settings, progress()).map_err(err)?;
@@ -979,11 +974,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 head_lr: a.head_lr,
                 max_len: a.max_len,
                 max_examples: a.max_examples,
-                seed: a.seed,
-                device: device_kind(&a.device)?,
-                precision: precision(&a.precision)?,
+                seed: a.job.seed,
+                device: a.job.device()?,
+                precision: a.job.precision()?,
                 log_every: a.log_every,
-                overwrite: a.overwrite,
+                overwrite: a.job.overwrite,
             };
             tunefuse::interrupt::install();
             let r = tunefuse::train::mft::meta_finetune(settings, progress())
@@ -996,8 +991,7 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Cmd::Posttrain(a) => {
             let err = |e: tunefuse::Error| e.to_string();
-            let device = device_kind(&a.device)?;
-            let precision = precision(&a.precision)?;
+            let (device, precision) = (a.job.device()?, a.job.precision()?);
             let settings = tunefuse::train::posttrain::Settings {
                 model: a.model,
                 output: a.output,
@@ -1017,11 +1011,11 @@ fn run(cli: Cli) -> Result<(), String> {
                 clip: a.clip,
                 max_len: a.max_len,
                 max_texts: a.max_texts,
-                seed: a.seed,
+                seed: a.job.seed,
                 device,
                 precision,
                 log_every: a.log_every,
-                overwrite: a.overwrite,
+                overwrite: a.job.overwrite,
             };
             tunefuse::interrupt::install();
             let rep = tunefuse::train::posttrain::posttrain(settings, progress()).map_err(err)?;

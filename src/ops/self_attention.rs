@@ -200,9 +200,9 @@ impl Cfg {
         self.heads * self.dh
     }
 
-    /// Row `(b, h, i)`'s probabilities rounded to T (`p`) and after
-    /// dropout (`pd`).
-    fn row<R: Real>(&self, dtype: DType, x: &Qkv<R>, bh: usize, i: usize) -> (Vec<R>, Vec<R>) {
+    /// Row `(b, h, i)`'s probabilities rounded to T (`p`), after dropout
+    /// (`pd`), and the row's keep mask (with dropout).
+    fn row<R: Real>(&self, dtype: DType, x: &Qkv<R>, bh: usize, i: usize) -> Row<R> {
         let (l, dh, hh) = (self.l, self.dh, self.h());
         let (b, h) = (bh / self.heads, bh % self.heads);
         let at = |j: usize| (b * l + j) * hh + h * dh;
@@ -231,12 +231,12 @@ impl Cfg {
             .iter()
             .map(|&e| R::of(round(dtype, (e / sum).wide())))
             .collect();
-        let pd = match &self.drop {
-            None => p.clone(),
-            Some(d) => p
+        let keep = self.drop.as_ref().map(|d| keep_run(d, (bh * l + i) * l, l));
+        let pd = match (&self.drop, &keep) {
+            (Some(d), Some(k)) => p
                 .iter()
-                .zip(keep_run(d, (bh * l + i) * l, l))
-                .map(|(&pj, kept)| {
+                .zip(k)
+                .map(|(&pj, &kept)| {
                     R::of(if kept {
                         dropped(dtype, pj.wide(), d)
                     } else {
@@ -244,8 +244,9 @@ impl Cfg {
                     })
                 })
                 .collect(),
+            _ => p.clone(),
         };
-        (p, pd)
+        Row { p, pd, keep }
     }
 
     /// The forward on CPU storages.
@@ -257,7 +258,7 @@ impl Cfg {
                 let (b, h) = (bh / self.heads, bh % self.heads);
                 let mut out = vec![0.0; l * dh];
                 for i in 0..l {
-                    let (_, pd) = self.row(dtype, x, bh, i);
+                    let pd = self.row(dtype, x, bh, i).pd;
                     for d in 0..dh {
                         let mut acc = R::ZERO;
                         for (j, &pj) in pd.iter().enumerate() {
@@ -296,8 +297,7 @@ impl Cfg {
                 // ds and pd of the whole [L, L] block, then the sums.
                 let (mut ds, mut pds) = (vec![R::ZERO; l * l], vec![R::ZERO; l * l]);
                 for i in 0..l {
-                    let (p, pd) = self.row(dtype, x, bh, i);
-                    let keep = self.drop.as_ref().map(|d| keep_run(d, (bh * l + i) * l, l));
+                    let Row { p, pd, keep } = self.row(dtype, x, bh, i);
                     let gi = &g[at(i)..][..dh];
                     let d: Vec<R> = (0..l)
                         .map(|j| {
@@ -388,6 +388,13 @@ impl Cfg {
         };
         Ok(from_f64(out, dtype))
     }
+}
+
+/// One query row of the CPU op.
+struct Row<R> {
+    p: Vec<R>,
+    pd: Vec<R>,
+    keep: Option<Vec<bool>>,
 }
 
 /// The CPU op's inputs in its arithmetic type.
@@ -515,7 +522,8 @@ mod cuda {
     use super::{smem_bytes, Cfg, WARPS};
     use crate::cuda::{self as k, ptx};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
+    use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, Layout, Result, Storage};
 
     const MODULE: &str = "tunefuse_self_attention";
@@ -548,6 +556,20 @@ mod cuda {
         }
     }
 
+    /// The contiguous views of q, k, v and the key mask.
+    fn views<'a, T: CudaDType>(
+        qkv: [(&'a CudaStorage, &Layout); 3],
+        bias: (&'a CudaStorage, &Layout),
+    ) -> Result<[CudaView<'a, T>; 4]> {
+        let [q, kk, v] = qkv;
+        Ok([
+            k::view::<T>(OP, q.0, q.1)?,
+            k::view::<T>(OP, kk.0, kk.1)?,
+            k::view::<T>(OP, v.0, v.1)?,
+            k::view::<T>(OP, bias.0, bias.1)?,
+        ])
+    }
+
     pub(super) fn forward(
         c: &Cfg,
         qkv: [(&CudaStorage, &Layout); 3],
@@ -565,10 +587,7 @@ mod cuda {
         )?;
         f.allow_smem(smem[0])?;
         k::with_float_type!(OP, dtype, T => {
-            let q = k::view::<T>(OP, qkv[0].0, qkv[0].1)?;
-            let kk = k::view::<T>(OP, qkv[1].0, qkv[1].1)?;
-            let v = k::view::<T>(OP, qkv[2].0, qkv[2].1)?;
-            let bv = k::view::<T>(OP, bias.0, bias.1)?;
+            let [q, kk, v, bv] = views::<T>(qkv, bias)?;
             let mut y = k::alloc::<T>(&dev, n)?;
             let (l, heads, dh) = (c.l as i32, c.heads as i32, c.dh as i32);
             let scale = c.scale as f32;
@@ -609,10 +628,7 @@ mod cuda {
         cols.allow_smem(smem[2])?;
         let blocks = ((c.b * c.heads) as u32, 1);
         k::with_float_type!(OP, dtype, T => {
-            let q = k::view::<T>(OP, qkv[0].0, qkv[0].1)?;
-            let kk = k::view::<T>(OP, qkv[1].0, qkv[1].1)?;
-            let v = k::view::<T>(OP, qkv[2].0, qkv[2].1)?;
-            let bv = k::view::<T>(OP, bias.0, bias.1)?;
+            let [q, kk, v, bv] = views::<T>(qkv, bias)?;
             let gv = k::view::<T>(OP, g.0, g.1)?;
             let mut out = k::alloc::<T>(&dev, 3 * n)?;
             let mut ds = k::alloc::<f32>(&dev, c.b * c.heads * c.l * c.l)?;
