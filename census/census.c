@@ -33,6 +33,7 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <execinfo.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -51,6 +52,17 @@ typedef int cublasStatus_t;
 typedef void *cublasHandle_t;
 typedef int curandStatus_t;
 typedef void *curandGenerator_t;
+typedef void *cublasLtHandle_t, *cublasLtMatmulDesc_t, *cublasLtMatrixLayout_t, *cublasLtMatmulPreference_t;
+typedef struct {
+  uint64_t data[8];
+} cublasLtMatmulAlgo_t;
+typedef struct {
+  cublasLtMatmulAlgo_t algo;
+  size_t workspaceSize;
+  int state;
+  float wavesCount;
+  int reserved[4];
+} cublasLtMatmulHeuristicResult_t;
 typedef struct {
   unsigned x, y, z;
 } dim3;
@@ -90,6 +102,15 @@ static const char *category_names[] = {
   X(cuModuleUnload, modules) X(cublasCreate_v2, other)                         \
   X(cublasDestroy_v2, other) X(cublasSetStream_v2, other)                      \
   X(cublasGemmStridedBatchedEx, cublas) X(cublasDgemmStridedBatched, cublas)   \
+  X(cublasLtCreate, other) X(cublasLtDestroy, other)                           \
+  X(cublasLtMatrixLayoutCreate, other) X(cublasLtMatrixLayoutDestroy, other)   \
+  X(cublasLtMatrixLayoutSetAttribute, other)                                   \
+  X(cublasLtMatmulDescCreate, other) X(cublasLtMatmulDescDestroy, other)       \
+  X(cublasLtMatmulDescSetAttribute, other)                                     \
+  X(cublasLtMatmulPreferenceCreate, other)                                     \
+  X(cublasLtMatmulPreferenceDestroy, other)                                    \
+  X(cublasLtMatmulPreferenceSetAttribute, other)                               \
+  X(cublasLtMatmulAlgoGetHeuristic, other) X(cublasLtMatmul, cublas)           \
   X(cudaDeviceGetAttribute, other) X(cudaFree, frees)                          \
   X(cudaFreeAsync_ptsz, frees) X(cudaFuncGetAttributes, other)                 \
   X(cudaFuncSetAttribute, other) X(cudaGetDevice, other)                       \
@@ -211,6 +232,26 @@ static struct func *func_of(const void *handle) {
   }
   pthread_mutex_unlock(&funcs_lock);
   return f;
+}
+
+/* A developer's aid for finding where launches come from: with
+ * TUNEFUSE_CENSUS_TRACE set to a substring, every kernel launch whose function
+ * name contains it, and every memset when it is "memset", prints its call
+ * stack to stderr as offsets into the binary ("tunefuse(+0x...)"), which
+ * `addr2line -f -C -e BINARY OFFSET...` turns into function names. Counting
+ * is unchanged. */
+static void trace(const char *what) {
+  static const char *want;
+  static int ready;
+  if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {
+    want = getenv("TUNEFUSE_CENSUS_TRACE");
+    __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+  }
+  if (!want || !*want || !strstr(what, want)) return;
+  void *frames[64];
+  int n = backtrace(frames, 64);
+  fprintf(stderr, "census trace: %s\n", what);
+  backtrace_symbols_fd(frames, n, 2);
 }
 
 /* The running totals as one JSON object, written into buf (at most cap
@@ -402,7 +443,8 @@ DEF(CUresult, cuGetErrorString, (CUresult e, const char **s), (e, s),
 DEF(CUresult, cuLaunchKernel,
     (CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
      unsigned shmem, CUstream s, void **params, void **extra),
-    (f, gx, gy, gz, bx, by, bz, shmem, s, params, extra), r = 0, add(&func_of(f)->launches, 1))
+    (f, gx, gy, gz, bx, by, bz, shmem, s, params, extra), r = 0,
+    (add(&func_of(f)->launches, 1), trace(func_of(f)->name)))
 DEF(CUresult, cuMemAllocAsync, (CUdeviceptr * p, size_t n, CUstream s), (p, n, s),
     (*p = (CUdeviceptr)(uintptr_t)host_alloc(n), r = *p ? 0 : 2), NOTHING)
 DEF(CUresult, cuMemAlloc_v2, (CUdeviceptr * p, size_t n), (p, n),
@@ -419,7 +461,7 @@ DEF(CUresult, cuMemcpyPeerAsync,
     (CUdeviceptr d, CUcontext dc, CUdeviceptr src, CUcontext sc, size_t n, CUstream s), (d, dc, src, sc, n, s),
     (memmove((void *)(uintptr_t)d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtod, n))
 DEF(CUresult, cuMemsetD8Async, (CUdeviceptr d, unsigned char v, size_t n, CUstream s), (d, v, n, s),
-    (memset((void *)(uintptr_t)d, v, n), r = 0), add(&bytes_memset, n))
+    (memset((void *)(uintptr_t)d, v, n), r = 0), (add(&bytes_memset, n), trace("memset")))
 DEF(CUresult, cuModuleGetFunction, (CUfunction * f, CUmodule m, const char *name), (f, m, name),
     (*f = (CUfunction)register_func(NULL, m, name)->handle, r = 0),
     if (r == 0) register_func(*f, m, name))
@@ -444,6 +486,108 @@ DEF(cublasStatus_t, cublasDgemmStridedBatched,
     (h, ta, tb, m, n, k, alpha, A, lda, sa, B, ldb, sb, beta, C, ldc, sc, batch), r = 0,
     add(&gemm_flops, 2ull * (uint64_t)m * (uint64_t)n * (uint64_t)k * (uint64_t)batch))
 
+/* cuBLASLt (the GEMMs with a bias epilogue). Its handles are opaque; for the
+ * FLOP count, each layout's rows and columns and each descriptor's TRANSA
+ * are remembered here, keyed by handle, in both builds (the interposer
+ * records what the real library returned). */
+#define LT_SLOTS 16384
+#define LT_TOMBSTONE ((const void *)1)
+struct lt_shape {
+  const void *h;
+  uint64_t rows, cols;
+  int transa;
+};
+static struct lt_shape lt_shapes[LT_SLOTS];
+static pthread_mutex_t lt_lock = PTHREAD_MUTEX_INITIALIZER;
+/* Open addressing on the handle (forgotten entries become tombstones, which
+ * lookups step over and inserts reuse). */
+static struct lt_shape *lt_slot(const void *h, int create) {
+  struct lt_shape *reuse = NULL;
+  size_t s = slot_of(h) % LT_SLOTS;
+  for (size_t i = 0; i < LT_SLOTS; i++, s = (s + 1) % LT_SLOTS) {
+    struct lt_shape *e = &lt_shapes[s];
+    if (e->h == h) return e;
+    if (e->h == LT_TOMBSTONE && !reuse) reuse = e;
+    if (!e->h) {
+      if (!reuse) reuse = e;
+      break;
+    }
+  }
+  if (!create || !reuse) return NULL;
+  memset(reuse, 0, sizeof *reuse);
+  reuse->h = h;
+  return reuse;
+}
+static void lt_remember(const void *h, uint64_t rows, uint64_t cols) {
+  pthread_mutex_lock(&lt_lock);
+  struct lt_shape *e = lt_slot(h, 1);
+  if (e) e->rows = rows, e->cols = cols;
+  pthread_mutex_unlock(&lt_lock);
+}
+static void lt_forget(const void *h) {
+  pthread_mutex_lock(&lt_lock);
+  struct lt_shape *e = lt_slot(h, 0);
+  if (e) e->h = LT_TOMBSTONE;
+  pthread_mutex_unlock(&lt_lock);
+}
+static void lt_set_transa(const void *desc, int attr, const void *buf) {
+  if (attr != 3 /* CUBLASLT_MATMUL_DESC_TRANSA */) return;
+  pthread_mutex_lock(&lt_lock);
+  struct lt_shape *e = lt_slot(desc, 1);
+  if (e) e->transa = *(const int *)buf;
+  pthread_mutex_unlock(&lt_lock);
+}
+/* 2·m·n·k of D = op(A)·B: D is m×n, op(A) is m×k. */
+static void lt_flops(const void *desc, const void *a, const void *d) {
+  pthread_mutex_lock(&lt_lock);
+  struct lt_shape *ds = lt_slot(desc, 0), *as = lt_slot(a, 0), *dd = lt_slot(d, 0);
+  if (as && dd) {
+    uint64_t k = ds && ds->transa ? as->rows : as->cols;
+    add(&gemm_flops, 2ull * dd->rows * dd->cols * k);
+  }
+  pthread_mutex_unlock(&lt_lock);
+}
+__attribute__((unused)) static int standin_lt_handle;
+/* A destroyed handle's entry goes: in the stand-in before its memory is
+ * freed, in the interposer after the real call. */
+#ifdef CENSUS_STANDIN
+#define LT_FORGET_AFTER(h) NOTHING
+#else
+#define LT_FORGET_AFTER(h) lt_forget(h)
+#endif
+DEF(cublasStatus_t, cublasLtCreate, (cublasLtHandle_t * h), (h), (*h = &standin_lt_handle, r = 0), NOTHING)
+DEF(cublasStatus_t, cublasLtDestroy, (cublasLtHandle_t h), (h), r = 0, NOTHING)
+DEF(cublasStatus_t, cublasLtMatrixLayoutCreate,
+    (cublasLtMatrixLayout_t * l, int type, uint64_t rows, uint64_t cols, int64_t ld), (l, type, rows, cols, ld),
+    (*l = host_alloc(8), r = 0), if (r == 0) lt_remember(*l, rows, cols))
+DEF(cublasStatus_t, cublasLtMatrixLayoutDestroy, (cublasLtMatrixLayout_t l), (l), (lt_forget(l), free(l), r = 0),
+    LT_FORGET_AFTER(l))
+DEF(cublasStatus_t, cublasLtMatrixLayoutSetAttribute, (cublasLtMatrixLayout_t l, int attr, const void *buf, size_t n),
+    (l, attr, buf, n), r = 0, NOTHING)
+DEF(cublasStatus_t, cublasLtMatmulDescCreate, (cublasLtMatmulDesc_t * d, int compute, int scale),
+    (d, compute, scale), (*d = host_alloc(8), r = 0), NOTHING)
+DEF(cublasStatus_t, cublasLtMatmulDescDestroy, (cublasLtMatmulDesc_t d), (d), (lt_forget(d), free(d), r = 0),
+    LT_FORGET_AFTER(d))
+DEF(cublasStatus_t, cublasLtMatmulDescSetAttribute, (cublasLtMatmulDesc_t d, int attr, const void *buf, size_t n),
+    (d, attr, buf, n), r = 0, if (r == 0) lt_set_transa(d, attr, buf))
+DEF(cublasStatus_t, cublasLtMatmulPreferenceCreate, (cublasLtMatmulPreference_t * p), (p),
+    (*p = host_alloc(8), r = 0), NOTHING)
+DEF(cublasStatus_t, cublasLtMatmulPreferenceDestroy, (cublasLtMatmulPreference_t p), (p), (free(p), r = 0), NOTHING)
+DEF(cublasStatus_t, cublasLtMatmulPreferenceSetAttribute,
+    (cublasLtMatmulPreference_t p, int attr, const void *buf, size_t n), (p, attr, buf, n), r = 0, NOTHING)
+/* The stand-in offers one algorithm that needs no workspace. */
+DEF(cublasStatus_t, cublasLtMatmulAlgoGetHeuristic,
+    (cublasLtHandle_t h, cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
+     cublasLtMatrixLayout_t c, cublasLtMatrixLayout_t dl, cublasLtMatmulPreference_t p, int requested,
+     cublasLtMatmulHeuristicResult_t *results, int *count),
+    (h, d, a, b, c, dl, p, requested, results, count),
+    (memset(results, 0, sizeof *results), *count = requested > 0, r = 0), NOTHING)
+DEF(cublasStatus_t, cublasLtMatmul,
+    (cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void *alpha, const void *A, cublasLtMatrixLayout_t al,
+     const void *B, cublasLtMatrixLayout_t bl, const void *beta, const void *C, cublasLtMatrixLayout_t cl, void *D,
+     cublasLtMatrixLayout_t dl, const cublasLtMatmulAlgo_t *algo, void *ws, size_t wsn, cudaStream_t s),
+    (h, d, alpha, A, al, B, bl, beta, C, cl, D, dl, algo, ws, wsn, s), r = 0, lt_flops(d, al, dl))
+
 /* CUDA runtime (imported by kernels candle compiles into the binary). */
 DEF(cudaError_t, cudaDeviceGetAttribute, (int *v, int a, int d), (v, a, d), (*v = attribute(a), r = 0), NOTHING)
 DEF(cudaError_t, cudaFree, (void *p), (p), (free(p), r = 0), NOTHING)
@@ -461,7 +605,7 @@ DEF(cudaError_t, cudaMalloc, (void **p, size_t n), (p, n), (*p = host_alloc(n), 
 DEF(cudaError_t, cudaMallocAsync_ptsz, (void **p, size_t n, cudaStream_t s), (p, n, s),
     (*p = host_alloc(n), r = *p ? 0 : 2), NOTHING)
 DEF(cudaError_t, cudaMemsetAsync_ptsz, (void *p, int v, size_t n, cudaStream_t s), (p, v, n, s),
-    (memset(p, v, n), r = 0), add(&bytes_memset, n))
+    (memset(p, v, n), r = 0), (add(&bytes_memset, n), trace("memset")))
 DEF(cudaError_t, cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags,
     (int *blocks, const void *f, int threads, size_t shmem, unsigned flags), (blocks, f, threads, shmem, flags),
     (unsupported("cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags"), r = 801), NOTHING)

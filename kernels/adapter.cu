@@ -1,7 +1,8 @@
 // Fused bottleneck adapter / LoRA delta (DESIGN.md "Fused adapter"):
 //   h = x·W_dᵀ + b_d  [T, r],  y = residual + s·(act(h)·W_uᵀ + b_u)  [T, n]
 // for x [T, m], with the weights packed as one buffer p = [W_d (r×m), b_d (r),
-// W_u (n×r), b_u (n)] (src/ops/adapter.rs). Adapters have n = m and the
+// W_u (n×r), b_u (n)], or p = [W_d, W_u] when `bias` is 0 (LoRA: no biases;
+// src/ops/adapter.rs). Adapters have n = m and the
 // residual x; a LoRA delta may have n ≠ m and an explicit residual. Kernels:
 //
 //   adapter_fwd          one block per 64 rows: the 64×r tile h stays on chip
@@ -268,7 +269,7 @@ __device__ __forceinline__ void store_rows(T* __restrict__ out, const T* __restr
 template <typename T, int NF, bool VEC>
 __device__ void fwd(const T* __restrict__ x, const T* __restrict__ p, const T* __restrict__ res,
                     T* __restrict__ y, float* __restrict__ hout, long long nrows, int m, int n,
-                    int r, float scale, int act) {
+                    int r, float scale, int act, int bias) {
     using L = Plan<T, NF>;
     constexpr int RP = L::RP;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -283,9 +284,9 @@ __device__ void fwd(const T* __restrict__ x, const T* __restrict__ p, const T* _
     const int warp = threadIdx.x >> 5;
     const long long row0 = (long long)blockIdx.x * BT;
     const T* wd = p;
-    const T* bd = p + (long long)r * m;
-    const T* wu = bd + r;
-    const T* bu = wu + (long long)n * r;
+    const T* bd = bias ? p + (long long)r * m : nullptr;
+    const T* wu = p + (long long)r * m + (bias ? r : 0);
+    const T* bu = bias ? wu + (long long)n * r : nullptr;
 
     // h = x·W_dᵀ over chunks of m.
     WarpTile<T, NF, false, false> acc;
@@ -306,7 +307,7 @@ __device__ void fwd(const T* __restrict__ x, const T* __restrict__ p, const T* _
         const long long row = row0 + i;
         float z = 0.f;
         if (row < nrows) {
-            const float hv = k < r ? Hs[i * L::LH + k] + to_f32(bd[k]) : 0.f;
+            const float hv = k < r ? Hs[i * L::LH + k] + (bd ? to_f32(bd[k]) : 0.f) : 0.f;
             hout[row * RP + k] = hv;
             if (k < r) z = act_f(act, hv);
         }
@@ -331,7 +332,7 @@ template <typename T, int NF, bool VEC>
 __device__ void bwd_rows(const T* __restrict__ dy, const T* __restrict__ p,
                          const float* __restrict__ h, T* __restrict__ dx, T* __restrict__ dh,
                          float* __restrict__ gacc, long long nrows, int m, int n, int r,
-                         float scale, int act, int res_is_x) {
+                         float scale, int act, int res_is_x, int bias) {
     using L = Plan<T, NF>;
     constexpr int RP = L::RP;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -346,7 +347,7 @@ __device__ void bwd_rows(const T* __restrict__ dy, const T* __restrict__ p,
     const int warp = threadIdx.x >> 5;
     const long long row0 = (long long)blockIdx.x * BT;
     const T* wd = p;
-    const T* wu = p + (long long)r * m + r;
+    const T* wu = p + (long long)r * m + (bias ? r : 0);
 
     // dy·W_u over chunks of n (B row-major: W_u rows j, columns k).
     WarpTile<T, NF, false, true> acc;
@@ -373,7 +374,7 @@ __device__ void bwd_rows(const T* __restrict__ dy, const T* __restrict__ p,
     }
     __syncthreads();
     float* dbd = gacc + (long long)r * m;
-    for (int k = threadIdx.x; k < r; k += THREADS) {
+    for (int k = threadIdx.x; bias && k < r; k += THREADS) {
         float sum = 0.f;
         for (int i = 0; i < BT; ++i) sum += Stg[i * L::LH + k];
         atomicAdd(dbd + k, sum);
@@ -400,7 +401,7 @@ template <typename T, int NF, bool VEC>
 __device__ void bwd_weights(const T* __restrict__ x, const T* __restrict__ dy,
                             const float* __restrict__ h, const T* __restrict__ dh,
                             float* __restrict__ gacc, long long nrows, int m, int n, int r,
-                            float scale, int act, long long rows_per) {
+                            float scale, int act, long long rows_per, int bias) {
     using L = Plan<T, NF>;
     constexpr int RP = L::RP;
     extern __shared__ __align__(128) unsigned char smem[];
@@ -414,7 +415,7 @@ __device__ void bwd_weights(const T* __restrict__ x, const T* __restrict__ dy,
     const long long t_begin = (long long)blockIdx.y * rows_per;
     const long long t_end = t_begin + rows_per < nrows ? t_begin + rows_per : nrows;
     float* dwd = gacc;
-    float* dwu = gacc + (long long)r * m + r;
+    float* dwu = gacc + (long long)r * m + (bias ? r : 0);
     float* dbu = dwu + (long long)n * r;
     float bsum = 0.f;
 
@@ -459,7 +460,8 @@ __device__ void bwd_weights(const T* __restrict__ x, const T* __restrict__ dy,
             }
         }
     }
-    if (threadIdx.x < NC && j0 + (int)threadIdx.x < n) atomicAdd(dbu + j0 + threadIdx.x, scale * bsum);
+    if (bias && threadIdx.x < NC && j0 + (int)threadIdx.x < n)
+        atomicAdd(dbu + j0 + threadIdx.x, scale * bsum);
 }
 
 }  // namespace tfa
@@ -468,22 +470,24 @@ __device__ void bwd_weights(const T* __restrict__ x, const T* __restrict__ dy,
     extern "C" __global__ void __launch_bounds__(tfa::THREADS)                                   \
         adapter_fwd_##SFX##_nf##NF##_v##VEC(const T* x, const T* p, const T* res, T* y,          \
                                               float* h, long long nrows, int m, int n, int r,    \
-                                              float scale, int act) {                            \
-        tfa::fwd<T, NF, VEC>(x, p, res, y, h, nrows, m, n, r, scale, act);                       \
+                                              float scale, int act, int bias) {                  \
+        tfa::fwd<T, NF, VEC>(x, p, res, y, h, nrows, m, n, r, scale, act, bias);                 \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(tfa::THREADS)                                   \
         adapter_bwd_rows_##SFX##_nf##NF##_v##VEC(const T* dy, const T* p, const float* h, T* dx, \
                                                    T* dh, float* gacc, long long nrows, int m,   \
                                                    int n, int r, float scale, int act,           \
-                                                   int res_is_x) {                               \
-        tfa::bwd_rows<T, NF, VEC>(dy, p, h, dx, dh, gacc, nrows, m, n, r, scale, act, res_is_x); \
+                                                   int res_is_x, int bias) {                     \
+        tfa::bwd_rows<T, NF, VEC>(dy, p, h, dx, dh, gacc, nrows, m, n, r, scale, act, res_is_x,  \
+                                  bias);                                                         \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(tfa::THREADS)                                   \
         adapter_bwd_weights_##SFX##_nf##NF##_v##VEC(const T* x, const T* dy, const float* h,     \
                                                       const T* dh, float* gacc, long long nrows, \
                                                       int m, int n, int r, float scale, int act, \
-                                                      long long rows_per) {                      \
-        tfa::bwd_weights<T, NF, VEC>(x, dy, h, dh, gacc, nrows, m, n, r, scale, act, rows_per);  \
+                                                      long long rows_per, int bias) {            \
+        tfa::bwd_weights<T, NF, VEC>(x, dy, h, dh, gacc, nrows, m, n, r, scale, act, rows_per,   \
+                                     bias);                                                      \
     }
 
 #define TF_ADAPTER_NF(T, SFX, NF) \

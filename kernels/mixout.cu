@@ -1,4 +1,5 @@
-// Mixout and dropout from one counter-based RNG (Philox4x32-10).
+// Mixout, dropout and dropout followed by a residual add, from one
+// counter-based RNG (Philox4x32-10).
 // Semantics: src/ops/mixout.rs (the CPU reference) and DESIGN.md.
 //
 // Element i uses word i % 4 of the Philox block for counter offset + i / 4,
@@ -10,8 +11,12 @@
 
 namespace {
 
+// What a launch computes; u is the second operand (mixout's pretrained
+// weight, the residual of dropout + add).
+enum Mode { DROPOUT, MIXOUT, DROPOUT_ADD };
+
 // One group of up to 4 elements starting at element 4 * g.
-template <typename T, bool MIXOUT>
+template <typename T, int MODE>
 __device__ __forceinline__ void group(const T* __restrict__ x, const T* __restrict__ u, T* __restrict__ y,
                                       int64_t n, int64_t g, uint64_t seed, uint64_t offset,
                                       uint32_t threshold, float scale) {
@@ -21,23 +26,28 @@ __device__ __forceinline__ void group(const T* __restrict__ x, const T* __restri
     const bool full = base + 4 <= n;
     const bool aligned = full && (reinterpret_cast<uintptr_t>(x + base) % (4 * sizeof(T)) == 0) &&
                          (reinterpret_cast<uintptr_t>(y + base) % (4 * sizeof(T)) == 0) &&
-                         (!MIXOUT || reinterpret_cast<uintptr_t>(u + base) % (4 * sizeof(T)) == 0);
+                         (MODE == DROPOUT || reinterpret_cast<uintptr_t>(u + base) % (4 * sizeof(T)) == 0);
     if (aligned) {
         tf::load_f32<T, 4>(x + base, xv);
-        if (MIXOUT) tf::load_f32<T, 4>(u + base, uv);
+        if (MODE != DROPOUT) tf::load_f32<T, 4>(u + base, uv);
     } else {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             xv[i] = base + i < n ? tf::to_f32(x[base + i]) : 0.f;
-            uv[i] = MIXOUT && base + i < n ? tf::to_f32(u[base + i]) : 0.f;
+            uv[i] = MODE != DROPOUT && base + i < n ? tf::to_f32(u[base + i]) : 0.f;
         }
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const bool keep = (tf::word(r, i) >> 8) >= threshold;
-        if (MIXOUT) {
+        if (MODE == MIXOUT) {
             // u + M * (w - u) / (1 - p)
             out[i] = keep ? __fadd_rn(uv[i], __fmul_rn(__fsub_rn(xv[i], uv[i]), scale)) : uv[i];
+        } else if (MODE == DROPOUT_ADD) {
+            // The dropped value rounded to T, as the dropout op stores it,
+            // plus the residual: the two ops composed, bit for bit.
+            const float d = tf::to_f32(tf::from_f32<T>(keep ? __fmul_rn(xv[i], scale) : 0.f));
+            out[i] = __fadd_rn(d, uv[i]);
         } else {
             out[i] = keep ? __fmul_rn(xv[i], scale) : 0.f;
         }
@@ -51,13 +61,13 @@ __device__ __forceinline__ void group(const T* __restrict__ x, const T* __restri
     }
 }
 
-template <typename T, bool MIXOUT>
+template <typename T, int MODE>
 __device__ void run(const T* x, const T* u, T* y, int64_t n, uint64_t seed, uint64_t offset,
                     uint32_t threshold, float scale) {
     const int64_t groups = (n + 3) / 4;
     for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
          g += (int64_t)gridDim.x * blockDim.x) {
-        group<T, MIXOUT>(x, u, y, n, g, seed, offset, threshold, scale);
+        group<T, MODE>(x, u, y, n, g, seed, offset, threshold, scale);
     }
 }
 
@@ -65,14 +75,21 @@ __device__ void run(const T* x, const T* u, T* y, int64_t n, uint64_t seed, uint
 
 // mixout: y = u + M * (w - u) * scale. Its gradient w.r.t. w is dropout of the
 // incoming gradient with the same seed/offset, so backward is `dropout`.
+// dropout_add: y = dropout(x) + r (its backward is dropout for x, the
+// identity for r).
 #define MIXOUT_ENTRIES(SUF, T)                                                                    \
     extern "C" __global__ void mixout_##SUF(const T* w, const T* u, T* y, int64_t n, uint64_t seed, \
                                             uint64_t offset, uint32_t threshold, float scale) {   \
-        run<T, true>(w, u, y, n, seed, offset, threshold, scale);                                  \
+        run<T, MIXOUT>(w, u, y, n, seed, offset, threshold, scale);                                \
     }                                                                                             \
     extern "C" __global__ void dropout_##SUF(const T* x, T* y, int64_t n, uint64_t seed,           \
                                              uint64_t offset, uint32_t threshold, float scale) {  \
-        run<T, false>(x, nullptr, y, n, seed, offset, threshold, scale);                           \
+        run<T, DROPOUT>(x, nullptr, y, n, seed, offset, threshold, scale);                         \
+    }                                                                                             \
+    extern "C" __global__ void dropout_add_##SUF(const T* x, const T* r, T* y, int64_t n,          \
+                                                 uint64_t seed, uint64_t offset,                  \
+                                                 uint32_t threshold, float scale) {               \
+        run<T, DROPOUT_ADD>(x, r, y, n, seed, offset, threshold, scale);                           \
     }
 
 MIXOUT_ENTRIES(f32, float)

@@ -227,3 +227,251 @@ pub(crate) fn grid_for(n: usize, block: u32) -> u32 {
     let blocks = n.div_ceil(block as usize).max(1);
     blocks.min(132 * 32) as u32
 }
+
+/// cuBLASLt for the dense layers' GEMMs with a bias epilogue. The handle,
+/// a workspace, and per GEMM shape the descriptors and the algorithm
+/// cuBLASLt's heuristic chose are made once per device and kept for the
+/// process, so that a call is two library calls (the bias pointer, the
+/// GEMM) and no heuristic query; the shapes are one per dense-layer width
+/// and padded batch length, a few hundred at most.
+mod lt {
+    use std::collections::HashMap;
+
+    use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
+    use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+    use candle_core::DType;
+
+    /// Workspace offered to the algorithms (NVIDIA's recommendation for
+    /// Hopper; the stand-in's algorithm needs none).
+    pub(super) const WORKSPACE: usize = 32 << 20;
+
+    /// One shape: y `[m, n]` = x `[m, k]`·Wᵀ + b.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub(super) struct Shape {
+        pub dtype: DType,
+        pub m: usize,
+        pub n: usize,
+        pub k: usize,
+    }
+
+    /// The descriptors and algorithm of one shape.
+    pub(super) struct Plan {
+        pub desc: sys::cublasLtMatmulDesc_t,
+        pub a: sys::cublasLtMatrixLayout_t,
+        pub b: sys::cublasLtMatrixLayout_t,
+        pub c: sys::cublasLtMatrixLayout_t,
+        pub algo: sys::cublasLtMatmulAlgo_t,
+    }
+
+    /// One device's handle, workspace and plans.
+    pub(super) struct Device {
+        pub handle: sys::cublasLtHandle_t,
+        pub workspace: CudaSlice<u8>,
+        pub plans: HashMap<Shape, Plan>,
+    }
+
+    // SAFETY: the raw handles are only used under the mutex that holds the
+    // device's entry, on the one stream candle's device runs.
+    unsafe impl Send for Device {}
+
+    fn err(what: &str, e: result::CublasError) -> candle_core::Error {
+        candle_core::Error::Msg(format!("cuBLASLt {what}: {e:?}"))
+    }
+
+    /// Sets a descriptor attribute from a plain value.
+    unsafe fn set<T>(
+        desc: sys::cublasLtMatmulDesc_t,
+        attr: sys::cublasLtMatmulDescAttributes_t,
+        v: &T,
+    ) -> candle_core::Result<()> {
+        result::set_matmul_desc_attribute(
+            desc,
+            attr,
+            v as *const T as *const _,
+            std::mem::size_of::<T>(),
+        )
+        .map_err(|e| err("descriptor", e))
+    }
+
+    /// Row-major y `[m, n]` is column-major yᵀ `[n, m]` = op(A)·B with A = W
+    /// (stored column-major as `[k, n]`, transposed) and B = x (column-major
+    /// `[k, m]`); the bias epilogue adds along yᵀ's rows, y's columns.
+    pub(super) fn plan(dev: &Device, s: Shape) -> candle_core::Result<Plan> {
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        let ty = match s.dtype {
+            DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
+            _ => sys::cudaDataType_t::CUDA_R_16F,
+        };
+        let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
+        let desc = result::create_matmul_desc(
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cudaDataType_t::CUDA_R_32F,
+        )
+        .map_err(|e| err("descriptor", e))?;
+        let layout = |rows: u64, cols: u64, ld: u64| {
+            result::create_matrix_layout(ty, rows, cols, ld as i64).map_err(|e| err("layout", e))
+        };
+        let (a, b, c) = (layout(k, n, k)?, layout(k, m, k)?, layout(n, m, n)?);
+        // SAFETY: the descriptors were just created; each attribute gets a
+        // value of the type the cuBLASLt documentation gives it.
+        unsafe {
+            // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
+            set(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
+            set(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
+            set(
+                desc,
+                A::CUBLASLT_MATMUL_DESC_EPILOGUE,
+                &(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32),
+            )?;
+            let pref = result::create_matmul_pref().map_err(|e| err("preference", e))?;
+            result::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &WORKSPACE as *const usize as *const _,
+                std::mem::size_of::<usize>(),
+            )
+            .map_err(|e| err("preference", e))?;
+            let h = result::get_matmul_algo_heuristic(dev.handle, desc, a, b, c, c, pref)
+                .map_err(|e| err(&format!("algorithm for {s:?}"), e));
+            result::destroy_matmul_pref(pref).map_err(|e| err("preference", e))?;
+            Ok(Plan {
+                desc,
+                a,
+                b,
+                c,
+                algo: h?.algo,
+            })
+        }
+    }
+}
+
+/// The device's cuBLASLt state ([`lt`]), made on first use.
+fn blas_lt(dev: &CudaDevice) -> Result<Arc<Mutex<lt::Device>>> {
+    type Devices = Mutex<HashMap<DeviceId, Arc<Mutex<lt::Device>>>>;
+    static DEVICES: OnceLock<Devices> = OnceLock::new();
+    let mut map = DEVICES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(d) = map.get(&dev.id()) {
+        return Ok(d.clone());
+    }
+    use candle_core::cuda_backend::cudarc::cublaslt::result;
+    let handle = result::create_handle()
+        .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt handle: {e:?}")))?;
+    let d = Arc::new(Mutex::new(lt::Device {
+        handle,
+        workspace: alloc::<u8>(dev, lt::WORKSPACE)?,
+        plans: HashMap::new(),
+    }));
+    map.insert(dev.id(), d.clone());
+    Ok(d)
+}
+
+/// `x·Wᵀ + b` for x `[m, k]`, W `[n, k]` and b `[n]` (contiguous, one
+/// half-precision dtype) as one cuBLASLt GEMM whose epilogue adds the bias:
+/// the bias is added to the f32 accumulator before the one rounding to the
+/// output dtype (the GEMM-then-add composition rounds twice), and no
+/// separate add kernel runs. `None` where this does not apply: f32 (which
+/// cuBLASLt would run in TF32) and f64, strided inputs, or a buffer not on
+/// the 256-byte boundary cuBLASLt's algorithm choice assumes by default;
+/// the caller then composes the GEMM and the add.
+pub(crate) fn linear_bias_lt(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+) -> Result<Option<CudaStorage>> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::cublaslt::result;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let dtype = x.0.dtype();
+    if !matches!(dtype, DType::BF16 | DType::F16)
+        || w.0.dtype() != dtype
+        || b.0.dtype() != dtype
+        || ![x.1, w.1, b.1].iter().all(|l| l.is_contiguous())
+    {
+        return Ok(None);
+    }
+    let (m, k) = x.1.shape().dims2()?;
+    let (n, kw) = w.1.shape().dims2()?;
+    if kw != k || b.1.dims() != [n] {
+        candle_core::bail!(
+            "linear: weight {:?} and bias {:?} for inputs {:?}",
+            w.1.dims(),
+            b.1.dims(),
+            x.1.dims()
+        );
+    }
+    let aligned = [x.1, w.1, b.1]
+        .iter()
+        .all(|l| (l.start_offset() * dtype.size_in_bytes()).is_multiple_of(256));
+    if !aligned || m == 0 || n == 0 || k == 0 {
+        return Ok(None);
+    }
+    let dev = x.0.device.clone();
+    let stream = dev.cuda_stream();
+    let state = blas_lt(&dev)?;
+    let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+    let d = &mut *guard;
+    let shape = lt::Shape { dtype, m, n, k };
+    if !d.plans.contains_key(&shape) {
+        let p = lt::plan(d, shape)?;
+        d.plans.insert(shape, p);
+    }
+    let p = &d.plans[&shape];
+    macro_rules! run {
+        ($t:ty) => {{
+            let xv = view::<$t>("linear", x.0, x.1)?;
+            let wv = view::<$t>("linear", w.0, w.1)?;
+            let bv = view::<$t>("linear", b.0, b.1)?;
+            let mut y = alloc::<$t>(&dev, m * n)?;
+            let (alpha, beta) = (1f32, 0f32);
+            {
+                let (xp, _rx) = xv.device_ptr(&stream);
+                let (wp, _rw) = wv.device_ptr(&stream);
+                let (bp, _rb) = bv.device_ptr(&stream);
+                let (yp, _ry) = y.device_ptr_mut(&stream);
+                let (ws, _rws) = d.workspace.device_ptr_mut(&stream);
+                // SAFETY: the plan's layouts describe exactly these buffers
+                // (W n·k, x m·k, y m·n elements, b n), all on candle's stream,
+                // which the GEMM is queued on; the descriptor is this shape's
+                // own and only used under the device's lock.
+                unsafe {
+                    use candle_core::cuda_backend::cudarc::cublaslt::sys;
+                    result::set_matmul_desc_attribute(
+                        p.desc,
+                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                        &bp as *const _ as *const _,
+                        std::mem::size_of_val(&bp),
+                    )
+                    .and_then(|()| {
+                        result::matmul(
+                            d.handle,
+                            p.desc,
+                            &alpha as *const f32 as *const _,
+                            &beta as *const f32 as *const _,
+                            wp as *const _,
+                            p.a,
+                            xp as *const _,
+                            p.b,
+                            yp as *const _,
+                            p.c,
+                            yp as *mut _,
+                            p.c,
+                            &p.algo,
+                            ws as *mut _,
+                            lt::WORKSPACE,
+                            stream.cu_stream() as *mut _,
+                        )
+                    })
+                    .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt matmul: {e:?}")))?;
+                }
+            }
+            CudaStorage::wrap_cuda_slice(y, dev.clone())
+        }};
+    }
+    Ok(Some(match dtype {
+        DType::BF16 => run!(half::bf16),
+        _ => run!(half::f16),
+    }))
+}

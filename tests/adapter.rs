@@ -182,6 +182,59 @@ fn lora_path_equals_the_unfused_composition() {
 }
 
 #[test]
+fn one_absent_bias_matches_the_composition() {
+    // Without biases the op packs W_d and W_u alone; with one of the two it
+    // packs the absent one as zeros. Both layouts against candle's
+    // composition: y and the gradients of x and every weight present.
+    let (t, d, r) = (4, 6, 3);
+    for (with_bd, with_bu) in [(true, false), (false, true), (false, false)] {
+        let v = |n: usize, seed: u64, std: f64, dims: &[usize]| {
+            Var::from_tensor(&f64_tensor(n, seed, std, dims)).unwrap()
+        };
+        let x = v(t * d, 21, 1.0, &[t, d]);
+        let wd = v(r * d, 22, 0.4, &[r, d]);
+        let wu = v(d * r, 23, 0.4, &[d, r]);
+        let bd = v(r, 24, 0.2, &[r]);
+        let bu = v(d, 25, 0.2, &[d]);
+        let w = AdapterWeights {
+            w_down: wd.as_tensor().clone(),
+            b_down: with_bd.then(|| bd.as_tensor().clone()),
+            w_up: wu.as_tensor().clone(),
+            b_up: with_bu.then(|| bu.as_tensor().clone()),
+            act: Act::GeluErf,
+            scale: 0.8,
+        };
+        let dy = f64_tensor(t * d, 26, 1.0, &[t, d]);
+        let tag = format!("b_d {with_bd} b_u {with_bu}");
+        let fused = adapter(x.as_tensor(), &w, None).unwrap();
+        let composed = adapter_composed(x.as_tensor(), &w, None).unwrap();
+        assert_close(&tag, &to_f64(&fused), &to_f64(&composed), 1e-12, 1e-12);
+        let grads = |y: Tensor| (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (grads(fused), grads(composed));
+        let mut present = vec![("dx", &x), ("dW_d", &wd), ("dW_u", &wu)];
+        if with_bd {
+            present.push(("db_d", &bd));
+        }
+        if with_bu {
+            present.push(("db_u", &bu));
+        }
+        for (name, var) in present {
+            assert_close(
+                &format!("{tag}: {name}"),
+                &to_f64(g1.get(var.as_tensor()).unwrap()),
+                &to_f64(g2.get(var.as_tensor()).unwrap()),
+                1e-12,
+                1e-12,
+            );
+        }
+        // An absent bias is no parameter: autograd gives it no gradient.
+        if !with_bd {
+            assert!(g1.get(bd.as_tensor()).is_none(), "{tag}: db_d");
+        }
+    }
+}
+
+#[test]
 fn modules_start_near_the_identity() {
     // adapter-bert's init: N(0, 1e-3) weights, zero biases: y ≈ x but not
     // exactly (the adapter must be trainable from the start).

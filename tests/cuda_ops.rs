@@ -12,7 +12,7 @@ mod common;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use common::*;
 use tunefuse::ops::adapter::{adapter, adapter_composed, Act, AdapterWeights};
-use tunefuse::ops::mixout::{dropout, keep_mask, mixout, Rng};
+use tunefuse::ops::mixout::{dropout, dropout_add, keep_mask, mixout, Rng};
 use tunefuse::ops::perturb::{
     ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, StepMode,
 };
@@ -384,7 +384,7 @@ fn sym_kl_extremes_on_device() {
 }
 
 #[test]
-fn mixout_and_dropout_bit_identical_to_cpu() {
+fn mixout_and_dropouts_bit_identical_to_cpu() {
     let Some(dev) = cuda_device() else { return };
     let mut fails = Failures::default();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
@@ -425,6 +425,12 @@ fn mixout_and_dropout_bit_identical_to_cpu() {
                         let got = to_f64(&dropout(&w, p, rng, true).unwrap());
                         let want = to_f64(&dropout(&cw, p, rng, true).unwrap());
                         assert!(got == want, "{tag}: dropout differs from the CPU reference");
+                        let got = to_f64(&dropout_add(&w, &u, p, rng, true).unwrap());
+                        let want = to_f64(&dropout_add(&cw, &cu, p, rng, true).unwrap());
+                        assert!(
+                            got == want,
+                            "{tag}: dropout_add differs from the CPU reference"
+                        );
                     }
                     // The mask itself, through dropout of ones, and in backward.
                     let ones = Var::from_tensor(&Tensor::ones(n, dtype, &dev).unwrap()).unwrap();
@@ -445,7 +451,7 @@ fn mixout_and_dropout_bit_identical_to_cpu() {
             }
         }
     }
-    fails.finish("mixout / dropout");
+    fails.finish("mixout / dropout / dropout_add");
 }
 
 // ------------------------------------------------------------ AdamW
@@ -1499,10 +1505,13 @@ fn attention_softmax_on_device() {
 }
 
 /// A frozen layer's linear (`model::layers::linear` with W and b detached)
-/// on the device: the value is candle's matmul + bias bit for bit, and the
-/// input gradient is candle's own matmul backward (`g·W`) bit for bit,
-/// without the weight's gradient; f32/bf16/f16 and bf16 activations over
-/// f32 weights (mixed precision), odd shapes up to MiniLM's FFN.
+/// on the device. The value: in f32 candle's matmul + bias bit for bit; in
+/// half precision cuBLASLt's GEMM with the bias in its epilogue, within one
+/// rounding to the dtype plus f32 accumulation (`k·2⁻²⁴·Σ|x||w|`) of the
+/// f64 product of the same operands. The input gradient is candle's own
+/// matmul backward (`g·W`) bit for bit, without the weight's gradient;
+/// f32/bf16/f16 and bf16 activations over f32 weights (mixed precision),
+/// odd shapes up to MiniLM's FFN.
 #[test]
 fn frozen_linear_on_device() {
     use tunefuse::model::layers::linear;
@@ -1544,7 +1553,46 @@ fn frozen_linear_on_device() {
                     .unwrap()
                     .broadcast_add(&b.to_dtype(xd).unwrap())
                     .unwrap();
-                assert!(to_f64(&p) == to_f64(&q), "{tag}: value");
+                if xd == DType::F32 {
+                    assert!(to_f64(&p) == to_f64(&q), "{tag}: value");
+                } else {
+                    let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                    let (x64, w64, b64) = (
+                        f64_of(&x.reshape((2 * rows, din)).unwrap()),
+                        f64_of(&w.to_dtype(xd).unwrap()),
+                        f64_of(&b.to_dtype(xd).unwrap()),
+                    );
+                    let want = to_f64(
+                        &x64.matmul(&w64.t().unwrap())
+                            .unwrap()
+                            .broadcast_add(&b64)
+                            .unwrap(),
+                    );
+                    let mag = to_f64(
+                        &x64.abs()
+                            .unwrap()
+                            .matmul(&w64.abs().unwrap().t().unwrap())
+                            .unwrap()
+                            .broadcast_add(&b64.abs().unwrap())
+                            .unwrap(),
+                    );
+                    let u = if xd == DType::BF16 {
+                        2f64.powi(-8)
+                    } else {
+                        2f64.powi(-11)
+                    };
+                    let acc = din as f64 * 2f64.powi(-24);
+                    let got = to_f64(&p);
+                    let bad = (0..got.len())
+                        .filter(|&i| {
+                            (got[i] - want[i]).abs() > u * want[i].abs() + acc * mag[i] + 1e-30
+                        })
+                        .count();
+                    assert_eq!(
+                        bad, 0,
+                        "{tag}: {bad} values beyond one rounding of the product"
+                    );
+                }
                 let loss = |y: &Tensor| {
                     (y.reshape((2 * rows, dout))
                         .unwrap()
@@ -1555,6 +1603,19 @@ fn frozen_linear_on_device() {
                         .sum_all()
                         .unwrap()
                 };
+                // The trainable layer (its own op with the bias, on a fused
+                // stream) computes the same value with the same GEMM.
+                let fused = tunefuse::model::Stream::new(0);
+                fused.set_fused_ops(Some(true));
+                let (wv, bv) = (Var::from_tensor(&w).unwrap(), Var::from_tensor(&b).unwrap());
+                let t = tunefuse::model::layers::linear_on(
+                    &x,
+                    &wv.as_tensor().to_dtype(xd).unwrap(),
+                    Some(&bv.as_tensor().to_dtype(xd).unwrap()),
+                    &fused,
+                )
+                .unwrap();
+                assert!(to_f64(&t) == to_f64(&p), "{tag}: trainable value");
                 let (gp, gq) = (loss(&p).backward().unwrap(), loss(&q).backward().unwrap());
                 assert!(
                     to_f64(gp.get(ours.as_tensor()).unwrap())

@@ -1,10 +1,11 @@
-//! Philox known answers, and the CPU reference of mixout and dropout:
-//! statistics over seeds, masks shared by forward and backward, input checks.
+//! Philox known answers, and the CPU reference of mixout, dropout and the
+//! fused dropout + residual add: statistics over seeds, masks shared by
+//! forward and backward, input checks.
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
-use tunefuse::ops::mixout::{dropout, keep_mask, mixout, Rng};
+use tunefuse::ops::mixout::{dropout, dropout_add, keep_mask, mixout, Rng};
 use tunefuse::philox;
 
 const CPU: Device = Device::Cpu;
@@ -275,4 +276,61 @@ fn bad_inputs_are_errors() {
     assert!(e.contains("f64"), "{e}");
     let e = msg(dropout(&w.to_dtype(DType::U8).unwrap(), 0.1, rng, true));
     assert!(e.contains("U8"), "{e}");
+    let e = msg(dropout_add(&w, &w.t().unwrap(), 0.1, rng, true));
+    assert!(e.contains("[2, 3]") && e.contains("[3, 2]"), "{e}");
+    let e = msg(dropout_add(
+        &w,
+        &w.to_dtype(DType::F16).unwrap(),
+        0.1,
+        rng,
+        true,
+    ));
+    assert!(e.contains("F16"), "{e}");
+    assert!(msg(dropout_add(&w, &w, 1.0, rng, true)).contains("p "));
+}
+
+#[test]
+fn dropout_add_equals_dropout_then_add_bit_for_bit() {
+    // The fused op rounds the dropped value to the dtype before the add,
+    // as the composition stores it: equal bits in every dtype, and the
+    // same gradients (dropout's mask for x, the identity for r).
+    let n = 40_003;
+    let rng = Rng {
+        seed: 77,
+        offset: 5,
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let draw =
+            |seed: u64| Var::from_tensor(&tensor(&randn(n, seed, 1.0), &[n], dtype, &CPU)).unwrap();
+        let (x, r) = (draw(1), draw(2));
+        let fused = dropout_add(x.as_tensor(), r.as_tensor(), 0.1, rng, true).unwrap();
+        let composed = (dropout(x.as_tensor(), 0.1, rng, true).unwrap() + r.as_tensor()).unwrap();
+        assert_eq!(fused.dtype(), dtype);
+        let (f, c) = (to_f64(&fused), to_f64(&composed));
+        let differ = f
+            .iter()
+            .zip(&c)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{dtype:?}: {differ} of {n} elements differ");
+        let dy = tensor(&randn(n, 3, 1.0), &[n], dtype, &CPU);
+        let grads = |y: &Tensor| (y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (grads(&fused), grads(&composed));
+        for (name, v) in [("dx", &x), ("dr", &r)] {
+            assert_eq!(
+                to_f64(g1.get(v.as_tensor()).unwrap()),
+                to_f64(g2.get(v.as_tensor()).unwrap()),
+                "{dtype:?}: {name}"
+            );
+        }
+        // Some elements were dropped and some kept: the test saw both branches.
+        let kept = keep_mask(n, 0.1, rng).unwrap();
+        assert!(kept.iter().any(|&k| k) && kept.iter().any(|&k| !k));
+        // Eval mode and p = 0: the plain sum.
+        for (p, train) in [(0.1, false), (0.0, true)] {
+            let y = dropout_add(x.as_tensor(), r.as_tensor(), p, rng, train).unwrap();
+            let sum = (x.as_tensor() + r.as_tensor()).unwrap();
+            assert_eq!(to_f64(&y), to_f64(&sum), "{dtype:?} p={p} train={train}");
+        }
+    }
 }

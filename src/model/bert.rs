@@ -1064,12 +1064,13 @@ impl Bert {
         let hidden_p = self.config.hidden_dropout_prob;
         // ModernBERT drops the attention output at the attention rate.
         let out_p = if pre_norm { drop } else { hidden_p };
-        let mut a = s.dropout(&layer.attn_out.forward(&ctx, s)?, out_p)?;
-        if let Some(ad) = &layer.attn_adapter {
-            a = ad.forward(&a, s)?;
-        }
+        // dropout + residual add in one op where nothing sits between them.
+        let a_out = layer.attn_out.forward(&ctx, s)?;
+        let h1 = match &layer.attn_adapter {
+            Some(ad) => (ad.forward(&s.dropout(&a_out, out_p)?, s)? + input)?,
+            None => s.dropout_add(&a_out, input, out_p)?,
+        };
         if pre_norm {
-            let h1 = (a + input)?;
             let m = layer.out_norm.forward(&h1, s)?;
             let i = self.feed_forward_inner(&layer.intermediate.forward(&m, s)?)?;
             // ModernBERT's dropout is on the gated unit, before `Wo`.
@@ -1083,13 +1084,14 @@ impl Bert {
             .attn_norm
             .as_ref()
             .expect("post-norm layers have both norms");
-        let h1 = attn_norm.forward(&(a + input)?, s)?;
+        let h1 = attn_norm.forward(&h1, s)?;
         let i = self.feed_forward_inner(&layer.intermediate.forward(&h1, s)?)?;
-        let mut o = s.dropout(&layer.output.forward(&i, s)?, hidden_p)?;
-        if let Some(ad) = &layer.ffn_adapter {
-            o = ad.forward(&o, s)?;
-        }
-        Ok((layer.out_norm.forward(&(o + h1)?, s)?, probs))
+        let o = layer.output.forward(&i, s)?;
+        let h2 = match &layer.ffn_adapter {
+            Some(ad) => (ad.forward(&s.dropout(&o, hidden_p)?, s)? + &h1)?,
+            None => s.dropout_add(&o, &h1, hidden_p)?,
+        };
+        Ok((layer.out_norm.forward(&h2, s)?, probs))
     }
 
     /// The activation of the feed-forward unit on the intermediate

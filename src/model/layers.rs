@@ -11,7 +11,7 @@ use candle_nn::{Init, VarBuilder};
 
 use super::config::Activation;
 use crate::ops::adapter::{adapter_fast, Act, AdapterWeights};
-use crate::ops::mixout::{dropout, mixout, Rng};
+use crate::ops::mixout::{dropout, dropout_add, mixout, Rng};
 use crate::philox;
 use crate::Result;
 
@@ -256,6 +256,16 @@ impl Stream {
         dropout(x, p, self.take(x.elem_count()), true)
     }
 
+    /// `dropout(x, p) + r` with [`Stream::dropout`]'s draws, in one op
+    /// ([`crate::ops::dropout_add`], equal bit for bit to the two composed);
+    /// `x + r` outside train mode or for p = 0.
+    pub fn dropout_add(&self, x: &Tensor, r: &Tensor, p: f64) -> Result<Tensor> {
+        if !self.train() || p == 0.0 {
+            return Ok((x + r)?);
+        }
+        dropout_add(x, r, p, self.take(x.elem_count()), true)
+    }
+
     /// The attention probabilities `softmax(scores·scale + bias)` with
     /// [`Stream::dropout`]'s dropout (the same draws): in one op
     /// ([`crate::ops::attention_probs`]) where the stream uses fused ops,
@@ -368,6 +378,42 @@ fn gemm_xwt<S: candle_core::backend::BackendStorage>(
     Ok((y, (m, n).into()))
 }
 
+/// `x·Wᵀ + b` on storages: [`gemm_xwt`], then candle's broadcast add of
+/// `b` `[n]` when there is one (the ops of `x.matmul(&W.t())?.broadcast_add(b)`).
+fn gemm_bias<S: candle_core::backend::BackendStorage>(
+    x: (&S, &candle_core::Layout),
+    w: (&S, &candle_core::Layout),
+    b: Option<(&S, &candle_core::Layout)>,
+) -> candle_core::Result<(S, candle_core::Shape)> {
+    let (y, shape) = gemm_xwt(x.0, x.1, w.0, w.1)?;
+    let Some((b, bl)) = b else {
+        return Ok((y, shape));
+    };
+    let (m, n) = shape.dims2()?;
+    let yl = candle_core::Layout::contiguous((m, n));
+    let y = y.binary_impl::<candle_core::op::Add>(b, &yl, &bl.broadcast_as((m, n))?)?;
+    Ok((y, shape))
+}
+
+/// [`gemm_bias`] on the GPU: with a bias and half-precision operands one
+/// cuBLASLt GEMM whose epilogue adds the bias (`crate::cuda::linear_bias_lt`:
+/// one launch instead of two, and one rounding of the biased sum), else the
+/// GEMM and the add.
+#[cfg(feature = "cuda")]
+fn gemm_bias_cuda(
+    x: (&candle_core::CudaStorage, &candle_core::Layout),
+    w: (&candle_core::CudaStorage, &candle_core::Layout),
+    b: Option<(&candle_core::CudaStorage, &candle_core::Layout)>,
+) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+    if let Some(b) = b {
+        if let Some(y) = crate::cuda::linear_bias_lt(x, w, b)? {
+            let (m, n) = (x.1.dims()[0], w.1.dims()[0]);
+            return Ok((y, (m, n).into()));
+        }
+    }
+    gemm_bias(x, w, b)
+}
+
 /// `x·Wᵀ` for `x` `[m, k]` and a trainable weight `W` `[n, k]`: the value
 /// of `x.matmul(&W.t())` bit for bit, and the backward `dx = g·W`,
 /// `dW = gᵀ·x` (contiguous in W's layout).
@@ -412,11 +458,65 @@ impl candle_core::CustomOp2 for Matmul {
     }
 }
 
+/// `x·Wᵀ + b` for `x` `[m, k]`, a trainable weight `W` `[n, k]` and bias
+/// `b` `[n]` in one op: on the CPU the value of `x.matmul(&W.t())?
+/// .broadcast_add(b)` bit for bit; on the GPU in half precision one GEMM
+/// with the bias in its epilogue ([`gemm_bias_cuda`]). Backward: `dx = g·W`,
+/// `dW = gᵀ·x` (in W's layout, as [`Matmul`]) and `db = Σ_rows g` (the sum
+/// candle's broadcast add backward takes).
+struct MatmulBias;
+
+impl candle_core::CustomOp3 for MatmulBias {
+    fn name(&self) -> &'static str {
+        "tunefuse-matmul-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &candle_core::CpuStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CpuStorage,
+        wl: &candle_core::Layout,
+        b: &candle_core::CpuStorage,
+        bl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        gemm_bias((x, xl), (w, wl), Some((b, bl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &candle_core::Layout,
+        w: &candle_core::CudaStorage,
+        wl: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        gemm_bias_cuda((x, xl), (w, wl), Some((b, bl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = x.track_op().then(|| g.matmul(w)).transpose()?;
+        let dw = w.track_op().then(|| g.t()?.matmul(x)).transpose()?;
+        let db = b.track_op().then(|| g.sum(0)).transpose()?;
+        Ok((dx, dw, db))
+    }
+}
+
 /// `x·Wᵀ + b` for `x` `[m, k]`, a weight `W` `[n, k]` and a bias `b` `[n]`
 /// that take no gradient, as an op of `x` alone: the same GEMM and
 /// broadcast add as `x.matmul(&W.t())?.broadcast_add(b)` (candle's
-/// storage-level ops, with W's transposed and b's broadcast layouts), and a
-/// backward `dx = g·W` only.
+/// storage-level ops, with W's transposed and b's broadcast layouts; on the
+/// GPU in half precision one GEMM with the bias in its epilogue,
+/// [`gemm_bias_cuda`]), and a backward `dx = g·W` only.
 struct FrozenMatmul(Tensor, Option<Tensor>);
 
 impl FrozenMatmul {
@@ -427,23 +527,24 @@ impl FrozenMatmul {
         x: &S,
         xl: &candle_core::Layout,
         pick: impl Fn(&candle_core::Storage) -> Option<&S>,
+        gemm: impl Fn(
+            (&S, &candle_core::Layout),
+            (&S, &candle_core::Layout),
+            Option<(&S, &candle_core::Layout)>,
+        ) -> candle_core::Result<(S, candle_core::Shape)>,
     ) -> candle_core::Result<(S, candle_core::Shape)> {
         let (ws, wl) = self.0.storage_and_layout();
         let Some(w) = pick(&ws) else {
             candle_core::bail!("linear: the weight is on another device than the input")
         };
-        let (y, shape) = gemm_xwt(x, xl, w, wl)?;
         let Some(bias) = &self.1 else {
-            return Ok((y, shape));
+            return gemm((x, xl), (w, wl), None);
         };
-        let (m, n) = shape.dims2()?;
         let (bs, bl) = bias.storage_and_layout();
         let Some(b) = pick(&bs) else {
             candle_core::bail!("linear: the bias is on another device than the input")
         };
-        let yl = candle_core::Layout::contiguous((m, n));
-        let y = y.binary_impl::<candle_core::op::Add>(b, &yl, &bl.broadcast_as((m, n))?)?;
-        Ok((y, (m, n).into()))
+        gemm((x, xl), (w, wl), Some((b, bl)))
     }
 }
 
@@ -457,10 +558,15 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        self.product(s, l, |st| match st {
-            candle_core::Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
+        self.product(
+            s,
+            l,
+            |st| match st {
+                candle_core::Storage::Cpu(c) => Some(c),
+                _ => None,
+            },
+            gemm_bias,
+        )
     }
 
     #[cfg(feature = "cuda")]
@@ -469,10 +575,15 @@ impl candle_core::CustomOp1 for FrozenMatmul {
         s: &candle_core::CudaStorage,
         l: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        self.product(s, l, |st| match st {
-            candle_core::Storage::Cuda(c) => Some(c),
-            _ => None,
-        })
+        self.product(
+            s,
+            l,
+            |st| match st {
+                candle_core::Storage::Cuda(c) => Some(c),
+                _ => None,
+            },
+            gemm_bias_cuda,
+        )
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -488,14 +599,20 @@ fn linear_value(x: &Tensor, w: &Tensor, b: Option<&Tensor>, own_backward: bool) 
     // precision keeps f32 master weights under bf16 activations).
     let x2 = x.reshape((rows, din))?;
     let w = w.to_dtype(x.dtype())?;
-    let y = if own_backward && w.dims() == [dout, din] {
-        x2.contiguous()?.apply_op2(&w.contiguous()?, Matmul)?
-    } else {
-        x2.matmul(&w.t()?)?
-    };
-    let y = match b {
-        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-        None => y,
+    let b = b.map(|b| b.to_dtype(x.dtype())).transpose()?;
+    let y = match (own_backward && w.dims() == [dout, din], b) {
+        (true, Some(b)) if b.dims() == [dout] => {
+            x2.contiguous()?
+                .apply_op3(&w.contiguous()?, &b.contiguous()?, MatmulBias)?
+        }
+        (true, None) => x2.contiguous()?.apply_op2(&w.contiguous()?, Matmul)?,
+        (_, b) => {
+            let y = x2.matmul(&w.t()?)?;
+            match b {
+                Some(b) => y.broadcast_add(&b)?,
+                None => y,
+            }
+        }
     };
     let mut out = dims;
     *out.last_mut().unwrap() = dout;

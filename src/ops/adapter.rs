@@ -18,6 +18,7 @@
 //! tensor that needs it nothing is saved: candle drops the op with the graph.
 //! With an explicit residual the op takes it as a third input, so the LoRA
 //! sum is fused too.
+use std::borrow::Cow;
 use std::sync::Mutex;
 
 use candle_core::backend::BackendStorage;
@@ -274,13 +275,17 @@ struct Dims {
     m: usize,
     n: usize,
     r: usize,
+    /// Whether the packed weights carry the biases b_d and b_u. LoRA has
+    /// neither, and packing two zero vectors per call would cost two fills
+    /// and two copies for nothing; a lone absent bias is packed as zeros.
+    bias: bool,
 }
 
 impl Dims {
     /// Elements of the packed weights.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     fn packed_len(self) -> usize {
-        self.r * self.m + self.r + self.n * self.r + self.n
+        self.r * self.m + self.n * self.r + if self.bias { self.r + self.n } else { 0 }
     }
 }
 
@@ -383,13 +388,24 @@ impl AdapterWeights {
                 format!("scale must be finite, got {}", self.scale),
             ));
         }
-        Ok(Dims { m, n, r })
+        Ok(Dims {
+            m,
+            n,
+            r,
+            bias: self.b_down.is_some() || self.b_up.is_some(),
+        })
     }
 
-    /// All parameters in one flat tensor: W_d, b_d, W_u, b_u (zeros for
-    /// absent biases), so the op has two inputs and autograd reaches each
-    /// weight through the concatenation.
+    /// All parameters in one flat tensor: W_d, b_d, W_u, b_u (W_d, W_u
+    /// when neither bias exists; zeros for one absent bias), so the op has
+    /// two inputs and autograd reaches each weight through the concatenation.
     fn packed(&self, dims: Dims) -> Result<Tensor> {
+        if !dims.bias {
+            return Ok(Tensor::cat(
+                &[self.w_down.flatten_all()?, self.w_up.flatten_all()?],
+                0,
+            )?);
+        }
         let zeros = |n: usize| Tensor::zeros(n, self.w_down.dtype(), self.w_down.device());
         let bd = match &self.b_down {
             Some(b) => b.clone(),
@@ -490,13 +506,33 @@ struct AdapterOp {
     hidden: Mutex<Option<Tensor>>,
 }
 
+/// W_d, b_d, W_u and b_u of packed weights (the reference's view).
+type Unpacked<'a> = (&'a [f64], Cow<'a, [f64]>, &'a [f64], Cow<'a, [f64]>);
+
 impl Cfg {
-    fn unpack<'a>(&self, p: &'a [f64]) -> (&'a [f64], &'a [f64], &'a [f64], &'a [f64]) {
-        let Dims { m, n, r } = self.dims;
+    /// W_d, b_d, W_u, b_u of the packed weights; without biases b_d and b_u
+    /// are zeros.
+    fn unpack<'a>(&self, p: &'a [f64]) -> Unpacked<'a> {
+        let Dims { m, n, r, bias } = self.dims;
         let (wd, rest) = p.split_at(r * m);
+        if !bias {
+            let zeros = |k: usize| Cow::Owned(vec![0.0; k]);
+            return (wd, zeros(r), rest, zeros(n));
+        }
         let (bd, rest) = rest.split_at(r);
         let (wu, bu) = rest.split_at(n * r);
-        (wd, bd, wu, bu)
+        (wd, Cow::Borrowed(bd), wu, Cow::Borrowed(bu))
+    }
+
+    /// Offsets of W_d, b_d, W_u and b_u in the packed weights (b_d's and
+    /// b_u's are None without biases).
+    fn offsets(&self) -> (usize, Option<usize>, usize, Option<usize>) {
+        let Dims { m, n, r, bias } = self.dims;
+        if bias {
+            (0, Some(r * m), r * m + r, Some(r * m + r + n * r))
+        } else {
+            (0, None, r * m, None)
+        }
     }
 
     /// Pre-activations h `[T, r]` of the reference.
@@ -515,8 +551,8 @@ impl Cfg {
     /// The reference forward: `base + s·(act(h)·W_uᵀ + b_u)`, base `[T, n]`.
     fn cpu_forward(&self, x: &[f64], p: &[f64], base: &[f64]) -> Vec<f64> {
         let (wd, bd, wu, bu) = self.unpack(p);
-        let Dims { m, n, r } = self.dims;
-        let h = self.hidden_ref(x, wd, bd);
+        let Dims { m, n, r, .. } = self.dims;
+        let h = self.hidden_ref(x, wd, &bd);
         let t = x.len() / m;
         let mut y = vec![0.0; t * n];
         for i in 0..t {
@@ -691,11 +727,11 @@ impl CustomOp3 for AdapterGradOp {
         let o = &self.cfg;
         let (x, p, dy) = (to_f64(s1, l1)?, to_f64(s2, l2)?, to_f64(s3, l3)?);
         let (wd, bd, wu, _) = o.unpack(&p);
-        let Dims { m, n, r } = o.dims;
+        let Dims { m, n, r, .. } = o.dims;
         let t = x.len() / m;
-        let h = o.hidden_ref(&x, wd, bd);
+        let h = o.hidden_ref(&x, wd, &bd);
         let (mut dx, mut dp) = (vec![0.0; x.len()], vec![0.0; p.len()]);
-        let (dwd_off, dbd_off, dwu_off, dbu_off) = (0, r * m, r * m + r, r * m + r + n * r);
+        let (dwd_off, dbd_off, dwu_off, dbu_off) = o.offsets();
         for i in 0..t {
             // du = s·dy; dW_u += duᵀ z; db_u += du; dz = du·W_u; dh = dz ⊙ act'(h).
             let du: Vec<f64> = (0..n).map(|j| o.scale * dy[i * n + j]).collect();
@@ -708,10 +744,14 @@ impl CustomOp3 for AdapterGradOp {
                     dz += du[j] * wu[j * r + k];
                 }
                 dh[k] = dz * o.act.df(h[i * r + k]);
-                dp[dbd_off + k] += dh[k];
+                if let Some(off) = dbd_off {
+                    dp[off + k] += dh[k];
+                }
             }
-            for (j, du) in du.iter().enumerate() {
-                dp[dbu_off + j] += du;
+            if let Some(off) = dbu_off {
+                for (j, du) in du.iter().enumerate() {
+                    dp[off + j] += du;
+                }
             }
             for j in 0..m {
                 // The residual x adds dy (then n = m).
@@ -901,10 +941,11 @@ mod cuda {
             let mut y = k::alloc::<T>(&dev, t * dims.n)?;
             if t > 0 {
                 let (nrows, m, n, r) = (t as i64, dims.m as i32, dims.n as i32, dims.r as i32);
-                let (scale, act) = (c.scale as f32, c.act as i32);
+                let (scale, act, bias) = (c.scale as f32, c.act as i32, dims.bias as i32);
                 let mut b = f.builder();
                 b.arg(&xv).arg(&pv).arg(&rv).arg(&mut y);
                 b.arg(&mut h).arg(&nrows).arg(&m).arg(&n).arg(&r).arg(&scale).arg(&act);
+                b.arg(&bias);
                 k::launch_smem(&mut b, (t.div_ceil(ROWS) as u32, 1), THREADS, g.smem[0] as u32)?;
             }
             CudaStorage::wrap_cuda_slice(y, dev.clone())
@@ -951,6 +992,7 @@ mod cuda {
         let (nrows, m, n, r) = (t as i64, dims.m as i32, dims.n as i32, dims.r as i32);
         let c = &o.cfg;
         let (scale, act, res_is_x) = (c.scale as f32, c.act as i32, c.residual_is_x as i32);
+        let bias = dims.bias as i32;
         // Row slices of the weight reduction: about two blocks per SM of an
         // H100/H200 (132 SMs), at least 32 rows each.
         let col_blocks = dims.m.max(dims.n).div_ceil(64);
@@ -970,11 +1012,13 @@ mod cuda {
                 let mut b = rows.builder();
                 b.arg(&dyv).arg(&pv).arg(&hv).arg(&mut dx).arg(&mut dh).arg(&mut gacc);
                 b.arg(&nrows).arg(&m).arg(&n).arg(&r).arg(&scale).arg(&act).arg(&res_is_x);
+                b.arg(&bias);
                 k::launch_smem(&mut b, (t.div_ceil(ROWS) as u32, 1), THREADS, g.smem[1] as u32)?;
                 let rows_per = rows_per as i64;
                 let mut b = weights.builder();
                 b.arg(&xv).arg(&dyv).arg(&hv).arg(&dh).arg(&mut gacc);
                 b.arg(&nrows).arg(&m).arg(&n).arg(&r).arg(&scale).arg(&act).arg(&rows_per);
+                b.arg(&bias);
                 k::launch_smem(
                     &mut b,
                     (col_blocks as u32, splits as u32),

@@ -5,7 +5,9 @@
 //! equal to the paper's `(M⊙w + (1−M)⊙u − p·u)/(1−p)`. The gradient is the
 //! analytic `∂w̃/∂w = M/(1 − p)` (the reference implementation
 //! bloodwass/mixout omits the `1/(1 − p)`), and `∂w̃/∂u = 1 − M/(1 − p)`.
-//! Dropout: `y = M ⊙ x / (1 − p)`.
+//! Dropout: `y = M ⊙ x / (1 − p)`. Dropout before a residual add, fused:
+//! `y = dropout(x) + r`, with the dropout's output rounded to x's dtype
+//! before the add, so it equals the two ops composed bit for bit.
 //!
 //! `M` is drawn from Philox4x32-10 keyed by `seed`, with counters starting at
 //! `offset` (see [`crate::philox`] for the exact mapping): nothing is stored,
@@ -95,6 +97,23 @@ pub fn dropout(x: &Tensor, p: f64, rng: Rng, train: bool) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(DropoutOp(d))?)
 }
 
+/// `dropout(x) + r` in one pass: [`dropout`]'s output for `x` and `rng`
+/// (the same draws), rounded to x's dtype, plus the residual `r`, rounded
+/// once more, which is exactly what the two ops compute composed. The
+/// gradient is dropout's for `x` and the identity for `r`. Eval mode and
+/// p = 0 give `x + r`. `x` and `r` must have the same shape, dtype and
+/// device.
+pub fn dropout_add(x: &Tensor, r: &Tensor, p: f64, rng: Rng, train: bool) -> Result<Tensor> {
+    check_same("dropout_add", x, r, ("x", "r"))?;
+    check_half_or_f32("dropout_add", x.dtype())?;
+    let d = drop_params("dropout_add", p, rng)?;
+    if !train || p == 0.0 || x.elem_count() == 0 {
+        return Ok((x + r)?);
+    }
+    Ok(x.contiguous()?
+        .apply_op2(&r.contiguous()?, DropoutAddOp(d))?)
+}
+
 /// The keep mask (1 = kept) the ops draw for `n` elements, on the CPU: what
 /// tests compare kernels against.
 pub fn keep_mask(n: usize, p: f64, rng: Rng) -> Result<Vec<bool>> {
@@ -119,20 +138,22 @@ fn check_half_or_f32(op: &'static str, dtype: candle_core::DType) -> Result<()> 
 
 struct MixoutOp(DropParams);
 struct DropoutOp(DropParams);
+struct DropoutAddOp(DropParams);
 
 /// Elements per parallel task of the CPU path (a multiple of 4: whole
 /// Philox blocks).
 const CPU_CHUNK: usize = 1 << 14;
 
-/// Applies `f(keep_i, x_i, u_i)` in f32 over contiguous inputs of one dtype,
-/// where `keep_i` is element i's draw from `d`: in parallel over chunks,
-/// one Philox block per four elements.
+/// Applies `f(keep_i, x_i, u_i, round)` in f32 over contiguous inputs of one
+/// dtype, where `keep_i` is element i's draw from `d` and `round` rounds an
+/// f32 to the storage dtype (for an intermediate the kernels round): in
+/// parallel over chunks, one Philox block per four elements.
 fn map_cpu(
     d: &DropParams,
     s1: &CpuStorage,
     l1: &Layout,
     s2: Option<(&CpuStorage, &Layout)>,
-    f: impl Fn(bool, f32, f32) -> f32 + Sync,
+    f: impl Fn(bool, f32, f32, &dyn Fn(f32) -> f32) -> f32 + Sync,
 ) -> candle_core::Result<CpuStorage> {
     // `round` takes the f32 result to the storage dtype, rounding once like
     // the kernels (half's `from_f32` is correctly rounded; its `from_f64`,
@@ -156,7 +177,8 @@ fn map_cpu(
                         let i = first + j;
                         let ui = u.map_or(0.0, |u| u[i].to_f64() as f32);
                         let keep = philox::kept(*w, d.threshold);
-                        *o = $round(f(keep, x[i].to_f64() as f32, ui));
+                        let mid = |v: f32| $round(v).to_f64() as f32;
+                        *o = $round(f(keep, x[i].to_f64() as f32, ui, &mid));
                     }
                 });
             CpuStorage::$variant(out)
@@ -183,7 +205,7 @@ impl CustomOp2 for MixoutOp {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = self.0;
-        let out = map_cpu(&d, s1, l1, Some((s2, l2)), |keep, w, u| {
+        let out = map_cpu(&d, s1, l1, Some((s2, l2)), |keep, w, u, _| {
             if keep {
                 u + (w - u) * d.scale
             } else {
@@ -202,7 +224,7 @@ impl CustomOp2 for MixoutOp {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         Ok((
-            cuda::launch(&self.0, s1, l1, Some((s2, l2)))?,
+            cuda::launch("mixout", &self.0, s1, l1, Some((s2, l2)))?,
             l1.shape().clone(),
         ))
     }
@@ -237,7 +259,7 @@ impl CustomOp1 for DropoutOp {
             s,
             l,
             None,
-            |keep, x, _| {
+            |keep, x, _, _| {
                 if keep {
                     x * d.scale
                 } else {
@@ -254,7 +276,10 @@ impl CustomOp1 for DropoutOp {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::launch(&self.0, s, l, None)?, l.shape().clone()))
+        Ok((
+            cuda::launch("dropout", &self.0, s, l, None)?,
+            l.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -264,6 +289,51 @@ impl CustomOp1 for DropoutOp {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(DropoutOp(self.0))?))
+    }
+}
+
+impl CustomOp2 for DropoutAddOp {
+    fn name(&self) -> &'static str {
+        "tunefuse-dropout-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = self.0;
+        let out = map_cpu(&d, s1, l1, Some((s2, l2)), |keep, x, r, round| {
+            round(if keep { x * d.scale } else { 0.0 }) + r
+        })?;
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            cuda::launch("dropout_add", &self.0, s1, l1, Some((s2, l2)))?,
+            l1.shape().clone(),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gx = grad.contiguous()?.apply_op1_no_bwd(&DropoutOp(self.0))?;
+        Ok((Some(gx), Some(grad.clone())))
     }
 }
 
@@ -278,8 +348,10 @@ mod cuda {
     const MODULE: &str = "tunefuse_mixout";
     const BLOCK: u32 = 256;
 
-    /// `mixout_<dtype>` when `u` is given, else `dropout_<dtype>`.
+    /// `<op>_<dtype>` (op: mixout, dropout or dropout_add), with the second
+    /// operand `u` of mixout and dropout_add.
     pub(super) fn launch(
+        op: &'static str,
         d: &DropParams,
         s: &CudaStorage,
         l: &Layout,
@@ -287,7 +359,6 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let dev = s.device.clone();
         let n = l.shape().elem_count();
-        let op = if u.is_some() { "mixout" } else { "dropout" };
         let f = k::func(
             &dev,
             MODULE,

@@ -15,7 +15,7 @@ pub use adamw::{adamw_state, adamw_step, AdamWStep};
 pub use attention::attention_probs;
 pub use grad_reverse::{dann_lambda, grad_reverse};
 pub use layer_norm::layer_norm;
-pub use mixout::{dropout, mixout, Rng};
+pub use mixout::{dropout, dropout_add, mixout, Rng};
 pub use perturb::{
     ascent_step, noise_init, AscentStep, Granularity, Noise, Norm, Perturbation, StepMode,
 };
