@@ -230,10 +230,10 @@ pub(crate) fn grid_for(n: usize, block: u32) -> u32 {
 
 /// cuBLASLt for the dense layers' GEMMs with a bias epilogue. The handle,
 /// a workspace, and per GEMM shape the descriptors and the algorithm
-/// cuBLASLt's heuristic chose are made once per device and kept for the
-/// process, so that a call is two library calls (the bias pointer, the
-/// GEMM) and no heuristic query; the shapes are one per dense-layer width
-/// and padded batch length, a few hundred at most.
+/// cuBLASLt's heuristic chose (or that it found none) are made once per
+/// device and kept for the process, so that a call is two library calls
+/// (the bias pointer, the GEMM) and no heuristic query; the shapes are one
+/// per dense-layer width and padded batch length, a few hundred at most.
 mod lt {
     use std::collections::HashMap;
 
@@ -245,9 +245,20 @@ mod lt {
     /// Hopper; the stand-in's algorithm needs none).
     pub(super) const WORKSPACE: usize = 32 << 20;
 
-    /// One shape: y `[m, n]` = x `[m, k]`·Wᵀ + b.
+    /// Which GEMM of a dense layer `y = x·Wᵀ + b` (x `[m, k]`, W `[n, k]`).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub(super) enum Kind {
+        /// The forward, `y = x·Wᵀ + b`, the bias added by the epilogue.
+        Bias,
+        /// The weight gradient `dW = gᵀ·x` `[n, k]` with the bias gradient
+        /// `db = Σ_rows g` from the same GEMM (epilogue `BGRADB`).
+        BiasGrad,
+    }
+
+    /// One GEMM: kind, dtype and the layer's m, n, k.
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     pub(super) struct Shape {
+        pub kind: Kind,
         pub dtype: DType,
         pub m: usize,
         pub n: usize,
@@ -263,23 +274,24 @@ mod lt {
         pub algo: sys::cublasLtMatmulAlgo_t,
     }
 
-    /// One device's handle, workspace and plans.
+    /// One device's handle, workspace and plans (`None`: cuBLASLt has no
+    /// algorithm for that shape; the caller composes it).
     pub(super) struct Device {
         pub handle: sys::cublasLtHandle_t,
         pub workspace: CudaSlice<u8>,
-        pub plans: HashMap<Shape, Plan>,
+        pub plans: HashMap<Shape, Option<Plan>>,
     }
 
     // SAFETY: the raw handles are only used under the mutex that holds the
     // device's entry, on the one stream candle's device runs.
     unsafe impl Send for Device {}
 
-    fn err(what: &str, e: result::CublasError) -> candle_core::Error {
+    pub(super) fn err(what: &str, e: result::CublasError) -> candle_core::Error {
         candle_core::Error::Msg(format!("cuBLASLt {what}: {e:?}"))
     }
 
     /// Sets a descriptor attribute from a plain value.
-    unsafe fn set<T>(
+    pub(super) unsafe fn set<T>(
         desc: sys::cublasLtMatmulDesc_t,
         attr: sys::cublasLtMatmulDescAttributes_t,
         v: &T,
@@ -293,36 +305,57 @@ mod lt {
         .map_err(|e| err("descriptor", e))
     }
 
-    /// Row-major y `[m, n]` is column-major yᵀ `[n, m]` = op(A)·B with A = W
-    /// (stored column-major as `[k, n]`, transposed) and B = x (column-major
-    /// `[k, m]`); the bias epilogue adds along yᵀ's rows, y's columns.
-    pub(super) fn plan(dev: &Device, s: Shape) -> candle_core::Result<Plan> {
+    /// The plan of a shape. Row-major matrices are read as column-major
+    /// transposes. `Bias`: y `[m, n]` is yᵀ `[n, m]` = op(A)·B with A = W
+    /// (stored `[k, n]`, transposed) and B = x (`[k, m]`); the bias runs
+    /// along yᵀ's rows, y's columns. `BiasGrad`: dW `[n, k]` is dWᵀ `[k, n]`
+    /// = A·op(B) with A = x (`[k, m]`) and B = g (stored `[n, m]`,
+    /// transposed); `BGRADB` sums op(B) over the GEMM's reduced dimension
+    /// (the m rows), one value per column of dWᵀ: db `[n]`.
+    pub(super) fn plan(dev: &Device, s: Shape) -> candle_core::Result<Option<Plan>> {
+        use sys::cublasLtEpilogue_t as E;
         use sys::cublasLtMatmulDescAttributes_t as A;
         let ty = match s.dtype {
             DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
             _ => sys::cudaDataType_t::CUDA_R_16F,
         };
         let (m, n, k) = (s.m as u64, s.n as u64, s.k as u64);
+        // (transa, transb, epilogue, A, B, C layouts as rows, cols, ld)
+        type L = (u64, u64, u64);
+        let (ta, tb, epi, la, lb, lc): (i32, i32, E, L, L, L) = match s.kind {
+            Kind::Bias => (
+                1,
+                0,
+                E::CUBLASLT_EPILOGUE_BIAS,
+                (k, n, k),
+                (k, m, k),
+                (n, m, n),
+            ),
+            Kind::BiasGrad => (
+                0,
+                1,
+                E::CUBLASLT_EPILOGUE_BGRADB,
+                (k, m, k),
+                (n, m, n),
+                (k, n, k),
+            ),
+        };
         let desc = result::create_matmul_desc(
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cudaDataType_t::CUDA_R_32F,
         )
         .map_err(|e| err("descriptor", e))?;
-        let layout = |rows: u64, cols: u64, ld: u64| {
+        let layout = |(rows, cols, ld): L| {
             result::create_matrix_layout(ty, rows, cols, ld as i64).map_err(|e| err("layout", e))
         };
-        let (a, b, c) = (layout(k, n, k)?, layout(k, m, k)?, layout(n, m, n)?);
+        let (a, b, c) = (layout(la)?, layout(lb)?, layout(lc)?);
         // SAFETY: the descriptors were just created; each attribute gets a
-        // value of the type the cuBLASLt documentation gives it.
+        // value of the type the cuBLASLt documentation gives it
+        // (cublasOperation_t: N = 0, T = 1).
         unsafe {
-            // cublasOperation_t: CUBLAS_OP_N = 0, CUBLAS_OP_T = 1.
-            set(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &1i32)?;
-            set(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &0i32)?;
-            set(
-                desc,
-                A::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                &(sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32),
-            )?;
+            set(desc, A::CUBLASLT_MATMUL_DESC_TRANSA, &ta)?;
+            set(desc, A::CUBLASLT_MATMUL_DESC_TRANSB, &tb)?;
+            set(desc, A::CUBLASLT_MATMUL_DESC_EPILOGUE, &(epi as u32))?;
             let pref = result::create_matmul_pref().map_err(|e| err("preference", e))?;
             result::set_matmul_pref_attribute(
                 pref,
@@ -331,16 +364,25 @@ mod lt {
                 std::mem::size_of::<usize>(),
             )
             .map_err(|e| err("preference", e))?;
-            let h = result::get_matmul_algo_heuristic(dev.handle, desc, a, b, c, c, pref)
-                .map_err(|e| err(&format!("algorithm for {s:?}"), e));
+            let h = result::get_matmul_algo_heuristic(dev.handle, desc, a, b, c, c, pref);
             result::destroy_matmul_pref(pref).map_err(|e| err("preference", e))?;
-            Ok(Plan {
-                desc,
-                a,
-                b,
-                c,
-                algo: h?.algo,
-            })
+            match h {
+                Ok(h) => Ok(Some(Plan {
+                    desc,
+                    a,
+                    b,
+                    c,
+                    algo: h.algo,
+                })),
+                Err(result::CublasError(sys::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED)) => {
+                    for l in [a, b, c] {
+                        result::destroy_matrix_layout(l).map_err(|e| err("layout", e))?;
+                    }
+                    result::destroy_matmul_desc(desc).map_err(|e| err("descriptor", e))?;
+                    Ok(None)
+                }
+                Err(e) => Err(err(&format!("algorithm for {s:?}"), e)),
+            }
         }
     }
 }
@@ -357,8 +399,7 @@ fn blas_lt(dev: &CudaDevice) -> Result<Arc<Mutex<lt::Device>>> {
         return Ok(d.clone());
     }
     use candle_core::cuda_backend::cudarc::cublaslt::result;
-    let handle = result::create_handle()
-        .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt handle: {e:?}")))?;
+    let handle = result::create_handle().map_err(|e| lt::err("handle", e))?;
     let d = Arc::new(Mutex::new(lt::Device {
         handle,
         workspace: alloc::<u8>(dev, lt::WORKSPACE)?,
@@ -368,30 +409,92 @@ fn blas_lt(dev: &CudaDevice) -> Result<Arc<Mutex<lt::Device>>> {
     Ok(d)
 }
 
-/// `x·Wᵀ + b` for x `[m, k]`, W `[n, k]` and b `[n]` (contiguous, one
-/// half-precision dtype) as one cuBLASLt GEMM whose epilogue adds the bias:
-/// the bias is added to the f32 accumulator before the one rounding to the
-/// output dtype (the GEMM-then-add composition rounds twice), and no
-/// separate add kernel runs. `None` where this does not apply: f32 (which
-/// cuBLASLt would run in TF32) and f64, strided inputs, or a buffer not on
-/// the 256-byte boundary cuBLASLt's algorithm choice assumes by default;
-/// the caller then composes the GEMM and the add.
+/// Runs the plan of `shape` (made on first use): `out = op(A)·op(B)` with
+/// the epilogue's vector at `vector` (the bias it reads, or the bias
+/// gradient it writes). `Ok(false)` when cuBLASLt has no algorithm for the
+/// shape: nothing ran.
+///
+/// # Safety
+/// `a`, `b`, `out` and `vector` must be device pointers on `dev`'s stream to
+/// buffers of the sizes the shape's kind gives them (see `lt::plan`).
+unsafe fn run_lt(
+    dev: &CudaDevice,
+    shape: lt::Shape,
+    a: u64,
+    b: u64,
+    out: u64,
+    vector: u64,
+) -> Result<bool> {
+    use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
+    use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+    let stream = dev.cuda_stream();
+    let state = blas_lt(dev)?;
+    let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+    let d = &mut *guard;
+    if !d.plans.contains_key(&shape) {
+        let p = lt::plan(d, shape)?;
+        d.plans.insert(shape, p);
+    }
+    let Some(p) = &d.plans[&shape] else {
+        return Ok(false);
+    };
+    let (alpha, beta) = (1f32, 0f32);
+    let (ws, _rws) = d.workspace.device_ptr_mut(&stream);
+    lt::set(
+        p.desc,
+        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+        &vector,
+    )?;
+    result::matmul(
+        d.handle,
+        p.desc,
+        &alpha as *const f32 as *const _,
+        &beta as *const f32 as *const _,
+        a as *const _,
+        p.a,
+        b as *const _,
+        p.b,
+        out as *const _,
+        p.c,
+        out as *mut _,
+        p.c,
+        &p.algo,
+        ws as *mut _,
+        lt::WORKSPACE,
+        stream.cu_stream() as *mut _,
+    )
+    .map_err(|e| lt::err("matmul", e))?;
+    Ok(true)
+}
+
+/// Whether cuBLASLt takes these operands: one half-precision dtype,
+/// contiguous, each starting on the 256-byte boundary its algorithm
+/// choice assumes by default (f32 stays with cuBLAS: cuBLASLt would run it
+/// in TF32).
+fn lt_operands(dtype: DType, ops: &[(&CudaStorage, &Layout)]) -> bool {
+    use candle_core::backend::BackendStorage;
+    matches!(dtype, DType::BF16 | DType::F16)
+        && ops.iter().all(|(s, l)| {
+            s.dtype() == dtype
+                && l.is_contiguous()
+                && (l.start_offset() * dtype.size_in_bytes()).is_multiple_of(256)
+        })
+}
+
+/// `x·Wᵀ + b` for x `[m, k]`, W `[n, k]` and b `[n]` as one cuBLASLt GEMM
+/// whose epilogue adds the bias: the bias is added to the f32 accumulator
+/// before the one rounding to the output dtype (the GEMM-then-add
+/// composition rounds twice), and no separate add kernel runs. `None` where
+/// this does not apply ([`lt_operands`], empty sizes, no algorithm): the
+/// caller composes the GEMM and the add.
 pub(crate) fn linear_bias_lt(
     x: (&CudaStorage, &Layout),
     w: (&CudaStorage, &Layout),
     b: (&CudaStorage, &Layout),
 ) -> Result<Option<CudaStorage>> {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::cublaslt::result;
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     let dtype = x.0.dtype();
-    if !matches!(dtype, DType::BF16 | DType::F16)
-        || w.0.dtype() != dtype
-        || b.0.dtype() != dtype
-        || ![x.1, w.1, b.1].iter().all(|l| l.is_contiguous())
-    {
-        return Ok(None);
-    }
     let (m, k) = x.1.shape().dims2()?;
     let (n, kw) = w.1.shape().dims2()?;
     if kw != k || b.1.dims() != [n] {
@@ -402,76 +505,96 @@ pub(crate) fn linear_bias_lt(
             x.1.dims()
         );
     }
-    let aligned = [x.1, w.1, b.1]
-        .iter()
-        .all(|l| (l.start_offset() * dtype.size_in_bytes()).is_multiple_of(256));
-    if !aligned || m == 0 || n == 0 || k == 0 {
+    if !lt_operands(dtype, &[x, w, b]) || m == 0 || n == 0 || k == 0 {
         return Ok(None);
     }
     let dev = x.0.device.clone();
     let stream = dev.cuda_stream();
-    let state = blas_lt(&dev)?;
-    let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
-    let d = &mut *guard;
-    let shape = lt::Shape { dtype, m, n, k };
-    if !d.plans.contains_key(&shape) {
-        let p = lt::plan(d, shape)?;
-        d.plans.insert(shape, p);
-    }
-    let p = &d.plans[&shape];
+    let shape = lt::Shape {
+        kind: lt::Kind::Bias,
+        dtype,
+        m,
+        n,
+        k,
+    };
     macro_rules! run {
         ($t:ty) => {{
             let xv = view::<$t>("linear", x.0, x.1)?;
             let wv = view::<$t>("linear", w.0, w.1)?;
             let bv = view::<$t>("linear", b.0, b.1)?;
             let mut y = alloc::<$t>(&dev, m * n)?;
-            let (alpha, beta) = (1f32, 0f32);
-            {
+            let ran = {
                 let (xp, _rx) = xv.device_ptr(&stream);
                 let (wp, _rw) = wv.device_ptr(&stream);
                 let (bp, _rb) = bv.device_ptr(&stream);
                 let (yp, _ry) = y.device_ptr_mut(&stream);
-                let (ws, _rws) = d.workspace.device_ptr_mut(&stream);
-                // SAFETY: the plan's layouts describe exactly these buffers
-                // (W n·k, x m·k, y m·n elements, b n), all on candle's stream,
-                // which the GEMM is queued on; the descriptor is this shape's
-                // own and only used under the device's lock.
-                unsafe {
-                    use candle_core::cuda_backend::cudarc::cublaslt::sys;
-                    result::set_matmul_desc_attribute(
-                        p.desc,
-                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                        &bp as *const _ as *const _,
-                        std::mem::size_of_val(&bp),
-                    )
-                    .and_then(|()| {
-                        result::matmul(
-                            d.handle,
-                            p.desc,
-                            &alpha as *const f32 as *const _,
-                            &beta as *const f32 as *const _,
-                            wp as *const _,
-                            p.a,
-                            xp as *const _,
-                            p.b,
-                            yp as *const _,
-                            p.c,
-                            yp as *mut _,
-                            p.c,
-                            &p.algo,
-                            ws as *mut _,
-                            lt::WORKSPACE,
-                            stream.cu_stream() as *mut _,
-                        )
-                    })
-                    .map_err(|e| candle_core::Error::Msg(format!("cuBLASLt matmul: {e:?}")))?;
-                }
-            }
-            CudaStorage::wrap_cuda_slice(y, dev.clone())
+                // SAFETY: W n·k, x m·k, b n and y m·n elements, as `Bias`
+                // reads and writes them, on candle's stream.
+                unsafe { run_lt(&dev, shape, wp, xp, yp, bp)? }
+            };
+            ran.then(|| CudaStorage::wrap_cuda_slice(y, dev.clone()))
         }};
     }
-    Ok(Some(match dtype {
+    Ok(match dtype {
         DType::BF16 => run!(half::bf16),
         _ => run!(half::f16),
-    }))
+    })
+}
+
+/// The weight and bias gradients of `y = x·Wᵀ + b` for the incoming
+/// gradient g `[m, n]` and x `[m, k]` in one cuBLASLt GEMM: `[dW (n·k),
+/// db (n)]` in one buffer of x's dtype, dW = gᵀ·x in W's layout and db =
+/// Σ_rows g from the GEMM's `BGRADB` epilogue (no separate sum kernel).
+/// `None` where this does not apply (as [`linear_bias_lt`]).
+pub(crate) fn linear_grads_lt(
+    x: (&CudaStorage, &Layout),
+    g: (&CudaStorage, &Layout),
+) -> Result<Option<CudaStorage>> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    let dtype = x.0.dtype();
+    let (m, k) = x.1.shape().dims2()?;
+    let (mg, n) = g.1.shape().dims2()?;
+    if mg != m {
+        candle_core::bail!(
+            "linear: gradient {:?} for inputs {:?}",
+            g.1.dims(),
+            x.1.dims()
+        );
+    }
+    // db starts n·k elements in: on the 256-byte boundary when n·k is.
+    let db_aligned = (n * k * dtype.size_in_bytes()).is_multiple_of(256);
+    if !lt_operands(dtype, &[x, g]) || !db_aligned || m == 0 || n == 0 || k == 0 {
+        return Ok(None);
+    }
+    let dev = x.0.device.clone();
+    let stream = dev.cuda_stream();
+    let shape = lt::Shape {
+        kind: lt::Kind::BiasGrad,
+        dtype,
+        m,
+        n,
+        k,
+    };
+    macro_rules! run {
+        ($t:ty) => {{
+            let xv = view::<$t>("linear", x.0, x.1)?;
+            let gv = view::<$t>("linear", g.0, g.1)?;
+            let mut out = alloc::<$t>(&dev, n * k + n)?;
+            let ran = {
+                let (xp, _rx) = xv.device_ptr(&stream);
+                let (gp, _rg) = gv.device_ptr(&stream);
+                let (op, _ro) = out.device_ptr_mut(&stream);
+                let dbp = op + (n * k * dtype.size_in_bytes()) as u64;
+                // SAFETY: x m·k and g m·n elements read, dW n·k and db n
+                // written, as `BiasGrad` does, on candle's stream.
+                unsafe { run_lt(&dev, shape, xp, gp, op, dbp)? }
+            };
+            ran.then(|| CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }};
+    }
+    Ok(match dtype {
+        DType::BF16 => run!(half::bf16),
+        _ => run!(half::f16),
+    })
 }

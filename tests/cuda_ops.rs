@@ -1511,7 +1511,9 @@ fn attention_softmax_on_device() {
 /// f64 product of the same operands. The input gradient is candle's own
 /// matmul backward (`g·W`) bit for bit, without the weight's gradient;
 /// f32/bf16/f16 and bf16 activations over f32 weights (mixed precision),
-/// odd shapes up to MiniLM's FFN.
+/// odd shapes up to MiniLM's FFN. The trainable layer (`linear_on`, its
+/// own op) gives the same value, and in half precision weight and bias
+/// gradients within one rounding of the f64 ones.
 #[test]
 fn frozen_linear_on_device() {
     use tunefuse::model::layers::linear;
@@ -1616,6 +1618,53 @@ fn frozen_linear_on_device() {
                 )
                 .unwrap();
                 assert!(to_f64(&t) == to_f64(&p), "{tag}: trainable value");
+                if xd != DType::F32 {
+                    // Its weight and bias gradients (in half precision one
+                    // GEMM with the bias gradient in its epilogue): within one
+                    // rounding to the dtype plus f32 accumulation over the rows
+                    // of the f64 gᵀ·x and Σ_rows g, g being r rounded to xd.
+                    let gr = t
+                        .reshape((2 * rows, dout))
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap();
+                    let grads = (gr * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                    let f64_of = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                    let g64 = f64_of(&r.to_dtype(xd).unwrap());
+                    let x64 = f64_of(&x.reshape((2 * rows, din)).unwrap());
+                    let u = if xd == DType::BF16 {
+                        2f64.powi(-8)
+                    } else {
+                        2f64.powi(-11)
+                    };
+                    let acc = (2 * rows) as f64 * 2f64.powi(-24);
+                    let within = |what: &str, got: &Tensor, want: Tensor, mag: Tensor| {
+                        let (got, want, mag) = (to_f64(got), to_f64(&want), to_f64(&mag));
+                        let bad = (0..got.len())
+                            .filter(|&i| {
+                                (got[i] - want[i]).abs() > u * want[i].abs() + acc * mag[i] + 1e-30
+                            })
+                            .count();
+                        assert_eq!(bad, 0, "{tag}: {bad} of {} {what} out of bounds", got.len());
+                    };
+                    within(
+                        "weight gradients",
+                        grads.get(wv.as_tensor()).unwrap(),
+                        g64.t().unwrap().matmul(&x64).unwrap(),
+                        g64.abs()
+                            .unwrap()
+                            .t()
+                            .unwrap()
+                            .matmul(&x64.abs().unwrap())
+                            .unwrap(),
+                    );
+                    within(
+                        "bias gradients",
+                        grads.get(bv.as_tensor()).unwrap(),
+                        g64.sum(0).unwrap(),
+                        g64.abs().unwrap().sum(0).unwrap(),
+                    );
+                }
                 let (gp, gq) = (loss(&p).backward().unwrap(), loss(&q).backward().unwrap());
                 assert!(
                     to_f64(gp.get(ours.as_tensor()).unwrap())

@@ -463,7 +463,8 @@ impl candle_core::CustomOp2 for Matmul {
 /// .broadcast_add(b)` bit for bit; on the GPU in half precision one GEMM
 /// with the bias in its epilogue ([`gemm_bias_cuda`]). Backward: `dx = g·W`,
 /// `dW = gᵀ·x` (in W's layout, as [`Matmul`]) and `db = Σ_rows g` (the sum
-/// candle's broadcast add backward takes).
+/// candle's broadcast add backward takes; on the GPU in half precision the
+/// epilogue of dW's GEMM, [`linear_grads_cuda`]).
 struct MatmulBias;
 
 impl candle_core::CustomOp3 for MatmulBias {
@@ -505,10 +506,41 @@ impl candle_core::CustomOp3 for MatmulBias {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dx = x.track_op().then(|| g.matmul(w)).transpose()?;
+        #[cfg(feature = "cuda")]
+        if w.track_op() && b.track_op() {
+            if let Some(p) = linear_grads_cuda(x, &g.contiguous()?)? {
+                let nk = w.elem_count();
+                let dw = p.narrow(0, 0, nk)?.reshape(w.shape())?;
+                return Ok((dx, Some(dw), Some(p.narrow(0, nk, b.elem_count())?)));
+            }
+        }
         let dw = w.track_op().then(|| g.t()?.matmul(x)).transpose()?;
         let db = b.track_op().then(|| g.sum(0)).transpose()?;
         Ok((dx, dw, db))
     }
+}
+
+/// `[dW (n·k), db (n)]` of a dense layer for x `[m, k]` and the incoming
+/// gradient g `[m, n]` from one cuBLASLt GEMM with the bias gradient in its
+/// epilogue (`crate::cuda::linear_grads_lt`); `None` off the GPU or where
+/// that does not apply (the caller composes `gᵀ·x` and `Σ_rows g`).
+#[cfg(feature = "cuda")]
+fn linear_grads_cuda(x: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (xs, xl) = x.storage_and_layout();
+    let (gs, gl) = g.storage_and_layout();
+    let (candle_core::Storage::Cuda(xc), candle_core::Storage::Cuda(gc)) = (&*xs, &*gs) else {
+        return Ok(None);
+    };
+    let Some(out) = crate::cuda::linear_grads_lt((xc, xl), (gc, gl))? else {
+        return Ok(None);
+    };
+    let len = x.dim(1)? * g.dim(1)? + g.dim(1)?;
+    Ok(Some(Tensor::from_storage(
+        candle_core::Storage::Cuda(out),
+        len,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )))
 }
 
 /// `x·Wᵀ + b` for `x` `[m, k]`, a weight `W` `[n, k]` and a bias `b` `[n]`
