@@ -159,6 +159,29 @@ fn bad_settings_are_refused_before_training() {
 }
 
 #[test]
+fn a_checkpoint_evaluates_on_its_auxiliary_domain() {
+    // Training with the main task's own data as the auxiliary corpus is
+    // refused; evaluating a checkpoint on its auxiliary (target) domain, as
+    // cross-domain transfer is measured, is not.
+    let dir = common::scratch("after-target");
+    let model = common::tiny_model_dir(dir.path());
+    let cfg = Config {
+        task: "amazon:kitchen".into(),
+        methods: vec![Method::After(AfterConfig {
+            aux: "amazon:kitchen".into(),
+            ..Default::default()
+        })],
+        ..common::small_run(&dir, "target", model)
+    };
+    let e = Run::new(cfg.clone())
+        .err()
+        .expect("training accepted")
+        .to_string();
+    assert!(e.contains("main task's own data"), "{e}");
+    Run::for_checkpoint(cfg, vec!["0".into(), "1".into()]).unwrap();
+}
+
+#[test]
 fn the_cli_trains_with_after_and_evaluates_its_checkpoint() {
     let dir = common::scratch("after-cli");
     let model = common::tiny_model_dir(dir.path());

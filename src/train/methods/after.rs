@@ -172,6 +172,19 @@ impl Term for After {
     }
 
     fn setup(&mut self, env: &TermEnv<'_>) -> Result<()> {
+        let vb = candle_nn::VarBuilder::from_varmap(env.varmap, DType::F32, env.device);
+        let h = env.bert.config.hidden_size;
+        self.head = Some(Dense::new(&vb, "domain.classifier", h, 2)?);
+        self.mean = env.cfg.pooling == Pooling::Mean;
+        self.seed = env.cfg.seed;
+        self.total = env.micro_batches.max(1);
+        self.device = env.device.clone();
+        // A checkpoint's evaluation run trains nothing: the corpus is not
+        // needed (nor, perhaps, there), and evaluating on the auxiliary
+        // corpus's own task is the point of domain adaptation.
+        if env.micro_batches == 0 {
+            return Ok(());
+        }
         let main = env.cfg.task.to_ascii_lowercase();
         if !main.is_empty() && task_of(&self.cfg.aux).eq_ignore_ascii_case(&main) {
             return Err(param_err(
@@ -182,18 +195,6 @@ impl Term for After {
                     self.cfg.aux
                 ),
             ));
-        }
-        let vb = candle_nn::VarBuilder::from_varmap(env.varmap, DType::F32, env.device);
-        let h = env.bert.config.hidden_size;
-        self.head = Some(Dense::new(&vb, "domain.classifier", h, 2)?);
-        self.mean = env.cfg.pooling == Pooling::Mean;
-        self.seed = env.cfg.seed;
-        self.total = env.micro_batches.max(1);
-        self.device = env.device.clone();
-        // A checkpoint's evaluation run trains nothing: the corpus is not
-        // needed (nor, perhaps, there).
-        if env.micro_batches == 0 {
-            return Ok(());
         }
         let corpus = read_corpus(&self.cfg.aux, env.cfg.data_dir.as_deref())?;
         self.texts = corpus
