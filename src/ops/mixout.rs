@@ -84,7 +84,8 @@ pub fn mixout(w: &Tensor, u: &Tensor, p: f64, rng: Rng, train: bool) -> Result<T
     if !train || p == 0.0 || w.elem_count() == 0 {
         return Ok(w.clone());
     }
-    Ok(w.contiguous()?.apply_op2(&u.contiguous()?, MixoutOp(d))?)
+    Ok(w.contiguous()?
+        .apply_op2(&u.contiguous()?, PairOp(Pair::Mixout, d))?)
 }
 
 /// Dropout of `x` with probability `p`, scaled by `1/(1 − p)`.
@@ -111,7 +112,7 @@ pub fn dropout_add(x: &Tensor, r: &Tensor, p: f64, rng: Rng, train: bool) -> Res
         return Ok((x + r)?);
     }
     Ok(x.contiguous()?
-        .apply_op2(&r.contiguous()?, DropoutAddOp(d))?)
+        .apply_op2(&r.contiguous()?, PairOp(Pair::DropoutAdd, d))?)
 }
 
 /// The keep mask (1 = kept) the ops draw for `n` elements, on the CPU: what
@@ -136,9 +137,16 @@ fn check_half_or_f32(op: &'static str, dtype: candle_core::DType) -> Result<()> 
     Ok(())
 }
 
-struct MixoutOp(DropParams);
 struct DropoutOp(DropParams);
-struct DropoutAddOp(DropParams);
+
+/// The two-input ops: mixout of x = w towards u, and dropout of x plus the
+/// residual u.
+#[derive(Clone, Copy)]
+enum Pair {
+    Mixout,
+    DropoutAdd,
+}
+struct PairOp(Pair, DropParams);
 
 /// Elements per parallel task of the CPU path (a multiple of 4: whole
 /// Philox blocks).
@@ -192,9 +200,12 @@ fn map_cpu(
     })
 }
 
-impl CustomOp2 for MixoutOp {
+impl CustomOp2 for PairOp {
     fn name(&self) -> &'static str {
-        "tunefuse-mixout"
+        match self.0 {
+            Pair::Mixout => "tunefuse-mixout",
+            Pair::DropoutAdd => "tunefuse-dropout-add",
+        }
     }
 
     fn cpu_fwd(
@@ -204,13 +215,13 @@ impl CustomOp2 for MixoutOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = self.0;
-        let out = map_cpu(&d, s1, l1, Some((s2, l2)), |keep, w, u, _| {
-            if keep {
-                u + (w - u) * d.scale
-            } else {
-                u
-            }
+        let (pair, d) = (self.0, self.1);
+        let out = map_cpu(&d, s1, l1, Some((s2, l2)), |keep, x, u, round| match pair {
+            // u + M·(w − u)/(1 − p), w = x
+            Pair::Mixout if keep => u + (x - u) * d.scale,
+            Pair::Mixout => u,
+            // dropout(x) as the dropout op stores it, + the residual u
+            Pair::DropoutAdd => round(if keep { x * d.scale } else { 0.0 }) + u,
         })?;
         Ok((out, l1.shape().clone()))
     }
@@ -223,27 +234,31 @@ impl CustomOp2 for MixoutOp {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let kernel = match self.0 {
+            Pair::Mixout => "mixout",
+            Pair::DropoutAdd => "dropout_add",
+        };
         Ok((
-            cuda::launch("mixout", &self.0, s1, l1, Some((s2, l2)))?,
+            cuda::launch(kernel, &self.1, s1, l1, Some((s2, l2)))?,
             l1.shape().clone(),
         ))
     }
 
     fn bwd(
         &self,
-        _w: &Tensor,
+        _x: &Tensor,
         u: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // ∂w̃/∂w = M/(1 − p): dropout of the incoming gradient, same bits.
-        let gw = grad.contiguous()?.apply_op1_no_bwd(&DropoutOp(self.0))?;
-        let gu = if u.track_op() {
-            Some((grad - &gw)?)
-        } else {
-            None
+        // ∂/∂x is M/(1 − p) in both: dropout of the incoming gradient, same
+        // bits. ∂/∂u: 1 − M/(1 − p) for mixout, 1 for the residual.
+        let gx = grad.contiguous()?.apply_op1_no_bwd(&DropoutOp(self.1))?;
+        let gu = match self.0 {
+            Pair::Mixout => u.track_op().then(|| grad - &gx).transpose()?,
+            Pair::DropoutAdd => Some(grad.clone()),
         };
-        Ok((Some(gw), gu))
+        Ok((Some(gx), gu))
     }
 }
 
@@ -289,51 +304,6 @@ impl CustomOp1 for DropoutOp {
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(DropoutOp(self.0))?))
-    }
-}
-
-impl CustomOp2 for DropoutAddOp {
-    fn name(&self) -> &'static str {
-        "tunefuse-dropout-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = self.0;
-        let out = map_cpu(&d, s1, l1, Some((s2, l2)), |keep, x, r, round| {
-            round(if keep { x * d.scale } else { 0.0 }) + r
-        })?;
-        Ok((out, l1.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            cuda::launch("dropout_add", &self.0, s1, l1, Some((s2, l2)))?,
-            l1.shape().clone(),
-        ))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        _r: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let gx = grad.contiguous()?.apply_op1_no_bwd(&DropoutOp(self.0))?;
-        Ok((Some(gx), Some(grad.clone())))
     }
 }
 
