@@ -236,7 +236,8 @@ static struct func *func_of(const void *handle) {
 
 /* A developer's aid for finding where launches come from: with
  * TUNEFUSE_CENSUS_TRACE set to a substring, every kernel launch whose function
- * name contains it, and every memset when it is "memset", prints its call
+ * name contains it, and every memset or host-to-device copy when it is
+ * "memset" or "htod", prints its call
  * stack to stderr as offsets into the binary ("tunefuse(+0x...)"), which
  * `addr2line -f -C -e BINARY OFFSET...` turns into function names. Counting
  * is unchanged. */
@@ -456,7 +457,7 @@ DEF(CUresult, cuMemcpyDtoDAsync_v2, (CUdeviceptr d, CUdeviceptr src, size_t n, C
 DEF(CUresult, cuMemcpyDtoHAsync_v2, (void *d, CUdeviceptr src, size_t n, CUstream s), (d, src, n, s),
     (memcpy(d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtoh, n))
 DEF(CUresult, cuMemcpyHtoDAsync_v2, (CUdeviceptr d, const void *src, size_t n, CUstream s), (d, src, n, s),
-    (memcpy((void *)(uintptr_t)d, src, n), r = 0), add(&bytes_htod, n))
+    (memcpy((void *)(uintptr_t)d, src, n), r = 0), (add(&bytes_htod, n), trace("htod")))
 DEF(CUresult, cuMemcpyPeerAsync,
     (CUdeviceptr d, CUcontext dc, CUdeviceptr src, CUcontext sc, size_t n, CUstream s), (d, dc, src, sc, n, s),
     (memmove((void *)(uintptr_t)d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtod, n))
