@@ -481,6 +481,55 @@ fn lt_operands(dtype: DType, ops: &[(&CudaStorage, &Layout)]) -> bool {
         })
 }
 
+/// Runs `shape`'s plan on operand storages `a` and `b` into a new buffer of
+/// `out_len` elements; the epilogue's vector is `bias` when given (an
+/// input), else the output from element `vector_at` on (the bias gradient
+/// it writes). `None` when cuBLASLt has no algorithm for the shape.
+fn lt_gemm(
+    shape: lt::Shape,
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    bias: Option<(&CudaStorage, &Layout)>,
+    out_len: usize,
+    vector_at: usize,
+) -> Result<Option<CudaStorage>> {
+    fn typed<T: CudaDType + DeviceRepr>(
+        shape: lt::Shape,
+        a: (&CudaStorage, &Layout),
+        b: (&CudaStorage, &Layout),
+        bias: Option<(&CudaStorage, &Layout)>,
+        out_len: usize,
+        vector_at: usize,
+    ) -> Result<Option<CudaStorage>> {
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let dev = a.0.device.clone();
+        let stream = dev.cuda_stream();
+        let av = view::<T>("linear", a.0, a.1)?;
+        let bv = view::<T>("linear", b.0, b.1)?;
+        let biasv = bias.map(|(s, l)| view::<T>("linear", s, l)).transpose()?;
+        let mut out = alloc::<T>(&dev, out_len)?;
+        let ran = {
+            let (ap, _ra) = av.device_ptr(&stream);
+            let (bp, _rb) = bv.device_ptr(&stream);
+            let bias_ptr = biasv.as_ref().map(|v| v.device_ptr(&stream));
+            let (op, _ro) = out.device_ptr_mut(&stream);
+            let vector = match &bias_ptr {
+                Some((p, _)) => *p,
+                None => op + (vector_at * std::mem::size_of::<T>()) as u64,
+            };
+            // SAFETY: the callers size the operands and the output as the
+            // shape's kind reads and writes them (see `lt::plan`); all are on
+            // candle's stream.
+            unsafe { run_lt(&dev, shape, ap, bp, op, vector)? }
+        };
+        Ok(ran.then(|| CudaStorage::wrap_cuda_slice(out, dev)))
+    }
+    match shape.dtype {
+        DType::BF16 => typed::<half::bf16>(shape, a, b, bias, out_len, vector_at),
+        _ => typed::<half::f16>(shape, a, b, bias, out_len, vector_at),
+    }
+}
+
 /// `x·Wᵀ + b` for x `[m, k]`, W `[n, k]` and b `[n]` as one cuBLASLt GEMM
 /// whose epilogue adds the bias: the bias is added to the f32 accumulator
 /// before the one rounding to the output dtype (the GEMM-then-add
@@ -493,7 +542,6 @@ pub(crate) fn linear_bias_lt(
     b: (&CudaStorage, &Layout),
 ) -> Result<Option<CudaStorage>> {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     let dtype = x.0.dtype();
     let (m, k) = x.1.shape().dims2()?;
     let (n, kw) = w.1.shape().dims2()?;
@@ -508,37 +556,22 @@ pub(crate) fn linear_bias_lt(
     if !lt_operands(dtype, &[x, w, b]) || m == 0 || n == 0 || k == 0 {
         return Ok(None);
     }
-    let dev = x.0.device.clone();
-    let stream = dev.cuda_stream();
-    let shape = lt::Shape {
-        kind: lt::Kind::Bias,
-        dtype,
-        m,
-        n,
-        k,
-    };
-    macro_rules! run {
-        ($t:ty) => {{
-            let xv = view::<$t>("linear", x.0, x.1)?;
-            let wv = view::<$t>("linear", w.0, w.1)?;
-            let bv = view::<$t>("linear", b.0, b.1)?;
-            let mut y = alloc::<$t>(&dev, m * n)?;
-            let ran = {
-                let (xp, _rx) = xv.device_ptr(&stream);
-                let (wp, _rw) = wv.device_ptr(&stream);
-                let (bp, _rb) = bv.device_ptr(&stream);
-                let (yp, _ry) = y.device_ptr_mut(&stream);
-                // SAFETY: W n·k, x m·k, b n and y m·n elements, as `Bias`
-                // reads and writes them, on candle's stream.
-                unsafe { run_lt(&dev, shape, wp, xp, yp, bp)? }
-            };
-            ran.then(|| CudaStorage::wrap_cuda_slice(y, dev.clone()))
-        }};
-    }
-    Ok(match dtype {
-        DType::BF16 => run!(half::bf16),
-        _ => run!(half::f16),
-    })
+    let kind = lt::Kind::Bias;
+    // A = W, B = x; y m·n elements.
+    lt_gemm(
+        lt::Shape {
+            kind,
+            dtype,
+            m,
+            n,
+            k,
+        },
+        w,
+        x,
+        Some(b),
+        m * n,
+        0,
+    )
 }
 
 /// The weight and bias gradients of `y = x·Wᵀ + b` for the incoming
@@ -551,7 +584,6 @@ pub(crate) fn linear_grads_lt(
     g: (&CudaStorage, &Layout),
 ) -> Result<Option<CudaStorage>> {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     let dtype = x.0.dtype();
     let (m, k) = x.1.shape().dims2()?;
     let (mg, n) = g.1.shape().dims2()?;
@@ -567,34 +599,20 @@ pub(crate) fn linear_grads_lt(
     if !lt_operands(dtype, &[x, g]) || !db_aligned || m == 0 || n == 0 || k == 0 {
         return Ok(None);
     }
-    let dev = x.0.device.clone();
-    let stream = dev.cuda_stream();
-    let shape = lt::Shape {
-        kind: lt::Kind::BiasGrad,
-        dtype,
-        m,
-        n,
-        k,
-    };
-    macro_rules! run {
-        ($t:ty) => {{
-            let xv = view::<$t>("linear", x.0, x.1)?;
-            let gv = view::<$t>("linear", g.0, g.1)?;
-            let mut out = alloc::<$t>(&dev, n * k + n)?;
-            let ran = {
-                let (xp, _rx) = xv.device_ptr(&stream);
-                let (gp, _rg) = gv.device_ptr(&stream);
-                let (op, _ro) = out.device_ptr_mut(&stream);
-                let dbp = op + (n * k * dtype.size_in_bytes()) as u64;
-                // SAFETY: x m·k and g m·n elements read, dW n·k and db n
-                // written, as `BiasGrad` does, on candle's stream.
-                unsafe { run_lt(&dev, shape, xp, gp, op, dbp)? }
-            };
-            ran.then(|| CudaStorage::wrap_cuda_slice(out, dev.clone()))
-        }};
-    }
-    Ok(match dtype {
-        DType::BF16 => run!(half::bf16),
-        _ => run!(half::f16),
-    })
+    let kind = lt::Kind::BiasGrad;
+    // A = x, B = g; dW n·k elements, then db.
+    lt_gemm(
+        lt::Shape {
+            kind,
+            dtype,
+            m,
+            n,
+            k,
+        },
+        x,
+        g,
+        None,
+        n * k + n,
+        n * k,
+    )
 }

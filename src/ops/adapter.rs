@@ -513,15 +513,18 @@ impl Cfg {
     /// W_d, b_d, W_u, b_u of the packed weights; without biases b_d and b_u
     /// are zeros.
     fn unpack<'a>(&self, p: &'a [f64]) -> Unpacked<'a> {
-        let Dims { m, n, r, bias } = self.dims;
-        let (wd, rest) = p.split_at(r * m);
-        if !bias {
-            let zeros = |k: usize| Cow::Owned(vec![0.0; k]);
-            return (wd, zeros(r), rest, zeros(n));
-        }
-        let (bd, rest) = rest.split_at(r);
-        let (wu, bu) = rest.split_at(n * r);
-        (wd, Cow::Borrowed(bd), wu, Cow::Borrowed(bu))
+        let Dims { m, n, r, .. } = self.dims;
+        let (wd, bd, wu, bu) = self.offsets();
+        let bias = |off: Option<usize>, len: usize| match off {
+            Some(o) => Cow::Borrowed(&p[o..o + len]),
+            None => Cow::Owned(vec![0.0; len]),
+        };
+        (
+            &p[wd..wd + r * m],
+            bias(bd, r),
+            &p[wu..wu + n * r],
+            bias(bu, n),
+        )
     }
 
     /// Offsets of W_d, b_d, W_u and b_u in the packed weights (b_d's and
