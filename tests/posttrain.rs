@@ -449,3 +449,87 @@ fn the_cli_posttrains() {
     assert!(stdout.contains("2 steps"), "{stdout}");
     assert!(out.join("model.safetensors").exists());
 }
+
+/// The largest change of any encoder tensor between two model directories'
+/// weights (names both share, the masked-LM head's `cls.` excluded), and
+/// the largest absolute encoder value of the first.
+fn encoder_moved(before: &Path, after: &Path) -> (f32, f32) {
+    let load = |d: &Path| candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu);
+    // A base checkpoint may or may not prefix its names with `bert.`.
+    let strip = |m: std::collections::HashMap<String, candle_core::Tensor>| {
+        m.into_iter()
+            .map(|(k, t)| (k.strip_prefix("bert.").unwrap_or(&k).to_string(), t))
+            .collect::<std::collections::HashMap<_, _>>()
+    };
+    let (a, b) = (strip(load(before).unwrap()), strip(load(after).unwrap()));
+    let (mut moved, mut largest, mut shared) = (0f32, 0f32, 0);
+    for (k, t) in &a {
+        let Some(u) = b.get(k) else { continue };
+        if k.starts_with("cls.") {
+            continue;
+        }
+        shared += 1;
+        let max = |x: candle_core::Tensor| x.abs().unwrap().max_all().unwrap().to_scalar::<f32>();
+        moved = moved.max(max((u - t).unwrap()).unwrap());
+        largest = largest.max(max(t.clone()).unwrap());
+    }
+    assert!(shared > 10, "only {shared} encoder tensors in common");
+    (moved, largest)
+}
+
+#[test]
+fn head_warmup_keeps_the_encoder_frozen_until_its_last_step() {
+    let dir = common::scratch("posttrain-warm");
+    let model = common::tiny_model_dir(dir.path());
+    let books = corpus_file(dir.path(), "books.txt", &BOOKS);
+    let kitchen = corpus_file(dir.path(), "kitchen.txt", &KITCHEN);
+    // 16 texts in batches of 8 for 6 epochs: 12 steps. Eleven head-only
+    // steps leave the encoder one fresh AdamW step at the full rate (no
+    // warm-up), which moves no weight by more than lr·(1 + decay·|θ|).
+    let lr = 2e-3;
+    let run = |warm: u64, name: &str| {
+        let out = dir.path().join(name);
+        let s = Settings {
+            domain_task: true,
+            head_lr: Some(2e-2),
+            head_warmup_steps: warm,
+            warmup: 0.0,
+            lr,
+            ..settings(&model, &out, vec![books.clone(), kitchen.clone()])
+        };
+        let rep = posttrain(s, |_| {}).unwrap();
+        assert_eq!(rep.steps, 12);
+        (out, rep)
+    };
+    let (warm_out, warm_rep) = run(11, "warm");
+    let (moved, largest) = encoder_moved(&model, &warm_out);
+    let bound = (lr * (1.0 + 0.01 * f64::from(largest))) as f32 * 1.001;
+    assert!(
+        moved > 0.0 && moved <= bound,
+        "after 11 head-only steps and one full step the encoder moved by {moved} (bound {bound})"
+    );
+    // The heads learned meanwhile: the masked-LM loss fell.
+    let (first, last) = (
+        warm_rep.losses.first().unwrap(),
+        warm_rep.losses.last().unwrap(),
+    );
+    assert!(last.1 < first.1, "{:?}", warm_rep.losses);
+    // Without the warm-up the same run moves the encoder by several steps.
+    let (plain_out, _) = run(0, "plain");
+    let (plain_moved, _) = encoder_moved(&model, &plain_out);
+    assert!(
+        plain_moved > 3.0 * bound,
+        "twelve full steps moved the encoder by only {plain_moved}"
+    );
+    // A warm-up as long as the run is refused before training.
+    let e = posttrain(
+        Settings {
+            head_warmup_steps: 12,
+            ..settings(&model, &dir.path().join("all-warm"), vec![books, kitchen])
+        },
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("head_warmup_steps") && e.contains("12"), "{e}");
+}

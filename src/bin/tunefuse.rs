@@ -568,6 +568,11 @@ struct PosttrainArgs {
     /// one: a higher rate (1e-3) lets it learn before it steers the encoder.
     #[arg(long)]
     head_lr: Option<f64>,
+    /// Train only the heads (encoder and embeddings frozen) for this many
+    /// first steps, then everything with a fresh optimiser and schedule: a
+    /// random masked-LM head's first gradients otherwise damage the encoder.
+    #[arg(long, default_value_t = 0)]
+    head_warmup_steps: u64,
     /// Fraction of the steps of linear warm-up (then linear decay).
     #[arg(long, default_value_t = 0.1)]
     warmup: f64,
@@ -1006,6 +1011,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 batch_size: a.batch_size,
                 lr: a.lr,
                 head_lr: a.head_lr,
+                head_warmup_steps: a.head_warmup_steps,
                 warmup: a.warmup,
                 weight_decay: a.weight_decay,
                 clip: a.clip,

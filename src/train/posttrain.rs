@@ -189,6 +189,15 @@ pub struct Settings {
     /// one, whose first gradients are noise to the encoder: a higher rate
     /// here (1e-3, say) lets it learn before it steers the encoder.
     pub head_lr: Option<f64>,
+    /// Steps at the start that train only the new heads, the encoder frozen
+    /// (its embeddings too, which are the masked-LM decoder). A random
+    /// masked-LM head's first gradients are noise that damages the encoder
+    /// even at a higher head rate; warming the head up alone first avoids
+    /// it. These steps have their own optimiser and linear schedule (peak
+    /// `head_lr`); the rest of the run then starts the configured schedule
+    /// afresh with every parameter. 0: none.
+    #[serde(default)]
+    pub head_warmup_steps: u64,
     /// Fraction of the steps warming up.
     pub warmup: f64,
     /// AdamW's decoupled weight decay.
@@ -227,6 +236,7 @@ impl Default for Settings {
             batch_size: 32,
             lr: 5e-5,
             head_lr: None,
+            head_warmup_steps: 0,
             warmup: 0.1,
             weight_decay: 0.01,
             clip: 1.0,
@@ -405,21 +415,22 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
             "every word a candidate".into()
         }
     )));
-    let params = mlm::all_params(
-        &varmap,
-        &["mlm.", "classifier."],
-        s.lr,
-        s.head_lr.unwrap_or(s.lr),
-    );
-    let mut opt = AdamW::new(
-        params,
-        AdamWParams {
-            lr: s.lr,
-            weight_decay: s.weight_decay,
-            ..Default::default()
-        },
-        None,
-    )?;
+    let heads = ["mlm.", "classifier."];
+    let optimiser = |heads_only: bool| {
+        let mut params = mlm::all_params(&varmap, &heads, s.lr, s.head_lr.unwrap_or(s.lr));
+        if heads_only {
+            params.retain(|p| heads.iter().any(|h| p.name.starts_with(h)));
+        }
+        AdamW::new(
+            params,
+            AdamWParams {
+                lr: s.lr,
+                weight_decay: s.weight_decay,
+                ..Default::default()
+            },
+            None,
+        )
+    };
     let schedule = Schedule::Linear { warmup: s.warmup };
     let masking = Masking {
         rate: s.mask_rate,
@@ -430,6 +441,29 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
         .collect();
     let per_epoch = texts.len().div_ceil(s.batch_size) as u64;
     let total = per_epoch * s.epochs as u64;
+    let warm = s.head_warmup_steps;
+    if warm >= total {
+        return Err(param_err(
+            "head_warmup_steps",
+            format!(
+                "{warm} head-only steps leave none for the encoder: the run has {total} \
+                 ({} epoch(s) of {per_epoch})",
+                s.epochs
+            ),
+        ));
+    }
+    let units = bert.layers.len() + 1;
+    let mut bert = bert;
+    let mut heads_only = warm > 0;
+    let mut opt = optimiser(heads_only)?;
+    if heads_only {
+        for u in 0..units {
+            bert.set_frozen(u, true)?;
+        }
+        on(Event::Message(&format!(
+            "the first {warm} steps train the heads alone (encoder frozen)"
+        )));
+    }
     let mut draws = Draws::new(s.seed, 0x006d_6c6d);
     let start = Instant::now();
     let (mut step, mut predicted, mut seen) = (0u64, 0u64, 0usize);
@@ -444,6 +478,19 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
                 return Err(Error::Interrupted(format!(
                     "stopped by a signal after step {step} of {total}; nothing was written \
                      (post-training has no resume: run it again)"
+                )));
+            }
+            if heads_only && step >= warm {
+                // The encoder joins with fresh moments for every parameter:
+                // one optimiser step count for all keeps Adam's bias
+                // correction right for parameters that start now.
+                for u in 0..units {
+                    bert.set_frozen(u, false)?;
+                }
+                opt = optimiser(false)?;
+                heads_only = false;
+                on(Event::Message(&format!(
+                    "step {step}: head warm-up done, the encoder trains from here"
                 )));
             }
             let mut rows: Vec<Masked> = Vec::with_capacity(chunk.len());
@@ -508,7 +555,11 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
                     continue;
                 }
             };
-            let lr = schedule.lr(s.lr, step, total);
+            let lr = if step < warm {
+                schedule.lr(s.lr, step, warm)
+            } else {
+                schedule.lr(s.lr, step - warm, total - warm)
+            };
             let mut grads = loss.backward()?;
             bert.stream.route_grads(&mut grads)?;
             let norm = opt.clip_and_step(&grads, lr, s.clip, &bert.stream)?;
