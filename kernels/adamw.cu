@@ -100,25 +100,43 @@ ADAMW_ENTRIES(f32, float)
 ADAMW_ENTRIES(f64, double)
 
 // ---------------------------------------------------------------------------
-// Multi-tensor launches (f32). The host uploads one table per step: the
-// tensors (MtTensor), then the chunks (MtChunk); block b handles chunk b, the
-// elements [start, min(start + chunk, n)) of one tensor. Layouts are shared
-// with src/ops/adamw.rs (multi module), which asserts their sizes.
+// Multi-tensor launches (f32). The host uploads a table: the tensors
+// (MtTensor), then the chunks (MtChunk); block b handles chunk b, the
+// elements [start, min(start + chunk, n)) of one tensor. The table holds
+// only what stays put from step to step (the addresses of the parameters,
+// their moments, copies and anchors, sizes, flags), so the host re-uploads
+// it only when one of those changes. What changes every step travels as a
+// kernel argument (MtStep): the gradients' addresses (a backward pass
+// allocates them anew) and the scalars (learning rates, RecAdam's weights,
+// the decay factors), one MtGroup per distinct set, which each tensor
+// names. Layouts are shared with src/ops/adamw.rs (multi module), which
+// asserts their sizes.
+
+#define MT_GROUPS 32
+#define MT_TENSORS 1024
+struct MtGroup {
+    float lr, lam, pull, dlr;
+};
+struct MtStep {
+    MtGroup group[MT_GROUPS];
+    unsigned long long grad[MT_TENSORS];  // by the tensor's index in the table
+};
 
 struct MtTensor {
     // Device addresses: anchor 0 = none; shadow (the bf16 copy of the
     // parameter that mixed precision's forward reads) 0 = none.
-    unsigned long long p, mv, g, anchor, shadow;
+    unsigned long long p, mv, anchor, shadow;
     long long n;
-    float lr, lam, pull, dlr;
+    int group;  // its scalars: MtStep.group[group]
     int decay;
     int g_bf16;  // the gradient is bf16 (else f32)
+    int pad;
 };
 
-// Element i of the gradient, widened exactly to f32 when it is bf16.
-__device__ __forceinline__ float grad_at(const MtTensor& t, long long i) {
-    return t.g_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(t.g)[i])
-                    : reinterpret_cast<const float*>(t.g)[i];
+// Element i of gradient g, widened exactly to f32 when it is bf16.
+__device__ __forceinline__ float grad_at(const MtTensor& t, unsigned long long g, long long i) {
+    return t.g_bf16 ? __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(g)[i])
+                    : reinterpret_cast<const float*>(g)[i];
 }
 struct MtChunk {
     int tensor, pad;
@@ -133,7 +151,8 @@ struct MtChunk {
 extern "C" __global__ void adamw_multi_f32(const MtTensor* __restrict__ ts,
                                            const MtChunk* __restrict__ cs, long long chunk,
                                            const double* __restrict__ scale, float b1, float ob1,
-                                           float b2, float ob2, float ic1, float ic2, float eps) {
+                                           float b2, float ob2, float ic1, float ic2, float eps,
+                                           const __grid_constant__ MtStep step) {
     using R = Rn<float>;
     const MtChunk c = cs[blockIdx.x];
     const MtTensor t = ts[c.tensor];
@@ -141,17 +160,19 @@ extern "C" __global__ void adamw_multi_f32(const MtTensor* __restrict__ ts,
     float* mv = reinterpret_cast<float*>(t.mv);
     const float* anchor = reinterpret_cast<const float*>(t.anchor);
     __nv_bfloat16* shadow = reinterpret_cast<__nv_bfloat16*>(t.shadow);
+    const MtGroup q = step.group[t.group];
+    const unsigned long long gp = step.grad[c.tensor];
     const float k = scale ? (float)*scale : 1.f;
     const long long end = min(c.start + chunk, t.n);
     for (long long i = c.start + threadIdx.x; i < end; i += blockDim.x) {
-        const float g = grad_at(t, i);
+        const float g = grad_at(t, gp, i);
         const float gi = scale ? R::mul(g, k) : g;
         float m = mv[i], v = mv[t.n + i];
         moment_elem(m, v, gi, b1, ob1, b2, ob2);
         mv[i] = m;
         mv[t.n + i] = v;
         const float next = update_elem(p[i], m, v, anchor != nullptr, anchor ? anchor[i] : 0.f,
-                                       ic1, ic2, eps, t.lr, t.lam, t.pull, t.dlr, t.decay);
+                                       ic1, ic2, eps, q.lr, q.lam, q.pull, q.dlr, t.decay);
         p[i] = next;
         if (shadow) shadow[i] = __float2bfloat16_rn(next);
     }
@@ -174,14 +195,16 @@ extern "C" __global__ void cast_multi_f32_bf16(const MtTensor* __restrict__ ts,
 // block, like the per-tensor f32 sum it replaces), to partial[chunk] as f64.
 extern "C" __global__ void sumsq_multi_f32(const MtTensor* __restrict__ ts,
                                            const MtChunk* __restrict__ cs, long long chunk,
-                                           double* __restrict__ partial) {
+                                           double* __restrict__ partial,
+                                           const __grid_constant__ MtStep step) {
     __shared__ float warp_sums[32];
     const MtChunk c = cs[blockIdx.x];
     const MtTensor t = ts[c.tensor];
     const long long end = min(c.start + chunk, t.n);
+    const unsigned long long gp = step.grad[c.tensor];
     float s = 0.f;
     for (long long i = c.start + threadIdx.x; i < end; i += blockDim.x) {
-        const float g = grad_at(t, i);
+        const float g = grad_at(t, gp, i);
         s += g * g;
     }
     for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);

@@ -552,7 +552,10 @@ fn adamw_kernels_bit_identical_to_cpu() {
 /// one to four chunks of 64 Ki elements, are views at an offset, and mix
 /// decay, no decay and RecAdam, f32 and bf16 gradients (mixed precision's
 /// weight gradients), with and without a bf16 copy of the parameter, which
-/// must come out as the CPU's bf16 cast of the new parameter.
+/// must come out as the CPU's bf16 cast of the new parameter. Three steps
+/// over the same parameters upload the table once: each step's gradient
+/// addresses, learning rates and RecAdam weights travel as the kernels'
+/// argument.
 #[cfg(feature = "cuda")]
 #[test]
 fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
@@ -588,6 +591,15 @@ fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
                 .collect();
             let canchors: Vec<Tensor> = anchors.iter().map(cpu).collect();
             let cstates: Vec<Tensor> = cparams.iter().map(|p| adamw_state(p).unwrap()).collect();
+            // The copies keep their memory from step to step, as a training
+            // run's do; the gradients are new at every step, as a backward
+            // pass's are. Steps 2 and 3 reuse the first step's table with
+            // their own gradient addresses and scalars.
+            let shadows: Vec<Tensor> = sizes
+                .iter()
+                .map(|&n| Tensor::zeros(n, DType::BF16, &dev).unwrap())
+                .collect();
+            let mut cache = multi::TableCache::default();
             for t in 1..=3i32 {
                 let grads: Vec<Tensor> = sizes
                     .iter()
@@ -600,10 +612,6 @@ fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
                             g
                         }
                     })
-                    .collect();
-                let shadows: Vec<Tensor> = sizes
-                    .iter()
-                    .map(|&n| Tensor::zeros(n, DType::BF16, &dev).unwrap())
                     .collect();
                 let steps: Vec<_> = (0..sizes.len())
                     .map(|i| adamw_test_step(t, i % 2 == 0, i % 3 == 1))
@@ -618,7 +626,7 @@ fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
                         step: steps[i],
                     })
                     .collect();
-                let norm = multi::clip_and_step(&items, max_norm)
+                let norm = multi::clip_and_step(&items, max_norm, &mut cache)
                     .unwrap()
                     .expect("the multi-tensor form applies to contiguous f32 CUDA tensors");
                 let norm = norm.to_scalar::<f64>().unwrap();
@@ -663,6 +671,11 @@ fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
                     }
                 }
             }
+            assert_eq!(
+                cache.uploads(),
+                1,
+                "max_norm {max_norm}: three steps over the same parameters uploaded the table more than once"
+            );
         });
     }
     fails.finish("multi-tensor step");

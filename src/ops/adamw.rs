@@ -559,23 +559,44 @@ pub mod multi {
     const BLOCK: u32 = 256;
     const MODULE: &str = "tunefuse_adamw";
 
-    /// `MtTensor` of kernels/adamw.cu.
+    /// `MtTensor` of kernels/adamw.cu: what stays put from step to step.
     #[repr(C)]
     #[derive(Clone, Copy, Default)]
     struct MtTensor {
         p: u64,
         mv: u64,
-        g: u64,
         anchor: u64,
         shadow: u64,
         n: i64,
+        group: i32,
+        decay: i32,
+        g_bf16: i32,
+        pad: i32,
+    }
+    /// `MtGroup` of kernels/adamw.cu: one step's scalars of a set of
+    /// tensors.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default, PartialEq)]
+    struct MtGroup {
         lr: f32,
         lam: f32,
         pull: f32,
         dlr: f32,
-        decay: i32,
-        g_bf16: i32,
     }
+    /// Distinct scalar sets one launch carries (`MT_GROUPS`).
+    const GROUPS: usize = 32;
+    /// Tensors one launch carries (`MT_TENSORS`).
+    const TENSORS: usize = 1024;
+    /// `MtStep` of kernels/adamw.cu, passed by value (8.5 KB, within the
+    /// 32 KB of kernel parameters that CUDA 12.1+ allows on sm_70+).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct MtStep {
+        group: [MtGroup; GROUPS],
+        grad: [u64; TENSORS],
+    }
+    // SAFETY: plain `repr(C)` data, laid out as the kernel's struct.
+    unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for MtStep {}
     /// `MtChunk` of kernels/adamw.cu.
     #[repr(C)]
     #[derive(Clone, Copy)]
@@ -584,8 +605,9 @@ pub mod multi {
         pad: i32,
         start: i64,
     }
-    const _: () = assert!(std::mem::size_of::<MtTensor>() == 72);
+    const _: () = assert!(std::mem::size_of::<MtTensor>() == 56);
     const _: () = assert!(std::mem::size_of::<MtChunk>() == 16);
+    const _: () = assert!(std::mem::size_of::<MtStep>() == 16 * GROUPS + 8 * TENSORS);
 
     /// The device and the first element's address of a contiguous f32
     /// CUDA tensor; `None` for any other tensor.
@@ -628,15 +650,33 @@ pub mod multi {
     /// device). `Ok(None)`, with nothing done, when the multi-tensor form
     /// does not apply (not every tensor a contiguous f32 CUDA tensor of
     /// matching shape, steps not sharing β₁, β₂, ε and the bias corrections,
-    /// an in-place operand sharing memory, or no items): the caller then
-    /// takes the per-tensor path, which also reports any invalid input.
-    pub fn clip_and_step(items: &[AdamWTensor<'_>], max_norm: f64) -> Result<Option<Tensor>> {
+    /// an in-place operand sharing memory, more than 1,024 tensors or 32
+    /// distinct sets of learning rate, decay and RecAdam weights, or no
+    /// items): the caller then takes the per-tensor path, which also reports
+    /// any invalid input.
+    ///
+    /// `cache` keeps the last table uploaded: while the parameters, their
+    /// moments, copies and anchors stay where they are (they live as long
+    /// as the optimiser), a step uploads nothing.
+    pub fn clip_and_step(
+        items: &[AdamWTensor<'_>],
+        max_norm: f64,
+        cache: &mut TableCache,
+    ) -> Result<Option<Tensor>> {
         let Some(first) = items.first() else {
             return Ok(None);
         };
         let s0 = first.step;
         let mut dev = None;
         let mut tensors = Vec::with_capacity(items.len());
+        if items.len() > TENSORS {
+            return Ok(None);
+        }
+        let mut varying = MtStep {
+            group: [MtGroup::default(); GROUPS],
+            grad: [0; TENSORS],
+        };
+        let mut ngroups = 0;
         for it in items {
             let st = it.step;
             let n = it.param.elem_count();
@@ -696,23 +736,36 @@ pub mod multi {
                 return Ok(None);
             }
             let (lam, pull) = st.recadam.unwrap_or((1.0, 0.0));
-            tensors.push(MtTensor {
-                p,
-                mv,
-                g,
-                anchor,
-                shadow,
-                n: n as i64,
+            let scalars = MtGroup {
                 lr: st.lr as f32,
                 lam: lam as f32,
                 pull: pull as f32,
                 dlr: st.decay.unwrap_or(0.0) as f32,
+            };
+            let group = match varying.group[..ngroups].iter().position(|q| *q == scalars) {
+                Some(q) => q,
+                None if ngroups < GROUPS => {
+                    varying.group[ngroups] = scalars;
+                    ngroups += 1;
+                    ngroups - 1
+                }
+                None => return Ok(None),
+            };
+            varying.grad[tensors.len()] = g;
+            tensors.push(MtTensor {
+                p,
+                mv,
+                anchor,
+                shadow,
+                n: n as i64,
+                group: group as i32,
                 decay: st.decay.is_some() as i32,
                 g_bf16: g_bf16 as i32,
+                pad: 0,
             });
         }
         let dev = dev.expect("at least one item");
-        let Some(table) = Table::upload(&dev, &tensors)? else {
+        let Some(table) = cache.get(&dev, &tensors)? else {
             // Only empty tensors: a zero norm, nothing to update.
             let zero = Tensor::zeros((), DType::F64, &candle_core::Device::Cuda(dev))?;
             return Ok(Some(zero));
@@ -729,7 +782,11 @@ pub mod multi {
 
         let f = k::func(&dev, MODULE, ptx::ADAMW, "sumsq_multi_f32")?;
         let mut b = f.builder();
-        b.arg(&ts).arg(&cs).arg(&chunk).arg(&partial_ptr);
+        b.arg(&ts)
+            .arg(&cs)
+            .arg(&chunk)
+            .arg(&partial_ptr)
+            .arg(&varying);
         k::launch(&mut b, nchunks, BLOCK)?;
 
         let f = k::func(&dev, MODULE, ptx::ADAMW, "norm_scale_f64")?;
@@ -758,6 +815,7 @@ pub mod multi {
         for x in [&b1, &ob1, &b2, &ob2, &ic1, &ic2, &eps] {
             b.arg(x);
         }
+        b.arg(&varying);
         k::launch(&mut b, nchunks, BLOCK)?;
         drop((_g1, _g2, _g3));
 
@@ -779,8 +837,9 @@ pub mod multi {
     }
 
     impl Table {
-        /// `None` when no tensor has an element (nothing to launch).
-        fn upload(dev: &CudaDevice, tensors: &[MtTensor]) -> Result<Option<Self>> {
+        /// The table's bytes (tensors, then chunks), the chunks' offset and
+        /// count; `None` when no tensor has an element (nothing to launch).
+        fn layout(tensors: &[MtTensor]) -> Option<(Vec<u8>, u64, u32)> {
             let mut chunks = Vec::new();
             for (i, t) in tensors.iter().enumerate() {
                 for start in (0..t.n as usize).step_by(CHUNK) {
@@ -792,19 +851,69 @@ pub mod multi {
                 }
             }
             if chunks.is_empty() {
-                return Ok(None);
+                return None;
             }
             let mut bytes_ = bytes(tensors).to_vec();
             bytes_.extend_from_slice(bytes(&chunks));
+            Some((
+                bytes_,
+                std::mem::size_of_val(tensors) as u64,
+                chunks.len() as u32,
+            ))
+        }
+
+        /// `None` when no tensor has an element (nothing to launch).
+        fn upload(dev: &CudaDevice, tensors: &[MtTensor]) -> Result<Option<Self>> {
+            let Some((bytes_, chunks_at, chunks)) = Self::layout(tensors) else {
+                return Ok(None);
+            };
+            Ok(Some(Self::from_bytes(dev, &bytes_, chunks_at, chunks)?))
+        }
+
+        fn from_bytes(dev: &CudaDevice, b: &[u8], chunks_at: u64, chunks: u32) -> Result<Self> {
             let buf = dev
                 .cuda_stream()
-                .clone_htod(&bytes_)
+                .clone_htod(b)
                 .map_err(candle_core::Error::wrap)?;
-            Ok(Some(Self {
+            Ok(Self {
                 buf,
-                chunks_at: std::mem::size_of_val(tensors) as u64,
-                chunks: chunks.len() as u32,
-            }))
+                chunks_at,
+                chunks,
+            })
+        }
+    }
+
+    /// The last multi-tensor table uploaded, with its bytes and device (an
+    /// optimiser keeps one across steps; see [`clip_and_step`]). A table is
+    /// reused only when its bytes are equal, which covers every address and
+    /// size it holds, so a stale one is never read.
+    #[derive(Default)]
+    pub struct TableCache {
+        last: Option<(CudaDevice, Vec<u8>, Table)>,
+        uploads: u64,
+    }
+
+    impl TableCache {
+        /// The device table of `tensors`, uploaded unless the last one
+        /// holds the same bytes on the same device; `None` when no tensor
+        /// has an element.
+        fn get(&mut self, dev: &CudaDevice, tensors: &[MtTensor]) -> Result<Option<&Table>> {
+            let Some((bytes_, chunks_at, chunks)) = Table::layout(tensors) else {
+                return Ok(None);
+            };
+            let hit = matches!(&self.last, Some((d, b, _)) if d.same_device(dev) && *b == bytes_);
+            if !hit {
+                let table = Table::from_bytes(dev, &bytes_, chunks_at, chunks)?;
+                self.last = Some((dev.clone(), bytes_, table));
+                self.uploads += 1;
+            }
+            Ok(self.last.as_ref().map(|(_, _, t)| t))
+        }
+
+        /// Tables uploaded so far (one for a run whose parameters, moments
+        /// and copies stay where they are).
+        pub fn uploads(&self) -> u64 {
+            self.uploads
         }
     }
 

@@ -91,6 +91,9 @@ pub struct AdamW {
     pub step: u64,
     /// `[m; v]` of each parameter (see [`adamw_state`]), updated in place.
     state: Vec<Tensor>,
+    /// The multi-tensor step's device table, kept across steps.
+    #[cfg(feature = "cuda")]
+    tables: crate::ops::adamw::multi::TableCache,
 }
 
 impl AdamW {
@@ -122,6 +125,8 @@ impl AdamW {
             recadam,
             step: 0,
             state,
+            #[cfg(feature = "cuda")]
+            tables: Default::default(),
         })
     }
 
@@ -202,7 +207,7 @@ impl AdamW {
                     }
                 })
                 .collect();
-            if let Some(norm) = multi::clip_and_step(&items, max_norm)? {
+            if let Some(norm) = multi::clip_and_step(&items, max_norm, &mut self.tables)? {
                 self.step = t;
                 return Ok(norm);
             }
