@@ -12,7 +12,8 @@ use std::path::Path;
 use candle_core::{DType, Device, D};
 use tunefuse::model::{Bert, Encoded, Outputs, TextTokenizer};
 use tunefuse::train::mlm::{
-    distant_candidates, load_head, mask, read_candidates, Draws, Masking, MlmBatch, MlmHead,
+    distant_candidates, load_head, log_prior, mask, read_candidates, Draws, Masking, MlmBatch,
+    MlmHead,
 };
 use tunefuse::train::ner::Sentence;
 use tunefuse::train::posttrain::{posttrain, Settings};
@@ -532,4 +533,54 @@ fn head_warmup_keeps_the_encoder_frozen_until_its_last_step() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("head_warmup_steps") && e.contains("12"), "{e}");
+}
+
+#[test]
+fn a_new_head_starts_from_the_corpus_token_frequencies() {
+    let dir = common::scratch("posttrain-prior");
+    let model = common::tiny_model_dir(dir.path());
+    let books = corpus_file(dir.path(), "books.txt", &BOOKS);
+    let tok = TextTokenizer::from_file(&model.join("tokenizer.json"), 24).unwrap();
+    let enc: Vec<Encoded> = BOOKS
+        .iter()
+        .map(|t| {
+            tok.encode_spans(tunefuse::model::Input::Text(t), None)
+                .unwrap()
+        })
+        .collect();
+    let vocab = 30522;
+    let prior = log_prior(&enc, vocab);
+    let total: f64 = prior.iter().map(|&l| f64::from(l).exp()).sum();
+    assert!((total - 1.0).abs() < 1e-4, "the prior sums to {total}");
+    // "the" is the commonest word of the corpus; [CLS] is never counted.
+    let the = tok
+        .encode_spans(tunefuse::model::Input::Text("the"), None)
+        .unwrap()
+        .ids[1];
+    let cls = enc[0].ids[0];
+    assert!(enc[0].words[0].is_none());
+    let max = prior.iter().cloned().fold(f32::MIN, f32::max);
+    assert_eq!(
+        prior[the as usize], max,
+        "\"the\" is not the commonest token"
+    );
+    assert_eq!(
+        prior[cls as usize],
+        prior.iter().cloned().fold(f32::MAX, f32::min)
+    );
+    // The first masked-LM loss is lower from the prior than from zeros.
+    let first = |prior_bias: bool, name: &str| {
+        let s = Settings {
+            prior_bias,
+            epochs: 1,
+            log_every: 1,
+            ..settings(&model, &dir.path().join(name), vec![books.clone()])
+        };
+        posttrain(s, |_| {}).unwrap().losses[0].1
+    };
+    let (with, without) = (first(true, "prior"), first(false, "flat"));
+    assert!(
+        with < without - 1.0,
+        "first masked-LM loss {with} from the prior, {without} from zeros"
+    );
 }

@@ -573,6 +573,10 @@ struct PosttrainArgs {
     /// random masked-LM head's first gradients otherwise damage the encoder.
     #[arg(long, default_value_t = 0)]
     head_warmup_steps: u64,
+    /// Start a new masked-LM head's bias at zero (uniform predictions)
+    /// instead of the corpus's log token frequencies.
+    #[arg(long)]
+    no_prior_bias: bool,
     /// Fraction of the steps of linear warm-up (then linear decay).
     #[arg(long, default_value_t = 0.1)]
     warmup: f64,
@@ -1012,6 +1016,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 lr: a.lr,
                 head_lr: a.head_lr,
                 head_warmup_steps: a.head_warmup_steps,
+                prior_bias: !a.no_prior_bias,
                 warmup: a.warmup,
                 weight_decay: a.weight_decay,
                 clip: a.clip,

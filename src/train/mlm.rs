@@ -104,6 +104,29 @@ impl MlmHead {
     }
 }
 
+/// The log unigram probabilities of the tokens of `texts` (special tokens
+/// excluded, add-one smoothed over `vocab` entries; ids beyond `vocab`
+/// ignored): a new decoder bias whose softmax is the corpus's token
+/// frequencies, where masked-LM training starts from them.
+pub fn log_prior(texts: &[Encoded], vocab: usize) -> Vec<f32> {
+    let mut counts = vec![1u64; vocab];
+    for e in texts {
+        for (id, w) in e.ids.iter().zip(&e.words) {
+            if w.is_some() {
+                if let Some(c) = counts.get_mut(*id as usize) {
+                    *c += 1;
+                }
+            }
+        }
+    }
+    let total: u64 = counts.iter().sum();
+    let ln_total = (total as f64).ln();
+    counts
+        .iter()
+        .map(|&c| ((c as f64).ln() - ln_total) as f32)
+        .collect()
+}
+
 /// The head's names in a checkpoint of `family`: (the varmap's, the
 /// checkpoint's). An error for a family whose masked-LM head is not mapped.
 pub fn checkpoint_names(family: Family) -> Result<Vec<(String, String)>> {

@@ -198,6 +198,12 @@ pub struct Settings {
     /// afresh with every parameter. 0: none.
     #[serde(default)]
     pub head_warmup_steps: u64,
+    /// A masked-LM head initialised here (the checkpoint has none) starts
+    /// its decoder bias at the log unigram frequencies of the corpus's
+    /// tokens (add-one smoothed), so its first predictions are the
+    /// corpus's word frequencies rather than uniform over the vocabulary.
+    #[serde(default = "yes")]
+    pub prior_bias: bool,
     /// Fraction of the steps warming up.
     pub warmup: f64,
     /// AdamW's decoupled weight decay.
@@ -220,6 +226,10 @@ pub struct Settings {
     pub overwrite: bool,
 }
 
+fn yes() -> bool {
+    true
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -237,6 +247,7 @@ impl Default for Settings {
             lr: 5e-5,
             head_lr: None,
             head_warmup_steps: 0,
+            prior_bias: true,
             warmup: 0.1,
             weight_decay: 0.01,
             clip: 1.0,
@@ -393,6 +404,21 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
     };
     super::params::init_new(&varmap, &pretrained, s.seed)?;
     let head_loaded = mlm::load_head(&varmap, &s.model, family)?;
+    if !head_loaded && s.prior_bias {
+        let mut encoded = Vec::with_capacity(texts.len());
+        for (_, t) in &texts {
+            encoded.push(tok.encode_spans(t.input(), None)?);
+        }
+        let prior = mlm::log_prior(&encoded, head.bias.elem_count());
+        let var = varmap
+            .data()
+            .lock()
+            .unwrap()
+            .get(&format!("{}.bias", mlm::PREFIX))
+            .cloned()
+            .expect("the head's bias is in the varmap");
+        var.set(&Tensor::from_vec(prior, head.bias.elem_count(), &device)?)?;
+    }
     on(Event::Message(&format!(
         "post-training on {} texts ({}); masked-LM head {}; {}",
         texts.len(),
@@ -403,6 +429,8 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
             .join(", "),
         if head_loaded {
             "from the checkpoint"
+        } else if s.prior_bias {
+            "initialised (the checkpoint has none), its bias at the corpus's log token frequencies"
         } else {
             "initialised (the checkpoint has none)"
         },
