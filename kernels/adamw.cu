@@ -112,7 +112,7 @@ ADAMW_ENTRIES(f64, double)
 // names. Layouts are shared with src/ops/adamw.rs (multi module), which
 // asserts their sizes.
 
-#define MT_GROUPS 32
+#define MT_GROUPS 256
 #define MT_TENSORS 1024
 struct MtGroup {
     float lr, lam, pull, dlr;

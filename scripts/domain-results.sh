@@ -8,9 +8,12 @@
 #            the target domain's train texts as the unlabelled auxiliary
 #            corpus,
 #   daat:    BERT-DAAT: posttrain on source + target texts (masked LM plus
-#            the domain-distinguishing task, one epoch), then fine-tuning
+#            the domain-distinguishing task, two epochs: the first trains
+#            the new heads alone, since MiniLM ships no masked-LM head and a
+#            fresh one's gradients damage the encoder), then fine-tuning
 #            from that model with the adversarial term under DANN's
-#            schedule (λ = 1 annealed, γ = 10).
+#            schedule (λ annealed with γ = 10 to LAMBDA, default 0.1: at the
+#            paper's 1 the domain term swamped the task on MiniLM).
 #   mft:     Meta Fine-Tuning: the meta-learner (tunefuse mft: typicality-
 #            weighted cross-entropy plus the domain-corruption loss) on the
 #            labelled train splits of every domain except the target, one
@@ -26,7 +29,7 @@
 # TUNEFUSE_BIN, MODEL, TUNEFUSE_DATA, DEVICE (default cpu), SEEDS (default
 # "1"), PAIRS (default "books:kitchen dvd:electronics"; all twelve:
 # PAIRS=all), RECIPES (default "vanilla after daat mft"),
-# OUT (default target/domain). On 2 CPU cores one epoch of a recipe takes
+# LAMBDA (daat's final λ, default 0.1), OUT (default target/domain). On 2 CPU cores one epoch of a recipe takes
 # about 5 (vanilla) to 10 (after, daat) minutes; a GPU is the place for
 # the 12-pair grid.
 set -euo pipefail
@@ -57,12 +60,15 @@ for seed in ${SEEDS:-1}; do
         daat)
           base="$out/post-$src-$tgt-s$seed"
           if [ ! -f "$base/model.safetensors" ]; then
+            # 213 head-only steps: one epoch of the two 1,700-review train
+            # splits at batch 16.
             "$bin" posttrain --model "$model" --data-dir "$data" --device "${DEVICE:-cpu}" \
-              --corpus "amazon:$src,amazon:$tgt" --domain-task --epochs 1 --batch-size 16 \
+              --corpus "amazon:$src,amazon:$tgt" --domain-task --epochs 2 --batch-size 16 \
+              --head-warmup-steps 213 \
               --max-len 128 --lr 5e-5 --head-lr 1e-3 --seed "$seed" --output "$base" --overwrite \
               >"$base.log" 2>&1 || { echo "domain-results: posttrain $pair seed $seed failed (see $base.log)" >&2; exit 1; }
           fi
-          args=(--method after --set "after.aux=amazon:$tgt" --set after.lambda=1
+          args=(--method after --set "after.aux=amazon:$tgt" --set "after.lambda=${LAMBDA:-0.1}"
             --set after.anneal=true) ;;
         mft)
           base="$out/meta-not-$tgt-s$seed"

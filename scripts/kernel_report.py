@@ -52,17 +52,25 @@ def spill_limit(name):
 
 
 def parse_ptxas(text):
-    info, fn = {}, None
+    # "Compiling entry function 'K'" opens a kernel's block; "Function
+    # properties for F" names whose stack and spills the next line gives (a
+    # kernel's, or a device function's that was not inlined, which must not
+    # overwrite the kernel's).
+    info, fn, props = {}, None, None
     for line in text.splitlines():
         m = re.search(r"Compiling entry function '(\S+)'", line)
         if m:
-            fn = m.group(1)
+            fn = props = m.group(1)
             info[fn] = {"regs": 0, "spill": 0, "stack": 0, "smem": 0, "barriers": 0}
+            continue
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            props = m.group(1)
             continue
         if not fn:
             continue
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
+        if m and props == fn:
             info[fn]["stack"] = int(m.group(1))
             info[fn]["spill"] = max(int(m.group(2)), int(m.group(3)))
         m = re.search(r"Used (\d+) registers", line)
@@ -91,7 +99,7 @@ def parse_sass(text):
         m = re.search(r"Function : (\S+)", line)
         if m:
             fn = m.group(1)
-            out[fn] = {"ldg": {}, "stg": {}, "mufu": 0, "bar": 0, "shfl": 0, "hmma": 0, "ldgsts": 0, "atom": 0}
+            out[fn] = {"ldg": {}, "stg": {}, "mufu": 0, "bar": 0, "shfl": 0, "hmma": 0, "ldgsts": 0, "ldgsts_bits": {}, "atom": 0}
             continue
         if not fn:
             continue
@@ -99,8 +107,12 @@ def parse_sass(text):
         if not m:
             continue
         op, k = m.group(1), out[fn]
-        if op.startswith("LDGSTS"):
+        if op.startswith("LDGDEPBAR"):
+            k["bar"] += 1
+        elif op.startswith("LDGSTS"):
             k["ldgsts"] += 1
+            w = width(op)
+            k["ldgsts_bits"][w] = k["ldgsts_bits"].get(w, 0) + 1
         # Global loads and stores, and generic ones (LD/ST: through a
         # pointer the compiler cannot place, such as an address from a
         # table, which at run time is global memory here).
@@ -118,7 +130,7 @@ def parse_sass(text):
             k["shfl"] += 1
         elif op.startswith("HMMA"):
             k["hmma"] += 1
-        elif op.startswith(("ATOM", "RED")):
+        elif op.startswith(("ATOM", "RED")) and not op.startswith("REDUX"):
             k["atom"] += 1
     return out
 
@@ -144,7 +156,8 @@ def rules(name, k):
             bad.append(f"{name}: HMMA in an f32 kernel")
     for pat, bits, count, why in INTENDED:
         if re.search(pat, name):
-            wide = sum(n for w, n in k["ldg"].items() if w >= bits) + (k["ldgsts"] if bits == 128 else 0)
+            wide = sum(n for w, n in k["ldg"].items() if w >= bits)
+            wide += sum(n for w, n in k.get("ldgsts_bits", {}).items() if w >= bits)
             if wide < count:
                 bad.append(
                     f"{name}: written to load {bits} bits at a time ({why}); the SASS has "
@@ -173,6 +186,10 @@ def main():
     for pat, *_ in INTENDED + SPILL_ALLOWED:
         if not any(re.search(pat, n) for n in kernels):
             print(f"kernel-report: the pattern {pat} matches no kernel")
+            sys.exit(1)
+    for dt in ("_bf16_", "_f16_", "_f32_"):
+        if not any(n.startswith("adapter_") and not n.startswith("adapter_cast") and dt in n for n in kernels):
+            print(f"kernel-report: no adapter product kernel with {dt} in its name: the tensor-core rule would check nothing")
             sys.exit(1)
     assert rules("sym_kl_f32_vw_warp", {"spill": 0, "hmma": 0, "ldgsts": 0, "ldg": {32: 9}}), \
         "the width rule did not fire on scalar loads"

@@ -553,9 +553,10 @@ fn adamw_kernels_bit_identical_to_cpu() {
 /// decay, no decay and RecAdam, f32 and bf16 gradients (mixed precision's
 /// weight gradients), with and without a bf16 copy of the parameter, which
 /// must come out as the CPU's bf16 cast of the new parameter. Three steps
-/// over the same parameters upload the table once: each step's gradient
+/// over the same parameters upload the table once (each step's gradient
 /// addresses, learning rates and RecAdam weights travel as the kernels'
-/// argument.
+/// argument); a step over other parameters uploads it again and updates
+/// them.
 #[cfg(feature = "cuda")]
 #[test]
 fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
@@ -592,9 +593,9 @@ fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
             let canchors: Vec<Tensor> = anchors.iter().map(cpu).collect();
             let cstates: Vec<Tensor> = cparams.iter().map(|p| adamw_state(p).unwrap()).collect();
             // The copies keep their memory from step to step, as a training
-            // run's do; the gradients are new at every step, as a backward
-            // pass's are. Steps 2 and 3 reuse the first step's table with
-            // their own gradient addresses and scalars.
+            // run's do; the gradients are new tensors at every step, as a
+            // backward pass's are. Steps 2 and 3 reuse the first step's table
+            // with their own gradients and scalars.
             let shadows: Vec<Tensor> = sizes
                 .iter()
                 .map(|&n| Tensor::zeros(n, DType::BF16, &dev).unwrap())
@@ -676,6 +677,39 @@ fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {
                 1,
                 "max_norm {max_norm}: three steps over the same parameters uploaded the table more than once"
             );
+            // Other parameters: the cached table must not serve them.
+            let others: Vec<Tensor> = sizes.iter().map(|&n| draw(n, 1.0)).collect();
+            let ostates: Vec<Tensor> = others.iter().map(|p| adamw_state(p).unwrap()).collect();
+            let ograds: Vec<Tensor> = sizes.iter().map(|&n| draw(n, 0.1)).collect();
+            let step = adamw_test_step(4, true, false);
+            let items: Vec<AdamWTensor<'_>> = (0..sizes.len())
+                .map(|i| AdamWTensor {
+                    param: &others[i],
+                    state: &ostates[i],
+                    grad: &ograds[i],
+                    anchor: None,
+                    shadow: None,
+                    step,
+                })
+                .collect();
+            let before = others.iter().map(cpu).collect::<Vec<_>>();
+            let norm = multi::clip_and_step(&items, max_norm, &mut cache)
+                .unwrap()
+                .expect("the multi-tensor form applies")
+                .to_scalar::<f64>()
+                .unwrap();
+            assert_eq!(cache.uploads(), 2, "max_norm {max_norm}: other parameters reused the table");
+            let factor = (max_norm > 0.0 && norm > max_norm).then(|| max_norm / (norm + 1e-6));
+            let k = Tensor::new(factor.unwrap_or(1.0), &Device::Cpu).unwrap();
+            for (i, cp) in before.iter().enumerate() {
+                let cs = adamw_state(cp).unwrap();
+                let g = cpu(&ograds[i]);
+                adamw_step(cp, &cs, &g, (max_norm > 0.0).then_some(&k), None, &step).unwrap();
+                assert!(
+                    bit_patterns(&others[i]) == bit_patterns(cp),
+                    "max_norm {max_norm}: other tensor {i} differs from the CPU op"
+                );
+            }
         });
     }
     fails.finish("multi-tensor step");

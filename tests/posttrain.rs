@@ -478,8 +478,11 @@ fn encoder_moved(before: &Path, after: &Path) -> (f32, f32) {
     (moved, largest)
 }
 
+/// The warm-up's observable promise: the encoder (embeddings included)
+/// does not move while the heads learn. (That no gradient is even computed
+/// for it, `Bert::set_all_frozen`, saves time and is not observable here.)
 #[test]
-fn head_warmup_keeps_the_encoder_frozen_until_its_last_step() {
+fn head_warmup_moves_only_the_heads_until_its_last_step() {
     let dir = common::scratch("posttrain-warm");
     let model = common::tiny_model_dir(dir.path());
     let books = corpus_file(dir.path(), "books.txt", &BOOKS);

@@ -571,14 +571,20 @@ impl Bert {
 
     /// Freezes the whole encoder (adapters, LoRA and heads stay trainable).
     pub fn freeze_all(&mut self) -> Result<()> {
+        self.set_all_frozen(true)
+    }
+
+    /// Freezes (or unfreezes) the whole encoder: the embeddings, every layer
+    /// and the pooler (adapters, LoRA and heads are not touched).
+    pub fn set_all_frozen(&mut self, frozen: bool) -> Result<()> {
         for u in 0..=self.layers.len() {
-            self.set_frozen(u, true)?;
+            self.set_frozen(u, frozen)?;
         }
         if let Some(p) = &mut self.pooler {
-            p.frozen = true;
+            p.frozen = frozen;
         }
         if let Some(n) = &mut self.pooler_norm {
-            n.frozen = true;
+            n.frozen = frozen;
         }
         Ok(())
     }

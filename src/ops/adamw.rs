@@ -583,11 +583,12 @@ pub mod multi {
         pull: f32,
         dlr: f32,
     }
-    /// Distinct scalar sets one launch carries (`MT_GROUPS`).
-    const GROUPS: usize = 32;
+    /// Distinct scalar sets one launch carries (`MT_GROUPS`): layer-wise
+    /// learning rates with and without decay need 2·(layers + 2).
+    const GROUPS: usize = 256;
     /// Tensors one launch carries (`MT_TENSORS`).
     const TENSORS: usize = 1024;
-    /// `MtStep` of kernels/adamw.cu, passed by value (8.5 KB, within the
+    /// `MtStep` of kernels/adamw.cu, passed by value (12 KB, within the
     /// 32 KB of kernel parameters that CUDA 12.1+ allows on sm_70+).
     #[repr(C)]
     #[derive(Clone, Copy)]
@@ -650,7 +651,7 @@ pub mod multi {
     /// device). `Ok(None)`, with nothing done, when the multi-tensor form
     /// does not apply (not every tensor a contiguous f32 CUDA tensor of
     /// matching shape, steps not sharing β₁, β₂, ε and the bias corrections,
-    /// an in-place operand sharing memory, more than 1,024 tensors or 32
+    /// an in-place operand sharing memory, more than 1,024 tensors or 256
     /// distinct sets of learning rate, decay and RecAdam weights, or no
     /// items): the caller then takes the per-tensor path, which also reports
     /// any invalid input.

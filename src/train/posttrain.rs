@@ -190,7 +190,8 @@ pub struct Settings {
     /// here (1e-3, say) lets it learn before it steers the encoder.
     pub head_lr: Option<f64>,
     /// Steps at the start that train only the new heads, the encoder frozen
-    /// (its embeddings too, which are the masked-LM decoder). A random
+    /// (its embeddings, which are the masked-LM decoder, and its pooler too:
+    /// no gradient is computed for them). A random
     /// masked-LM head's first gradients are noise that damages the encoder
     /// even at a higher head rate; warming the head up alone first avoids
     /// it. These steps have their own optimiser and linear schedule (peak
@@ -480,14 +481,11 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
             ),
         ));
     }
-    let units = bert.layers.len() + 1;
     let mut bert = bert;
     let mut heads_only = warm > 0;
     let mut opt = optimiser(heads_only)?;
     if heads_only {
-        for u in 0..units {
-            bert.set_frozen(u, true)?;
-        }
+        bert.set_all_frozen(true)?;
         on(Event::Message(&format!(
             "the first {warm} steps train the heads alone (encoder frozen)"
         )));
@@ -512,9 +510,7 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
                 // The encoder joins with fresh moments for every parameter:
                 // one optimiser step count for all keeps Adam's bias
                 // correction right for parameters that start now.
-                for u in 0..units {
-                    bert.set_frozen(u, false)?;
-                }
+                bert.set_all_frozen(false)?;
                 opt = optimiser(false)?;
                 heads_only = false;
                 on(Event::Message(&format!(
