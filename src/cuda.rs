@@ -1,6 +1,7 @@
 //! The one place that loads our PTX, picks launch shapes and adapts cudarc
 //! errors (compiled only with the `cuda` feature).
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc::driver::{
@@ -19,6 +20,9 @@ pub mod ptx {
 pub(crate) struct Kernel {
     func: CudaFunction,
     stream: Arc<CudaStream>,
+    /// The dynamic shared memory the function was allowed so far (shared
+    /// by every handle of the function).
+    smem: Arc<AtomicU32>,
 }
 
 impl Kernel {
@@ -27,9 +31,11 @@ impl Kernel {
     }
 
     /// Lets the kernel use `bytes` of dynamic shared memory (launches above
-    /// 48 KiB must opt in; sm_90 allows up to 227 KiB per block).
+    /// 48 KiB must opt in; sm_90 allows up to 227 KiB per block). The
+    /// attribute stays with the function, so it is set only when a launch
+    /// needs more than any before.
     pub(crate) fn allow_smem(&self, bytes: u32) -> Result<()> {
-        if bytes > 48 * 1024 {
+        if bytes > 48 * 1024 && bytes > self.smem.load(Ordering::Relaxed) {
             use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
             self.func
                 .set_attribute(
@@ -37,15 +43,23 @@ impl Kernel {
                     bytes as i32,
                 )
                 .w()?;
+            self.smem.fetch_max(bytes, Ordering::Relaxed);
         }
         Ok(())
     }
 }
 
-type ModuleCache = Mutex<HashMap<(DeviceId, &'static str), Arc<CudaModule>>>;
+/// A module's functions, looked up once each.
+struct Loaded {
+    module: Arc<CudaModule>,
+    funcs: HashMap<String, (CudaFunction, Arc<AtomicU32>)>,
+}
 
-/// Loads kernel `name` of module `module` (PTX text `ptx`), loading each
-/// module once per device.
+type ModuleCache = Mutex<HashMap<(DeviceId, &'static str), Loaded>>;
+
+/// Kernel `name` of module `module` (PTX text `ptx`): each module is loaded
+/// once per device and each function looked up once (a launch otherwise
+/// pays a driver lookup by name, `cuModuleGetFunction`, every time).
 pub(crate) fn func(
     dev: &CudaDevice,
     module: &'static str,
@@ -54,24 +68,29 @@ pub(crate) fn func(
 ) -> Result<Kernel> {
     static MODULES: OnceLock<ModuleCache> = OnceLock::new();
     let stream = dev.cuda_stream();
-    let mdl = {
-        let mut cache = MODULES
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        match cache.get(&(dev.id(), module)) {
-            Some(m) => m.clone(),
-            None => {
-                let m = stream.context().load_module(ptx.into()).w()?;
-                cache.insert((dev.id(), module), m.clone());
-                m
-            }
+    let mut cache = MODULES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let loaded = match cache.entry((dev.id(), module)) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(Loaded {
+            module: stream.context().load_module(ptx.into()).w()?,
+            funcs: HashMap::new(),
+        }),
+    };
+    let (func, smem) = match loaded.funcs.get(name) {
+        Some(f) => f.clone(),
+        None => {
+            let f = (
+                loaded.module.load_function(name).w()?,
+                Arc::new(AtomicU32::new(0)),
+            );
+            loaded.funcs.insert(name.to_string(), f.clone());
+            f
         }
     };
-    Ok(Kernel {
-        func: mdl.load_function(name).w()?,
-        stream,
-    })
+    Ok(Kernel { func, stream, smem })
 }
 
 /// Evaluates `$body` with the type alias `$t` bound to the Rust type of a

@@ -53,6 +53,9 @@ impl Drop for CudaGraphHtodCacheGuard {
 
 pub struct ModuleStore {
     mdls: [Option<Arc<cudarc::driver::CudaModule>>; kernels::ALL_IDS.len()],
+    // tunefuse: each module's functions, looked up once (cuModuleGetFunction
+    // per launch otherwise).
+    funcs: [Option<HashMap<String, cudarc::driver::CudaFunction>>; kernels::ALL_IDS.len()],
 }
 
 #[derive(Clone)]
@@ -337,19 +340,28 @@ impl CudaDevice {
     }
 
     pub fn get_or_load_func(&self, fn_name: &str, mdl: &kernels::Module) -> Result<CudaFunc> {
+        let i = mdl.index();
         let ms = self.modules.read().unwrap();
-        if let Some(mdl) = ms.mdls[mdl.index()].as_ref() {
-            let func = mdl.load_function(fn_name).w()?;
+        if let Some(func) = ms.funcs[i].as_ref().and_then(|f| f.get(fn_name)) {
             return Ok(CudaFunc {
-                func,
+                func: func.clone(),
                 stream: self.stream.clone(),
             });
         }
         drop(ms);
         let mut ms = self.modules.write().unwrap();
-        let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
-        ms.mdls[mdl.index()] = Some(cuda_module.clone());
+        let cuda_module = match ms.mdls[i].as_ref() {
+            Some(m) => m.clone(),
+            None => {
+                let m = self.context.load_module(mdl.ptx().into()).w()?;
+                ms.mdls[i] = Some(m.clone());
+                m
+            }
+        };
         let func = cuda_module.load_function(fn_name).w()?;
+        ms.funcs[i]
+            .get_or_insert_with(HashMap::new)
+            .insert(fn_name.to_string(), func.clone());
         Ok(CudaFunc {
             func,
             stream: self.stream.clone(),
@@ -376,6 +388,7 @@ impl CudaDevice {
         let curand = cudarc::curand::CudaRng::new(299792458, stream.clone()).w()?;
         let module_store = ModuleStore {
             mdls: [const { None }; kernels::ALL_IDS.len()],
+            funcs: [const { None }; kernels::ALL_IDS.len()],
         };
         Ok(Self {
             id: DeviceId::new(),
