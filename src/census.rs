@@ -356,6 +356,20 @@ pub fn table(c: &Census) -> String {
     s
 }
 
+/// Host-side library calls the CI ratchet also holds down: function
+/// lookups and attribute sets (once per function, then cached), and
+/// cuBLASLt plan building (once per GEMM shape). Each is cheap alone but
+/// runs on the host before a launch, which is where a small model's step
+/// spends its time.
+pub const RATCHETED_CALLS: [&str; 6] = [
+    "cuModuleGetFunction",
+    "cuFuncSetAttribute",
+    "cuModuleLoadData",
+    "cublasLtMatmulDescCreate",
+    "cublasLtMatrixLayoutCreate",
+    "cublasLtMatmulAlgoGetHeuristic",
+];
+
 /// How [`differences`] compares two censuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compare {
@@ -389,6 +403,51 @@ pub fn differences(recorded: &Census, now: &Census, how: Compare) -> Vec<String>
                 out.push(format!("{}: {k} {a:.2} → {b:.2} per step", old.name));
             }
         }
+        if how == Compare::Rises {
+            for k in RATCHETED_CALLS {
+                let (a, b) = (
+                    old.calls_per_step.get(k).copied().unwrap_or(0.0),
+                    new.calls_per_step.get(k).copied().unwrap_or(0.0),
+                );
+                if b > a + 1e-9 {
+                    out.push(format!("{}: {k} calls {a:.2} → {b:.2} per step", old.name));
+                }
+            }
+        }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ratchet on the recorded census: unchanged passes, one more GPU
+    /// operation or one more function lookup per step fails, fewer passes.
+    #[test]
+    fn the_ratchet_fails_on_a_rise_of_a_count_or_a_ratcheted_call() {
+        let recorded: Census =
+            serde_json::from_str(include_str!("../bench/step_census.json")).unwrap();
+        assert!(differences(&recorded, &recorded, Compare::Rises).is_empty());
+        let mut more = recorded.clone();
+        *more.cases[0].per_step.get_mut("gpu_ops").unwrap() += 1.0;
+        let d = differences(&recorded, &more, Compare::Rises);
+        assert!(d.len() == 1 && d[0].contains("gpu_ops"), "{d:?}");
+        let mut lookups = recorded.clone();
+        *lookups.cases[0]
+            .calls_per_step
+            .entry("cuModuleGetFunction".into())
+            .or_insert(0.0) += 1.0;
+        let d = differences(&recorded, &lookups, Compare::Rises);
+        assert!(
+            d.len() == 1 && d[0].contains("cuModuleGetFunction"),
+            "{d:?}"
+        );
+        // Fewer is fine for the ratchet; the driver agreement wants equal.
+        assert!(differences(&lookups, &recorded, Compare::Rises).is_empty());
+        let mut fewer = recorded.clone();
+        *fewer.cases[0].per_step.get_mut("kernels").unwrap() -= 1.0;
+        assert!(differences(&recorded, &fewer, Compare::Rises).is_empty());
+        assert!(!differences(&recorded, &fewer, Compare::Differs).is_empty());
+    }
 }
