@@ -667,12 +667,12 @@ pub mod multi {
         let Some(first) = items.first() else {
             return Ok(None);
         };
-        let s0 = first.step;
-        let mut dev = None;
-        let mut tensors = Vec::with_capacity(items.len());
         if items.len() > TENSORS {
             return Ok(None);
         }
+        let s0 = first.step;
+        let mut dev = None;
+        let mut tensors = Vec::with_capacity(items.len());
         let mut varying = MtStep {
             group: [MtGroup::default(); GROUPS],
             grad: [0; TENSORS],

@@ -227,6 +227,10 @@ pub struct Settings {
     pub overwrite: bool,
 }
 
+/// The varmap prefixes of the new heads (the masked-LM head, the domain
+/// classifier): trained at `head_lr`, not written as encoder weights.
+const HEADS: [&str; 2] = ["mlm.", "classifier."];
+
 fn yes() -> bool {
     true
 }
@@ -376,8 +380,8 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
     }
 
     let device = s.device.device()?;
-    let varmap = VarMap::new();
-    let (bert, tok) =
+    let mut varmap = VarMap::new();
+    let (mut bert, tok) =
         mlm::load_encoder(&s.model, &varmap, &device, s.max_len, s.precision, s.seed)?;
     let mask_id = tok.mask_id()?;
     let family = bert.family;
@@ -410,15 +414,12 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
         for (_, t) in &texts {
             encoded.push(tok.encode_spans(t.input(), None)?);
         }
-        let prior = mlm::log_prior(&encoded, head.bias.elem_count());
-        let var = varmap
-            .data()
-            .lock()
-            .unwrap()
-            .get(&format!("{}.bias", mlm::PREFIX))
-            .cloned()
-            .expect("the head's bias is in the varmap");
-        var.set(&Tensor::from_vec(prior, head.bias.elem_count(), &device)?)?;
+        let v = head.bias.elem_count();
+        let prior = mlm::log_prior(&encoded, v);
+        varmap.set_one(
+            format!("{}.bias", mlm::PREFIX),
+            Tensor::from_vec(prior, v, &device)?,
+        )?;
     }
     on(Event::Message(&format!(
         "post-training on {} texts ({}); masked-LM head {}; {}",
@@ -444,11 +445,10 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
             "every word a candidate".into()
         }
     )));
-    let heads = ["mlm.", "classifier."];
     let optimiser = |heads_only: bool| {
-        let mut params = mlm::all_params(&varmap, &heads, s.lr, s.head_lr.unwrap_or(s.lr));
+        let mut params = mlm::all_params(&varmap, &HEADS, s.lr, s.head_lr.unwrap_or(s.lr));
         if heads_only {
-            params.retain(|p| heads.iter().any(|h| p.name.starts_with(h)));
+            params.retain(|p| HEADS.iter().any(|h| p.name.starts_with(h)));
         }
         AdamW::new(
             params,
@@ -481,7 +481,6 @@ pub fn posttrain(s: Settings, mut on: impl FnMut(Event<'_>)) -> Result<Report> {
             ),
         ));
     }
-    let mut bert = bert;
     let mut heads_only = warm > 0;
     let mut opt = optimiser(heads_only)?;
     if heads_only {
@@ -732,7 +731,7 @@ fn save(s: &Settings, varmap: &VarMap, bert: &Bert, report: &Report) -> Result<(
         &s.model,
         varmap,
         family,
-        &["mlm.", "classifier."],
+        &HEADS,
         mlm::head_tensors(varmap, family)?,
         "ForMaskedLM",
         (
