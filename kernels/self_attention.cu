@@ -2,6 +2,13 @@
 // two backward, reading Q, K, V and writing the context in the [B, L, H]
 // layout of the dense layers (H = heads * dh): no head-split copies, no
 // batched GEMMs, no score tensor in global memory forward.
+//
+// Q, K and V are rows of `ld` elements apart: ld = H for three [B, L, H]
+// tensors, ld = 3H for the packed [B, L, 3H] output of one fused Q/K/V
+// layer (k = q + H, v = q + 2H). The backward writes dq, dk, dv `part`
+// elements apart with rows `ldo` apart: stacked [3, B, L, H] (part = B*L*H,
+// ldo = H) or packed [B, L, 3H] (part = H, ldo = 3H), the gradient of the
+// fused layer's output. The context y and its gradient g are [B, L, H].
 // Semantics: src/ops/self_attention.rs (the CPU op).
 //
 // One block per (batch row, head). Its keys and values (forward), or its
@@ -24,22 +31,24 @@ namespace {
 
 struct Shape {
     int L, heads, dh;
-    // Element (b, j, h, d) of a [B, L, H] tensor, for this block's b and h.
-    __device__ __forceinline__ long long base() const {
+    // Element (b, 0, h, 0) of a tensor with rows `ld` apart, for this
+    // block's b and h.
+    __device__ __forceinline__ long long base(long long ld) const {
         const int b = blockIdx.x / heads, h = blockIdx.x % heads;
-        return (long long)b * L * heads * dh + (long long)h * dh;
+        return (long long)b * L * ld + (long long)h * dh;
     }
     __device__ __forceinline__ long long H() const { return (long long)heads * dh; }
     __device__ __forceinline__ int stride() const { return dh + 1; }
 };
 
-// rows [L, dh] of x (from base, row stride H) into shared memory as f32.
+// This block's rows [L, dh] of x (rows ld apart) into shared memory as f32.
 template <typename T>
-__device__ __forceinline__ void stage(const Shape& s, const T* __restrict__ x, float* dst) {
-    const long long base = s.base(), H = s.H();
+__device__ __forceinline__ void stage(const Shape& s, const T* __restrict__ x, long long ld,
+                                      float* dst) {
+    const long long base = s.base(ld);
     for (int t = threadIdx.x; t < s.L * s.dh; t += blockDim.x) {
         const int j = t / s.dh, d = t - j * s.dh;
-        dst[j * s.stride() + d] = tf::to_f32(x[base + (long long)j * H + d]);
+        dst[j * s.stride() + d] = tf::to_f32(x[base + (long long)j * ld + d]);
     }
 }
 
@@ -96,20 +105,21 @@ __device__ __forceinline__ float dropped(const Drop& dr, float p, uint64_t e) {
 // Shared memory: Ks, Vs [L][dh + 1], then per warp qrow [dh] and prow [L].
 template <typename T>
 __device__ void fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                    const T* __restrict__ bias, T* __restrict__ y, Shape s, float scale, Drop dr) {
+                    const T* __restrict__ bias, T* __restrict__ y, long long ld, Shape s,
+                    float scale, Drop dr) {
     extern __shared__ float sm[];
     float* Ks = sm;
     float* Vs = Ks + s.L * s.stride();
     const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     float* qrow = Vs + s.L * s.stride() + warp * (s.dh + s.L);
     float* prow = qrow + s.dh;
-    stage(s, k, Ks);
-    stage(s, v, Vs);
+    stage(s, k, ld, Ks);
+    stage(s, v, ld, Vs);
     __syncthreads();
-    const long long base = s.base(), H = s.H();
+    const long long base = s.base(ld), ybase = s.base(s.H()), H = s.H();
     const T* brow = bias + (long long)(blockIdx.x / s.heads) * s.L;
     for (int i = warp; i < s.L; i += warps) {
-        for (int d = lane; d < s.dh; d += 32) qrow[d] = tf::to_f32(q[base + i * H + d]);
+        for (int d = lane; d < s.dh; d += 32) qrow[d] = tf::to_f32(q[base + i * ld + d]);
         __syncwarp();
         probs(s, qrow, Ks, brow, scale, prow);
         const uint64_t row = (uint64_t)blockIdx.x * s.L + i;
@@ -118,7 +128,7 @@ __device__ void fwd(const T* __restrict__ q, const T* __restrict__ k, const T* _
         for (int d = lane; d < s.dh; d += 32) {
             float acc = 0.f;
             for (int j = 0; j < s.L; ++j) acc += prow[j] * Vs[j * s.stride() + d];
-            y[base + i * H + d] = tf::from_f32<T>(acc);
+            y[ybase + i * H + d] = tf::from_f32<T>(acc);
         }
         __syncwarp();
     }
@@ -126,15 +136,16 @@ __device__ void fwd(const T* __restrict__ q, const T* __restrict__ k, const T* _
 
 // Backward, by query rows: recomputes p, then with dP_j = g_i . v_j through
 // the dropout (d_j), ds_j = scale * p_j * (d_j - sum_j d_j p_j); writes
-// dq_i = sum_j ds_j k_j to out[0, n) and ds and the dropped probabilities
-// pd to the f32 scratch rows for the column pass.
+// dq_i = sum_j ds_j k_j to out's first part and ds and the dropped
+// probabilities pd to the f32 scratch rows for the column pass.
 // Shared memory: Ks, Vs [L][dh + 1], then per warp qrow, grow [dh], prow,
 // drow [L].
 template <typename T>
 __device__ void bwd_rows(const T* __restrict__ q, const T* __restrict__ k,
                          const T* __restrict__ v, const T* __restrict__ bias,
                          const T* __restrict__ g, T* __restrict__ out, float* __restrict__ ds,
-                         float* __restrict__ pd, Shape s, float scale, Drop dr) {
+                         float* __restrict__ pd, long long ld, long long ldo, Shape s,
+                         float scale, Drop dr) {
     extern __shared__ float sm[];
     float* Ks = sm;
     float* Vs = Ks + s.L * s.stride();
@@ -143,15 +154,15 @@ __device__ void bwd_rows(const T* __restrict__ q, const T* __restrict__ k,
     float* grow = qrow + s.dh;
     float* prow = grow + s.dh;
     float* drow = prow + s.L;
-    stage(s, k, Ks);
-    stage(s, v, Vs);
+    stage(s, k, ld, Ks);
+    stage(s, v, ld, Vs);
     __syncthreads();
-    const long long base = s.base(), H = s.H();
+    const long long base = s.base(ld), gbase = s.base(s.H()), obase = s.base(ldo), H = s.H();
     const T* brow = bias + (long long)(blockIdx.x / s.heads) * s.L;
     for (int i = warp; i < s.L; i += warps) {
         for (int d = lane; d < s.dh; d += 32) {
-            qrow[d] = tf::to_f32(q[base + i * H + d]);
-            grow[d] = tf::to_f32(g[base + i * H + d]);
+            qrow[d] = tf::to_f32(q[base + i * ld + d]);
+            grow[d] = tf::to_f32(g[gbase + i * H + d]);
         }
         __syncwarp();
         probs(s, qrow, Ks, brow, scale, prow);
@@ -179,27 +190,28 @@ __device__ void bwd_rows(const T* __restrict__ q, const T* __restrict__ k,
         for (int d = lane; d < s.dh; d += 32) {
             float acc = 0.f;
             for (int j = 0; j < s.L; ++j) acc += drow[j] * Ks[j * s.stride() + d];
-            out[base + i * H + d] = tf::from_f32<T>(acc);
+            out[obase + i * ldo + d] = tf::from_f32<T>(acc);
         }
         __syncwarp();
     }
 }
 
-// Backward, by key columns: dk_j = sum_i ds_ij q_i into out[n, 2n) and
-// dv_j = sum_i pd_ij g_i into out[2n, 3n).
+// Backward, by key columns: dk_j = sum_i ds_ij q_i into out's second part
+// and dv_j = sum_i pd_ij g_i into its third.
 // Shared memory: Qs, Gs [L][dh + 1].
 template <typename T>
 __device__ void bwd_cols(const T* __restrict__ q, const T* __restrict__ g,
                          const float* __restrict__ ds, const float* __restrict__ pd,
-                         T* __restrict__ out, long long n, Shape s) {
+                         T* __restrict__ out, long long part, long long ld, long long ldo,
+                         Shape s) {
     extern __shared__ float sm[];
     float* Qs = sm;
     float* Gs = Qs + s.L * s.stride();
-    stage(s, q, Qs);
-    stage(s, g, Gs);
+    stage(s, q, ld, Qs);
+    stage(s, g, s.H(), Gs);
     __syncthreads();
     const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const long long base = s.base(), H = s.H();
+    const long long obase = s.base(ldo);
     const float* dsb = ds + (long long)blockIdx.x * s.L * s.L;
     const float* pdb = pd + (long long)blockIdx.x * s.L * s.L;
     for (int j = warp; j < s.L; j += warps) {
@@ -209,8 +221,8 @@ __device__ void bwd_cols(const T* __restrict__ q, const T* __restrict__ g,
                 ak += dsb[(long long)i * s.L + j] * Qs[i * s.stride() + d];
                 av += pdb[(long long)i * s.L + j] * Gs[i * s.stride() + d];
             }
-            out[n + base + j * H + d] = tf::from_f32<T>(ak);
-            out[2 * n + base + j * H + d] = tf::from_f32<T>(av);
+            out[part + obase + j * ldo + d] = tf::from_f32<T>(ak);
+            out[2 * part + obase + j * ldo + d] = tf::from_f32<T>(av);
         }
     }
 }
@@ -219,22 +231,24 @@ __device__ void bwd_cols(const T* __restrict__ q, const T* __restrict__ g,
 
 #define SELF_ATTN_ENTRIES(SUF, T)                                                                  \
     extern "C" __global__ void self_attn_fwd_##SUF(                                                \
-        const T* q, const T* k, const T* v, const T* bias, T* y, int L, int heads, int dh,         \
-        float scale, int drop, uint64_t seed, uint64_t offset, uint32_t threshold, float dscale) { \
-        fwd<T>(q, k, v, bias, y, Shape{L, heads, dh}, scale,                                       \
+        const T* q, const T* k, const T* v, const T* bias, T* y, long long ld, int L, int heads,   \
+        int dh, float scale, int drop, uint64_t seed, uint64_t offset, uint32_t threshold,         \
+        float dscale) {                                                                            \
+        fwd<T>(q, k, v, bias, y, ld, Shape{L, heads, dh}, scale,                                   \
                Drop{drop, seed, offset, threshold, dscale});                                       \
     }                                                                                              \
     extern "C" __global__ void self_attn_bwd_rows_##SUF(                                           \
         const T* q, const T* k, const T* v, const T* bias, const T* g, T* out, float* ds,          \
-        float* pd, int L, int heads, int dh, float scale, int drop, uint64_t seed,                 \
-        uint64_t offset, uint32_t threshold, float dscale) {                                       \
-        bwd_rows<T>(q, k, v, bias, g, out, ds, pd, Shape{L, heads, dh}, scale,                     \
+        float* pd, long long ld, long long ldo, int L, int heads, int dh, float scale, int drop,   \
+        uint64_t seed, uint64_t offset, uint32_t threshold, float dscale) {                        \
+        bwd_rows<T>(q, k, v, bias, g, out, ds, pd, ld, ldo, Shape{L, heads, dh}, scale,            \
                     Drop{drop, seed, offset, threshold, dscale});                                  \
     }                                                                                              \
     extern "C" __global__ void self_attn_bwd_cols_##SUF(const T* q, const T* g, const float* ds,   \
-                                                        const float* pd, T* out, long long n,      \
-                                                        int L, int heads, int dh) {                \
-        bwd_cols<T>(q, g, ds, pd, out, n, Shape{L, heads, dh});                                    \
+                                                        const float* pd, T* out, long long part,   \
+                                                        long long ld, long long ldo, int L,        \
+                                                        int heads, int dh) {                       \
+        bwd_cols<T>(q, g, ds, pd, out, part, ld, ldo, Shape{L, heads, dh});                        \
     }
 
 SELF_ATTN_ENTRIES(f32, float)

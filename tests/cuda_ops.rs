@@ -754,7 +754,16 @@ fn multi_tensor_cast_matches_the_cpu_cast() {
         .iter()
         .map(|&n| Var::zeros(n, DType::BF16, &dev).unwrap())
         .collect();
-    let pairs: Vec<(&Tensor, &Var)> = masters.iter().zip(&copies).collect();
+    // Masters 1 and 2 also go into one packed copy, at rows 0 and 7 (a
+    // fused layer's copy): each to its rows.
+    let packed = Var::zeros(sizes[1] + sizes[2], DType::BF16, &dev).unwrap();
+    let mut pairs: Vec<(&Tensor, &Var, Option<usize>)> = masters
+        .iter()
+        .zip(&copies)
+        .map(|(m, c)| (m, c, None))
+        .collect();
+    pairs.push((&masters[1], &packed, Some(0)));
+    pairs.push((&masters[2], &packed, Some(sizes[1])));
     cast_into(&pairs).unwrap();
     // Bits compared as bf16 (a NaN matches any NaN: the payloads of the
     // CPU's and the device's conversions may differ).
@@ -774,6 +783,18 @@ fn multi_tensor_cast_matches_the_cpu_cast() {
             bits(c.as_tensor()) == bits(&want),
             "pair {i} (n = {}): the copy is not the CPU's bf16 cast",
             sizes[i]
+        );
+    }
+    for (i, at) in [(1, 0), (2, sizes[1])] {
+        let rows = packed.narrow(0, at, sizes[i]).unwrap();
+        let want = masters[i]
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        assert!(
+            bits(&rows) == bits(&want),
+            "master {i}'s rows of the packed copy"
         );
     }
 }
@@ -1955,10 +1976,12 @@ fn attention_probs_kernels_match_the_cpu_op() {
 /// over up to L such terms. Allowed: one unit of T of the element, plus
 /// (4 units of T + 256 f32 ulps) of the largest element of the tensor. A
 /// wrong row, head, mask element or index moves elements by about that
-/// largest value.
+/// largest value. On each device the packed form (one `[B, L, 3H]` input)
+/// equals the three-tensor form bit for bit.
 #[test]
 fn self_attention_kernels_match_the_cpu_op() {
     use tunefuse::ops::self_attention;
+    use tunefuse::ops::self_attention::self_attention_packed;
     let Some(dev) = cuda_device() else { return };
     let mut fails = Failures::default();
     // (batch, heads, dh, tokens)
@@ -2009,6 +2032,27 @@ fn self_attention_kernels_match_the_cpu_op() {
                         let mut out = vec![to_f64(&y)];
                         for v in &vars {
                             out.push(to_f64(grads.get(v.as_tensor()).unwrap()));
+                        }
+                        // The packed form ([B, L, 3H] in, [B, L, 3H] gradient
+                        // out) runs the same arithmetic with other strides:
+                        // bit-identical to the three-tensor form.
+                        let parts: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+                        let qkv = Var::from_tensor(&Tensor::cat(&parts, 2).unwrap()).unwrap();
+                        let yp = self_attention_packed(qkv.as_tensor(), &bt, heads, scale, drop)
+                            .unwrap();
+                        let gp = (&yp * &g)
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                            .backward()
+                            .unwrap();
+                        let gp = gp.get(qkv.as_tensor()).unwrap();
+                        assert_eq!(to_f64(&yp), out[0], "{d:?} packed value");
+                        for (w, want) in out[1..].iter().enumerate() {
+                            let part = gp.narrow(2, w * h, h).unwrap();
+                            assert_eq!(&to_f64(&part), want, "{d:?} packed gradient {w}");
                         }
                         out
                     };

@@ -405,6 +405,84 @@ fn mixed_precision_keeps_f32_master_weights() {
     assert_eq!(to_f64(gq2), to_f64(gq), "gradient differs from the cast's");
 }
 
+/// With fused ops (CUDA's default) and bf16 weight copies, the query, key
+/// and value layers run as one: their copies are rows of one packed copy,
+/// the backward leaves one gradient for it, and `route_grads` files its
+/// rows under the masters. Values and gradients equal those of per-use
+/// casts (the same stacked GEMM, the cast's backward widens the same bf16
+/// rows), and a refresh rewrites each master's rows.
+#[test]
+fn fused_query_key_value_share_one_packed_copy() {
+    use tunefuse::ops::mixout::Rng;
+    let vm = VarMap::new();
+    let bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
+    let (ids, mask) = inputs();
+    bert.stream.set_fused_ops(Some(true));
+    let run = |copies: bool| {
+        bert.stream.set_compute_dtype(Some(DType::BF16), copies);
+        bert.stream.set_train(true);
+        bert.stream.set_position(Rng { seed: 5, offset: 0 });
+        let h = bert
+            .forward(&ids, None, &mask, Outputs::default())
+            .unwrap()
+            .last_hidden;
+        let mut g = h
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        bert.stream.route_grads(&mut g).unwrap();
+        (to_f64(&h), g)
+    };
+    let (h0, g0) = run(false);
+    let (h1, mut g1) = run(true);
+    assert_eq!(h1, h0, "packed copies change the forward");
+    let l0 = &bert.layers[0];
+    let [q, k, v] = [&l0.query, &l0.key, &l0.value];
+    let copies: Vec<Tensor> = [q, k, v]
+        .iter()
+        .map(|d| bert.stream.shadow_of(&d.weight).expect("a copy"))
+        .collect();
+    let h = q.weight.dim(0).unwrap();
+    for (i, c) in copies.iter().enumerate() {
+        assert_eq!(c.dims(), q.weight.dims());
+        assert_eq!(c.layout().start_offset(), i * h * h, "rows of one copy");
+    }
+    for (name, d) in [("query", q), ("key", k), ("value", v)] {
+        for (what, t) in [("weight", &d.weight), ("bias", d.bias.as_ref().unwrap())] {
+            let (a, b) = (g1.get(t), g0.get(t));
+            let (a, b) = (a.expect("routed"), b.expect("a gradient"));
+            assert_eq!(to_f64(a), to_f64(b), "{name} {what} gradient");
+            assert!(to_f64(a).iter().any(|x| *x != 0.0), "{name} {what}");
+        }
+    }
+    // No gradient is left on the packed copy.
+    let packed = bert
+        .stream
+        .compute_packed(&[&q.weight, &k.weight, &v.weight], DType::BF16);
+    assert!(g1.remove(&packed.unwrap()).is_none());
+    // A write to the masters, then a refresh: each master's rows follow.
+    for d in [q, k, v] {
+        let var = vm
+            .all_vars()
+            .into_iter()
+            .find(|x| x.as_tensor().id() == d.weight.id())
+            .unwrap();
+        var.set(&(d.weight.affine(0.5, 0.25).unwrap())).unwrap();
+    }
+    bert.stream.refresh_shadows().unwrap();
+    for d in [q, k, v] {
+        let copy = bert.stream.shadow_of(&d.weight).unwrap();
+        let want = d.weight.to_dtype(DType::BF16).unwrap();
+        assert_eq!(to_f64(&copy), to_f64(&want));
+    }
+    bert.stream.set_fused_ops(None);
+}
+
 /// Loss weights for the softmax tests: a fixed random projection of the
 /// probabilities, so every output element gets a different gradient.
 fn softmax_loss(p: &Tensor, w: &Tensor) -> Tensor {

@@ -7,6 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use tunefuse::ops::mixout::Rng;
+use tunefuse::ops::self_attention::self_attention_packed;
 use tunefuse::ops::{attention_probs, self_attention};
 
 const CPU: Device = Device::Cpu;
@@ -108,6 +109,48 @@ fn equals_the_composition_in_f64_with_and_without_dropout() {
     }
 }
 
+/// q, k, v `[B, L, H]` side by side in `[B, L, 3H]` rows.
+fn pack(x: &[Vec<f64>; 3]) -> Vec<f64> {
+    (0..B * L)
+        .flat_map(|r| {
+            x.iter()
+                .flat_map(move |v| v[r * H..(r + 1) * H].iter().copied())
+        })
+        .collect()
+}
+
+#[test]
+fn packed_equals_the_op_on_the_parts_bit_for_bit() {
+    // The packed form's value is the op's on the three parts, and its
+    // gradient is dq, dk, dv packed the same way: exactly, in every dtype
+    // and with dropout (one computation, two layouts).
+    let (x, bias) = inputs();
+    let wv = randn(B * L * H, 16, 1.0);
+    for dt in [DType::F64, DType::F32, DType::BF16] {
+        let bt = tensor(&bias, &[B, L], dt, &CPU);
+        let w = tensor(&wv, &[B, L, H], dt, &CPU);
+        for drop in [None, Some((0.3, Rng { seed: 9, offset: 2 }))] {
+            let parts: Vec<Var> = x
+                .iter()
+                .map(|v| Var::from_tensor(&tensor(v, &[B, L, H], dt, &CPU)).unwrap())
+                .collect();
+            let [q, k, v] = [0, 1, 2].map(|i| parts[i].as_tensor());
+            let y0 = self_attention(q, k, v, &bt, HEADS, 0.5, drop).unwrap();
+            let g0 = (&y0 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g0: [Vec<f64>; 3] = [q, k, v].map(|t| to_f64(g0.get(t).unwrap()));
+
+            let qkv = Var::from_tensor(&tensor(&pack(&x), &[B, L, 3 * H], dt, &CPU)).unwrap();
+            let y1 = self_attention_packed(qkv.as_tensor(), &bt, HEADS, 0.5, drop).unwrap();
+            assert_eq!(y1.dims(), [B, L, H]);
+            let g1 = (&y1 * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let g1 = to_f64(g1.get(qkv.as_tensor()).unwrap());
+            assert_eq!(to_f64(&y1), to_f64(&y0), "{dt:?} {drop:?} value");
+            assert_eq!(g1, pack(&g0), "{dt:?} {drop:?} gradient");
+            assert!(g1.iter().any(|v| *v != 0.0));
+        }
+    }
+}
+
 #[test]
 fn finite_differences_with_dropout() {
     let (x, bias) = inputs();
@@ -198,4 +241,11 @@ fn bad_inputs_are_errors() {
     .contains("p must"));
     let flat = q.reshape((B * L, H)).unwrap();
     assert!(msg(self_attention(&flat, &flat, &flat, &bt, HEADS, 1.0, None)).contains("[B, L, H]"));
+    // The packed form: rows of 3H, and the same checks.
+    let qkv = Tensor::cat(&[&q, &k, &v], 2).unwrap();
+    let odd = qkv.narrow(2, 0, 3 * H - 1).unwrap();
+    assert!(msg(self_attention_packed(&odd, &bt, HEADS, 1.0, None)).contains("3H"));
+    assert!(msg(self_attention_packed(&flat, &bt, HEADS, 1.0, None)).contains("[B, L, 3H]"));
+    assert!(msg(self_attention_packed(&qkv, &short, HEADS, 1.0, None)).contains("key mask"));
+    assert!(msg(self_attention_packed(&qkv, &bt, 5, 1.0, None)).contains("multiple of 5 heads"));
 }

@@ -936,34 +936,34 @@ impl Bert {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let (q, k, v) = (
-            layer.query.forward(x, s)?,
-            layer.key.forward(x, s)?,
-            layer.value.forward(x, s)?,
-        );
         let drop = self.config.attention_probs_dropout_prob;
         // Plain attention (no rotary, window or relative terms, no
         // probabilities asked for) is one op on the layers' [B, L, H]
-        // outputs where the stream fuses: no head split, no batched GEMMs.
+        // outputs where the stream fuses: no head split, no batched GEMMs,
+        // and the three projections as one layer where they combine.
         let plain = layer.attention.rotary_theta.is_none()
             && layer.attention.half_window.is_none()
             && (shared.relative.is_none() || self.relative.is_none())
             && !want_probs;
+        let projections = [&layer.query, &layer.key, &layer.value];
         let fused = if plain {
             let scale = 1.0 / (dh as f64).sqrt();
-            s.self_attention([&q, &k, &v], bias, heads, scale, drop)?
+            s.self_attention(projections, x, bias, heads, scale, drop)?
         } else {
             None
         };
         let (ctx, probs) = match fused {
             Some(ctx) => (ctx, None),
-            None => self.attend(
-                layer,
-                (split(q)?, split(k)?, split(v)?),
-                bias,
-                shared,
-                want_probs,
-            )?,
+            None => {
+                let [q, k, v] = projections.map(|d| d.forward(x, s));
+                self.attend(
+                    layer,
+                    (split(q?)?, split(k?)?, split(v?)?),
+                    bias,
+                    shared,
+                    want_probs,
+                )?
+            }
         };
         self.layer_rest(layer, input, ctx, probs)
     }

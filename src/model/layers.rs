@@ -52,8 +52,24 @@ impl Drop for WeightGradsOff<'_> {
 pub struct Shadow {
     /// The f32 master weight the optimiser updates.
     pub master: Tensor,
-    /// Its copy in the compute dtype, refreshed after each step.
+    /// Its copy in the compute dtype, refreshed after each step: of this
+    /// master alone, or packed with other masters' copies (see `row`).
     pub copy: Var,
+    /// `Some(r)`: the copy is shared by the masters of a fused layer
+    /// ([`Stream::compute_packed`]), stacked along dimension 0, and this
+    /// master's copy is its rows from `r` on.
+    pub row: Option<usize>,
+}
+
+impl Shadow {
+    /// This master's copy: the copy, or its rows of a packed one (a view).
+    pub fn view(&self) -> Result<Tensor> {
+        let t = self.copy.as_tensor();
+        Ok(match self.row {
+            None => t.clone(),
+            Some(r) => t.narrow(0, r, self.master.dim(0)?)?,
+        })
+    }
 }
 
 impl Stream {
@@ -159,7 +175,7 @@ impl Stream {
         }
         if let Some(s) = map.get(&w.id()) {
             if s.copy.dtype() == dt {
-                return Ok(s.copy.as_tensor().clone());
+                return s.view();
             }
             return Ok(w.to_dtype(dt)?);
         }
@@ -170,16 +186,86 @@ impl Stream {
             Shadow {
                 master: w.clone(),
                 copy,
+                row: None,
             },
         );
         Ok(out)
     }
 
-    /// The compute-dtype copy of master weight `master`, if it has one.
+    /// Master weights `ws` (equal sizes past dimension 0) stacked along
+    /// dimension 0 in dtype `dt`: the weight of a fused layer, e.g. the
+    /// query, key and value projections as one GEMM ([`fused_forward`]).
+    ///
+    /// With weight copies on ([`Stream::compute_weight`]) the stack is one
+    /// persistent copy whose rows are the masters' copies: the optimiser
+    /// rewrites each master's rows in place, the backward leaves one
+    /// gradient for the stack, and [`Stream::route_grads`] files its rows
+    /// under the masters (views, no copy). Nothing is concatenated per
+    /// step. Masters that had copies of their own lose them to the stack
+    /// (a later single use reads its rows). Otherwise (no copies, or a
+    /// weight not a variable) the weights are concatenated per call.
+    pub fn compute_packed(&self, ws: &[&Tensor], dt: DType) -> Result<Tensor> {
+        let packable = ws.iter().all(|w| w.is_variable() && w.dtype() != dt);
+        let mut guard = self.shadows.borrow_mut();
+        let map = match guard.as_mut() {
+            Some(map) if packable && !ws.is_empty() => map,
+            _ => {
+                drop(guard);
+                let parts = ws
+                    .iter()
+                    .map(|w| self.compute_weight(w, dt))
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(Tensor::cat(&parts, 0)?);
+            }
+        };
+        // Already packed, in this order and dtype?
+        let mut row = 0;
+        let mut copy: Option<&Var> = None;
+        let mut hit = true;
+        for w in ws {
+            let same = map.get(&w.id()).is_some_and(|s| {
+                s.row == Some(row)
+                    && s.copy.dtype() == dt
+                    && copy.is_none_or(|c| c.as_tensor().id() == s.copy.as_tensor().id())
+            });
+            if !same {
+                hit = false;
+                break;
+            }
+            copy = map.get(&w.id()).map(|s| &s.copy);
+            row += w.dim(0)?;
+        }
+        if let (true, Some(c)) = (hit, copy) {
+            if c.dim(0)? == row {
+                return Ok(c.as_tensor().clone());
+            }
+        }
+        let parts = ws
+            .iter()
+            .map(|w| w.detach().to_dtype(dt))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let copy = Var::from_tensor(&Tensor::cat(&parts, 0)?)?;
+        let mut row = 0;
+        for w in ws {
+            map.insert(
+                w.id(),
+                Shadow {
+                    master: (*w).clone(),
+                    copy: copy.clone(),
+                    row: Some(row),
+                },
+            );
+            row += w.dim(0)?;
+        }
+        Ok(copy.as_tensor().clone())
+    }
+
+    /// The compute-dtype copy of master weight `master`, if it has one
+    /// (a view of a packed copy for a fused layer's weight).
     pub fn shadow_of(&self, master: &Tensor) -> Option<Tensor> {
         let guard = self.shadows.borrow();
         let s = guard.as_ref()?.get(&master.id())?;
-        Some(s.copy.as_tensor().clone())
+        s.view().ok()
     }
 
     /// Rewrites every copy from its master (after a write to the masters
@@ -189,7 +275,8 @@ impl Stream {
         let Some(map) = guard.as_ref() else {
             return Ok(());
         };
-        let pairs: Vec<(&Tensor, &Var)> = map.values().map(|s| (&s.master, &s.copy)).collect();
+        let pairs: Vec<(&Tensor, &Var, Option<usize>)> =
+            map.values().map(|s| (&s.master, &s.copy, s.row)).collect();
         crate::ops::cast_into(&pairs)
     }
 
@@ -202,8 +289,20 @@ impl Stream {
         let Some(map) = guard.as_ref() else {
             return Ok(());
         };
+        // A packed copy's gradient serves all its masters: removed after.
+        let mut packed = Vec::new();
         for (id, s) in map {
-            let Some(g) = grads.remove(s.copy.as_tensor()) else {
+            let g = match s.row {
+                None => grads.remove(s.copy.as_tensor()),
+                Some(r) => {
+                    packed.push(s.copy.as_tensor().clone());
+                    match grads.get(s.copy.as_tensor()) {
+                        Some(g) => Some(g.narrow(0, r, s.master.dim(0)?)?),
+                        None => None,
+                    }
+                }
+            };
+            let Some(g) = g else {
                 continue;
             };
             let g = match grads.get_id(*id) {
@@ -214,6 +313,9 @@ impl Stream {
                 }
             };
             grads.insert_id(*id, g);
+        }
+        for c in packed {
+            grads.remove(&c);
         }
         Ok(())
     }
@@ -287,30 +389,86 @@ impl Stream {
     }
 
     /// Multi-head attention `dropout(softmax(q·kᵀ·scale + bias))·v` on the
-    /// `[B, L, H]` outputs of the query, key and value layers in one op
-    /// ([`crate::ops::self_attention()`]), with the dropout draws of
-    /// [`Stream::attention_probs`] on the `[B, heads, L, L]` scores; `None`
-    /// where the stream does not use fused ops or the sequence does not fit
-    /// the op's CUDA kernels ([`crate::ops::self_attention::fits`]): the
-    /// caller then composes it.
+    /// Self-attention of `x` `[B, L, H_in]` through its query, key and
+    /// value layers in one op ([`crate::ops::self_attention()`]), with the
+    /// dropout draws of [`Stream::attention_probs`] on the `[B, heads, L,
+    /// L]` scores; `None` where the stream does not use fused ops or the
+    /// sequence does not fit the op's CUDA kernels
+    /// ([`crate::ops::self_attention::fits`]): the caller then composes it.
+    ///
+    /// Where the three layers can run as one ([`fused_forward`]: no LoRA,
+    /// no mixout in training, frozen alike) they do, and the op reads their
+    /// packed `[B, L, 3H]` output
+    /// ([`crate::ops::self_attention::self_attention_packed`]): one GEMM
+    /// forward and two backward where three layers take three and six, and
+    /// the gradient of `x` comes out of one GEMM instead of three GEMMs and
+    /// two adds.
     pub fn self_attention(
         &self,
-        qkv: [&Tensor; 3],
+        layers: [&Dense; 3],
+        x: &Tensor,
         bias: &Tensor,
         heads: usize,
         scale: f64,
         p: f64,
     ) -> Result<Option<Tensor>> {
-        let [q, k, v] = qkv;
-        let (b, l, h) = q.dims3()?;
-        if !self.fused_for(q) || heads == 0 || !crate::ops::self_attention::fits(l, h / heads) {
+        let (b, l, _) = x.dims3()?;
+        let h = layers[0].weight.dim(0)?;
+        if !self.fused_for(x) || heads == 0 || !crate::ops::self_attention::fits(l, h / heads) {
             return Ok(None);
         }
+        // The projections first: their mixout draws come before the
+        // attention's dropout draws, on either path.
+        if let Some(qkv) = fused_forward(&layers, x, self)? {
+            let drop = (self.train() && p != 0.0).then(|| (p, self.take(b * heads * l * l)));
+            return Ok(Some(crate::ops::self_attention::self_attention_packed(
+                &qkv, bias, heads, scale, drop,
+            )?));
+        }
+        let [q, k, v] = [0, 1, 2].map(|i| layers[i].forward(x, self));
+        let (q, k, v) = (q?, k?, v?);
         let drop = (self.train() && p != 0.0).then(|| (p, self.take(b * heads * l * l)));
         Ok(Some(crate::ops::self_attention(
-            q, k, v, bias, heads, scale, drop,
+            &q, &k, &v, bias, heads, scale, drop,
         )?))
     }
+}
+
+/// Dense layers `ds` that take the same input, as one: `x·[W₁; W₂; …]ᵀ +
+/// [b₁; b₂; …]`, their outputs side by side in the last dimension (the
+/// weights stacked by [`Stream::compute_packed`]). The value of each part
+/// is the layer's own (each output column is the same dot product); the
+/// gradient of `x` sums the parts' contributions inside one GEMM. `None`
+/// where the layers do not combine: a LoRA delta, mixout in training,
+/// frozen and trainable mixed, a bias on some only, different input sizes.
+pub fn fused_forward(ds: &[&Dense], x: &Tensor, s: &Stream) -> Result<Option<Tensor>> {
+    let Some(first) = ds.first() else {
+        return Ok(None);
+    };
+    let din = first.weight.dim(1)?;
+    for d in ds {
+        if d.lora.is_some()
+            || (d.mixout.is_some() && s.train())
+            || d.frozen != first.frozen
+            || d.bias.is_some() != first.bias.is_some()
+            || d.weight.rank() != 2
+            || d.weight.dim(1)? != din
+        {
+            return Ok(None);
+        }
+    }
+    let dt = x.dtype();
+    let ws: Vec<&Tensor> = ds.iter().map(|d| &d.weight).collect();
+    let w = s.use_weight(s.compute_packed(&ws, dt)?, first.frozen);
+    let b = match ds
+        .iter()
+        .map(|d| d.bias.as_ref())
+        .collect::<Option<Vec<_>>>()
+    {
+        Some(bs) => Some(s.use_weight(s.compute_packed(&bs, dt)?, first.frozen)),
+        None => None,
+    };
+    Ok(Some(linear_on(x, &w, b.as_ref(), s)?))
 }
 
 /// `x·Wᵀ + b` over the last dimension of `x` (any leading shape), in the

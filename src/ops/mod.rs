@@ -34,17 +34,42 @@ pub fn wide_dtype(dtype: candle_core::DType) -> candle_core::DType {
 
 /// `copy ← master` converted to the copy's dtype, for every pair, in place
 /// (mixed precision's weight copies, `crate::model::Stream`): one launch
-/// for all of them on CUDA, a cast and a copy per pair otherwise.
-pub fn cast_into(pairs: &[(&candle_core::Tensor, &candle_core::Var)]) -> crate::Result<()> {
+/// for all of them on CUDA, a cast and a copy per pair otherwise. A pair
+/// `(master, copy, Some(r))` writes the master into the copy's rows from
+/// `r` on (a copy packed for a fused layer); `None`, the whole copy.
+pub fn cast_into(
+    pairs: &[(&candle_core::Tensor, &candle_core::Var, Option<usize>)],
+) -> crate::Result<()> {
+    let target =
+        |master: &candle_core::Tensor, copy: &candle_core::Var, row: Option<usize>| match row {
+            None => Ok(copy.as_tensor().clone()),
+            Some(r) => copy.narrow(0, r, master.dim(0)?),
+        };
     #[cfg(feature = "cuda")]
     {
-        let ts: Vec<_> = pairs.iter().map(|(m, c)| (*m, c.as_tensor())).collect();
+        let views = pairs
+            .iter()
+            .map(|(m, c, r)| target(m, c, *r))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let ts: Vec<_> = pairs
+            .iter()
+            .zip(&views)
+            .map(|((m, _, _), c)| (*m, c))
+            .collect();
         if adamw::multi::cast_multi(&ts)? {
             return Ok(());
         }
     }
-    for (master, copy) in pairs {
-        copy.set(&master.detach().to_dtype(copy.dtype())?)?;
+    for (master, copy, row) in pairs {
+        let value = master.detach().to_dtype(copy.dtype())?;
+        match row {
+            None => copy.set(&value)?,
+            Some(r) => {
+                // The rows must be where the view says (a shape check).
+                target(master, copy, *row)?;
+                copy.as_tensor().slice_set(&value, 0, *r)?
+            }
+        }
     }
     Ok(())
 }

@@ -36,7 +36,15 @@
 //! dv_j  = round_T(Σ_i pd_ij·g_i)
 //! ```
 //!
-//! and no gradient for `bias`. The CUDA kernels compute the same in f32
+//! and no gradient for `bias`.
+//!
+//! [`self_attention_packed`] is the same op on one `[B, L, 3H]` tensor
+//! holding q, k and v side by side in each row (the output of one fused
+//! query/key/value layer); its gradient is `[B, L, 3H]` likewise, so the
+//! fused layer's backward takes it as it is, where three layers would each
+//! compute a gradient of their common input and add them up.
+//!
+//! The CUDA kernels compute the same in f32
 //! with the same orders of summation; they differ from the CPU op in the
 //! `exp` implementation and fused multiply-adds, by a few f32 ulps before
 //! the rounding to T. Against the composed path the op differs by the
@@ -45,7 +53,7 @@
 //!
 //! [`philox::counters_for`]: crate::philox::counters_for
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::attention::{dropped, keep_run, round, Real};
@@ -101,20 +109,74 @@ pub fn self_attention(
     let (b, l, h) = q
         .dims3()
         .map_err(|_| shape_err(OP, format!("q must be [B, L, H], got {:?}", q.dims())))?;
+    let Some(cfg) = plan(q, (b, l, h), bias, heads, scale, dropout, false)? else {
+        return Ok(q.zeros_like()?);
+    };
+    let op = Attend {
+        cfg,
+        bias: bias.contiguous()?,
+    };
+    Ok(q.contiguous()?
+        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// [`self_attention()`] on q, k and v packed side by side in one `[B, L,
+/// 3H]` tensor (columns `0..H`, `H..2H`, `2H..3H` of each row): the output
+/// of a fused query/key/value layer. The result is `[B, L, H]`, equal to
+/// the op on the three parts; the gradient is `[B, L, 3H]` in the same
+/// packing.
+pub fn self_attention_packed(
+    qkv: &Tensor,
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+    dropout: Option<(f64, Rng)>,
+) -> Result<Tensor> {
+    check_float_dtype(OP, "qkv", qkv.dtype())?;
+    let (b, l, h3) = qkv
+        .dims3()
+        .map_err(|_| shape_err(OP, format!("qkv must be [B, L, 3H], got {:?}", qkv.dims())))?;
+    if !h3.is_multiple_of(3) {
+        return Err(shape_err(
+            OP,
+            format!("qkv {:?}: the last dimension must be 3H", qkv.dims()),
+        ));
+    }
+    let Some(cfg) = plan(qkv, (b, l, h3 / 3), bias, heads, scale, dropout, true)? else {
+        return Ok(qkv.narrow(2, 0, h3 / 3)?.zeros_like()?);
+    };
+    let op = Attend {
+        cfg,
+        bias: bias.contiguous()?,
+    };
+    Ok(qkv.contiguous()?.apply_op1(op)?)
+}
+
+/// The checks both forms share, and the op's configuration; `None` for an
+/// empty input.
+fn plan(
+    x: &Tensor,
+    (b, l, h): (usize, usize, usize),
+    bias: &Tensor,
+    heads: usize,
+    scale: f64,
+    dropout: Option<(f64, Rng)>,
+    packed: bool,
+) -> Result<Option<Cfg>> {
     if heads == 0 || !h.is_multiple_of(heads) {
         return Err(shape_err(
             OP,
             format!("hidden size {h} is not a multiple of {heads} heads"),
         ));
     }
-    check_companion(OP, (bias, "bias"), (q, "q"))?;
+    check_companion(OP, (bias, "bias"), (x, "the input"))?;
     if bias.elem_count() != b * l {
         return Err(shape_err(
             OP,
             format!(
-                "bias {:?} is not the [{b}, {l}] key mask of q {:?}",
+                "bias {:?} is not the [{b}, {l}] key mask of the input {:?}",
                 bias.dims(),
-                q.dims()
+                x.dims()
             ),
         ));
     }
@@ -133,22 +195,17 @@ pub fn self_attention(
         None => None,
     };
     if b * l * h == 0 {
-        return Ok(q.zeros_like()?);
+        return Ok(None);
     }
-    let cfg = Cfg {
+    Ok(Some(Cfg {
         b,
         l,
         heads,
         dh: h / heads,
         scale,
         drop,
-    };
-    let op = Attend {
-        cfg,
-        bias: bias.contiguous()?,
-    };
-    Ok(q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+        packed,
+    }))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -159,15 +216,19 @@ struct Cfg {
     dh: usize,
     scale: f64,
     drop: Option<DropParams>,
+    /// The input is one `[B, L, 3H]` tensor ([`self_attention_packed`]).
+    packed: bool,
 }
 
-/// The forward op on (q, k, v); the key mask rides along (no gradient).
+/// The forward op on (q, k, v), or on the packed qkv; the key mask rides
+/// along (no gradient).
 struct Attend {
     cfg: Cfg,
     bias: Tensor,
 }
 
-/// The backward on (q, k, v): `[3, B, L, H]` = dq, dk, dv.
+/// The backward on (q, k, v): `[3, B, L, H]` = dq, dk, dv; on the packed
+/// qkv: `[B, L, 3H]`.
 struct AttendGrad {
     cfg: Cfg,
     bias: Tensor,
@@ -357,36 +418,73 @@ impl Cfg {
         out
     }
 
+    /// The op on CPU storages: `inputs` are q, k, v, or the packed qkv.
     fn cpu(
         &self,
-        qkv: [(&CpuStorage, &Layout); 3],
+        inputs: &[(&CpuStorage, &Layout)],
         bias: (&CpuStorage, &Layout),
         g: Option<(&CpuStorage, &Layout)>,
     ) -> candle_core::Result<CpuStorage> {
         fn go<R: Real>(
             c: &Cfg,
-            qkv: [(&CpuStorage, &Layout); 3],
+            inputs: &[(&CpuStorage, &Layout)],
             bias: (&CpuStorage, &Layout),
             g: Option<(&CpuStorage, &Layout)>,
         ) -> candle_core::Result<Vec<f64>> {
-            let dtype = qkv[0].0.dtype();
+            let dtype = inputs[0].0.dtype();
+            let [q, k, v] = match inputs {
+                [one] => c.unpack(R::read(one.0, one.1)?),
+                [q, k, v] => [R::read(q.0, q.1)?, R::read(k.0, k.1)?, R::read(v.0, v.1)?],
+                _ => candle_core::bail!("{OP}: one or three inputs"),
+            };
             let x = Qkv {
-                q: R::read(qkv[0].0, qkv[0].1)?,
-                k: R::read(qkv[1].0, qkv[1].1)?,
-                v: R::read(qkv[2].0, qkv[2].1)?,
+                q,
+                k,
+                v,
                 bias: R::read(bias.0, bias.1)?,
             };
             Ok(match g {
                 None => c.forward_cpu(dtype, &x),
-                Some((gs, gl)) => c.backward_cpu(dtype, &x, &R::read(gs, gl)?),
+                Some((gs, gl)) => {
+                    let grads = c.backward_cpu(dtype, &x, &R::read(gs, gl)?);
+                    if c.packed {
+                        c.pack(&grads)
+                    } else {
+                        grads
+                    }
+                }
             })
         }
-        let dtype = qkv[0].0.dtype();
+        let dtype = inputs[0].0.dtype();
         let out = match dtype {
-            DType::F64 => go::<f64>(self, qkv, bias, g)?,
-            _ => go::<f32>(self, qkv, bias, g)?,
+            DType::F64 => go::<f64>(self, inputs, bias, g)?,
+            _ => go::<f32>(self, inputs, bias, g)?,
         };
         Ok(from_f64(out, dtype))
+    }
+
+    /// q, k, v `[B, L, H]` each from the packed `[B, L, 3H]` rows.
+    fn unpack<T: Copy>(&self, qkv: Vec<T>) -> [Vec<T>; 3] {
+        let h = self.h();
+        let part = |w: usize| {
+            qkv.chunks(3 * h)
+                .flat_map(|row| row[w * h..][..h].iter().copied())
+                .collect()
+        };
+        [part(0), part(1), part(2)]
+    }
+
+    /// The stacked `[3, B, L, H]` dq, dk, dv as packed `[B, L, 3H]` rows.
+    fn pack(&self, stacked: &[f64]) -> Vec<f64> {
+        let h = self.h();
+        let n = stacked.len() / 3;
+        let mut out = Vec::with_capacity(stacked.len());
+        for r in 0..n / h {
+            for w in 0..3 {
+                out.extend_from_slice(&stacked[w * n + r * h..][..h]);
+            }
+        }
+        out
     }
 }
 
@@ -420,7 +518,8 @@ impl CustomOp3 for Attend {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let y = held(&self.bias, "bias", cpu_of, |bs, bl| {
-            self.cfg.cpu([(s1, l1), (s2, l2), (s3, l3)], (bs, bl), None)
+            self.cfg
+                .cpu(&[(s1, l1), (s2, l2), (s3, l3)], (bs, bl), None)
         })?;
         Ok((y, l1.shape().clone()))
     }
@@ -436,7 +535,7 @@ impl CustomOp3 for Attend {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let y = held(&self.bias, "bias", cuda::of, |bs, bl| {
-            cuda::forward(&self.cfg, [(s1, l1), (s2, l2), (s3, l3)], (bs, bl))
+            cuda::forward(&self.cfg, &[(s1, l1), (s2, l2), (s3, l3)], (bs, bl))
         })?;
         Ok((y, l1.shape().clone()))
     }
@@ -480,7 +579,7 @@ impl CustomOp3 for AttendGrad {
         let out = held(&self.bias, "bias", cpu_of, |bs, bl| {
             held(&self.g, "the gradient", cpu_of, |gs, gl| {
                 self.cfg
-                    .cpu([(s1, l1), (s2, l2), (s3, l3)], (bs, bl), Some((gs, gl)))
+                    .cpu(&[(s1, l1), (s2, l2), (s3, l3)], (bs, bl), Some((gs, gl)))
             })
         })?;
         Ok((out, grads_shape(l1)))
@@ -500,7 +599,7 @@ impl CustomOp3 for AttendGrad {
             held(&self.g, "the gradient", cuda::of, |gs, gl| {
                 cuda::backward(
                     &self.cfg,
-                    [(s1, l1), (s2, l2), (s3, l3)],
+                    &[(s1, l1), (s2, l2), (s3, l3)],
                     (bs, bl),
                     (gs, gl),
                 )
@@ -508,6 +607,74 @@ impl CustomOp3 for AttendGrad {
         })?;
         Ok((out, grads_shape(l1)))
     }
+}
+
+impl CustomOp1 for Attend {
+    fn name(&self) -> &'static str {
+        "tunefuse-self-attention-packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = held(&self.bias, "bias", cpu_of, |bs, bl| {
+            self.cfg.cpu(&[(s, l)], (bs, bl), None)
+        })?;
+        Ok((y, context_shape(&self.cfg)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let y = held(&self.bias, "bias", cuda::of, |bs, bl| {
+            cuda::forward(&self.cfg, &[(s, l)], (bs, bl))
+        })?;
+        Ok((y, context_shape(&self.cfg)))
+    }
+
+    fn bwd(&self, qkv: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let op = AttendGrad {
+            cfg: self.cfg,
+            bias: self.bias.clone(),
+            g: g.contiguous()?,
+        };
+        Ok(Some(qkv.apply_op1_no_bwd(&op)?))
+    }
+}
+
+impl CustomOp1 for AttendGrad {
+    fn name(&self) -> &'static str {
+        "tunefuse-self-attention-packed-grad"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = held(&self.bias, "bias", cpu_of, |bs, bl| {
+            held(&self.g, "the gradient", cpu_of, |gs, gl| {
+                self.cfg.cpu(&[(s, l)], (bs, bl), Some((gs, gl)))
+            })
+        })?;
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = held(&self.bias, "bias", cuda::of, |bs, bl| {
+            held(&self.g, "the gradient", cuda::of, |gs, gl| {
+                cuda::backward(&self.cfg, &[(s, l)], (bs, bl), (gs, gl))
+            })
+        })?;
+        Ok((out, l.shape().clone()))
+    }
+}
+
+/// `[B, L, H]`: the context's shape.
+fn context_shape(c: &Cfg) -> Shape {
+    (c.b, c.l, c.h()).into()
 }
 
 /// `[3, B, L, H]` for inputs of layout `l`.
@@ -556,28 +723,45 @@ mod cuda {
         }
     }
 
-    /// The contiguous views of q, k, v and the key mask.
+    /// The views of q, k, v (three tensors, or the parts of the packed
+    /// one), the key mask, and the row stride of q, k, v.
     fn views<'a, T: CudaDType>(
-        qkv: [(&'a CudaStorage, &Layout); 3],
+        c: &Cfg,
+        inputs: &[(&'a CudaStorage, &Layout)],
         bias: (&'a CudaStorage, &Layout),
-    ) -> Result<[CudaView<'a, T>; 4]> {
-        let [q, kk, v] = qkv;
-        Ok([
-            k::view::<T>(OP, q.0, q.1)?,
-            k::view::<T>(OP, kk.0, kk.1)?,
-            k::view::<T>(OP, v.0, v.1)?,
-            k::view::<T>(OP, bias.0, bias.1)?,
-        ])
+    ) -> Result<([CudaView<'a, T>; 4], i64)> {
+        let bv = k::view::<T>(OP, bias.0, bias.1)?;
+        match inputs {
+            [x] => {
+                k::view::<T>(OP, x.0, x.1)?;
+                let (h, at) = (c.h(), x.1.start_offset());
+                let s = x.0.as_cuda_slice::<T>()?;
+                Ok((
+                    [s.slice(at..), s.slice(at + h..), s.slice(at + 2 * h..), bv],
+                    3 * h as i64,
+                ))
+            }
+            [q, kk, v] => Ok((
+                [
+                    k::view::<T>(OP, q.0, q.1)?,
+                    k::view::<T>(OP, kk.0, kk.1)?,
+                    k::view::<T>(OP, v.0, v.1)?,
+                    bv,
+                ],
+                c.h() as i64,
+            )),
+            _ => candle_core::bail!("{OP}: one or three inputs"),
+        }
     }
 
     pub(super) fn forward(
         c: &Cfg,
-        qkv: [(&CudaStorage, &Layout); 3],
+        inputs: &[(&CudaStorage, &Layout)],
         bias: (&CudaStorage, &Layout),
     ) -> Result<CudaStorage> {
         let smem = check(c)?;
-        let dev = qkv[0].0.device.clone();
-        let dtype = qkv[0].0.dtype();
+        let dev = inputs[0].0.device.clone();
+        let dtype = inputs[0].0.dtype();
         let n = c.b * c.l * c.h();
         let f = k::func(
             &dev,
@@ -587,13 +771,13 @@ mod cuda {
         )?;
         f.allow_smem(smem[0])?;
         k::with_float_type!(OP, dtype, T => {
-            let [q, kk, v, bv] = views::<T>(qkv, bias)?;
+            let ([q, kk, v, bv], ld) = views::<T>(c, inputs, bias)?;
             let mut y = k::alloc::<T>(&dev, n)?;
             let (l, heads, dh) = (c.l as i32, c.heads as i32, c.dh as i32);
             let scale = c.scale as f32;
             let (on, seed, offset, threshold, dscale) = drop_args(c);
             let mut b = f.builder();
-            b.arg(&q).arg(&kk).arg(&v).arg(&bv).arg(&mut y)
+            b.arg(&q).arg(&kk).arg(&v).arg(&bv).arg(&mut y).arg(&ld)
                 .arg(&l).arg(&heads).arg(&dh).arg(&scale)
                 .arg(&on).arg(&seed).arg(&offset).arg(&threshold).arg(&dscale);
             k::launch_smem(&mut b, ((c.b * c.heads) as u32, 1), 32 * WARPS as u32, smem[0])?;
@@ -603,13 +787,13 @@ mod cuda {
 
     pub(super) fn backward(
         c: &Cfg,
-        qkv: [(&CudaStorage, &Layout); 3],
+        inputs: &[(&CudaStorage, &Layout)],
         bias: (&CudaStorage, &Layout),
         g: (&CudaStorage, &Layout),
     ) -> Result<CudaStorage> {
         let smem = check(c)?;
-        let dev = qkv[0].0.device.clone();
-        let dtype = qkv[0].0.dtype();
+        let dev = inputs[0].0.device.clone();
+        let dtype = inputs[0].0.dtype();
         let n = c.b * c.l * c.h();
         let sfx = k::suffix(OP, dtype)?;
         let rows = k::func(
@@ -628,7 +812,13 @@ mod cuda {
         cols.allow_smem(smem[2])?;
         let blocks = ((c.b * c.heads) as u32, 1);
         k::with_float_type!(OP, dtype, T => {
-            let [q, kk, v, bv] = views::<T>(qkv, bias)?;
+            let ([q, kk, v, bv], ld) = views::<T>(c, inputs, bias)?;
+            // dq, dk, dv: stacked [3, B, L, H], or packed rows [B, L, 3H].
+            let (part, ldo) = if c.packed {
+                (c.h() as i64, 3 * c.h() as i64)
+            } else {
+                (n as i64, c.h() as i64)
+            };
             let gv = k::view::<T>(OP, g.0, g.1)?;
             let mut out = k::alloc::<T>(&dev, 3 * n)?;
             let mut ds = k::alloc::<f32>(&dev, c.b * c.heads * c.l * c.l)?;
@@ -638,12 +828,11 @@ mod cuda {
             let (on, seed, offset, threshold, dscale) = drop_args(c);
             let mut b = rows.builder();
             b.arg(&q).arg(&kk).arg(&v).arg(&bv).arg(&gv).arg(&mut out).arg(&mut ds).arg(&mut pd)
-                .arg(&l).arg(&heads).arg(&dh).arg(&scale)
+                .arg(&ld).arg(&ldo).arg(&l).arg(&heads).arg(&dh).arg(&scale)
                 .arg(&on).arg(&seed).arg(&offset).arg(&threshold).arg(&dscale);
             k::launch_smem(&mut b, blocks, 32 * WARPS as u32, smem[1])?;
-            let n64 = n as i64;
             let mut b = cols.builder();
-            b.arg(&q).arg(&gv).arg(&ds).arg(&pd).arg(&mut out).arg(&n64)
+            b.arg(&q).arg(&gv).arg(&ds).arg(&pd).arg(&mut out).arg(&part).arg(&ld).arg(&ldo)
                 .arg(&l).arg(&heads).arg(&dh);
             k::launch_smem(&mut b, blocks, 32 * WARPS as u32, smem[2])?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
