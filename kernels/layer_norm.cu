@@ -21,21 +21,62 @@ struct Stats {
     float mean, rstd;
 };
 
+// The row kernels walk a row in packs of N elements: lane l takes packs
+// l, l + 32, ..., each element of a pack in order. N = 16 / sizeof(T)
+// (16-byte loads and stores of x, dy, y, dx; the f32 weight and bias in N
+// f32, 16 or 32 bytes) when the row length is a multiple of it and every
+// pointer is aligned to its pack; N = 1 otherwise (element c to lane c % 32).
 template <typename T>
-__device__ __forceinline__ Stats row_stats(const T* __restrict__ x, int h, float eps, int lane) {
+constexpr int vec_n() {
+    return 16 / (int)sizeof(T);
+}
+
+// Whether the N-element packs apply: h a multiple of N, the T pointers
+// aligned to 16 bytes and the f32 ones to N * 4.
+template <typename T>
+__device__ __forceinline__ bool packs_fit(int h, const void* t0, const void* t1, const void* t2,
+                                          const float* f0, const float* f1) {
+    constexpr int N = vec_n<T>();
+    const uintptr_t t = (uintptr_t)t0 | (uintptr_t)t1 | (uintptr_t)t2;
+    const uintptr_t f = (uintptr_t)f0 | (uintptr_t)f1;
+    return h % N == 0 && t % 16 == 0 && f % (N * sizeof(float)) == 0;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ Stats row_stats_n(const T* __restrict__ x, int h, float eps, int lane) {
     float s = 0.f;
-    for (int c = lane; c < h; c += 32) s += tf::to_f32(x[c]);
+    for (int c = lane * N; c < h; c += 32 * N) {
+        float v[N];
+        tf::load_f32<T, N>(x + c, v);
+#pragma unroll
+        for (int i = 0; i < N; ++i) s += v[i];
+    }
     const float mean = tf::warp_sum(s) / (float)h;
     float q = 0.f;
-    for (int c = lane; c < h; c += 32) {
-        const float d = tf::to_f32(x[c]) - mean;
-        q = fmaf(d, d, q);
+    for (int c = lane * N; c < h; c += 32 * N) {
+        float v[N];
+        tf::load_f32<T, N>(x + c, v);
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const float d = v[i] - mean;
+            q = fmaf(d, d, q);
+        }
     }
     const float var = tf::warp_sum(q) / (float)h;
     return Stats{mean, 1.f / sqrtf(var + eps)};
 }
 
+// A row's statistics in packs where x alone allows them (h a multiple of N,
+// x aligned to 16 bytes): the same choice, so the same x_hat, in every
+// kernel that reads x, whatever the other pointers' alignment.
 template <typename T>
+__device__ __forceinline__ Stats row_stats(const T* __restrict__ x, int h, float eps, int lane) {
+    constexpr int N = vec_n<T>();
+    if (h % N == 0 && (uintptr_t)x % 16 == 0) return row_stats_n<T, N>(x, h, eps, lane);
+    return row_stats_n<T, 1>(x, h, eps, lane);
+}
+
+template <typename T, int N>
 __device__ void fwd(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
                     T* __restrict__ y, int64_t rows, int h, float eps) {
     const int lane = threadIdx.x % 32;
@@ -44,15 +85,20 @@ __device__ void fwd(const T* __restrict__ x, const float* __restrict__ w, const 
         const T* xr = x + r * h;
         const Stats st = row_stats(xr, h, eps, lane);
         T* yr = y + r * h;
-        for (int c = lane; c < h; c += 32) {
-            const float xh = (tf::to_f32(xr[c]) - st.mean) * st.rstd;
-            yr[c] = tf::from_f32<T>(fmaf(xh, w[c], b[c]));
+        for (int c = lane * N; c < h; c += 32 * N) {
+            float v[N], wv[N], bv[N], out[N];
+            tf::load_f32<T, N>(xr + c, v);
+            tf::load_f32<float, N>(w + c, wv);
+            tf::load_f32<float, N>(b + c, bv);
+#pragma unroll
+            for (int i = 0; i < N; ++i) out[i] = fmaf((v[i] - st.mean) * st.rstd, wv[i], bv[i]);
+            tf::store_f32<T, N>(yr + c, out);
         }
     }
 }
 
 // dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * w.
-template <typename T>
+template <typename T, int N>
 __device__ void bwd_dx(const T* __restrict__ x, const float* __restrict__ w, const T* __restrict__ dy,
                        T* __restrict__ dx, int64_t rows, int h, float eps) {
     const int lane = threadIdx.x % 32;
@@ -62,19 +108,34 @@ __device__ void bwd_dx(const T* __restrict__ x, const float* __restrict__ w, con
         const T* dyr = dy + r * h;
         const Stats st = row_stats(xr, h, eps, lane);
         float sg = 0.f, sgx = 0.f;
-        for (int c = lane; c < h; c += 32) {
-            const float g = tf::to_f32(dyr[c]) * w[c];
-            const float xh = (tf::to_f32(xr[c]) - st.mean) * st.rstd;
-            sg += g;
-            sgx = fmaf(g, xh, sgx);
+        for (int c = lane * N; c < h; c += 32 * N) {
+            float v[N], d[N], wv[N];
+            tf::load_f32<T, N>(xr + c, v);
+            tf::load_f32<T, N>(dyr + c, d);
+            tf::load_f32<float, N>(w + c, wv);
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                const float g = d[i] * wv[i];
+                const float xh = (v[i] - st.mean) * st.rstd;
+                sg += g;
+                sgx = fmaf(g, xh, sgx);
+            }
         }
         const float mg = tf::warp_sum(sg) / (float)h;
         const float mgx = tf::warp_sum(sgx) / (float)h;
         T* dxr = dx + r * h;
-        for (int c = lane; c < h; c += 32) {
-            const float g = tf::to_f32(dyr[c]) * w[c];
-            const float xh = (tf::to_f32(xr[c]) - st.mean) * st.rstd;
-            dxr[c] = tf::from_f32<T>(st.rstd * (g - mg - xh * mgx));
+        for (int c = lane * N; c < h; c += 32 * N) {
+            float v[N], d[N], wv[N], out[N];
+            tf::load_f32<T, N>(xr + c, v);
+            tf::load_f32<T, N>(dyr + c, d);
+            tf::load_f32<float, N>(w + c, wv);
+#pragma unroll
+            for (int i = 0; i < N; ++i) {
+                const float g = d[i] * wv[i];
+                const float xh = (v[i] - st.mean) * st.rstd;
+                out[i] = st.rstd * (g - mg - xh * mgx);
+            }
+            tf::store_f32<T, N>(dxr + c, out);
         }
     }
 }
@@ -131,14 +192,22 @@ __device__ void reduce_if_last(const float* part, float* __restrict__ out, unsig
 
 }  // namespace
 
+// The row kernels take the N-element packs where they fit (packs_fit), else
+// single elements; the branch is uniform over the grid.
 #define LN_ENTRIES(SUF, T)                                                                          \
     extern "C" __global__ void layer_norm_fwd_##SUF(const T* x, const float* w, const float* b, T* y, \
                                                     int64_t rows, int h, float eps) {               \
-        fwd<T>(x, w, b, y, rows, h, eps);                                                            \
+        if (packs_fit<T>(h, x, y, y, w, b))                                                          \
+            fwd<T, vec_n<T>()>(x, w, b, y, rows, h, eps);                                            \
+        else                                                                                        \
+            fwd<T, 1>(x, w, b, y, rows, h, eps);                                                     \
     }                                                                                               \
     extern "C" __global__ void layer_norm_bwd_dx_##SUF(const T* x, const float* w, const T* dy,     \
                                                        T* dx, int64_t rows, int h, float eps) {     \
-        bwd_dx<T>(x, w, dy, dx, rows, h, eps);                                                       \
+        if (packs_fit<T>(h, x, dy, dx, w, w))                                                        \
+            bwd_dx<T, vec_n<T>()>(x, w, dy, dx, rows, h, eps);                                       \
+        else                                                                                        \
+            bwd_dx<T, 1>(x, w, dy, dx, rows, h, eps);                                                \
     }                                                                                               \
     extern "C" __global__ void layer_norm_bwd_wb_##SUF(const T* x, const T* dy, float* part,         \
                                                        float* out, unsigned* counter, int64_t rows,  \

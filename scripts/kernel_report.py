@@ -31,6 +31,9 @@ INTENDED = [
     (r"^(mixout|dropout_add)_f32$", 128, 2, "both inputs read 4 elements at a time when aligned"),
     (r"^dropout_(bf16|f16)$", 64, 1, "4 elements (8 bytes) at a time when aligned"),
     (r"^(mixout|dropout_add)_(bf16|f16)$", 64, 2, "4 elements (8 bytes) at a time when aligned"),
+    (r"^layer_norm_fwd_\w+$", 128, 3, "x, w and b read in 16-byte packs when aligned"),
+    (r"^layer_norm_bwd_dx_\w+$", 128, 3, "x, dy and w read in 16-byte packs when aligned"),
+    (r"^layer_norm_bwd_wb_\w+$", 128, 1, "the row statistics read x in 16-byte packs when aligned"),
 ]
 
 # Spill limits in bytes: the adapter's r in (128, 256] kernels (nf16) hold

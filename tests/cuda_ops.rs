@@ -803,8 +803,12 @@ fn multi_tensor_cast_matches_the_cpu_cast() {
 
 /// LayerNorm forward and backward (x in the dtype, f32 weights) against the
 /// f64 reference on the same values. Allowances follow the kernels' f32
-/// arithmetic: a row sum of H terms (H/32 per lane, then a 5-level tree)
-/// errs by at most K·u₃₂ of the sum of magnitudes, K = 2 + H/32 + log₂H;
+/// arithmetic: a row sum of H terms (n terms in order per lane, then a
+/// shuffle tree over the lanes, exact where it adds a lane's zero) errs by
+/// at most (n − 1 + ⌈log₂ lanes used⌉)·u₃₂ of the sum of magnitudes;
+/// K = 2 + H/32 + log₂H covers that for both ways the kernels walk a row
+/// (element c to lane c % 32: n = ⌈H/32⌉; packs of 16 bytes, N elements,
+/// pack p to lane p % 32: n = ⌈H/(32N)⌉·N), checked per shape below;
 /// x − μ carries |μ|·u₃₂ (so |μ|·r counts beside |x̂|); outputs round once to
 /// the dtype (2·u_dtype). The weight gradients sum CHUNK = 64 rows in order,
 /// then the chunks in order.
@@ -867,6 +871,17 @@ fn check_layer_norm(dev: &Device, dtype: DType, rows: usize, h: usize, offset: f
     );
     let (u, ud) = (2f64.powi(-24), unit_roundoff(dtype));
     let k = 2.0 + h as f64 / 32.0 + (h as f64).log2();
+    let pack = 16 / dtype.size_in_bytes();
+    let (per_lane, lanes) = if h % pack == 0 {
+        (h.div_ceil(32 * pack) * pack, (h / pack).min(32))
+    } else {
+        (h.div_ceil(32), h.min(32))
+    };
+    let roundings = per_lane - 1 + lanes.next_power_of_two().trailing_zeros() as usize;
+    assert!(
+        roundings as f64 <= k,
+        "K = {k} does not cover {per_lane} terms per lane and {lanes} lanes at H = {h}"
+    );
     // Per row: r, |μ|·r + 1, mean|g|, mean(|g|·(|x̂| + |μ|r + 1)).
     let mut xh = vec![0.0; rows * h];
     let mut row = Vec::with_capacity(rows);
