@@ -872,7 +872,7 @@ fn check_layer_norm(dev: &Device, dtype: DType, rows: usize, h: usize, offset: f
     let (u, ud) = (2f64.powi(-24), unit_roundoff(dtype));
     let k = 2.0 + h as f64 / 32.0 + (h as f64).log2();
     let pack = 16 / dtype.size_in_bytes();
-    let (per_lane, lanes) = if h % pack == 0 {
+    let (per_lane, lanes) = if h.is_multiple_of(pack) {
         (h.div_ceil(32 * pack) * pack, (h / pack).min(32))
     } else {
         (h.div_ceil(32), h.min(32))
