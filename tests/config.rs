@@ -236,6 +236,11 @@ fn compositions_the_math_refuses_are_refused_with_a_reason() {
     c.head = HeadKind::Regression;
     let e = invalid(&c);
     assert!(e.contains("regression") && e.contains("pearson"), "{e}");
+    let mut c = with("vanilla");
+    c.pad_to_multiple = 0;
+    assert!(invalid(&c).contains("pad_to_multiple"));
+    c.set("pad_to_multiple=16").unwrap();
+    c.validate().unwrap();
 }
 
 /// Resume and `tunefuse results` compare what two runs compute: the

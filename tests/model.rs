@@ -104,6 +104,61 @@ fn pairs_get_token_types_and_truncation() {
 }
 
 #[test]
+fn padding_to_a_multiple_is_masked_out() {
+    // Batches padded to a multiple of 16 tokens (pad_to_multiple): the
+    // extra columns are padding (id 0, mask 0), the length stops at the
+    // truncation length, and the model's outputs at the real tokens are
+    // those of the batch padded to its longest row, to f32 rounding (the
+    // padded keys get zero attention; only sums over more zeros change).
+    let (bert, _, mut tok) = load();
+    let sentences = golden_sentences();
+    let texts: Vec<(&str, Option<&str>)> = sentences.iter().map(|s| (s.as_str(), None)).collect();
+    let b0 = tok.batch(&texts, &CPU).unwrap();
+    assert!(tok.set_pad_multiple(0).is_err());
+    tok.set_pad_multiple(16).unwrap();
+    let b1 = tok.batch(&texts, &CPU).unwrap();
+    let (l0, l1) = (b0.ids.dim(1).unwrap(), b1.ids.dim(1).unwrap());
+    assert_eq!(l1, l0.div_ceil(16) * 16);
+    assert!(
+        l1 > l0,
+        "the golden sentences' longest row ({l0}) is not a multiple of 16"
+    );
+    for (t0, t1) in [
+        (&b0.ids, &b1.ids),
+        (&b0.mask, &b1.mask),
+        (&b0.token_types, &b1.token_types),
+    ] {
+        let (v0, v1) = (t0.to_vec2::<u32>().unwrap(), t1.to_vec2::<u32>().unwrap());
+        for (r0, r1) in v0.iter().zip(&v1) {
+            assert_eq!(&r1[..l0], r0.as_slice());
+            assert!(r1[l0..].iter().all(|&x| x == 0));
+        }
+    }
+    let hidden = |b: &tunefuse::model::Batch| {
+        bert.forward(&b.ids, Some(&b.token_types), &b.mask, Outputs::default())
+            .unwrap()
+            .last_hidden
+    };
+    let (h0, h1) = (hidden(&b0), hidden(&b1));
+    let real = to_f64(&h1.narrow(1, 0, l0).unwrap());
+    let h0 = to_f64(&h0);
+    let mask: Vec<u32> = b0.mask.flatten_all().unwrap().to_vec1().unwrap();
+    let h = 384;
+    let (a, b): (Vec<f64>, Vec<f64>) = (0..h0.len())
+        .filter(|i| mask[i / h] == 1)
+        .map(|i| (real[i], h0[i]))
+        .unzip();
+    assert_close("hidden states at real tokens", &a, &b, 1e-5, 1e-5);
+    // Never past the truncation length.
+    let mut short = TextTokenizer::from_file(&minilm_dir().join("tokenizer.json"), 20).unwrap();
+    short.set_pad_multiple(64).unwrap();
+    assert_eq!(short.batch(&texts, &CPU).unwrap().ids.dim(1).unwrap(), 20);
+    assert_eq!(short.padded_len(3), 20);
+    short.set_pad_multiple(1).unwrap();
+    assert_eq!(short.padded_len(3), 3);
+}
+
+#[test]
 fn checkpoint_errors_name_the_tensors() {
     let dir = minilm_dir();
     let scratch_dir = scratch("ckpt");

@@ -41,10 +41,15 @@ pub struct Encoded {
     pub words: Vec<Option<(usize, usize)>>,
 }
 
-/// A tokenizer that pads each batch to its longest row.
+/// A tokenizer that pads each batch to its longest row (rounded up to a
+/// multiple, [`TextTokenizer::set_pad_multiple`]).
 pub struct TextTokenizer {
     inner: Tokenizer,
     pad_id: u32,
+    /// Batches pad to a multiple of this (1: to the longest row).
+    pad_multiple: usize,
+    /// The truncation length: no batch pads past it.
+    max_len: usize,
 }
 
 /// One padded batch: ids, token types and attention mask, all `[B, L]` u32.
@@ -89,7 +94,32 @@ impl TextTokenizer {
                 ..Default::default()
             }))
             .map_err(|e| format_err(path, format!("truncation: {e}")))?;
-        Ok(Self { inner, pad_id })
+        Ok(Self {
+            inner,
+            pad_id,
+            pad_multiple: 1,
+            max_len,
+        })
+    }
+
+    /// Pads every batch to a multiple of `m` tokens (at most the
+    /// truncation length): a few batch shapes instead of one per longest
+    /// row, as a CUDA graph per shape and GEMM tile sizes want. Padding is
+    /// masked: the real tokens' values do not depend on it (beyond the
+    /// order of sums over the padded rows, whose terms are zero). 1 (the
+    /// default): to the longest row.
+    pub fn set_pad_multiple(&mut self, m: usize) -> Result<()> {
+        if m == 0 {
+            return Err(param_err("tokenizer", "pad_to_multiple must be at least 1"));
+        }
+        self.pad_multiple = m;
+        Ok(())
+    }
+
+    /// The padded length of a batch whose longest row has `longest` tokens.
+    pub fn padded_len(&self, longest: usize) -> usize {
+        let up = longest.div_ceil(self.pad_multiple) * self.pad_multiple;
+        up.min(self.max_len.max(longest))
     }
 
     /// The largest id this tokenizer can produce, plus one (added tokens
@@ -249,12 +279,12 @@ impl TextTokenizer {
         self.pad(&self.encode(texts)?, device)
     }
 
-    /// Encoded rows padded to the longest.
+    /// Encoded rows padded to the longest ([`TextTokenizer::padded_len`]).
     fn pad(&self, enc: &[(Vec<u32>, Vec<u32>)], device: &Device) -> Result<Batch> {
         if enc.is_empty() {
             return Err(param_err("tokenizer", "empty batch"));
         }
-        let l = enc.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        let l = self.padded_len(enc.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0));
         let b = enc.len();
         let (mut ids, mut types, mut mask) = (
             vec![self.pad_id; b * l],

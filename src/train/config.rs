@@ -189,6 +189,11 @@ pub struct Config {
     pub recadam: Option<RecAdam>,
     /// Tokens per example (longer ones are truncated).
     pub max_len: usize,
+    /// Pad each batch to a multiple of this many tokens (at most
+    /// `max_len`); 1: to its longest example. A few batch shapes instead of
+    /// one per length: what a captured CUDA graph per shape needs, and
+    /// tile-friendly GEMMs. The padding is masked.
+    pub pad_to_multiple: usize,
     /// Gradient clipping by global norm (0 = off).
     pub clip: f64,
     /// Evaluate every N optimiser steps (0 = at the end of each epoch only).
@@ -273,6 +278,7 @@ impl Default for Config {
             freeze_layers: 0,
             recadam: None,
             max_len: 128,
+            pad_to_multiple: 1,
             clip: 1.0,
             eval_every: 0,
             eval_epochs: true,
@@ -634,6 +640,9 @@ impl Config {
         }
         if self.epochs == 0 || self.batch_size == 0 || self.grad_accum == 0 || self.max_len < 2 {
             return bad("epochs, batch_size and grad_accum must be >= 1, max_len >= 2".into());
+        }
+        if self.pad_to_multiple == 0 {
+            return bad("pad_to_multiple must be >= 1 (1: pad to the longest example)".into());
         }
         // Written so that NaN fails every check: a NaN must never pass as
         // "off" (clip = NaN would otherwise disable clipping).

@@ -108,8 +108,9 @@ impl Run {
         let varmap = VarMap::new();
         let mut bert = Bert::from_pretrained(&cfg.model, &varmap, DType::F32, &device)?;
         let base_fingerprint = super::checkpoint::fingerprint(&cfg.model)?;
-        let tok = TextTokenizer::from_file(&cfg.model.join("tokenizer.json"), cfg.max_len)?;
+        let mut tok = TextTokenizer::from_file(&cfg.model.join("tokenizer.json"), cfg.max_len)?;
         tok.check_fits(&bert.config, cfg.max_len, &cfg.model)?;
+        tok.set_pad_multiple(cfg.pad_to_multiple)?;
         let method_dropout = transforms.iter().find_map(|t| t.default_dropout());
         let hidden = cfg
             .dropout
