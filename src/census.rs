@@ -53,7 +53,8 @@ pub struct Case {
 }
 
 /// Every method at batch 32 on SST-2 (its sentences pad to ~30–60 tokens),
-/// and one long-sequence case (Amazon reviews truncated at 256 tokens).
+/// one long-sequence case (Amazon reviews truncated at 256 tokens), and
+/// vanilla with batches padded to multiples of 16 tokens.
 pub const CASES: &[Case] = &[
     case("vanilla", "", "sst2", 128, &[]),
     case("smart", "smart", "sst2", 128, &[]),
@@ -71,6 +72,8 @@ pub const CASES: &[Case] = &[
         &["recadam = { k = 0.5, t0 = 250, gamma = 1.0 }"],
     ),
     case("vanilla-long", "", "amazon:books", 256, &[]),
+    // Lengths padded to multiples of 16: the shapes a step meets repeat.
+    case("vanilla-pad16", "", "sst2", 128, &["pad_to_multiple = 16"]),
 ];
 
 const fn case(
