@@ -14,6 +14,7 @@
 #   phases     the phase times of a training step
 #   ncu        ncu on the adapter and sym_kl kernels
 #   criterion  the criterion benches
+#   pad16      the e2e vanilla run with batches padded to multiples of 16
 # SKIP="tests census" leaves steps out (e.g. for a second call that goes on
 # where the first stopped). Logs go to $OUT (or .gpu/out). Fine-tuning
 # grids are scripts/gpu-results.sh. A failing step is reported and the run
@@ -172,6 +173,20 @@ if want criterion; then
   t=$(budget 30); if [ "$t" -gt 0 ]; then
     timeout "$t" "$bin/ops" --bench --warm-up-time 0.2 --measurement-time 0.5 2>&1 |
       grep -E "^(sym_kl|mixout|dropout|ascent|noise|adapter)|time:|thrpt:"
+  else skip; fi
+fi
+
+if want pad16; then
+  # The same vanilla run with batches padded to multiples of 16 tokens: a
+  # few batch shapes instead of one per length (more GEMM work on padding,
+  # fewer new shapes); compared with the same peer as the e2e step.
+  step "end to end, vanilla with pad_to_multiple = 16"
+  t=$(budget 75); if [ "$t" -gt 0 ]; then
+    timeout "$t" "$bin/tunefuse" finetune --model "$TUNEFUSE_MODEL_DIR" --task sst2 --data-dir "$bin/data" \
+      --train-examples 9600 --epochs 1 --batch-size 32 --lr 5e-5 --seed 1 --device cuda \
+      --set pad_to_multiple=16 --output "$bin/e2e-pad16" 2>&1 | tail -n 1
+    [ -s "$bin/e2e-vanilla.peer.json" ] &&
+      { scripts/e2e-compare.py "$bin/e2e-pad16" "$bin/e2e-vanilla.peer.json" || echo "e2e pad16: no comparison"; }
   else skip; fi
 fi
 
