@@ -538,6 +538,63 @@ fn fused_query_key_value_share_one_packed_copy() {
     bert.stream.set_fused_ops(None);
 }
 
+/// A step whose first forward composes its attention (here: asked for its
+/// probabilities; in a run: a batch too long for the fused kernels) and
+/// whose second packs query, key and value: the packed copy replaces the
+/// single copies the first forward used, and their gradients must still
+/// reach the masters. Equal to per-use casts bit for bit.
+#[test]
+fn a_packed_copy_made_mid_step_keeps_the_earlier_gradients() {
+    let vm = VarMap::new();
+    let bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
+    let (ids, mask) = inputs();
+    bert.stream.set_fused_ops(Some(true));
+    let run = |copies: bool| {
+        bert.stream.set_compute_dtype(Some(DType::BF16), copies);
+        let composed = Outputs {
+            attentions: true,
+            ..Outputs::default()
+        };
+        let h1 = bert
+            .forward(&ids, None, &mask, composed)
+            .unwrap()
+            .last_hidden;
+        let h2 = bert
+            .forward(&ids, None, &mask, Outputs::default())
+            .unwrap()
+            .last_hidden;
+        let loss = (h1
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            + h2.to_dtype(DType::F32).unwrap().sum_all().unwrap())
+        .unwrap();
+        let mut g = loss.backward().unwrap();
+        bert.stream.route_grads(&mut g).unwrap();
+        g
+    };
+    let g0 = run(false);
+    let g1 = run(true);
+    let l0 = &bert.layers[0];
+    let packed = bert.stream.shadow_of(&l0.key.weight).unwrap();
+    assert!(
+        packed.layout().start_offset() > 0,
+        "the second forward packed"
+    );
+    for (name, t) in [
+        ("query", &l0.query.weight),
+        ("key", &l0.key.weight),
+        ("value bias", l0.value.bias.as_ref().unwrap()),
+    ] {
+        let (a, b) = (g1.get(t).expect("routed"), g0.get(t).expect("a gradient"));
+        assert_eq!(to_f64(a), to_f64(b), "{name}: both forwards' gradients");
+    }
+    bert.stream.set_fused_ops(None);
+}
+
 /// Loss weights for the softmax tests: a fixed random projection of the
 /// probabilities, so every output element gets a different gradient.
 fn softmax_loss(p: &Tensor, w: &Tensor) -> Tensor {

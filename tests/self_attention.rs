@@ -210,6 +210,8 @@ fn short_sequences_fit_the_kernels_and_long_ones_do_not() {
     use tunefuse::ops::self_attention::fits;
     assert!(fits(128, 32) && fits(256, 32) && fits(128, 64));
     assert!(!fits(512, 64) && !fits(4096, 32));
+    // The documented limits: 305 tokens at head width 32, 168 at 64.
+    assert!(fits(305, 32) && !fits(306, 32) && fits(168, 64) && !fits(169, 64));
 }
 
 #[test]

@@ -28,6 +28,11 @@ pub struct Stream {
     /// Mixed precision's weight copies in the compute dtype, by master
     /// weight (see [`Stream::compute_weight`]); `None` when turned off.
     shadows: RefCell<Option<HashMap<TensorId, Shadow>>>,
+    /// Copies a packed copy replaced ([`Stream::compute_packed`]): a
+    /// forward made earlier in the same step may have used them, so the
+    /// next [`Stream::route_grads`] still files their gradients, then
+    /// drops them.
+    retired: RefCell<Vec<Shadow>>,
     /// Off inside [`Stream::without_weight_grads`].
     weight_grads: Cell<bool>,
     /// Whether layers use the fused activation and attention-probability
@@ -81,6 +86,7 @@ impl Stream {
             offset: Cell::new(0),
             compute: Cell::new(None),
             shadows: RefCell::new(None),
+            retired: RefCell::new(Vec::new()),
             weight_grads: Cell::new(true),
             fused: Cell::new(None),
         }
@@ -137,6 +143,7 @@ impl Stream {
     pub fn set_compute_dtype(&self, dtype: Option<DType>, shadows: bool) {
         self.compute.set(dtype);
         *self.shadows.borrow_mut() = (dtype.is_some() && shadows).then(HashMap::new);
+        self.retired.borrow_mut().clear();
     }
 
     /// Weight `w` (a master weight as the layer holds it) in dtype `dt`.
@@ -246,8 +253,9 @@ impl Stream {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let copy = Var::from_tensor(&Tensor::cat(&parts, 0)?)?;
         let mut row = 0;
+        let mut retired = self.retired.borrow_mut();
         for w in ws {
-            map.insert(
+            let old = map.insert(
                 w.id(),
                 Shadow {
                     master: (*w).clone(),
@@ -255,6 +263,7 @@ impl Stream {
                     row: Some(row),
                 },
             );
+            retired.extend(old);
             row += w.dim(0)?;
         }
         Ok(copy.as_tensor().clone())
@@ -291,7 +300,12 @@ impl Stream {
         };
         // A packed copy's gradient serves all its masters: removed after.
         let mut packed = Vec::new();
-        for (id, s) in map {
+        let retired = std::mem::take(&mut *self.retired.borrow_mut());
+        let entries = retired
+            .iter()
+            .map(|s| (s.master.id(), s))
+            .chain(map.iter().map(|(id, s)| (*id, s)));
+        for (id, s) in entries {
             let g = match s.row {
                 None => grads.remove(s.copy.as_tensor()),
                 Some(r) => {
@@ -305,14 +319,14 @@ impl Stream {
             let Some(g) = g else {
                 continue;
             };
-            let g = match grads.get_id(*id) {
+            let g = match grads.get_id(id) {
                 None => g,
                 Some(direct) => {
                     let dt = s.master.dtype();
                     (direct.to_dtype(dt)? + g.to_dtype(dt)?)?
                 }
             };
-            grads.insert_id(*id, g);
+            grads.insert_id(id, g);
         }
         for c in packed {
             grads.remove(&c);
@@ -419,7 +433,14 @@ impl Stream {
         }
         // The projections first: their mixout draws come before the
         // attention's dropout draws, on either path.
-        if let Some(qkv) = fused_forward(&layers, x, self)? {
+        // The packed op splits its input in three equal parts.
+        let equal = layers.iter().all(|d| d.weight.dim(0).ok() == Some(h));
+        let packed = if equal {
+            fused_forward(&layers, x, self)?
+        } else {
+            None
+        };
+        if let Some(qkv) = packed {
             let drop = (self.train() && p != 0.0).then(|| (p, self.take(b * heads * l * l)));
             return Ok(Some(crate::ops::self_attention::self_attention_packed(
                 &qkv, bias, heads, scale, drop,

@@ -84,7 +84,8 @@ fn smem_bytes(l: usize, dh: usize) -> [usize; 3] {
 
 /// Whether the CUDA kernels take sequences of `l` tokens and heads of
 /// width `dh` (their keys and values are staged in shared memory): e.g.
-/// up to 384 tokens at `dh` 32 (MiniLM), 192 at `dh` 64 (BERT-base). The
+/// up to 305 tokens at `dh` 32 (MiniLM), 168 at `dh` 64 (BERT-base; the
+/// backward row kernel's staging is the bound). The
 /// CPU op has no limit.
 pub fn fits(l: usize, dh: usize) -> bool {
     smem_bytes(l, dh).iter().all(|&b| b <= SMEM_LIMIT)
