@@ -10,7 +10,9 @@
 #   daat:    BERT-DAAT: posttrain on source + target texts (masked LM plus
 #            the domain-distinguishing task, two epochs: the first trains
 #            the new heads alone, since MiniLM ships no masked-LM head and a
-#            fresh one's gradients damage the encoder), then fine-tuning
+#            fresh one's gradients damage the encoder; the encoder at
+#            POST_LR, default 1e-5: at 5e-5 post-training damaged MiniLM
+#            on dvd -> electronics), then fine-tuning
 #            from that model with the adversarial term under DANN's
 #            schedule (λ annealed with γ = 10 to LAMBDA, default 0.1: at the
 #            paper's 1 the domain term swamped the task on MiniLM).
@@ -29,7 +31,8 @@
 # TUNEFUSE_BIN, MODEL, TUNEFUSE_DATA, DEVICE (default cpu), SEEDS (default
 # "1"), PAIRS (default "books:kitchen dvd:electronics"; all twelve:
 # PAIRS=all), RECIPES (default "vanilla after daat mft"),
-# LAMBDA (daat's final λ, default 0.1), OUT (default target/domain). On 2 CPU cores one epoch of a recipe takes
+# LAMBDA (daat's final λ, default 0.1), POST_LR (daat's post-training
+# encoder rate, default 1e-5), OUT (default target/domain). On 2 CPU cores one epoch of a recipe takes
 # about 5 (vanilla) to 10 (after, daat) minutes; a GPU is the place for
 # the 12-pair grid.
 set -euo pipefail
@@ -65,7 +68,7 @@ for seed in ${SEEDS:-1}; do
             "$bin" posttrain --model "$model" --data-dir "$data" --device "${DEVICE:-cpu}" \
               --corpus "amazon:$src,amazon:$tgt" --domain-task --epochs 2 --batch-size 16 \
               --head-warmup-steps 213 \
-              --max-len 128 --lr 5e-5 --head-lr 1e-3 --seed "$seed" --output "$base" --overwrite \
+              --max-len 128 --lr "${POST_LR:-1e-5}" --head-lr 1e-3 --seed "$seed" --output "$base" --overwrite \
               >"$base.log" 2>&1 || { echo "domain-results: posttrain $pair seed $seed failed (see $base.log)" >&2; exit 1; }
           fi
           args=(--method after --set "after.aux=amazon:$tgt" --set "after.lambda=${LAMBDA:-0.1}"
