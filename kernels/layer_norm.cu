@@ -27,7 +27,7 @@ struct Stats {
 // f32, 16 or 32 bytes) when the row length is a multiple of it and every
 // pointer is aligned to its pack; N = 1 otherwise (element c to lane c % 32).
 template <typename T>
-constexpr int vec_n() {
+__host__ __device__ constexpr int vec_n() {
     return 16 / (int)sizeof(T);
 }
 
@@ -97,6 +97,23 @@ __device__ void fwd(const T* __restrict__ x, const float* __restrict__ w, const 
     }
 }
 
+// g = dy * w and x_hat for the pack at column c of a row (both passes of
+// bwd_dx compute them alike).
+template <typename T, int N>
+__device__ __forceinline__ void grad_terms(const T* __restrict__ xr, const T* __restrict__ dyr,
+                                           const float* __restrict__ w, int c, Stats st,
+                                           float (&g)[N], float (&xh)[N]) {
+    float v[N], d[N], wv[N];
+    tf::load_f32<T, N>(xr + c, v);
+    tf::load_f32<T, N>(dyr + c, d);
+    tf::load_f32<float, N>(w + c, wv);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        g[i] = d[i] * wv[i];
+        xh[i] = (v[i] - st.mean) * st.rstd;
+    }
+}
+
 // dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * w.
 template <typename T, int N>
 __device__ void bwd_dx(const T* __restrict__ x, const float* __restrict__ w, const T* __restrict__ dy,
@@ -109,32 +126,22 @@ __device__ void bwd_dx(const T* __restrict__ x, const float* __restrict__ w, con
         const Stats st = row_stats(xr, h, eps, lane);
         float sg = 0.f, sgx = 0.f;
         for (int c = lane * N; c < h; c += 32 * N) {
-            float v[N], d[N], wv[N];
-            tf::load_f32<T, N>(xr + c, v);
-            tf::load_f32<T, N>(dyr + c, d);
-            tf::load_f32<float, N>(w + c, wv);
+            float g[N], xh[N];
+            grad_terms<T, N>(xr, dyr, w, c, st, g, xh);
 #pragma unroll
             for (int i = 0; i < N; ++i) {
-                const float g = d[i] * wv[i];
-                const float xh = (v[i] - st.mean) * st.rstd;
-                sg += g;
-                sgx = fmaf(g, xh, sgx);
+                sg += g[i];
+                sgx = fmaf(g[i], xh[i], sgx);
             }
         }
         const float mg = tf::warp_sum(sg) / (float)h;
         const float mgx = tf::warp_sum(sgx) / (float)h;
         T* dxr = dx + r * h;
         for (int c = lane * N; c < h; c += 32 * N) {
-            float v[N], d[N], wv[N], out[N];
-            tf::load_f32<T, N>(xr + c, v);
-            tf::load_f32<T, N>(dyr + c, d);
-            tf::load_f32<float, N>(w + c, wv);
+            float g[N], xh[N], out[N];
+            grad_terms<T, N>(xr, dyr, w, c, st, g, xh);
 #pragma unroll
-            for (int i = 0; i < N; ++i) {
-                const float g = d[i] * wv[i];
-                const float xh = (v[i] - st.mean) * st.rstd;
-                out[i] = st.rstd * (g - mg - xh * mgx);
-            }
+            for (int i = 0; i < N; ++i) out[i] = st.rstd * (g[i] - mg - xh[i] * mgx);
             tf::store_f32<T, N>(dxr + c, out);
         }
     }

@@ -2036,14 +2036,18 @@ fn self_attention_kernels_match_the_cpu_op() {
                             drop,
                         )
                         .unwrap();
-                        let grads = (&y * &g)
-                            .unwrap()
-                            .to_dtype(DType::F32)
-                            .unwrap()
-                            .sum_all()
-                            .unwrap()
-                            .backward()
-                            .unwrap();
+                        // The gradients of Σ y·g (summed in f32).
+                        let backward = |y: &Tensor| {
+                            (y * &g)
+                                .unwrap()
+                                .to_dtype(DType::F32)
+                                .unwrap()
+                                .sum_all()
+                                .unwrap()
+                                .backward()
+                                .unwrap()
+                        };
+                        let grads = backward(&y);
                         let mut out = vec![to_f64(&y)];
                         for v in &vars {
                             out.push(to_f64(grads.get(v.as_tensor()).unwrap()));
@@ -2055,14 +2059,7 @@ fn self_attention_kernels_match_the_cpu_op() {
                         let qkv = Var::from_tensor(&Tensor::cat(&parts, 2).unwrap()).unwrap();
                         let yp = self_attention_packed(qkv.as_tensor(), &bt, heads, scale, drop)
                             .unwrap();
-                        let gp = (&yp * &g)
-                            .unwrap()
-                            .to_dtype(DType::F32)
-                            .unwrap()
-                            .sum_all()
-                            .unwrap()
-                            .backward()
-                            .unwrap();
+                        let gp = backward(&yp);
                         let gp = gp.get(qkv.as_tensor()).unwrap();
                         assert_eq!(to_f64(&yp), out[0], "{d:?} packed value");
                         for (w, want) in out[1..].iter().enumerate() {

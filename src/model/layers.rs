@@ -225,26 +225,23 @@ impl Stream {
                 return Ok(Tensor::cat(&parts, 0)?);
             }
         };
-        // Already packed, in this order and dtype?
-        let mut row = 0;
-        let mut copy: Option<&Var> = None;
-        let mut hit = true;
-        for w in ws {
-            let same = map.get(&w.id()).is_some_and(|s| {
-                s.row == Some(row)
-                    && s.copy.dtype() == dt
-                    && copy.is_none_or(|c| c.as_tensor().id() == s.copy.as_tensor().id())
+        // Already packed, in this order and dtype: each master's rows of
+        // the first master's copy, which they fill exactly.
+        let rows = |w: &Tensor| w.dims().first().copied().unwrap_or(0);
+        let packed = map
+            .get(&ws[0].id())
+            .filter(|s| s.row == Some(0) && s.copy.dtype() == dt)
+            .map(|s| s.copy.as_tensor().clone());
+        if let Some(c) = packed {
+            let mut row = 0;
+            let hit = ws.iter().all(|w| {
+                let at = row;
+                row += rows(w);
+                map.get(&w.id())
+                    .is_some_and(|s| s.row == Some(at) && s.copy.as_tensor().id() == c.id())
             });
-            if !same {
-                hit = false;
-                break;
-            }
-            copy = map.get(&w.id()).map(|s| &s.copy);
-            row += w.dim(0)?;
-        }
-        if let (true, Some(c)) = (hit, copy) {
-            if c.dim(0)? == row {
-                return Ok(c.as_tensor().clone());
+            if hit && c.dims().first() == Some(&row) {
+                return Ok(c);
             }
         }
         let parts = ws
@@ -264,7 +261,7 @@ impl Stream {
                 },
             );
             retired.extend(old);
-            row += w.dim(0)?;
+            row += rows(w);
         }
         Ok(copy.as_tensor().clone())
     }
@@ -309,8 +306,11 @@ impl Stream {
             let g = match s.row {
                 None => grads.remove(s.copy.as_tensor()),
                 Some(r) => {
-                    packed.push(s.copy.as_tensor().clone());
-                    match grads.get(s.copy.as_tensor()) {
+                    let c = s.copy.as_tensor();
+                    if !packed.iter().any(|p: &Tensor| p.id() == c.id()) {
+                        packed.push(c.clone());
+                    }
+                    match grads.get(c) {
                         Some(g) => Some(g.narrow(0, r, s.master.dim(0)?)?),
                         None => None,
                     }
@@ -431,8 +431,9 @@ impl Stream {
         if !self.fused_for(x) || heads == 0 || !crate::ops::self_attention::fits(l, h / heads) {
             return Ok(None);
         }
-        // The projections first: their mixout draws come before the
-        // attention's dropout draws, on either path.
+        // Drawn after the projections: their mixout draws come first, on
+        // either path.
+        let drop = || (self.train() && p != 0.0).then(|| (p, self.take(b * heads * l * l)));
         // The packed op splits its input in three equal parts.
         let equal = layers.iter().all(|d| d.weight.dim(0).ok() == Some(h));
         let packed = if equal {
@@ -441,16 +442,24 @@ impl Stream {
             None
         };
         if let Some(qkv) = packed {
-            let drop = (self.train() && p != 0.0).then(|| (p, self.take(b * heads * l * l)));
             return Ok(Some(crate::ops::self_attention::self_attention_packed(
-                &qkv, bias, heads, scale, drop,
+                &qkv,
+                bias,
+                heads,
+                scale,
+                drop(),
             )?));
         }
-        let [q, k, v] = [0, 1, 2].map(|i| layers[i].forward(x, self));
+        let [q, k, v] = layers.map(|d| d.forward(x, self));
         let (q, k, v) = (q?, k?, v?);
-        let drop = (self.train() && p != 0.0).then(|| (p, self.take(b * heads * l * l)));
         Ok(Some(crate::ops::self_attention(
-            &q, &k, &v, bias, heads, scale, drop,
+            &q,
+            &k,
+            &v,
+            bias,
+            heads,
+            scale,
+            drop(),
         )?))
     }
 }

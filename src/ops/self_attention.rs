@@ -504,6 +504,59 @@ struct Qkv<R> {
     bias: Vec<R>,
 }
 
+impl Attend {
+    /// The context on CPU storages of q, k, v or the packed qkv.
+    fn on_cpu(&self, inputs: &[(&CpuStorage, &Layout)]) -> candle_core::Result<CpuStorage> {
+        held(&self.bias, "bias", cpu_of, |bs, bl| {
+            self.cfg.cpu(inputs, (bs, bl), None)
+        })
+    }
+
+    /// The context on CUDA storages of q, k, v or the packed qkv.
+    #[cfg(feature = "cuda")]
+    fn on_cuda(
+        &self,
+        inputs: &[(&candle_core::CudaStorage, &Layout)],
+    ) -> candle_core::Result<candle_core::CudaStorage> {
+        held(&self.bias, "bias", cuda::of, |bs, bl| {
+            cuda::forward(&self.cfg, inputs, (bs, bl))
+        })
+    }
+
+    /// The backward op for the incoming gradient `g`.
+    fn grad(&self, g: &Tensor) -> candle_core::Result<AttendGrad> {
+        Ok(AttendGrad {
+            cfg: self.cfg,
+            bias: self.bias.clone(),
+            g: g.contiguous()?,
+        })
+    }
+}
+
+impl AttendGrad {
+    /// dq, dk, dv (stacked, or packed) on CPU storages.
+    fn on_cpu(&self, inputs: &[(&CpuStorage, &Layout)]) -> candle_core::Result<CpuStorage> {
+        held(&self.bias, "bias", cpu_of, |bs, bl| {
+            held(&self.g, "the gradient", cpu_of, |gs, gl| {
+                self.cfg.cpu(inputs, (bs, bl), Some((gs, gl)))
+            })
+        })
+    }
+
+    /// dq, dk, dv (stacked, or packed) on CUDA storages.
+    #[cfg(feature = "cuda")]
+    fn on_cuda(
+        &self,
+        inputs: &[(&candle_core::CudaStorage, &Layout)],
+    ) -> candle_core::Result<candle_core::CudaStorage> {
+        held(&self.bias, "bias", cuda::of, |bs, bl| {
+            held(&self.g, "the gradient", cuda::of, |gs, gl| {
+                cuda::backward(&self.cfg, inputs, (bs, bl), (gs, gl))
+            })
+        })
+    }
+}
+
 impl CustomOp3 for Attend {
     fn name(&self) -> &'static str {
         "tunefuse-self-attention"
@@ -518,10 +571,7 @@ impl CustomOp3 for Attend {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = held(&self.bias, "bias", cpu_of, |bs, bl| {
-            self.cfg
-                .cpu(&[(s1, l1), (s2, l2), (s3, l3)], (bs, bl), None)
-        })?;
+        let y = self.on_cpu(&[(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -535,9 +585,7 @@ impl CustomOp3 for Attend {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let y = held(&self.bias, "bias", cuda::of, |bs, bl| {
-            cuda::forward(&self.cfg, &[(s1, l1), (s2, l2), (s3, l3)], (bs, bl))
-        })?;
+        let y = self.on_cuda(&[(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -549,12 +597,7 @@ impl CustomOp3 for Attend {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let op = AttendGrad {
-            cfg: self.cfg,
-            bias: self.bias.clone(),
-            g: g.contiguous()?,
-        };
-        let grads = q.apply_op3_no_bwd(k, v, &op)?;
+        let grads = q.apply_op3_no_bwd(k, v, &self.grad(g)?)?;
         Ok((
             Some(grads.get(0)?),
             Some(grads.get(1)?),
@@ -577,12 +620,7 @@ impl CustomOp3 for AttendGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = held(&self.bias, "bias", cpu_of, |bs, bl| {
-            held(&self.g, "the gradient", cpu_of, |gs, gl| {
-                self.cfg
-                    .cpu(&[(s1, l1), (s2, l2), (s3, l3)], (bs, bl), Some((gs, gl)))
-            })
-        })?;
+        let out = self.on_cpu(&[(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((out, grads_shape(l1)))
     }
 
@@ -596,16 +634,7 @@ impl CustomOp3 for AttendGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = held(&self.bias, "bias", cuda::of, |bs, bl| {
-            held(&self.g, "the gradient", cuda::of, |gs, gl| {
-                cuda::backward(
-                    &self.cfg,
-                    &[(s1, l1), (s2, l2), (s3, l3)],
-                    (bs, bl),
-                    (gs, gl),
-                )
-            })
-        })?;
+        let out = self.on_cuda(&[(s1, l1), (s2, l2), (s3, l3)])?;
         Ok((out, grads_shape(l1)))
     }
 }
@@ -616,10 +645,7 @@ impl CustomOp1 for Attend {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = held(&self.bias, "bias", cpu_of, |bs, bl| {
-            self.cfg.cpu(&[(s, l)], (bs, bl), None)
-        })?;
-        Ok((y, context_shape(&self.cfg)))
+        Ok((self.on_cpu(&[(s, l)])?, context_shape(&self.cfg)))
     }
 
     #[cfg(feature = "cuda")]
@@ -628,19 +654,11 @@ impl CustomOp1 for Attend {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let y = held(&self.bias, "bias", cuda::of, |bs, bl| {
-            cuda::forward(&self.cfg, &[(s, l)], (bs, bl))
-        })?;
-        Ok((y, context_shape(&self.cfg)))
+        Ok((self.on_cuda(&[(s, l)])?, context_shape(&self.cfg)))
     }
 
     fn bwd(&self, qkv: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let op = AttendGrad {
-            cfg: self.cfg,
-            bias: self.bias.clone(),
-            g: g.contiguous()?,
-        };
-        Ok(Some(qkv.apply_op1_no_bwd(&op)?))
+        Ok(Some(qkv.apply_op1_no_bwd(&self.grad(g)?)?))
     }
 }
 
@@ -650,12 +668,7 @@ impl CustomOp1 for AttendGrad {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let out = held(&self.bias, "bias", cpu_of, |bs, bl| {
-            held(&self.g, "the gradient", cpu_of, |gs, gl| {
-                self.cfg.cpu(&[(s, l)], (bs, bl), Some((gs, gl)))
-            })
-        })?;
-        Ok((out, l.shape().clone()))
+        Ok((self.on_cpu(&[(s, l)])?, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -664,12 +677,7 @@ impl CustomOp1 for AttendGrad {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out = held(&self.bias, "bias", cuda::of, |bs, bl| {
-            held(&self.g, "the gradient", cuda::of, |gs, gl| {
-                cuda::backward(&self.cfg, &[(s, l)], (bs, bl), (gs, gl))
-            })
-        })?;
-        Ok((out, l.shape().clone()))
+        Ok((self.on_cuda(&[(s, l)])?, l.shape().clone()))
     }
 }
 
@@ -734,11 +742,9 @@ mod cuda {
         let bv = k::view::<T>(OP, bias.0, bias.1)?;
         match inputs {
             [x] => {
-                k::view::<T>(OP, x.0, x.1)?;
-                let (h, at) = (c.h(), x.1.start_offset());
-                let s = x.0.as_cuda_slice::<T>()?;
+                let (x, h) = (k::view::<T>(OP, x.0, x.1)?, c.h());
                 Ok((
-                    [s.slice(at..), s.slice(at + h..), s.slice(at + 2 * h..), bv],
+                    [x.slice(..), x.slice(h..), x.slice(2 * h..), bv],
                     3 * h as i64,
                 ))
             }
