@@ -174,17 +174,22 @@ static inline void leave(enum symbol s, uint64_t t0) {
  * or the real driver's) maps to its entry through an open-addressing table;
  * entries are only ever added. */
 #define MAX_FUNCS 8192
+#define MAX_PARAMS 64
 struct func {
   const void *handle;
   const void *module;
   char name[160];
   uint64_t launches;
+  /* The byte size of each parameter, from the module's PTX (see
+   * parse_ptx); nparams < 0 while unknown. */
+  int nparams;
+  uint32_t psize[MAX_PARAMS];
 };
 static struct func funcs[MAX_FUNCS];
 static size_t nfuncs;
 static struct func *by_handle[2 * MAX_FUNCS];
 static pthread_mutex_t funcs_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct func unknown_func = {0, 0, "(function not seen at cuModuleGetFunction)", 0};
+static struct func unknown_func = {0, 0, "(function not seen at cuModuleGetFunction)", 0, -1, {0}};
 
 static size_t slot_of(const void *h) {
   uint64_t x = (uint64_t)(uintptr_t)h;
@@ -213,6 +218,7 @@ static struct func *register_func(const void *handle, const void *module, const 
   if (!f && nfuncs < MAX_FUNCS) {
     f = &funcs[nfuncs++];
     f->module = module;
+    f->nparams = -1;
     snprintf(f->name, sizeof f->name, "%s", name ? name : "?");
     f->handle = handle ? handle : (const void *)f;
     size_t s = slot_of(f->handle);
@@ -253,6 +259,239 @@ static void trace(const char *what) {
   int n = backtrace(frames, 64);
   fprintf(stderr, "census trace: %s\n", what);
   backtrace_symbols_fd(frames, n, 2);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Kernel arguments, for what a CUDA graph would bake in. A captured graph
+ * replays every kernel with the arguments it had at capture; an argument
+ * that changes from one step to the next (a Philox offset, a learning rate,
+ * a step count) makes the replay wrong unless it is read from device memory
+ * instead. Device addresses are exempt: inside a capture the step's
+ * allocations are the graph's own and keep their addresses.
+ *
+ * So each launch is logged with its arguments' bytes, and each 8-byte
+ * aligned word that lies inside a live device allocation is written as
+ * "pppppppppppppppp" instead of its value: two steps of one batch shape then
+ * log the same text exactly where a replay would be right. The sizes of the
+ * arguments come from the PTX that cuModuleLoadData receives (the `.param`
+ * list of each `.entry`); a kernel loaded otherwise (a cubin, or compiled
+ * into the binary and launched through the runtime) is logged with unknown
+ * arguments. What this does not see: cuBLAS's own kernels and its scalars
+ * (alpha, beta), memset values and the contents of host-to-device copies
+ * (the batch upload, which a graph takes from static buffers). */
+
+/* Parameter sizes per (module, entry), as parsed. */
+struct entry {
+  const void *module;
+  char name[160];
+  int n;
+  uint32_t size[MAX_PARAMS];
+};
+static struct entry *entries;
+static size_t nentries, entries_cap;
+static pthread_mutex_t entries_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* Bytes of a PTX parameter type (.b8 … .u64, .f16 … .f64), 0 if not one. */
+static uint32_t ptx_type_bytes(const char *t, size_t n) {
+  if (n < 3 || t[0] != '.' || !strchr("bufs", t[1])) return 0;
+  int bits = 0;
+  for (size_t i = 2; i < n; i++) {
+    if (t[i] < '0' || t[i] > '9') return 0;
+    bits = bits * 10 + (t[i] - '0');
+  }
+  return bits == 8 || bits == 16 || bits == 32 || bits == 64 ? (uint32_t)bits / 8 : 0;
+}
+
+/* Reads the parameter list of every `.entry` in a PTX text. Each parameter
+ * is `.param [.ptr] [.global] [.align N] .TYPE NAME[COUNT]`; anything else
+ * leaves the entry's sizes unknown (n = -1). */
+static void parse_ptx(const void *module, const void *image) {
+  const char *p = image;
+  if (!p || memcmp(p, "\x7f" "ELF", 4) == 0 || !strstr(p, ".entry")) return;
+  pthread_mutex_lock(&entries_lock);
+  for (const char *s = p; (s = strstr(s, ".entry"));) {
+    s += 6;
+    if (*s != ' ' && *s != '\t') continue;
+    while (*s == ' ' || *s == '\t') s++;
+    const char *name = s;
+    while (*s && *s != '(' && *s != ' ' && *s != '\t' && *s != '\n' && *s != '\r') s++;
+    size_t name_len = (size_t)(s - name);
+    const char *open = strchr(s, '('), *close = open ? strchr(open, ')') : NULL;
+    if (!open || !close) break;
+    if (nentries == entries_cap) {
+      size_t cap = entries_cap ? 2 * entries_cap : 1024;
+      struct entry *e = realloc(entries, cap * sizeof *e);
+      if (!e) break;
+      entries = e, entries_cap = cap;
+    }
+    struct entry *e = &entries[nentries++];
+    memset(e, 0, sizeof *e);
+    e->module = module;
+    snprintf(e->name, sizeof e->name, "%.*s", (int)name_len, name);
+    for (const char *q = open + 1; q < close && e->n >= 0;) {
+      const char *param = strstr(q, ".param");
+      if (!param || param >= close) break;
+      q = param + 6;
+      uint32_t bytes = 0, count = 1;
+      /* Tokens up to the comma or the closing parenthesis. */
+      while (q < close && *q != ',') {
+        while (q < close && (*q == ' ' || *q == '\t' || *q == '\n' || *q == '\r')) q++;
+        const char *t = q;
+        while (q < close && *q != ' ' && *q != '\t' && *q != '\n' && *q != '\r' && *q != ',') q++;
+        size_t n = (size_t)(q - t);
+        if (!n) continue;
+        uint32_t b = ptx_type_bytes(t, n);
+        if (b) bytes = b;
+        else if (t[0] != '.' && memchr(t, '[', n)) count = (uint32_t)strtoul((const char *)memchr(t, '[', n) + 1, NULL, 10);
+      }
+      if (q < close) q++;
+      if (!bytes || !count || e->n >= MAX_PARAMS) e->n = -1;
+      else e->size[e->n++] = bytes * count;
+    }
+    s = close;
+  }
+  pthread_mutex_unlock(&entries_lock);
+}
+
+/* Gives f the parameter sizes parsed for (module, name), when there are. */
+static void learn_params(struct func *f, const void *module, const char *name) {
+  pthread_mutex_lock(&entries_lock);
+  for (size_t i = nentries; i-- > 0;)
+    if (entries[i].module == module && strncmp(entries[i].name, name, sizeof entries[i].name - 1) == 0) {
+      if (entries[i].n >= 0) {
+        memcpy(f->psize, entries[i].size, sizeof f->psize);
+        __atomic_store_n(&f->nparams, entries[i].n, __ATOMIC_RELEASE);
+      }
+      break;
+    }
+  pthread_mutex_unlock(&entries_lock);
+}
+
+/* Live device allocations, sorted by start address. */
+struct range {
+  uint64_t lo, hi;
+};
+static struct range *ranges;
+static size_t nranges, ranges_cap;
+static pthread_mutex_t ranges_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* The first range whose start is above v. */
+static size_t range_after(uint64_t v) {
+  size_t lo = 0, hi = nranges;
+  while (lo < hi) {
+    size_t mid = (lo + hi) / 2;
+    if (ranges[mid].lo <= v) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo;
+}
+static void range_add(uint64_t p, size_t n) {
+  pthread_mutex_lock(&ranges_lock);
+  if (nranges == ranges_cap) {
+    size_t cap = ranges_cap ? 2 * ranges_cap : 4096;
+    struct range *r = realloc(ranges, cap * sizeof *r);
+    if (!r) { pthread_mutex_unlock(&ranges_lock); return; }
+    ranges = r, ranges_cap = cap;
+  }
+  size_t i = range_after(p);
+  memmove(&ranges[i + 1], &ranges[i], (nranges - i) * sizeof *ranges);
+  ranges[i] = (struct range){p, p + (n ? n : 1)};
+  nranges++;
+  pthread_mutex_unlock(&ranges_lock);
+}
+static void range_remove(uint64_t p) {
+  pthread_mutex_lock(&ranges_lock);
+  size_t i = range_after(p);
+  if (i > 0 && ranges[i - 1].lo == p) {
+    memmove(&ranges[i - 1], &ranges[i], (nranges - i) * sizeof *ranges);
+    nranges--;
+  }
+  pthread_mutex_unlock(&ranges_lock);
+}
+static int is_device_address(uint64_t v) {
+  pthread_mutex_lock(&ranges_lock);
+  size_t i = range_after(v);
+  int yes = i > 0 && v < ranges[i - 1].hi;
+  pthread_mutex_unlock(&ranges_lock);
+  return yes;
+}
+
+/* The launch log: a JSON array's elements, appended while logging is on
+ * (from the first tunefuse_census_args call). */
+static char *args_log;
+static size_t args_len, args_cap;
+static int args_on;
+static pthread_mutex_t args_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void args_put(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(NULL, 0, fmt, ap);
+  va_end(ap);
+  if (n <= 0) return;
+  if (args_len + (size_t)n + 1 > args_cap) {
+    size_t cap = args_cap ? args_cap : 1 << 20;
+    while (args_len + (size_t)n + 1 > cap) cap *= 2;
+    char *b = realloc(args_log, cap);
+    if (!b) return;
+    args_log = b, args_cap = cap;
+  }
+  va_start(ap, fmt);
+  vsnprintf(args_log + args_len, (size_t)n + 1, fmt, ap);
+  va_end(ap);
+  args_len += (size_t)n;
+}
+
+static void log_launch(const struct func *f, void **params) {
+  if (!__atomic_load_n(&args_on, __ATOMIC_ACQUIRE)) return;
+  int n = __atomic_load_n(&f->nparams, __ATOMIC_ACQUIRE);
+  pthread_mutex_lock(&args_lock);
+  args_put("%s{\"k\":\"", args_len ? "," : "");
+  for (const char *c = f->name; *c; c++) args_put(*c == '"' || *c == '\\' ? "\\%c" : "%c", *c);
+  if (n < 0 || !params) {
+    args_put("\",\"p\":null}");
+  } else {
+    args_put("\",\"p\":[");
+    for (int i = 0; i < n; i++) {
+      const unsigned char *b = params[i];
+      uint32_t size = f->psize[i];
+      args_put("%s\"", i ? "," : "");
+      for (uint32_t off = 0; off < size;) {
+        uint64_t w;
+        if (off % 8 == 0 && off + 8 <= size && (memcpy(&w, b + off, 8), is_device_address(w))) {
+          args_put("pppppppppppppppp");
+          off += 8;
+        } else {
+          args_put("%02x", b[off++]);
+        }
+      }
+      args_put("\"");
+    }
+    args_put("]}");
+  }
+  pthread_mutex_unlock(&args_lock);
+}
+
+/* The launches logged since the last call, as a JSON array written into buf
+ * (at most cap bytes, NUL-terminated), and the log emptied; returns the
+ * length the array needs, and when that is more than cap writes and empties
+ * nothing, so the caller can retry with a larger buffer. With buf NULL the
+ * log is emptied unread. The first call turns logging on. */
+size_t tunefuse_census_args(char *buf, size_t cap) {
+  pthread_mutex_lock(&args_lock);
+  size_t need = args_len + 3;
+  if (!buf) {
+    args_len = 0;
+  } else if (need <= cap) {
+    buf[0] = '[';
+    if (args_len) memcpy(buf + 1, args_log, args_len);
+    buf[args_len + 1] = ']';
+    buf[args_len + 2] = 0;
+    args_len = 0;
+  }
+  __atomic_store_n(&args_on, 1, __ATOMIC_RELEASE);
+  pthread_mutex_unlock(&args_lock);
+  return need;
 }
 
 /* The running totals as one JSON object, written into buf (at most cap
@@ -445,13 +684,22 @@ DEF(CUresult, cuLaunchKernel,
     (CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
      unsigned shmem, CUstream s, void **params, void **extra),
     (f, gx, gy, gz, bx, by, bz, shmem, s, params, extra), r = 0,
-    (add(&func_of(f)->launches, 1), trace(func_of(f)->name)))
+    (add(&func_of(f)->launches, 1), trace(func_of(f)->name), log_launch(func_of(f), params)))
+/* A freed allocation leaves the live ranges: in the stand-in before its
+ * memory is freed, in the interposer after the real call. */
+#ifdef CENSUS_STANDIN
+#define RANGE_REMOVE_AFTER(p) NOTHING
+#else
+#define RANGE_REMOVE_AFTER(p) range_remove(p)
+#endif
 DEF(CUresult, cuMemAllocAsync, (CUdeviceptr * p, size_t n, CUstream s), (p, n, s),
-    (*p = (CUdeviceptr)(uintptr_t)host_alloc(n), r = *p ? 0 : 2), NOTHING)
+    (*p = (CUdeviceptr)(uintptr_t)host_alloc(n), r = *p ? 0 : 2), if (r == 0) range_add(*p, n))
 DEF(CUresult, cuMemAlloc_v2, (CUdeviceptr * p, size_t n), (p, n),
-    (*p = (CUdeviceptr)(uintptr_t)host_alloc(n), r = *p ? 0 : 2), NOTHING)
-DEF(CUresult, cuMemFreeAsync, (CUdeviceptr p, CUstream s), (p, s), (free((void *)(uintptr_t)p), r = 0), NOTHING)
-DEF(CUresult, cuMemFree_v2, (CUdeviceptr p), (p), (free((void *)(uintptr_t)p), r = 0), NOTHING)
+    (*p = (CUdeviceptr)(uintptr_t)host_alloc(n), r = *p ? 0 : 2), if (r == 0) range_add(*p, n))
+DEF(CUresult, cuMemFreeAsync, (CUdeviceptr p, CUstream s), (p, s),
+    (range_remove(p), free((void *)(uintptr_t)p), r = 0), RANGE_REMOVE_AFTER(p))
+DEF(CUresult, cuMemFree_v2, (CUdeviceptr p), (p), (range_remove(p), free((void *)(uintptr_t)p), r = 0),
+    RANGE_REMOVE_AFTER(p))
 DEF(CUresult, cuMemcpyDtoDAsync_v2, (CUdeviceptr d, CUdeviceptr src, size_t n, CUstream s), (d, src, n, s),
     (memmove((void *)(uintptr_t)d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtod, n))
 DEF(CUresult, cuMemcpyDtoHAsync_v2, (void *d, CUdeviceptr src, size_t n, CUstream s), (d, src, n, s),
@@ -465,9 +713,10 @@ DEF(CUresult, cuMemsetD8Async, (CUdeviceptr d, unsigned char v, size_t n, CUstre
     (memset((void *)(uintptr_t)d, v, n), r = 0), (add(&bytes_memset, n), trace("memset")))
 DEF(CUresult, cuModuleGetFunction, (CUfunction * f, CUmodule m, const char *name), (f, m, name),
     (*f = (CUfunction)register_func(NULL, m, name)->handle, r = 0),
-    if (r == 0) register_func(*f, m, name))
+    if (r == 0) learn_params(register_func(*f, m, name), m, name))
 DEF(CUresult, cuModuleLoad, (CUmodule * m, const char *path), (m, path), (*m = host_alloc(8), r = 0), NOTHING)
-DEF(CUresult, cuModuleLoadData, (CUmodule * m, const void *image), (m, image), (*m = host_alloc(8), r = 0), NOTHING)
+DEF(CUresult, cuModuleLoadData, (CUmodule * m, const void *image), (m, image), (*m = host_alloc(8), r = 0),
+    if (r == 0) parse_ptx(*m, image))
 DEF(CUresult, cuModuleUnload, (CUmodule m), (m), r = 0, NOTHING)
 
 /* cuBLAS. */
@@ -591,8 +840,10 @@ DEF(cublasStatus_t, cublasLtMatmul,
 
 /* CUDA runtime (imported by kernels candle compiles into the binary). */
 DEF(cudaError_t, cudaDeviceGetAttribute, (int *v, int a, int d), (v, a, d), (*v = attribute(a), r = 0), NOTHING)
-DEF(cudaError_t, cudaFree, (void *p), (p), (free(p), r = 0), NOTHING)
-DEF(cudaError_t, cudaFreeAsync_ptsz, (void *p, cudaStream_t s), (p, s), (free(p), r = 0), NOTHING)
+DEF(cudaError_t, cudaFree, (void *p), (p), (range_remove((uint64_t)(uintptr_t)p), free(p), r = 0),
+    RANGE_REMOVE_AFTER((uint64_t)(uintptr_t)p))
+DEF(cudaError_t, cudaFreeAsync_ptsz, (void *p, cudaStream_t s), (p, s),
+    (range_remove((uint64_t)(uintptr_t)p), free(p), r = 0), RANGE_REMOVE_AFTER((uint64_t)(uintptr_t)p))
 DEF(cudaError_t, cudaFuncGetAttributes, (void *attr, const void *f), (attr, f),
     (unsupported("cudaFuncGetAttributes"), r = 801), NOTHING)
 DEF(cudaError_t, cudaFuncSetAttribute, (const void *f, int a, int v), (f, a, v), r = 0, NOTHING)
@@ -602,9 +853,10 @@ DEF(const char *, cudaGetErrorName, (cudaError_t e), (e), r = "cudaErrorCensusSt
 DEF(const char *, cudaGetErrorString, (cudaError_t e), (e), r = "error returned by the tunefuse census stand-in",
     NOTHING)
 DEF(cudaError_t, cudaGetLastError, (void), (), r = 0, NOTHING)
-DEF(cudaError_t, cudaMalloc, (void **p, size_t n), (p, n), (*p = host_alloc(n), r = *p ? 0 : 2), NOTHING)
+DEF(cudaError_t, cudaMalloc, (void **p, size_t n), (p, n), (*p = host_alloc(n), r = *p ? 0 : 2),
+    if (r == 0) range_add((uint64_t)(uintptr_t)*p, n))
 DEF(cudaError_t, cudaMallocAsync_ptsz, (void **p, size_t n, cudaStream_t s), (p, n, s),
-    (*p = host_alloc(n), r = *p ? 0 : 2), NOTHING)
+    (*p = host_alloc(n), r = *p ? 0 : 2), if (r == 0) range_add((uint64_t)(uintptr_t)*p, n))
 DEF(cudaError_t, cudaMemsetAsync_ptsz, (void *p, int v, size_t n, cudaStream_t s), (p, v, n, s),
     (memset(p, v, n), r = 0), (add(&bytes_memset, n), trace("memset")))
 DEF(cudaError_t, cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags,
@@ -652,4 +904,4 @@ DEF(cudaError_t, __cudaPopCallConfiguration, (dim3 * grid, dim3 * block, size_t 
     (grid, block, shmem, stream), r = 0, NOTHING)
 DEF(cudaError_t, __cudaLaunchKernel_ptsz,
     (const void *f, dim3 grid, dim3 block, void **args, size_t shmem, cudaStream_t s),
-    (f, grid, block, args, shmem, s), r = 0, add(&func_of(f)->launches, 1))
+    (f, grid, block, args, shmem, s), r = 0, (add(&func_of(f)->launches, 1), log_launch(func_of(f), NULL)))

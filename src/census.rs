@@ -53,8 +53,9 @@ pub struct Case {
 }
 
 /// Every method at batch 32 on SST-2 (its sentences pad to ~30–60 tokens),
-/// one long-sequence case (Amazon reviews truncated at 256 tokens), and
-/// vanilla with batches padded to multiples of 16 tokens.
+/// long-sequence cases (Amazon reviews truncated at 256 tokens, where every
+/// batch has the same length), and vanilla with batches padded to multiples
+/// of 16 tokens.
 pub const CASES: &[Case] = &[
     case("vanilla", "", "sst2", 128, &[]),
     case("smart", "smart", "sst2", 128, &[]),
@@ -72,6 +73,11 @@ pub const CASES: &[Case] = &[
         &["recadam = { k = 0.5, t0 = 250, gamma = 1.0 }"],
     ),
     case("vanilla-long", "", "amazon:books", 256, &[]),
+    // At one length every step has the same shape, so the census can tell
+    // which kernel arguments change from step to step ([`Capture`]): the
+    // methods a captured CUDA graph is first meant for.
+    case("smart-long", "smart", "amazon:books", 256, &[]),
+    case("lora-long", "lora", "amazon:books", 256, &[]),
     // Lengths padded to multiples of 16: the shapes a step meets repeat.
     case("vanilla-pad16", "", "sst2", 128, &["pad_to_multiple = 16"]),
 ];
@@ -142,6 +148,130 @@ pub fn read() -> Result<Totals> {
     })
 }
 
+/// One kernel launch of the census library's launch log: the function and
+/// each argument's bytes in hex, with every 8-byte word that held a live
+/// device address written as `pppppppppppppppp`; `p` is `None` where the
+/// argument sizes are unknown (a kernel not loaded from PTX).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Launch {
+    /// The kernel's name.
+    pub k: String,
+    /// Its arguments.
+    pub p: Option<Vec<String>>,
+}
+
+/// Takes the launches logged since the last call (the first call turns
+/// the log on and returns nothing logged before it).
+pub fn launches() -> Result<Vec<Launch>> {
+    type Args = unsafe extern "C" fn(*mut u8, usize) -> usize;
+    let this = libloading::os::unix::Library::this();
+    // SAFETY: the symbol, when present, is census.c's function of this type.
+    let f: libloading::os::unix::Symbol<Args> = unsafe { this.get(b"tunefuse_census_args\0") }
+        .map_err(|_| {
+            param_err(
+                "census",
+                "the census library loaded has no launch log (tunefuse_census_args): rebuild it \
+                 with scripts/step-census.sh",
+            )
+        })?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        // SAFETY: buf is writable for buf.len() bytes; the log is emptied
+        // only when it fits.
+        let need = unsafe { f(buf.as_mut_ptr(), buf.len()) };
+        if need <= buf.len() {
+            buf.truncate(need - 1);
+            break;
+        }
+        buf = vec![0u8; need];
+    }
+    serde_json::from_slice(&buf).map_err(|e| {
+        param_err(
+            "census",
+            format!("the census library wrote an unreadable launch log: {e}"),
+        )
+    })
+}
+
+/// What a CUDA graph captured from one step would get wrong when replayed
+/// at the next step of the same batch shape: the kernel arguments, other
+/// than device addresses, that changed between two such steps. Inside a
+/// capture the step's allocations are the graph's own and keep their
+/// addresses; every other argument is baked in, so each one listed here
+/// (a Philox offset, a learning rate, a bias correction) has to move into
+/// device memory before the step can be captured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Capture {
+    /// Consecutive measured steps compared (those with the same batch
+    /// shape, i.e. the same bytes uploaded).
+    pub pairs: usize,
+    /// Pairs whose launches differed in number or in kernel order: control
+    /// flow that a replayed graph cannot follow.
+    pub sequence_differs: usize,
+    /// Launches per compared step with at least one changed argument.
+    pub varying_launches: f64,
+    /// Launches per compared step whose argument sizes are unknown.
+    pub unknown_launches: f64,
+    /// "kernel (argument i)": launches per compared step in which that
+    /// argument changed.
+    pub varying: BTreeMap<String, f64>,
+}
+
+/// The arguments that changed from step `a` to step `b`, added into
+/// `into` (launch counts, not yet per step); `false` when the two steps'
+/// launches do not match one to one.
+fn compare_steps(a: &[Launch], b: &[Launch], into: &mut Capture) -> bool {
+    if a.len() != b.len() || a.iter().zip(b).any(|(x, y)| x.k != y.k) {
+        return false;
+    }
+    for (x, y) in a.iter().zip(b) {
+        match (&x.p, &y.p) {
+            (Some(px), Some(py)) => {
+                let mut varied = false;
+                for (i, (u, v)) in px.iter().zip(py).enumerate() {
+                    if u != v {
+                        varied = true;
+                        *into
+                            .varying
+                            .entry(format!("{} (argument {i})", x.k))
+                            .or_insert(0.0) += 1.0;
+                    }
+                }
+                into.varying_launches += f64::from(u8::from(varied || px.len() != py.len()));
+            }
+            _ => into.unknown_launches += 1.0,
+        }
+    }
+    true
+}
+
+/// The [`Capture`] of measured steps given as (bytes uploaded, launches):
+/// each step against the one before it when both uploaded the same bytes;
+/// `None` when no two consecutive steps did.
+pub fn capture(steps: &[(u64, Vec<Launch>)]) -> Option<Capture> {
+    let mut c = Capture::default();
+    for w in steps.windows(2) {
+        if w[0].0 != w[1].0 {
+            continue;
+        }
+        c.pairs += 1;
+        if !compare_steps(&w[0].1, &w[1].1, &mut c) {
+            c.sequence_differs += 1;
+        }
+    }
+    let compared = c.pairs - c.sequence_differs;
+    if c.pairs == 0 {
+        return None;
+    }
+    if compared > 0 {
+        let n = compared as f64;
+        c.varying_launches /= n;
+        c.unknown_launches /= n;
+        c.varying.values_mut().for_each(|v| *v /= n);
+    }
+    Some(c)
+}
+
 /// What one case's steady-state steps asked for, per step.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaseCensus {
@@ -173,6 +303,12 @@ pub struct CaseCensus {
     pub top_kernels: Vec<(String, f64)>,
     /// Every library function called in a step, calls per step.
     pub calls_per_step: BTreeMap<String, f64>,
+    /// What a graph captured from one step would replay wrong ([`Capture`]);
+    /// `None` when no two consecutive measured steps had the same batch
+    /// shape (then shape arguments would differ too and nothing can be
+    /// told apart).
+    #[serde(default)]
+    pub capture: Option<Capture>,
 }
 
 fn diff(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
@@ -247,24 +383,34 @@ pub fn run_case(
         ));
     }
     let order: Vec<usize> = (0..n).collect();
-    let lr = run.cfg.lr;
+    // The learning rate of the configured schedule over these steps, as
+    // the training loop sets it: it changes every step, as in training.
+    let total = (warmup + steps) as u64;
     let mut phases = super::train::step::PhaseTimes::new(&run.device, false);
     // The steps' values stay alive as in the training loop, which reads
     // them only when it logs.
     let mut kept = Vec::new();
     let (mut counts, mut calls, mut kernels, mut bytes) = (vec![], vec![], vec![], vec![]);
     let (mut host_ns, mut wall_ns, mut flops) = (0u128, 0u128, 0u64);
+    let mut logged = vec![];
     for i in 0..warmup + steps {
         let group = [&order[i * batch_size..(i + 1) * batch_size]];
         run.bert.stream.set_train(true);
+        // Empties the launch log (reading is outside the timed window).
+        launches()?;
         let before = read()?;
         let t = Instant::now();
+        let lr = run.cfg.schedule.lr(run.cfg.lr, i as u64, total);
         kept.push(run.step(&group, lr, &mut phases)?.values);
         let wall = t.elapsed().as_nanos();
         let after = read()?;
+        let log = launches()?;
         if i < warmup {
             continue;
         }
+        let uploaded = after.bytes.get("htod").copied().unwrap_or(0)
+            - before.bytes.get("htod").copied().unwrap_or(0);
+        logged.push((uploaded, log));
         let inside = (after.inside_ns - before.inside_ns) as u128;
         wall_ns += wall;
         host_ns += wall.saturating_sub(inside);
@@ -297,6 +443,7 @@ pub fn run_case(
         gemm_gflop_per_step: flops as f64 / steps as f64 / 1e9,
         top_kernels: top,
         calls_per_step: mean(&calls),
+        capture: capture(&logged),
     })
 }
 
@@ -342,19 +489,49 @@ pub fn table(c: &Census) -> String {
     for k in COUNTS {
         s.push_str(&format!("{k:>w$}", w = width(k)));
     }
-    s.push_str(&format!("{:>10}{:>10}\n", "host µs", "GFLOP"));
+    s.push_str(&format!(
+        "{:>10}{:>10}{:>9}\n",
+        "host µs", "GFLOP", "varying"
+    ));
     for r in &c.cases {
         s.push_str(&format!("{:<14}", r.name));
         for k in COUNTS {
             let v = r.per_step.get(k).copied().unwrap_or(0.0);
             s.push_str(&format!("{v:>w$.0}", w = width(k)));
         }
+        let varying = match &r.capture {
+            Some(c) if c.pairs > c.sequence_differs => format!("{:.0}", c.varying_launches),
+            Some(_) => "order".into(),
+            None => "-".into(),
+        };
         s.push_str(&format!(
-            "{:>10.0}{:>10.1}{}\n",
+            "{:>10.0}{:>10.1}{varying:>9}{}\n",
             r.host_us,
             r.gemm_gflop_per_step,
             if r.steady { "" } else { "  (steps differ)" }
         ));
+    }
+    s.push_str(
+        "varying: launches per step whose arguments (other than device addresses) change from \
+         one step to the next of the same shape, which a captured CUDA graph would replay \
+         stale; - where no two steps had the same shape, order where their launches differed\n",
+    );
+    for r in &c.cases {
+        let Some(c) = &r.capture else { continue };
+        if c.varying.is_empty() && c.unknown_launches == 0.0 {
+            continue;
+        }
+        s.push_str(&format!("  {}:", r.name));
+        for (k, v) in &c.varying {
+            s.push_str(&format!(" {k} ×{v:.0};"));
+        }
+        if c.unknown_launches > 0.0 {
+            s.push_str(&format!(
+                " {:.0} launches with unknown arguments;",
+                c.unknown_launches
+            ));
+        }
+        s.push('\n');
     }
     s
 }
@@ -406,6 +583,39 @@ pub fn differences(recorded: &Census, now: &Census, how: Compare) -> Vec<String>
                 out.push(format!("{}: {k} {a:.2} → {b:.2} per step", old.name));
             }
         }
+        match (&old.capture, &new.capture, how) {
+            (Some(a), Some(b), Compare::Rises) => {
+                if b.varying_launches > a.varying_launches + 1e-9
+                    || b.sequence_differs > a.sequence_differs
+                    || b.unknown_launches > a.unknown_launches + 1e-9
+                {
+                    out.push(format!(
+                        "{}: launches with step-varying arguments {:.2} → {:.2} per step \
+                         (unknown {:.2} → {:.2}, order differs {} → {}): {:?}",
+                        old.name,
+                        a.varying_launches,
+                        b.varying_launches,
+                        a.unknown_launches,
+                        b.unknown_launches,
+                        a.sequence_differs,
+                        b.sequence_differs,
+                        b.varying
+                            .keys()
+                            .filter(|k| !a.varying.contains_key(*k))
+                            .collect::<Vec<_>>()
+                    ));
+                }
+            }
+            (Some(a), Some(b), Compare::Differs) if a != b => out.push(format!(
+                "{}: step-varying arguments differ: {:?} against {:?}",
+                old.name, a.varying, b.varying
+            )),
+            (Some(_), None, _) => out.push(format!(
+                "{}: the recorded census compared steps of one shape, this one could not",
+                old.name
+            )),
+            _ => {}
+        }
         if how == Compare::Rises {
             for k in RATCHETED_CALLS {
                 let (a, b) = (
@@ -424,6 +634,60 @@ pub fn differences(recorded: &Census, now: &Census, how: Compare) -> Vec<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn launch(k: &str, p: &[&str]) -> Launch {
+        Launch {
+            k: k.into(),
+            p: Some(p.iter().map(|s| s.to_string()).collect()),
+        }
+    }
+
+    /// Two steps of one shape: a changed scalar is listed, a masked device
+    /// address is not; steps of another upload size are not compared;
+    /// launches in another order are counted, not compared.
+    #[test]
+    fn capture_lists_the_arguments_that_change_between_steps_of_one_shape() {
+        let ptr = "pppppppppppppppp";
+        let step = |offset: &str, lr: &str| {
+            vec![
+                launch("dropout_bf16", &[ptr, ptr, "00100000", offset]),
+                launch("gemm_epilogue", &[ptr, "01000000"]),
+                launch("adamw_multi_f32", &[ptr, lr]),
+                Launch {
+                    k: "runtime_kernel".into(),
+                    p: None,
+                },
+            ]
+        };
+        let steps = vec![
+            (100, step("0000000000000000", "0000803f")),
+            (100, step("0010000000000000", "0000003f")),
+            // Another shape: not compared with its neighbours.
+            (200, step("0020000000000000", "0000003f")),
+            (100, step("0030000000000000", "0000003f")),
+            (100, step("0040000000000000", "0000003f")),
+        ];
+        let c = capture(&steps).unwrap();
+        assert_eq!((c.pairs, c.sequence_differs), (2, 0));
+        // Dropout's offset changes in both pairs, the learning rate in one.
+        assert_eq!(c.varying["dropout_bf16 (argument 3)"], 1.0);
+        assert_eq!(c.varying["adamw_multi_f32 (argument 1)"], 0.5);
+        assert_eq!(c.varying.len(), 2);
+        assert_eq!(c.varying_launches, 1.5);
+        assert_eq!(c.unknown_launches, 1.0);
+
+        let mut reordered = step("0050000000000000", "0000003f");
+        reordered.swap(0, 1);
+        let c = capture(&[
+            (100, step("0040000000000000", "0000003f")),
+            (100, reordered),
+        ])
+        .unwrap();
+        assert_eq!((c.pairs, c.sequence_differs), (1, 1));
+        assert!(c.varying.is_empty());
+        // No two consecutive steps of one shape: nothing to tell.
+        assert!(capture(&[(1, step("00", "00")), (2, step("00", "00"))]).is_none());
+    }
 
     /// The ratchet on the recorded census: unchanged passes, one more GPU
     /// operation or one more function lookup per step fails, fewer passes.
@@ -446,6 +710,20 @@ mod tests {
             d.len() == 1 && d[0].contains("cuModuleGetFunction"),
             "{d:?}"
         );
+        let measured = recorded
+            .cases
+            .iter()
+            .position(|c| c.capture.as_ref().is_some_and(|c| c.pairs > 0))
+            .expect("a recorded case compares steps of one shape");
+        let mut varying = recorded.clone();
+        varying.cases[measured]
+            .capture
+            .as_mut()
+            .unwrap()
+            .varying_launches += 1.0;
+        let d = differences(&recorded, &varying, Compare::Rises);
+        assert!(d.len() == 1 && d[0].contains("step-varying"), "{d:?}");
+        assert!(differences(&varying, &recorded, Compare::Rises).is_empty());
         // Fewer is fine for the ratchet; the driver agreement wants equal.
         assert!(differences(&lookups, &recorded, Compare::Rises).is_empty());
         let mut fewer = recorded.clone();
