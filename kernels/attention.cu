@@ -101,15 +101,17 @@ __device__ void bwd(const T* __restrict__ s, const T* __restrict__ bias, const T
 #define ATTN_ENTRIES(SUF, T)                                                                       \
     extern "C" __global__ void attn_probs_fwd_##SUF(                                               \
         const T* s, const T* bias, T* y, long long rows, int L, long long rows_per_bias,           \
-        float scale, int drop, uint64_t seed, uint64_t offset, uint32_t threshold, float dscale) { \
-        fwd<T>(s, bias, y, rows, L, rows_per_bias, scale, drop, seed, offset, threshold, dscale);  \
+        float scale, int drop, uint64_t seed, uint64_t offset, const uint64_t* base,              \
+        uint32_t threshold, float dscale) {                                                        \
+        fwd<T>(s, bias, y, rows, L, rows_per_bias, scale, drop, seed,                              \
+               tf::philox_offset(base, offset), threshold, dscale);                                \
     }                                                                                              \
     extern "C" __global__ void attn_probs_bwd_##SUF(                                               \
         const T* s, const T* bias, const T* dy, T* ds, long long rows, int L,                      \
         long long rows_per_bias, float scale, int drop, uint64_t seed, uint64_t offset,            \
-        uint32_t threshold, float dscale) {                                                        \
-        bwd<T>(s, bias, dy, ds, rows, L, rows_per_bias, scale, drop, seed, offset, threshold,      \
-               dscale);                                                                            \
+        const uint64_t* base, uint32_t threshold, float dscale) {                                  \
+        bwd<T>(s, bias, dy, ds, rows, L, rows_per_bias, scale, drop, seed,                         \
+               tf::philox_offset(base, offset), threshold, dscale);                                \
     }
 
 ATTN_ENTRIES(f32, float)

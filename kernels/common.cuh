@@ -68,6 +68,16 @@ __device__ __forceinline__ U4 philox_group(uint64_t seed, uint64_t offset, uint6
                          (uint32_t)(seed >> 32));
 }
 
+// A call's first counter when part of it lives in device memory: a draw
+// inside a training step passes its offset relative to the step's start and
+// `base`, the address of a device counter holding that start (src/cuda.rs
+// `PhiloxAnchor`); elsewhere `base` is null and the offset absolute. The
+// arguments are then the same at every step of one shape, which is what a
+// captured CUDA graph replays, and the counters the same as without it.
+__device__ __forceinline__ uint64_t philox_offset(const uint64_t* base, uint64_t offset) {
+    return base ? offset + *base : offset;
+}
+
 __device__ __forceinline__ uint32_t word(const U4& u, int i) {
     return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
 }

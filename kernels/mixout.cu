@@ -79,19 +79,28 @@ __device__ void run(const T* x, const T* u, T* y, int64_t n, uint64_t seed, uint
 // identity for r).
 #define MIXOUT_ENTRIES(SUF, T)                                                                    \
     extern "C" __global__ void mixout_##SUF(const T* w, const T* u, T* y, int64_t n, uint64_t seed, \
-                                            uint64_t offset, uint32_t threshold, float scale) {   \
-        run<T, MIXOUT>(w, u, y, n, seed, offset, threshold, scale);                                \
+                                            uint64_t offset, const uint64_t* base,                \
+                                            uint32_t threshold, float scale) {                    \
+        run<T, MIXOUT>(w, u, y, n, seed, tf::philox_offset(base, offset), threshold, scale);       \
     }                                                                                             \
     extern "C" __global__ void dropout_##SUF(const T* x, T* y, int64_t n, uint64_t seed,           \
-                                             uint64_t offset, uint32_t threshold, float scale) {  \
-        run<T, DROPOUT>(x, nullptr, y, n, seed, offset, threshold, scale);                         \
+                                             uint64_t offset, const uint64_t* base,               \
+                                             uint32_t threshold, float scale) {                   \
+        run<T, DROPOUT>(x, nullptr, y, n, seed, tf::philox_offset(base, offset), threshold,        \
+                        scale);                                                                   \
     }                                                                                             \
     extern "C" __global__ void dropout_add_##SUF(const T* x, const T* r, T* y, int64_t n,          \
                                                  uint64_t seed, uint64_t offset,                  \
-                                                 uint32_t threshold, float scale) {               \
-        run<T, DROPOUT_ADD>(x, r, y, n, seed, offset, threshold, scale);                           \
+                                                 const uint64_t* base, uint32_t threshold,        \
+                                                 float scale) {                                   \
+        run<T, DROPOUT_ADD>(x, r, y, n, seed, tf::philox_offset(base, offset), threshold, scale);  \
     }
 
 MIXOUT_ENTRIES(f32, float)
 MIXOUT_ENTRIES(f16, __half)
 MIXOUT_ENTRIES(bf16, __nv_bfloat16)
+
+// Moves a step's Philox counter on by the counters the step drew (one
+// thread): the last launch of a step whose draws read their start from the
+// counter (src/cuda.rs `PhiloxAnchor`).
+extern "C" __global__ void philox_advance(uint64_t* base, uint64_t n) { *base += n; }

@@ -245,9 +245,9 @@ __device__ void noise(T* out, const float* mask, int64_t n, int64_t H, uint64_t 
                           Params{eta, eps, mode, l2, has_eps});                                           \
     }                                                                                                     \
     extern "C" __global__ void perturb_noise_##SUF(T* out, const float* mask, int64_t n, int64_t H,       \
-                                                   uint64_t seed, uint64_t offset, float sigma,           \
-                                                   int normal) {                                          \
-        noise<T>(out, mask, n, H, seed, offset, sigma, normal);                                           \
+                                                   uint64_t seed, uint64_t offset, const uint64_t* base,  \
+                                                   float sigma, int normal) {                             \
+        noise<T>(out, mask, n, H, seed, tf::philox_offset(base, offset), sigma, normal);                  \
     }
 
 PERTURB_ENTRIES(f32, float)

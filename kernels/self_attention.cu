@@ -232,17 +232,17 @@ __device__ void bwd_cols(const T* __restrict__ q, const T* __restrict__ g,
 #define SELF_ATTN_ENTRIES(SUF, T)                                                                  \
     extern "C" __global__ void self_attn_fwd_##SUF(                                                \
         const T* q, const T* k, const T* v, const T* bias, T* y, long long ld, int L, int heads,   \
-        int dh, float scale, int drop, uint64_t seed, uint64_t offset, uint32_t threshold,         \
-        float dscale) {                                                                            \
+        int dh, float scale, int drop, uint64_t seed, uint64_t offset, const uint64_t* base,       \
+        uint32_t threshold, float dscale) {                                                        \
         fwd<T>(q, k, v, bias, y, ld, Shape{L, heads, dh}, scale,                                   \
-               Drop{drop, seed, offset, threshold, dscale});                                       \
+               Drop{drop, seed, tf::philox_offset(base, offset), threshold, dscale});              \
     }                                                                                              \
     extern "C" __global__ void self_attn_bwd_rows_##SUF(                                           \
         const T* q, const T* k, const T* v, const T* bias, const T* g, T* out, float* ds,          \
         float* pd, long long ld, long long ldo, int L, int heads, int dh, float scale, int drop,   \
-        uint64_t seed, uint64_t offset, uint32_t threshold, float dscale) {                        \
+        uint64_t seed, uint64_t offset, const uint64_t* base, uint32_t threshold, float dscale) {  \
         bwd_rows<T>(q, k, v, bias, g, out, ds, pd, ld, ldo, Shape{L, heads, dh}, scale,            \
-                    Drop{drop, seed, offset, threshold, dscale});                                  \
+                    Drop{drop, seed, tf::philox_offset(base, offset), threshold, dscale});         \
     }                                                                                              \
     extern "C" __global__ void self_attn_bwd_cols_##SUF(const T* q, const T* g, const float* ds,   \
                                                         const float* pd, T* out, long long part,   \

@@ -584,27 +584,26 @@ pub fn differences(recorded: &Census, now: &Census, how: Compare) -> Vec<String>
             }
         }
         match (&old.capture, &new.capture, how) {
-            (Some(a), Some(b), Compare::Rises) => {
+            (Some(a), Some(b), Compare::Rises)
                 if b.varying_launches > a.varying_launches + 1e-9
                     || b.sequence_differs > a.sequence_differs
-                    || b.unknown_launches > a.unknown_launches + 1e-9
-                {
-                    out.push(format!(
-                        "{}: launches with step-varying arguments {:.2} → {:.2} per step \
+                    || b.unknown_launches > a.unknown_launches + 1e-9 =>
+            {
+                out.push(format!(
+                    "{}: launches with step-varying arguments {:.2} → {:.2} per step \
                          (unknown {:.2} → {:.2}, order differs {} → {}): {:?}",
-                        old.name,
-                        a.varying_launches,
-                        b.varying_launches,
-                        a.unknown_launches,
-                        b.unknown_launches,
-                        a.sequence_differs,
-                        b.sequence_differs,
-                        b.varying
-                            .keys()
-                            .filter(|k| !a.varying.contains_key(*k))
-                            .collect::<Vec<_>>()
-                    ));
-                }
+                    old.name,
+                    a.varying_launches,
+                    b.varying_launches,
+                    a.unknown_launches,
+                    b.unknown_launches,
+                    a.sequence_differs,
+                    b.sequence_differs,
+                    b.varying
+                        .keys()
+                        .filter(|k| !a.varying.contains_key(*k))
+                        .collect::<Vec<_>>()
+                ));
             }
             (Some(a), Some(b), Compare::Differs) if a != b => out.push(format!(
                 "{}: step-varying arguments differ: {:?} against {:?}",

@@ -207,6 +207,132 @@ pub(crate) fn ticket_counter(dev: &CudaDevice) -> Result<Arc<CudaSlice<u32>>> {
     Ok(c)
 }
 
+/// Philox starts in device memory, per (device, seed): the device address
+/// of an anchored step's counter and the start it holds.
+type Anchors = Mutex<HashMap<(DeviceId, u64), (u64, u64)>>;
+
+fn anchors() -> std::sync::MutexGuard<'static, HashMap<(DeviceId, u64), (u64, u64)>> {
+    static ANCHORS: OnceLock<Anchors> = OnceLock::new();
+    ANCHORS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// The `(seed, offset, base)` kernel arguments of a Philox draw keyed by
+/// `seed` that starts at counter `offset` (kernels/common.cuh
+/// `philox_offset`). While a [`PhiloxAnchor`] holds a step's start for
+/// `seed` on this device and the draw is at or after it: the offset
+/// relative to that start and the address of the device counter holding
+/// it; otherwise the absolute offset and a null base. The kernel adds the
+/// two, so the counters, and the draws, are the same either way.
+pub(crate) fn philox_args(dev: &CudaDevice, seed: u64, offset: u64) -> (u64, u64, u64) {
+    match anchors().get(&(dev.id(), seed)) {
+        Some(&(base, start)) if offset >= start => (seed, offset - start, base),
+        _ => (seed, offset, 0),
+    }
+}
+
+/// A Philox counter in device memory that holds where a training step's
+/// draws start, so that the step's kernels take offsets relative to it.
+/// Those arguments are the same at every step of one shape, which a CUDA
+/// graph captured from one step needs to draw fresh masks when replayed;
+/// the counter itself moves on by the step's draws in the step's last
+/// launch ([`PhiloxAnchor::end`]). Without an anchor the kernels take the
+/// absolute offsets, with the same result.
+pub struct PhiloxAnchor {
+    dev: CudaDevice,
+    counter: CudaSlice<u64>,
+    /// What the counter holds once every launch queued so far has run.
+    holds: u64,
+    /// The seed and start of the step in progress.
+    active: Option<(u64, u64)>,
+}
+
+impl std::fmt::Debug for PhiloxAnchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhiloxAnchor")
+            .field("holds", &self.holds)
+            .field("active", &self.active)
+            .finish()
+    }
+}
+
+impl PhiloxAnchor {
+    /// A counter on `dev`.
+    pub fn new(dev: &CudaDevice) -> Result<Self> {
+        Ok(Self {
+            dev: dev.clone(),
+            counter: dev.alloc_zeros::<u64>(1)?,
+            holds: 0,
+            active: None,
+        })
+    }
+
+    fn address(&self) -> u64 {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        self.counter.device_ptr(&self.dev.cuda_stream()).0
+    }
+
+    /// Starts a step whose draws keyed by `seed` begin at `offset`: the
+    /// counter is uploaded only when it does not already hold `offset`
+    /// (the first step, or after draws outside the steps, e.g. Monte Carlo
+    /// dropout in an evaluation, or a resume).
+    pub fn begin(&mut self, seed: u64, offset: u64) -> Result<()> {
+        self.end(offset)?;
+        if self.holds != offset {
+            self.dev
+                .cuda_stream()
+                .memcpy_htod(&[offset], &mut self.counter)
+                .w()?;
+            self.holds = offset;
+        }
+        anchors().insert((self.dev.id(), seed), (self.address(), offset));
+        self.active = Some((seed, offset));
+        Ok(())
+    }
+
+    /// Ends the step in progress, whose draws reached `offset`: moves the
+    /// device counter on by the counters drawn (one launch, whose argument
+    /// is again the same at every step of one shape).
+    pub fn end(&mut self, offset: u64) -> Result<()> {
+        let Some((seed, start)) = self.active.take() else {
+            return Ok(());
+        };
+        self.release(seed);
+        if offset < start {
+            candle_core::bail!(
+                "Philox stream moved back during a step (from {start} to {offset}): draws \
+                 would repeat"
+            );
+        }
+        let n = offset - start;
+        if n > 0 {
+            let f = func(&self.dev, "tunefuse_mixout", ptx::MIXOUT, "philox_advance")?;
+            let mut b = f.builder();
+            b.arg(&mut self.counter).arg(&n);
+            launch(&mut b, 1, 1)?;
+            self.holds += n;
+        }
+        Ok(())
+    }
+
+    fn release(&self, seed: u64) {
+        let mut a = anchors();
+        if a.get(&(self.dev.id(), seed)).map(|e| e.0) == Some(self.address()) {
+            a.remove(&(self.dev.id(), seed));
+        }
+    }
+}
+
+impl Drop for PhiloxAnchor {
+    fn drop(&mut self) {
+        if let Some((seed, _)) = self.active.take() {
+            self.release(seed);
+        }
+    }
+}
+
 /// Launch a built argument list.
 pub(crate) fn launch(b: &mut LaunchArgs<'_>, grid: u32, block: u32) -> Result<()> {
     launch_smem(b, (grid, 1), block, 0)

@@ -454,6 +454,78 @@ fn mixout_and_dropouts_bit_identical_to_cpu() {
     fails.finish("mixout / dropout / dropout_add");
 }
 
+/// Draws inside a training step take their Philox start from a device
+/// counter (`StepAnchor`, kernels/common.cuh `philox_offset`): over steps
+/// of several sizes, with draws between steps that the counter did not see
+/// (Monte Carlo dropout in an evaluation) and a draw from before the step's
+/// start, dropout, dropout_add, mixout and the noise equal the CPU's
+/// absolute draws bit for bit, so the counter holds the host's offset at
+/// every step and `end` moves it past exactly the step's draws.
+#[test]
+fn anchored_draws_equal_the_cpus_across_steps() {
+    use tunefuse::model::StepAnchor;
+    let Some(dev) = cuda_device() else { return };
+    let seed = 0x0a11_c0de;
+    let mut anchor = StepAnchor::default();
+    let mut pos = 5u64;
+    let n = 1025;
+    let x = Tensor::randn(0f32, 1.0, n, &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let u = Tensor::randn(0f32, 1.0, n, &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let (cx, cu) = (
+        x.to_device(&Device::Cpu).unwrap(),
+        u.to_device(&Device::Cpu).unwrap(),
+    );
+    let mask_cpu = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
+    let mask = mask_cpu.to_device(&dev).unwrap();
+    for (step, draws) in [3usize, 1, 3, 2].into_iter().enumerate() {
+        if step == 2 {
+            // Draws outside the steps: the next begin uploads the counter.
+            pos += 1000;
+        }
+        anchor.begin(&dev, Rng { seed, offset: pos }).unwrap();
+        for d in 0..draws {
+            let rng = Rng { seed, offset: pos };
+            let tag = format!("step {step} draw {d} at {pos}");
+            assert_eq!(
+                to_f64(&dropout(&x, 0.1, rng, true).unwrap()),
+                to_f64(&dropout(&cx, 0.1, rng, true).unwrap()),
+                "{tag}: dropout"
+            );
+            assert_eq!(
+                to_f64(&dropout_add(&x, &u, 0.1, rng, true).unwrap()),
+                to_f64(&dropout_add(&cx, &cu, 0.1, rng, true).unwrap()),
+                "{tag}: dropout_add"
+            );
+            assert_eq!(
+                to_f64(&mixout(&x, &u, 0.1, rng, true).unwrap()),
+                to_f64(&mixout(&cx, &cu, 0.1, rng, true).unwrap()),
+                "{tag}: mixout"
+            );
+            let noise = Noise::Uniform { sigma: 0.5 };
+            assert_eq!(
+                to_f64(&noise_init(&[2, 3, 7], &mask, noise, DType::F32, rng).unwrap()),
+                to_f64(&noise_init(&[2, 3, 7], &mask_cpu, noise, DType::F32, rng).unwrap()),
+                "{tag}: noise"
+            );
+            pos += tunefuse::philox::counters_for(n);
+        }
+        // A draw from before the step's start takes its absolute offset.
+        let early = Rng { seed, offset: 1 };
+        assert_eq!(
+            to_f64(&dropout(&x, 0.5, early, true).unwrap()),
+            to_f64(&dropout(&cx, 0.5, early, true).unwrap()),
+            "step {step}: a draw before the anchor"
+        );
+        anchor.end(Rng { seed, offset: pos }).unwrap();
+    }
+}
+
 // ------------------------------------------------------------ AdamW
 
 /// Bit patterns (as f64, which holds f32 exactly, signs of zeros included).

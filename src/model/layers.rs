@@ -38,6 +38,51 @@ pub struct Stream {
     /// Whether layers use the fused activation and attention-probability
     /// ops; `None`: on CUDA only (see [`Stream::set_fused_ops`]).
     fused: Cell<Option<bool>>,
+    /// Where a training step's draws start, in device memory on CUDA
+    /// ([`Stream::begin_step`]).
+    anchor: RefCell<StepAnchor>,
+}
+
+/// A training step's Philox start held in device memory on CUDA (see
+/// [`crate::cuda::PhiloxAnchor`]): between [`StepAnchor::begin`] and
+/// [`StepAnchor::end`] the draws keyed by the seed pass offsets relative to
+/// the step's start, so that their kernels' arguments repeat at every step
+/// of one shape (what a captured CUDA graph replays); the draws are the
+/// same. On other devices it does nothing.
+#[derive(Debug, Default)]
+pub struct StepAnchor {
+    #[cfg(feature = "cuda")]
+    inner: Option<crate::cuda::PhiloxAnchor>,
+}
+
+impl StepAnchor {
+    /// Starts a step on `device` whose draws keyed by `rng.seed` begin at
+    /// `rng.offset`.
+    pub fn begin(&mut self, device: &candle_core::Device, rng: Rng) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = device {
+            if self.inner.is_none() {
+                self.inner = Some(crate::cuda::PhiloxAnchor::new(dev)?);
+            }
+            let a = self.inner.as_mut().expect("set above");
+            a.begin(rng.seed, rng.offset)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = (device, rng);
+        Ok(())
+    }
+
+    /// Ends the step, whose draws reached `rng.offset` (one launch on
+    /// CUDA, which moves the device counter past them).
+    pub fn end(&mut self, rng: Rng) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(a) = self.inner.as_mut() {
+            a.end(rng.offset)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = rng;
+        Ok(())
+    }
 }
 
 /// Restores weight gradients when dropped ([`Stream::without_weight_grads`]).
@@ -89,6 +134,7 @@ impl Stream {
             retired: RefCell::new(Vec::new()),
             weight_grads: Cell::new(true),
             fused: Cell::new(None),
+            anchor: RefCell::new(StepAnchor::default()),
         }
     }
 
@@ -358,6 +404,22 @@ impl Stream {
         self.seed.set(r.seed);
         self.offset.set(r.offset);
     }
+    /// Starts a training step on `device`. On CUDA the step's draws then
+    /// take their Philox start from a counter in device memory and pass
+    /// offsets relative to it ([`crate::cuda::PhiloxAnchor`]), so that
+    /// their kernels' arguments repeat from one step to the next of the
+    /// same shape (what a captured CUDA graph replays); the draws are the
+    /// same. Elsewhere nothing changes.
+    pub fn begin_step(&self, device: &candle_core::Device) -> Result<()> {
+        self.anchor.borrow_mut().begin(device, self.position())
+    }
+
+    /// Ends the step begun by [`Stream::begin_step`] (one launch on CUDA
+    /// that moves the device counter past the step's draws).
+    pub fn end_step(&self) -> Result<()> {
+        self.anchor.borrow_mut().end(self.position())
+    }
+
     /// The stream for one call over `n` elements.
     pub fn take(&self, n: usize) -> Rng {
         let r = self.position();

@@ -12,5 +12,5 @@ pub use bert::{Bert, EncoderOutput, Outputs};
 pub use config::BertConfig;
 pub use family::Family;
 pub use heads::{ClassifierHead, Pooling, RegressionHead, TokenHead};
-pub use layers::{Adapter, AdapterPlacement, Dense, Lora, Stream};
+pub use layers::{Adapter, AdapterPlacement, Dense, Lora, StepAnchor, Stream};
 pub use tokenize::{Batch, Encoded, Input, TextTokenizer, WordBatch};

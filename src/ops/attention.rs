@@ -418,9 +418,9 @@ mod cuda {
             let (rows64, l32, rpb) = (rows as i64, c.l as i32, c.rows_per_bias as i64);
             let scale = c.scale as f32;
             let drop = i32::from(c.drop.is_some());
-            let (seed, offset, threshold, dscale) = match &c.drop {
-                Some(d) => (d.rng.seed, d.rng.offset, d.threshold, d.scale),
-                None => (0u64, 0u64, 0u32, 1f32),
+            let ((seed, offset, base), threshold, dscale) = match &c.drop {
+                Some(d) => (k::philox_args(&dev, d.rng.seed, d.rng.offset), d.threshold, d.scale),
+                None => ((0u64, 0u64, 0u64), 0u32, 1f32),
             };
             let mut b = f.builder();
             b.arg(&sv).arg(&bv);
@@ -435,6 +435,7 @@ mod cuda {
                 .arg(&drop)
                 .arg(&seed)
                 .arg(&offset)
+                .arg(&base)
                 .arg(&threshold)
                 .arg(&dscale);
             let warps = (BLOCK / 32) as usize;

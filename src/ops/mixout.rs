@@ -339,13 +339,20 @@ mod cuda {
             let x = k::view::<T>(op, s, l)?;
             let uv = u.map(|(s, l)| k::view::<T>(op, s, l)).transpose()?;
             let mut y = k::alloc::<T>(&dev, n)?;
-            let (n64, seed, offset) = (n as i64, d.rng.seed, d.rng.offset);
+            let n64 = n as i64;
+            let (seed, offset, base) = k::philox_args(&dev, d.rng.seed, d.rng.offset);
             let mut b = f.builder();
             b.arg(&x);
             if let Some(uv) = uv.as_ref() {
                 b.arg(uv);
             }
-            b.arg(&mut y).arg(&n64).arg(&seed).arg(&offset).arg(&d.threshold).arg(&d.scale);
+            b.arg(&mut y)
+                .arg(&n64)
+                .arg(&seed)
+                .arg(&offset)
+                .arg(&base)
+                .arg(&d.threshold)
+                .arg(&d.scale);
             k::launch(&mut b, k::grid_for(n.div_ceil(4), BLOCK), BLOCK)?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         })

@@ -523,8 +523,17 @@ mod cuda {
         k::with_float_type!("noise_init", op.dtype, T => {
             let mut out = k::alloc::<T>(&dev, n)?;
             let (n64, h, normal) = (n as i64, op.shape[2] as i64, i32::from(op.normal));
+            let (seed, offset, base) = k::philox_args(&dev, op.rng.seed, op.rng.offset);
             let mut b = f.builder();
-            b.arg(&mut out).arg(&m).arg(&n64).arg(&h).arg(&op.rng.seed).arg(&op.rng.offset).arg(&op.sigma).arg(&normal);
+            b.arg(&mut out)
+                .arg(&m)
+                .arg(&n64)
+                .arg(&h)
+                .arg(&seed)
+                .arg(&offset)
+                .arg(&base)
+                .arg(&op.sigma)
+                .arg(&normal);
             k::launch(&mut b, k::grid_for(n.div_ceil(4), 256), 256)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         })

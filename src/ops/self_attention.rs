@@ -699,7 +699,7 @@ mod cuda {
     use crate::cuda::{self as k, ptx};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaView, PushKernelArg};
-    use candle_core::cuda_backend::CudaDType;
+    use candle_core::cuda_backend::{CudaDType, CudaDevice};
     use candle_core::{CudaStorage, Layout, Result, Storage};
 
     const MODULE: &str = "tunefuse_self_attention";
@@ -724,11 +724,16 @@ mod cuda {
         Ok(smem_bytes(c.l, c.dh).map(|b| b as u32))
     }
 
-    /// The drop arguments: (on, seed, offset, threshold, scale).
-    fn drop_args(c: &Cfg) -> (i32, u64, u64, u32, f32) {
+    /// The drop arguments: (on, (seed, offset, base), threshold, scale).
+    fn drop_args(dev: &CudaDevice, c: &Cfg) -> (i32, (u64, u64, u64), u32, f32) {
         match &c.drop {
-            Some(d) => (1, d.rng.seed, d.rng.offset, d.threshold, d.scale),
-            None => (0, 0, 0, 0, 1.0),
+            Some(d) => (
+                1,
+                k::philox_args(dev, d.rng.seed, d.rng.offset),
+                d.threshold,
+                d.scale,
+            ),
+            None => (0, (0, 0, 0), 0, 1.0),
         }
     }
 
@@ -782,11 +787,11 @@ mod cuda {
             let mut y = k::alloc::<T>(&dev, n)?;
             let (l, heads, dh) = (c.l as i32, c.heads as i32, c.dh as i32);
             let scale = c.scale as f32;
-            let (on, seed, offset, threshold, dscale) = drop_args(c);
+            let (on, (seed, offset, base), threshold, dscale) = drop_args(&dev, c);
             let mut b = f.builder();
             b.arg(&q).arg(&kk).arg(&v).arg(&bv).arg(&mut y).arg(&ld)
                 .arg(&l).arg(&heads).arg(&dh).arg(&scale)
-                .arg(&on).arg(&seed).arg(&offset).arg(&threshold).arg(&dscale);
+                .arg(&on).arg(&seed).arg(&offset).arg(&base).arg(&threshold).arg(&dscale);
             k::launch_smem(&mut b, ((c.b * c.heads) as u32, 1), 32 * WARPS as u32, smem[0])?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         })
@@ -832,11 +837,11 @@ mod cuda {
             let mut pd = k::alloc::<f32>(&dev, c.b * c.heads * c.l * c.l)?;
             let (l, heads, dh) = (c.l as i32, c.heads as i32, c.dh as i32);
             let scale = c.scale as f32;
-            let (on, seed, offset, threshold, dscale) = drop_args(c);
+            let (on, (seed, offset, base), threshold, dscale) = drop_args(&dev, c);
             let mut b = rows.builder();
             b.arg(&q).arg(&kk).arg(&v).arg(&bv).arg(&gv).arg(&mut out).arg(&mut ds).arg(&mut pd)
                 .arg(&ld).arg(&ldo).arg(&l).arg(&heads).arg(&dh).arg(&scale)
-                .arg(&on).arg(&seed).arg(&offset).arg(&threshold).arg(&dscale);
+                .arg(&on).arg(&seed).arg(&offset).arg(&base).arg(&threshold).arg(&dscale);
             k::launch_smem(&mut b, blocks, 32 * WARPS as u32, smem[1])?;
             let mut b = cols.builder();
             b.arg(&q).arg(&gv).arg(&ds).arg(&pd).arg(&mut out).arg(&part).arg(&ld).arg(&ldo)

@@ -40,6 +40,9 @@ pub struct Run {
     pub device: Device,
     /// The random stream of the input perturbations.
     pub noise: Rng,
+    /// Where a step's perturbation draws start, in device memory on CUDA
+    /// (as [`crate::model::Stream::begin_step`] for dropout).
+    pub noise_anchor: crate::model::StepAnchor,
     /// [`super::checkpoint::fingerprint`] of the base model, recorded with
     /// every `best/` checkpoint so it finds its base again.
     pub base_fingerprint: String,
@@ -219,6 +222,7 @@ impl Run {
             freezing,
             device,
             noise,
+            noise_anchor: Default::default(),
             base_fingerprint,
         })
     }

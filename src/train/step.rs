@@ -30,6 +30,10 @@ impl Run {
         lr: f64,
         phases: &mut PhaseTimes,
     ) -> Result<StepOut> {
+        // On CUDA the step's draws start from a device counter, so their
+        // kernels' arguments repeat at every step of one shape.
+        self.bert.stream.begin_step(&self.device)?;
+        self.noise_anchor.begin(&self.device, self.noise)?;
         let mut acc: Option<GradStore> = None;
         // The objective and the terms' values stay on the device (f64,
         // summed over the micro-batches in order) until the step is logged.
@@ -94,6 +98,8 @@ impl Run {
         for t in &mut self.objective.terms {
             t.after_step(&self.opt.params)?;
         }
+        self.bert.stream.end_step()?;
+        self.noise_anchor.end(self.noise)?;
         let mut vals = sums.expect("a micro-batch");
         vals.push(norm);
         Ok(StepOut {
