@@ -105,20 +105,28 @@ ADAMW_ENTRIES(f64, double)
 // elements [start, min(start + chunk, n)) of one tensor. The table holds
 // only what stays put from step to step (the addresses of the parameters,
 // their moments, copies and anchors, sizes, flags), so the host re-uploads
-// it only when one of those changes. What changes every step travels as a
-// kernel argument (MtStep): the gradients' addresses (a backward pass
-// allocates them anew) and the scalars (learning rates, RecAdam's weights,
-// the decay factors), one MtGroup per distinct set, which each tensor
-// names. Layouts are shared with src/ops/adamw.rs (multi module), which
-// asserts their sizes.
+// it only when one of those changes. What changes every step is of two
+// kinds. The gradients' addresses (a backward pass allocates them anew)
+// travel as a kernel argument (MtStep): inside a captured CUDA graph the
+// step's allocations keep their addresses, so a replay passes the right
+// ones. The scalars (bias corrections; learning rates, RecAdam's weights
+// and decay factors, one MtGroup per distinct set, which each tensor names)
+// are written by the host into a device buffer before the launch
+// (MtScalars), so the launch's arguments repeat from step to step and a
+// replay reads the current values. Layouts are shared with
+// src/ops/adamw.rs (multi module), which asserts their sizes.
 
 #define MT_GROUPS 256
 #define MT_TENSORS 1024
 struct MtGroup {
     float lr, lam, pull, dlr;
 };
-struct MtStep {
+struct MtScalars {
+    float ic1, ic2;  // 1 / (1 - beta^t)
+    float pad[2];
     MtGroup group[MT_GROUPS];
+};
+struct MtStep {
     unsigned long long grad[MT_TENSORS];  // by the tensor's index in the table
 };
 
@@ -127,7 +135,7 @@ struct MtTensor {
     // parameter that mixed precision's forward reads) 0 = none.
     unsigned long long p, mv, anchor, shadow;
     long long n;
-    int group;  // its scalars: MtStep.group[group]
+    int group;  // its scalars: MtScalars.group[group]
     int decay;
     int g_bf16;  // the gradient is bf16 (else f32)
     int pad;
@@ -151,7 +159,8 @@ struct MtChunk {
 extern "C" __global__ void adamw_multi_f32(const MtTensor* __restrict__ ts,
                                            const MtChunk* __restrict__ cs, long long chunk,
                                            const double* __restrict__ scale, float b1, float ob1,
-                                           float b2, float ob2, float ic1, float ic2, float eps,
+                                           float b2, float ob2, float eps,
+                                           const MtScalars* __restrict__ sc,
                                            const __grid_constant__ MtStep step) {
     using R = Rn<float>;
     const MtChunk c = cs[blockIdx.x];
@@ -160,7 +169,8 @@ extern "C" __global__ void adamw_multi_f32(const MtTensor* __restrict__ ts,
     float* mv = reinterpret_cast<float*>(t.mv);
     const float* anchor = reinterpret_cast<const float*>(t.anchor);
     __nv_bfloat16* shadow = reinterpret_cast<__nv_bfloat16*>(t.shadow);
-    const MtGroup q = step.group[t.group];
+    const MtGroup q = sc->group[t.group];
+    const float ic1 = sc->ic1, ic2 = sc->ic2;
     const unsigned long long gp = step.grad[c.tensor];
     const float k = scale ? (float)*scale : 1.f;
     const long long end = min(c.start + chunk, t.n);

@@ -626,9 +626,10 @@ fn adamw_kernels_bit_identical_to_cpu() {
 /// weight gradients), with and without a bf16 copy of the parameter, which
 /// must come out as the CPU's bf16 cast of the new parameter. Three steps
 /// over the same parameters upload the table once (each step's gradient
-/// addresses, learning rates and RecAdam weights travel as the kernels'
-/// argument); a step over other parameters uploads it again and updates
-/// them.
+/// addresses travel as the kernels' argument; its bias corrections,
+/// learning rates and RecAdam weights are written into the cache's device
+/// buffer, so a stale buffer shows at steps 2 and 3); a step over other
+/// parameters uploads the table again and updates them.
 #[cfg(feature = "cuda")]
 #[test]
 fn multi_tensor_clip_and_step_matches_the_per_tensor_op() {

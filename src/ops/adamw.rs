@@ -588,13 +588,22 @@ pub mod multi {
     const GROUPS: usize = 256;
     /// Tensors one launch carries (`MT_TENSORS`).
     const TENSORS: usize = 1024;
-    /// `MtStep` of kernels/adamw.cu, passed by value (12 KB, within the
+    /// `MtStep` of kernels/adamw.cu, passed by value (8 KB, within the
     /// 32 KB of kernel parameters that CUDA 12.1+ allows on sm_70+).
     #[repr(C)]
     #[derive(Clone, Copy)]
     struct MtStep {
-        group: [MtGroup; GROUPS],
         grad: [u64; TENSORS],
+    }
+    /// `MtScalars` of kernels/adamw.cu: the step's scalars, written into a
+    /// device buffer before the launch ([`TableCache`] keeps it).
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct MtScalars {
+        ic1: f32,
+        ic2: f32,
+        pad: [f32; 2],
+        group: [MtGroup; GROUPS],
     }
     // SAFETY: plain `repr(C)` data, laid out as the kernel's struct.
     unsafe impl candle_core::cuda_backend::cudarc::driver::DeviceRepr for MtStep {}
@@ -608,7 +617,12 @@ pub mod multi {
     }
     const _: () = assert!(std::mem::size_of::<MtTensor>() == 56);
     const _: () = assert!(std::mem::size_of::<MtChunk>() == 16);
-    const _: () = assert!(std::mem::size_of::<MtStep>() == 16 * GROUPS + 8 * TENSORS);
+    const _: () = assert!(std::mem::size_of::<MtStep>() == 8 * TENSORS);
+    const _: () = assert!(std::mem::size_of::<MtScalars>() == 16 + 16 * GROUPS);
+    /// Bytes of an `MtScalars` whose first `groups` groups are used.
+    const fn scalars_len(groups: usize) -> usize {
+        16 + 16 * groups
+    }
 
     /// The device and the first element's address of a contiguous f32
     /// CUDA tensor; `None` for any other tensor.
@@ -639,7 +653,8 @@ pub mod multi {
         ))
     }
 
-    /// The bytes of a `repr(C)` slice without padding (MtTensor, MtChunk).
+    /// The bytes of a `repr(C)` slice without padding (MtTensor, MtChunk,
+    /// MtScalars).
     fn bytes<T: Copy>(v: &[T]) -> &[u8] {
         // SAFETY: T is one of the padding-free repr(C) structs above (their
         // explicit pad fields fill every gap), so every byte is initialised.
@@ -673,9 +688,12 @@ pub mod multi {
         let s0 = first.step;
         let mut dev = None;
         let mut tensors = Vec::with_capacity(items.len());
-        let mut varying = MtStep {
+        let mut grads = MtStep { grad: [0; TENSORS] };
+        let mut sc = MtScalars {
+            ic1: (1.0 / s0.c1) as f32,
+            ic2: (1.0 / s0.c2) as f32,
+            pad: [0.0; 2],
             group: [MtGroup::default(); GROUPS],
-            grad: [0; TENSORS],
         };
         let mut ngroups = 0;
         for it in items {
@@ -743,16 +761,16 @@ pub mod multi {
                 pull: pull as f32,
                 dlr: st.decay.unwrap_or(0.0) as f32,
             };
-            let group = match varying.group[..ngroups].iter().position(|q| *q == scalars) {
+            let group = match sc.group[..ngroups].iter().position(|q| *q == scalars) {
                 Some(q) => q,
                 None if ngroups < GROUPS => {
-                    varying.group[ngroups] = scalars;
+                    sc.group[ngroups] = scalars;
                     ngroups += 1;
                     ngroups - 1
                 }
                 None => return Ok(None),
             };
-            varying.grad[tensors.len()] = g;
+            grads.grad[tensors.len()] = g;
             tensors.push(MtTensor {
                 p,
                 mv,
@@ -766,6 +784,10 @@ pub mod multi {
             });
         }
         let dev = dev.expect("at least one item");
+        let sc_ptr = cache.scalars(
+            &dev,
+            &bytes(std::slice::from_ref(&sc))[..scalars_len(ngroups)],
+        )?;
         let Some(table) = cache.get(&dev, &tensors)? else {
             // Only empty tensors: a zero norm, nothing to update.
             let zero = Tensor::zeros((), DType::F64, &candle_core::Device::Cuda(dev))?;
@@ -787,7 +809,7 @@ pub mod multi {
             .arg(&cs)
             .arg(&chunk)
             .arg(&partial_ptr)
-            .arg(&varying);
+            .arg(&grads);
         k::launch(&mut b, nchunks, BLOCK)?;
 
         let f = k::func(&dev, MODULE, ptx::ADAMW, "norm_scale_f64")?;
@@ -809,14 +831,14 @@ pub mod multi {
             c(s0.beta2),
             c(1.0 - s0.beta2),
         );
-        let (ic1, ic2, eps) = (c(1.0 / s0.c1), c(1.0 / s0.c2), c(s0.eps));
+        let eps = c(s0.eps);
         let f = k::func(&dev, MODULE, ptx::ADAMW, "adamw_multi_f32")?;
         let mut b = f.builder();
         b.arg(&ts).arg(&cs).arg(&chunk).arg(&scale_ptr);
-        for x in [&b1, &ob1, &b2, &ob2, &ic1, &ic2, &eps] {
+        for x in [&b1, &ob1, &b2, &ob2, &eps] {
             b.arg(x);
         }
-        b.arg(&varying);
+        b.arg(&sc_ptr).arg(&grads);
         k::launch(&mut b, nchunks, BLOCK)?;
         drop((_g1, _g2, _g3));
 
@@ -892,6 +914,11 @@ pub mod multi {
     pub struct TableCache {
         last: Option<(CudaDevice, Vec<u8>, Table)>,
         uploads: u64,
+        /// The device buffer of the step's scalars (an `MtScalars`).
+        scalars: Option<(
+            CudaDevice,
+            candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
+        )>,
     }
 
     impl TableCache {
@@ -909,6 +936,25 @@ pub mod multi {
                 self.uploads += 1;
             }
             Ok(self.last.as_ref().map(|(_, _, t)| t))
+        }
+
+        /// Writes a step's scalars (the used prefix of an `MtScalars`) into
+        /// the device buffer kept for them and returns its address: one
+        /// small host-to-device copy per step, in stream order after the
+        /// previous step's launch that read them. The launch then passes
+        /// the same address every step.
+        fn scalars(&mut self, dev: &CudaDevice, b: &[u8]) -> Result<u64> {
+            if !matches!(&self.scalars, Some((d, _)) if d.same_device(dev)) {
+                let buf = dev.alloc_zeros::<u8>(std::mem::size_of::<MtScalars>())?;
+                self.scalars = Some((dev.clone(), buf));
+            }
+            let (_, buf) = self.scalars.as_mut().expect("set above");
+            let stream = dev.cuda_stream();
+            stream
+                .memcpy_htod(b, &mut buf.slice_mut(..b.len()))
+                .map_err(candle_core::Error::wrap)?;
+            let (ptr, _g) = buf.device_ptr(&stream);
+            Ok(ptr)
         }
 
         /// Tables uploaded so far (one for a run whose parameters, moments
