@@ -2,9 +2,9 @@
 // counter-based RNG (Philox4x32-10).
 // Semantics: src/ops/mixout.rs (the CPU reference) and DESIGN.md.
 //
-// Element i uses word i % 4 of the Philox block for counter offset + i / 4,
-// so each thread owns a group of 4 consecutive elements and makes one Philox
-// call. It is kept when (word >> 8) >= threshold, threshold = ceil(p * 2^24),
+// Element i uses word i % 4 of the Philox block for counter offset + i / 4;
+// each thread owns 16 bytes of consecutive elements (one or two groups of
+// 4) and makes one Philox call per group. It is kept when (word >> 8) >= threshold, threshold = ceil(p * 2^24),
 // i.e. with probability 1 - p. The arithmetic uses explicit round-to-nearest
 // intrinsics (no fma contraction) so the results equal the CPU's bit for bit.
 #include "common.cuh"
@@ -15,31 +15,42 @@ namespace {
 // weight, the residual of dropout + add).
 enum Mode { DROPOUT, MIXOUT, DROPOUT_ADD };
 
-// One group of up to 4 elements starting at element 4 * g.
+// Elements per thread: 16 bytes of T (4 in f32, 8 in bf16 and f16), so
+// aligned chunks move in one 16-byte access per operand; E / 4 Philox
+// groups each.
+template <typename T>
+__host__ __device__ constexpr int chunk_elems() {
+    return 16 / (int)sizeof(T);
+}
+
+// One chunk of up to E elements starting at element E * c.
 template <typename T, int MODE>
-__device__ __forceinline__ void group(const T* __restrict__ x, const T* __restrict__ u, T* __restrict__ y,
-                                      int64_t n, int64_t g, uint64_t seed, uint64_t offset,
+__device__ __forceinline__ void chunk(const T* __restrict__ x, const T* __restrict__ u, T* __restrict__ y,
+                                      int64_t n, int64_t c, uint64_t seed, uint64_t offset,
                                       uint32_t threshold, float scale) {
-    const tf::U4 r = tf::philox_group(seed, offset, (uint64_t)g);
-    const int64_t base = g * 4;
-    float xv[4], uv[4], out[4];
-    const bool full = base + 4 <= n;
-    const bool aligned = full && (reinterpret_cast<uintptr_t>(x + base) % (4 * sizeof(T)) == 0) &&
-                         (reinterpret_cast<uintptr_t>(y + base) % (4 * sizeof(T)) == 0) &&
-                         (MODE == DROPOUT || reinterpret_cast<uintptr_t>(u + base) % (4 * sizeof(T)) == 0);
+    constexpr int E = chunk_elems<T>(), G = E / 4;
+    tf::U4 r[G];
+#pragma unroll
+    for (int j = 0; j < G; ++j) r[j] = tf::philox_group(seed, offset, (uint64_t)(c * G + j));
+    const int64_t base = c * E;
+    float xv[E], uv[E], out[E];
+    const bool full = base + E <= n;
+    const bool aligned = full && (reinterpret_cast<uintptr_t>(x + base) % 16 == 0) &&
+                         (reinterpret_cast<uintptr_t>(y + base) % 16 == 0) &&
+                         (MODE == DROPOUT || reinterpret_cast<uintptr_t>(u + base) % 16 == 0);
     if (aligned) {
-        tf::load_f32<T, 4>(x + base, xv);
-        if (MODE != DROPOUT) tf::load_f32<T, 4>(u + base, uv);
+        tf::load_f32<T, E>(x + base, xv);
+        if (MODE != DROPOUT) tf::load_f32<T, E>(u + base, uv);
     } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < E; ++i) {
             xv[i] = base + i < n ? tf::to_f32(x[base + i]) : 0.f;
             uv[i] = MODE != DROPOUT && base + i < n ? tf::to_f32(u[base + i]) : 0.f;
         }
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const bool keep = (tf::word(r, i) >> 8) >= threshold;
+    for (int i = 0; i < E; ++i) {
+        const bool keep = (tf::word(r[i / 4], i % 4) >> 8) >= threshold;
         if (MODE == MIXOUT) {
             // u + M * (w - u) / (1 - p)
             out[i] = keep ? __fadd_rn(uv[i], __fmul_rn(__fsub_rn(xv[i], uv[i]), scale)) : uv[i];
@@ -53,10 +64,10 @@ __device__ __forceinline__ void group(const T* __restrict__ x, const T* __restri
         }
     }
     if (aligned) {
-        tf::store_f32<T, 4>(y + base, out);
+        tf::store_f32<T, E>(y + base, out);
     } else {
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < E; ++i)
             if (base + i < n) y[base + i] = tf::from_f32<T>(out[i]);
     }
 }
@@ -64,10 +75,11 @@ __device__ __forceinline__ void group(const T* __restrict__ x, const T* __restri
 template <typename T, int MODE>
 __device__ void run(const T* x, const T* u, T* y, int64_t n, uint64_t seed, uint64_t offset,
                     uint32_t threshold, float scale) {
-    const int64_t groups = (n + 3) / 4;
-    for (int64_t g = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; g < groups;
-         g += (int64_t)gridDim.x * blockDim.x) {
-        group<T, MODE>(x, u, y, n, g, seed, offset, threshold, scale);
+    constexpr int E = chunk_elems<T>();
+    const int64_t chunks = (n + E - 1) / E;
+    for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < chunks;
+         c += (int64_t)gridDim.x * blockDim.x) {
+        chunk<T, MODE>(x, u, y, n, c, seed, offset, threshold, scale);
     }
 }
 

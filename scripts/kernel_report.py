@@ -29,11 +29,17 @@ INTENDED = [
     (r"^sym_kl_\w+_vw_(warp|block)$", 128, 2, "a and b read in 16-byte packs"),
     (r"^dropout_f32$", 128, 1, "x read 4 elements at a time when aligned"),
     (r"^(mixout|dropout_add)_f32$", 128, 2, "both inputs read 4 elements at a time when aligned"),
-    (r"^dropout_(bf16|f16)$", 64, 1, "4 elements (8 bytes) at a time when aligned"),
-    (r"^(mixout|dropout_add)_(bf16|f16)$", 64, 2, "4 elements (8 bytes) at a time when aligned"),
+    (r"^dropout_(bf16|f16)$", 128, 1, "8 elements (16 bytes) at a time when aligned"),
+    (r"^(mixout|dropout_add)_(bf16|f16)$", 128, 2, "8 elements (16 bytes) at a time when aligned"),
     (r"^layer_norm_fwd_\w+$", 128, 3, "x, w and b read in 16-byte packs when aligned"),
     (r"^layer_norm_bwd_dx_\w+$", 128, 3, "x, dy and w read in 16-byte packs when aligned"),
     (r"^layer_norm_bwd_wb_\w+$", 128, 1, "the row statistics read x in 16-byte packs when aligned"),
+]
+
+# The same for global stores: (pattern, bits, stores of at least that width).
+INTENDED_STORES = [
+    (r"^(dropout|mixout|dropout_add)_(f32|bf16|f16)$", 128, 1, "16 bytes of output per thread when aligned"),
+    (r"^perturb_noise_\w+$", 128, 1, "16 bytes of noise per thread when H is a multiple of them"),
 ]
 
 # Spill limits in bytes: the adapter's r in (128, 256] kernels (nf16) hold
@@ -166,6 +172,14 @@ def rules(name, k):
                     f"{name}: written to load {bits} bits at a time ({why}); the SASS has "
                     f"{wide} such loads of at least {count} (global loads by bits: {k['ldg']})"
                 )
+    for pat, bits, count, why in INTENDED_STORES:
+        if re.search(pat, name):
+            wide = sum(n for w, n in k["stg"].items() if w >= bits)
+            if wide < count:
+                bad.append(
+                    f"{name}: written to store {bits} bits at a time ({why}); the SASS has "
+                    f"{wide} such stores of at least {count} (global stores by bits: {k['stg']})"
+                )
     return bad
 
 
@@ -186,7 +200,7 @@ def main():
         sys.exit(1)
     # Every pattern matches a kernel, so no rule checks nothing; and the
     # width rule fires on a kernel of scalar loads.
-    for pat, *_ in INTENDED + SPILL_ALLOWED:
+    for pat, *_ in INTENDED + INTENDED_STORES + SPILL_ALLOWED:
         if not any(re.search(pat, n) for n in kernels):
             print(f"kernel-report: the pattern {pat} matches no kernel")
             sys.exit(1)
@@ -194,8 +208,10 @@ def main():
         if not any(n.startswith("adapter_") and not n.startswith("adapter_cast") and dt in n for n in kernels):
             print(f"kernel-report: no adapter product kernel with {dt} in its name: the tensor-core rule would check nothing")
             sys.exit(1)
-    assert rules("sym_kl_f32_vw_warp", {"spill": 0, "hmma": 0, "ldgsts": 0, "ldg": {32: 9}}), \
+    assert rules("sym_kl_f32_vw_warp", {"spill": 0, "hmma": 0, "ldgsts": 0, "ldg": {32: 9}, "stg": {}}), \
         "the width rule did not fire on scalar loads"
+    assert rules("perturb_noise_bf16", {"spill": 0, "hmma": 0, "ldgsts": 0, "ldg": {}, "stg": {16: 8}}), \
+        "the store width rule did not fire on scalar stores"
 
     hdr = f"{'kernel':44s} {'regs':>4} {'occ%':>4} {'spill':>5} {'stack':>5} {'smem':>6} {'LDG 128/64/32/<32':>18} {'STG 128/64/32/<32':>18} {'MUFU':>4} {'BAR':>3} {'SHFL':>4} {'HMMA':>4} {'cp.async':>8}"
     print(hdr)

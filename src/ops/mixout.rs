@@ -353,7 +353,9 @@ mod cuda {
                 .arg(&base)
                 .arg(&d.threshold)
                 .arg(&d.scale);
-            k::launch(&mut b, k::grid_for(n.div_ceil(4), BLOCK), BLOCK)?;
+            // One thread per 16 bytes of elements (kernels/mixout.cu).
+            let per_thread = 16 / s.dtype().size_in_bytes();
+            k::launch(&mut b, k::grid_for(n.div_ceil(per_thread), BLOCK), BLOCK)?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         })
     }

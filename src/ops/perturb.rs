@@ -534,7 +534,9 @@ mod cuda {
                 .arg(&base)
                 .arg(&op.sigma)
                 .arg(&normal);
-            k::launch(&mut b, k::grid_for(n.div_ceil(4), 256), 256)?;
+            // One thread per 16 bytes of elements (kernels/perturb.cu).
+            let per_thread = 16 / op.dtype.size_in_bytes();
+            k::launch(&mut b, k::grid_for(n.div_ceil(per_thread), 256), 256)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         })
     }
