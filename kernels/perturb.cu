@@ -6,7 +6,8 @@
 // example's L*H values). Every mode is delta' = alpha*delta + beta*g with
 // alpha, beta from six per-unit statistics (an optional clamp for pgd/linf),
 // so one reduction pass and one update pass suffice:
-//   token units:   one block per token; the update re-reads the row from L1;
+//   token units:   one warp per token, 16-byte accesses, shuffle-only
+//                  reductions; the update re-reads the row from L1;
 //   example units: a statistics kernel over chunks of every example, then an
 //                  update kernel whose blocks first combine their example's
 //                  chunk statistics in a fixed order (deterministic).
@@ -123,26 +124,66 @@ __device__ __forceinline__ float apply(const Coef& c, const Params& p, float d, 
 }
 
 // ---- token units --------------------------------------------------------------
+// One warp per token: the lanes walk the row in 16-byte packs (E = 16 /
+// sizeof(T) elements) when H is a multiple of E and the rows are 16-byte
+// aligned, element by element otherwise; the statistics combine by shuffles
+// alone (no shared memory, no barrier); the update re-reads the row, which
+// the first pass left in L1.
+template <typename T>
+__device__ __forceinline__ bool aligned16(const T* p) {
+    return reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
 template <typename T>
 __device__ void token_step(const T* delta, const T* grad, const float* mask, T* out, unsigned char* flags,
-                           int64_t L, int64_t H, Params p) {
-    const int64_t unit = blockIdx.x;  // token b * L + l
+                           int64_t tokens, int64_t L, int64_t H, Params p) {
+    constexpr int E = 16 / (int)sizeof(T);
+    const int lane = threadIdx.x & 31;
+    const int64_t unit = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);  // b * L + l
+    if (unit >= tokens) return;  // the whole warp: one unit per warp
     const T* d = delta + unit * H;
     const T* g = grad + unit * H;
     T* o = out + unit * H;
+    const bool vec = H % E == 0 && aligned16(d) && aligned16(g) && aligned16(o);
     if (mask[unit] == 0.f) {
-        for (int64_t j = threadIdx.x; j < H; j += blockDim.x) o[j] = tf::from_f32<T>(0.f);
+        if (vec) {
+            float z[E] = {};
+            for (int64_t j = (int64_t)lane * E; j < H; j += 32 * E) tf::store_f32<T, E>(o + j, z);
+        } else {
+            for (int64_t j = lane; j < H; j += 32) o[j] = tf::from_f32<T>(0.f);
+        }
         return;
     }
     const bool need_d = p.mode != DIRECTION;
     Stats s = empty_stats();
-    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
-        accumulate(s, need_d ? tf::to_f32(d[j]) : 0.f, tf::to_f32(g[j]), p.eta);
+    if (vec) {
+        for (int64_t j = (int64_t)lane * E; j < H; j += 32 * E) {
+            float dv[E] = {}, gv[E];
+            if (need_d) tf::load_f32<T, E>(d + j, dv);
+            tf::load_f32<T, E>(g + j, gv);
+#pragma unroll
+            for (int k = 0; k < E; ++k) accumulate(s, dv[k], gv[k], p.eta);
+        }
+    } else {
+        for (int64_t j = lane; j < H; j += 32)
+            accumulate(s, need_d ? tf::to_f32(d[j]) : 0.f, tf::to_f32(g[j]), p.eta);
     }
-    const Coef c = coefficients(block_stats(s), p);
-    if (c.bad && threadIdx.x == 0) flags[unit / L] = 1;
-    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
-        o[j] = tf::from_f32<T>(apply(c, p, need_d ? tf::to_f32(d[j]) : 0.f, tf::to_f32(g[j])));
+#pragma unroll
+    for (int w = 16; w > 0; w >>= 1) s = combine(s, shfl_xor(s, w));
+    const Coef c = coefficients(s, p);
+    if (c.bad && lane == 0) flags[unit / L] = 1;
+    if (vec) {
+        for (int64_t j = (int64_t)lane * E; j < H; j += 32 * E) {
+            float dv[E] = {}, gv[E], x[E];
+            if (need_d) tf::load_f32<T, E>(d + j, dv);
+            tf::load_f32<T, E>(g + j, gv);
+#pragma unroll
+            for (int k = 0; k < E; ++k) x[k] = apply(c, p, dv[k], gv[k]);
+            tf::store_f32<T, E>(o + j, x);
+        }
+    } else {
+        for (int64_t j = lane; j < H; j += 32)
+            o[j] = tf::from_f32<T>(apply(c, p, need_d ? tf::to_f32(d[j]) : 0.f, tf::to_f32(g[j])));
     }
 }
 
@@ -245,9 +286,10 @@ __device__ void noise(T* out, const float* mask, int64_t n, int64_t H, uint64_t 
 
 #define PERTURB_ENTRIES(SUF, T)                                                                          \
     extern "C" __global__ void perturb_token_##SUF(const T* delta, const T* grad, const float* mask,     \
-                                                   T* out, unsigned char* flags, int64_t L, int64_t H,   \
-                                                   float eta, float eps, int mode, int l2, int has_eps) { \
-        token_step<T>(delta, grad, mask, out, flags, L, H, Params{eta, eps, mode, l2, has_eps});          \
+                                                   T* out, unsigned char* flags, int64_t tokens,         \
+                                                   int64_t L, int64_t H, float eta, float eps, int mode, \
+                                                   int l2, int has_eps) {                                \
+        token_step<T>(delta, grad, mask, out, flags, tokens, L, H, Params{eta, eps, mode, l2, has_eps});  \
     }                                                                                                     \
     extern "C" __global__ void perturb_example_stats_##SUF(const T* delta, const T* grad,                  \
                                                            const float* mask, Stats* part, int64_t L,     \

@@ -34,12 +34,14 @@ INTENDED = [
     (r"^layer_norm_fwd_\w+$", 128, 3, "x, w and b read in 16-byte packs when aligned"),
     (r"^layer_norm_bwd_dx_\w+$", 128, 3, "x, dy and w read in 16-byte packs when aligned"),
     (r"^layer_norm_bwd_wb_\w+$", 128, 1, "the row statistics read x in 16-byte packs when aligned"),
+    (r"^perturb_token_\w+$", 128, 2, "delta and g read in 16-byte packs by a warp per token"),
 ]
 
 # The same for global stores: (pattern, bits, stores of at least that width).
 INTENDED_STORES = [
     (r"^(dropout|mixout|dropout_add)_(f32|bf16|f16)$", 128, 1, "16 bytes of output per thread when aligned"),
     (r"^perturb_noise_\w+$", 128, 1, "16 bytes of noise per thread when H is a multiple of them"),
+    (r"^perturb_token_\w+$", 128, 1, "the stepped row written in 16-byte packs"),
 ]
 
 # Spill limits in bytes: the adapter's r in (128, 256] kernels (nf16) hold

@@ -541,10 +541,8 @@ mod cuda {
         })
     }
 
-    /// Threads per token block: enough for ~4 elements each, 32 to 256.
-    fn token_block(h: usize) -> u32 {
-        (h.div_ceil(4).next_power_of_two()).clamp(32, 256) as u32
-    }
+    /// Tokens (warps) per block of the token-unit step.
+    const TOKEN_WARPS: u32 = 8;
 
     pub(super) fn step(
         p: &Params,
@@ -572,9 +570,13 @@ mod cuda {
             if p.token {
                 let f = k::func(&dev, MODULE, ptx::PERTURB, &format!("perturb_token_{suffix}"))?;
                 let mut bl = f.builder();
-                bl.arg(&d).arg(&g).arg(&mask).arg(&mut out).arg(&mut flags).arg(&l64).arg(&h64);
+                let tokens = (b * l) as i64;
+                bl.arg(&d).arg(&g).arg(&mask).arg(&mut out).arg(&mut flags).arg(&tokens);
+                bl.arg(&l64).arg(&h64);
                 bl.arg(&eta).arg(&eps).arg(&mode).arg(&l2n).arg(&has_eps);
-                k::launch(&mut bl, (b * l) as u32, token_block(h))?;
+                // One warp per token (kernels/perturb.cu), 8 per block.
+                let blocks = (b * l).div_ceil(TOKEN_WARPS as usize) as u32;
+                k::launch(&mut bl, blocks, 32 * TOKEN_WARPS)?;
             } else {
                 // Chunks of >= 4096 elements, at most 1024 per example.
                 let n = l * h;
