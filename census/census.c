@@ -353,8 +353,13 @@ static void parse_ptx(const void *module, const void *image) {
   pthread_mutex_unlock(&entries_lock);
 }
 
-/* Gives f the parameter sizes parsed for (module, name), when there are. */
+/* Gives f the parameter sizes parsed for (module, name), or unknown sizes
+ * when there are none (a handle the driver reuses for another function
+ * must not keep the old one's). The shared entry of functions the table has
+ * no room for stays unknown. */
 static void learn_params(struct func *f, const void *module, const char *name) {
+  if (f == &unknown_func) return;
+  __atomic_store_n(&f->nparams, -1, __ATOMIC_RELEASE);
   pthread_mutex_lock(&entries_lock);
   for (size_t i = nentries; i-- > 0;)
     if (entries[i].module == module && strncmp(entries[i].name, name, sizeof entries[i].name - 1) == 0) {

@@ -78,13 +78,14 @@ if [ "$action" = check ] && [ "$mode" = standin ]; then
   LD_PRELOAD="$interposer $so" "$bin" census --model "$model" --data-dir "$data" \
     --stamp "$stamp interposer over the stand-in" --agree "$out" "${args[@]}" >/dev/null
   echo "step-census: the interposer over the stand-in counts what the stand-in counts" >&2
-  # The ratchet's own test (src/census.rs) needs the cuda build, whose test
-  # binary starts only with the stand-in's symbols.
+  # The ratchet's own tests (src/census.rs) and the multi-tensor optimiser's
+  # host-side tests need the cuda build, whose test binary starts only with
+  # the stand-in's symbols.
   test_bin=$(cargo test --release --features cuda --lib --no-run --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["lib"]:
         print(m["executable"])')
-  LD_PRELOAD="$so" "$test_bin" census:: >&2
+  LD_PRELOAD="$so" "$test_bin" census:: ops::adamw::multi:: >&2
 fi

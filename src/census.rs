@@ -550,6 +550,18 @@ pub const RATCHETED_CALLS: [&str; 6] = [
     "cublasLtMatmulAlgoGetHeuristic",
 ];
 
+/// Whether a graph captured from a step got further from replaying right:
+/// more launches with changing or unknown arguments, an argument that did
+/// not change before, more steps whose launches differ in order, or fewer
+/// steps of one shape to compare (which hides the rest).
+fn capture_rose(a: &Capture, b: &Capture) -> bool {
+    b.varying_launches > a.varying_launches + 1e-9
+        || b.unknown_launches > a.unknown_launches + 1e-9
+        || b.sequence_differs > a.sequence_differs
+        || b.pairs < a.pairs
+        || b.varying.keys().any(|k| !a.varying.contains_key(k))
+}
+
 /// How [`differences`] compares two censuses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compare {
@@ -584,14 +596,11 @@ pub fn differences(recorded: &Census, now: &Census, how: Compare) -> Vec<String>
             }
         }
         match (&old.capture, &new.capture, how) {
-            (Some(a), Some(b), Compare::Rises)
-                if b.varying_launches > a.varying_launches + 1e-9
-                    || b.sequence_differs > a.sequence_differs
-                    || b.unknown_launches > a.unknown_launches + 1e-9 =>
-            {
+            (Some(a), Some(b), Compare::Rises) if capture_rose(a, b) => {
                 out.push(format!(
                     "{}: launches with step-varying arguments {:.2} → {:.2} per step \
-                         (unknown {:.2} → {:.2}, order differs {} → {}): {:?}",
+                     (unknown {:.2} → {:.2}, order differs {} → {}, steps compared {} → {}); \
+                     arguments that newly vary: {:?}",
                     old.name,
                     a.varying_launches,
                     b.varying_launches,
@@ -599,6 +608,8 @@ pub fn differences(recorded: &Census, now: &Census, how: Compare) -> Vec<String>
                     b.unknown_launches,
                     a.sequence_differs,
                     b.sequence_differs,
+                    a.pairs,
+                    b.pairs,
                     b.varying
                         .keys()
                         .filter(|k| !a.varying.contains_key(*k))
@@ -723,6 +734,23 @@ mod tests {
         let d = differences(&recorded, &varying, Compare::Rises);
         assert!(d.len() == 1 && d[0].contains("step-varying"), "{d:?}");
         assert!(differences(&varying, &recorded, Compare::Rises).is_empty());
+        // An argument that newly varies, at the same count; fewer steps of
+        // one shape to compare.
+        let mut other = varying.clone();
+        other.cases[measured]
+            .capture
+            .as_mut()
+            .unwrap()
+            .varying
+            .insert("some_kernel (argument 0)".into(), 1.0);
+        let d = differences(&varying, &other, Compare::Rises);
+        assert!(d.len() == 1 && d[0].contains("some_kernel"), "{d:?}");
+        let mut fewer_pairs = recorded.clone();
+        fewer_pairs.cases[measured].capture.as_mut().unwrap().pairs -= 1;
+        assert_eq!(
+            differences(&recorded, &fewer_pairs, Compare::Rises).len(),
+            1
+        );
         // Fewer is fine for the ratchet; the driver agreement wants equal.
         assert!(differences(&lookups, &recorded, Compare::Rises).is_empty());
         let mut fewer = recorded.clone();

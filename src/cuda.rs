@@ -276,10 +276,16 @@ impl PhiloxAnchor {
 
     /// Starts a step whose draws keyed by `seed` begin at `offset`: the
     /// counter is uploaded only when it does not already hold `offset`
-    /// (the first step, or after draws outside the steps, e.g. Monte Carlo
-    /// dropout in an evaluation, or a resume).
+    /// (the first step, a step after one that failed, or after draws
+    /// outside the steps, e.g. Monte Carlo dropout in an evaluation, or a
+    /// resume).
     pub fn begin(&mut self, seed: u64, offset: u64) -> Result<()> {
-        self.end(offset)?;
+        // A step that failed before its end leaves its window open: drop
+        // it without moving the counter (which still holds that step's
+        // start, as `holds` says), so the check below uploads.
+        if let Some((seed, _)) = self.active.take() {
+            self.release(seed);
+        }
         if self.holds != offset {
             self.dev
                 .cuda_stream()

@@ -458,12 +458,16 @@ fn mixout_and_dropouts_bit_identical_to_cpu() {
 /// counter (`StepAnchor`, kernels/common.cuh `philox_offset`): over steps
 /// of several sizes, with draws between steps that the counter did not see
 /// (Monte Carlo dropout in an evaluation) and a draw from before the step's
-/// start, dropout, dropout_add, mixout and the noise equal the CPU's
-/// absolute draws bit for bit, so the counter holds the host's offset at
-/// every step and `end` moves it past exactly the step's draws.
+/// start, dropout, dropout_add, mixout and the noise (f32 and bf16, element
+/// by element and in 16-byte chunks) equal the CPU's absolute draws bit for
+/// bit, and anchored attention dropout equals the same op unanchored, so
+/// the counter holds the host's offset at every step and `end` moves it
+/// past exactly the step's draws (also when a step is split by an end and a
+/// begin at the same position).
 #[test]
 fn anchored_draws_equal_the_cpus_across_steps() {
     use tunefuse::model::StepAnchor;
+    use tunefuse::ops::attention_probs;
     let Some(dev) = cuda_device() else { return };
     let seed = 0x0a11_c0de;
     let mut anchor = StepAnchor::default();
@@ -483,6 +487,8 @@ fn anchored_draws_equal_the_cpus_across_steps() {
     );
     let mask_cpu = Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap();
     let mask = mask_cpu.to_device(&dev).unwrap();
+    let s = Tensor::randn(0f32, 1.0, (2, 2, 5, 5), &dev).unwrap();
+    let bias = Tensor::zeros((2, 1, 1, 5), DType::F32, &dev).unwrap();
     for (step, draws) in [3usize, 1, 3, 2].into_iter().enumerate() {
         if step == 2 {
             // Draws outside the steps: the next begin uploads the counter.
@@ -507,12 +513,22 @@ fn anchored_draws_equal_the_cpus_across_steps() {
                 to_f64(&mixout(&cx, &cu, 0.1, rng, true).unwrap()),
                 "{tag}: mixout"
             );
+            // The noise at H = 7 (element by element) and 16 (16-byte
+            // chunks in both dtypes).
             let noise = Noise::Uniform { sigma: 0.5 };
-            assert_eq!(
-                to_f64(&noise_init(&[2, 3, 7], &mask, noise, DType::F32, rng).unwrap()),
-                to_f64(&noise_init(&[2, 3, 7], &mask_cpu, noise, DType::F32, rng).unwrap()),
-                "{tag}: noise"
-            );
+            for (h, dt) in [(7, DType::F32), (16, DType::F32), (16, DType::BF16)] {
+                assert_eq!(
+                    to_f64(&noise_init(&[2, 3, h], &mask, noise, dt, rng).unwrap()),
+                    to_f64(&noise_init(&[2, 3, h], &mask_cpu, noise, dt, rng).unwrap()),
+                    "{tag}: noise {dt:?} H={h}"
+                );
+            }
+            // Attention dropout: anchored equals unanchored on the device.
+            let anchored = to_f64(&attention_probs(&s, &bias, 0.125, Some((0.1, rng))).unwrap());
+            anchor.end(Rng { seed, offset: pos }).unwrap();
+            let absolute = to_f64(&attention_probs(&s, &bias, 0.125, Some((0.1, rng))).unwrap());
+            anchor.begin(&dev, Rng { seed, offset: pos }).unwrap();
+            assert_eq!(anchored, absolute, "{tag}: attention dropout");
             pos += tunefuse::philox::counters_for(n);
         }
         // A draw from before the step's start takes its absolute offset.

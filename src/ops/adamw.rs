@@ -695,7 +695,7 @@ pub mod multi {
             pad: [0.0; 2],
             group: [MtGroup::default(); GROUPS],
         };
-        let mut ngroups = 0;
+        let mut per = Vec::with_capacity(items.len());
         for it in items {
             let st = it.step;
             let n = it.param.elem_count();
@@ -761,15 +761,7 @@ pub mod multi {
                 pull: pull as f32,
                 dlr: st.decay.unwrap_or(0.0) as f32,
             };
-            let group = match sc.group[..ngroups].iter().position(|q| *q == scalars) {
-                Some(q) => q,
-                None if ngroups < GROUPS => {
-                    sc.group[ngroups] = scalars;
-                    ngroups += 1;
-                    ngroups - 1
-                }
-                None => return Ok(None),
-            };
+            per.push(scalars);
             grads.grad[tensors.len()] = g;
             tensors.push(MtTensor {
                 p,
@@ -777,13 +769,22 @@ pub mod multi {
                 anchor,
                 shadow,
                 n: n as i64,
-                group: group as i32,
+                group: 0,
                 decay: st.decay.is_some() as i32,
                 g_bf16: g_bf16 as i32,
                 pad: 0,
             });
         }
         let dev = dev.expect("at least one item");
+        let Some(groups) = cache.grouping(&per) else {
+            return Ok(None);
+        };
+        let mut ngroups = 0;
+        for ((t, &g), s) in tensors.iter_mut().zip(&groups).zip(&per) {
+            t.group = g as i32;
+            sc.group[g] = *s;
+            ngroups = ngroups.max(g + 1);
+        }
         let sc_ptr = cache.scalars(
             &dev,
             &bytes(std::slice::from_ref(&sc))[..scalars_len(ngroups)],
@@ -919,6 +920,9 @@ pub mod multi {
             CudaDevice,
             candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
         )>,
+        /// The group of each tensor in the last table (see
+        /// [`TableCache::grouping`]).
+        groups: Option<Vec<usize>>,
     }
 
     impl TableCache {
@@ -936,6 +940,41 @@ pub mod multi {
                 self.uploads += 1;
             }
             Ok(self.last.as_ref().map(|(_, _, t)| t))
+        }
+
+        /// The scalar group of each tensor, given each tensor's scalars:
+        /// the last grouping while it still holds (tensors that shared a
+        /// group still have equal scalars), else one group per distinct set
+        /// in order of first use; `None` for more than `GROUPS` sets. Groups
+        /// whose values happen to coincide at some step (a learning rate
+        /// decayed to zero) stay apart, so the table, which names each
+        /// tensor's group, stays the one uploaded, as a captured CUDA graph
+        /// needs.
+        fn grouping(&mut self, per: &[MtGroup]) -> Option<Vec<usize>> {
+            if let Some(g) = &self.groups {
+                let mut value: Vec<Option<MtGroup>> = vec![None; GROUPS];
+                let holds = g.len() == per.len()
+                    && g.iter()
+                        .zip(per)
+                        .all(|(&k, s)| *value[k].get_or_insert(*s) == *s);
+                if holds {
+                    return Some(g.clone());
+                }
+            }
+            let mut values: Vec<MtGroup> = Vec::new();
+            let mut g = Vec::with_capacity(per.len());
+            for s in per {
+                match values.iter().position(|q| q == s) {
+                    Some(k) => g.push(k),
+                    None if values.len() < GROUPS => {
+                        values.push(*s);
+                        g.push(values.len() - 1);
+                    }
+                    None => return None,
+                }
+            }
+            self.groups = Some(g.clone());
+            Some(g)
         }
 
         /// Writes a step's scalars (the used prefix of an `MtScalars`) into
@@ -1004,5 +1043,36 @@ pub mod multi {
         b.arg(&ts).arg(&cs).arg(&chunk);
         k::launch(&mut b, table.chunks, BLOCK)?;
         Ok(true)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        fn g(lr: f32) -> MtGroup {
+            MtGroup {
+                lr,
+                lam: 1.0,
+                pull: 0.0,
+                dlr: 0.0,
+            }
+        }
+
+        /// Groups by value at first; then the grouping stays while it holds,
+        /// also when two groups' values coincide (a rate decayed to zero),
+        /// and is rebuilt when a group's tensors come apart.
+        #[test]
+        fn the_grouping_stays_while_it_holds() {
+            let mut c = TableCache::default();
+            assert_eq!(c.grouping(&[g(1.0), g(2.0), g(1.0)]), Some(vec![0, 1, 0]));
+            assert_eq!(c.grouping(&[g(0.5), g(0.7), g(0.5)]), Some(vec![0, 1, 0]));
+            assert_eq!(c.grouping(&[g(0.0), g(0.0), g(0.0)]), Some(vec![0, 1, 0]));
+            // Tensors 0 and 2 differ now: by value again.
+            assert_eq!(c.grouping(&[g(1.0), g(1.0), g(3.0)]), Some(vec![0, 0, 1]));
+            // Another number of tensors: by value.
+            assert_eq!(c.grouping(&[g(1.0)]), Some(vec![0]));
+            let many: Vec<MtGroup> = (0..=GROUPS).map(|i| g(i as f32)).collect();
+            assert_eq!(c.grouping(&many), None);
+        }
     }
 }
