@@ -4,8 +4,10 @@
 //
 // A warp owns a row. Its statistics (two passes: the mean, then the mean of
 // squared deviations, so a large common offset does not cancel) come from one
-// function, row_stats, in every kernel, so the forward and both backward
-// kernels see the same x_hat. The weight/bias gradients are column sums over
+// function, row_stats, so the forward and both backward kernels see the same
+// x_hat. The forward can save them (mean, rstd per row) for the backward
+// kernels, which then skip both passes over x; without them they recompute
+// the same values. The weight/bias gradients are column sums over
 // rows: chunks of CHUNK rows give partial sums (in row order), then the last
 // block to finish adds the partials in chunk order with one thread per
 // column, so the result does not depend on scheduling (the one atomic only
@@ -76,14 +78,27 @@ __device__ __forceinline__ Stats row_stats(const T* __restrict__ x, int h, float
     return row_stats_n<T, 1>(x, h, eps, lane);
 }
 
+// Row r's statistics: the forward's saved ones when there are, else
+// computed (the same function the forward used, so the same values).
+template <typename T>
+__device__ __forceinline__ Stats stats_of(const T* __restrict__ xr, const float2* __restrict__ saved,
+                                          int64_t r, int h, float eps, int lane) {
+    if (saved) {
+        const float2 s = saved[r];
+        return Stats{s.x, s.y};
+    }
+    return row_stats(xr, h, eps, lane);
+}
+
 template <typename T, int N>
 __device__ void fwd(const T* __restrict__ x, const float* __restrict__ w, const float* __restrict__ b,
-                    T* __restrict__ y, int64_t rows, int h, float eps) {
+                    T* __restrict__ y, float2* __restrict__ save, int64_t rows, int h, float eps) {
     const int lane = threadIdx.x % 32;
     for (int64_t r = (int64_t)blockIdx.x * WARPS + threadIdx.x / 32; r < rows;
          r += (int64_t)gridDim.x * WARPS) {
         const T* xr = x + r * h;
         const Stats st = row_stats(xr, h, eps, lane);
+        if (save && lane == 0) save[r] = make_float2(st.mean, st.rstd);
         T* yr = y + r * h;
         for (int c = lane * N; c < h; c += 32 * N) {
             float v[N], wv[N], bv[N], out[N];
@@ -117,13 +132,14 @@ __device__ __forceinline__ void grad_terms(const T* __restrict__ xr, const T* __
 // dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)), g = dy * w.
 template <typename T, int N>
 __device__ void bwd_dx(const T* __restrict__ x, const float* __restrict__ w, const T* __restrict__ dy,
-                       T* __restrict__ dx, int64_t rows, int h, float eps) {
+                       T* __restrict__ dx, const float2* __restrict__ saved, int64_t rows, int h,
+                       float eps) {
     const int lane = threadIdx.x % 32;
     for (int64_t r = (int64_t)blockIdx.x * WARPS + threadIdx.x / 32; r < rows;
          r += (int64_t)gridDim.x * WARPS) {
         const T* xr = x + r * h;
         const T* dyr = dy + r * h;
-        const Stats st = row_stats(xr, h, eps, lane);
+        const Stats st = stats_of(xr, saved, r, h, eps, lane);
         float sg = 0.f, sgx = 0.f;
         for (int c = lane * N; c < h; c += 32 * N) {
             float g[N], xh[N];
@@ -150,14 +166,15 @@ __device__ void bwd_dx(const T* __restrict__ x, const float* __restrict__ w, con
 // part[chunk][c] = sum over the chunk's rows of dy * x_hat (column c), and
 // part[chunk][h + c] = sum of dy, in row order.
 template <typename T>
-__device__ void bwd_partial(const T* __restrict__ x, const T* __restrict__ dy, float* __restrict__ part,
-                            int64_t rows, int h, float eps) {
+__device__ void bwd_partial(const T* __restrict__ x, const T* __restrict__ dy,
+                            const float2* __restrict__ saved, float* __restrict__ part, int64_t rows,
+                            int h, float eps) {
     __shared__ Stats st[CHUNK];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t first = (int64_t)blockIdx.x * CHUNK;
     const int n = (int)min((int64_t)CHUNK, rows - first);
     for (int i = warp; i < n; i += blockDim.x / 32) {
-        const Stats s = row_stats(x + (first + i) * h, h, eps, lane);
+        const Stats s = stats_of(x + (first + i) * h, saved, first + i, h, eps, lane);
         if (lane == 0) st[i] = s;
     }
     __syncthreads();
@@ -203,23 +220,24 @@ __device__ void reduce_if_last(const float* part, float* __restrict__ out, unsig
 // single elements; the branch is uniform over the grid.
 #define LN_ENTRIES(SUF, T)                                                                          \
     extern "C" __global__ void layer_norm_fwd_##SUF(const T* x, const float* w, const float* b, T* y, \
-                                                    int64_t rows, int h, float eps) {               \
+                                                    float2* save, int64_t rows, int h, float eps) { \
         if (packs_fit<T>(h, x, y, y, w, b))                                                          \
-            fwd<T, vec_n<T>()>(x, w, b, y, rows, h, eps);                                            \
+            fwd<T, vec_n<T>()>(x, w, b, y, save, rows, h, eps);                                      \
         else                                                                                        \
-            fwd<T, 1>(x, w, b, y, rows, h, eps);                                                     \
+            fwd<T, 1>(x, w, b, y, save, rows, h, eps);                                               \
     }                                                                                               \
     extern "C" __global__ void layer_norm_bwd_dx_##SUF(const T* x, const float* w, const T* dy,     \
-                                                       T* dx, int64_t rows, int h, float eps) {     \
-        if (packs_fit<T>(h, x, dy, dx, w, w))                                                        \
-            bwd_dx<T, vec_n<T>()>(x, w, dy, dx, rows, h, eps);                                       \
-        else                                                                                        \
-            bwd_dx<T, 1>(x, w, dy, dx, rows, h, eps);                                                \
-    }                                                                                               \
-    extern "C" __global__ void layer_norm_bwd_wb_##SUF(const T* x, const T* dy, float* part,         \
-                                                       float* out, unsigned* counter, int64_t rows,  \
+                                                       T* dx, const float2* saved, int64_t rows,    \
                                                        int h, float eps) {                           \
-        bwd_partial<T>(x, dy, part, rows, h, eps);                                                   \
+        if (packs_fit<T>(h, x, dy, dx, w, w))                                                        \
+            bwd_dx<T, vec_n<T>()>(x, w, dy, dx, saved, rows, h, eps);                                \
+        else                                                                                        \
+            bwd_dx<T, 1>(x, w, dy, dx, saved, rows, h, eps);                                         \
+    }                                                                                               \
+    extern "C" __global__ void layer_norm_bwd_wb_##SUF(const T* x, const T* dy, const float2* saved, \
+                                                       float* part, float* out, unsigned* counter,   \
+                                                       int64_t rows, int h, float eps) {             \
+        bwd_partial<T>(x, dy, saved, part, rows, h, eps);                                            \
         reduce_if_last(part, out, counter, 2 * h);                                                   \
     }
 

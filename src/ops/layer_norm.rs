@@ -17,7 +17,10 @@
 //! graph, so their gradients come back in their own dtype — which suits
 //! mixed precision's f32 master weights under bf16 activations without a
 //! cast kernel. The CPU implementation is the reference: f64 arithmetic,
-//! one rounding of each output. The CUDA kernels sum in f32.
+//! one rounding of each output. The CUDA kernels sum in f32; the forward
+//! saves each row's mean and 1/σ (f32) for the backward kernels, which
+//! would otherwise recompute exactly those values with two passes over x
+//! each.
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
@@ -74,24 +77,42 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     }
     let wdt = super::wide_dtype(x.dtype());
     let (w, b) = (weight.to_dtype(wdt)?, bias.to_dtype(wdt)?);
+    let fwd = Fwd {
+        eps,
+        h,
+        #[cfg(feature = "cuda")]
+        saved: Default::default(),
+    };
     Ok(x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, Fwd { eps, h })?)
+        .apply_op3(&w.contiguous()?, &b.contiguous()?, fwd)?)
 }
+
+/// The forward's row statistics on CUDA, (mean, rstd) in f32 per row: the
+/// backward kernels read them instead of two passes over x each.
+#[cfg(feature = "cuda")]
+type Saved = std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>>;
 
 struct Fwd {
     eps: f64,
     h: usize,
+    /// Set by the CUDA forward (one op per call, so one forward each).
+    #[cfg(feature = "cuda")]
+    saved: std::sync::Mutex<Option<Saved>>,
 }
 /// dx from (x, w, dy).
 struct Dx {
     eps: f64,
     h: usize,
+    #[cfg(feature = "cuda")]
+    saved: Option<Saved>,
 }
 /// `[dw; db]` (shape `[2, H]`, in `dtype`) from (x, dy).
 struct Dwb {
     eps: f64,
     h: usize,
     dtype: DType,
+    #[cfg(feature = "cuda")]
+    saved: Option<Saved>,
 }
 
 /// μ and r of each row (f64).
@@ -142,10 +163,19 @@ impl CustomOp3 for Fwd {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            cuda::rows("fwd", self.eps, self.h, (s1, l1), (s2, l2), (s3, l3))?,
-            l1.shape().clone(),
-        ))
+        let rows = l1.shape().elem_count() / self.h;
+        let saved = std::sync::Arc::new(crate::cuda::alloc::<f32>(&s1.device, 2 * rows)?);
+        let y = cuda::rows(
+            "fwd",
+            self.eps,
+            self.h,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+            Some(&saved),
+        )?;
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        Ok((y, l1.shape().clone()))
     }
 
     fn bwd(
@@ -158,15 +188,30 @@ impl CustomOp3 for Fwd {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let (eps, h) = (self.eps, self.h);
+        #[cfg(feature = "cuda")]
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let dx_op = Dx {
+            eps,
+            h,
+            #[cfg(feature = "cuda")]
+            saved: saved.clone(),
+        };
         let dx = x
             .track_op()
-            .then(|| x.apply_op3_no_bwd(w, &dy, &Dx { eps, h }))
+            .then(|| x.apply_op3_no_bwd(w, &dy, &dx_op))
             .transpose()?;
         if !(w.track_op() || b.track_op()) {
             return Ok((dx, None, None));
         }
         let dtype = w.dtype();
-        let dwb = x.apply_op2_no_bwd(&dy, &Dwb { eps, h, dtype })?;
+        let dwb_op = Dwb {
+            eps,
+            h,
+            dtype,
+            #[cfg(feature = "cuda")]
+            saved,
+        };
+        let dwb = x.apply_op2_no_bwd(&dy, &dwb_op)?;
         Ok((dx, Some(dwb.get(0)?), Some(dwb.get(1)?)))
     }
 }
@@ -209,7 +254,15 @@ impl CustomOp3 for Dx {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         Ok((
-            cuda::rows("bwd_dx", self.eps, self.h, (s1, l1), (s2, l2), (s3, l3))?,
+            cuda::rows(
+                "bwd_dx",
+                self.eps,
+                self.h,
+                (s1, l1),
+                (s2, l2),
+                (s3, l3),
+                self.saved.as_ref(),
+            )?,
             l1.shape().clone(),
         ))
     }
@@ -251,7 +304,7 @@ impl CustomOp2 for Dwb {
             candle_core::bail!("layer_norm: weight gradients are f32 on CUDA");
         }
         Ok((
-            cuda::weight_grads(self.eps, self.h, (s1, l1), (s2, l2))?,
+            cuda::weight_grads(self.eps, self.h, (s1, l1), (s2, l2), self.saved.as_ref())?,
             Shape::from((2, self.h)),
         ))
     }
@@ -259,9 +312,10 @@ impl CustomOp2 for Dwb {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::Saved;
     use crate::cuda::{self as k, ptx};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, PushKernelArg};
     use candle_core::{CudaStorage, Layout, Result};
 
     const MODULE: &str = "tunefuse_layer_norm";
@@ -271,8 +325,14 @@ mod cuda {
     const WARPS: usize = 8;
     const CHUNK: usize = 64;
 
-    /// The row kernels: `fwd` (x, w, b → y) or `bwd_dx` (x, w, dy → dx);
-    /// the output has x's dtype and shape.
+    /// The address of the saved statistics, or null.
+    fn stats_ptr(dev: &candle_core::cuda_backend::CudaDevice, saved: Option<&Saved>) -> u64 {
+        saved.map_or(0, |s| s.device_ptr(&dev.cuda_stream()).0)
+    }
+
+    /// The row kernels: `fwd` (x, w, b → y, writing the row statistics
+    /// into `saved`) or `bwd_dx` (x, w, dy → dx, reading them from `saved`
+    /// when given); the output has x's dtype and shape.
     pub(super) fn rows(
         which: &str,
         eps: f64,
@@ -280,6 +340,7 @@ mod cuda {
         x: (&CudaStorage, &Layout),
         w: (&CudaStorage, &Layout),
         third: (&CudaStorage, &Layout),
+        saved: Option<&Saved>,
     ) -> Result<CudaStorage> {
         let dev = x.0.device().clone();
         let dtype = x.0.dtype();
@@ -304,7 +365,8 @@ mod cuda {
                 dv = k::view::<T>("layer_norm", third.0, third.1)?;
                 b.arg(&dv);
             }
-            b.arg(&mut out).arg(&rows64).arg(&h32).arg(&eps32);
+            let stats = stats_ptr(&dev, saved);
+            b.arg(&mut out).arg(&stats).arg(&rows64).arg(&h32).arg(&eps32);
             k::launch(&mut b, k::grid_for(rows.div_ceil(WARPS) * BLOCK as usize, BLOCK), BLOCK)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         })
@@ -317,6 +379,7 @@ mod cuda {
         h: usize,
         x: (&CudaStorage, &Layout),
         dy: (&CudaStorage, &Layout),
+        saved: Option<&Saved>,
     ) -> Result<CudaStorage> {
         let dev = x.0.device().clone();
         let dtype = x.0.dtype();
@@ -335,8 +398,10 @@ mod cuda {
             let dv = k::view::<T>("layer_norm", dy.0, dy.1)?;
             let (rows64, h32, eps32) = (rows as i64, h as i32, eps as f32);
             let mut b = f.builder();
+            let stats = stats_ptr(&dev, saved);
             b.arg(&xv)
                 .arg(&dv)
+                .arg(&stats)
                 .arg(&mut part)
                 .arg(&mut out)
                 .arg(&*counter)
