@@ -117,22 +117,26 @@ pub struct Totals {
     pub kernels: BTreeMap<String, u64>,
 }
 
-/// Reads the totals of the census library loaded into this process.
-pub fn read() -> Result<Totals> {
-    type Json = unsafe extern "C" fn(*mut u8, usize) -> usize;
+/// Calls the census library's JSON writer `symbol` (a C function that
+/// writes at most `cap` bytes into a buffer and returns the length the
+/// whole text needs) with a buffer grown until the text fits, and parses
+/// it; `missing` says what to do when the library is not loaded, `what`
+/// names the text in a parse error.
+fn call_json<T: serde::de::DeserializeOwned>(
+    symbol: &[u8],
+    missing: &str,
+    what: &str,
+    start: usize,
+) -> Result<T> {
+    type Writer = unsafe extern "C" fn(*mut u8, usize) -> usize;
     let this = libloading::os::unix::Library::this();
     // SAFETY: the symbol, when present, is census.c's function of this type.
-    let f: libloading::os::unix::Symbol<Json> = unsafe { this.get(b"tunefuse_census_json\0") }
-        .map_err(|_| {
-            param_err(
-                "census",
-                "the step census needs its library loaded: run scripts/step-census.sh (it builds \
-                 census/census.c and sets LD_PRELOAD)",
-            )
-        })?;
-    let mut buf = vec![0u8; 1 << 16];
+    let f: libloading::os::unix::Symbol<Writer> =
+        unsafe { this.get(symbol) }.map_err(|_| param_err("census", missing))?;
+    let mut buf = vec![0u8; start];
     loop {
-        // SAFETY: buf is writable for buf.len() bytes.
+        // SAFETY: buf is writable for buf.len() bytes; the writers change
+        // their state (the launch log is emptied) only when the text fits.
         let need = unsafe { f(buf.as_mut_ptr(), buf.len()) };
         if need <= buf.len() {
             buf.truncate(need - 1);
@@ -143,9 +147,20 @@ pub fn read() -> Result<Totals> {
     serde_json::from_slice(&buf).map_err(|e| {
         param_err(
             "census",
-            format!("the census library wrote unreadable totals: {e}"),
+            format!("the census library wrote an unreadable {what}: {e}"),
         )
     })
+}
+
+/// Reads the totals of the census library loaded into this process.
+pub fn read() -> Result<Totals> {
+    call_json(
+        b"tunefuse_census_json\0",
+        "the step census needs its library loaded: run scripts/step-census.sh (it builds \
+         census/census.c and sets LD_PRELOAD)",
+        "set of totals",
+        1 << 16,
+    )
 }
 
 /// One kernel launch of the census library's launch log: the function and
@@ -163,34 +178,13 @@ pub struct Launch {
 /// Takes the launches logged since the last call (the first call turns
 /// the log on and returns nothing logged before it).
 pub fn launches() -> Result<Vec<Launch>> {
-    type Args = unsafe extern "C" fn(*mut u8, usize) -> usize;
-    let this = libloading::os::unix::Library::this();
-    // SAFETY: the symbol, when present, is census.c's function of this type.
-    let f: libloading::os::unix::Symbol<Args> = unsafe { this.get(b"tunefuse_census_args\0") }
-        .map_err(|_| {
-            param_err(
-                "census",
-                "the census library loaded has no launch log (tunefuse_census_args): rebuild it \
-                 with scripts/step-census.sh",
-            )
-        })?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        // SAFETY: buf is writable for buf.len() bytes; the log is emptied
-        // only when it fits.
-        let need = unsafe { f(buf.as_mut_ptr(), buf.len()) };
-        if need <= buf.len() {
-            buf.truncate(need - 1);
-            break;
-        }
-        buf = vec![0u8; need];
-    }
-    serde_json::from_slice(&buf).map_err(|e| {
-        param_err(
-            "census",
-            format!("the census library wrote an unreadable launch log: {e}"),
-        )
-    })
+    call_json(
+        b"tunefuse_census_args\0",
+        "the census library loaded has no launch log (tunefuse_census_args): rebuild it with \
+         scripts/step-census.sh",
+        "launch log",
+        1 << 20,
+    )
 }
 
 /// What a CUDA graph captured from one step would get wrong when replayed
