@@ -44,7 +44,7 @@ pub struct Stream {
 }
 
 /// A training step's Philox start held in device memory on CUDA (see
-/// [`crate::cuda::PhiloxAnchor`]): between [`StepAnchor::begin`] and
+/// `cuda::PhiloxAnchor`, with the `cuda` feature): between [`StepAnchor::begin`] and
 /// [`StepAnchor::end`] the draws keyed by the seed pass offsets relative to
 /// the step's start, so that their kernels' arguments repeat at every step
 /// of one shape (what a captured CUDA graph replays); the draws are the
@@ -406,7 +406,7 @@ impl Stream {
     }
     /// Starts a training step on `device`. On CUDA the step's draws then
     /// take their Philox start from a counter in device memory and pass
-    /// offsets relative to it ([`crate::cuda::PhiloxAnchor`]), so that
+    /// offsets relative to it (`cuda::PhiloxAnchor`), so that
     /// their kernels' arguments repeat from one step to the next of the
     /// same shape (what a captured CUDA graph replays); the draws are the
     /// same. Elsewhere nothing changes.
