@@ -207,12 +207,18 @@ pub(crate) fn ticket_counter(dev: &CudaDevice) -> Result<Arc<CudaSlice<u32>>> {
     Ok(c)
 }
 
+/// Elements of `dtype` in 16 bytes: what the kernels written for 16-byte
+/// accesses give each thread.
+pub(crate) fn per_16_bytes(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes()
+}
+
 /// Philox starts in device memory, per (device, seed): the device address
 /// of an anchored step's counter and the start it holds.
-type Anchors = Mutex<HashMap<(DeviceId, u64), (u64, u64)>>;
+type Anchors = HashMap<(DeviceId, u64), (u64, u64)>;
 
-fn anchors() -> std::sync::MutexGuard<'static, HashMap<(DeviceId, u64), (u64, u64)>> {
-    static ANCHORS: OnceLock<Anchors> = OnceLock::new();
+fn anchors() -> std::sync::MutexGuard<'static, Anchors> {
+    static ANCHORS: OnceLock<Mutex<Anchors>> = OnceLock::new();
     ANCHORS
         .get_or_init(Default::default)
         .lock()
@@ -314,7 +320,12 @@ impl PhiloxAnchor {
         }
         let n = offset - start;
         if n > 0 {
-            let f = func(&self.dev, "tunefuse_mixout", ptx::MIXOUT, "philox_advance")?;
+            let f = func(
+                &self.dev,
+                crate::ops::mixout::cuda::MODULE,
+                ptx::MIXOUT,
+                "philox_advance",
+            )?;
             let mut b = f.builder();
             b.arg(&mut self.counter).arg(&n);
             launch(&mut b, 1, 1)?;

@@ -1979,6 +1979,18 @@ fn activation_kernels_match_the_cpu_op() {
 /// element; values within 8 f32 ulps (expf and the row sum) plus, for bf16
 /// / f16, one unit of the dtype; gradients within 8 f32 ulps of the terms
 /// of `scale·p·(d − Σ d·p)` (which cancel) plus one unit of the dtype.
+/// The gradients of Σ y·g, summed in f32.
+fn grads_of_weighted_sum(y: &Tensor, g: &Tensor) -> candle_core::backprop::GradStore {
+    (y * g)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
+
 #[test]
 fn attention_probs_kernels_match_the_cpu_op() {
     use tunefuse::ops::attention_probs;
@@ -2002,14 +2014,7 @@ fn attention_probs_kernels_match_the_cpu_op() {
                         let bt = tensor(&bias, &[b, 1, 1, l], dt, d);
                         let g = tensor(&gv, &shape, dt, d);
                         let y = attention_probs(s.as_tensor(), &bt, scale, drop).unwrap();
-                        let grads = (&y * &g)
-                            .unwrap()
-                            .to_dtype(DType::F32)
-                            .unwrap()
-                            .sum_all()
-                            .unwrap()
-                            .backward()
-                            .unwrap();
+                        let grads = grads_of_weighted_sum(&y, &g);
                         (to_f64(&y), to_f64(grads.get(s.as_tensor()).unwrap()))
                     };
                     let (y, ds) = run(&dev);
@@ -2125,17 +2130,7 @@ fn self_attention_kernels_match_the_cpu_op() {
                             drop,
                         )
                         .unwrap();
-                        // The gradients of Σ y·g (summed in f32).
-                        let backward = |y: &Tensor| {
-                            (y * &g)
-                                .unwrap()
-                                .to_dtype(DType::F32)
-                                .unwrap()
-                                .sum_all()
-                                .unwrap()
-                                .backward()
-                                .unwrap()
-                        };
+                        let backward = |y: &Tensor| grads_of_weighted_sum(y, &g);
                         let grads = backward(&y);
                         let mut out = vec![to_f64(&y)];
                         for v in &vars {

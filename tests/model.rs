@@ -245,6 +245,26 @@ fn tiny() -> BertConfig {
     }
 }
 
+/// Σ h² in f32: a loss whose gradient reaches every hidden unit.
+fn sum_sq_f32(h: &Tensor) -> Tensor {
+    h.to_dtype(DType::F32)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+}
+
+/// The tiny model (f32 masters) with the fused ops on, as on CUDA by
+/// default, and its inputs.
+fn fused_tiny() -> (VarMap, Bert, Tensor, Tensor) {
+    let vm = VarMap::new();
+    let bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
+    bert.stream.set_fused_ops(Some(true));
+    let (ids, mask) = inputs();
+    (vm, bert, ids, mask)
+}
+
 fn inputs() -> (Tensor, Tensor) {
     let ids = Tensor::new(&[[2u32, 5, 7, 3, 0], [2, 9, 3, 0, 0]], &CPU).unwrap();
     let mask = Tensor::new(&[[1u32, 1, 1, 1, 0], [1, 1, 1, 0, 0]], &CPU).unwrap();
@@ -406,16 +426,7 @@ fn bf16_compute_stays_near_the_golden() {
 #[test]
 fn mixed_precision_keeps_f32_master_weights() {
     // The gradients of Σ h² (in f32) for hidden states h.
-    let sq_grads = |h: &Tensor| {
-        h.to_dtype(DType::F32)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap()
-    };
+    let sq_grads = |h: &Tensor| sum_sq_f32(h).backward().unwrap();
     let vm = VarMap::new();
     let bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
     let (ids, mask) = inputs();
@@ -469,10 +480,7 @@ fn mixed_precision_keeps_f32_master_weights() {
 #[test]
 fn fused_query_key_value_share_one_packed_copy() {
     use tunefuse::ops::mixout::Rng;
-    let vm = VarMap::new();
-    let bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
-    let (ids, mask) = inputs();
-    bert.stream.set_fused_ops(Some(true));
+    let (vm, bert, ids, mask) = fused_tiny();
     let run = |copies: bool| {
         bert.stream.set_compute_dtype(Some(DType::BF16), copies);
         bert.stream.set_train(true);
@@ -481,15 +489,7 @@ fn fused_query_key_value_share_one_packed_copy() {
             .forward(&ids, None, &mask, Outputs::default())
             .unwrap()
             .last_hidden;
-        let mut g = h
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let mut g = sum_sq_f32(&h).backward().unwrap();
         bert.stream.route_grads(&mut g).unwrap();
         (to_f64(&h), g)
     };
@@ -545,10 +545,7 @@ fn fused_query_key_value_share_one_packed_copy() {
 /// reach the masters. Equal to per-use casts bit for bit.
 #[test]
 fn a_packed_copy_made_mid_step_keeps_the_earlier_gradients() {
-    let vm = VarMap::new();
-    let bert = Bert::new(&tiny(), &vm, DType::F32, &CPU, false).unwrap();
-    let (ids, mask) = inputs();
-    bert.stream.set_fused_ops(Some(true));
+    let (_vm, bert, ids, mask) = fused_tiny();
     let run = |copies: bool| {
         bert.stream.set_compute_dtype(Some(DType::BF16), copies);
         let composed = Outputs {
@@ -563,15 +560,7 @@ fn a_packed_copy_made_mid_step_keeps_the_earlier_gradients() {
             .forward(&ids, None, &mask, Outputs::default())
             .unwrap()
             .last_hidden;
-        let loss = (h1
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            + h2.to_dtype(DType::F32).unwrap().sum_all().unwrap())
-        .unwrap();
+        let loss = (sum_sq_f32(&h1) + h2.to_dtype(DType::F32).unwrap().sum_all().unwrap()).unwrap();
         let mut g = loss.backward().unwrap();
         bert.stream.route_grads(&mut g).unwrap();
         g

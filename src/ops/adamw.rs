@@ -621,7 +621,7 @@ pub mod multi {
     const _: () = assert!(std::mem::size_of::<MtScalars>() == 16 + 16 * GROUPS);
     /// Bytes of an `MtScalars` whose first `groups` groups are used.
     const fn scalars_len(groups: usize) -> usize {
-        16 + 16 * groups
+        std::mem::offset_of!(MtScalars, group) + groups * std::mem::size_of::<MtGroup>()
     }
 
     /// The device and the first element's address of a contiguous f32

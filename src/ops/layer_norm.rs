@@ -77,14 +77,17 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     }
     let wdt = super::wide_dtype(x.dtype());
     let (w, b) = (weight.to_dtype(wdt)?, bias.to_dtype(wdt)?);
+    let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
     let fwd = Fwd {
         eps,
         h,
+        // Only a forward that autograd records has a backward to save for.
+        #[cfg(feature = "cuda")]
+        save: x.track_op() || w.track_op() || b.track_op(),
         #[cfg(feature = "cuda")]
         saved: Default::default(),
     };
-    Ok(x.contiguous()?
-        .apply_op3(&w.contiguous()?, &b.contiguous()?, fwd)?)
+    Ok(x.apply_op3(&w, &b, fwd)?)
 }
 
 /// The forward's row statistics on CUDA, (mean, rstd) in f32 per row: the
@@ -95,6 +98,9 @@ type Saved = std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice
 struct Fwd {
     eps: f64,
     h: usize,
+    /// Whether the CUDA forward saves the statistics.
+    #[cfg(feature = "cuda")]
+    save: bool,
     /// Set by the CUDA forward (one op per call, so one forward each).
     #[cfg(feature = "cuda")]
     saved: std::sync::Mutex<Option<Saved>>,
@@ -164,7 +170,10 @@ impl CustomOp3 for Fwd {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let rows = l1.shape().elem_count() / self.h;
-        let saved = std::sync::Arc::new(crate::cuda::alloc::<f32>(&s1.device, 2 * rows)?);
+        let saved = self
+            .save
+            .then(|| crate::cuda::alloc::<f32>(&s1.device, 2 * rows).map(std::sync::Arc::new))
+            .transpose()?;
         let y = cuda::rows(
             "fwd",
             self.eps,
@@ -172,9 +181,9 @@ impl CustomOp3 for Fwd {
             (s1, l1),
             (s2, l2),
             (s3, l3),
-            Some(&saved),
+            saved.as_ref(),
         )?;
-        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(saved);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = saved;
         Ok((y, l1.shape().clone()))
     }
 
@@ -331,8 +340,8 @@ mod cuda {
     }
 
     /// The row kernels: `fwd` (x, w, b → y, writing the row statistics
-    /// into `saved`) or `bwd_dx` (x, w, dy → dx, reading them from `saved`
-    /// when given); the output has x's dtype and shape.
+    /// into `saved` when given) or `bwd_dx` (x, w, dy → dx, reading them
+    /// from `saved` when given); the output has x's dtype and shape.
     pub(super) fn rows(
         which: &str,
         eps: f64,

@@ -308,14 +308,16 @@ impl CustomOp1 for DropoutOp {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use super::DropParams;
     use crate::cuda::{self as k, ptx};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{CudaStorage, Layout, Result};
 
-    const MODULE: &str = "tunefuse_mixout";
+    /// The module of kernels/mixout.cu (also `philox_advance`'s, launched
+    /// by `crate::cuda::PhiloxAnchor`).
+    pub(crate) const MODULE: &str = "tunefuse_mixout";
     const BLOCK: u32 = 256;
 
     /// `<op>_<dtype>` (op: mixout, dropout or dropout_add), with the second
@@ -354,8 +356,8 @@ mod cuda {
                 .arg(&d.threshold)
                 .arg(&d.scale);
             // One thread per 16 bytes of elements (kernels/mixout.cu).
-            let per_thread = 16 / s.dtype().size_in_bytes();
-            k::launch(&mut b, k::grid_for(n.div_ceil(per_thread), BLOCK), BLOCK)?;
+            let threads = n.div_ceil(k::per_16_bytes(s.dtype()));
+            k::launch(&mut b, k::grid_for(threads, BLOCK), BLOCK)?;
             Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
         })
     }

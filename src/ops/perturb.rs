@@ -535,8 +535,8 @@ mod cuda {
                 .arg(&op.sigma)
                 .arg(&normal);
             // One thread per 16 bytes of elements (kernels/perturb.cu).
-            let per_thread = 16 / op.dtype.size_in_bytes();
-            k::launch(&mut b, k::grid_for(n.div_ceil(per_thread), 256), 256)?;
+            let threads = n.div_ceil(k::per_16_bytes(op.dtype));
+            k::launch(&mut b, k::grid_for(threads, 256), 256)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         })
     }
