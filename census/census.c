@@ -71,7 +71,8 @@ typedef struct {
  * kernels + memsets + copies + cuBLAS + cuRAND calls. */
 #define CATEGORIES(X)                                                          \
   X(kernels) X(memsets) X(htod) X(dtoh) X(dtod) X(allocs) X(frees) X(events)   \
-  X(syncs) X(cublas) X(curand) X(modules) X(unsupported) X(other)
+  X(syncs) X(cublas) X(curand) X(modules) X(graphs) X(graph_nodes)           \
+  X(capture_errors) X(unsupported) X(other)
 enum category {
 #define X(c) CAT_##c,
   CATEGORIES(X)
@@ -92,6 +93,9 @@ static const char *category_names[] = {
   X(cuEventDestroy_v2, events) X(cuEventRecord, events)                        \
   X(cuStreamWaitEvent, events) X(cuStreamSynchronize, syncs)                   \
   X(cuStreamDestroy_v2, other) X(cuStreamIsCapturing, other)                   \
+  X(cuStreamBeginCapture_v2, other) X(cuStreamEndCapture, other)               \
+  X(cuGraphInstantiateWithFlags, other) X(cuGraphLaunch, graphs)               \
+  X(cuGraphUpload, other) X(cuGraphExecDestroy, other) X(cuGraphDestroy, other) \
   X(cuFuncSetAttribute, other) X(cuGetErrorString, other)                      \
   X(cuLaunchKernel, kernels) X(cuMemAllocAsync, allocs)                        \
   X(cuMemAlloc_v2, allocs) X(cuMemFreeAsync, frees) X(cuMemFree_v2, frees)     \
@@ -101,6 +105,7 @@ static const char *category_names[] = {
   X(cuModuleLoad, modules) X(cuModuleLoadData, modules)                        \
   X(cuModuleUnload, modules) X(cublasCreate_v2, other)                         \
   X(cublasDestroy_v2, other) X(cublasSetStream_v2, other)                      \
+  X(cublasSetWorkspace_v2, other)                                              \
   X(cublasGemmStridedBatchedEx, cublas) X(cublasDgemmStridedBatched, cublas)   \
   X(cublasLtCreate, other) X(cublasLtDestroy, other)                           \
   X(cublasLtMatrixLayoutCreate, other) X(cublasLtMatrixLayoutDestroy, other)   \
@@ -165,8 +170,24 @@ static inline uint64_t now_ns(void) {
   return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
 }
 static inline uint64_t enter(void) { return now_ns(); }
+
+/* Stream capture (CUDA graphs). While a capture is active the GPU
+ * operations the process asks for are recorded into the graph, not run;
+ * they are counted as calls as usual and also as graph nodes, so the
+ * census shows both what a capture recorded and that a replayed step asks
+ * for one graph launch. The state follows cuStreamBeginCapture_v2 and
+ * cuStreamEndCapture in both builds; the values are the driver's
+ * CUstreamCaptureStatus (none, active, invalidated). The process captures
+ * on its one stream, so one state is enough. */
+static int capture_state;
+static uint64_t graph_nodes, capture_errors;
+static inline int gpu_op(enum category c) {
+  return c == CAT_kernels || c == CAT_memsets || c == CAT_htod || c == CAT_dtoh || c == CAT_dtod ||
+         c == CAT_cublas || c == CAT_curand;
+}
 static inline void leave(enum symbol s, uint64_t t0) {
   add(&calls[s], 1);
+  if (__atomic_load_n(&capture_state, __ATOMIC_ACQUIRE) && gpu_op(symbol_category[s])) add(&graph_nodes, 1);
   add(&inside_ns, now_ns() - t0);
 }
 
@@ -535,6 +556,8 @@ size_t tunefuse_census_json(char *buf, size_t cap) {
   uint64_t cat[NCAT] = {0};
   for (int s = 0; s < NSYM; s++) cat[symbol_category[s]] += __atomic_load_n(&calls[s], __ATOMIC_RELAXED);
   cat[CAT_unsupported] = __atomic_load_n(&unsupported_calls, __ATOMIC_RELAXED);
+  cat[CAT_graph_nodes] = __atomic_load_n(&graph_nodes, __ATOMIC_RELAXED);
+  cat[CAT_capture_errors] = __atomic_load_n(&capture_errors, __ATOMIC_RELAXED);
   put(buf, cap, "{\"mode\":\"" MODE "\",\"inside_ns\":%llu,\"categories\":{",
       (unsigned long long)__atomic_load_n(&inside_ns, __ATOMIC_RELAXED));
   for (int c = 0; c < NCAT; c++)
@@ -663,6 +686,131 @@ __attribute__((unused)) static int attribute(int a) {
 __attribute__((unused)) static void *host_alloc(size_t n) { return calloc(n ? n : 1, 1); }
 __attribute__((unused)) static int standin_device, standin_ctx, standin_module, standin_handle;
 
+/* What the driver refuses during a capture, emulated by the stand-in so
+ * that a step that could not be captured on a GPU fails here too: a copy
+ * between the host's pageable memory and the device, a synchronisation, a
+ * synchronous allocation (each fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED
+ * and invalidates the capture, whose end then fails with
+ * CUDA_ERROR_STREAM_CAPTURE_INVALIDATED), and a stream-ordered free of memory
+ * the capture did not allocate (CUDA_ERROR_INVALID_VALUE: inside a capture a
+ * free becomes a graph node and may only name the graph's own allocations).
+ * Each is counted under capture_errors and named on stderr. */
+#define CAPTURE_UNSUPPORTED 900
+#define CAPTURE_INVALIDATED 901
+__attribute__((unused)) static int capture_refuses(const char *what) {
+  if (!__atomic_load_n(&capture_state, __ATOMIC_ACQUIRE)) return 0;
+  add(&capture_errors, 1);
+  fprintf(stderr, "tunefuse census stand-in: %s during a stream capture (the driver refuses it)\n", what);
+  __atomic_store_n(&capture_state, 2, __ATOMIC_RELEASE);
+  return 1;
+}
+
+/* The allocations a capture made that it has not freed: graph allocations.
+ * A graph whose allocations outlive it may be launched again only after
+ * they are freed (CUDA_ERROR_INVALID_VALUE otherwise), which the stand-in
+ * checks at cuGraphLaunch. */
+struct ptrs {
+  uint64_t *p;
+  size_t n, cap;
+};
+__attribute__((unused)) static struct ptrs capture_allocs;
+__attribute__((unused)) static void ptrs_add(struct ptrs *s, uint64_t p) {
+  if (s->n == s->cap) {
+    size_t cap = s->cap ? 2 * s->cap : 256;
+    uint64_t *q = realloc(s->p, cap * sizeof *q);
+    if (!q) return;
+    s->p = q, s->cap = cap;
+  }
+  s->p[s->n++] = p;
+}
+__attribute__((unused)) static int ptrs_remove(struct ptrs *s, uint64_t p) {
+  for (size_t i = s->n; i-- > 0;)
+    if (s->p[i] == p) {
+      s->p[i] = s->p[--s->n];
+      return 1;
+    }
+  return 0;
+}
+/* Whether p is the start of a live allocation. */
+__attribute__((unused)) static int is_live(uint64_t p) {
+  pthread_mutex_lock(&ranges_lock);
+  size_t i = range_after(p);
+  int yes = i > 0 && ranges[i - 1].lo == p;
+  pthread_mutex_unlock(&ranges_lock);
+  return yes;
+}
+/* A stand-in graph (and its executable form): the allocations it leaves
+ * live, and whether it was launched. */
+struct standin_graph {
+  struct ptrs live;
+  int launched;
+};
+__attribute__((unused)) static CUresult standin_end_capture(void **graph) {
+  int state = __atomic_exchange_n(&capture_state, 0, __ATOMIC_ACQ_REL);
+  struct ptrs left = capture_allocs;
+  capture_allocs = (struct ptrs){0};
+  if (state != 1) {
+    free(left.p);
+    *graph = NULL;
+    return state == 2 ? CAPTURE_INVALIDATED : 1;
+  }
+  struct standin_graph *g = calloc(1, sizeof *g);
+  if (!g) return 2;
+  g->live = left;
+  *graph = g;
+  return 0;
+}
+__attribute__((unused)) static CUresult standin_instantiate(void **exec, void *graph) {
+  struct standin_graph *g = graph, *e = calloc(1, sizeof *e);
+  if (!g || !e) return 1;
+  e->live.n = g->live.n;
+  e->live.cap = g->live.n;
+  e->live.p = g->live.n ? malloc(g->live.n * sizeof *e->live.p) : NULL;
+  if (g->live.n) memcpy(e->live.p, g->live.p, g->live.n * sizeof *e->live.p);
+  *exec = e;
+  return 0;
+}
+__attribute__((unused)) static CUresult standin_launch(void *exec) {
+  struct standin_graph *e = exec;
+  if (!e) return 1;
+  if (e->launched)
+    for (size_t i = 0; i < e->live.n; i++)
+      if (is_live(e->live.p[i])) {
+        add(&capture_errors, 1);
+        fprintf(stderr, "tunefuse census stand-in: a graph launched again while an allocation it made "
+                        "is still live (the driver refuses it)\n");
+        return 1;
+      }
+  e->launched = 1;
+  return 0;
+}
+__attribute__((unused)) static void standin_graph_free(void *graph) {
+  struct standin_graph *g = graph;
+  if (g) free(g->live.p);
+  free(g);
+}
+/* A stream-ordered free: inside a capture only of the capture's own
+ * allocations (then a graph node; the memory is released here at once,
+ * as no replay reads it), otherwise at once. */
+__attribute__((unused)) static CUresult standin_free_async(uint64_t p) {
+  if (__atomic_load_n(&capture_state, __ATOMIC_ACQUIRE) == 1 && !ptrs_remove(&capture_allocs, p)) {
+    add(&capture_errors, 1);
+    fprintf(stderr, "tunefuse census stand-in: a stream-ordered free, during a capture, of memory "
+                    "allocated before it (the driver refuses it)\n");
+    __atomic_store_n(&capture_state, 2, __ATOMIC_RELEASE);
+    return 1;
+  }
+  range_remove(p);
+  free((void *)(uintptr_t)p);
+  return 0;
+}
+__attribute__((unused)) static CUresult standin_alloc_async(CUdeviceptr *p, size_t n) {
+  *p = (CUdeviceptr)(uintptr_t)host_alloc(n);
+  if (!*p) return 2;
+  if (__atomic_load_n(&capture_state, __ATOMIC_ACQUIRE) == 1) ptrs_add(&capture_allocs, *p);
+  return 0;
+}
+
 /* Driver. */
 DEF(CUresult, cuInit, (unsigned flags), (flags), r = 0, NOTHING)
 DEF(CUresult, cuDeviceGet, (CUdevice * d, int ordinal), (d, ordinal), (*d = ordinal, r = ordinal == 0 ? 0 : 101), NOTHING)
@@ -679,9 +827,26 @@ DEF(CUresult, cuEventCreate, (CUevent * e, unsigned flags), (e, flags), (*e = ho
 DEF(CUresult, cuEventDestroy_v2, (CUevent e), (e), (free(e), r = 0), NOTHING)
 DEF(CUresult, cuEventRecord, (CUevent e, CUstream s), (e, s), r = 0, NOTHING)
 DEF(CUresult, cuStreamWaitEvent, (CUstream s, CUevent e, unsigned flags), (s, e, flags), r = 0, NOTHING)
-DEF(CUresult, cuStreamSynchronize, (CUstream s), (s), r = 0, NOTHING)
+DEF(CUresult, cuStreamSynchronize, (CUstream s), (s),
+    r = capture_refuses("cuStreamSynchronize") ? CAPTURE_UNSUPPORTED : 0, NOTHING)
 DEF(CUresult, cuStreamDestroy_v2, (CUstream s), (s), r = 0, NOTHING)
-DEF(CUresult, cuStreamIsCapturing, (CUstream s, int *status), (s, status), (*status = 0, r = 0), NOTHING)
+DEF(CUresult, cuStreamIsCapturing, (CUstream s, int *status), (s, status),
+    (*status = __atomic_load_n(&capture_state, __ATOMIC_ACQUIRE), r = 0), NOTHING)
+DEF(CUresult, cuStreamBeginCapture_v2, (CUstream s, int mode), (s, mode),
+    r = __atomic_load_n(&capture_state, __ATOMIC_ACQUIRE) ? 1 : 0,
+    if (r == 0) __atomic_store_n(&capture_state, 1, __ATOMIC_RELEASE))
+#ifdef CENSUS_STANDIN
+DEF(CUresult, cuStreamEndCapture, (CUstream s, void **graph), (s, graph), r = standin_end_capture(graph), NOTHING)
+#else
+DEF(CUresult, cuStreamEndCapture, (CUstream s, void **graph), (s, graph), r = 0,
+    __atomic_store_n(&capture_state, 0, __ATOMIC_RELEASE))
+#endif
+DEF(CUresult, cuGraphInstantiateWithFlags, (void **exec, void *graph, unsigned long long flags),
+    (exec, graph, flags), r = standin_instantiate(exec, graph), NOTHING)
+DEF(CUresult, cuGraphLaunch, (void *exec, CUstream s), (exec, s), r = standin_launch(exec), NOTHING)
+DEF(CUresult, cuGraphUpload, (void *exec, CUstream s), (exec, s), r = 0, NOTHING)
+DEF(CUresult, cuGraphExecDestroy, (void *exec), (exec), (standin_graph_free(exec), r = 0), NOTHING)
+DEF(CUresult, cuGraphDestroy, (void *graph), (graph), (standin_graph_free(graph), r = 0), NOTHING)
 DEF(CUresult, cuFuncSetAttribute, (CUfunction f, int a, int v), (f, a, v), r = 0, NOTHING)
 DEF(CUresult, cuGetErrorString, (CUresult e, const char **s), (e, s),
     (*s = "error returned by the tunefuse census stand-in", r = 0), NOTHING)
@@ -698,19 +863,22 @@ DEF(CUresult, cuLaunchKernel,
 #define RANGE_REMOVE_AFTER(p) range_remove(p)
 #endif
 DEF(CUresult, cuMemAllocAsync, (CUdeviceptr * p, size_t n, CUstream s), (p, n, s),
-    (*p = (CUdeviceptr)(uintptr_t)host_alloc(n), r = *p ? 0 : 2), if (r == 0) range_add(*p, n))
+    r = standin_alloc_async(p, n), if (r == 0) range_add(*p, n))
 DEF(CUresult, cuMemAlloc_v2, (CUdeviceptr * p, size_t n), (p, n),
-    (*p = (CUdeviceptr)(uintptr_t)host_alloc(n), r = *p ? 0 : 2), if (r == 0) range_add(*p, n))
-DEF(CUresult, cuMemFreeAsync, (CUdeviceptr p, CUstream s), (p, s),
-    (range_remove(p), free((void *)(uintptr_t)p), r = 0), RANGE_REMOVE_AFTER(p))
+    if (capture_refuses("cuMemAlloc")) r = CAPTURE_UNSUPPORTED;
+    else (*p = (CUdeviceptr)(uintptr_t)host_alloc(n), r = *p ? 0 : 2), if (r == 0) range_add(*p, n))
+DEF(CUresult, cuMemFreeAsync, (CUdeviceptr p, CUstream s), (p, s), r = standin_free_async(p),
+    if (r == 0) RANGE_REMOVE_AFTER(p))
 DEF(CUresult, cuMemFree_v2, (CUdeviceptr p), (p), (range_remove(p), free((void *)(uintptr_t)p), r = 0),
     RANGE_REMOVE_AFTER(p))
 DEF(CUresult, cuMemcpyDtoDAsync_v2, (CUdeviceptr d, CUdeviceptr src, size_t n, CUstream s), (d, src, n, s),
     (memmove((void *)(uintptr_t)d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtod, n))
 DEF(CUresult, cuMemcpyDtoHAsync_v2, (void *d, CUdeviceptr src, size_t n, CUstream s), (d, src, n, s),
-    (memcpy(d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtoh, n))
+    if (capture_refuses("a device-to-host copy to pageable memory")) r = CAPTURE_UNSUPPORTED;
+    else (memcpy(d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtoh, n))
 DEF(CUresult, cuMemcpyHtoDAsync_v2, (CUdeviceptr d, const void *src, size_t n, CUstream s), (d, src, n, s),
-    (memcpy((void *)(uintptr_t)d, src, n), r = 0), (add(&bytes_htod, n), trace("htod")))
+    if (capture_refuses("a host-to-device copy from pageable memory")) r = CAPTURE_UNSUPPORTED;
+    else (memcpy((void *)(uintptr_t)d, src, n), r = 0), (add(&bytes_htod, n), trace("htod")))
 DEF(CUresult, cuMemcpyPeerAsync,
     (CUdeviceptr d, CUcontext dc, CUdeviceptr src, CUcontext sc, size_t n, CUstream s), (d, dc, src, sc, n, s),
     (memmove((void *)(uintptr_t)d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtod, n))
@@ -728,6 +896,7 @@ DEF(CUresult, cuModuleUnload, (CUmodule m), (m), r = 0, NOTHING)
 DEF(cublasStatus_t, cublasCreate_v2, (cublasHandle_t * h), (h), (*h = &standin_handle, r = 0), NOTHING)
 DEF(cublasStatus_t, cublasDestroy_v2, (cublasHandle_t h), (h), r = 0, NOTHING)
 DEF(cublasStatus_t, cublasSetStream_v2, (cublasHandle_t h, cudaStream_t s), (h, s), r = 0, NOTHING)
+DEF(cublasStatus_t, cublasSetWorkspace_v2, (cublasHandle_t h, void *ws, size_t n), (h, ws, n), r = 0, NOTHING)
 DEF(cublasStatus_t, cublasGemmStridedBatchedEx,
     (cublasHandle_t h, int ta, int tb, int m, int n, int k, const void *alpha, const void *A, int at, int lda,
      long long sa, const void *B, int bt, int ldb, long long sb, const void *beta, void *C, int ct, int ldc,
@@ -858,7 +1027,8 @@ DEF(const char *, cudaGetErrorName, (cudaError_t e), (e), r = "cudaErrorCensusSt
 DEF(const char *, cudaGetErrorString, (cudaError_t e), (e), r = "error returned by the tunefuse census stand-in",
     NOTHING)
 DEF(cudaError_t, cudaGetLastError, (void), (), r = 0, NOTHING)
-DEF(cudaError_t, cudaMalloc, (void **p, size_t n), (p, n), (*p = host_alloc(n), r = *p ? 0 : 2),
+DEF(cudaError_t, cudaMalloc, (void **p, size_t n), (p, n),
+    if (capture_refuses("cudaMalloc")) r = CAPTURE_UNSUPPORTED; else (*p = host_alloc(n), r = *p ? 0 : 2),
     if (r == 0) range_add((uint64_t)(uintptr_t)*p, n))
 DEF(cudaError_t, cudaMallocAsync_ptsz, (void **p, size_t n, cudaStream_t s), (p, n, s),
     (*p = host_alloc(n), r = *p ? 0 : 2), if (r == 0) range_add((uint64_t)(uintptr_t)*p, n))
@@ -869,7 +1039,8 @@ DEF(cudaError_t, cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags,
     (unsupported("cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags"), r = 801), NOTHING)
 DEF(cudaError_t, cudaPeekAtLastError, (void), (), r = 0, NOTHING)
 DEF(cudaError_t, cudaSetDevice, (int d), (d), (standin_device = d, r = 0), NOTHING)
-DEF(cudaError_t, cudaStreamSynchronize_ptsz, (cudaStream_t s), (s), r = 0, NOTHING)
+DEF(cudaError_t, cudaStreamSynchronize_ptsz, (cudaStream_t s), (s),
+    r = capture_refuses("cudaStreamSynchronize") ? CAPTURE_UNSUPPORTED : 0, NOTHING)
 
 /* cuRAND. */
 DEF(curandStatus_t, curandCreateGenerator, (curandGenerator_t * g, int type), (g, type),

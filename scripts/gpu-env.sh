@@ -7,4 +7,4 @@ tar -xJf .gpu/bundle.tar.xz -C "$bin" || { echo "no .gpu/bundle.tar.xz: run scri
 nv=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))' 2>/dev/null || true)
 export LD_LIBRARY_PATH="${nv:+$nv/nvidia/cu13/lib:}/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export PYTHONUNBUFFERED=1
-export TUNEFUSE_GOLDEN="$PWD/$bin/golden" TUNEFUSE_MODEL_DIR="$PWD/$bin/model"
+export TUNEFUSE_GOLDEN="$PWD/$bin/golden" TUNEFUSE_MODEL_DIR="$PWD/$bin/model" TUNEFUSE_DATA="$PWD/$bin/data"

@@ -8,6 +8,8 @@
 #              must equal the stand-in's census of the same binary
 #   e2e        ours against Hugging Face eager on the same card: SST-2, 300
 #              steps of 32, lr 5e-5, bf16, vanilla and SMART
+#   graph      the same two runs with the step as a CUDA graph (cuda_graph,
+#              batches padded to multiples of 16), against the same peer
 #   bench      our kernel benchmarks and the PyTorch peers, one table
 #   sanitizer  compute-sanitizer over a reduced test set
 #   adapter    the adapter / LoRA kernel tests
@@ -81,6 +83,21 @@ if want e2e; then
       --method "$method" --train-examples 9600 --epochs 1 --batch-size 32 --lr 5e-5 --seed 1 --device cuda \
       --bf16 >"$bin/e2e-$method.peer.json" 2>"$bin/e2e-$method.peer.log" || tail -n 5 "$bin/e2e-$method.peer.log"
     scripts/e2e-compare.py "$bin/e2e-$method" "$bin/e2e-$method.peer.json" || echo "e2e $method: no comparison"
+  done
+fi
+
+if want graph; then
+  # The e2e runs with each batch shape's step captured once and replayed
+  # (tests/cuda_ops.rs captured_steps_equal_eager_steps checks the values);
+  # compared with the peer of the e2e step.
+  for method in vanilla smart; do
+    step "end to end, $method as CUDA graphs (pad_to_multiple = 16)"
+    t=$(budget 60); [ "$t" -gt 0 ] || { skip; continue; }
+    timeout "$t" "$bin/tunefuse" finetune --model "$TUNEFUSE_MODEL_DIR" --task sst2 --data-dir "$bin/data" \
+      --method "$method" --train-examples 9600 --epochs 1 --batch-size 32 --lr 5e-5 --seed 1 --device cuda \
+      --cuda-graph --set pad_to_multiple=16 --output "$bin/e2e-graph-$method" 2>&1 | tail -n 1
+    [ -s "$bin/e2e-$method.peer.json" ] &&
+      { scripts/e2e-compare.py "$bin/e2e-graph-$method" "$bin/e2e-$method.peer.json" || echo "e2e graph $method: no comparison"; }
   done
 fi
 

@@ -19,10 +19,13 @@ use crate::error::{param_err, Result};
 use crate::train::trainer::{Config, Run};
 
 /// The per-step counts that must not rise (the CI ratchet), in table order.
-/// `gpu_ops` is kernels + memsets + copies + cuBLAS + cuRAND calls: the
-/// operations a CUDA graph would hold.
-pub const COUNTS: [&str; 13] = [
+/// `gpu_ops` is kernels + memsets + copies + cuBLAS + cuRAND calls + graph
+/// launches: what the host submits to the GPU, each a driver call (a
+/// replayed step is one graph launch; the launches inside it are counted
+/// once, when it is captured: [`CaseCensus::graph_nodes`]).
+pub const COUNTS: [&str; 14] = [
     "gpu_ops",
+    "graphs",
     "kernels",
     "memsets",
     "htod",
@@ -80,6 +83,29 @@ pub const CASES: &[Case] = &[
     case("lora-long", "lora", "amazon:books", 256, &[]),
     // Lengths padded to multiples of 16: the shapes a step meets repeat.
     case("vanilla-pad16", "", "sst2", 128, &["pad_to_multiple = 16"]),
+    // The step as a CUDA graph (`cuda_graph`): the first step of the
+    // shape runs eagerly, the second is captured, the measured ones replay.
+    case(
+        "vanilla-graph",
+        "",
+        "amazon:books",
+        256,
+        &["cuda_graph = true"],
+    ),
+    case(
+        "smart-graph",
+        "smart",
+        "amazon:books",
+        256,
+        &["cuda_graph = true"],
+    ),
+    case(
+        "lora-graph",
+        "lora",
+        "amazon:books",
+        256,
+        &["cuda_graph = true"],
+    ),
 ];
 
 const fn case(
@@ -297,6 +323,15 @@ pub struct CaseCensus {
     pub top_kernels: Vec<(String, f64)>,
     /// Every library function called in a step, calls per step.
     pub calls_per_step: BTreeMap<String, f64>,
+    /// GPU operations recorded into CUDA graphs over the whole case, warm-up
+    /// included (the captured steps' launches, copies and library calls).
+    #[serde(default)]
+    pub graph_nodes: u64,
+    /// Operations the driver refuses inside a capture, or relaunches it
+    /// refuses, over the whole case (the stand-in counts them; see
+    /// census/census.c); must stay 0.
+    #[serde(default)]
+    pub capture_errors: u64,
     /// What a graph captured from one step would replay wrong ([`Capture`]);
     /// `None` when no two consecutive measured steps had the same batch
     /// shape (then shape arguments would differ too and nothing can be
@@ -314,7 +349,7 @@ fn diff(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> BTreeMap<String
 
 fn with_gpu_ops(mut c: BTreeMap<String, u64>) -> BTreeMap<String, u64> {
     let ops = [
-        "kernels", "memsets", "htod", "dtoh", "dtod", "cublas", "curand",
+        "kernels", "memsets", "htod", "dtoh", "dtod", "cublas", "curand", "graphs",
     ]
     .iter()
     .map(|k| c.get(*k).copied().unwrap_or(0))
@@ -387,6 +422,7 @@ pub fn run_case(
     let (mut counts, mut calls, mut kernels, mut bytes) = (vec![], vec![], vec![], vec![]);
     let (mut host_ns, mut wall_ns, mut flops) = (0u128, 0u128, 0u64);
     let mut logged = vec![];
+    let first = read()?;
     for i in 0..warmup + steps {
         let group = [&order[i * batch_size..(i + 1) * batch_size]];
         run.bert.stream.set_train(true);
@@ -415,6 +451,10 @@ pub fn run_case(
         bytes.push(diff(&before.bytes, &after.bytes));
     }
     drop(kept);
+    let last = read()?;
+    let whole = |k: &str| {
+        last.categories.get(k).copied().unwrap_or(0) - first.categories.get(k).copied().unwrap_or(0)
+    };
     let per = |x: u128| x as f64 / steps as f64 / 1e3;
     let mut top: Vec<(String, f64)> = mean(&kernels).into_iter().collect();
     top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -437,6 +477,8 @@ pub fn run_case(
         gemm_gflop_per_step: flops as f64 / steps as f64 / 1e9,
         top_kernels: top,
         calls_per_step: mean(&calls),
+        graph_nodes: whole("graph_nodes"),
+        capture_errors: whole("capture_errors"),
         capture: capture(&logged),
     })
 }
@@ -587,6 +629,18 @@ pub fn differences(recorded: &Census, now: &Census, how: Compare) -> Vec<String>
             };
             if bad {
                 out.push(format!("{}: {k} {a:.2} → {b:.2} per step", old.name));
+            }
+        }
+        for (k, a, b) in [
+            ("graph_nodes", old.graph_nodes, new.graph_nodes),
+            ("capture_errors", old.capture_errors, new.capture_errors),
+        ] {
+            let bad = match how {
+                Compare::Rises => b > a,
+                Compare::Differs => b != a,
+            };
+            if bad {
+                out.push(format!("{}: {k} {a} → {b} over the case", old.name));
             }
         }
         match (&old.capture, &new.capture, how) {
@@ -751,5 +805,65 @@ mod tests {
         *fewer.cases[0].per_step.get_mut("kernels").unwrap() -= 1.0;
         assert!(differences(&recorded, &fewer, Compare::Rises).is_empty());
         assert!(!differences(&recorded, &fewer, Compare::Differs).is_empty());
+    }
+
+    /// The stand-in refuses inside a capture what the driver refuses (a
+    /// host-to-device copy, a free of memory from before the capture) and
+    /// a relaunch while memory the graph allocated is still held; each is
+    /// counted under capture_errors. A capture of device work alone gives
+    /// a graph that launches. Runs only with the stand-in loaded (the lib
+    /// tests `scripts/step-census.sh --check` runs).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn the_stand_in_refuses_what_a_capture_cannot_hold() {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        use candle_core::{DType, Device, Tensor};
+        let Ok(t0) = read() else {
+            eprintln!("skipped: the census library is not loaded (scripts/step-census.sh)");
+            return;
+        };
+        if t0.mode != "stand-in" {
+            eprintln!("skipped: the census library is the interposer, not the stand-in");
+            return;
+        }
+        let errors = |t: &Totals| t.categories.get("capture_errors").copied().unwrap_or(0);
+        let dev = crate::cuda_device(0).unwrap();
+        let Device::Cuda(d) = &dev else {
+            unreachable!("a CUDA device")
+        };
+        let stream = d.cuda_stream();
+        let mode = sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+        let flags = sys::CUgraphInstantiate_flags(0);
+        let end = || {
+            let recorded = stream.context().check_err();
+            let g = stream.end_capture(flags);
+            recorded.and(g)
+        };
+
+        // A host-to-device copy: refused, and the capture with it.
+        stream.begin_capture(mode).unwrap();
+        assert!(Tensor::new(&[1f32, 2.0], &dev).is_err());
+        assert!(end().is_err());
+        assert_eq!(errors(&read().unwrap()), errors(&t0) + 1);
+
+        // A free of memory allocated before the capture.
+        let before = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        stream.begin_capture(mode).unwrap();
+        drop(before);
+        assert!(end().is_err());
+        assert_eq!(errors(&read().unwrap()), errors(&t0) + 2);
+
+        // Device work alone: a graph. Memory it allocates and leaves held
+        // (`kept`) must be freed before the graph launches again.
+        let x = Tensor::zeros(4, DType::F32, &dev).unwrap();
+        stream.begin_capture(mode).unwrap();
+        let kept = (&x + 1.0).unwrap();
+        let graph = end().unwrap().expect("a graph");
+        graph.launch().unwrap();
+        assert!(graph.launch().is_err());
+        assert_eq!(errors(&read().unwrap()), errors(&t0) + 3);
+        drop(kept);
+        graph.launch().unwrap();
+        assert_eq!(errors(&read().unwrap()), errors(&t0) + 3);
     }
 }

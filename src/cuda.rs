@@ -187,6 +187,166 @@ pub(crate) fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSli
     unsafe { dev.alloc::<T>(n.max(1)) }
 }
 
+/// The device address and byte length of the whole storage under CUDA
+/// tensor `t` (of every view of it, not only `t`'s elements).
+fn storage_span(t: &candle_core::Tensor) -> Result<(CudaDevice, u64, usize)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    let (st, _) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(cs) = &*st else {
+        candle_core::bail!("expected a CUDA tensor, got one on {:?}", t.device())
+    };
+    let stream = cs.device.cuda_stream();
+    macro_rules! span {
+        ($t:ty) => {{
+            let s = cs.as_cuda_slice::<$t>()?;
+            (s.device_ptr(&stream).0, s.len() * std::mem::size_of::<$t>())
+        }};
+    }
+    // With one stream and event tracking off (crate::cuda_device) the
+    // pointer guards record nothing; stream order keeps every use in order.
+    let (ptr, bytes) = match t.dtype() {
+        DType::U8 => span!(u8),
+        DType::U32 => span!(u32),
+        DType::I64 => span!(i64),
+        DType::F32 => span!(f32),
+        DType::F64 => span!(f64),
+        DType::BF16 => span!(half::bf16),
+        DType::F16 => span!(half::f16),
+        dt => candle_core::bail!("no storage span for dtype {dt:?}"),
+    };
+    Ok((cs.device.clone(), ptr, bytes))
+}
+
+/// The bytes of the whole storage under CPU tensor `t`.
+fn host_bytes(t: &candle_core::Tensor, f: impl FnOnce(&[u8]) -> Result<()>) -> Result<()> {
+    let (st, _) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cs) = &*st else {
+        candle_core::bail!("expected a CPU tensor, got one on {:?}", t.device())
+    };
+    fn raw<T>(v: &[T]) -> &[u8] {
+        // SAFETY: a slice of plain numbers, every byte initialised.
+        unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+    }
+    let b = match t.dtype() {
+        DType::U8 => raw(cs.as_slice::<u8>()?),
+        DType::U32 => raw(cs.as_slice::<u32>()?),
+        DType::I64 => raw(cs.as_slice::<i64>()?),
+        DType::F32 => raw(cs.as_slice::<f32>()?),
+        DType::F64 => raw(cs.as_slice::<f64>()?),
+        DType::BF16 => raw(cs.as_slice::<half::bf16>()?),
+        DType::F16 => raw(cs.as_slice::<half::f16>()?),
+        dt => candle_core::bail!("no host bytes for dtype {dt:?}"),
+    };
+    f(b)
+}
+
+/// Writes host tensors into device tensors in place, pair by pair
+/// `(device, host)`: what a captured CUDA graph reads from fixed
+/// addresses (a step's batch) refilled before a replay. Each pair must
+/// agree in dtype, shape and layout, and the storages be shared alike on
+/// both sides (views of one buffer, as a tokenised batch's ids, types and
+/// mask are); each distinct storage is then copied whole, in one
+/// host-to-device copy on the device's stream.
+pub fn upload_into(pairs: &[(&candle_core::Tensor, &candle_core::Tensor)]) -> Result<()> {
+    // (host storage, device storage) already written.
+    let mut done: Vec<(usize, u64)> = Vec::new();
+    for (i, (dst, src)) in pairs.iter().enumerate() {
+        if dst.dtype() != src.dtype()
+            || dst.dims() != src.dims()
+            || dst.layout().stride() != src.layout().stride()
+            || dst.layout().start_offset() != src.layout().start_offset()
+        {
+            candle_core::bail!(
+                "upload_into: pair {i} differs: device {:?} {:?} (strides {:?}, offset {}) and \
+                 host {:?} {:?} (strides {:?}, offset {})",
+                dst.dtype(),
+                dst.dims(),
+                dst.layout().stride(),
+                dst.layout().start_offset(),
+                src.dtype(),
+                src.dims(),
+                src.layout().stride(),
+                src.layout().start_offset()
+            );
+        }
+        let (dev, ptr, bytes) = storage_span(dst)?;
+        let host = {
+            let (st, _) = src.storage_and_layout();
+            &*st as *const candle_core::Storage as usize
+        };
+        match done.iter().find(|(h, d)| *h == host || *d == ptr) {
+            Some(&(h, d)) if h == host && d == ptr => continue,
+            Some(_) => candle_core::bail!(
+                "upload_into: pair {i} shares a storage on one side only: the device and host \
+                 tensors are not laid out alike"
+            ),
+            None => {}
+        }
+        let stream = dev.cuda_stream();
+        host_bytes(src, |b| {
+            if b.len() != bytes {
+                candle_core::bail!(
+                    "upload_into: pair {i}: the host storage holds {} bytes, the device's {bytes}",
+                    b.len()
+                );
+            }
+            // SAFETY: `ptr` is the start of a device allocation of `bytes`
+            // bytes, on this stream; the pageable source is staged by the
+            // driver before the call returns.
+            unsafe {
+                candle_core::cuda_backend::cudarc::driver::result::memcpy_htod_async(
+                    ptr,
+                    b,
+                    stream.cu_stream(),
+                )
+            }
+            .w()
+        })?;
+        done.push((host, ptr));
+    }
+    Ok(())
+}
+
+/// Copies CUDA tensor `src`'s elements over `dst`'s in place (both
+/// contiguous, one dtype and element count, one device), in one
+/// device-to-device copy: a captured graph's output written into a buffer
+/// that outlives the graph, or that buffer read out after a replay.
+pub fn copy_into(dst: &candle_core::Tensor, src: &candle_core::Tensor) -> Result<()> {
+    if dst.dtype() != src.dtype()
+        || dst.elem_count() != src.elem_count()
+        || !dst.is_contiguous()
+        || !src.is_contiguous()
+    {
+        candle_core::bail!(
+            "copy_into: {:?} {:?} and {:?} {:?} are not two contiguous tensors of one dtype and \
+             size",
+            dst.dtype(),
+            dst.dims(),
+            src.dtype(),
+            src.dims()
+        );
+    }
+    let size = dst.dtype().size_in_bytes();
+    let (dev, d, _) = storage_span(dst)?;
+    let (_, s, _) = storage_span(src)?;
+    let (d, s) = (
+        d + (dst.layout().start_offset() * size) as u64,
+        s + (src.layout().start_offset() * size) as u64,
+    );
+    let stream = dev.cuda_stream();
+    // SAFETY: both ranges lie in live allocations on this stream (the
+    // offsets and counts of contiguous tensors of their storages).
+    unsafe {
+        candle_core::cuda_backend::cudarc::driver::result::memcpy_dtod_async(
+            d,
+            s,
+            dst.elem_count() * size,
+            stream.cu_stream(),
+        )
+    }
+    .w()
+}
+
 /// The device's ticket counter for last-block reductions (a kernel whose
 /// last block to finish combines every block's partial result): one u32,
 /// zeroed once, which each such kernel leaves at zero again (`atomicInc`
@@ -308,17 +468,7 @@ impl PhiloxAnchor {
     /// device counter on by the counters drawn (one launch, whose argument
     /// is again the same at every step of one shape).
     pub fn end(&mut self, offset: u64) -> Result<()> {
-        let Some((seed, start)) = self.active.take() else {
-            return Ok(());
-        };
-        self.release(seed);
-        if offset < start {
-            candle_core::bail!(
-                "Philox stream moved back during a step (from {start} to {offset}): draws \
-                 would repeat"
-            );
-        }
-        let n = offset - start;
+        let n = self.close(offset)?;
         if n > 0 {
             let f = func(
                 &self.dev,
@@ -329,9 +479,34 @@ impl PhiloxAnchor {
             let mut b = f.builder();
             b.arg(&mut self.counter).arg(&n);
             launch(&mut b, 1, 1)?;
-            self.holds += n;
         }
         Ok(())
+    }
+
+    /// Ends the step in progress, whose draws reached `offset`, as a
+    /// replayed CUDA graph runs it: the graph holds the launch that moves
+    /// the device counter (captured by [`PhiloxAnchor::end`]), so only the
+    /// host's record of the counter follows here.
+    pub fn end_replayed(&mut self, offset: u64) -> Result<()> {
+        self.close(offset).map(|_| ())
+    }
+
+    /// Closes the step in progress at `offset`: the counters it drew, which
+    /// the device counter holds once the step's launches have run.
+    fn close(&mut self, offset: u64) -> Result<u64> {
+        let Some((seed, start)) = self.active.take() else {
+            return Ok(0);
+        };
+        self.release(seed);
+        if offset < start {
+            candle_core::bail!(
+                "Philox stream moved back during a step (from {start} to {offset}): draws \
+                 would repeat"
+            );
+        }
+        let n = offset - start;
+        self.holds += n;
+        Ok(n)
     }
 
     fn release(&self, seed: u64) {
@@ -388,6 +563,50 @@ pub(crate) fn launch_smem(
 pub(crate) fn grid_for(n: usize, block: u32) -> u32 {
     let blocks = n.div_ceil(block as usize).max(1);
     blocks.min(132 * 32) as u32
+}
+
+/// Bytes of the workspace given to cuBLAS (NVIDIA's size for Hopper,
+/// what cuBLAS takes by default there).
+const CUBLAS_WORKSPACE: usize = 32 << 20;
+
+/// Gives candle's cuBLAS handle on `dev` a workspace of its own, kept for
+/// the process. cuBLAS otherwise takes its workspace from a pool it may
+/// grow on the fly, an allocation that a CUDA graph capture cannot
+/// contain; with one set explicitly, the GEMMs of a captured step use
+/// memory that outlives every graph (as PyTorch does for its graphs).
+pub(crate) fn set_cublas_workspace(dev: &CudaDevice) -> Result<()> {
+    type Workspaces = Mutex<HashMap<DeviceId, CudaSlice<u8>>>;
+    static WORKSPACES: OnceLock<Workspaces> = OnceLock::new();
+    let mut map = WORKSPACES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if map.contains_key(&dev.id()) {
+        return Ok(());
+    }
+    let ws = alloc::<u8>(dev, CUBLAS_WORKSPACE)?;
+    let stream = dev.cuda_stream();
+    {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        let (ptr, _g) = ws.device_ptr(&stream);
+        let blas = dev.cublas_handle();
+        use candle_core::cuda_backend::cudarc::cublas::sys;
+        // SAFETY: the handle is candle's for this device, bound to its one
+        // stream; the workspace is kept in the map for the process, so it
+        // outlives every use of the handle.
+        let status = unsafe {
+            sys::cublasSetWorkspace_v2(
+                *blas.handle(),
+                ptr as *mut std::ffi::c_void,
+                CUBLAS_WORKSPACE,
+            )
+        };
+        if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            candle_core::bail!("cuBLAS workspace: {status:?}");
+        }
+    }
+    map.insert(dev.id(), ws);
+    Ok(())
 }
 
 /// cuBLASLt for the dense layers' GEMMs with a bias epilogue. The handle,

@@ -33,8 +33,9 @@ pub use error::{Error, Result};
 /// two `cuEventDestroy` at free: ~10,000 driver calls of a vanilla MiniLM
 /// step, see `bench/step_census.json`). On one stream, stream order alone
 /// keeps uses, copies and frees in order, so the tracking is turned off
-/// before the first buffer. Without the `cuda` feature this is candle's
-/// "not compiled with CUDA" error.
+/// before the first buffer. cuBLAS gets a workspace of its own, which a
+/// captured CUDA graph needs (see [`train::config::Config::cuda_graph`]). Without
+/// the `cuda` feature this is candle's "not compiled with CUDA" error.
 pub fn cuda_device(ordinal: usize) -> candle_core::Result<candle_core::Device> {
     let dev = candle_core::Device::new_cuda(ordinal)?;
     #[cfg(feature = "cuda")]
@@ -43,6 +44,7 @@ pub fn cuda_device(ordinal: usize) -> candle_core::Result<candle_core::Device> {
         // one stream (candle's ops, cuda.rs's kernels, cuBLAS and cuRAND are
         // all bound to it), which is the condition cudarc states.
         unsafe { d.disable_event_tracking() };
+        cuda::set_cublas_workspace(d)?;
     }
     Ok(dev)
 }

@@ -243,6 +243,41 @@ fn compositions_the_math_refuses_are_refused_with_a_reason() {
     c.validate().unwrap();
 }
 
+/// `cuda_graph` covers the steps the census checks (vanilla, SMART, LoRA
+/// with a classification head) and refuses, naming it, what it does not.
+#[test]
+fn cuda_graph_is_refused_where_a_replay_is_not_checked() {
+    let with = |names: &str| {
+        let mut c = Config::default();
+        c.set_methods(names).unwrap();
+        c.set("cuda_graph = true").unwrap();
+        c
+    };
+    for ok in ["vanilla", "smart", "lora", "smart,lora"] {
+        with(ok).validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
+    }
+    for m in ["r3f", "freelb", "mixout", "adapter", "bregman"] {
+        let e = invalid(&with(&format!("smart,{m}")));
+        assert!(e.contains("cuda_graph") && e.contains(m), "{m}: {e}");
+    }
+    let mut c = with("vanilla");
+    c.phase_times = true;
+    assert!(invalid(&c).contains("phase_times"));
+    let mut c = with("vanilla");
+    c.gradual_unfreezing = true;
+    assert!(invalid(&c).contains("unfreezing"));
+    let mut c = with("vanilla");
+    c.set("recadam = { k = 0.5, t0 = 250, gamma = 1.0 }").unwrap();
+    assert!(invalid(&c).contains("recadam"));
+    let mut c = with("vanilla");
+    c.device = DeviceKind::Cpu;
+    assert!(invalid(&c).contains("cpu"));
+    let mut c = with("vanilla");
+    c.head = HeadKind::Regression;
+    c.metric = tunefuse::train::trainer::Metric::Pearson;
+    assert!(invalid(&c).contains("classification head"));
+}
+
 /// Resume and `tunefuse results` compare what two runs compute: the
 /// settings of a method neither run lists do not exist, so they are no
 /// difference; a method's settings are named by the method.

@@ -418,6 +418,11 @@ struct FinetuneArgs {
     /// device at every phase boundary, so the run is slower).
     #[arg(long)]
     phase_times: bool,
+    /// On CUDA, capture the training step as a CUDA graph per batch shape
+    /// and replay it (vanilla, SMART, LoRA; pad batches with
+    /// `--set pad_to_multiple=16` so the shapes repeat).
+    #[arg(long)]
+    cuda_graph: bool,
 }
 
 /// `cluster` flags.
@@ -664,6 +669,7 @@ fn finetune_config(a: &FinetuneArgs) -> Result<Config, String> {
         cfg.train_examples = a.train_examples;
     }
     cfg.phase_times |= a.phase_times;
+    cfg.cuda_graph |= a.cuda_graph;
     cfg.overwrite |= a.overwrite;
     // A token task (named entities) implies the token head and selects on
     // entity F1, unless the flags below say otherwise.

@@ -83,6 +83,19 @@ impl StepAnchor {
         let _ = rng;
         Ok(())
     }
+
+    /// Ends a step that a replayed CUDA graph ran, whose draws reached
+    /// `rng.offset`: the graph moved the device counter itself, so only
+    /// the host's record follows.
+    pub fn end_replayed(&mut self, rng: Rng) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(a) = self.inner.as_mut() {
+            a.end_replayed(rng.offset)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = rng;
+        Ok(())
+    }
 }
 
 /// Restores weight gradients when dropped ([`Stream::without_weight_grads`]).
@@ -418,6 +431,16 @@ impl Stream {
     /// that moves the device counter past the step's draws).
     pub fn end_step(&self) -> Result<()> {
         self.anchor.borrow_mut().end(self.position())
+    }
+
+    /// A step that a replayed CUDA graph runs on `device`, drawing `draws`
+    /// counters as the step it was captured from did: the stream moves
+    /// past them as if the step's draws had been taken here (the graph
+    /// moves the device counter itself).
+    pub fn replayed_step(&self, device: &candle_core::Device, draws: u64) -> Result<()> {
+        self.begin_step(device)?;
+        self.offset.set(self.offset.get() + draws);
+        self.anchor.borrow_mut().end_replayed(self.position())
     }
 
     /// The stream for one call over `n` elements.

@@ -545,7 +545,7 @@ mod cuda {
 /// clipping factor is `train::optim::clip_scale`'s.
 #[cfg(feature = "cuda")]
 pub mod multi {
-    use super::{storage_addr, AdamWTensor};
+    use super::{storage_addr, AdamWStep, AdamWTensor};
     use crate::cuda::{self as k, ptx};
     use crate::error::Result;
     use candle_core::backend::BackendDevice;
@@ -661,6 +661,59 @@ pub mod multi {
         unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
     }
 
+    /// The bytes of the `MtScalars` of a step whose tensors take `steps`
+    /// (in table order; they share β₁, β₂, ε and the bias corrections, as
+    /// [`clip_and_step`] checks), and each tensor's scalar group; `None`
+    /// for more than `GROUPS` distinct sets.
+    fn scalars_of(steps: &[AdamWStep], cache: &mut TableCache) -> Option<(Vec<u8>, Vec<usize>)> {
+        let s0 = steps.first()?;
+        let per: Vec<MtGroup> = steps
+            .iter()
+            .map(|st| {
+                let (lam, pull) = st.recadam.unwrap_or((1.0, 0.0));
+                MtGroup {
+                    lr: st.lr as f32,
+                    lam: lam as f32,
+                    pull: pull as f32,
+                    dlr: st.decay.unwrap_or(0.0) as f32,
+                }
+            })
+            .collect();
+        let groups = cache.grouping(&per)?;
+        let mut sc = MtScalars {
+            ic1: (1.0 / s0.c1) as f32,
+            ic2: (1.0 / s0.c2) as f32,
+            pad: [0.0; 2],
+            group: [MtGroup::default(); GROUPS],
+        };
+        let mut ngroups = 0;
+        for (&g, s) in groups.iter().zip(&per) {
+            sc.group[g] = *s;
+            ngroups = ngroups.max(g + 1);
+        }
+        let b = bytes(std::slice::from_ref(&sc))[..scalars_len(ngroups)].to_vec();
+        Some((b, groups))
+    }
+
+    /// Writes the scalars of a step whose tensors take `steps` (in the
+    /// order [`clip_and_step`] receives them) into the buffer its launch
+    /// reads on `dev`, ahead of the step: a step captured into a CUDA
+    /// graph, or the replay of one, takes its scalars from there, and
+    /// [`clip_and_step`] then finds them in place and uploads nothing
+    /// (a capture cannot contain the upload). `Ok(false)`, with nothing
+    /// written, where the multi-tensor form would not take the scalars.
+    pub fn stage_scalars(
+        dev: &CudaDevice,
+        steps: &[AdamWStep],
+        cache: &mut TableCache,
+    ) -> Result<bool> {
+        let Some((sc, _)) = scalars_of(steps, cache) else {
+            return Ok(false);
+        };
+        cache.scalars(dev, &sc)?;
+        Ok(true)
+    }
+
     /// Clips by `max_norm` (0: no clipping) and takes one AdamW step of
     /// every item; returns the global gradient norm (an f64 scalar on the
     /// device). `Ok(None)`, with nothing done, when the multi-tensor form
@@ -689,13 +742,6 @@ pub mod multi {
         let mut dev = None;
         let mut tensors = Vec::with_capacity(items.len());
         let mut grads = MtStep { grad: [0; TENSORS] };
-        let mut sc = MtScalars {
-            ic1: (1.0 / s0.c1) as f32,
-            ic2: (1.0 / s0.c2) as f32,
-            pad: [0.0; 2],
-            group: [MtGroup::default(); GROUPS],
-        };
-        let mut per = Vec::with_capacity(items.len());
         for it in items {
             let st = it.step;
             let n = it.param.elem_count();
@@ -754,14 +800,6 @@ pub mod multi {
             if shared || own.iter().any(|a| others.contains(a)) {
                 return Ok(None);
             }
-            let (lam, pull) = st.recadam.unwrap_or((1.0, 0.0));
-            let scalars = MtGroup {
-                lr: st.lr as f32,
-                lam: lam as f32,
-                pull: pull as f32,
-                dlr: st.decay.unwrap_or(0.0) as f32,
-            };
-            per.push(scalars);
             grads.grad[tensors.len()] = g;
             tensors.push(MtTensor {
                 p,
@@ -776,19 +814,14 @@ pub mod multi {
             });
         }
         let dev = dev.expect("at least one item");
-        let Some(groups) = cache.grouping(&per) else {
+        let steps: Vec<AdamWStep> = items.iter().map(|it| it.step).collect();
+        let Some((sc, groups)) = scalars_of(&steps, cache) else {
             return Ok(None);
         };
-        let mut ngroups = 0;
-        for ((t, &g), s) in tensors.iter_mut().zip(&groups).zip(&per) {
+        for (t, &g) in tensors.iter_mut().zip(&groups) {
             t.group = g as i32;
-            sc.group[g] = *s;
-            ngroups = ngroups.max(g + 1);
         }
-        let sc_ptr = cache.scalars(
-            &dev,
-            &bytes(std::slice::from_ref(&sc))[..scalars_len(ngroups)],
-        )?;
+        let sc_ptr = cache.scalars(&dev, &sc)?;
         let Some(table) = cache.get(&dev, &tensors)? else {
             // Only empty tensors: a zero norm, nothing to update.
             let zero = Tensor::zeros((), DType::F64, &candle_core::Device::Cuda(dev))?;
@@ -915,10 +948,12 @@ pub mod multi {
     pub struct TableCache {
         last: Option<(CudaDevice, Vec<u8>, Table)>,
         uploads: u64,
-        /// The device buffer of the step's scalars (an `MtScalars`).
+        /// The device buffer of the step's scalars (an `MtScalars`), with
+        /// the bytes last written into it.
         scalars: Option<(
             CudaDevice,
             candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
+            Vec<u8>,
         )>,
         /// The group of each tensor in the last table (see
         /// [`TableCache::grouping`]).
@@ -980,18 +1015,22 @@ pub mod multi {
         /// Writes a step's scalars (the used prefix of an `MtScalars`) into
         /// the device buffer kept for them and returns its address: one
         /// small host-to-device copy per step, in stream order after the
-        /// previous step's launch that read them. The launch then passes
-        /// the same address every step.
+        /// previous step's launch that read them, and none when the buffer
+        /// already holds these bytes (staged by [`stage_scalars`]). The
+        /// launch then passes the same address every step.
         fn scalars(&mut self, dev: &CudaDevice, b: &[u8]) -> Result<u64> {
-            if !matches!(&self.scalars, Some((d, _)) if d.same_device(dev)) {
+            if !matches!(&self.scalars, Some((d, _, _)) if d.same_device(dev)) {
                 let buf = dev.alloc_zeros::<u8>(std::mem::size_of::<MtScalars>())?;
-                self.scalars = Some((dev.clone(), buf));
+                self.scalars = Some((dev.clone(), buf, Vec::new()));
             }
-            let (_, buf) = self.scalars.as_mut().expect("set above");
+            let (_, buf, held) = self.scalars.as_mut().expect("set above");
             let stream = dev.cuda_stream();
-            stream
-                .memcpy_htod(b, &mut buf.slice_mut(..b.len()))
-                .map_err(candle_core::Error::wrap)?;
+            if held.as_slice() != b {
+                stream
+                    .memcpy_htod(b, &mut buf.slice_mut(..b.len()))
+                    .map_err(candle_core::Error::wrap)?;
+                *held = b.to_vec();
+            }
             let (ptr, _g) = buf.device_ptr(&stream);
             Ok(ptr)
         }

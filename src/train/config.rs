@@ -246,6 +246,18 @@ pub struct Config {
     /// The synchronisations remove the overlap of host and device work, so
     /// the run gets slower: for finding where the time goes, not for timing.
     pub phase_times: bool,
+    /// On CUDA, capture the training step as a CUDA graph per batch shape
+    /// and replay it: one graph launch per step instead of hundreds of
+    /// launches (`crate::train::graph`). The second step of a shape is
+    /// captured (the first fills the caches a capture needs); at most
+    /// [`MAX_GRAPHS`] shapes are captured, each holding its own step's
+    /// memory, so pad batches to a few lengths (`pad_to_multiple`). Covers
+    /// the steps whose replay the step census checks: vanilla, SMART and
+    /// LoRA with a classification head, no RecAdam, no gradual unfreezing,
+    /// no `phase_times`; anything else is refused. Not on by default until
+    /// a GPU run has compared it with the eager step; on the CPU it does
+    /// nothing.
+    pub cuda_graph: bool,
     /// The methods combined (none: plain fine-tuning), each with its
     /// settings; applied in registry order whatever order they are listed in.
     pub methods: Vec<Method>,
@@ -299,6 +311,7 @@ impl Default for Config {
             stop_after: None,
             overwrite: false,
             phase_times: false,
+            cuda_graph: false,
             methods: vec![],
         }
     }
@@ -310,7 +323,7 @@ pub const FILES_TASK: &str = "files";
 /// Config keys that belong to one session of a run, not to the run: a
 /// resumed run may change them (where the files are, on which device it
 /// runs, when it stops, what it logs).
-pub const SESSION_KEYS: [&str; 8] = [
+pub const SESSION_KEYS: [&str; 9] = [
     "output",
     "overwrite",
     "model",
@@ -319,7 +332,12 @@ pub const SESSION_KEYS: [&str; 8] = [
     "stop_after",
     "phase_times",
     "log_every",
+    "cuda_graph",
 ];
+
+/// The most batch shapes [`Config::cuda_graph`] captures in one run; steps
+/// of further shapes run eagerly.
+pub const MAX_GRAPHS: usize = 16;
 
 /// How strictly [`Config::from_toml`] reads the short form's sections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -493,6 +511,45 @@ impl Config {
         })
     }
 
+    /// What [`Config::cuda_graph`] covers: the steps whose replay the step
+    /// census checks (no kernel argument that changes from one step of a
+    /// shape to the next, nothing the host decides per step).
+    fn check_cuda_graph(&self) -> Result<()> {
+        let bad = |m: String| Err(param_err("config", m));
+        if self.device == DeviceKind::Cpu {
+            return bad("cuda_graph captures CUDA steps, and device = \"cpu\"".into());
+        }
+        if let Some(m) = self
+            .methods
+            .iter()
+            .find(|m| !matches!(m, Method::Smart(_) | Method::Lora(_)))
+        {
+            return bad(format!(
+                "cuda_graph covers vanilla, smart and lora, whose captured step the step census \
+                 checks; {} is not checked yet: drop cuda_graph or the method",
+                m.name()
+            ));
+        }
+        let refused = [
+            (self.phase_times, "phase_times synchronises inside the step"),
+            (self.recadam.is_some(), "recadam is not checked yet"),
+            (
+                self.gradual_unfreezing || self.unfreeze_every_steps.is_some(),
+                "gradual unfreezing changes the trainable set between steps",
+            ),
+            (
+                self.head != HeadKind::Classification,
+                "only the classification head is checked yet",
+            ),
+        ];
+        if let Some((_, why)) = refused.iter().find(|(on, _)| *on) {
+            return bad(format!(
+                "cuda_graph: {why}; drop cuda_graph or that setting"
+            ));
+        }
+        Ok(())
+    }
+
     /// Every check that can fail before training starts.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(param_err("config", m));
@@ -634,6 +691,9 @@ impl Config {
                  classification head, and a score head regresses"
                     .into(),
             );
+        }
+        if self.cuda_graph {
+            self.check_cuda_graph()?;
         }
         if self.head == HeadKind::Regression && self.label_smoothing > 0.0 {
             return bad("label_smoothing applies to classification, not regression".into());

@@ -13,6 +13,8 @@ pub mod evaluate;
 pub mod export;
 pub mod files;
 pub mod fit;
+#[cfg(feature = "cuda")]
+pub(crate) mod graph;
 pub mod methods;
 pub mod metrics;
 pub mod mft;

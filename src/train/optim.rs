@@ -94,6 +94,10 @@ pub struct AdamW {
     /// The multi-tensor step's device table, kept across steps.
     #[cfg(feature = "cuda")]
     tables: crate::ops::adamw::multi::TableCache,
+    /// The parameters (by index) the last multi-tensor step updated: the
+    /// step a captured CUDA graph repeats ([`AdamW::stage_scalars`]).
+    #[cfg(feature = "cuda")]
+    multi_plan: Option<Vec<usize>>,
 }
 
 impl AdamW {
@@ -127,6 +131,8 @@ impl AdamW {
             state,
             #[cfg(feature = "cuda")]
             tables: Default::default(),
+            #[cfg(feature = "cuda")]
+            multi_plan: None,
         })
     }
 
@@ -186,6 +192,7 @@ impl AdamW {
             use crate::ops::adamw::{multi, AdamWTensor};
             let t = self.step + 1;
             let plan = self.plan(grads, lr, t);
+            let indices: Vec<usize> = plan.iter().map(|(i, _)| *i).collect();
             let shadows: Vec<Option<Tensor>> = plan
                 .iter()
                 .map(|(i, _)| stream.shadow_of(self.params[*i].var.as_tensor()))
@@ -209,14 +216,58 @@ impl AdamW {
                 .collect();
             if let Some(norm) = multi::clip_and_step(&items, max_norm, &mut self.tables)? {
                 self.step = t;
+                self.multi_plan = Some(indices);
                 return Ok(norm);
             }
+            self.multi_plan = None;
         }
         let norm = grad_norm(grads, &self.params)?;
         let scale = clip_scale(&norm, max_norm)?;
         self.step(grads, lr, scale.as_ref())?;
         stream.refresh_shadows()?;
         Ok(norm)
+    }
+
+    /// Writes the scalars of the next step at learning rate `lr` (its bias
+    /// corrections and each group's rates) into the device buffer the
+    /// multi-tensor step reads, for the parameters the last multi-tensor
+    /// step updated: ahead of a step captured into a CUDA graph (whose
+    /// [`AdamW::clip_and_step`] then finds them in place) and of each
+    /// replay. An error when no multi-tensor step ran yet.
+    #[cfg(feature = "cuda")]
+    pub fn stage_scalars(&mut self, lr: f64) -> Result<()> {
+        let Some(indices) = self.multi_plan.clone() else {
+            return Err(param_err(
+                "cuda_graph",
+                "a captured step needs the multi-tensor optimiser step (CUDA, f32 parameters \
+                 with their moments, at most 1,024 tensors), and the last step did not take it",
+            ));
+        };
+        let steps: Vec<AdamWStep> = self
+            .plan_of(&indices, lr, self.step + 1)
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect();
+        let candle_core::Device::Cuda(dev) = self.params[indices[0]].var.device() else {
+            return Err(param_err(
+                "cuda_graph",
+                "the parameters are not on a CUDA device",
+            ));
+        };
+        if !crate::ops::adamw::multi::stage_scalars(dev, &steps, &mut self.tables)? {
+            return Err(param_err(
+                "cuda_graph",
+                "the step's scalars no longer fit the multi-tensor step's groups",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts a step that a replayed CUDA graph took (its scalars staged
+    /// by [`AdamW::stage_scalars`]).
+    #[cfg(feature = "cuda")]
+    pub fn replayed_step(&mut self) {
+        self.step += 1;
     }
 
     /// The constants of step `t` (1-based) for each parameter with a
@@ -227,14 +278,20 @@ impl AdamW {
         lr: f64,
         step: u64,
     ) -> Vec<(usize, AdamWStep)> {
+        let with_grad = (0..self.params.len())
+            .filter(|&i| grads.get(self.params[i].var.as_tensor()).is_some())
+            .collect::<Vec<_>>();
+        self.plan_of(&with_grad, lr, step)
+    }
+
+    /// [`AdamW::plan`] for the parameters `indices`.
+    fn plan_of(&self, indices: &[usize], lr: f64, step: u64) -> Vec<(usize, AdamWStep)> {
         let t = step as i32;
         let (b1, b2) = (self.hp.beta1, self.hp.beta2);
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        let mut out = Vec::with_capacity(self.params.len());
-        for (i, p) in self.params.iter().enumerate() {
-            if grads.get(p.var.as_tensor()).is_none() {
-                continue;
-            }
+        let mut out = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let p = &self.params[i];
             let lr_i = lr * p.lr_scale;
             // RecAdam's update (Chen et al.'s reference code): the moments
             // see the task gradient; the Adam step is weighted by λ(t) and

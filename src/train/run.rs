@@ -43,6 +43,9 @@ pub struct Run {
     /// Where a step's perturbation draws start, in device memory on CUDA
     /// (as [`crate::model::Stream::begin_step`] for dropout).
     pub noise_anchor: crate::model::StepAnchor,
+    /// The steps captured as CUDA graphs ([`Config::cuda_graph`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) graphs: super::graph::StepGraphs,
     /// [`super::checkpoint::fingerprint`] of the base model, recorded with
     /// every `best/` checkpoint so it finds its base again.
     pub base_fingerprint: String,
@@ -223,6 +226,8 @@ impl Run {
             device,
             noise,
             noise_anchor: Default::default(),
+            #[cfg(feature = "cuda")]
+            graphs: Default::default(),
             base_fingerprint,
         })
     }
@@ -257,20 +262,35 @@ impl Run {
     /// The words of examples `idx` of `ds` (token classification)
     /// tokenised on the device, with their word ids.
     pub fn word_batch(&self, ds: &Dataset, idx: &[usize]) -> Result<crate::model::WordBatch> {
+        self.word_batch_on(ds, idx, &self.device)
+    }
+
+    fn word_batch_on(
+        &self,
+        ds: &Dataset,
+        idx: &[usize],
+        device: &Device,
+    ) -> Result<crate::model::WordBatch> {
         let sents: Vec<&[String]> = idx
             .iter()
             .map(|&i| ds.examples[i].words.as_slice())
             .collect();
-        self.tok.batch_words(&sents, &self.device)
+        self.tok.batch_words(&sents, device)
     }
 
     /// Examples `idx` of `ds` tokenised on the device, with their labels.
     pub fn batch(&self, ds: &Dataset, idx: &[usize]) -> Result<Batch> {
+        self.batch_on(ds, idx, &self.device)
+    }
+
+    /// [`Run::batch`] on `device` (the host's copy of a batch that a
+    /// replayed CUDA graph reads from fixed device buffers).
+    pub fn batch_on(&self, ds: &Dataset, idx: &[usize], device: &Device) -> Result<Batch> {
         if let TaskHead::Tokens { .. } = self.head {
             // Each word's tag on its first subword, −1 elsewhere.
             let crate::model::WordBatch {
                 batch: b, word_ids, ..
-            } = self.word_batch(ds, idx)?;
+            } = self.word_batch_on(ds, idx, device)?;
             let l = b.ids.dim(1)?;
             let mut labels = vec![-1f32; idx.len() * l];
             for (r, (&i, w)) in idx.iter().zip(&word_ids).enumerate() {
@@ -285,19 +305,19 @@ impl Run {
                 ids: b.ids,
                 types: b.token_types,
                 mask: b.mask,
-                labels: candle_core::Tensor::from_vec(labels, (idx.len(), l), &self.device)?,
+                labels: candle_core::Tensor::from_vec(labels, (idx.len(), l), device)?,
             });
         }
         let texts: Vec<(&str, Option<&str>)> = idx
             .iter()
             .map(|&i| (ds.examples[i].text.as_str(), ds.examples[i].pair.as_deref()))
             .collect();
-        let b = self.tok.batch(&texts, &self.device)?;
+        let b = self.tok.batch(&texts, device)?;
         Ok(Batch {
             ids: b.ids,
             types: b.token_types,
             mask: b.mask,
-            labels: self.head.labels(ds, idx, &self.device)?,
+            labels: self.head.labels(ds, idx, device)?,
         })
     }
 }

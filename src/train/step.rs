@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 
-use super::objective::Ctx;
+use super::objective::{Batch, Ctx};
 use super::optim::add_param_grads;
 use super::run::Run;
 use crate::error::Result;
@@ -23,26 +23,74 @@ pub struct StepOut {
 
 impl Run {
     /// One optimiser step over the micro-batches `group` (example indices
-    /// of the training set) at learning rate `lr`.
+    /// of the training set) at learning rate `lr`; with
+    /// [`super::config::Config::cuda_graph`] on CUDA, a replay of the
+    /// step captured for the batches' shape where there is one.
     pub fn step(
         &mut self,
         group: &[&[usize]],
         lr: f64,
         phases: &mut PhaseTimes,
     ) -> Result<StepOut> {
-        // On CUDA the step's draws start from a device counter, so their
-        // kernels' arguments repeat at every step of one shape.
+        #[cfg(feature = "cuda")]
+        if self.cfg.cuda_graph && self.device.is_cuda() {
+            return super::graph::step(self, group, lr);
+        }
+        let batches = self.batches(group)?;
+        phases.mark("batch (unfreezing, tokens to the device)")?;
+        self.begin_draws()?;
+        let values = self.compute(&batches, lr, phases)?;
+        self.end_draws()?;
+        Ok(StepOut {
+            values,
+            examples: group.iter().map(|idx| idx.len()).sum(),
+        })
+    }
+
+    /// The micro-batches `group` of the training set on the run's device.
+    pub(super) fn batches(&self, group: &[&[usize]]) -> Result<Vec<Batch>> {
+        group
+            .iter()
+            .map(|idx| self.batch(&self.train, idx))
+            .collect()
+    }
+
+    /// Starts a step's draws (dropout's stream and the perturbations'):
+    /// on CUDA they then start from counters in device memory, so the
+    /// step's kernels' arguments repeat at every step of one shape.
+    pub(super) fn begin_draws(&mut self) -> Result<()> {
         self.bert.stream.begin_step(&self.device)?;
         self.noise_anchor.begin(&self.device, self.noise)?;
+        Ok(())
+    }
+
+    /// Ends the draws begun by [`Run::begin_draws`] (on CUDA one launch
+    /// per stream that moves its device counter past the step's draws).
+    pub(super) fn end_draws(&mut self) -> Result<()> {
+        self.bert.stream.end_step()?;
+        self.noise_anchor.end(self.noise)?;
+        Ok(())
+    }
+
+    /// The device work of one step over `batches`: each micro-batch through
+    /// the objective and its backward pass, the gradients summed, their
+    /// norm and clipping, the optimiser's update and the terms' after-step
+    /// hooks. Returns `[loss, term values…, gradient norm]` (f64, on the
+    /// device): the objective and each term averaged over the micro-batches.
+    /// Nothing in it reads the device or uploads what changes from step to
+    /// step, so that it can be captured as a CUDA graph.
+    pub(super) fn compute(
+        &mut self,
+        batches: &[Batch],
+        lr: f64,
+        phases: &mut PhaseTimes,
+    ) -> Result<Tensor> {
         let mut acc: Option<GradStore> = None;
         // The objective and the terms' values stay on the device (f64,
         // summed over the micro-batches in order) until the step is logged.
         let mut sums: Option<Vec<Tensor>> = None;
-        let mut examples = 0;
-        let share = 1.0 / group.len() as f64;
-        for idx in group {
-            let b = self.batch(&self.train, idx)?;
-            phases.mark("batch (unfreezing, tokens to the device)")?;
+        let share = 1.0 / batches.len() as f64;
+        for b in batches {
             // After the batch's own upload: its contents differ every step.
             let _cache = crate::upload_cache(&self.device);
             let obj = {
@@ -51,7 +99,7 @@ impl Run {
                     bert: &self.bert,
                     head: &self.head,
                 };
-                let mut ctx = Ctx::new(model, &b, &self.opt.params, &mut self.noise);
+                let mut ctx = Ctx::new(model, b, &self.opt.params, &mut self.noise);
                 self.objective.loss(&mut ctx)?
             };
             phases.mark("forward (+ regularisers)")?;
@@ -83,7 +131,6 @@ impl Run {
                     a
                 }
             });
-            examples += idx.len();
             phases.mark("backward")?;
         }
         let grads = acc.expect("at least one micro-batch");
@@ -98,14 +145,9 @@ impl Run {
         for t in &mut self.objective.terms {
             t.after_step(&self.opt.params)?;
         }
-        self.bert.stream.end_step()?;
-        self.noise_anchor.end(self.noise)?;
         let mut vals = sums.expect("a micro-batch");
         vals.push(norm);
-        Ok(StepOut {
-            values: Tensor::stack(&vals, 0)?,
-            examples,
-        })
+        Ok(Tensor::stack(&vals, 0)?)
     }
 }
 
