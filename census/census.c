@@ -739,40 +739,98 @@ __attribute__((unused)) static int is_live(uint64_t p) {
   pthread_mutex_unlock(&ranges_lock);
   return yes;
 }
+/* The allocations (by start) that the operations of the capture in
+ * progress name and that the capture did not make itself: a replay reads
+ * and writes them at the addresses captured, so each must still be live
+ * whenever the graph launches. */
+__attribute__((unused)) static struct ptrs capture_uses;
+__attribute__((unused)) static int ptrs_has(const struct ptrs *s, uint64_t p) {
+  for (size_t i = 0; i < s->n; i++)
+    if (s->p[i] == p) return 1;
+  return 0;
+}
+/* The start of the live allocation holding v, or 0. */
+__attribute__((unused)) static uint64_t range_start_of(uint64_t v) {
+  pthread_mutex_lock(&ranges_lock);
+  size_t i = range_after(v);
+  uint64_t lo = i > 0 && v < ranges[i - 1].hi ? ranges[i - 1].lo : 0;
+  pthread_mutex_unlock(&ranges_lock);
+  return lo;
+}
+/* Notes a device address an operation of the capture in progress names. */
+__attribute__((unused)) static void capture_use(uint64_t v) {
+#ifndef CENSUS_STANDIN
+  /* Interposed, the real driver keeps the graph's memory. */
+  return;
+#endif
+  if (__atomic_load_n(&capture_state, __ATOMIC_ACQUIRE) != 1) return;
+  uint64_t lo = range_start_of(v);
+  if (lo && !ptrs_has(&capture_allocs, lo) && !ptrs_has(&capture_uses, lo)) ptrs_add(&capture_uses, lo);
+}
+/* Every 8-byte word of a kernel's arguments that is a device address (the
+ * sizes from the PTX; kernels of unknown arguments are not seen). */
+__attribute__((unused)) static void capture_use_args(const struct func *f, void **params) {
+#ifndef CENSUS_STANDIN
+  return;
+#endif
+  if (__atomic_load_n(&capture_state, __ATOMIC_ACQUIRE) != 1 || !params) return;
+  int n = __atomic_load_n(&f->nparams, __ATOMIC_ACQUIRE);
+  for (int i = 0; i < n; i++)
+    for (uint32_t off = 0; off + 8 <= f->psize[i]; off += 8) {
+      uint64_t w;
+      memcpy(&w, (const unsigned char *)params[i] + off, 8);
+      capture_use(w);
+    }
+}
+
 /* A stand-in graph (and its executable form): the allocations it leaves
- * live, and whether it was launched. */
+ * live, the allocations from outside it that it names, and whether it was
+ * launched. */
 struct standin_graph {
-  struct ptrs live;
+  struct ptrs live, uses;
   int launched;
 };
 __attribute__((unused)) static CUresult standin_end_capture(void **graph) {
   int state = __atomic_exchange_n(&capture_state, 0, __ATOMIC_ACQ_REL);
-  struct ptrs left = capture_allocs;
+  struct ptrs left = capture_allocs, uses = capture_uses;
   capture_allocs = (struct ptrs){0};
+  capture_uses = (struct ptrs){0};
   if (state != 1) {
     free(left.p);
+    free(uses.p);
     *graph = NULL;
     return state == 2 ? CAPTURE_INVALIDATED : 1;
   }
   struct standin_graph *g = calloc(1, sizeof *g);
   if (!g) return 2;
   g->live = left;
+  g->uses = uses;
   *graph = g;
   return 0;
 }
 __attribute__((unused)) static CUresult standin_instantiate(void **exec, void *graph) {
   struct standin_graph *g = graph, *e = calloc(1, sizeof *e);
-  if (!g || !e) return 1;
-  e->live.n = g->live.n;
-  e->live.cap = g->live.n;
-  e->live.p = g->live.n ? malloc(g->live.n * sizeof *e->live.p) : NULL;
-  if (g->live.n) memcpy(e->live.p, g->live.p, g->live.n * sizeof *e->live.p);
+  if (!g || !e) {
+    free(e);
+    return 1;
+  }
+  for (size_t i = 0; i < g->live.n; i++) ptrs_add(&e->live, g->live.p[i]);
+  for (size_t i = 0; i < g->uses.n; i++) ptrs_add(&e->uses, g->uses.p[i]);
   *exec = e;
   return 0;
 }
 __attribute__((unused)) static CUresult standin_launch(void *exec) {
   struct standin_graph *e = exec;
   if (!e) return 1;
+  /* (A freed address that a later allocation happens to reuse passes: the
+   * stand-in's memory is the host's, which reuses addresses.) */
+  for (size_t i = 0; i < e->uses.n; i++)
+    if (!is_live(e->uses.p[i])) {
+      add(&capture_errors, 1);
+      fprintf(stderr, "tunefuse census stand-in: a graph launched after memory its operations name "
+                      "was freed (the replay would read or write freed memory)\n");
+      return 1;
+    }
   if (e->launched)
     for (size_t i = 0; i < e->live.n; i++)
       if (is_live(e->live.p[i])) {
@@ -786,7 +844,7 @@ __attribute__((unused)) static CUresult standin_launch(void *exec) {
 }
 __attribute__((unused)) static void standin_graph_free(void *graph) {
   struct standin_graph *g = graph;
-  if (g) free(g->live.p);
+  if (g) free(g->live.p), free(g->uses.p);
   free(g);
 }
 /* A stream-ordered free: inside a capture only of the capture's own
@@ -854,7 +912,8 @@ DEF(CUresult, cuLaunchKernel,
     (CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
      unsigned shmem, CUstream s, void **params, void **extra),
     (f, gx, gy, gz, bx, by, bz, shmem, s, params, extra), r = 0,
-    (add(&func_of(f)->launches, 1), trace(func_of(f)->name), log_launch(func_of(f), params)))
+    (add(&func_of(f)->launches, 1), trace(func_of(f)->name), log_launch(func_of(f), params),
+     capture_use_args(func_of(f), params)))
 /* A freed allocation leaves the live ranges: in the stand-in before its
  * memory is freed, in the interposer after the real call. */
 #ifdef CENSUS_STANDIN
@@ -872,7 +931,8 @@ DEF(CUresult, cuMemFreeAsync, (CUdeviceptr p, CUstream s), (p, s), r = standin_f
 DEF(CUresult, cuMemFree_v2, (CUdeviceptr p), (p), (range_remove(p), free((void *)(uintptr_t)p), r = 0),
     RANGE_REMOVE_AFTER(p))
 DEF(CUresult, cuMemcpyDtoDAsync_v2, (CUdeviceptr d, CUdeviceptr src, size_t n, CUstream s), (d, src, n, s),
-    (memmove((void *)(uintptr_t)d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtod, n))
+    (memmove((void *)(uintptr_t)d, (const void *)(uintptr_t)src, n), r = 0),
+    (add(&bytes_dtod, n), capture_use(d), capture_use(src)))
 DEF(CUresult, cuMemcpyDtoHAsync_v2, (void *d, CUdeviceptr src, size_t n, CUstream s), (d, src, n, s),
     if (capture_refuses("a device-to-host copy to pageable memory")) r = CAPTURE_UNSUPPORTED;
     else (memcpy(d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtoh, n))
@@ -883,7 +943,7 @@ DEF(CUresult, cuMemcpyPeerAsync,
     (CUdeviceptr d, CUcontext dc, CUdeviceptr src, CUcontext sc, size_t n, CUstream s), (d, dc, src, sc, n, s),
     (memmove((void *)(uintptr_t)d, (const void *)(uintptr_t)src, n), r = 0), add(&bytes_dtod, n))
 DEF(CUresult, cuMemsetD8Async, (CUdeviceptr d, unsigned char v, size_t n, CUstream s), (d, v, n, s),
-    (memset((void *)(uintptr_t)d, v, n), r = 0), (add(&bytes_memset, n), trace("memset")))
+    (memset((void *)(uintptr_t)d, v, n), r = 0), (add(&bytes_memset, n), trace("memset"), capture_use(d)))
 DEF(CUresult, cuModuleGetFunction, (CUfunction * f, CUmodule m, const char *name), (f, m, name),
     (*f = (CUfunction)register_func(NULL, m, name)->handle, r = 0),
     if (r == 0) learn_params(register_func(*f, m, name), m, name))
@@ -902,7 +962,8 @@ DEF(cublasStatus_t, cublasGemmStridedBatchedEx,
      long long sa, const void *B, int bt, int ldb, long long sb, const void *beta, void *C, int ct, int ldc,
      long long sc, int batch, int compute, int algo),
     (h, ta, tb, m, n, k, alpha, A, at, lda, sa, B, bt, ldb, sb, beta, C, ct, ldc, sc, batch, compute, algo), r = 0,
-    add(&gemm_flops, 2ull * (uint64_t)m * (uint64_t)n * (uint64_t)k * (uint64_t)batch))
+    (add(&gemm_flops, 2ull * (uint64_t)m * (uint64_t)n * (uint64_t)k * (uint64_t)batch),
+     capture_use((uint64_t)(uintptr_t)A), capture_use((uint64_t)(uintptr_t)B), capture_use((uint64_t)(uintptr_t)C)))
 DEF(cublasStatus_t, cublasDgemmStridedBatched,
     (cublasHandle_t h, int ta, int tb, int m, int n, int k, const double *alpha, const double *A, int lda,
      long long sa, const double *B, int ldb, long long sb, const double *beta, double *C, int ldc, long long sc,
@@ -1010,7 +1071,9 @@ DEF(cublasStatus_t, cublasLtMatmul,
     (cublasLtHandle_t h, cublasLtMatmulDesc_t d, const void *alpha, const void *A, cublasLtMatrixLayout_t al,
      const void *B, cublasLtMatrixLayout_t bl, const void *beta, const void *C, cublasLtMatrixLayout_t cl, void *D,
      cublasLtMatrixLayout_t dl, const cublasLtMatmulAlgo_t *algo, void *ws, size_t wsn, cudaStream_t s),
-    (h, d, alpha, A, al, B, bl, beta, C, cl, D, dl, algo, ws, wsn, s), r = 0, lt_flops(d, al, dl))
+    (h, d, alpha, A, al, B, bl, beta, C, cl, D, dl, algo, ws, wsn, s), r = 0,
+    (lt_flops(d, al, dl), capture_use((uint64_t)(uintptr_t)A), capture_use((uint64_t)(uintptr_t)B),
+     capture_use((uint64_t)(uintptr_t)C), capture_use((uint64_t)(uintptr_t)D)))
 
 /* CUDA runtime (imported by kernels candle compiles into the binary). */
 DEF(cudaError_t, cudaDeviceGetAttribute, (int *v, int a, int d), (v, a, d), (*v = attribute(a), r = 0), NOTHING)

@@ -808,9 +808,10 @@ mod tests {
     }
 
     /// The stand-in refuses inside a capture what the driver refuses (a
-    /// host-to-device copy, a free of memory from before the capture) and
-    /// a relaunch while memory the graph allocated is still held; each is
-    /// counted under capture_errors. A capture of device work alone gives
+    /// host-to-device copy, a free of memory from before the capture), a
+    /// relaunch while memory the graph allocated is still held, and a
+    /// launch after memory the graph names was freed; each is counted
+    /// under capture_errors. A capture of device work alone gives
     /// a graph that launches. Runs only with the stand-in loaded (the lib
     /// tests `scripts/step-census.sh --check` runs).
     #[cfg(feature = "cuda")]
@@ -865,5 +866,15 @@ mod tests {
         drop(kept);
         graph.launch().unwrap();
         assert_eq!(errors(&read().unwrap()), errors(&t0) + 3);
+        // Memory from before the capture that the graph reads: freed, the
+        // graph may not launch again.
+        drop(graph);
+        stream.begin_capture(mode).unwrap();
+        drop((&x + 1.0).unwrap());
+        let graph = end().unwrap().expect("a graph");
+        graph.launch().unwrap();
+        drop(x);
+        assert!(graph.launch().is_err());
+        assert_eq!(errors(&read().unwrap()), errors(&t0) + 4);
     }
 }

@@ -267,7 +267,8 @@ fn cuda_graph_is_refused_where_a_replay_is_not_checked() {
     c.gradual_unfreezing = true;
     assert!(invalid(&c).contains("unfreezing"));
     let mut c = with("vanilla");
-    c.set("recadam = { k = 0.5, t0 = 250, gamma = 1.0 }").unwrap();
+    c.set("recadam = { k = 0.5, t0 = 250, gamma = 1.0 }")
+        .unwrap();
     assert!(invalid(&c).contains("recadam"));
     let mut c = with("vanilla");
     c.device = DeviceKind::Cpu;

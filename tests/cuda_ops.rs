@@ -2184,10 +2184,15 @@ fn self_attention_kernels_match_the_cpu_op() {
 /// Three steps on three batches at the schedule's rates, then three on one
 /// batch at learning rate 0 (the weights stay put): their losses must
 /// differ from one another (fresh dropout masks at every replay) and equal
-/// the eager run's. The losses, gradient norms and final weights must
-/// agree to rounding: a replay runs the captured kernels with the captured
-/// arguments, so they should agree exactly; 1e-6 relative leaves room for a
-/// cuBLAS algorithm picked differently under capture.
+/// the eager run's. A replay runs the captured kernels with the captured
+/// arguments, so vanilla and SMART (whose reductions are ordered) should
+/// agree exactly; 1e-6 relative is a margin for rounding-level differences
+/// we do not expect. LoRA's backward sums its weight gradients' row slices
+/// with float atomics, whose order differs between any two runs, eager
+/// ones too: a few bf16 gradient elements round one step apart, which
+/// moves the gradient norm by far less than 1e-4 relative and an Adam
+/// update (about lr = 1e-4 per element) by about 4e-7; its tolerances are
+/// those.
 #[test]
 fn captured_steps_equal_eager_steps() {
     use tunefuse::train::trainer::{Config, DeviceKind, Run};
@@ -2219,14 +2224,22 @@ fn captured_steps_equal_eager_steps() {
             (batches[0], 0.0),
             (batches[0], 0.0),
         ];
-        let name = if methods.is_empty() { "vanilla" } else { methods };
+        let name = if methods.is_empty() {
+            "vanilla"
+        } else {
+            methods
+        };
+        let (rtol, weight_atol) = if methods == "lora" {
+            (1e-4, 1e-6)
+        } else {
+            (1e-6, 1e-7)
+        };
         let mut frozen_losses = Vec::new();
         for (i, (idx, lr)) in plan.into_iter().enumerate() {
             let mut vals = Vec::new();
             for run in [&mut eager, &mut graph] {
                 run.bert.stream.set_train(true);
-                let mut phases =
-                    tunefuse::train::step::PhaseTimes::new(&run.device, false);
+                let mut phases = tunefuse::train::step::PhaseTimes::new(&run.device, false);
                 let out = run.step(&[idx], lr, &mut phases).unwrap();
                 vals.push(to_f64(&out.values));
             }
@@ -2235,7 +2248,7 @@ fn captured_steps_equal_eager_steps() {
                 &vals[1],
                 &vals[0],
                 0.0,
-                1e-6,
+                rtol,
             );
             assert_eq!(
                 eager.bert.stream.position().offset,
@@ -2258,7 +2271,7 @@ fn captured_steps_equal_eager_steps() {
                 &format!("{name}: {} after the steps", a.name),
                 &to_f64(&b.var.as_tensor().flatten_all().unwrap()),
                 &to_f64(&a.var.as_tensor().flatten_all().unwrap()),
-                1e-7,
+                weight_atol,
                 1e-6,
             );
         }

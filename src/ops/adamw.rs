@@ -707,9 +707,16 @@ pub mod multi {
         steps: &[AdamWStep],
         cache: &mut TableCache,
     ) -> Result<bool> {
-        let Some((sc, _)) = scalars_of(steps, cache) else {
+        let before = cache.groups.clone();
+        let Some((sc, groups)) = scalars_of(steps, cache) else {
             return Ok(false);
         };
+        // New groups would name other slots than the table holds (the
+        // next multi-tensor step uploads a table that matches; a captured
+        // graph holds the old one).
+        if before.as_ref() != Some(&groups) {
+            return Ok(false);
+        }
         cache.scalars(dev, &sc)?;
         Ok(true)
     }
@@ -887,7 +894,9 @@ pub mod multi {
 
     /// The tensors' table and its chunks on the device, in one upload.
     struct Table {
-        buf: candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>,
+        /// Shared with the CUDA graphs captured while it was current
+        /// ([`TableCache::pin`]), whose launches hold its address.
+        buf: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>>,
         /// Byte offset of the chunks.
         chunks_at: u64,
         chunks: u32,
@@ -933,12 +942,18 @@ pub mod multi {
                 .clone_htod(b)
                 .map_err(candle_core::Error::wrap)?;
             Ok(Self {
-                buf,
+                buf: std::sync::Arc::new(buf),
                 chunks_at,
                 chunks,
             })
         }
     }
+
+    /// A table kept alive by [`TableCache::pin`].
+    pub struct TablePin(
+        #[allow(dead_code)]
+        std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaSlice<u8>>,
+    );
 
     /// The last multi-tensor table uploaded, with its bytes and device (an
     /// optimiser keeps one across steps; see [`clip_and_step`]). A table is
@@ -1039,6 +1054,14 @@ pub mod multi {
         /// and copies stay where they are).
         pub fn uploads(&self) -> u64 {
             self.uploads
+        }
+
+        /// Keeps the current table alive for as long as the returned pin:
+        /// a CUDA graph captured from a step holds the table's address in
+        /// its launches, and a later step that uploads another table (one
+        /// whose gradients come in another dtype) would otherwise free it.
+        pub fn pin(&self) -> Option<TablePin> {
+            self.last.as_ref().map(|(_, _, t)| TablePin(t.buf.clone()))
         }
     }
 

@@ -43,8 +43,9 @@ use super::run::Run;
 use super::step::{PhaseTimes, StepOut};
 use crate::error::{param_err, Result};
 
-/// A step's shape: each micro-batch's rows and padded length.
-type Key = Vec<(usize, usize)>;
+/// A step's shape: each micro-batch's rows and padded length, and whether
+/// the model is in train mode (dropout on).
+type Key = (Vec<(usize, usize)>, bool);
 
 /// The shapes seen and the steps captured.
 #[derive(Default)]
@@ -64,6 +65,9 @@ struct Captured {
     /// perturbations' stream.
     draws: u64,
     noise_draws: u64,
+    /// The optimiser's device table the graph's launches read, kept alive
+    /// for them.
+    _table: Option<crate::ops::adamw::multi::TablePin>,
 }
 
 /// One optimiser step of `run` over `group` at learning rate `lr`, as a
@@ -76,10 +80,11 @@ pub(super) fn step(run: &mut Run, group: &[&[usize]], lr: f64) -> Result<StepOut
         .iter()
         .map(|idx| run.batch_on(&run.train, idx, &Device::Cpu))
         .collect::<Result<Vec<_>>>()?;
-    let key = host
+    let shapes = host
         .iter()
         .map(|b| Ok((b.ids.dim(0)?, b.ids.dim(1)?)))
-        .collect::<Result<Key>>()?;
+        .collect::<Result<Vec<_>>>()?;
+    let key = (shapes, run.bert.stream.train());
     if run.graphs.graphs.contains_key(&key) {
         return replay(run, &key, &host, lr, examples);
     }
@@ -98,8 +103,31 @@ pub(super) fn step(run: &mut Run, group: &[&[usize]], lr: f64) -> Result<StepOut
 
 /// Captures the step over `batches` (already on the device, and from then
 /// on the graph's inputs), launches it once (a capture runs nothing) and
-/// keeps it under `key`; returns the step's values.
+/// keeps it under `key`; returns the step's values. On failure the host's
+/// record of the step (the optimiser's step count, the random streams'
+/// positions) is put back, so that nothing counts a step the device did
+/// not run.
 fn capture_step(run: &mut Run, key: Key, batches: Vec<Batch>, lr: f64) -> Result<Tensor> {
+    let (step0, pos0, noise0) = (run.opt.step, run.bert.stream.position(), run.noise);
+    match capture_and_launch(run, batches, lr) {
+        Ok((captured, values)) => {
+            run.graphs.graphs.insert(key, captured);
+            Ok(values)
+        }
+        Err(e) => {
+            // The anchors' device counters then differ from the restored
+            // positions (or already hold them), so the next step uploads
+            // them where needed.
+            run.opt.step = step0;
+            run.bert.stream.set_position(pos0);
+            run.noise = noise0;
+            Err(e)
+        }
+    }
+}
+
+/// [`capture_step`]'s work: the captured step and its values.
+fn capture_and_launch(run: &mut Run, batches: Vec<Batch>, lr: f64) -> Result<(Captured, Tensor)> {
     let Device::Cuda(dev) = run.device.clone() else {
         return Err(param_err("cuda_graph", "a CUDA graph needs a CUDA device"));
     };
@@ -144,7 +172,7 @@ fn capture_step(run: &mut Run, key: Key, batches: Vec<Batch>, lr: f64) -> Result
         )
     };
     captured.map_err(|e| failed(e.to_string()))?;
-    recorded.map_err(|e| failed(format!("{e} (a free inside the capture)")))?;
+    recorded.map_err(|e| failed(format!("{e} (recorded during the capture)")))?;
     let graph = graph
         .map_err(|e| {
             param_err(
@@ -158,17 +186,15 @@ fn capture_step(run: &mut Run, key: Key, batches: Vec<Batch>, lr: f64) -> Result
         .ok_or_else(|| param_err("cuda_graph", "the captured training step is empty"))?;
     graph.launch().w()?;
     let values = out.copy()?;
-    run.graphs.graphs.insert(
-        key,
-        Captured {
-            graph,
-            inputs: batches,
-            out,
-            draws: run.bert.stream.position().offset - draws0,
-            noise_draws: run.noise.offset - noise0,
-        },
-    );
-    Ok(values)
+    let captured = Captured {
+        graph,
+        inputs: batches,
+        out,
+        draws: run.bert.stream.position().offset - draws0,
+        noise_draws: run.noise.offset - noise0,
+        _table: run.opt.pin_table(),
+    };
+    Ok((captured, values))
 }
 
 /// Replays the step captured under `key` on the batch `host` (on the CPU).

@@ -270,6 +270,13 @@ impl AdamW {
         self.step += 1;
     }
 
+    /// Keeps the multi-tensor step's current device table alive while the
+    /// pin lives: a captured CUDA graph's launches hold its address.
+    #[cfg(feature = "cuda")]
+    pub fn pin_table(&self) -> Option<crate::ops::adamw::multi::TablePin> {
+        self.tables.pin()
+    }
+
     /// The constants of step `t` (1-based) for each parameter with a
     /// gradient, by index.
     fn plan(
