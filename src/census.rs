@@ -552,6 +552,17 @@ pub fn table(c: &Census) -> String {
          one step to the next of the same shape, which a captured CUDA graph would replay \
          stale; - where no two steps had the same shape, order where their launches differed\n",
     );
+    for r in c
+        .cases
+        .iter()
+        .filter(|r| r.graph_nodes > 0 || r.capture_errors > 0)
+    {
+        s.push_str(&format!(
+            "  {}: {} operations recorded into CUDA graphs over the case, {} refused inside a \
+             capture or at a launch\n",
+            r.name, r.graph_nodes, r.capture_errors
+        ));
+    }
     for r in &c.cases {
         let Some(c) = &r.capture else { continue };
         if c.varying.is_empty() && c.unknown_launches == 0.0 {

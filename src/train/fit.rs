@@ -199,6 +199,10 @@ impl Run {
             }
         }
         flush(&mut pending, &mut losses)?;
+        #[cfg(feature = "cuda")]
+        if let Some(m) = self.graphs.report() {
+            on(Event::Message(&m));
+        }
         // The loop ends right after an evaluation, unless a resumed run had
         // nothing left to do.
         let ev = match last_eval {

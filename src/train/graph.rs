@@ -52,6 +52,35 @@ type Key = (Vec<(usize, usize)>, bool);
 pub(crate) struct StepGraphs {
     seen: HashSet<Key>,
     graphs: HashMap<Key, Captured>,
+    /// Steps replayed, and steps run eagerly (each shape's first, and
+    /// those of shapes past [`MAX_GRAPHS`]).
+    replayed: u64,
+    eager: u64,
+}
+
+impl StepGraphs {
+    /// How the steps ran, for the end of a run: `None` when no step went
+    /// through the graphs.
+    pub(crate) fn report(&self) -> Option<String> {
+        let captured = self.graphs.len() as u64;
+        let total = self.replayed + self.eager + captured;
+        (total > 0).then(|| {
+            let full = if self.seen.len() > self.graphs.len() {
+                format!(
+                    "; {} shapes ran eagerly only (seen once, or past the {MAX_GRAPHS} graphs a \
+                     run keeps; padding batches to fewer lengths, pad_to_multiple, makes fewer)",
+                    self.seen.len() - self.graphs.len()
+                )
+            } else {
+                String::new()
+            };
+            format!(
+                "cuda_graph: {captured} batch shapes captured; of {total} steps {} replayed, \
+                 {captured} captured, {} eager{full}",
+                self.replayed, self.eager
+            )
+        })
+    }
 }
 
 /// One captured step.
@@ -92,6 +121,7 @@ pub(super) fn step(run: &mut Run, group: &[&[usize]], lr: f64) -> Result<StepOut
     run.graphs.seen.insert(key.clone());
     let batches = run.batches(group)?;
     if !capture {
+        run.graphs.eager += 1;
         run.begin_draws()?;
         let values = run.compute(&batches, lr, &mut PhaseTimes::new(&run.device, false))?;
         run.end_draws()?;
@@ -209,6 +239,7 @@ fn replay(run: &mut Run, key: &Key, host: &[Batch], lr: f64, examples: usize) ->
         ])?;
     }
     let (draws, noise_draws) = (g.draws, g.noise_draws);
+    run.graphs.replayed += 1;
     run.opt.stage_scalars(lr)?;
     run.bert.stream.replayed_step(&run.device, draws)?;
     run.noise_anchor.begin(&run.device, run.noise)?;
