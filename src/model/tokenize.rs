@@ -273,38 +273,68 @@ impl TextTokenizer {
 
     /// A batch padded to its longest row.
     pub fn batch(&self, texts: &[(&str, Option<&str>)], device: &Device) -> Result<Batch> {
+        Ok(self.batch_with(texts, &[], device)?.0)
+    }
+
+    /// [`TextTokenizer::batch`] with `extra` values (a classification
+    /// batch's labels) in the same buffer, so the same single upload
+    /// carries them; returned as a `[extra.len()]` view of it.
+    pub fn batch_with(
+        &self,
+        texts: &[(&str, Option<&str>)],
+        extra: &[u32],
+        device: &Device,
+    ) -> Result<(Batch, Tensor)> {
         if texts.is_empty() {
             return Err(param_err("tokenizer", "empty batch"));
         }
-        self.pad(&self.encode(texts)?, device)
+        self.pad_with(&self.encode(texts)?, extra, device)
     }
 
     /// Encoded rows padded to the longest ([`TextTokenizer::padded_len`]).
     fn pad(&self, enc: &[(Vec<u32>, Vec<u32>)], device: &Device) -> Result<Batch> {
+        Ok(self.pad_with(enc, &[], device)?.0)
+    }
+
+    /// [`TextTokenizer::pad`] with `extra` values after the rows in the
+    /// same buffer (see [`TextTokenizer::batch_with`]).
+    fn pad_with(
+        &self,
+        enc: &[(Vec<u32>, Vec<u32>)],
+        extra: &[u32],
+        device: &Device,
+    ) -> Result<(Batch, Tensor)> {
         if enc.is_empty() {
             return Err(param_err("tokenizer", "empty batch"));
         }
         let l = self.padded_len(enc.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0));
         let b = enc.len();
-        // Ids, types and mask in one buffer, uploaded at once: on a GPU one
-        // host-to-device copy instead of three (each a driver call and an
-        // allocation); the three are views of it.
+        // Ids, types and mask (and the extra values) in one buffer,
+        // uploaded at once: on a GPU one host-to-device copy instead of
+        // three or four (each a driver call and an allocation); each is a
+        // view of it.
         let n = b * l;
-        let mut all = vec![0u32; 3 * n];
+        let mut all = vec![0u32; 3 * n + extra.len()];
+        all[3 * n..].copy_from_slice(extra);
         let (ids, rest) = all.split_at_mut(n);
-        let (types, mask) = rest.split_at_mut(n);
+        let (types, rest) = rest.split_at_mut(n);
+        let mask = &mut rest[..n];
         ids.fill(self.pad_id);
         for (r, (i, t)) in enc.iter().enumerate() {
             ids[r * l..r * l + i.len()].copy_from_slice(i);
             types[r * l..r * l + t.len()].copy_from_slice(t);
             mask[r * l..r * l + i.len()].iter_mut().for_each(|m| *m = 1);
         }
-        let all = Tensor::from_vec(all, (3, b, l), device)?;
-        Ok(Batch {
-            ids: all.get(0)?,
-            token_types: all.get(1)?,
-            mask: all.get(2)?,
-        })
+        let all = Tensor::from_vec(all, 3 * n + extra.len(), device)?;
+        let part = |i: usize| all.narrow(0, i * n, n)?.reshape((b, l));
+        Ok((
+            Batch {
+                ids: part(0)?,
+                token_types: part(1)?,
+                mask: part(2)?,
+            },
+            all.narrow(0, 3 * n, extra.len())?,
+        ))
     }
 
     /// Whether the file's own padding is off (it always is after loading).

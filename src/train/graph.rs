@@ -8,7 +8,7 @@
 //! graph reads, refilled before each launch:
 //! - the batch: the capture's own batch tensors stay with the graph, and
 //!   each replay writes the new batch into them (one host-to-device copy
-//!   per storage: ids, types and mask share one);
+//!   per storage: ids, types, mask and class labels share one);
 //! - the optimiser's scalars (learning rate, bias corrections):
 //!   [`AdamW::stage_scalars`] writes them into the buffer the multi-tensor
 //!   step reads;

@@ -312,12 +312,21 @@ impl Run {
             .iter()
             .map(|&i| (ds.examples[i].text.as_str(), ds.examples[i].pair.as_deref()))
             .collect();
-        let b = self.tok.batch(&texts, device)?;
+        // Class indices travel in the tokens' upload (other labels are
+        // f32 and go on their own).
+        let (b, labels) = if let TaskHead::Classify { .. } = self.head {
+            self.tok
+                .batch_with(&texts, &TaskHead::class_ids(ds, idx), device)?
+        } else {
+            let b = self.tok.batch(&texts, device)?;
+            let labels = self.head.labels(ds, idx, device)?;
+            (b, labels)
+        };
         Ok(Batch {
             ids: b.ids,
             types: b.token_types,
             mask: b.mask,
-            labels: self.head.labels(ds, idx, device)?,
+            labels,
         })
     }
 }

@@ -161,12 +161,7 @@ impl TaskHead {
                     "token labels follow the tokenisation's word ids: Run::batch builds them",
                 ))
             }
-            TaskHead::Classify { .. } => Tensor::new(
-                idx.iter()
-                    .map(|&i| ds.examples[i].label as u32)
-                    .collect::<Vec<_>>(),
-                device,
-            )?,
+            TaskHead::Classify { .. } => Tensor::new(Self::class_ids(ds, idx), device)?,
             TaskHead::Regress(_) => Tensor::new(
                 idx.iter()
                     .map(|&i| ds.examples[i].value as f32)
@@ -180,6 +175,12 @@ impl TaskHead {
                 device,
             )?,
         })
+    }
+
+    /// The class indices of examples `idx` of `ds` (what
+    /// [`TaskHead::labels`] holds for a classification head).
+    pub fn class_ids(ds: &Dataset, idx: &[usize]) -> Vec<u32> {
+        idx.iter().map(|&i| ds.examples[i].label as u32).collect()
     }
 
     /// The task loss: cross-entropy (with label smoothing), or the mean
