@@ -59,7 +59,7 @@ fi
 
 if want census; then
   step "step census on the real driver (interposer) against the stand-in's census of this binary"
-  t=$(budget 75); if [ "$t" -gt 0 ]; then
+  t=$(budget 100); if [ "$t" -gt 0 ]; then
     if ! LD_PRELOAD="$PWD/$bin/libtunefuse_census.so" timeout "$t" "$bin/tunefuse" census \
         --model "$TUNEFUSE_MODEL_DIR" --data-dir "$bin/data" --stamp "$(date -u +%F) real driver" \
         --agree "$bin/census_standin.json"; then

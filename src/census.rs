@@ -106,6 +106,43 @@ pub const CASES: &[Case] = &[
         256,
         &["cuda_graph = true"],
     ),
+    // The other methods at one length: their launches' arguments (the
+    // `varying` check a graph's replay needs) and, where `cuda_graph`
+    // covers them, their captured steps. Bregman's step is not capturable
+    // (its teacher update uploads from the host), so it has no graph case.
+    case("r3f-long", "r3f", "amazon:books", 256, &[]),
+    case("freelb-long", "freelb", "amazon:books", 256, &[]),
+    case("mixout-long", "mixout", "amazon:books", 256, &[]),
+    case("adapter-long", "adapter", "amazon:books", 256, &[]),
+    case("bregman-long", "smart,bregman", "amazon:books", 256, &[]),
+    case(
+        "r3f-graph",
+        "r3f",
+        "amazon:books",
+        256,
+        &["cuda_graph = true"],
+    ),
+    case(
+        "freelb-graph",
+        "freelb",
+        "amazon:books",
+        256,
+        &["cuda_graph = true"],
+    ),
+    case(
+        "mixout-graph",
+        "mixout",
+        "amazon:books",
+        256,
+        &["cuda_graph = true"],
+    ),
+    case(
+        "adapter-graph",
+        "adapter",
+        "amazon:books",
+        256,
+        &["cuda_graph = true"],
+    ),
 ];
 
 const fn case(

@@ -243,8 +243,9 @@ fn compositions_the_math_refuses_are_refused_with_a_reason() {
     c.validate().unwrap();
 }
 
-/// `cuda_graph` covers the steps the census checks (vanilla, SMART, LoRA
-/// with a classification head) and refuses, naming it, what it does not.
+/// `cuda_graph` covers the steps the census checks (vanilla, SMART, R3F,
+/// FreeLB, mixout, adapters, LoRA with a classification head) and refuses,
+/// naming it, what it does not.
 #[test]
 fn cuda_graph_is_refused_where_a_replay_is_not_checked() {
     let with = |names: &str| {
@@ -253,10 +254,19 @@ fn cuda_graph_is_refused_where_a_replay_is_not_checked() {
         c.set("cuda_graph = true").unwrap();
         c
     };
-    for ok in ["vanilla", "smart", "lora", "smart,lora"] {
+    for ok in [
+        "vanilla",
+        "smart",
+        "lora",
+        "smart,lora",
+        "r3f",
+        "smart,freelb",
+        "r3f,mixout",
+        "adapter",
+    ] {
         with(ok).validate().unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
-    for m in ["r3f", "freelb", "mixout", "adapter", "bregman"] {
+    for m in ["bregman", "manifold"] {
         let e = invalid(&with(&format!("smart,{m}")));
         assert!(e.contains("cuda_graph") && e.contains(m), "{m}: {e}");
     }

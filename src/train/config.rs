@@ -252,11 +252,12 @@ pub struct Config {
     /// captured (the first fills the caches a capture needs); at most
     /// [`MAX_GRAPHS`] shapes are captured, each holding its own step's
     /// memory, so pad batches to a few lengths (`pad_to_multiple`). Covers
-    /// the steps whose replay the step census checks: vanilla, SMART and
-    /// LoRA with a classification head, no RecAdam, no gradual unfreezing,
-    /// no `phase_times`; anything else is refused. Not on by default until
-    /// a GPU run has compared it with the eager step; on the CPU it does
-    /// nothing.
+    /// the steps whose replay the step census checks: vanilla, SMART, R3F,
+    /// FreeLB, mixout, adapters and LoRA with a classification head, no
+    /// RecAdam, no gradual unfreezing, no `phase_times`; anything else
+    /// (Bregman, manifold smoothing, AFTER among the methods) is refused.
+    /// Not on by default until a GPU run has compared it with the eager
+    /// step; on the CPU it does nothing.
     pub cuda_graph: bool,
     /// The methods combined (none: plain fine-tuning), each with its
     /// settings; applied in registry order whatever order they are listed in.
@@ -519,14 +520,21 @@ impl Config {
         if self.device == DeviceKind::Cpu {
             return bad("cuda_graph captures CUDA steps, and device = \"cpu\"".into());
         }
-        if let Some(m) = self
-            .methods
-            .iter()
-            .find(|m| !matches!(m, Method::Smart(_) | Method::Lora(_)))
-        {
+        if let Some(m) = self.methods.iter().find(|m| {
+            !matches!(
+                m,
+                Method::Smart(_)
+                    | Method::R3f(_)
+                    | Method::Freelb(_)
+                    | Method::Mixout(_)
+                    | Method::Adapter(_)
+                    | Method::Lora(_)
+            )
+        }) {
             return bad(format!(
-                "cuda_graph covers vanilla, smart and lora, whose captured step the step census \
-                 checks; {} is not checked yet: drop cuda_graph or the method",
+                "cuda_graph covers vanilla, smart, r3f, freelb, mixout, adapter and lora, whose \
+                 captured steps the step census checks; {} is not covered: drop cuda_graph or \
+                 the method",
                 m.name()
             ));
         }
