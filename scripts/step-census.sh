@@ -91,12 +91,13 @@ for l in sys.stdin:
   # A whole fine-tuning run with the step as CUDA graphs: 3 epochs of two
   # captured shapes (gradient accumulation over 2 batches, and the odd last
   # batch of each epoch alone, whose gradients come in another dtype and so
-  # another optimiser table) with evaluations between. The stand-in fails
-  # it on anything the driver would refuse, and on a replay that names
-  # memory freed since its capture.
+  # another optimiser table) with evaluations between (with mixout, the
+  # first makes weight copies, so the graphs are dropped and captured
+  # again). The stand-in fails it on anything the driver would refuse, and
+  # on a replay that names memory freed since its capture.
   graph_run=$(mktemp -d)
   LD_PRELOAD="$so" "$bin" finetune --model "$model" --task amazon:books --data-dir "$data" --device cuda \
-    --cuda-graph --set grad_accum=2 --train-examples 80 --batch-size 16 --epochs 3 --max-len 64 \
+    --cuda-graph --method mixout --set grad_accum=2 --train-examples 80 --batch-size 16 --epochs 3 --max-len 64 \
     --set pad_to_multiple=64 --set eval_examples=16 --output "$graph_run/out" >/dev/null
   rm -rf "$graph_run"
   echo "step-census: a fine-tuning run with cuda_graph runs under the stand-in" >&2

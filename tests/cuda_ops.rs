@@ -2180,12 +2180,14 @@ fn self_attention_kernels_match_the_cpu_op() {
 
 /// A run with `cuda_graph` equals the same run without it step for step:
 /// every method it covers (vanilla, SMART, LoRA, R3F, FreeLB, mixout,
-/// adapters) on MiniLM, SST-2 batches of 8 padded to 32
-/// tokens (one shape, so step 1 is captured and steps 2 on replay it).
-/// Three steps on three batches at the schedule's rates, then three on one
+/// adapters) on MiniLM, SST-2 batches of 8 padded to 32 tokens (one
+/// shape, so step 1 is captured and steps 2 on replay it). Three steps on
+/// three batches at the schedule's rates, an evaluation, then three on one
 /// batch at learning rate 0 (the weights stay put): their losses must
 /// differ from one another (fresh dropout masks at every replay) and equal
-/// the eager run's. A replay runs the captured kernels with the captured
+/// the eager run's. The evaluation makes weight copies where training made
+/// none (mixout's layers), which makes the graphs stale: they are dropped
+/// and captured again; the two runs' evaluations must agree too. A replay runs the captured kernels with the captured
 /// arguments, so the methods whose reductions are ordered should agree
 /// exactly; 1e-6 relative is a margin for rounding-level differences we do
 /// not expect. The adapter kernels (adapters and LoRA) sum their weight
@@ -2258,6 +2260,19 @@ fn captured_steps_equal_eager_steps() {
             );
             if lr == 0.0 {
                 frozen_losses.push(vals[1][0]);
+            }
+            if i == 2 {
+                let (a, b) = (
+                    eager.evaluate(&eager.eval).unwrap().0,
+                    graph.evaluate(&graph.eval).unwrap().0,
+                );
+                assert_close(
+                    &format!("{name}: evaluation after step {i} (NLL, accuracy)"),
+                    &[b.nll, b.accuracy],
+                    &[a.nll, a.accuracy],
+                    0.0,
+                    rtol,
+                );
             }
         }
         for w in frozen_losses.windows(2) {

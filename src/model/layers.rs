@@ -41,6 +41,9 @@ pub struct Stream {
     /// Where a training step's draws start, in device memory on CUDA
     /// ([`Stream::begin_step`]).
     anchor: RefCell<StepAnchor>,
+    /// Counts the changes to the set of weight copies (one made, packed or
+    /// dropped): see [`Stream::copies_generation`].
+    copies_generation: Cell<u64>,
 }
 
 /// A training step's Philox start held in device memory on CUDA (see
@@ -146,6 +149,7 @@ impl Stream {
             shadows: RefCell::new(None),
             retired: RefCell::new(Vec::new()),
             weight_grads: Cell::new(true),
+            copies_generation: Cell::new(0),
             fused: Cell::new(None),
             anchor: RefCell::new(StepAnchor::default()),
         }
@@ -202,6 +206,7 @@ impl Stream {
     pub fn set_compute_dtype(&self, dtype: Option<DType>, shadows: bool) {
         self.compute.set(dtype);
         *self.shadows.borrow_mut() = (dtype.is_some() && shadows).then(HashMap::new);
+        self.copies_changed();
         self.retired.borrow_mut().clear();
     }
 
@@ -255,6 +260,7 @@ impl Stream {
                 row: None,
             },
         );
+        self.copies_changed();
         Ok(out)
     }
 
@@ -322,7 +328,22 @@ impl Stream {
             retired.extend(old);
             row += rows(w);
         }
+        self.copies_changed();
         Ok(copy.as_tensor().clone())
+    }
+
+    fn copies_changed(&self) {
+        self.copies_generation.set(self.copies_generation.get() + 1);
+    }
+
+    /// A number that changes whenever a weight copy is made, packed with
+    /// others or dropped. The optimiser rewrites the copies that exist when
+    /// it plans its step; a captured CUDA graph repeats the plan it was
+    /// captured with, so it is stale once this number moves (a copy made
+    /// by an evaluation, a fused layer's weights packed by a shape that
+    /// first took the fused path).
+    pub fn copies_generation(&self) -> u64 {
+        self.copies_generation.get()
     }
 
     /// The compute-dtype copy of master weight `master`, if it has one

@@ -56,13 +56,18 @@ pub(crate) struct StepGraphs {
     /// those of shapes past [`MAX_GRAPHS`]).
     replayed: u64,
     eager: u64,
+    /// Graphs captured and later dropped as stale (see [`step`]).
+    dropped: u64,
+    /// The weight copies' generation the graphs were captured at
+    /// (`Stream::copies_generation`).
+    generation: u64,
 }
 
 impl StepGraphs {
     /// How the steps ran, for the end of a run: `None` when no step went
     /// through the graphs.
     pub(crate) fn report(&self) -> Option<String> {
-        let captured = self.graphs.len() as u64;
+        let captured = self.graphs.len() as u64 + self.dropped;
         let total = self.replayed + self.eager + captured;
         (total > 0).then(|| {
             let full = if self.seen.len() > self.graphs.len() {
@@ -74,9 +79,18 @@ impl StepGraphs {
             } else {
                 String::new()
             };
+            let dropped = if self.dropped > 0 {
+                format!(
+                    "; {} graphs dropped after the weight copies changed (their shapes are \
+                     captured again when they recur)",
+                    self.dropped
+                )
+            } else {
+                String::new()
+            };
             format!(
-                "cuda_graph: {captured} batch shapes captured; of {total} steps {} replayed, \
-                 {captured} captured, {} eager{full}",
+                "cuda_graph: of {total} steps {} replayed, {captured} captured, {} eager{full}\
+                 {dropped}",
                 self.replayed, self.eager
             )
         })
@@ -114,20 +128,39 @@ pub(super) fn step(run: &mut Run, group: &[&[usize]], lr: f64) -> Result<StepOut
         .map(|b| Ok((b.ids.dim(0)?, b.ids.dim(1)?)))
         .collect::<Result<Vec<_>>>()?;
     let key = (shapes, run.bert.stream.train());
+    // A graph repeats the optimiser's plan of its capture, which rewrites
+    // the weight copies that existed then: once copies were made or packed
+    // since (an evaluation makes them for layers that train without them,
+    // mixout's), every graph is stale. They are dropped, and each shape is
+    // run eagerly (the optimiser's table then names the new copies) and
+    // captured again.
+    let generation = run.bert.stream.copies_generation();
+    if generation != run.graphs.generation {
+        let g = &mut run.graphs;
+        g.dropped += g.graphs.len() as u64;
+        g.graphs.clear();
+        g.seen.clear();
+        g.generation = generation;
+    }
     if run.graphs.graphs.contains_key(&key) {
         return replay(run, &key, &host, lr, examples);
     }
     let capture = run.graphs.seen.contains(&key) && run.graphs.graphs.len() < MAX_GRAPHS;
     run.graphs.seen.insert(key.clone());
     let batches = run.batches(group)?;
-    if !capture {
+    let values = if capture {
+        capture_step(run, key, batches, lr)?
+    } else {
         run.graphs.eager += 1;
         run.begin_draws()?;
         let values = run.compute(&batches, lr, &mut PhaseTimes::new(&run.device, false))?;
         run.end_draws()?;
-        return Ok(StepOut { values, examples });
-    }
-    let values = capture_step(run, key, batches, lr)?;
+        values
+    };
+    // Copies this step made itself (a shape's first step makes the layers'
+    // copies on first use) are in its optimiser plan and so in any graph
+    // captured from now on.
+    run.graphs.generation = run.bert.stream.copies_generation();
     Ok(StepOut { values, examples })
 }
 
