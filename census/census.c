@@ -434,13 +434,15 @@ static void range_remove(uint64_t p) {
   }
   pthread_mutex_unlock(&ranges_lock);
 }
-static int is_device_address(uint64_t v) {
+/* The start of the live allocation holding v, or 0. */
+static uint64_t range_start_of(uint64_t v) {
   pthread_mutex_lock(&ranges_lock);
   size_t i = range_after(v);
-  int yes = i > 0 && v < ranges[i - 1].hi;
+  uint64_t lo = i > 0 && v < ranges[i - 1].hi ? ranges[i - 1].lo : 0;
   pthread_mutex_unlock(&ranges_lock);
-  return yes;
+  return lo;
 }
+static int is_device_address(uint64_t v) { return range_start_of(v) != 0; }
 
 /* The launch log: a JSON array's elements, appended while logging is on
  * (from the first tunefuse_census_args call). */
@@ -732,13 +734,7 @@ __attribute__((unused)) static int ptrs_remove(struct ptrs *s, uint64_t p) {
   return 0;
 }
 /* Whether p is the start of a live allocation. */
-__attribute__((unused)) static int is_live(uint64_t p) {
-  pthread_mutex_lock(&ranges_lock);
-  size_t i = range_after(p);
-  int yes = i > 0 && ranges[i - 1].lo == p;
-  pthread_mutex_unlock(&ranges_lock);
-  return yes;
-}
+__attribute__((unused)) static int is_live(uint64_t p) { return p && range_start_of(p) == p; }
 /* The allocations (by start) that the operations of the capture in
  * progress name and that the capture did not make itself: a replay reads
  * and writes them at the addresses captured, so each must still be live
@@ -748,14 +744,6 @@ __attribute__((unused)) static int ptrs_has(const struct ptrs *s, uint64_t p) {
   for (size_t i = 0; i < s->n; i++)
     if (s->p[i] == p) return 1;
   return 0;
-}
-/* The start of the live allocation holding v, or 0. */
-__attribute__((unused)) static uint64_t range_start_of(uint64_t v) {
-  pthread_mutex_lock(&ranges_lock);
-  size_t i = range_after(v);
-  uint64_t lo = i > 0 && v < ranges[i - 1].hi ? ranges[i - 1].lo : 0;
-  pthread_mutex_unlock(&ranges_lock);
-  return lo;
 }
 /* Notes a device address an operation of the capture in progress names. */
 __attribute__((unused)) static void capture_use(uint64_t v) {

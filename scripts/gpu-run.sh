@@ -45,6 +45,21 @@ budget() {
 skip() { echo "skipped: the time budget is spent"; }
 # want KEY: whether step KEY is not listed in $SKIP.
 want() { [[ " ${SKIP:-} " != *" $1 "* ]]; }
+# ours SECONDS NAME METHOD [FLAG...]: our end-to-end run (SST-2, 9,600
+# examples, one epoch of batch 32, lr 5e-5, seed 1) into $bin/e2e-NAME,
+# printing its last TAIL lines (default 1).
+ours() {
+  local t=$1 name=$2 method=$3; shift 3
+  timeout "$t" "$bin/tunefuse" finetune --model "$TUNEFUSE_MODEL_DIR" --task sst2 --data-dir "$bin/data" \
+    --method "$method" --train-examples 9600 --epochs 1 --batch-size 32 --lr 5e-5 --seed 1 --device cuda \
+    "$@" --output "$bin/e2e-$name" 2>&1 | tail -n "${TAIL:-1}"
+}
+# compare NAME METHOD: our run $bin/e2e-NAME against the peer's run of
+# METHOD (the e2e step's).
+compare() {
+  [ -s "$bin/e2e-$2.peer.json" ] || { echo "e2e $1: no peer run of $2 to compare with"; return; }
+  scripts/e2e-compare.py "$bin/e2e-$1" "$bin/e2e-$2.peer.json" || echo "e2e $1: no comparison"
+}
 
 step "GPU"
 nvidia-smi -L
@@ -75,14 +90,12 @@ if want e2e; then
   for method in vanilla smart; do
     step "end to end, $method: ours vs Hugging Face eager (SST-2, 300 steps of 32, lr 5e-5, bf16)"
     t=$(budget 75); [ "$t" -gt 0 ] || { skip; continue; }
-    timeout "$t" "$bin/tunefuse" finetune --model "$TUNEFUSE_MODEL_DIR" --task sst2 --data-dir "$bin/data" \
-      --method "$method" --train-examples 9600 --epochs 1 --batch-size 32 --lr 5e-5 --seed 1 --device cuda \
-      --output "$bin/e2e-$method" 2>&1 | tail -n 1
+    ours "$t" "$method" "$method"
     t=$(budget 60); [ "$t" -gt 0 ] || { skip; continue; }
     timeout "$t" python3 "$bin/hf_finetune.py" --model "$TUNEFUSE_MODEL_DIR" --data "$bin/data" --task sst2 \
       --method "$method" --train-examples 9600 --epochs 1 --batch-size 32 --lr 5e-5 --seed 1 --device cuda \
       --bf16 >"$bin/e2e-$method.peer.json" 2>"$bin/e2e-$method.peer.log" || tail -n 5 "$bin/e2e-$method.peer.log"
-    scripts/e2e-compare.py "$bin/e2e-$method" "$bin/e2e-$method.peer.json" || echo "e2e $method: no comparison"
+    compare "$method" "$method"
   done
 fi
 
@@ -93,11 +106,9 @@ if want graph; then
   for method in vanilla smart; do
     step "end to end, $method as CUDA graphs (pad_to_multiple = 16)"
     t=$(budget 60); [ "$t" -gt 0 ] || { skip; continue; }
-    timeout "$t" "$bin/tunefuse" finetune --model "$TUNEFUSE_MODEL_DIR" --task sst2 --data-dir "$bin/data" \
-      --method "$method" --train-examples 9600 --epochs 1 --batch-size 32 --lr 5e-5 --seed 1 --device cuda \
-      --cuda-graph --set pad_to_multiple=16 --output "$bin/e2e-graph-$method" 2>&1 | tail -n 1
-    [ -s "$bin/e2e-$method.peer.json" ] &&
-      { scripts/e2e-compare.py "$bin/e2e-graph-$method" "$bin/e2e-$method.peer.json" || echo "e2e graph $method: no comparison"; }
+    # Two lines: the run's report of replayed, captured and eager steps.
+    TAIL=2 ours "$t" "graph-$method" "$method" --cuda-graph --set pad_to_multiple=16
+    compare "graph-$method" "$method"
   done
 fi
 
@@ -199,11 +210,8 @@ if want pad16; then
   # fewer new shapes); compared with the same peer as the e2e step.
   step "end to end, vanilla with pad_to_multiple = 16"
   t=$(budget 75); if [ "$t" -gt 0 ]; then
-    timeout "$t" "$bin/tunefuse" finetune --model "$TUNEFUSE_MODEL_DIR" --task sst2 --data-dir "$bin/data" \
-      --train-examples 9600 --epochs 1 --batch-size 32 --lr 5e-5 --seed 1 --device cuda \
-      --set pad_to_multiple=16 --output "$bin/e2e-pad16" 2>&1 | tail -n 1
-    [ -s "$bin/e2e-vanilla.peer.json" ] &&
-      { scripts/e2e-compare.py "$bin/e2e-pad16" "$bin/e2e-vanilla.peer.json" || echo "e2e pad16: no comparison"; }
+    ours "$t" pad16 vanilla --set pad_to_multiple=16
+    compare pad16 vanilla
   else skip; fi
 fi
 

@@ -75,75 +75,45 @@ pub const CASES: &[Case] = &[
         128,
         &["recadam = { k = 0.5, t0 = 250, gamma = 1.0 }"],
     ),
-    case("vanilla-long", "", "amazon:books", 256, &[]),
+    long("vanilla-long", ""),
     // At one length every step has the same shape, so the census can tell
     // which kernel arguments change from step to step ([`Capture`]): the
     // methods a captured CUDA graph is first meant for.
-    case("smart-long", "smart", "amazon:books", 256, &[]),
-    case("lora-long", "lora", "amazon:books", 256, &[]),
+    long("smart-long", "smart"),
+    long("lora-long", "lora"),
     // Lengths padded to multiples of 16: the shapes a step meets repeat.
     case("vanilla-pad16", "", "sst2", 128, &["pad_to_multiple = 16"]),
     // The step as a CUDA graph (`cuda_graph`): the first step of the
     // shape runs eagerly, the second is captured, the measured ones replay.
-    case(
-        "vanilla-graph",
-        "",
-        "amazon:books",
-        256,
-        &["cuda_graph = true"],
-    ),
-    case(
-        "smart-graph",
-        "smart",
-        "amazon:books",
-        256,
-        &["cuda_graph = true"],
-    ),
-    case(
-        "lora-graph",
-        "lora",
-        "amazon:books",
-        256,
-        &["cuda_graph = true"],
-    ),
+    graph("vanilla-graph", ""),
+    graph("smart-graph", "smart"),
+    graph("lora-graph", "lora"),
     // The other methods at one length: their launches' arguments (the
     // `varying` check a graph's replay needs) and, where `cuda_graph`
     // covers them, their captured steps. Bregman's step is not capturable
-    // (its teacher update uploads from the host), so it has no graph case.
-    case("r3f-long", "r3f", "amazon:books", 256, &[]),
-    case("freelb-long", "freelb", "amazon:books", 256, &[]),
-    case("mixout-long", "mixout", "amazon:books", 256, &[]),
-    case("adapter-long", "adapter", "amazon:books", 256, &[]),
-    case("bregman-long", "smart,bregman", "amazon:books", 256, &[]),
-    case(
-        "r3f-graph",
-        "r3f",
-        "amazon:books",
-        256,
-        &["cuda_graph = true"],
-    ),
-    case(
-        "freelb-graph",
-        "freelb",
-        "amazon:books",
-        256,
-        &["cuda_graph = true"],
-    ),
-    case(
-        "mixout-graph",
-        "mixout",
-        "amazon:books",
-        256,
-        &["cuda_graph = true"],
-    ),
-    case(
-        "adapter-graph",
-        "adapter",
-        "amazon:books",
-        256,
-        &["cuda_graph = true"],
-    ),
+    // (its teacher swap uploads the weight copies' table, and its teacher
+    // update allocates past the step), so it has no graph case.
+    long("r3f-long", "r3f"),
+    long("freelb-long", "freelb"),
+    long("mixout-long", "mixout"),
+    long("adapter-long", "adapter"),
+    long("bregman-long", "smart,bregman"),
+    graph("r3f-graph", "r3f"),
+    graph("freelb-graph", "freelb"),
+    graph("mixout-graph", "mixout"),
+    graph("adapter-graph", "adapter"),
 ];
+
+/// A case on Amazon books reviews at 256 tokens, where every batch has one
+/// shape.
+const fn long(name: &'static str, methods: &'static str) -> Case {
+    case(name, methods, "amazon:books", 256, &[])
+}
+
+/// [`long`] with the step as a CUDA graph (`cuda_graph`).
+const fn graph(name: &'static str, methods: &'static str) -> Case {
+    case(name, methods, "amazon:books", 256, &["cuda_graph = true"])
+}
 
 const fn case(
     name: &'static str,

@@ -270,10 +270,7 @@ pub fn upload_into(pairs: &[(&candle_core::Tensor, &candle_core::Tensor)]) -> Re
             );
         }
         let (dev, ptr, bytes) = storage_span(dst)?;
-        let host = {
-            let (st, _) = src.storage_and_layout();
-            &*st as *const candle_core::Storage as usize
-        };
+        let host = crate::ops::storage_addr(src);
         match done.iter().find(|(h, d)| *h == host || *d == ptr) {
             Some(&(h, d)) if h == host && d == ptr => continue,
             Some(_) => candle_core::bail!(

@@ -419,8 +419,8 @@ struct FinetuneArgs {
     #[arg(long)]
     phase_times: bool,
     /// On CUDA, capture the training step as a CUDA graph per batch shape
-    /// and replay it (vanilla, SMART, LoRA; pad batches with
-    /// `--set pad_to_multiple=16` so the shapes repeat).
+    /// and replay it (the methods it covers: see the config's `cuda_graph`;
+    /// pad batches with `--set pad_to_multiple=16` so the shapes repeat).
     #[arg(long)]
     cuda_graph: bool,
 }

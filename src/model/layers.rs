@@ -87,17 +87,22 @@ impl StepAnchor {
         Ok(())
     }
 
-    /// Ends a step that a replayed CUDA graph ran, whose draws reached
-    /// `rng.offset`: the graph moved the device counter itself, so only
-    /// the host's record follows.
-    pub fn end_replayed(&mut self, rng: Rng) -> Result<()> {
+    /// A step that a replayed CUDA graph runs on `device`, starting at
+    /// `rng` and drawing `draws` counters as the step it was captured from
+    /// did: begun as any step, then ended with only the host's record
+    /// moving (the graph moves the device counter itself). Returns where
+    /// the stream stands after it.
+    pub fn replayed(&mut self, device: &candle_core::Device, rng: Rng, draws: u64) -> Result<Rng> {
+        self.begin(device, rng)?;
+        let after = Rng {
+            offset: rng.offset + draws,
+            ..rng
+        };
         #[cfg(feature = "cuda")]
         if let Some(a) = self.inner.as_mut() {
-            a.end_replayed(rng.offset)?;
+            a.end_replayed(after.offset)?;
         }
-        #[cfg(not(feature = "cuda"))]
-        let _ = rng;
-        Ok(())
+        Ok(after)
     }
 }
 
@@ -456,12 +461,15 @@ impl Stream {
 
     /// A step that a replayed CUDA graph runs on `device`, drawing `draws`
     /// counters as the step it was captured from did: the stream moves
-    /// past them as if the step's draws had been taken here (the graph
-    /// moves the device counter itself).
+    /// past them as if the step's draws had been taken here
+    /// ([`StepAnchor::replayed`]).
     pub fn replayed_step(&self, device: &candle_core::Device, draws: u64) -> Result<()> {
-        self.begin_step(device)?;
-        self.offset.set(self.offset.get() + draws);
-        self.anchor.borrow_mut().end_replayed(self.position())
+        let after = self
+            .anchor
+            .borrow_mut()
+            .replayed(device, self.position(), draws)?;
+        self.offset.set(after.offset);
+        Ok(())
     }
 
     /// The stream for one call over `n` elements.

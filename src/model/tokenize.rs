@@ -285,9 +285,6 @@ impl TextTokenizer {
         extra: &[u32],
         device: &Device,
     ) -> Result<(Batch, Tensor)> {
-        if texts.is_empty() {
-            return Err(param_err("tokenizer", "empty batch"));
-        }
         self.pad_with(&self.encode(texts)?, extra, device)
     }
 

@@ -30,6 +30,7 @@
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, WithDType};
 
 use crate::error::{check_same, param_err, shape_err, Error, Result};
+use crate::ops::storage_addr;
 
 /// The constants of one step for one tensor (f64; rounded to the
 /// parameter's dtype by the op).
@@ -236,12 +237,6 @@ pub struct AdamWTensor<'a> {
     pub shadow: Option<&'a Tensor>,
     /// The step's constants.
     pub step: AdamWStep,
-}
-
-/// The address of a tensor's storage (equal for views of one allocation).
-fn storage_addr(t: &Tensor) -> usize {
-    let (s, _) = t.storage_and_layout();
-    &*s as *const candle_core::Storage as usize
 }
 
 /// The arithmetic of the module docs in a float type.
@@ -545,9 +540,10 @@ mod cuda {
 /// clipping factor is `train::optim::clip_scale`'s.
 #[cfg(feature = "cuda")]
 pub mod multi {
-    use super::{storage_addr, AdamWStep, AdamWTensor};
+    use super::{AdamWStep, AdamWTensor};
     use crate::cuda::{self as k, ptx};
     use crate::error::Result;
+    use crate::ops::storage_addr;
     use candle_core::backend::BackendDevice;
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};

@@ -22,6 +22,14 @@ pub use perturb::{
 pub use self_attention::self_attention;
 pub use sym_kl::{kl, sym_kl, Reduction, SymKlGrad, SymKlOptions};
 
+/// The address of a tensor's storage: equal for views of one allocation
+/// (an operand that an in-place op must not share, the buffers a CUDA
+/// graph's inputs are written into).
+pub(crate) fn storage_addr(t: &candle_core::Tensor) -> usize {
+    let (s, _) = t.storage_and_layout();
+    &*s as *const candle_core::Storage as usize
+}
+
 /// The dtype the ops (and the model's closed-form gradients) carry their
 /// arithmetic in for tensors of `dtype`: f64 for f64, f32 for everything else.
 pub fn wide_dtype(dtype: candle_core::DType) -> candle_core::DType {

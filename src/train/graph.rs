@@ -147,15 +147,14 @@ pub(super) fn step(run: &mut Run, group: &[&[usize]], lr: f64) -> Result<StepOut
     }
     let capture = run.graphs.seen.contains(&key) && run.graphs.graphs.len() < MAX_GRAPHS;
     run.graphs.seen.insert(key.clone());
+    // The device batch of an eager or captured step is tokenised again
+    // (a shape's first two steps); a replay uploads the host's.
     let batches = run.batches(group)?;
     let values = if capture {
         capture_step(run, key, batches, lr)?
     } else {
         run.graphs.eager += 1;
-        run.begin_draws()?;
-        let values = run.compute(&batches, lr, &mut PhaseTimes::new(&run.device, false))?;
-        run.end_draws()?;
-        values
+        run.eager_step(&batches, lr, &mut PhaseTimes::new(&run.device, false))?
     };
     // Copies this step made itself (a shape's first step makes the layers'
     // copies on first use) are in its optimiser plan and so in any graph
@@ -274,10 +273,7 @@ fn replay(run: &mut Run, key: &Key, host: &[Batch], lr: f64, examples: usize) ->
     let (draws, noise_draws) = (g.draws, g.noise_draws);
     run.graphs.replayed += 1;
     run.opt.stage_scalars(lr)?;
-    run.bert.stream.replayed_step(&run.device, draws)?;
-    run.noise_anchor.begin(&run.device, run.noise)?;
-    run.noise.offset += noise_draws;
-    run.noise_anchor.end_replayed(run.noise)?;
+    run.replayed_draws(draws, noise_draws)?;
     let g = &run.graphs.graphs[key];
     g.graph.launch().w()?;
     run.opt.replayed_step();

@@ -38,13 +38,24 @@ impl Run {
         }
         let batches = self.batches(group)?;
         phases.mark("batch (unfreezing, tokens to the device)")?;
-        self.begin_draws()?;
-        let values = self.compute(&batches, lr, phases)?;
-        self.end_draws()?;
         Ok(StepOut {
-            values,
+            values: self.eager_step(&batches, lr, phases)?,
             examples: group.iter().map(|idx| idx.len()).sum(),
         })
+    }
+
+    /// The step over `batches` (on the device) run as it comes: its draws
+    /// begun, [`Run::compute`], its draws ended. Returns its values.
+    pub(super) fn eager_step(
+        &mut self,
+        batches: &[Batch],
+        lr: f64,
+        phases: &mut PhaseTimes,
+    ) -> Result<Tensor> {
+        self.begin_draws()?;
+        let values = self.compute(batches, lr, phases)?;
+        self.end_draws()?;
+        Ok(values)
     }
 
     /// The micro-batches `group` of the training set on the run's device.
@@ -69,6 +80,18 @@ impl Run {
     pub(super) fn end_draws(&mut self) -> Result<()> {
         self.bert.stream.end_step()?;
         self.noise_anchor.end(self.noise)?;
+        Ok(())
+    }
+
+    /// The draws of a step that a replayed CUDA graph runs: `draws` from
+    /// dropout's stream and `noise_draws` from the perturbations', as the
+    /// captured step took them (the graph moves the device counters).
+    #[cfg(feature = "cuda")]
+    pub(super) fn replayed_draws(&mut self, draws: u64, noise_draws: u64) -> Result<()> {
+        self.bert.stream.replayed_step(&self.device, draws)?;
+        self.noise = self
+            .noise_anchor
+            .replayed(&self.device, self.noise, noise_draws)?;
         Ok(())
     }
 
